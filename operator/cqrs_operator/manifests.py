@@ -1,0 +1,240 @@
+"""Pure rendering: a stack's spec in, its Kubernetes objects out (plain dicts, no I/O).
+
+Names of the children: ``<stack>-config`` (ConfigMap), ``<stack>-credentials`` (Secret),
+``<stack>-write-api`` / ``<stack>-read-api`` (Deployment + Service), ``<stack>-projector``
+(Deployment). Owner references are added by the caller (``kopf.adopt``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .spec import Component, StackSpec
+
+PORT = 8000
+RUN_AS = 10001
+CONFIG_HASH_ANNOTATION = "cqrs.dev/config-hash"
+MANAGED_BY = "cqrs-stack-operator"
+COMPONENTS = ("write-api", "read-api", "projector")
+SERVED_COMPONENTS = ("write-api", "read-api")
+SECRET_URL_KEYS = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")
+
+Manifest = dict[str, Any]
+
+
+def child_name(spec: StackSpec, suffix: str) -> str:
+    return f"{spec.name}-{suffix}"
+
+
+def selector_labels(spec: StackSpec, component: str) -> dict[str, str]:
+    """The immutable labels a Deployment selects its pods by."""
+    return {
+        "app.kubernetes.io/name": "cqrs-stack",
+        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/component": component,
+    }
+
+
+def labels(spec: StackSpec, component: str) -> dict[str, str]:
+    return {
+        **selector_labels(spec, component),
+        "app.kubernetes.io/part-of": "cqrs-stack",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        "app.kubernetes.io/version": spec.image_tag[:63],
+    }
+
+
+def _metadata(spec: StackSpec, suffix: str, component: str) -> dict[str, Any]:
+    return {
+        "name": child_name(spec, suffix),
+        "namespace": spec.namespace,
+        "labels": labels(spec, component),
+    }
+
+
+def config_data(spec: StackSpec) -> dict[str, str]:
+    """The non-secret settings every component reads (names of cqrs_stack.config.Settings)."""
+    return {
+        "EVENT_STREAM_NAME": spec.stream_name,
+        "CONSUMER_GROUP": spec.consumer_group,
+        "STREAM_MAX_LENGTH": str(spec.stream_max_length),
+        "PROJECTOR_BATCH_SIZE": str(spec.projector.batch_size),
+        "PROJECTOR_POLL_INTERVAL": str(spec.projector.poll_interval),
+        "PROJECTOR_MAX_DELIVERIES": str(spec.projector.max_deliveries),
+        "DB_POOL_MIN_SIZE": str(spec.db_pool_min_size),
+        "DB_POOL_MAX_SIZE": str(spec.db_pool_max_size),
+        "LOG_LEVEL": spec.log_level,
+    }
+
+
+def config_map(spec: StackSpec) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(spec, "config", "config"),
+        "data": config_data(spec),
+    }
+
+
+def database_url(host: str, port: int, database: str, user: str, password: str) -> str:
+    return f"postgresql://{user}:{password}@{host}:{port}/{database}"
+
+
+def credentials_data(spec: StackSpec, password: str, redis_url: str) -> dict[str, str]:
+    """The secret settings: the stack role's password and the URLs built with it."""
+    return {
+        "username": spec.role,
+        "password": password,
+        "WRITE_DB_URL": database_url(spec.write_db.host, spec.write_db.port, spec.write_db.name,
+                                     spec.role, password),
+        "READ_DB_URL": database_url(spec.read_db.host, spec.read_db.port, spec.read_db.name,
+                                    spec.role, password),
+        "REDIS_URL": redis_url,
+    }
+
+
+def credentials_secret(spec: StackSpec, password: str, redis_url: str) -> Manifest:
+    data = credentials_data(spec, password, redis_url)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(spec, "credentials", "credentials"),
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def config_hash(config: Mapping[str, str], secret: Mapping[str, str]) -> str:
+    """A digest of everything the pods read at start: a change of it rolls the Deployments."""
+    blob = json.dumps({"config": dict(config), "secret": dict(secret)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _resources(component: Component) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if component.resources.requests:
+        out["requests"] = dict(component.resources.requests)
+    if component.resources.limits:
+        out["limits"] = dict(component.resources.limits)
+    return out or {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+
+
+def _container(spec: StackSpec, component: str, settings: Component) -> dict[str, Any]:
+    secret = child_name(spec, "credentials")
+    return {
+        "name": component,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["cqrs-stack"],
+        "args": [component, "--host", "0.0.0.0", "--port", str(PORT)],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "envFrom": [{"configMapRef": {"name": child_name(spec, "config")}}],
+        "env": [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+            for key in SECRET_URL_KEYS
+        ],
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "http"},
+            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3,
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 2, "failureThreshold": 30,
+        },
+        "resources": _resources(settings),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
+def deployment(
+    spec: StackSpec, component: str, replicas: int, config_digest: str
+) -> Manifest:
+    """The Deployment of ``component``; ``config_digest`` in the pod template rolls it."""
+    settings: Component = {
+        "write-api": spec.write_api, "read-api": spec.read_api, "projector": spec.projector,
+    }[component]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(spec, component, component),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(spec, component)},
+            "template": {
+                "metadata": {
+                    "labels": labels(spec, component),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_digest},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 30,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "fsGroup": RUN_AS,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [_container(spec, component, settings)],
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                },
+            },
+        },
+    }
+
+
+def service(spec: StackSpec, component: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, component, component),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(spec, component),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def projector_replicas(spec: StackSpec, lag: int | None, current: int | None) -> int:
+    """Replicas of the projector: the spec's, or with autoscaling ceil(lag/targetLag) bounded.
+
+    Without a lag reading (Redis unreachable) autoscaling keeps ``current`` (or the minimum).
+    """
+    auto = spec.projector.autoscaling
+    if not auto.enabled:
+        return spec.projector.replicas
+    if lag is None:
+        wanted = current if current is not None else auto.min_replicas
+    else:
+        wanted = -(-lag // auto.target_lag)
+    return max(auto.min_replicas, min(auto.max_replicas, wanted))
+
+
+def workloads(
+    spec: StackSpec, config_digest: str, projector_count: int
+) -> list[Manifest]:
+    """The three Deployments and two Services of a stack, in apply order."""
+    replicas = {
+        "write-api": spec.write_api.replicas,
+        "read-api": spec.read_api.replicas,
+        "projector": projector_count,
+    }
+    out = [deployment(spec, c, replicas[c], config_digest) for c in COMPONENTS]
+    out += [service(spec, c) for c in SERVED_COMPONENTS]
+    return out
