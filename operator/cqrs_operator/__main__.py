@@ -1,0 +1,65 @@
+"""``cqrs-stack-operator``: run the CqrsStack operator (kopf, standalone: no peering).
+
+Scope: ``--namespace NS`` (repeatable; or $WATCH_NAMESPACE, comma-separated) or
+``--all-namespaces`` (or WATCH_NAMESPACE="*"). Tuning by environment:
+CQRS_OPERATOR_STATUS_INTERVAL (seconds between lag/status checks, default 15),
+CQRS_OPERATOR_RETRY_DELAY (first back-off after a failure, default 5), LOG_LEVEL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import kopf
+
+LOG_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cqrs-stack-operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="namespace to watch (repeatable); default $WATCH_NAMESPACE")
+    scope.add_argument("-A", "--all-namespaces", action="store_true",
+                       help="watch CqrsStacks in every namespace (needs the ClusterRole)")
+    parser.add_argument("--liveness", default=os.environ.get("OPERATOR_LIVENESS_ENDPOINT"),
+                        help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    if not args.namespace and not args.all_namespaces:
+        env = os.environ.get("WATCH_NAMESPACE", "").strip()
+        if env == "*":
+            args.all_namespaces = True
+        else:
+            args.namespace = [ns.strip() for ns in env.split(",") if ns.strip()]
+    if not args.namespace and not args.all_namespaces:
+        parser.error("give --namespace NS, --all-namespaces or WATCH_NAMESPACE")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    logging.getLogger(__name__).info(
+        "operator starting namespaces=%s all_namespaces=%s",
+        ",".join(args.namespace) or "-", args.all_namespaces,
+    )
+    kopf.run(
+        standalone=True,
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The operator's few calls to the Kubernetes API: read Secrets, server-side apply children.
+
+Server-side apply with one field manager makes applying idempotent: an unchanged object is
+not written again (its resourceVersion stays), and fields set by others are left alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+FIELD_MANAGER = "cqrs-stack-operator"
+APPLY = "application/apply-patch+yaml"
+
+
+async def connect() -> client.ApiClient:
+    """An API client from $KUBECONFIG, else the in-cluster account, else ~/.kube/config."""
+    kubeconfig = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    if not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = client.Configuration()
+        config.load_incluster_config(client_configuration=configuration)
+        return client.ApiClient(configuration)
+    path = kubeconfig or str(Path.home() / ".kube" / "config")
+    return await config.new_client_from_config(config_file=path)
+
+
+async def read_secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, str] | None:
+    """The decoded data of Secret ``namespace/name``, or None when it does not exist."""
+    try:
+        secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def _patcher(api: client.ApiClient, kind: str) -> Callable[..., Awaitable[Any]]:
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    return {
+        "ConfigMap": core.patch_namespaced_config_map,
+        "Secret": core.patch_namespaced_secret,
+        "Service": core.patch_namespaced_service,
+        "Deployment": apps.patch_namespaced_deployment,
+    }[kind]
+
+
+async def apply(api: client.ApiClient, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Server-side apply ``manifest`` (taking ownership of its fields); return the live object."""
+    meta = manifest["metadata"]
+    live = await _patcher(api, manifest["kind"])(
+        meta["name"], meta["namespace"], manifest,
+        field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+    )
+    result: dict[str, Any] = api.sanitize_for_serialization(live)
+    return result
+
+
+async def read_deployment(
+    api: client.ApiClient, namespace: str, name: str
+) -> dict[str, Any] | None:
+    try:
+        live = await client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    result: dict[str, Any] = api.sanitize_for_serialization(live)
+    return result

@@ -1,0 +1,116 @@
+"""Rendering a stack's objects: pure functions of the spec, checked without a cluster."""
+
+from __future__ import annotations
+
+import base64
+
+from cqrs_operator import manifests
+from cqrs_operator.spec import parse_spec
+
+
+def stack(**overrides):
+    spec = {
+        "databases": {
+            "write": {"host": "pg-write.db", "adminSecret": "pg-admin"},
+            "read": {"host": "pg-read.db", "port": 5433, "adminSecret": "pg-admin"},
+        },
+        "redis": {"url": "redis://redis.db:6379/0"},
+        "writeApi": {"replicas": 2},
+        "readApi": {"replicas": 3},
+        "projector": {"replicas": 2, "batchSize": 250},
+    }
+    spec.update(overrides)
+    return parse_spec(spec, namespace="shop", name="orders")
+
+
+def by_name(objs):
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def test_workloads_are_three_deployments_and_two_services() -> None:
+    objs = by_name(manifests.workloads(stack(), "abc", 2))
+    assert set(objs) == {
+        ("Deployment", "orders-write-api"), ("Deployment", "orders-read-api"),
+        ("Deployment", "orders-projector"),
+        ("Service", "orders-write-api"), ("Service", "orders-read-api"),
+    }
+    assert objs[("Deployment", "orders-write-api")]["spec"]["replicas"] == 2
+    assert objs[("Deployment", "orders-read-api")]["spec"]["replicas"] == 3
+    assert objs[("Deployment", "orders-projector")]["spec"]["replicas"] == 2
+    for obj in objs.values():
+        assert obj["metadata"]["namespace"] == "shop"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/instance"] == "orders"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cqrs-stack-operator"
+
+
+def test_deployment_runs_the_component_hardened_with_probes() -> None:
+    dep = manifests.deployment(stack(), "projector", 2, "digest1")
+    pod = dep["spec"]["template"]
+    assert pod["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION] == "digest1"
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "cqrs-stack:0.1.0"
+    assert container["command"] + container["args"] == [
+        "cqrs-stack", "projector", "--host", "0.0.0.0", "--port", "8000"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["resources"]["requests"]
+    sc = container["securityContext"]
+    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                  "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    pod_sc = pod["spec"]["securityContext"]
+    assert pod_sc["runAsNonRoot"] and pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env == {k: {"name": "orders-credentials", "key": k}
+                   for k in ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")}
+    assert container["envFrom"] == [{"configMapRef": {"name": "orders-config"}}]
+
+
+def test_config_map_carries_the_settings_names() -> None:
+    data = manifests.config_map(stack())["data"]
+    assert data["EVENT_STREAM_NAME"] == "orders-events"
+    assert data["CONSUMER_GROUP"] == "projectors"
+    assert data["PROJECTOR_BATCH_SIZE"] == "250"
+    assert "password" not in str(data).lower()
+
+
+def test_credentials_secret_builds_urls_with_the_role() -> None:
+    secret = manifests.credentials_secret(stack(), "p" * 20, "redis://r:6379/0")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data["WRITE_DB_URL"] == (
+        "postgresql://cqrs_shop_orders:" + "p" * 20 + "@pg-write.db:5432/shop_orders_write")
+    assert data["READ_DB_URL"].endswith("@pg-read.db:5433/shop_orders_read")
+    assert data["REDIS_URL"] == "redis://r:6379/0"
+    assert data["username"] == "cqrs_shop_orders"
+
+
+def test_config_hash_changes_with_config_and_secret_only() -> None:
+    base = manifests.config_hash({"A": "1"}, {"p": "x"})
+    assert base == manifests.config_hash({"A": "1"}, {"p": "x"})
+    assert base != manifests.config_hash({"A": "2"}, {"p": "x"})
+    assert base != manifests.config_hash({"A": "1"}, {"p": "y"})
+
+
+def test_image_tag_change_changes_the_pod_template() -> None:
+    old = manifests.deployment(stack(), "write-api", 2, "d")
+    new = manifests.deployment(stack(image={"tag": "0.2.0"}), "write-api", 2, "d")
+    assert old["spec"]["template"] != new["spec"]["template"]
+    assert old["spec"]["selector"] == new["spec"]["selector"]
+
+
+def test_projector_replicas_follow_lag_within_bounds() -> None:
+    auto = stack(projector={"replicas": 1, "autoscaling": {
+        "enabled": True, "minReplicas": 1, "maxReplicas": 5, "targetLag": 100}})
+    assert manifests.projector_replicas(auto, 0, None) == 1
+    assert manifests.projector_replicas(auto, 250, 1) == 3
+    assert manifests.projector_replicas(auto, 10**6, 1) == 5
+    assert manifests.projector_replicas(auto, None, 4) == 4
+    assert manifests.projector_replicas(stack(), 10**6, None) == 2
+
+
+def test_services_select_their_deployment_pods() -> None:
+    svc = manifests.service(stack(), "read-api")
+    dep = manifests.deployment(stack(), "read-api", 1, "d")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert svc["spec"]["ports"][0]["targetPort"] == "http"
