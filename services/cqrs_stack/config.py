@@ -1,0 +1,84 @@
+"""One settings object for every process, read from the original environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The schemes the original service accepted; all are normalised to SQLAlchemy's asyncpg dialect.
+_POSTGRES_SCHEMES = ("postgresql+asyncpg://", "postgresql://", "postgres://")
+
+
+def async_database_url(url: str) -> str:
+    """Return ``url`` with the asyncpg driver, accepting plain ``postgresql://`` URLs."""
+    for scheme in _POSTGRES_SCHEMES:
+        if url.startswith(scheme):
+            return "postgresql+asyncpg://" + url[len(scheme) :]
+    raise ValueError(f"not a PostgreSQL URL (expected postgresql://...): {redact_url(url)}")
+
+
+def plain_database_url(url: str) -> str:
+    """Return ``url`` as libpq/asyncpg understand it (``postgresql://``), without the dialect."""
+    return "postgresql://" + async_database_url(url)[len("postgresql+asyncpg://") :]
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL so that it can be logged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+class Settings(BaseSettings):
+    """Configuration of the write API, read API, projector and tools.
+
+    The first eight fields keep the names of the original service's environment variables;
+    the others are additions with defaults that suit a single machine.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    write_db_url: str = "postgresql://cqrs:cqrs@127.0.0.1:5447/cqrs_write"
+    read_db_url: str = "postgresql://cqrs:cqrs@127.0.0.1:5448/cqrs_read"
+    redis_url: str = "redis://127.0.0.1:6384/0"
+    db_pool_min_size: int = Field(default=5, ge=1, le=1000)
+    db_pool_max_size: int = Field(default=20, ge=1, le=1000)
+    event_stream_name: str = Field(default="cqrs-events", min_length=1, max_length=200)
+    projector_batch_size: int = Field(default=500, ge=1, le=100_000)
+    projector_poll_interval: float = Field(default=0.1, gt=0, le=60)
+
+    consumer_group: str = Field(default="projectors", min_length=1, max_length=200)
+    consumer_name: str = ""  # empty: hostname + pid, unique per process
+    stream_max_length: int = Field(default=1_000_000, ge=0)  # 0: never trim
+    projector_max_deliveries: int = Field(default=5, ge=1)
+    projector_claim_idle_ms: int = Field(default=30_000, ge=100)
+    projector_catchup_interval: float = Field(default=2.0, gt=0)
+    publisher_interval: float = Field(default=1.0, gt=0)
+    read_count_flush_interval: float = Field(default=0.2, gt=0)
+    max_value_bytes: int = Field(default=1_048_576, ge=1)
+    max_body_bytes: int = Field(default=2_097_152, ge=1024)
+    read_wait_timeout: float = Field(default=5.0, ge=0, le=60)
+    write_batch_max: int = Field(default=256, ge=1, le=10_000)
+    redis_timeout: float = Field(default=2.0, gt=0)
+    log_level: str = "info"
+
+    @field_validator("write_db_url", "read_db_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        async_database_url(value)  # raises a clear error for anything but PostgreSQL
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        return value
+
+    @property
+    def dead_letter_stream(self) -> str:
+        """Where poison events go after ``projector_max_deliveries`` attempts."""
+        return f"{self.event_stream_name}:dead"

@@ -1,0 +1,39 @@
+"""Prometheus metrics shared by every process (one registry per process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+REQUESTS = Counter(
+    "cqrs_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
+)
+REQUEST_SECONDS = Histogram(
+    "cqrs_http_request_seconds", "HTTP request latency", ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+EVENTS_PUBLISHED = Counter("cqrs_events_published_total", "Events added to the stream")
+PUBLISH_FAILURES = Counter(
+    "cqrs_publish_failures_total", "Batches whose events could not be published (queued)"
+)
+WRITE_BATCH_SIZE = Histogram(
+    "cqrs_write_batch_size", "Commands per group-commit transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+EVENTS_PROJECTED = Counter(
+    "cqrs_events_projected_total", "Commands applied to the read model by this process",
+    ["source"],
+)
+DUPLICATES_SKIPPED = Counter(
+    "cqrs_duplicate_events_total", "Deliveries skipped because their command was applied"
+)
+DEAD_LETTERS = Counter("cqrs_dead_letters_total", "Events moved to the dead-letter stream")
+PROJECTION_BATCH_SECONDS = Histogram(
+    "cqrs_projection_batch_seconds", "Time to apply one batch to the read DB",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+READ_COUNTS_FLUSHED = Counter("cqrs_read_counts_flushed_total", "Reads counted into the read DB")
+
+
+def render() -> tuple[bytes, str]:
+    """Return the metrics in the Prometheus text format and its content type."""
+    return generate_latest(), CONTENT_TYPE_LATEST

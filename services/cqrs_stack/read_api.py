@@ -1,0 +1,53 @@
+"""The read API: GET /read/{key}, optionally waiting for a position (read-your-writes)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Path, Query, Request
+
+from . import read_db
+from .models import MAX_KEY_LENGTH, ErrorResponse, NotFoundResponse, RecordResponse
+from .resources import Resources
+
+router = APIRouter(tags=["read"])
+
+
+@router.get(
+    "/read/{key:path}",
+    response_model=RecordResponse | NotFoundResponse,
+    responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def read_record(
+    request: Request,
+    key: str = Path(min_length=1, max_length=MAX_KEY_LENGTH, pattern=r"^[^\x00]+$"),
+    position: int | None = Query(
+        default=None, ge=1, le=2**63 - 1,
+        description="Wait until the write at this position is in the read model",
+    ),
+    timeout: float | None = Query(
+        default=None, ge=0, le=60,
+        description="Longest wait for `position`, in seconds (default READ_WAIT_TIMEOUT)",
+    ),
+) -> RecordResponse | NotFoundResponse:
+    """Return the record of ``key`` from the read DB and count the read.
+
+    With ``position``, the read first waits (bounded) until that write is projected; the
+    answer's ``position_reached`` says whether it was, so a stale answer is never silent.
+    """
+    resources: Resources = request.app.state.resources
+    reached = None
+    if position is not None:
+        wait = resources.settings.read_wait_timeout if timeout is None else timeout
+        reached = await read_db.wait_for_position(resources.read_engine, position, wait)
+    counter = resources.read_counter
+    assert counter is not None
+    # Counted before the SELECT, so the answer includes this read whichever side of a
+    # concurrent flush the SELECT lands on.
+    counter.count(key)
+    record = await read_db.get_record(resources.read_engine, key)
+    if record is None:
+        counter.forget(key)
+        return NotFoundResponse(
+            key=key, message=f"Key not found in read model: {key}", position_reached=reached
+        )
+    record["read_count"] += counter.unflushed(key)
+    return RecordResponse(**record, position_reached=reached)

@@ -1,0 +1,143 @@
+"""What a running process holds: its engines, its Redis client and its background tasks.
+
+Created in the app's lifespan (no module-level connections); the role decides which parts
+start: the write API batches and publishes, the read API counts reads, the projector projects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import HTTPException
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import db, stream
+from .config import Settings
+from .projector import Projector
+from .read_db import ReadCounter
+from .write_path import CommandWriter, run_publisher
+
+log = logging.getLogger(__name__)
+
+Role = Literal["write-api", "read-api", "api", "projector"]
+ROLES: tuple[Role, ...] = ("write-api", "read-api", "api", "projector")
+
+
+@dataclass
+class Resources:
+    """Connections and background work of one process."""
+
+    settings: Settings
+    role: Role
+    write_engine: AsyncEngine
+    read_engine: AsyncEngine
+    redis: Redis
+    writer: CommandWriter | None = None
+    read_counter: ReadCounter | None = None
+    projector: Projector | None = None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def writes(self) -> bool:
+        """Does this process serve /write?"""
+        return self.role in ("write-api", "api")
+
+    @property
+    def reads(self) -> bool:
+        """Does this process serve /read?"""
+        return self.role in ("read-api", "api")
+
+    def check_value_size(self, value: str) -> None:
+        """Refuse a value larger than MAX_VALUE_BYTES with a 413 that names the limit."""
+        size = len(value.encode("utf-8"))
+        if size > self.settings.max_value_bytes:
+            raise HTTPException(
+                413, f"value is {size} bytes; the limit is {self.settings.max_value_bytes} bytes"
+            )
+
+    async def readiness(self) -> dict[str, str]:
+        """Check what this process needs: each dependency maps to "ok" or the error."""
+        checks: dict[str, str] = {}
+        needed: dict[str, AsyncEngine] = {}
+        if self.writes or self.role == "projector":
+            needed["write_db"] = self.write_engine
+        if self.reads or self.role == "projector":
+            needed["read_db"] = self.read_engine
+        for name, engine in needed.items():
+            checks[name] = await _check(_ping_db(engine))
+        checks["redis"] = await _check(self.redis.ping())
+        return checks
+
+    def required_checks(self) -> set[str]:
+        """Checks that decide readiness: writes still succeed without Redis (events queue)."""
+        required = {"write_db"} if self.writes else set()
+        if self.reads:
+            required.add("read_db")
+        if self.role == "projector":
+            required |= {"write_db", "read_db"}
+        return required
+
+
+async def _ping_db(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+async def _check(probe: object) -> str:
+    try:
+        await asyncio.wait_for(probe, 2.0)  # type: ignore[arg-type]
+    except Exception as exc:  # a probe reports, it does not raise
+        return f"error: {type(exc).__name__}: {exc}"[:300]
+    return "ok"
+
+
+async def open_resources(settings: Settings, role: Role) -> Resources:
+    """Open the engines and Redis client and start the background work of ``role``."""
+    resources = Resources(
+        settings=settings,
+        role=role,
+        write_engine=db.write_engine(settings, role),
+        read_engine=db.read_engine(settings, role),
+        redis=stream.connect(settings),
+    )
+    if resources.writes:
+        resources.writer = CommandWriter(resources.write_engine, resources.redis, settings)
+        resources.writer.start()
+        resources.tasks.append(asyncio.create_task(
+            run_publisher(resources.write_engine, resources.redis, settings, resources.stopping),
+            name="publisher",
+        ))
+    if resources.reads:
+        resources.read_counter = ReadCounter(resources.read_engine, settings.read_count_flush_interval)
+        resources.read_counter.start()
+    if role == "projector":
+        resources.projector = Projector(
+            settings, resources.write_engine, resources.read_engine, resources.redis
+        )
+        resources.tasks.append(asyncio.create_task(
+            resources.projector.run(resources.stopping), name="projector"
+        ))
+    return resources
+
+
+async def close_resources(resources: Resources) -> None:
+    """Drain: finish queued writes, the projector's batch and read counts, then disconnect."""
+    resources.stopping.set()
+    if resources.writer is not None:
+        await resources.writer.stop()
+    if resources.tasks:
+        await asyncio.gather(*resources.tasks, return_exceptions=True)
+    if resources.read_counter is not None:
+        with contextlib.suppress(Exception):
+            await resources.read_counter.stop()
+    await resources.redis.aclose()
+    await resources.write_engine.dispose()
+    await resources.read_engine.dispose()
+    log.info("stopped role=%s", resources.role)

@@ -1,0 +1,148 @@
+"""Redis Streams access: publishing events, the consumer group, claiming and dead letters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from . import events
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stream entry handed to this consumer, with how often it was delivered."""
+
+    entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+
+def connect(settings: Settings) -> Redis:
+    """Return an asyncio Redis client; short timeouts so that an outage fails fast."""
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout + 30,  # XREADGROUP BLOCK needs headroom
+        socket_connect_timeout=settings.redis_timeout,
+        health_check_interval=30,
+    )
+
+
+async def publish(
+    redis: Redis, stream: str, commands: Sequence[events.Command], max_length: int
+) -> list[str]:
+    """XADD one event per command in one pipelined round trip; return the stream ids."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for command in commands:
+            pipe.xadd(
+                stream,
+                events.encode(command),  # type: ignore[arg-type]
+                maxlen=max_length or None,
+                approximate=True,
+            )
+        ids = await pipe.execute()
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
+    """Create the stream and its consumer group if missing; return True when created.
+
+    A new group starts at the beginning of the stream: events already there are projected
+    (duplicates are harmless, losses are not).
+    """
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+    log.info("consumer group created stream=%s group=%s", stream, group)
+    return True
+
+
+async def read_new(
+    redis: Redis, stream: str, group: str, consumer: str, count: int, block_ms: int
+) -> list[Entry]:
+    """Read entries never delivered to any consumer of the group."""
+    reply = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    return [Entry(_id(i), f) for _, items in (reply or []) for i, f in items if f is not None]
+
+
+async def claim_idle(
+    redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
+) -> list[Entry]:
+    """Take over entries that another consumer left pending for ``min_idle_ms`` or longer."""
+    pending = await redis.xpending_range(
+        stream, group, min="-", max="+", count=count, idle=min_idle_ms
+    )
+    if not pending:
+        return []
+    deliveries = {_id(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
+    claimed = await redis.xclaim(stream, group, consumer, min_idle_ms, list(deliveries))
+    entries = []
+    for entry_id, fields in claimed:
+        eid = _id(entry_id)
+        if fields is None:  # trimmed away while pending: nothing left to project
+            await redis.xack(stream, group, eid)
+            continue
+        entries.append(Entry(eid, fields, deliveries.get(eid, 1)))
+    return entries
+
+
+async def acknowledge(redis: Redis, stream: str, group: str, entry_ids: Sequence[str]) -> None:
+    """XACK entries whose effect is committed in the read DB."""
+    if entry_ids:
+        await redis.xack(stream, group, *entry_ids)
+
+
+async def dead_letter(
+    redis: Redis, settings: Settings, entry: Entry, reason: str, consumer: str
+) -> None:
+    """Move a poison entry to the dead-letter stream and acknowledge it, in one MULTI."""
+    fields = {k.decode("utf-8", "replace"): v for k, v in entry.fields.items()}
+    fields.update(
+        {
+            "dead_letter_reason": reason[:500],
+            "dead_letter_source_id": entry.entry_id,
+            "dead_letter_deliveries": str(entry.deliveries),
+            "dead_letter_consumer": consumer,
+        }
+    )
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xadd(settings.dead_letter_stream, fields)  # type: ignore[arg-type]
+        pipe.xack(settings.event_stream_name, settings.consumer_group, entry.entry_id)
+        await pipe.execute()
+    log.warning(
+        "event dead-lettered entry=%s deliveries=%d reason=%s",
+        entry.entry_id, entry.deliveries, reason[:200],
+    )
+
+
+async def group_info(redis: Redis, stream: str, group: str) -> dict[str, int]:
+    """Return pending entries and (on Redis 7) undelivered lag of the group; zeros if absent."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return {"pending": 0, "undelivered": 0, "length": 0}
+    length = await redis.xlen(stream)
+    for info in groups:
+        name = info.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) == group:
+            lag = info.get("lag")
+            return {
+                "pending": int(info.get("pending", 0)),
+                # Redis 6.2 does not report lag; the write DB figures cover it then.
+                "undelivered": int(lag) if lag is not None else 0,
+                "length": int(length),
+            }
+    return {"pending": 0, "undelivered": 0, "length": int(length)}
+
+
+def _id(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,96 @@
+"""The write DB: storing commands (the source of truth) and finding unpublished ones."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import BigInteger, String, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from .events import Command
+
+_INSERT_COMMANDS = text(
+    """
+    INSERT INTO commands (key, value, event_type)
+    SELECT * FROM unnest(:keys, :values, :types)
+    RETURNING id, key, value, event_type, created_at
+    """
+).bindparams(
+    bindparam("keys", type_=ARRAY(String)),
+    bindparam("values", type_=ARRAY(String)),
+    bindparam("types", type_=ARRAY(String)),
+)
+
+_MARK_PUBLISHED = text(
+    "UPDATE commands SET published = true WHERE id = ANY(:ids) AND NOT published"
+).bindparams(bindparam("ids", type_=ARRAY(BigInteger)))
+
+_UNPUBLISHED = text(
+    """
+    SELECT id, key, value, event_type, created_at FROM commands
+    WHERE NOT published AND created_at < clock_timestamp() - make_interval(secs => :grace)
+    ORDER BY id LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+_COMMANDS_BY_ID = text(
+    "SELECT id, key, value, event_type, created_at FROM commands WHERE id = ANY(:ids) ORDER BY id"
+).bindparams(bindparam("ids", type_=ARRAY(BigInteger)))
+
+
+def _command(row: Sequence[object]) -> Command:
+    return Command(*row)  # type: ignore[arg-type]
+
+
+async def insert_commands(
+    engine: AsyncEngine, items: Sequence[tuple[str, str, str]]
+) -> list[Command]:
+    """Store (key, value, event_type) items in one transaction; return them with positions.
+
+    The result is in the order of ``items``: the sequence hands out ids in the order unnest
+    produces rows, so sorting by id restores the input order whatever RETURNING does.
+    """
+    keys, values, types = (list(column) for column in zip(*items, strict=True))
+    async with engine.begin() as conn:
+        rows = await conn.execute(_INSERT_COMMANDS, {"keys": keys, "values": values, "types": types})
+        return sorted((_command(row) for row in rows), key=lambda c: c.position)
+
+
+async def mark_published(conn: AsyncConnection, positions: Sequence[int]) -> None:
+    """Record, in the caller's transaction, that these commands' events reached the stream."""
+    if positions:
+        await conn.execute(_MARK_PUBLISHED, {"ids": list(positions)})
+
+
+async def lock_unpublished(conn: AsyncConnection, limit: int, grace_seconds: float) -> list[Command]:
+    """Lock and return up to ``limit`` commands whose event never reached the stream.
+
+    Only commands older than ``grace_seconds`` count: younger ones are most likely being
+    published by the request that wrote them. SKIP LOCKED lets several write-api replicas
+    share the work without publishing the same command twice.
+    """
+    rows = await conn.execute(_UNPUBLISHED, {"grace": grace_seconds, "limit": limit})
+    return [_command(row) for row in rows]
+
+
+async def commands_on(conn: AsyncConnection, positions: Sequence[int]) -> list[Command]:
+    """Return the commands with these positions, in position order, as ``conn`` sees them."""
+    rows = await conn.execute(_COMMANDS_BY_ID, {"ids": list(positions)})
+    return [_command(row) for row in rows]
+
+
+async def counts(engine: AsyncEngine) -> dict[str, int]:
+    """Return the number of commands and of commands whose event is still unpublished."""
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM commands),"
+                    " (SELECT count(*) FROM commands WHERE NOT published),"
+                    " (SELECT coalesce(max(id), 0) FROM commands)"
+                )
+            )
+        ).one()
+    return {"commands": int(row[0]), "unpublished": int(row[1]), "max_position": int(row[2])}

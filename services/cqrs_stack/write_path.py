@@ -1,0 +1,165 @@
+"""Accepting commands: group commit into the write DB, then publishing their events.
+
+Guarantee 1 lives here and in the projector's catch-up. A command is acknowledged only after
+its transaction commits; its event is then published in one pipelined XADD for the whole
+batch. If Redis is down, the command stays marked unpublished and ``publish_pending`` sends it
+once Redis is back; a crash between commit and XADD leaves the same trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import stream, write_db
+from .config import Settings
+from .events import Command
+from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What a write request learns: the stored command and its stream id (None: queued)."""
+
+    command: Command
+    event_id: str | None
+
+
+@dataclass(slots=True)
+class _Pending:
+    key: str
+    value: str
+    event_type: str
+    done: asyncio.Future[WriteResult]
+
+
+class CommandWriter:
+    """Batches concurrent writes: one transaction and one pipelined XADD per batch.
+
+    Under load, requests that arrive while a batch is committing form the next batch, so
+    throughput grows with concurrency while a lone request still commits at once.
+    """
+
+    def __init__(self, engine: AsyncEngine, redis: Redis, settings: Settings) -> None:
+        self._engine = engine
+        self._redis = redis
+        self._settings = settings
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._marking: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Start the batching task (call once, inside the running event loop)."""
+        self._task = asyncio.create_task(self._run(), name="command-writer")
+
+    async def stop(self) -> None:
+        """Finish what was queued, then stop."""
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._marking:
+            await asyncio.gather(*self._marking, return_exceptions=True)
+
+    async def write(self, key: str, value: str, event_type: str) -> WriteResult:
+        """Store one command; return once it is committed (and published, if Redis is up)."""
+        done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(key, value, event_type, done))
+        return await done
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._settings.write_batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._commit_and_publish(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _commit_and_publish(self, batch: list[_Pending]) -> None:
+        WRITE_BATCH_SIZE.observe(len(batch))
+        try:
+            commands = await write_db.insert_commands(
+                self._engine, [(p.key, p.value, p.event_type) for p in batch]
+            )
+        except Exception as exc:  # every waiter must learn of the failure
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_exception(exc)
+            return
+        event_ids: list[str | None] = [None] * len(commands)
+        try:
+            event_ids = list(
+                await stream.publish(
+                    self._redis, self._settings.event_stream_name, commands,
+                    self._settings.stream_max_length,
+                )
+            )
+        except (RedisError, OSError) as exc:
+            PUBLISH_FAILURES.inc()
+            log.warning("publish failed, events queued count=%d error=%s", len(commands), exc)
+        else:
+            EVENTS_PUBLISHED.inc(len(commands))
+            self._mark_published_later([c.position for c in commands])
+        for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
+            if not pending.done.done():
+                pending.done.set_result(WriteResult(command, event_id))
+
+    def _mark_published_later(self, positions: list[int]) -> None:
+        # Off the request path: a lost mark only means a harmless duplicate publish later.
+        task = asyncio.create_task(self._mark(positions))
+        self._marking.add(task)
+        task.add_done_callback(self._marking.discard)
+
+    async def _mark(self, positions: list[int]) -> None:
+        try:
+            async with self._engine.begin() as conn:
+                await write_db.mark_published(conn, positions)
+        except Exception as exc:
+            log.warning("marking published failed count=%d error=%s", len(positions), exc)
+
+
+async def publish_pending(
+    engine: AsyncEngine, redis: Redis, settings: Settings, grace_seconds: float = 2.0
+) -> int:
+    """Publish events of committed commands that never reached the stream; return how many.
+
+    Rows stay locked until their events are in the stream and they are marked, so a crash in
+    between leaves them unpublished (published again later, a harmless duplicate).
+    """
+    async with engine.begin() as conn:
+        commands = await write_db.lock_unpublished(conn, settings.write_batch_max * 4, grace_seconds)
+        if not commands:
+            return 0
+        await stream.publish(redis, settings.event_stream_name, commands, settings.stream_max_length)
+        await write_db.mark_published(conn, [c.position for c in commands])
+    EVENTS_PUBLISHED.inc(len(commands))
+    log.info("queued events published count=%d first=%d", len(commands), commands[0].position)
+    return len(commands)
+
+
+async def run_publisher(
+    engine: AsyncEngine, redis: Redis, settings: Settings, stopping: asyncio.Event
+) -> None:
+    """Keep publishing queued events every ``publisher_interval`` until ``stopping`` is set."""
+    while not stopping.is_set():
+        try:
+            while await publish_pending(engine, redis, settings):
+                pass
+        except (RedisError, OSError) as exc:
+            log.debug("publisher waiting for redis error=%s", exc)
+        except Exception:
+            log.exception("publisher round failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), settings.publisher_interval)
