@@ -60,8 +60,12 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
         """Liveness: answers as long as the event loop runs; touches no dependency."""
         return HealthResponse(service=f"cqrs-stack-{role}", version=__version__)
 
-    @app.get("/ready", response_model=ReadinessResponse, tags=["operations"],
-             responses={503: {"model": ReadinessResponse}})
+    @app.get(
+        "/ready",
+        response_model=ReadinessResponse,
+        tags=["operations"],
+        responses={503: {"model": ReadinessResponse}},
+    )
     async def ready(request: Request) -> Response:
         """Readiness: 200 when the dependencies this role needs answer, 503 otherwise."""
         resources = _resources(request)
@@ -112,8 +116,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        names = {404: "not_found", 405: "method_not_allowed", 413: "too_large",
-                 415: "unsupported_media_type"}
+        names = {
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "too_large",
+            415: "unsupported_media_type",
+        }
         return _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
 
     @app.exception_handler(DBAPIError)
@@ -180,8 +188,11 @@ class RequestGuard:
         if scope["method"] in ("POST", "PUT") and scope["path"] == "/write":
             content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
             if content_type.split(";")[0].strip().lower() not in ("application/json", ""):
-                return _error(415, "unsupported_media_type",
-                              f"send the body as application/json, not {content_type[:100]}")
+                return _error(
+                    415,
+                    "unsupported_media_type",
+                    f"send the body as application/json, not {content_type[:100]}",
+                )
         return None
 
     def _too_large(self) -> JSONResponse:

@@ -18,7 +18,12 @@ from .resources import ROLES, Role
 
 log = logging.getLogger("cqrs_stack")
 
-DEFAULT_PORTS: dict[str, int] = {"api": 8007, "write-api": 8001, "read-api": 8002, "projector": 8003}
+DEFAULT_PORTS: dict[str, int] = {
+    "api": 8007,
+    "write-api": 8001,
+    "read-api": 8002,
+    "projector": 8003,
+}
 
 
 def configure_logging(level: str) -> None:
@@ -35,9 +40,15 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
 
     from .app import create_app
 
-    log.info("starting role=%s host=%s port=%d write_db=%s read_db=%s redis=%s", role,
-             args.host, args.port, redact_url(settings.write_db_url),
-             redact_url(settings.read_db_url), redact_url(settings.redis_url))
+    log.info(
+        "starting role=%s host=%s port=%d write_db=%s read_db=%s redis=%s",
+        role,
+        args.host,
+        args.port,
+        redact_url(settings.write_db_url),
+        redact_url(settings.read_db_url),
+        redact_url(settings.redis_url),
+    )
     uvicorn.run(
         create_app(settings, role),
         host=args.host,
@@ -58,9 +69,7 @@ def _has_uvloop() -> bool:
     return True
 
 
-async def _with_engines(
-    settings: Settings, work: Callable[[Any, Any], Awaitable[int]]
-) -> int:
+async def _with_engines(settings: Settings, work: Callable[[Any, Any], Awaitable[int]]) -> int:
     from . import db
 
     write_engine = db.write_engine(settings, "cli")
@@ -167,15 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for role in ROLES:
         server = commands.add_parser(role, help=helps[role])
-        server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-        server.add_argument("--port", type=int, default=DEFAULT_PORTS[role],
-                            help=f"port to bind (default {DEFAULT_PORTS[role]})")
+        server.add_argument(
+            "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"
+        )
+        server.add_argument(
+            "--port",
+            type=int,
+            default=DEFAULT_PORTS[role],
+            help=f"port to bind (default {DEFAULT_PORTS[role]})",
+        )
         server.add_argument("--access-log", action="store_true", help="log every request")
         server.set_defaults(handler=lambda a, s, r=role: _serve(r, a, s))
-    commands.add_parser("migrate", help="create or upgrade both schemas (idempotent)") \
-        .set_defaults(handler=_migrate)
-    commands.add_parser("rebuild", help="rebuild the read model from the write DB") \
-        .set_defaults(handler=_rebuild)
+    commands.add_parser("migrate", help="create or upgrade both schemas (idempotent)").set_defaults(
+        handler=_migrate
+    )
+    commands.add_parser("rebuild", help="rebuild the read model from the write DB").set_defaults(
+        handler=_rebuild
+    )
     status = commands.add_parser("status", help="lag, counts, pending entries, dead letters")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)

@@ -26,7 +26,9 @@ DEV_USER = "cqrs"
 DEV_PASSWORD = "cqrs"  # loopback-only development servers; never used by deployments
 
 
-def _start_postgres(data_dir: Path, name: str, port: int, database: str) -> tuple[PostgresServer, str]:
+def _start_postgres(
+    data_dir: Path, name: str, port: int, database: str
+) -> tuple[PostgresServer, str]:
     server = PostgresServer(data_dir / name, port, password="postgres-dev")
     server.start()
     if not server.psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{DEV_USER}'").strip():
@@ -73,7 +75,9 @@ def run_dev_stack(args: argparse.Namespace) -> int:
         subprocess.run([*cli, "migrate"], env=env, check=True)
         for role in ("write-api", "read-api", "projector", "api"):
             port = DEFAULT_PORTS[role]
-            child = subprocess.Popen([*cli, role, "--host", args.host, "--port", str(port)], env=env)
+            child = subprocess.Popen(
+                [*cli, role, "--host", args.host, "--port", str(port)], env=env
+            )
             children.append(child)
             _wait_ready(f"http://127.0.0.1:{port}", child)
         print(_banner(data_dir), flush=True)
@@ -92,7 +96,9 @@ def run_dev_stack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_all(children: list[subprocess.Popen[bytes]], servers: list[PostgresServer | RedisServer]) -> None:
+def _stop_all(
+    children: list[subprocess.Popen[bytes]], servers: list[PostgresServer | RedisServer]
+) -> None:
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
@@ -116,6 +122,6 @@ def _banner(data_dir: Path) -> str:
         f"  projector           http://127.0.0.1:{ports['projector']}/stats\n"
         f"  data                {data_dir}\n\n"
         f"  curl -s -XPOST localhost:{ports['api']}/write -H 'content-type: application/json'"
-        " -d '{\"key\":\"hello\",\"value\":\"world\"}'\n"
+        ' -d \'{"key":"hello","value":"world"}\'\n'
         f"  curl -s localhost:{ports['api']}/read/hello\n"
     )

@@ -97,8 +97,11 @@ def _give_to(path: Path, user: str | None) -> None:
         if folder.stat().st_mode & 0o001 == 0:
             folder.chmod(folder.stat().st_mode | 0o001)
     for root, dirs, files in os.walk(path):
-        for name in [root, *(os.path.join(root, d) for d in dirs),
-                     *(os.path.join(root, f) for f in files)]:
+        for name in [
+            root,
+            *(os.path.join(root, d) for d in dirs),
+            *(os.path.join(root, f) for f in files),
+        ]:
             os.chown(name, entry.pw_uid, entry.pw_gid)
 
 
@@ -109,8 +112,9 @@ class PostgresServer:
     code under test authenticates the way it would against a real server.
     """
 
-    def __init__(self, data_dir: Path, port: int, password: str = "postgres",
-                 *, durable: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, password: str = "postgres", *, durable: bool = True
+    ) -> None:
         self.data_dir = data_dir
         self.port = port
         self.password = password
@@ -119,11 +123,11 @@ class PostgresServer:
         self.bin_dir = postgres_bin_dir()
         self.user = _server_user()
 
-    def url(self, database: str = "postgres", user: str = SUPERUSER,
-            password: str | None = None) -> str:
+    def url(
+        self, database: str = "postgres", user: str = SUPERUSER, password: str | None = None
+    ) -> str:
         """A postgresql:// URL for ``database`` on this server."""
-        return (f"postgresql://{user}:{password or self.password}"
-                f"@127.0.0.1:{self.port}/{database}")
+        return f"postgresql://{user}:{password or self.password}@127.0.0.1:{self.port}/{database}"
 
     def initialise(self) -> None:
         """Run initdb once; an existing cluster is kept (the data survives restarts)."""
@@ -136,10 +140,23 @@ class PostgresServer:
         _give_to(pwfile, self.user)
         try:
             subprocess.run(
-                [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER,
-                 f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
-                 "--encoding=UTF8", "--locale=C", "--no-instructions"],
-                check=True, capture_output=True, user=self.user, timeout=120,
+                [
+                    str(self.bin_dir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                check=True,
+                capture_output=True,
+                user=self.user,
+                timeout=120,
             )
         except subprocess.CalledProcessError as exc:
             raise ServerError(f"initdb failed: {exc.stderr.decode(errors='replace')}") from exc
@@ -150,17 +167,27 @@ class PostgresServer:
         """Start the server (initialising it first if needed) and wait until it accepts."""
         self.initialise()
         settings = [
-            "-c", "listen_addresses=127.0.0.1", "-c", f"port={self.port}",
-            "-c", f"unix_socket_directories={self.data_dir}",
-            "-c", "max_connections=300", "-c", "shared_buffers=128MB",
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"port={self.port}",
+            "-c",
+            f"unix_socket_directories={self.data_dir}",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "shared_buffers=128MB",
         ]
         if not self.durable:
             # Tests: an OS crash is not what they simulate, so skip the fsyncs.
             settings += ["-c", "fsync=off", "-c", "full_page_writes=off"]
-        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - owned by the process
+        log = open(self.data_dir / "server.log", "ab")
         self.process = subprocess.Popen(
             [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), *settings],
-            stdout=log, stderr=log, user=self.user, start_new_session=True,
+            stdout=log,
+            stderr=log,
+            user=self.user,
+            start_new_session=True,
         )
         log.close()
         self._wait_ready(timeout)
@@ -172,8 +199,17 @@ class PostgresServer:
                 tail = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
                 raise ServerError(f"postgres exited with {self.process.returncode}:\n{tail}")
             ready = subprocess.run(
-                [str(self.bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
-                 "-t", "1"], capture_output=True, check=False,
+                [
+                    str(self.bin_dir / "pg_isready"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-t",
+                    "1",
+                ],
+                capture_output=True,
+                check=False,
             )
             if ready.returncode == 0:
                 return
@@ -184,9 +220,25 @@ class PostgresServer:
         """Run SQL as the superuser through psql; return its output."""
         env = {**os.environ, "PGPASSWORD": self.password}
         done = subprocess.run(
-            [str(self.bin_dir / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
-             "-U", SUPERUSER, "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
-            capture_output=True, env=env, check=False, timeout=60,
+            [
+                str(self.bin_dir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qAtc",
+                sql,
+            ],
+            capture_output=True,
+            env=env,
+            check=False,
+            timeout=60,
         )
         if done.returncode != 0:
             raise ServerError(f"psql failed: {done.stderr.decode(errors='replace')}")
@@ -229,14 +281,30 @@ class RedisServer:
     def start(self, timeout: float = 30) -> None:
         """Start the server and wait until it accepts connections."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        persistence = (["--appendonly", "yes", "--appendfsync", "everysec"] if self.durable
-                       else ["--appendonly", "no", "--save", ""])
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - owned by the process
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"]
+            if self.durable
+            else ["--appendonly", "no", "--save", ""]
+        )
+        log = open(self.data_dir / "redis.log", "ab")
         self.process = subprocess.Popen(
-            [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.data_dir), "--daemonize", "no", "--protected-mode", "yes",
-             *persistence],
-            stdout=log, stderr=log, start_new_session=True,
+            [
+                str(self.binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "yes",
+                *persistence,
+            ],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
         log.close()
         wait_for_port(self.port, timeout, self.process)

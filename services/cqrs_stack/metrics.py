@@ -8,7 +8,9 @@ REQUESTS = Counter(
     "cqrs_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
 )
 REQUEST_SECONDS = Histogram(
-    "cqrs_http_request_seconds", "HTTP request latency", ["route", "method"],
+    "cqrs_http_request_seconds",
+    "HTTP request latency",
+    ["route", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 EVENTS_PUBLISHED = Counter("cqrs_events_published_total", "Events added to the stream")
@@ -16,11 +18,13 @@ PUBLISH_FAILURES = Counter(
     "cqrs_publish_failures_total", "Batches whose events could not be published (queued)"
 )
 WRITE_BATCH_SIZE = Histogram(
-    "cqrs_write_batch_size", "Commands per group-commit transaction",
+    "cqrs_write_batch_size",
+    "Commands per group-commit transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 EVENTS_PROJECTED = Counter(
-    "cqrs_events_projected_total", "Commands applied to the read model by this process",
+    "cqrs_events_projected_total",
+    "Commands applied to the read model by this process",
     ["source"],
 )
 DUPLICATES_SKIPPED = Counter(
@@ -28,7 +32,8 @@ DUPLICATES_SKIPPED = Counter(
 )
 DEAD_LETTERS = Counter("cqrs_dead_letters_total", "Events moved to the dead-letter stream")
 PROJECTION_BATCH_SECONDS = Histogram(
-    "cqrs_projection_batch_seconds", "Time to apply one batch to the read DB",
+    "cqrs_projection_batch_seconds",
+    "Time to apply one batch to the read DB",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 READ_COUNTS_FLUSHED = Counter("cqrs_read_counts_flushed_total", "Reads counted into the read DB")

@@ -131,7 +131,11 @@ async def apply_commands(conn: AsyncConnection, commands: Sequence[Command], con
         newest = ordered[-1]
         await conn.execute(
             _RECORD_PROGRESS,
-            {"consumer": consumer, "applied": applied, "position": newest.position,
-             "event_at": newest.created_at},
+            {
+                "consumer": consumer,
+                "applied": applied,
+                "position": newest.position,
+                "event_at": newest.created_at,
+            },
         )
     return int(applied)

@@ -63,8 +63,12 @@ class Projector:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Project until ``stopping`` is set; never exits on Redis or database outages."""
-        log.info("projector started consumer=%s stream=%s group=%s", self.consumer,
-                 self.settings.event_stream_name, self.settings.consumer_group)
+        log.info(
+            "projector started consumer=%s stream=%s group=%s",
+            self.consumer,
+            self.settings.event_stream_name,
+            self.settings.consumer_group,
+        )
         next_claim = next_sweep = 0.0
         backoff = 0.1
         group_ready = False
@@ -83,8 +87,11 @@ class Projector:
                     next_claim = now + self._claim_every
                     await self.project_entries(await self._claim(), stopping)
                 entries = await stream.read_new(
-                    self.redis, self.settings.event_stream_name, self.settings.consumer_group,
-                    self.consumer, self.settings.projector_batch_size,
+                    self.redis,
+                    self.settings.event_stream_name,
+                    self.settings.consumer_group,
+                    self.consumer,
+                    self.settings.projector_batch_size,
                     int(self.settings.projector_poll_interval * 1000),
                 )
                 await self.project_entries(entries, stopping)
@@ -93,8 +100,9 @@ class Projector:
                 if "NOGROUP" not in str(exc):
                     raise
                 # Redis was flushed or the stream deleted: recreate, the sweep covers the gap.
-                log.warning("consumer group missing, recreating stream=%s",
-                            self.settings.event_stream_name)
+                log.warning(
+                    "consumer group missing, recreating stream=%s", self.settings.event_stream_name
+                )
                 group_ready = False
             except (RedisError, OSError) as exc:
                 log.warning("redis unavailable, retrying in %.1fs error=%s", backoff, exc)
@@ -104,11 +112,17 @@ class Projector:
 
     async def _claim(self) -> list[stream.Entry]:
         return await stream.claim_idle(
-            self.redis, self.settings.event_stream_name, self.settings.consumer_group,
-            self.consumer, self.settings.projector_claim_idle_ms, self.settings.projector_batch_size,
+            self.redis,
+            self.settings.event_stream_name,
+            self.settings.consumer_group,
+            self.consumer,
+            self.settings.projector_claim_idle_ms,
+            self.settings.projector_batch_size,
         )
 
-    async def project_entries(self, entries: Sequence[stream.Entry], stopping: asyncio.Event) -> None:
+    async def project_entries(
+        self, entries: Sequence[stream.Entry], stopping: asyncio.Event
+    ) -> None:
         """Apply a batch of stream entries, acknowledge them, and dead-letter poison ones."""
         if not entries:
             return
@@ -123,7 +137,9 @@ class Projector:
         commands = [command for _, command in good]
         if await self._apply_with_retry(commands, stopping):
             await stream.acknowledge(
-                self.redis, self.settings.event_stream_name, self.settings.consumer_group,
+                self.redis,
+                self.settings.event_stream_name,
+                self.settings.consumer_group,
                 [entry.entry_id for entry, _ in good],
             )
             return
@@ -131,8 +147,10 @@ class Projector:
         for entry, command in good:
             if await self._apply_with_retry([command], stopping):
                 await stream.acknowledge(
-                    self.redis, self.settings.event_stream_name,
-                    self.settings.consumer_group, [entry.entry_id],
+                    self.redis,
+                    self.settings.event_stream_name,
+                    self.settings.consumer_group,
+                    [entry.entry_id],
                 )
             else:
                 await self._reject(entry, "read DB refused the command")
@@ -143,8 +161,12 @@ class Projector:
             await stream.dead_letter(self.redis, self.settings, entry, reason, self.consumer)
             DEAD_LETTERS.inc()
         else:
-            log.warning("event refused entry=%s deliveries=%d reason=%s",
-                        entry.entry_id, entry.deliveries, reason[:200])
+            log.warning(
+                "event refused entry=%s deliveries=%d reason=%s",
+                entry.entry_id,
+                entry.deliveries,
+                reason[:200],
+            )
 
     async def _apply_with_retry(
         self, commands: Sequence[events.Command], stopping: asyncio.Event
@@ -200,8 +222,9 @@ class Projector:
         """
         limit = max(50_000, 4 * self.settings.write_batch_max)
         async with self.read_engine.begin() as rconn:
-            if not await rconn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                                      {"k": _CATCHUP_LOCK_KEY}):
+            if not await rconn.scalar(
+                text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _CATCHUP_LOCK_KEY}
+            ):
                 return 0  # another replica is sweeping
             watermark = await rconn.scalar(
                 text("SELECT watermark::text FROM projector_catchup FOR UPDATE")
@@ -219,7 +242,11 @@ class Projector:
                             " WHERE txid >= :watermark"
                             " ORDER BY txid, id LIMIT :limit"
                         ),
-                        {"watermark": int(watermark), "grace": CATCHUP_GRACE_SECONDS, "limit": limit},
+                        {
+                            "watermark": int(watermark),
+                            "grace": CATCHUP_GRACE_SECONDS,
+                            "limit": limit,
+                        },
                     )
                 ).all()
                 new_watermark = _next_watermark(rows, snapshot_xmin, limit)

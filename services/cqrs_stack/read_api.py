@@ -20,11 +20,15 @@ async def read_record(
     request: Request,
     key: str = Path(min_length=1, max_length=MAX_KEY_LENGTH, pattern=r"^[^\x00]+$"),
     position: int | None = Query(
-        default=None, ge=1, le=2**63 - 1,
+        default=None,
+        ge=1,
+        le=2**63 - 1,
         description="Wait until the write at this position is in the read model",
     ),
-    timeout: float | None = Query(
-        default=None, ge=0, le=60,
+    timeout: float | None = Query(  # noqa: ASYNC109 - a query parameter, not an API
+        default=None,
+        ge=0,
+        le=60,
         description="Longest wait for `position`, in seconds (default READ_WAIT_TIMEOUT)",
     ),
 ) -> RecordResponse | NotFoundResponse:

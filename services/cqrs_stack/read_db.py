@@ -48,10 +48,10 @@ async def position_applied(engine: AsyncEngine, position: int) -> bool:
     return found is not None
 
 
-async def wait_for_position(engine: AsyncEngine, position: int, timeout: float) -> bool:
-    """Wait, at most ``timeout`` seconds, until ``position`` is applied; return whether it is."""
+async def wait_for_position(engine: AsyncEngine, position: int, within: float) -> bool:
+    """Wait, at most ``within`` seconds, until ``position`` is applied; return whether it is."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     delay = 0.002
     while True:
         if await position_applied(engine, position):

@@ -110,20 +110,26 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
     if resources.writes:
         resources.writer = CommandWriter(resources.write_engine, resources.redis, settings)
         resources.writer.start()
-        resources.tasks.append(asyncio.create_task(
-            run_publisher(resources.write_engine, resources.redis, settings, resources.stopping),
-            name="publisher",
-        ))
+        resources.tasks.append(
+            asyncio.create_task(
+                run_publisher(
+                    resources.write_engine, resources.redis, settings, resources.stopping
+                ),
+                name="publisher",
+            )
+        )
     if resources.reads:
-        resources.read_counter = ReadCounter(resources.read_engine, settings.read_count_flush_interval)
+        resources.read_counter = ReadCounter(
+            resources.read_engine, settings.read_count_flush_interval
+        )
         resources.read_counter.start()
     if role == "projector":
         resources.projector = Projector(
             settings, resources.write_engine, resources.read_engine, resources.redis
         )
-        resources.tasks.append(asyncio.create_task(
-            resources.projector.run(resources.stopping), name="projector"
-        ))
+        resources.tasks.append(
+            asyncio.create_task(resources.projector.run(resources.stopping), name="projector")
+        )
     return resources
 
 

@@ -120,7 +120,9 @@ async def dead_letter(
         await pipe.execute()
     log.warning(
         "event dead-lettered entry=%s deliveries=%d reason=%s",
-        entry.entry_id, entry.deliveries, reason[:200],
+        entry.entry_id,
+        entry.deliveries,
+        reason[:200],
     )
 
 

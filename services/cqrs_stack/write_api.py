@@ -12,8 +12,10 @@ from .write_path import WriteResult
 router = APIRouter(tags=["write"])
 
 _ERRORS: dict[int | str, dict[str, object]] = {
-    400: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-    415: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+    400: {"model": ErrorResponse},
+    413: {"model": ErrorResponse},
+    415: {"model": ErrorResponse},
+    422: {"model": ErrorResponse},
     503: {"model": ErrorResponse},
 }
 
@@ -30,7 +32,8 @@ def _answer(result: WriteResult) -> WriteResponse:
         queued=queued,
         message=(
             "Command written; event queued and will be published when the stream is reachable"
-            if queued else "Command written and event published"
+            if queued
+            else "Command written and event published"
         ),
     )
 

@@ -54,7 +54,9 @@ async def insert_commands(
     """
     keys, values, types = (list(column) for column in zip(*items, strict=True))
     async with engine.begin() as conn:
-        rows = await conn.execute(_INSERT_COMMANDS, {"keys": keys, "values": values, "types": types})
+        rows = await conn.execute(
+            _INSERT_COMMANDS, {"keys": keys, "values": values, "types": types}
+        )
         return sorted((_command(row) for row in rows), key=lambda c: c.position)
 
 
@@ -64,7 +66,9 @@ async def mark_published(conn: AsyncConnection, positions: Sequence[int]) -> Non
         await conn.execute(_MARK_PUBLISHED, {"ids": list(positions)})
 
 
-async def lock_unpublished(conn: AsyncConnection, limit: int, grace_seconds: float) -> list[Command]:
+async def lock_unpublished(
+    conn: AsyncConnection, limit: int, grace_seconds: float
+) -> list[Command]:
     """Lock and return up to ``limit`` commands whose event never reached the stream.
 
     Only commands older than ``grace_seconds`` count: younger ones are most likely being

@@ -102,7 +102,9 @@ class CommandWriter:
         try:
             event_ids = list(
                 await stream.publish(
-                    self._redis, self._settings.event_stream_name, commands,
+                    self._redis,
+                    self._settings.event_stream_name,
+                    commands,
                     self._settings.stream_max_length,
                 )
             )
@@ -139,10 +141,14 @@ async def publish_pending(
     between leaves them unpublished (published again later, a harmless duplicate).
     """
     async with engine.begin() as conn:
-        commands = await write_db.lock_unpublished(conn, settings.write_batch_max * 4, grace_seconds)
+        commands = await write_db.lock_unpublished(
+            conn, settings.write_batch_max * 4, grace_seconds
+        )
         if not commands:
             return 0
-        await stream.publish(redis, settings.event_stream_name, commands, settings.stream_max_length)
+        await stream.publish(
+            redis, settings.event_stream_name, commands, settings.stream_max_length
+        )
         await write_db.mark_published(conn, [c.position for c in commands])
     EVENTS_PUBLISHED.inc(len(commands))
     log.info("queued events published count=%d first=%d", len(commands), commands[0].position)

@@ -71,8 +71,12 @@ async def migrate(engine: AsyncEngine, database: str) -> list[str]:
                 {"v": migration.version, "n": migration.name},
             )
             applied_now.append(f"{database}/{migration.version:04d}_{migration.name}")
-            log.info("migration applied database=%s version=%d name=%s",
-                     database, migration.version, migration.name)
+            log.info(
+                "migration applied database=%s version=%d name=%s",
+                database,
+                migration.version,
+                migration.name,
+            )
     return applied_now
 
 
@@ -82,4 +86,6 @@ async def schema_version(engine: AsyncEngine) -> int:
         exists = await conn.scalar(text("SELECT to_regclass('schema_migrations') IS NOT NULL"))
         if not exists:
             return 0
-        return int(await conn.scalar(text("SELECT coalesce(max(version), 0) FROM schema_migrations")))
+        return int(
+            await conn.scalar(text("SELECT coalesce(max(version), 0) FROM schema_migrations"))
+        )
