@@ -1,0 +1,272 @@
+"""Fixtures and helpers for the operator tests: the CRD, a namespace, the operator process.
+
+The operator runs as a real subprocess (``cqrs-stack-operator``) against the fixture API
+server; the tests read and write objects through kubernetes_asyncio with the admin identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+import yaml
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from cqrs_operator.spec import GROUP, PLURAL, VERSION
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "charts" / "cqrs-stack" / "crds" / "cqrsstacks.cqrs.dev.yaml"
+OPERATOR_BIN = Path(sys.executable).parent / "cqrs-stack-operator"
+ADMIN_SECRETS = ("pg-write-admin", "pg-read-admin")
+READY_TIMEOUT = 60.0
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[Any]], *, timeout: float, what: str, interval: float = 0.2,
+    alive: Callable[[], str | None] | None = None,
+) -> Any:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        if alive is not None and (reason := alive()) is not None:
+            pytest.fail(f"while waiting for {what}: {reason}")
+        await asyncio.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; last: {last!r}")
+
+
+# ------------------------------------------------------------------- API access
+
+
+@pytest_asyncio.fixture(scope="session")
+async def kube_api(kube_apiserver: Any) -> AsyncIterator[client.ApiClient]:
+    """An admin API client; the CqrsStack CRD (from the chart) is installed and established."""
+    api = await config.new_client_from_config(config_file=str(kube_apiserver.kubeconfig))
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    ext = client.ApiextensionsV1Api(api)
+    try:
+        await ext.create_custom_resource_definition(crd)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+
+    async def established() -> bool:
+        live = await ext.read_custom_resource_definition(crd["metadata"]["name"])
+        return any(c.type == "Established" and c.status == "True"
+                   for c in (live.status.conditions or []))
+
+    await wait_until(established, timeout=30, what="CRD established")
+    yield api
+    await api.close()
+
+
+def dns_name(fresh: str) -> str:
+    return fresh.replace("_", "-").lower()
+
+
+@pytest_asyncio.fixture
+async def namespace(kube_api: client.ApiClient, fresh_names: str, write_pg: Any,
+                    read_pg: Any) -> str:
+    """A fresh namespace holding the admin Secrets of both PostgreSQL servers."""
+    name = f"op-{dns_name(fresh_names)}"
+    core = client.CoreV1Api(kube_api)
+    await core.create_namespace({"metadata": {"name": name}})
+    for secret, server in zip(ADMIN_SECRETS, (write_pg, read_pg), strict=True):
+        await core.create_namespaced_secret(name, {
+            "metadata": {"name": secret},
+            "stringData": {"username": "postgres", "password": server.password},
+        })
+    return name
+
+
+def stack_manifest(name: str, fresh: str, write_pg: Any, read_pg: Any, redis_url: str,
+                   **spec: Any) -> dict[str, Any]:
+    """A CqrsStack on the test servers, with databases named after ``fresh``."""
+    body: dict[str, Any] = {
+        "image": {"repository": "cqrs-stack", "tag": "0.1.0"},
+        "writeApi": {"replicas": 2},
+        "readApi": {"replicas": 2},
+        "projector": {"replicas": 1, "batchSize": 500},
+        "databases": {
+            "write": {"host": "127.0.0.1", "port": write_pg.port, "adminSecret": ADMIN_SECRETS[0],
+                      "database": f"w_{fresh}"},
+            "read": {"host": "127.0.0.1", "port": read_pg.port, "adminSecret": ADMIN_SECRETS[1],
+                     "database": f"r_{fresh}"},
+        },
+        "redis": {"url": redis_url},
+    }
+    body.update(spec)
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "CqrsStack",
+            "metadata": {"name": name}, "spec": body}
+
+
+class Stacks:
+    """CqrsStack access in one namespace."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi(api)
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, manifest)
+        return result
+
+    async def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            result: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, name)
+            return result
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, patch,
+            _content_type="application/merge-patch+json")
+        return result
+
+    async def delete(self, name: str) -> None:
+        await self.custom.delete_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name)
+
+    async def wait_ready(self, name: str, operator: Operator | None = None,
+                         timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Wait until Ready is True for the current generation; return the object."""
+        async def ready() -> dict[str, Any] | None:
+            obj = await self.get(name)
+            if obj is None:
+                return None
+            st = obj.get("status") or {}
+            conds = {c["type"]: c["status"] for c in st.get("conditions") or []}
+            fresh = st.get("observedGeneration") == obj["metadata"]["generation"]
+            return obj if fresh and conds.get("Ready") == "True" else None
+
+        alive = operator.exit_reason if operator else None
+        result: dict[str, Any] = await wait_until(
+            ready, timeout=timeout, what=f"CqrsStack {name} Ready", alive=alive)
+        return result
+
+    async def wait_gone(self, name: str, operator: Operator | None = None,
+                        timeout: float = READY_TIMEOUT) -> None:
+        async def gone() -> bool:
+            return await self.get(name) is None
+
+        alive = operator.exit_reason if operator else None
+        await wait_until(gone, timeout=timeout, what=f"CqrsStack {name} deleted", alive=alive)
+
+
+@pytest.fixture
+def stacks(kube_api: client.ApiClient, namespace: str) -> Stacks:
+    return Stacks(kube_api, namespace)
+
+
+# ------------------------------------------------------------------- the operator
+
+
+class Operator:
+    """``cqrs-stack-operator`` as a subprocess; its log goes to a file."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log: Path,
+                 extra_args: tuple[str, ...] = ()) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log = log
+        self.extra_args = extra_args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Operator:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+               "CQRS_OPERATOR_STATUS_INTERVAL": "2", "CQRS_OPERATOR_RETRY_DELAY": "1"}
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [str(OPERATOR_BIN), "--namespace", self.namespace, *self.extra_args],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )
+        return self
+
+    def exit_reason(self) -> str | None:
+        if self.process is not None and self.process.poll() is not None:
+            return f"operator exited with {self.process.returncode}; log:\n{self.log_tail()}"
+        return None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as a crash or an OOM kill would leave it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def operator_factory(tmp_path: Path) -> Iterator[Callable[..., Operator]]:
+    """Start operators for a test; all are stopped when it ends."""
+    started: list[Operator] = []
+
+    def start(kubeconfig: Path, namespace: str, *extra_args: str) -> Operator:
+        log = tmp_path / f"operator-{len(started)}.log"
+        op = Operator(kubeconfig, namespace, log, tuple(extra_args)).start()
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()
+
+
+@pytest.fixture
+def operator(operator_factory: Callable[..., Operator], kube_apiserver: Any,
+             namespace: str) -> Operator:
+    """The operator, as admin, watching the test's namespace."""
+    return operator_factory(kube_apiserver.kubeconfig, namespace)
+
+
+# ------------------------------------------------------------------- servers
+
+
+async def database_exists(server: Any, name: str) -> bool:
+    conn = await asyncpg.connect(server.url())
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
+async def role_exists(server: Any, name: str) -> bool:
+    conn = await asyncpg.connect(server.url())
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
+    finally:
+        await conn.close()

@@ -1,0 +1,356 @@
+"""The operator against a real kube-apiserver, real PostgreSQL and real Redis.
+
+There is no kubelet or controller-manager: no pod runs and no garbage collector removes
+children, so WorkloadsReady means "applied and matching the spec" (see cqrs_operator.status).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import asyncpg
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+from redis.asyncio import Redis
+
+from tests.fixtures.kube import kube_apiserver  # noqa: F401
+from tests.fixtures.servers import (  # noqa: F401
+    fresh_names,
+    read_pg,
+    redis_factory,
+    redis_server,
+    server_root,
+    write_pg,
+)
+from tests.operator.fixtures_operator import (  # noqa: F401
+    Operator,
+    Stacks,
+    database_exists,
+    kube_api,
+    namespace,
+    operator,
+    operator_factory,
+    role_exists,
+    stack_manifest,
+    stacks,
+    wait_until,
+)
+
+DEPLOYMENTS = ("write-api", "read-api", "projector")
+SERVICES = ("write-api", "read-api")
+
+
+async def children(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
+    """Every child object of stack ``name`` as a dict, keyed by kind/name."""
+    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    out: dict[str, Any] = {}
+    for comp in DEPLOYMENTS:
+        out[f"Deployment/{name}-{comp}"] = await apps.read_namespaced_deployment(
+            f"{name}-{comp}", ns)
+    for comp in SERVICES:
+        out[f"Service/{name}-{comp}"] = await core.read_namespaced_service(f"{name}-{comp}", ns)
+    out[f"ConfigMap/{name}-config"] = await core.read_namespaced_config_map(f"{name}-config", ns)
+    out[f"Secret/{name}-credentials"] = await core.read_namespaced_secret(
+        f"{name}-credentials", ns)
+    return {k: api.sanitize_for_serialization(v) for k, v in out.items()}
+
+
+def secret_data(obj: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in obj["data"].items()}
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in obj["status"]["conditions"]}
+
+
+async def test_create_provisions_databases_stream_and_children(
+    kube_api: client.ApiClient, stacks: Stacks, namespace: str, operator: Operator,
+    write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+) -> None:
+    await stacks.create(stack_manifest("orders", fresh_names, write_pg, read_pg,
+                                       redis_server.url))
+    stack = await stacks.wait_ready("orders", operator)
+    status = stack["status"]
+    assert status["phase"] == "Ready"
+    assert status["observedGeneration"] == stack["metadata"]["generation"]
+    conds = conditions(stack)
+    for kind in ("DatabasesReady", "StreamReady", "WorkloadsReady", "Ready"):
+        assert conds[kind]["status"] == "True", conds[kind]
+        assert conds[kind]["lastTransitionTime"]
+
+    objs = await children(kube_api, namespace, "orders")
+    for key, obj in objs.items():
+        refs = obj["metadata"]["ownerReferences"]
+        assert [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in refs] == [
+            ("CqrsStack", "orders", stack["metadata"]["uid"], True)], key
+
+    # The role logs in with the Secret's password; both schemas are migrated.
+    creds = secret_data(objs["Secret/orders-credentials"])
+    role, password = creds["username"], creds["password"]
+    assert role == f"cqrs_{namespace.replace('-', '_')}_orders"
+    for server, db in ((write_pg, f"w_{fresh_names}"), (read_pg, f"r_{fresh_names}")):
+        conn = await asyncpg.connect(server.url(db, role, password))
+        try:
+            assert await conn.fetchval("SELECT max(version) FROM schema_migrations") >= 1
+            assert await conn.fetchval(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", db) == role
+        finally:
+            await conn.close()
+    assert creds["WRITE_DB_URL"] == write_pg.url(f"w_{fresh_names}", role, password)
+    assert creds["READ_DB_URL"] == read_pg.url(f"r_{fresh_names}", role, password)
+
+    redis = Redis.from_url(redis_server.url)
+    try:
+        groups = await redis.xinfo_groups("orders-events")
+        assert [g["name"] for g in groups] == [b"projectors"]
+    finally:
+        await redis.aclose()
+
+    # The children say what the spec says.
+    for comp, replicas in (("write-api", 2), ("read-api", 2), ("projector", 1)):
+        dep = objs[f"Deployment/orders-{comp}"]
+        assert dep["spec"]["replicas"] == replicas
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] == "cqrs-stack:0.1.0"
+        assert container["args"][0] == comp
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert objs["ConfigMap/orders-config"]["data"]["EVENT_STREAM_NAME"] == "orders-events"
+    assert objs["Service/orders-read-api"]["spec"]["selector"][
+        "app.kubernetes.io/component"] == "read-api"
+
+    # The password is nowhere but in the Secret: not in status, annotations, config, events.
+    events = await client.CoreV1Api(kube_api).list_namespaced_event(namespace)
+    visible = json.dumps([stack, objs["ConfigMap/orders-config"],
+                          kube_api.sanitize_for_serialization(events)])
+    assert password not in visible
+    assert password not in operator.log_text()
+
+    # Lag is reported by the timer.
+    async def lag_reported() -> bool:
+        obj = await stacks.get("orders")
+        return obj is not None and (obj["status"].get("projector") or {}).get("lag") == 0
+
+    await wait_until(lag_reported, timeout=20, what="status.projector.lag")
+
+
+async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
+    kube_api: client.ApiClient, stacks: Stacks, namespace: str, operator: Operator,
+    write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+) -> None:
+    await stacks.create(stack_manifest("shop", fresh_names, write_pg, read_pg,
+                                       redis_server.url))
+    await stacks.wait_ready("shop", operator)
+    before = await children(kube_api, namespace, "shop")
+
+    await stacks.patch("shop", {"spec": {
+        "writeApi": {"replicas": 3}, "readApi": {"replicas": 4},
+        "projector": {"replicas": 2, "batchSize": 100}, "image": {"tag": "0.2.0"},
+    }})
+    await stacks.wait_ready("shop", operator)
+    after = await children(kube_api, namespace, "shop")
+    for comp, replicas in (("write-api", 3), ("read-api", 4), ("projector", 2)):
+        old, new = before[f"Deployment/shop-{comp}"], after[f"Deployment/shop-{comp}"]
+        assert new["spec"]["replicas"] == replicas
+        assert new["spec"]["template"]["spec"]["containers"][0]["image"] == "cqrs-stack:0.2.0"
+        old_hash = old["spec"]["template"]["metadata"]["annotations"]["cqrs.dev/config-hash"]
+        new_hash = new["spec"]["template"]["metadata"]["annotations"]["cqrs.dev/config-hash"]
+        assert old_hash != new_hash  # the batch size changed the config: pods roll
+    assert after["ConfigMap/shop-config"]["data"]["PROJECTOR_BATCH_SIZE"] == "100"
+    # The password stays the same across reconciles.
+    assert (secret_data(after["Secret/shop-credentials"])["password"]
+            == secret_data(before["Secret/shop-credentials"])["password"])
+
+    # Trigger another reconcile with a change that renders nothing new: children untouched.
+    versions = {k: v["metadata"]["resourceVersion"] for k, v in after.items()}
+    await stacks.patch("shop", {"metadata": {"annotations": {"example.com/touch": "1"}}})
+
+    async def handled() -> bool:
+        obj = await stacks.get("shop")
+        base = (obj or {}).get("metadata", {}).get("annotations", {}).get(
+            "cqrs.dev/last-handled-configuration", "")
+        return "example.com/touch" in base
+
+    await wait_until(handled, timeout=30, what="reconcile of the annotation change",
+                     alive=operator.exit_reason)
+    again = await children(kube_api, namespace, "shop")
+    assert {k: v["metadata"]["resourceVersion"] for k, v in again.items()} == versions
+
+
+async def test_drifted_replicas_are_restored(
+    kube_api: client.ApiClient, stacks: Stacks, namespace: str, operator: Operator,
+    write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+) -> None:
+    await stacks.create(stack_manifest("drift", fresh_names, write_pg, read_pg,
+                                       redis_server.url))
+    await stacks.wait_ready("drift", operator)
+    apps = client.AppsV1Api(kube_api)
+    await apps.patch_namespaced_deployment("drift-read-api", namespace,
+                                           {"spec": {"replicas": 7}})
+
+    async def restored() -> bool:
+        dep = await apps.read_namespaced_deployment("drift-read-api", namespace)
+        return dep.spec.replicas == 2
+
+    await wait_until(restored, timeout=30, what="read-api replicas back to 2",
+                     alive=operator.exit_reason)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"writeApi": {"replicas": 51}}, "spec.writeApi.replicas"),
+        ({"projector": {"batchSize": 0}}, "spec.projector.batchSize"),
+        ({"deletionPolicy": "Destroy"}, "spec.deletionPolicy"),
+        ({"redis": {}}, "spec.redis"),
+        ({"projector": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
+         "spec.projector.autoscaling.minReplicas"),
+    ],
+)
+async def test_invalid_specs_are_refused_by_the_api_server(
+    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str, spec: dict[str, Any],
+    field: str,
+) -> None:
+    manifest = stack_manifest("bad", fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
+    manifest["spec"].update(spec)
+    with pytest.raises(ApiException) as refused:
+        await stacks.create(manifest)
+    assert refused.value.status == 422
+    assert field in refused.value.body
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda s: s["databases"]["write"].update(database="Bad-Name"),
+         "spec.databases.write.database"),
+        (lambda s: s["databases"]["read"].update(adminSecret="Not_Valid"),
+         "spec.databases.read.adminSecret"),
+        (lambda s: s["databases"].pop("read"), "spec.databases.read"),
+    ],
+)
+async def test_invalid_database_fields_are_refused(
+    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str, mutate: Any, field: str,
+) -> None:
+    manifest = stack_manifest("bad", fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
+    mutate(manifest["spec"])
+    with pytest.raises(ApiException) as refused:
+        await stacks.create(manifest)
+    assert refused.value.status == 422
+    assert field in refused.value.body
+
+
+async def test_defaults_are_filled_by_the_api_server(
+    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str,
+) -> None:
+    manifest = stack_manifest("defaults", fresh_names, write_pg, read_pg,
+                              "redis://127.0.0.1:1/0")
+    for key in ("image", "writeApi", "readApi", "projector"):
+        manifest["spec"].pop(key)
+    created = await stacks.create(manifest)
+    spec = created["spec"]
+    assert spec["image"] == {"repository": "cqrs-stack", "tag": "0.1.0",
+                             "pullPolicy": "IfNotPresent"}
+    assert spec["projector"]["batchSize"] == 500
+    assert spec["stream"]["consumerGroup"] == "projectors"
+    assert spec["deletionPolicy"] == "Retain"
+    await stacks.delete("defaults")  # no operator watches here: no finalizer to wait for
+
+
+@pytest.mark.parametrize("policy", ["Delete", "Retain"])
+async def test_delete_honours_the_deletion_policy(
+    stacks: Stacks, operator: Operator, write_pg: Any, read_pg: Any, redis_server: Any,
+    fresh_names: str, policy: str, namespace: str,
+) -> None:
+    await stacks.create(stack_manifest("gone", fresh_names, write_pg, read_pg,
+                                       redis_server.url, deletionPolicy=policy))
+    stack = await stacks.wait_ready("gone", operator)
+    assert "cqrs.dev/finalizer" in stack["metadata"]["finalizers"]
+    role = f"cqrs_{namespace.replace('-', '_')}_gone"
+    await stacks.delete("gone")
+    await stacks.wait_gone("gone", operator)
+
+    kept = policy == "Retain"
+    assert await database_exists(write_pg, f"w_{fresh_names}") is kept
+    assert await database_exists(read_pg, f"r_{fresh_names}") is kept
+    assert await role_exists(write_pg, role) is kept
+    assert await role_exists(read_pg, role) is kept
+    redis = Redis.from_url(redis_server.url)
+    try:
+        assert bool(await redis.exists("gone-events")) is kept
+    finally:
+        await redis.aclose()
+
+
+async def test_unreachable_database_is_reported_and_retried(
+    stacks: Stacks, operator: Operator, write_pg: Any, read_pg: Any, redis_server: Any,
+    fresh_names: str,
+) -> None:
+    from cqrs_stack.localservers import free_port
+
+    manifest = stack_manifest("later", fresh_names, write_pg, read_pg, redis_server.url)
+    manifest["spec"]["databases"]["write"]["port"] = free_port()  # nothing listens there
+    await stacks.create(manifest)
+
+    async def reported() -> dict[str, Any] | None:
+        obj = await stacks.get("later")
+        conds = {c["type"]: c for c in (obj or {}).get("status", {}).get("conditions") or []}
+        db = conds.get("DatabasesReady", {})
+        return obj if db.get("reason") == "DatabaseUnreachable" else None
+
+    obj = await wait_until(reported, timeout=30, what="DatabasesReady=False",
+                           alive=operator.exit_reason)
+    assert obj["status"]["phase"] == "Failed"
+    assert conditions(obj)["Ready"]["status"] == "False"
+    assert "cannot reach PostgreSQL" in conditions(obj)["DatabasesReady"]["message"]
+
+    await stacks.patch("later", {"spec": {"databases": {"write": {"port": write_pg.port}}}})
+    await stacks.wait_ready("later", operator)
+    assert operator.exit_reason() is None
+
+
+async def test_restart_in_the_middle_of_provisioning_converges(
+    kube_api: client.ApiClient, kube_apiserver: Any, stacks: Stacks, namespace: str,
+    operator_factory: Any, write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+) -> None:
+    """Hold a lock on the stack's role so provisioning blocks; kill -9 the operator there."""
+    role = f"cqrs_{namespace.replace('-', '_')}_restart"
+    blocker = await asyncpg.connect(write_pg.url())
+    try:
+        await blocker.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'placeholder-password-0'")
+        locked = blocker.transaction()
+        await locked.start()
+        await blocker.execute(f"ALTER ROLE {role} CONNECTION LIMIT 100")  # row lock held
+
+        first = operator_factory(kube_apiserver.kubeconfig, namespace)
+        await stacks.create(stack_manifest("restart", fresh_names, write_pg, read_pg,
+                                           redis_server.url))
+
+        async def operator_blocked() -> bool:
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                "'cqrs-stack-operator' AND wait_event_type = 'Lock'")
+            return bool(waiting)
+
+        await wait_until(operator_blocked, timeout=30, what="operator blocked on the role",
+                         alive=first.exit_reason)
+        password = secret_data(kube_api.sanitize_for_serialization(
+            await client.CoreV1Api(kube_api).read_namespaced_secret(
+                "restart-credentials", namespace)))["password"]
+        first.kill()
+        obj = await stacks.get("restart")
+        assert obj is not None
+        assert (obj.get("status") or {}).get("phase") != "Ready"
+        await locked.rollback()
+    finally:
+        await blocker.close()
+
+    second = operator_factory(kube_apiserver.kubeconfig, namespace)
+    await stacks.wait_ready("restart", second)
+    objs = await children(kube_api, namespace, "restart")
+    creds = secret_data(objs["Secret/restart-credentials"])
+    assert creds["password"] == password  # the password survived the crash
+    conn = await asyncpg.connect(write_pg.url(f"w_{fresh_names}", role, password))
+    await conn.close()
