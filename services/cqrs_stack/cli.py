@@ -127,6 +127,22 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_with_engines(settings, work))
 
 
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .verify import differences
+
+    async def work(write_engine: Any, read_engine: Any) -> int:
+        found = await differences(write_engine, read_engine)
+        for line in found[:50]:
+            print(line)
+        if found:
+            print(f"read model differs from the write DB in {len(found)} ways", file=sys.stderr)
+            return 1
+        print("read model matches the write DB")
+        return 0
+
+    return asyncio.run(_with_engines(settings, work))
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from .devstack import run_dev_stack
 
@@ -196,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="lag, counts, pending entries, dead letters")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
+    commands.add_parser(
+        "verify", help="check that the read model equals the projection of the write DB"
+    ).set_defaults(handler=_verify)
     dev = commands.add_parser(
         "dev", help="run the whole stack locally on embedded PostgreSQL and Redis (Ctrl-C stops)"
     )

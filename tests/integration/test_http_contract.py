@@ -1,0 +1,210 @@
+"""The original service's scenarios, black-box over HTTP against live processes.
+
+Each test runs the combined API (as clients of the original service use it) and a projector
+on fresh databases of two separate PostgreSQL servers and a real Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest_asyncio
+
+from tests.fixtures.stack import ServiceProcess, Stack, wait_until
+
+
+@pytest_asyncio.fixture
+async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the combined API on :port, with a projector running beside it."""
+    service: ServiceProcess = await stack.launch("api")
+    await stack.launch("projector")
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+        yield client
+
+
+async def read_when_visible(api: httpx.AsyncClient, key: str, write_count: int = 1) -> dict:
+    """Poll GET /read/{key} until the key shows ``write_count`` writes (eventual consistency)."""
+    seen: dict = {}
+
+    async def visible() -> bool:
+        nonlocal seen
+        seen = (await api.get(f"/read/{key}")).json()
+        return seen.get("success") is True and seen["write_count"] >= write_count
+
+    await wait_until(visible, 10, f"{key} to be projected")
+    return seen
+
+
+async def test_health(api: httpx.AsyncClient) -> None:
+    answer = await api.get("/health")
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "healthy"
+
+
+async def test_readiness_checks_databases_and_redis(api: httpx.AsyncClient) -> None:
+    answer = await api.get("/ready")
+    assert answer.status_code == 200
+    assert answer.json()["checks"] == {"write_db": "ok", "read_db": "ok", "redis": "ok"}
+
+
+async def test_write_answers_with_event_and_position(api: httpx.AsyncClient) -> None:
+    answer = await api.post("/write", json={"key": "user:1", "value": "alice"})
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["success"] is True
+    assert body["key"] == "user:1"
+    assert body["message"] == "Command written and event published"
+    assert body["event_type"] == "RecordCreated"
+    assert body["queued"] is False
+    assert "-" in body["event_id"]  # a Redis stream id such as 1700000000000-0
+    assert body["position"] >= 1
+
+
+async def test_write_is_stored_in_the_write_db(api: httpx.AsyncClient, stack: Stack) -> None:
+    body = (await api.post("/write", json={"key": "k", "value": "v1"})).json()
+    row = await stack.scalar(
+        stack.write_engine,
+        "SELECT key || '=' || value || '/' || event_type FROM commands WHERE id = :id",
+        id=body["position"],
+    )
+    assert row == "k=v1/RecordCreated"
+
+
+async def test_projection_reaches_the_read_db(api: httpx.AsyncClient, stack: Stack) -> None:
+    await api.post("/write", json={"key": "p", "value": "projected"})
+
+    async def in_read_db() -> bool:
+        value = await stack.scalar(stack.read_engine, "SELECT value FROM records WHERE key = 'p'")
+        return value == "projected"
+
+    await wait_until(in_read_db, 10, "the record in the read DB")
+
+
+async def test_read_returns_the_record(api: httpx.AsyncClient) -> None:
+    await api.post("/write", json={"key": "r", "value": "hello"})
+    body = await read_when_visible(api, "r")
+    assert body["value"] == "hello"
+    assert body["from_read_db"] is True
+    assert body["write_count"] == 1
+    assert set(body) >= {"created_at", "updated_at", "read_count", "write_count"}
+
+
+async def test_missing_key(api: httpx.AsyncClient) -> None:
+    answer = await api.get("/read/never-written")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["success"] is False
+    assert body["message"].startswith("Key not found")
+    assert body["from_read_db"] is True
+
+
+async def test_update_with_put(api: httpx.AsyncClient) -> None:
+    await api.post("/write", json={"key": "u", "value": "old"})
+    answer = await api.put("/write", json={"key": "u", "value": "new"})
+    assert answer.status_code == 200
+    assert answer.json()["event_type"] == "RecordUpdated"
+    body = await read_when_visible(api, "u", write_count=2)
+    assert body["value"] == "new"
+    assert body["updated_at"] > body["created_at"]
+
+
+async def test_write_count_counts_every_write(api: httpx.AsyncClient) -> None:
+    for i in range(5):
+        await api.put("/write", json={"key": "wc", "value": str(i)})
+    body = await read_when_visible(api, "wc", write_count=5)
+    assert body["write_count"] == 5
+    assert body["value"] == "4"
+
+
+async def test_read_count_rises_with_every_read(api: httpx.AsyncClient, stack: Stack) -> None:
+    await api.post("/write", json={"key": "rc", "value": "x"})
+    first = (await read_when_visible(api, "rc"))["read_count"]
+    counts = [(await api.get("/read/rc")).json()["read_count"] for _ in range(5)]
+    assert counts == [first + i for i in range(1, 6)]
+
+    async def flushed() -> bool:
+        stored = await stack.scalar(
+            stack.read_engine, "SELECT read_count FROM records WHERE key = 'rc'"
+        )
+        return stored == first + 5
+
+    await wait_until(flushed, 5, "read counts flushed to the read DB")
+
+
+async def test_eventual_consistency_and_position_wait(api: httpx.AsyncClient) -> None:
+    body = (await api.post("/write", json={"key": "ec", "value": "soon"})).json()
+    waited = await api.get("/read/ec", params={"position": body["position"], "timeout": 5})
+    assert waited.json()["position_reached"] is True
+    assert waited.json()["value"] == "soon"
+
+
+async def test_position_wait_is_bounded(api: httpx.AsyncClient) -> None:
+    answer = await api.get("/read/nothing", params={"position": 10**12, "timeout": 0.2})
+    assert answer.status_code == 200
+    assert answer.json()["position_reached"] is False
+
+
+async def test_stats_fields_and_counters(api: httpx.AsyncClient, stack: Stack) -> None:
+    before = (await api.get("/stats")).json()
+    for key in ("write_db_pool_size", "read_db_pool_size", "events_published",
+                "events_projected", "read_db_records", "write_db_records"):
+        assert isinstance(before[key], int), key
+    for i in range(3):
+        await api.post("/write", json={"key": f"s{i}", "value": "v"})
+    await stack.assert_converges()
+    after = (await api.get("/stats")).json()
+    assert after["write_db_records"] == before["write_db_records"] + 3
+    assert after["events_published"] == before["events_published"] + 3
+    assert after["events_projected"] == before["events_projected"] + 3
+    assert after["read_db_records"] == before["read_db_records"] + 3
+    assert after["lag_events"] == 0
+    assert after["last_projected_position"] == after["last_written_position"]
+
+
+async def test_several_writes_to_one_key(api: httpx.AsyncClient, stack: Stack) -> None:
+    positions = []
+    for i in range(10):
+        positions.append((await api.post("/write", json={"key": "same", "value": f"v{i}"})).json())
+    assert [p["position"] for p in positions] == sorted(p["position"] for p in positions)
+    body = await read_when_visible(api, "same", write_count=10)
+    assert body["value"] == "v9"
+    await stack.assert_converges()
+
+
+async def test_many_keys(api: httpx.AsyncClient, stack: Stack) -> None:
+    for i in range(200):
+        answer = await api.post("/write", json={"key": f"many:{i}", "value": str(i)})
+        assert answer.status_code == 200
+    await stack.assert_converges()
+    assert await stack.scalar(stack.read_engine, "SELECT count(*) FROM records") == 200
+    assert (await api.get("/read/many:123")).json()["value"] == "123"
+
+
+async def test_the_two_databases_are_separate(stack: Stack) -> None:
+    write_port = await stack.scalar(stack.write_engine, "SELECT current_setting('port')")
+    read_port = await stack.scalar(stack.read_engine, "SELECT current_setting('port')")
+    assert write_port != read_port  # two servers, not two schemas
+    assert await stack.scalar(stack.write_engine, "SELECT to_regclass('records')") is None
+    assert await stack.scalar(stack.read_engine, "SELECT to_regclass('commands')") is None
+
+
+async def test_metrics_in_prometheus_format(api: httpx.AsyncClient) -> None:
+    await api.post("/write", json={"key": "m", "value": "v"})
+    text = (await api.get("/metrics")).text
+    assert "# TYPE cqrs_http_requests_total counter" in text
+    assert 'route="/write"' in text
+
+
+async def test_write_and_read_apis_run_as_separate_processes(stack: Stack) -> None:
+    writer = await stack.launch("write-api")
+    reader = await stack.launch("read-api")
+    await stack.launch("projector")
+    async with httpx.AsyncClient(timeout=10) as client:
+        assert (await client.get(f"{writer.url}/read/x")).status_code == 404
+        assert (await client.post(f"{reader.url}/write", json={"key": "x"})).status_code == 404
+        body = (await client.post(f"{writer.url}/write", json={"key": "x", "value": "1"})).json()
+        read = await client.get(
+            f"{reader.url}/read/x", params={"position": body["position"], "timeout": 5}
+        )
+        assert read.json()["value"] == "1"
