@@ -154,15 +154,15 @@ class RequestGuard:
             return
         started = time.perf_counter()
         status = 500
-        received = 0
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise _BodyTooLarge
-            return message
+        chunked = b"content-length" not in dict(scope.get("headers") or [])
+        if chunked and scope["method"] in ("POST", "PUT", "PATCH"):
+            # A chunked body has no length to check up front: read it here, bounded.
+            bounded = await self._bounded_body(receive)
+            if bounded is None:
+                status = 413
+                await self._too_large()(scope, _no_body, send)
+            else:
+                receive = bounded
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -170,11 +170,8 @@ class RequestGuard:
                 status = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, counted_receive, send_status)
-        except _BodyTooLarge:
-            status = 413
-            await self._too_large()(scope, receive, send)
+        if status != 413:
+            await self.app(scope, receive, send_status)
         route = scope.get("route")
         path = getattr(route, "path", "unmatched")
         metrics.REQUESTS.labels(path, scope["method"], str(status)).inc()
@@ -198,6 +195,34 @@ class RequestGuard:
     def _too_large(self) -> JSONResponse:
         return _error(413, "too_large", f"request body over {self.max_body_bytes} bytes")
 
+    async def _bounded_body(self, receive: Receive) -> Receive | None:
+        """Read the whole body if it fits the limit and return a receive that replays it."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return _replay([], message)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return _replay([b"".join(chunks)], None)
 
-class _BodyTooLarge(Exception):
-    """A chunked body grew past the limit while being read."""
+
+def _replay(chunks: list[bytes], final: Message | None) -> Receive:
+    pending = [{"type": "http.request", "body": c, "more_body": False} for c in chunks]
+    if final is not None:
+        pending.append(final)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}

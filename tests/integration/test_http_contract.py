@@ -147,8 +147,14 @@ async def test_position_wait_is_bounded(api: httpx.AsyncClient) -> None:
 
 async def test_stats_fields_and_counters(api: httpx.AsyncClient, stack: Stack) -> None:
     before = (await api.get("/stats")).json()
-    for key in ("write_db_pool_size", "read_db_pool_size", "events_published",
-                "events_projected", "read_db_records", "write_db_records"):
+    for key in (
+        "write_db_pool_size",
+        "read_db_pool_size",
+        "events_published",
+        "events_projected",
+        "read_db_records",
+        "write_db_records",
+    ):
         assert isinstance(before[key], int), key
     for i in range(3):
         await api.post("/write", json={"key": f"s{i}", "value": "v"})
