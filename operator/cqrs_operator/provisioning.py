@@ -12,12 +12,13 @@ import re
 from dataclasses import dataclass
 
 import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
 from cqrs_stack.config import Settings, redact_url
 from cqrs_stack.db import create_engine
 from cqrs_stack.migrations import migrate, schema_version
 from cqrs_stack.stream import ensure_group, group_info
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from .manifests import database_url
 from .spec import Database, check_identifier

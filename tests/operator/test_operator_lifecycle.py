@@ -16,28 +16,17 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.asyncio import Redis
 
-from tests.fixtures.kube import kube_apiserver  # noqa: F401
-from tests.fixtures.servers import (  # noqa: F401
-    fresh_names,
-    read_pg,
-    redis_factory,
-    redis_server,
-    server_root,
-    write_pg,
-)
-from tests.operator.fixtures_operator import (  # noqa: F401
+from tests.operator.fixtures_operator import (
     Operator,
     Stacks,
     database_exists,
-    kube_api,
-    namespace,
-    operator,
-    operator_factory,
     role_exists,
     stack_manifest,
-    stacks,
     wait_until,
 )
+
+# Server fixtures come from tests/conftest.py, kube_apiserver from tests/operator/conftest.py.
+pytest_plugins = ["tests.operator.fixtures_operator"]
 
 DEPLOYMENTS = ("write-api", "read-api", "projector")
 SERVICES = ("write-api", "read-api")
@@ -329,9 +318,14 @@ async def test_restart_in_the_middle_of_provisioning_converges(
                                            redis_server.url))
 
         async def operator_blocked() -> bool:
-            waiting = await blocker.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                "'cqrs-stack-operator' AND wait_event_type = 'Lock'")
+            # A fresh connection: inside the blocker's transaction the view is a snapshot.
+            probe = await asyncpg.connect(write_pg.url())
+            try:
+                waiting = await probe.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'cqrs-stack-operator' AND wait_event_type = 'Lock'")
+            finally:
+                await probe.close()
             return bool(waiting)
 
         await wait_until(operator_blocked, timeout=30, what="operator blocked on the role",

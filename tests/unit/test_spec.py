@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from cqrs_operator.spec import IDENTIFIER, SpecError, parse_spec, sql_identifier
 from hypothesis import given
 from hypothesis import strategies as st
+
+from cqrs_operator.spec import IDENTIFIER, SpecError, parse_spec, sql_identifier
 
 
 def minimal() -> dict:
