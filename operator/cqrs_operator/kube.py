@@ -61,15 +61,3 @@ async def apply(api: client.ApiClient, manifest: dict[str, Any]) -> dict[str, An
     result: dict[str, Any] = api.sanitize_for_serialization(live)
     return result
 
-
-async def read_deployment(
-    api: client.ApiClient, namespace: str, name: str
-) -> dict[str, Any] | None:
-    try:
-        live = await client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    result: dict[str, Any] = api.sanitize_for_serialization(live)
-    return result

@@ -1,0 +1,147 @@
+"""The operator runs with exactly the RBAC the chart ships, and that RBAC is not wider.
+
+The chart's ServiceAccount, Role and RoleBinding are rendered with helm and applied to the
+real API server; the operator then runs with that ServiceAccount's token.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from tests.fixtures.helm import helm_binary
+from tests.operator.fixtures_operator import (
+    ROOT,
+    Stacks,
+    database_exists,
+    role_exists,
+    stack_manifest,
+)
+
+pytest_plugins = ["tests.operator.fixtures_operator"]
+
+CHART = ROOT / "charts" / "cqrs-stack"
+RELEASE = "cqrs-rbac"
+
+
+def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
+    """``helm template`` of the operator's ServiceAccount and RBAC, as the chart ships them."""
+    args = [str(helm_binary()), "template", RELEASE, str(CHART), "--namespace", namespace,
+            "--show-only", "templates/operator-serviceaccount.yaml",
+            "--show-only", "templates/operator-rbac.yaml"]
+    for value in values:
+        args += ["--set", value]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+async def apply_rendered(api: client.ApiClient, docs: list[dict[str, Any]]) -> None:
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    for doc in docs:
+        ns = doc["metadata"].get("namespace")
+        create = {
+            "ServiceAccount": lambda d, ns=ns: core.create_namespaced_service_account(ns, d),
+            "Role": lambda d, ns=ns: rbac.create_namespaced_role(ns, d),
+            "RoleBinding": lambda d, ns=ns: rbac.create_namespaced_role_binding(ns, d),
+            "ClusterRole": rbac.create_cluster_role,
+            "ClusterRoleBinding": rbac.create_cluster_role_binding,
+        }[doc["kind"]]
+        await create(doc)
+
+
+def service_account(docs: list[dict[str, Any]]) -> str:
+    return next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
+
+
+def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
+    docs = render_operator_rbac("ops", "rbac.clusterWide=true")
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert "namespaces" not in resources and "customresourcedefinitions" not in resources
+    assert not any("delete" in rule["verbs"] or "*" in rule["verbs"] for rule in role["rules"])
+
+
+def test_watch_namespaces_get_one_role_each() -> None:
+    docs = render_operator_rbac("ops", "operator.watchNamespaces={a,b}")
+    roles = sorted((d["kind"], d["metadata"]["namespace"]) for d in docs
+                   if d["kind"] in ("Role", "RoleBinding"))
+    assert roles == [("Role", "a"), ("Role", "b"), ("RoleBinding", "a"), ("RoleBinding", "b")]
+
+
+async def test_operator_lifecycle_under_the_charts_service_account(
+    kube_api: client.ApiClient, kube_apiserver: Any, namespace: str, stacks: Stacks,
+    operator_factory: Any, write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+) -> None:
+    docs = render_operator_rbac(namespace)
+    await apply_rendered(kube_api, docs)
+    token = kube_apiserver.create_token(namespace, service_account(docs))
+    kubeconfig: Path = kube_apiserver.kubeconfig_for_token(token)
+    operator = operator_factory(kubeconfig, namespace)
+
+    await stacks.create(stack_manifest("scoped", fresh_names, write_pg, read_pg,
+                                       redis_server.url, deletionPolicy="Delete"))
+    await stacks.wait_ready("scoped", operator)
+    await stacks.patch("scoped", {"spec": {"readApi": {"replicas": 3}}})
+    await stacks.wait_ready("scoped", operator)
+    dep = await client.AppsV1Api(kube_api).read_namespaced_deployment("scoped-read-api",
+                                                                      namespace)
+    assert dep.spec.replicas == 3
+
+    await stacks.delete("scoped")
+    await stacks.wait_gone("scoped", operator)
+    assert not await database_exists(write_pg, f"w_{fresh_names}")
+    assert not await database_exists(read_pg, f"r_{fresh_names}")
+    assert not await role_exists(write_pg, f"cqrs_{namespace.replace('-', '_')}_scoped")
+
+    log = operator.log_text()
+    assert "Forbidden" not in log and "403" not in log, operator.log_tail()
+
+
+async def test_service_account_cannot_reach_beyond_its_namespace(
+    kube_api: client.ApiClient, kube_apiserver: Any, namespace: str,
+) -> None:
+    docs = render_operator_rbac(namespace)
+    await apply_rendered(kube_api, docs)
+    token = kube_apiserver.create_token(namespace, service_account(docs))
+    other = f"{namespace}-other"
+    core_admin = client.CoreV1Api(kube_api)
+    await core_admin.create_namespace({"metadata": {"name": other}})
+    await core_admin.create_namespaced_secret(other, {"metadata": {"name": "private"},
+                                                      "stringData": {"k": "v"}})
+
+    sa_api = await config.new_client_from_config(
+        config_file=str(kube_apiserver.kubeconfig_for_token(token)))
+    try:
+        core, apps = client.CoreV1Api(sa_api), client.AppsV1Api(sa_api)
+        # What it needs works...
+        await core.read_namespaced_secret("pg-write-admin", namespace)
+        # ...and nothing more.
+        refused = [
+            lambda: core.read_namespaced_secret("private", other),
+            lambda: core.list_secret_for_all_namespaces(),
+            lambda: core.list_namespaced_secret(namespace),
+            lambda: core.delete_namespace(other),
+            lambda: core.delete_namespaced_secret("pg-write-admin", namespace),
+            lambda: apps.delete_collection_namespaced_deployment(namespace),
+            lambda: core.create_namespaced_pod(namespace, {
+                "metadata": {"name": "p"},
+                "spec": {"containers": [{"name": "c", "image": "x"}]}}),
+            lambda: client.RbacAuthorizationV1Api(sa_api).create_namespaced_role(
+                namespace, {"metadata": {"name": "escalate"}, "rules": []}),
+            lambda: client.ApiextensionsV1Api(sa_api).list_custom_resource_definition(),
+        ]
+        for call in refused:
+            with pytest.raises(ApiException) as denied:
+                await call()
+            assert denied.value.status == 403
+    finally:
+        await sa_api.close()
