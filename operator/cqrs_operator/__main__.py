@@ -19,17 +19,35 @@ LOG_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cqrs-stack-operator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="cqrs-stack-operator",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", default=[],
-                       help="namespace to watch (repeatable); default $WATCH_NAMESPACE")
-    scope.add_argument("-A", "--all-namespaces", action="store_true",
-                       help="watch CqrsStacks in every namespace (needs the ClusterRole)")
-    parser.add_argument("--liveness", default=os.environ.get("OPERATOR_LIVENESS_ENDPOINT"),
-                        help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz")
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"])
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        help="namespace to watch (repeatable); default $WATCH_NAMESPACE",
+    )
+    scope.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="watch CqrsStacks in every namespace (needs the ClusterRole)",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("OPERATOR_LIVENESS_ENDPOINT"),
+        help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
     args = parser.parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         env = os.environ.get("WATCH_NAMESPACE", "").strip()
@@ -50,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger(__name__).info(
         "operator starting namespaces=%s all_namespaces=%s",
-        ",".join(args.namespace) or "-", args.all_namespaces,
+        ",".join(args.namespace) or "-",
+        args.all_namespaces,
     )
     kopf.run(
         standalone=True,

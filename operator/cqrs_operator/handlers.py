@@ -49,8 +49,14 @@ def _parse(spec: Mapping[str, Any], meta: Mapping[str, Any]) -> StackSpec:
 @kopf.on.update(*RESOURCE)
 @kopf.on.resume(*RESOURCE)
 async def reconcile_stack(
-    body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
-    patch: kopf.Patch, retry: int, memo: kopf.Memo, **_: Any,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    retry: int,
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
     generation = meta.get("generation")
     try:
@@ -72,8 +78,14 @@ async def reconcile_stack(
 
 @kopf.timer(*RESOURCE, interval=STATUS_INTERVAL, initial_delay=STATUS_INTERVAL)
 async def observe_stack(
-    body: kopf.Body, spec: kopf.Spec, meta: kopf.Meta, status: kopf.Status,
-    patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
 ) -> None:
     """Report the projector's lag; once Ready, re-apply the workloads (drift, autoscaling)."""
     if meta.get("deletionTimestamp"):
@@ -88,20 +100,26 @@ async def observe_stack(
     projector: dict[str, Any] = {}
     try:
         url = await reconcile.redis_url(memo.api, stack)
-        lag: int | None = await provisioning.stream_lag(url, stack.stream_name,
-                                                        stack.consumer_group)
+        lag: int | None = await provisioning.stream_lag(
+            url, stack.stream_name, stack.consumer_group
+        )
         projector["lag"] = lag
     except ProvisioningError as exc:
         logger.warning(f"lag unknown reason={exc.reason} message={exc.message}")
         lag = None
     current = reconcile.current_projector_replicas(status)
-    settled = (by_type.get(stack_status.READY) == "True"
-               and status.get("observedGeneration") == meta.get("generation"))
+    settled = by_type.get(stack_status.READY) == "True" and status.get(
+        "observedGeneration"
+    ) == meta.get("generation")
     if settled and lag is not None:
         count = manifests.projector_replicas(stack, lag, current)
         password = await reconcile.stack_password(memo.api, stack)
         await reconcile.apply_workloads(
-            memo.api, stack, password, url, count,
+            memo.api,
+            stack,
+            password,
+            url,
+            count,
             adopt=lambda manifest: kopf.adopt(manifest, owner=body),
         )
         if count != current:
@@ -113,7 +131,11 @@ async def observe_stack(
 
 @kopf.on.delete(*RESOURCE)
 async def delete_stack(
-    spec: kopf.Spec, meta: kopf.Meta, retry: int, memo: kopf.Memo, logger: kopf.Logger,
+    spec: kopf.Spec,
+    meta: kopf.Meta,
+    retry: int,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
     **_: Any,
 ) -> None:
     """deletionPolicy Delete drops databases, role and stream; Retain keeps them."""
@@ -123,8 +145,10 @@ async def delete_stack(
         logger.warning(f"spec unreadable, nothing removed: {exc}")
         return
     if stack.deletion_policy != "Delete":
-        logger.info(f"deletionPolicy=Retain: kept databases {stack.write_db.name}, "
-                    f"{stack.read_db.name}, role {stack.role} and stream {stack.stream_name}")
+        logger.info(
+            f"deletionPolicy=Retain: kept databases {stack.write_db.name}, "
+            f"{stack.read_db.name}, role {stack.role} and stream {stack.stream_name}"
+        )
         return
     try:
         await reconcile.teardown(memo.api, stack)
@@ -132,5 +156,7 @@ async def delete_stack(
         if exc.reason == "SecretNotFound" and retry >= 3:
             raise kopf.PermanentError(f"giving up teardown: {exc.message}") from exc
         raise kopf.TemporaryError(f"{exc.reason}: {exc.message}", delay=backoff(retry)) from exc
-    logger.info(f"deletionPolicy=Delete: dropped databases {stack.write_db.name}, "
-                f"{stack.read_db.name}, role {stack.role} and stream {stack.stream_name}")
+    logger.info(
+        f"deletionPolicy=Delete: dropped databases {stack.write_db.name}, "
+        f"{stack.read_db.name}, role {stack.role} and stream {stack.stream_name}"
+    )

@@ -55,9 +55,12 @@ async def apply(api: client.ApiClient, manifest: dict[str, Any]) -> dict[str, An
     """Server-side apply ``manifest`` (taking ownership of its fields); return the live object."""
     meta = manifest["metadata"]
     live = await _patcher(api, manifest["kind"])(
-        meta["name"], meta["namespace"], manifest,
-        field_manager=FIELD_MANAGER, force=True, _content_type=APPLY,
+        meta["name"],
+        meta["namespace"],
+        manifest,
+        field_manager=FIELD_MANAGER,
+        force=True,
+        _content_type=APPLY,
     )
     result: dict[str, Any] = api.sanitize_for_serialization(live)
     return result
-

@@ -89,10 +89,12 @@ def credentials_data(spec: StackSpec, password: str, redis_url: str) -> dict[str
     return {
         "username": spec.role,
         "password": password,
-        "WRITE_DB_URL": database_url(spec.write_db.host, spec.write_db.port, spec.write_db.name,
-                                     spec.role, password),
-        "READ_DB_URL": database_url(spec.read_db.host, spec.read_db.port, spec.read_db.name,
-                                    spec.role, password),
+        "WRITE_DB_URL": database_url(
+            spec.write_db.host, spec.write_db.port, spec.write_db.name, spec.role, password
+        ),
+        "READ_DB_URL": database_url(
+            spec.read_db.host, spec.read_db.port, spec.read_db.name, spec.role, password
+        ),
         "REDIS_URL": redis_url,
     }
 
@@ -139,15 +141,20 @@ def _container(spec: StackSpec, component: str, settings: Component) -> dict[str
         ],
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
-            "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
+            "periodSeconds": 10,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
         },
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": "http"},
-            "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3,
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
         },
         "startupProbe": {
             "httpGet": {"path": "/health", "port": "http"},
-            "periodSeconds": 2, "failureThreshold": 30,
+            "periodSeconds": 2,
+            "failureThreshold": 30,
         },
         "resources": _resources(settings),
         "securityContext": {
@@ -160,12 +167,12 @@ def _container(spec: StackSpec, component: str, settings: Component) -> dict[str
     }
 
 
-def deployment(
-    spec: StackSpec, component: str, replicas: int, config_digest: str
-) -> Manifest:
+def deployment(spec: StackSpec, component: str, replicas: int, config_digest: str) -> Manifest:
     """The Deployment of ``component``; ``config_digest`` in the pod template rolls it."""
     settings: Component = {
-        "write-api": spec.write_api, "read-api": spec.read_api, "projector": spec.projector,
+        "write-api": spec.write_api,
+        "read-api": spec.read_api,
+        "projector": spec.projector,
     }[component]
     return {
         "apiVersion": "apps/v1",
@@ -226,9 +233,7 @@ def projector_replicas(spec: StackSpec, lag: int | None, current: int | None) ->
     return max(auto.min_replicas, min(auto.max_replicas, wanted))
 
 
-def workloads(
-    spec: StackSpec, config_digest: str, projector_count: int
-) -> list[Manifest]:
+def workloads(spec: StackSpec, config_digest: str, projector_count: int) -> list[Manifest]:
     """The three Deployments and two Services of a stack, in apply order."""
     replicas = {
         "write-api": spec.write_api.replicas,

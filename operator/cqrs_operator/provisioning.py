@@ -60,8 +60,12 @@ def quote_password(password: str) -> str:
 async def _admin_connect(db: Database, admin: AdminLogin) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(
-            host=db.host, port=db.port, user=admin.username, password=admin.password,
-            database="postgres", timeout=CONNECT_TIMEOUT,
+            host=db.host,
+            port=db.port,
+            user=admin.username,
+            password=admin.password,
+            database="postgres",
+            timeout=CONNECT_TIMEOUT,
             server_settings={"application_name": "cqrs-stack-operator"},
         )
     except (TimeoutError, OSError) as exc:
@@ -78,16 +82,19 @@ async def _admin_connect(db: Database, admin: AdminLogin) -> asyncpg.Connection:
 async def _ensure_role(conn: asyncpg.Connection, role: str, password: str) -> None:
     exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
     if exists:
-        await conn.execute(f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD "
-                           f"{quote_password(password)}")
+        await conn.execute(
+            f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD {quote_password(password)}"
+        )
         return
     try:
-        await conn.execute(f"CREATE ROLE {quote_ident(role)} WITH LOGIN PASSWORD "
-                           f"{quote_password(password)}")
+        await conn.execute(
+            f"CREATE ROLE {quote_ident(role)} WITH LOGIN PASSWORD {quote_password(password)}"
+        )
         log.info("role created role=%s", role)
     except asyncpg.DuplicateObjectError:
-        await conn.execute(f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD "
-                           f"{quote_password(password)}")
+        await conn.execute(
+            f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD {quote_password(password)}"
+        )
     is_super = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
     if not is_super:  # PostgreSQL 16+: CREATE DATABASE ... OWNER needs membership in the owner
         await conn.execute(f"GRANT {quote_ident(role)} TO CURRENT_USER")

@@ -56,9 +56,7 @@ async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
     return data[ref.key]
 
 
-async def _maybe_secret(
-    api: client.ApiClient, namespace: str, name: str
-) -> dict[str, str] | None:
+async def _maybe_secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, str] | None:
     try:
         return await kube.read_secret(api, namespace, name)
     except ApiException as exc:
@@ -106,14 +104,23 @@ async def provision(api: client.ApiClient, spec: StackSpec, adopt: Adopt) -> tup
         login = await admin_login(api, spec, db)
         await provisioning.ensure_database(db, login, spec.role, password)
         version = await provisioning.migrate_database(db, spec.role, password, kind)
-        log.info("database ready stack=%s/%s database=%s schema_version=%d",
-                 spec.namespace, spec.name, db.name, version)
+        log.info(
+            "database ready stack=%s/%s database=%s schema_version=%d",
+            spec.namespace,
+            spec.name,
+            db.name,
+            version,
+        )
     return password, url
 
 
 async def apply_workloads(
-    api: client.ApiClient, spec: StackSpec, password: str, url: str,
-    projector_count: int, adopt: Adopt,
+    api: client.ApiClient,
+    spec: StackSpec,
+    password: str,
+    url: str,
+    projector_count: int,
+    adopt: Adopt,
 ) -> list[dict[str, Any]]:
     """Apply the ConfigMap, Deployments and Services; return the live objects."""
     config = manifests.config_data(spec)
@@ -137,30 +144,42 @@ async def reconcile(
     step = status.DATABASES
     try:
         password, url = await provision(api, spec, adopt)
-        out.conditions.append(status.Condition(
-            status.DATABASES, True, "Migrated",
-            f"databases {spec.write_db.name} and {spec.read_db.name} owned by {spec.role}",
-        ))
+        out.conditions.append(
+            status.Condition(
+                status.DATABASES,
+                True,
+                "Migrated",
+                f"databases {spec.write_db.name} and {spec.read_db.name} owned by {spec.role}",
+            )
+        )
         out.extra["databases"] = {
-            "write": spec.write_db.name, "read": spec.read_db.name, "role": spec.role,
+            "write": spec.write_db.name,
+            "read": spec.read_db.name,
+            "role": spec.role,
         }
         step = status.STREAM
         await provisioning.ensure_stream(url, spec.stream_name, spec.consumer_group)
-        out.conditions.append(status.Condition(
-            status.STREAM, True, "GroupExists",
-            f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
-        ))
+        out.conditions.append(
+            status.Condition(
+                status.STREAM,
+                True,
+                "GroupExists",
+                f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
+            )
+        )
         out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
         step = status.WORKLOADS
-        count = manifests.projector_replicas(
-            spec, None, current_projector_replicas(current_status)
-        )
+        count = manifests.projector_replicas(spec, None, current_projector_replicas(current_status))
         await apply_workloads(api, spec, password, url, count, adopt)
-        out.conditions.append(status.Condition(
-            status.WORKLOADS, True, "Applied",
-            f"image {spec.image}: write-api={spec.write_api.replicas} "
-            f"read-api={spec.read_api.replicas} projector={count}",
-        ))
+        out.conditions.append(
+            status.Condition(
+                status.WORKLOADS,
+                True,
+                "Applied",
+                f"image {spec.image}: write-api={spec.write_api.replicas} "
+                f"read-api={spec.read_api.replicas} projector={count}",
+            )
+        )
         out.extra["projector"] = {"replicas": count}
     except ProvisioningError as exc:
         out.error = exc

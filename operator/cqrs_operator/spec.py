@@ -220,20 +220,26 @@ def parse_spec(spec: Mapping[str, Any], *, namespace: str, name: str) -> StackSp
         image_repository=image.get("repository") or "cqrs-stack",
         image_tag=str(image.get("tag") or __version__),
         image_pull_policy=image.get("pullPolicy") or "IfNotPresent",
-        write_api=Component(_int(write_api, "replicas", 1, 0, 50, "spec.writeApi"),
-                            _resources(write_api)),
-        read_api=Component(_int(read_api, "replicas", 1, 0, 50, "spec.readApi"),
-                           _resources(read_api)),
+        write_api=Component(
+            _int(write_api, "replicas", 1, 0, 50, "spec.writeApi"), _resources(write_api)
+        ),
+        read_api=Component(
+            _int(read_api, "replicas", 1, 0, 50, "spec.readApi"), _resources(read_api)
+        ),
         projector=_projector(spec.get("projector") or {}),
         stream_name=stream.get("name") or f"{name}-events",
         consumer_group=stream.get("consumerGroup") or "projectors",
         stream_max_length=_int(stream, "maxLength", 1_000_000, 0, 10**12, "spec.stream"),
-        write_db=_database(databases.get("write") or {},
-                           sql_identifier(f"{namespace}_{name}", "_write"),
-                           "spec.databases.write"),
-        read_db=_database(databases.get("read") or {},
-                          sql_identifier(f"{namespace}_{name}", "_read"),
-                          "spec.databases.read"),
+        write_db=_database(
+            databases.get("write") or {},
+            sql_identifier(f"{namespace}_{name}", "_write"),
+            "spec.databases.write",
+        ),
+        read_db=_database(
+            databases.get("read") or {},
+            sql_identifier(f"{namespace}_{name}", "_read"),
+            "spec.databases.read",
+        ),
         redis_url=redis_url,
         redis_url_secret=redis_secret,
         deletion_policy=policy,

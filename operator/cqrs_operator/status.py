@@ -93,8 +93,12 @@ def phase(conditions: Iterable[Mapping[str, Any]], deleting: bool = False) -> st
     by_type = {c["type"]: c.get("status") for c in conditions}
     if by_type.get(READY) == "True":
         return "Ready"
-    if any(by_type.get(t) == "False" and _is_failure(c) for t in READY_PARTS
-           for c in conditions if c.get("type") == t):
+    if any(
+        by_type.get(t) == "False" and _is_failure(c)
+        for t in READY_PARTS
+        for c in conditions
+        if c.get("type") == t
+    ):
         return "Failed"
     return "Provisioning"
 

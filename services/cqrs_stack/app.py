@@ -212,7 +212,9 @@ class RequestGuard:
 
 
 def _replay(chunks: list[bytes], final: Message | None) -> Receive:
-    pending = [{"type": "http.request", "body": c, "more_body": False} for c in chunks]
+    pending: list[Message] = [
+        {"type": "http.request", "body": c, "more_body": False} for c in chunks
+    ]
     if final is not None:
         pending.append(final)
 

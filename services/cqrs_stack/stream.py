@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -70,7 +71,8 @@ async def read_new(
     redis: Redis, stream: str, group: str, consumer: str, count: int, block_ms: int
 ) -> list[Entry]:
     """Read entries never delivered to any consumer of the group."""
-    reply = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
+    # redis-py types replies loosely; this is [(stream, [(id, fields), ...])].
+    reply: Any = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
     return [Entry(_id(i), f) for _, items in (reply or []) for i, f in items if f is not None]
 
 
@@ -78,13 +80,13 @@ async def claim_idle(
     redis: Redis, stream: str, group: str, consumer: str, min_idle_ms: int, count: int
 ) -> list[Entry]:
     """Take over entries that another consumer left pending for ``min_idle_ms`` or longer."""
-    pending = await redis.xpending_range(
+    pending: Any = await redis.xpending_range(
         stream, group, min="-", max="+", count=count, idle=min_idle_ms
     )
     if not pending:
         return []
     deliveries = {_id(p["message_id"]): int(p["times_delivered"]) + 1 for p in pending}
-    claimed = await redis.xclaim(stream, group, consumer, min_idle_ms, list(deliveries))
+    claimed: Any = await redis.xclaim(stream, group, consumer, min_idle_ms, list(deliveries))
     entries = []
     for entry_id, fields in claimed:
         eid = _id(entry_id)
@@ -105,7 +107,9 @@ async def dead_letter(
     redis: Redis, settings: Settings, entry: Entry, reason: str, consumer: str
 ) -> None:
     """Move a poison entry to the dead-letter stream and acknowledge it, in one MULTI."""
-    fields = {k.decode("utf-8", "replace"): v for k, v in entry.fields.items()}
+    fields: dict[str, bytes | str] = {
+        k.decode("utf-8", "replace"): v for k, v in entry.fields.items()
+    }
     fields.update(
         {
             "dead_letter_reason": reason[:500],

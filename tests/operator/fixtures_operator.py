@@ -33,7 +33,11 @@ READY_TIMEOUT = 60.0
 
 
 async def wait_until(
-    probe: Callable[[], Awaitable[Any]], *, timeout: float, what: str, interval: float = 0.2,
+    probe: Callable[[], Awaitable[Any]],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
     alive: Callable[[], str | None] | None = None,
 ) -> Any:
     """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
@@ -66,8 +70,9 @@ async def kube_api(kube_apiserver: Any) -> AsyncIterator[client.ApiClient]:
 
     async def established() -> bool:
         live = await ext.read_custom_resource_definition(crd["metadata"]["name"])
-        return any(c.type == "Established" and c.status == "True"
-                   for c in (live.status.conditions or []))
+        return any(
+            c.type == "Established" and c.status == "True" for c in (live.status.conditions or [])
+        )
 
     await wait_until(established, timeout=30, what="CRD established")
     yield api
@@ -79,22 +84,27 @@ def dns_name(fresh: str) -> str:
 
 
 @pytest_asyncio.fixture
-async def namespace(kube_api: client.ApiClient, fresh_names: str, write_pg: Any,
-                    read_pg: Any) -> str:
+async def namespace(
+    kube_api: client.ApiClient, fresh_names: str, write_pg: Any, read_pg: Any
+) -> str:
     """A fresh namespace holding the admin Secrets of both PostgreSQL servers."""
     name = f"op-{dns_name(fresh_names)}"
     core = client.CoreV1Api(kube_api)
     await core.create_namespace({"metadata": {"name": name}})
     for secret, server in zip(ADMIN_SECRETS, (write_pg, read_pg), strict=True):
-        await core.create_namespaced_secret(name, {
-            "metadata": {"name": secret},
-            "stringData": {"username": "postgres", "password": server.password},
-        })
+        await core.create_namespaced_secret(
+            name,
+            {
+                "metadata": {"name": secret},
+                "stringData": {"username": "postgres", "password": server.password},
+            },
+        )
     return name
 
 
-def stack_manifest(name: str, fresh: str, write_pg: Any, read_pg: Any, redis_url: str,
-                   **spec: Any) -> dict[str, Any]:
+def stack_manifest(
+    name: str, fresh: str, write_pg: Any, read_pg: Any, redis_url: str, **spec: Any
+) -> dict[str, Any]:
     """A CqrsStack on the test servers, with databases named after ``fresh``."""
     body: dict[str, Any] = {
         "image": {"repository": "cqrs-stack", "tag": "0.1.0"},
@@ -102,16 +112,28 @@ def stack_manifest(name: str, fresh: str, write_pg: Any, read_pg: Any, redis_url
         "readApi": {"replicas": 2},
         "projector": {"replicas": 1, "batchSize": 500},
         "databases": {
-            "write": {"host": "127.0.0.1", "port": write_pg.port, "adminSecret": ADMIN_SECRETS[0],
-                      "database": f"w_{fresh}"},
-            "read": {"host": "127.0.0.1", "port": read_pg.port, "adminSecret": ADMIN_SECRETS[1],
-                     "database": f"r_{fresh}"},
+            "write": {
+                "host": "127.0.0.1",
+                "port": write_pg.port,
+                "adminSecret": ADMIN_SECRETS[0],
+                "database": f"w_{fresh}",
+            },
+            "read": {
+                "host": "127.0.0.1",
+                "port": read_pg.port,
+                "adminSecret": ADMIN_SECRETS[1],
+                "database": f"r_{fresh}",
+            },
         },
         "redis": {"url": redis_url},
     }
     body.update(spec)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "CqrsStack",
-            "metadata": {"name": name}, "spec": body}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "CqrsStack",
+        "metadata": {"name": name},
+        "spec": body,
+    }
 
 
 class Stacks:
@@ -124,13 +146,15 @@ class Stacks:
 
     async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, manifest)
+            GROUP, VERSION, self.namespace, PLURAL, manifest
+        )
         return result
 
     async def get(self, name: str) -> dict[str, Any] | None:
         try:
             result: dict[str, Any] = await self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, name)
+                GROUP, VERSION, self.namespace, PLURAL, name
+            )
             return result
         except ApiException as exc:
             if exc.status == 404:
@@ -139,17 +163,26 @@ class Stacks:
 
     async def patch(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name, patch,
-            _content_type="application/merge-patch+json")
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            name,
+            patch,
+            _content_type="application/merge-patch+json",
+        )
         return result
 
     async def delete(self, name: str) -> None:
         await self.custom.delete_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, name)
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
 
-    async def wait_ready(self, name: str, operator: Operator | None = None,
-                         timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    async def wait_ready(
+        self, name: str, operator: Operator | None = None, timeout: float = READY_TIMEOUT
+    ) -> dict[str, Any]:
         """Wait until Ready is True for the current generation; return the object."""
+
         async def ready() -> dict[str, Any] | None:
             obj = await self.get(name)
             if obj is None:
@@ -161,11 +194,13 @@ class Stacks:
 
         alive = operator.exit_reason if operator else None
         result: dict[str, Any] = await wait_until(
-            ready, timeout=timeout, what=f"CqrsStack {name} Ready", alive=alive)
+            ready, timeout=timeout, what=f"CqrsStack {name} Ready", alive=alive
+        )
         return result
 
-    async def wait_gone(self, name: str, operator: Operator | None = None,
-                        timeout: float = READY_TIMEOUT) -> None:
+    async def wait_gone(
+        self, name: str, operator: Operator | None = None, timeout: float = READY_TIMEOUT
+    ) -> None:
         async def gone() -> bool:
             return await self.get(name) is None
 
@@ -184,8 +219,9 @@ def stacks(kube_api: client.ApiClient, namespace: str) -> Stacks:
 class Operator:
     """``cqrs-stack-operator`` as a subprocess; its log goes to a file."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log: Path,
-                 extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kubeconfig: Path, namespace: str, log: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log = log
@@ -193,12 +229,18 @@ class Operator:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Operator:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "CQRS_OPERATOR_STATUS_INTERVAL": "2", "CQRS_OPERATOR_RETRY_DELAY": "1"}
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            "CQRS_OPERATOR_STATUS_INTERVAL": "2",
+            "CQRS_OPERATOR_RETRY_DELAY": "1",
+        }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [str(OPERATOR_BIN), "--namespace", self.namespace, *self.extra_args],
-                stdout=out, stderr=subprocess.STDOUT, env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         return self
 
@@ -247,8 +289,9 @@ def operator_factory(tmp_path: Path) -> Iterator[Callable[..., Operator]]:
 
 
 @pytest.fixture
-def operator(operator_factory: Callable[..., Operator], kube_apiserver: Any,
-             namespace: str) -> Operator:
+def operator(
+    operator_factory: Callable[..., Operator], kube_apiserver: Any, namespace: str
+) -> Operator:
     """The operator, as admin, watching the test's namespace."""
     return operator_factory(kube_apiserver.kubeconfig, namespace)
 

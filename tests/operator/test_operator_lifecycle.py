@@ -38,12 +38,12 @@ async def children(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for comp in DEPLOYMENTS:
         out[f"Deployment/{name}-{comp}"] = await apps.read_namespaced_deployment(
-            f"{name}-{comp}", ns)
+            f"{name}-{comp}", ns
+        )
     for comp in SERVICES:
         out[f"Service/{name}-{comp}"] = await core.read_namespaced_service(f"{name}-{comp}", ns)
     out[f"ConfigMap/{name}-config"] = await core.read_namespaced_config_map(f"{name}-config", ns)
-    out[f"Secret/{name}-credentials"] = await core.read_namespaced_secret(
-        f"{name}-credentials", ns)
+    out[f"Secret/{name}-credentials"] = await core.read_namespaced_secret(f"{name}-credentials", ns)
     return {k: api.sanitize_for_serialization(v) for k, v in out.items()}
 
 
@@ -56,11 +56,16 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 async def test_create_provisions_databases_stream_and_children(
-    kube_api: client.ApiClient, stacks: Stacks, namespace: str, operator: Operator,
-    write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
 ) -> None:
-    await stacks.create(stack_manifest("orders", fresh_names, write_pg, read_pg,
-                                       redis_server.url))
+    await stacks.create(stack_manifest("orders", fresh_names, write_pg, read_pg, redis_server.url))
     stack = await stacks.wait_ready("orders", operator)
     status = stack["status"]
     assert status["phase"] == "Ready"
@@ -74,7 +79,8 @@ async def test_create_provisions_databases_stream_and_children(
     for key, obj in objs.items():
         refs = obj["metadata"]["ownerReferences"]
         assert [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in refs] == [
-            ("CqrsStack", "orders", stack["metadata"]["uid"], True)], key
+            ("CqrsStack", "orders", stack["metadata"]["uid"], True)
+        ], key
 
     # The role logs in with the Secret's password; both schemas are migrated.
     creds = secret_data(objs["Secret/orders-credentials"])
@@ -84,8 +90,12 @@ async def test_create_provisions_databases_stream_and_children(
         conn = await asyncpg.connect(server.url(db, role, password))
         try:
             assert await conn.fetchval("SELECT max(version) FROM schema_migrations") >= 1
-            assert await conn.fetchval(
-                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", db) == role
+            assert (
+                await conn.fetchval(
+                    "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", db
+                )
+                == role
+            )
         finally:
             await conn.close()
     assert creds["WRITE_DB_URL"] == write_pg.url(f"w_{fresh_names}", role, password)
@@ -107,13 +117,16 @@ async def test_create_provisions_databases_stream_and_children(
         assert container["args"][0] == comp
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert objs["ConfigMap/orders-config"]["data"]["EVENT_STREAM_NAME"] == "orders-events"
-    assert objs["Service/orders-read-api"]["spec"]["selector"][
-        "app.kubernetes.io/component"] == "read-api"
+    assert (
+        objs["Service/orders-read-api"]["spec"]["selector"]["app.kubernetes.io/component"]
+        == "read-api"
+    )
 
     # The password is nowhere but in the Secret: not in status, annotations, config, events.
     events = await client.CoreV1Api(kube_api).list_namespaced_event(namespace)
-    visible = json.dumps([stack, objs["ConfigMap/orders-config"],
-                          kube_api.sanitize_for_serialization(events)])
+    visible = json.dumps(
+        [stack, objs["ConfigMap/orders-config"], kube_api.sanitize_for_serialization(events)]
+    )
     assert password not in visible
     assert password not in operator.log_text()
 
@@ -126,18 +139,30 @@ async def test_create_provisions_databases_stream_and_children(
 
 
 async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
-    kube_api: client.ApiClient, stacks: Stacks, namespace: str, operator: Operator,
-    write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
 ) -> None:
-    await stacks.create(stack_manifest("shop", fresh_names, write_pg, read_pg,
-                                       redis_server.url))
+    await stacks.create(stack_manifest("shop", fresh_names, write_pg, read_pg, redis_server.url))
     await stacks.wait_ready("shop", operator)
     before = await children(kube_api, namespace, "shop")
 
-    await stacks.patch("shop", {"spec": {
-        "writeApi": {"replicas": 3}, "readApi": {"replicas": 4},
-        "projector": {"replicas": 2, "batchSize": 100}, "image": {"tag": "0.2.0"},
-    }})
+    await stacks.patch(
+        "shop",
+        {
+            "spec": {
+                "writeApi": {"replicas": 3},
+                "readApi": {"replicas": 4},
+                "projector": {"replicas": 2, "batchSize": 100},
+                "image": {"tag": "0.2.0"},
+            }
+        },
+    )
     await stacks.wait_ready("shop", operator)
     after = await children(kube_api, namespace, "shop")
     for comp, replicas in (("write-api", 3), ("read-api", 4), ("projector", 2)):
@@ -149,8 +174,10 @@ async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
         assert old_hash != new_hash  # the batch size changed the config: pods roll
     assert after["ConfigMap/shop-config"]["data"]["PROJECTOR_BATCH_SIZE"] == "100"
     # The password stays the same across reconciles.
-    assert (secret_data(after["Secret/shop-credentials"])["password"]
-            == secret_data(before["Secret/shop-credentials"])["password"])
+    assert (
+        secret_data(after["Secret/shop-credentials"])["password"]
+        == secret_data(before["Secret/shop-credentials"])["password"]
+    )
 
     # Trigger another reconcile with a change that renders nothing new: children untouched.
     versions = {k: v["metadata"]["resourceVersion"] for k, v in after.items()}
@@ -158,33 +185,43 @@ async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
 
     async def handled() -> bool:
         obj = await stacks.get("shop")
-        base = (obj or {}).get("metadata", {}).get("annotations", {}).get(
-            "cqrs.dev/last-handled-configuration", "")
+        base = (
+            (obj or {})
+            .get("metadata", {})
+            .get("annotations", {})
+            .get("cqrs.dev/last-handled-configuration", "")
+        )
         return "example.com/touch" in base
 
-    await wait_until(handled, timeout=30, what="reconcile of the annotation change",
-                     alive=operator.exit_reason)
+    await wait_until(
+        handled, timeout=30, what="reconcile of the annotation change", alive=operator.exit_reason
+    )
     again = await children(kube_api, namespace, "shop")
     assert {k: v["metadata"]["resourceVersion"] for k, v in again.items()} == versions
 
 
 async def test_drifted_replicas_are_restored(
-    kube_api: client.ApiClient, stacks: Stacks, namespace: str, operator: Operator,
-    write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
 ) -> None:
-    await stacks.create(stack_manifest("drift", fresh_names, write_pg, read_pg,
-                                       redis_server.url))
+    await stacks.create(stack_manifest("drift", fresh_names, write_pg, read_pg, redis_server.url))
     await stacks.wait_ready("drift", operator)
     apps = client.AppsV1Api(kube_api)
-    await apps.patch_namespaced_deployment("drift-read-api", namespace,
-                                           {"spec": {"replicas": 7}})
+    await apps.patch_namespaced_deployment("drift-read-api", namespace, {"spec": {"replicas": 7}})
 
     async def restored() -> bool:
         dep = await apps.read_namespaced_deployment("drift-read-api", namespace)
         return dep.spec.replicas == 2
 
-    await wait_until(restored, timeout=30, what="read-api replicas back to 2",
-                     alive=operator.exit_reason)
+    await wait_until(
+        restored, timeout=30, what="read-api replicas back to 2", alive=operator.exit_reason
+    )
 
 
 @pytest.mark.parametrize(
@@ -194,12 +231,18 @@ async def test_drifted_replicas_are_restored(
         ({"projector": {"batchSize": 0}}, "spec.projector.batchSize"),
         ({"deletionPolicy": "Destroy"}, "spec.deletionPolicy"),
         ({"redis": {}}, "spec.redis"),
-        ({"projector": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
-         "spec.projector.autoscaling.minReplicas"),
+        (
+            {"projector": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
+            "spec.projector.autoscaling.minReplicas",
+        ),
     ],
 )
 async def test_invalid_specs_are_refused_by_the_api_server(
-    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str, spec: dict[str, Any],
+    stacks: Stacks,
+    write_pg: Any,
+    read_pg: Any,
+    fresh_names: str,
+    spec: dict[str, Any],
     field: str,
 ) -> None:
     manifest = stack_manifest("bad", fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
@@ -213,15 +256,24 @@ async def test_invalid_specs_are_refused_by_the_api_server(
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda s: s["databases"]["write"].update(database="Bad-Name"),
-         "spec.databases.write.database"),
-        (lambda s: s["databases"]["read"].update(adminSecret="Not_Valid"),
-         "spec.databases.read.adminSecret"),
+        (
+            lambda s: s["databases"]["write"].update(database="Bad-Name"),
+            "spec.databases.write.database",
+        ),
+        (
+            lambda s: s["databases"]["read"].update(adminSecret="Not_Valid"),
+            "spec.databases.read.adminSecret",
+        ),
         (lambda s: s["databases"].pop("read"), "spec.databases.read"),
     ],
 )
 async def test_invalid_database_fields_are_refused(
-    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str, mutate: Any, field: str,
+    stacks: Stacks,
+    write_pg: Any,
+    read_pg: Any,
+    fresh_names: str,
+    mutate: Any,
+    field: str,
 ) -> None:
     manifest = stack_manifest("bad", fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
     mutate(manifest["spec"])
@@ -232,16 +284,21 @@ async def test_invalid_database_fields_are_refused(
 
 
 async def test_defaults_are_filled_by_the_api_server(
-    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str,
+    stacks: Stacks,
+    write_pg: Any,
+    read_pg: Any,
+    fresh_names: str,
 ) -> None:
-    manifest = stack_manifest("defaults", fresh_names, write_pg, read_pg,
-                              "redis://127.0.0.1:1/0")
+    manifest = stack_manifest("defaults", fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
     for key in ("image", "writeApi", "readApi", "projector"):
         manifest["spec"].pop(key)
     created = await stacks.create(manifest)
     spec = created["spec"]
-    assert spec["image"] == {"repository": "cqrs-stack", "tag": "0.1.0",
-                             "pullPolicy": "IfNotPresent"}
+    assert spec["image"] == {
+        "repository": "cqrs-stack",
+        "tag": "0.1.0",
+        "pullPolicy": "IfNotPresent",
+    }
     assert spec["projector"]["batchSize"] == 500
     assert spec["stream"]["consumerGroup"] == "projectors"
     assert spec["deletionPolicy"] == "Retain"
@@ -250,11 +307,20 @@ async def test_defaults_are_filled_by_the_api_server(
 
 @pytest.mark.parametrize("policy", ["Delete", "Retain"])
 async def test_delete_honours_the_deletion_policy(
-    stacks: Stacks, operator: Operator, write_pg: Any, read_pg: Any, redis_server: Any,
-    fresh_names: str, policy: str, namespace: str,
+    stacks: Stacks,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+    policy: str,
+    namespace: str,
 ) -> None:
-    await stacks.create(stack_manifest("gone", fresh_names, write_pg, read_pg,
-                                       redis_server.url, deletionPolicy=policy))
+    await stacks.create(
+        stack_manifest(
+            "gone", fresh_names, write_pg, read_pg, redis_server.url, deletionPolicy=policy
+        )
+    )
     stack = await stacks.wait_ready("gone", operator)
     assert "cqrs.dev/finalizer" in stack["metadata"]["finalizers"]
     role = f"cqrs_{namespace.replace('-', '_')}_gone"
@@ -274,7 +340,11 @@ async def test_delete_honours_the_deletion_policy(
 
 
 async def test_unreachable_database_is_reported_and_retried(
-    stacks: Stacks, operator: Operator, write_pg: Any, read_pg: Any, redis_server: Any,
+    stacks: Stacks,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
     fresh_names: str,
 ) -> None:
     from cqrs_stack.localservers import free_port
@@ -289,8 +359,9 @@ async def test_unreachable_database_is_reported_and_retried(
         db = conds.get("DatabasesReady", {})
         return obj if db.get("reason") == "DatabaseUnreachable" else None
 
-    obj = await wait_until(reported, timeout=30, what="DatabasesReady=False",
-                           alive=operator.exit_reason)
+    obj = await wait_until(
+        reported, timeout=30, what="DatabasesReady=False", alive=operator.exit_reason
+    )
     assert obj["status"]["phase"] == "Failed"
     assert conditions(obj)["Ready"]["status"] == "False"
     assert "cannot reach PostgreSQL" in conditions(obj)["DatabasesReady"]["message"]
@@ -301,8 +372,15 @@ async def test_unreachable_database_is_reported_and_retried(
 
 
 async def test_restart_in_the_middle_of_provisioning_converges(
-    kube_api: client.ApiClient, kube_apiserver: Any, stacks: Stacks, namespace: str,
-    operator_factory: Any, write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    stacks: Stacks,
+    namespace: str,
+    operator_factory: Any,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
 ) -> None:
     """Hold a lock on the stack's role so provisioning blocks; kill -9 the operator there."""
     role = f"cqrs_{namespace.replace('-', '_')}_restart"
@@ -314,8 +392,9 @@ async def test_restart_in_the_middle_of_provisioning_converges(
         await blocker.execute(f"ALTER ROLE {role} CONNECTION LIMIT 100")  # row lock held
 
         first = operator_factory(kube_apiserver.kubeconfig, namespace)
-        await stacks.create(stack_manifest("restart", fresh_names, write_pg, read_pg,
-                                           redis_server.url))
+        await stacks.create(
+            stack_manifest("restart", fresh_names, write_pg, read_pg, redis_server.url)
+        )
 
         async def operator_blocked() -> bool:
             # A fresh connection: inside the blocker's transaction the view is a snapshot.
@@ -323,16 +402,25 @@ async def test_restart_in_the_middle_of_provisioning_converges(
             try:
                 waiting = await probe.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                    "'cqrs-stack-operator' AND wait_event_type = 'Lock'")
+                    "'cqrs-stack-operator' AND wait_event_type = 'Lock'"
+                )
             finally:
                 await probe.close()
             return bool(waiting)
 
-        await wait_until(operator_blocked, timeout=30, what="operator blocked on the role",
-                         alive=first.exit_reason)
-        password = secret_data(kube_api.sanitize_for_serialization(
-            await client.CoreV1Api(kube_api).read_namespaced_secret(
-                "restart-credentials", namespace)))["password"]
+        await wait_until(
+            operator_blocked,
+            timeout=30,
+            what="operator blocked on the role",
+            alive=first.exit_reason,
+        )
+        password = secret_data(
+            kube_api.sanitize_for_serialization(
+                await client.CoreV1Api(kube_api).read_namespaced_secret(
+                    "restart-credentials", namespace
+                )
+            )
+        )["password"]
         first.kill()
         obj = await stacks.get("restart")
         assert obj is not None

@@ -32,9 +32,18 @@ RELEASE = "cqrs-rbac"
 
 def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
     """``helm template`` of the operator's ServiceAccount and RBAC, as the chart ships them."""
-    args = [str(helm_binary()), "template", RELEASE, str(CHART), "--namespace", namespace,
-            "--show-only", "templates/operator-serviceaccount.yaml",
-            "--show-only", "templates/operator-rbac.yaml"]
+    args = [
+        str(helm_binary()),
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--show-only",
+        "templates/operator-serviceaccount.yaml",
+        "--show-only",
+        "templates/operator-rbac.yaml",
+    ]
     for value in values:
         args += ["--set", value]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
@@ -72,14 +81,24 @@ def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
 
 def test_watch_namespaces_get_one_role_each() -> None:
     docs = render_operator_rbac("ops", "operator.watchNamespaces={a,b}")
-    roles = sorted((d["kind"], d["metadata"]["namespace"]) for d in docs
-                   if d["kind"] in ("Role", "RoleBinding"))
+    roles = sorted(
+        (d["kind"], d["metadata"]["namespace"])
+        for d in docs
+        if d["kind"] in ("Role", "RoleBinding")
+    )
     assert roles == [("Role", "a"), ("Role", "b"), ("RoleBinding", "a"), ("RoleBinding", "b")]
 
 
 async def test_operator_lifecycle_under_the_charts_service_account(
-    kube_api: client.ApiClient, kube_apiserver: Any, namespace: str, stacks: Stacks,
-    operator_factory: Any, write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str,
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    namespace: str,
+    stacks: Stacks,
+    operator_factory: Any,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
 ) -> None:
     docs = render_operator_rbac(namespace)
     await apply_rendered(kube_api, docs)
@@ -87,13 +106,15 @@ async def test_operator_lifecycle_under_the_charts_service_account(
     kubeconfig: Path = kube_apiserver.kubeconfig_for_token(token)
     operator = operator_factory(kubeconfig, namespace)
 
-    await stacks.create(stack_manifest("scoped", fresh_names, write_pg, read_pg,
-                                       redis_server.url, deletionPolicy="Delete"))
+    await stacks.create(
+        stack_manifest(
+            "scoped", fresh_names, write_pg, read_pg, redis_server.url, deletionPolicy="Delete"
+        )
+    )
     await stacks.wait_ready("scoped", operator)
     await stacks.patch("scoped", {"spec": {"readApi": {"replicas": 3}}})
     await stacks.wait_ready("scoped", operator)
-    dep = await client.AppsV1Api(kube_api).read_namespaced_deployment("scoped-read-api",
-                                                                      namespace)
+    dep = await client.AppsV1Api(kube_api).read_namespaced_deployment("scoped-read-api", namespace)
     assert dep.spec.replicas == 3
 
     await stacks.delete("scoped")
@@ -107,7 +128,9 @@ async def test_operator_lifecycle_under_the_charts_service_account(
 
 
 async def test_service_account_cannot_reach_beyond_its_namespace(
-    kube_api: client.ApiClient, kube_apiserver: Any, namespace: str,
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    namespace: str,
 ) -> None:
     docs = render_operator_rbac(namespace)
     await apply_rendered(kube_api, docs)
@@ -115,11 +138,13 @@ async def test_service_account_cannot_reach_beyond_its_namespace(
     other = f"{namespace}-other"
     core_admin = client.CoreV1Api(kube_api)
     await core_admin.create_namespace({"metadata": {"name": other}})
-    await core_admin.create_namespaced_secret(other, {"metadata": {"name": "private"},
-                                                      "stringData": {"k": "v"}})
+    await core_admin.create_namespaced_secret(
+        other, {"metadata": {"name": "private"}, "stringData": {"k": "v"}}
+    )
 
     sa_api = await config.new_client_from_config(
-        config_file=str(kube_apiserver.kubeconfig_for_token(token)))
+        config_file=str(kube_apiserver.kubeconfig_for_token(token))
+    )
     try:
         core, apps = client.CoreV1Api(sa_api), client.AppsV1Api(sa_api)
         # What it needs works...
@@ -132,11 +157,13 @@ async def test_service_account_cannot_reach_beyond_its_namespace(
             lambda: core.delete_namespace(other),
             lambda: core.delete_namespaced_secret("pg-write-admin", namespace),
             lambda: apps.delete_collection_namespaced_deployment(namespace),
-            lambda: core.create_namespaced_pod(namespace, {
-                "metadata": {"name": "p"},
-                "spec": {"containers": [{"name": "c", "image": "x"}]}}),
+            lambda: core.create_namespaced_pod(
+                namespace,
+                {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+            ),
             lambda: client.RbacAuthorizationV1Api(sa_api).create_namespaced_role(
-                namespace, {"metadata": {"name": "escalate"}, "rules": []}),
+                namespace, {"metadata": {"name": "escalate"}, "rules": []}
+            ),
             lambda: client.ApiextensionsV1Api(sa_api).list_custom_resource_definition(),
         ]
         for call in refused:

@@ -44,11 +44,19 @@ def local_command(container: Any, port: int) -> list[str]:
 
 
 async def test_rendered_workloads_serve_a_write_then_a_read(
-    kube_api: client.ApiClient, stacks: Stacks, namespace: str, operator: Operator,
-    write_pg: Any, read_pg: Any, redis_server: Any, fresh_names: str, tmp_path: Path,
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+    tmp_path: Path,
 ) -> None:
-    await stacks.create(stack_manifest("runnable", fresh_names, write_pg, read_pg,
-                                       redis_server.url))
+    await stacks.create(
+        stack_manifest("runnable", fresh_names, write_pg, read_pg, redis_server.url)
+    )
     await stacks.wait_ready("runnable", operator)
     apps = client.AppsV1Api(kube_api)
     ports: dict[str, int] = {}
@@ -60,14 +68,18 @@ async def test_rendered_workloads_serve_a_write_then_a_read(
             env = await resolved_env(kube_api, namespace, container)
             ports[component] = free_port()
             log = (tmp_path / f"{component}.log").open("wb")
-            processes.append(subprocess.Popen(
-                local_command(container, ports[component]),
-                env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **env},
-                stdout=log, stderr=subprocess.STDOUT,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    local_command(container, ports[component]),
+                    env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), **env},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
 
         async with httpx.AsyncClient(timeout=5) as http:
             for component, port in ports.items():
+
                 async def ready(port: int = port) -> bool:
                     try:
                         return (await http.get(f"http://127.0.0.1:{port}/ready")).status_code == 200
@@ -76,8 +88,9 @@ async def test_rendered_workloads_serve_a_write_then_a_read(
 
                 await wait_until(ready, timeout=30, what=f"{component} /ready")
 
-            written = await http.post(f"http://127.0.0.1:{ports['write-api']}/write",
-                                      json={"key": "k1", "value": "v1"})
+            written = await http.post(
+                f"http://127.0.0.1:{ports['write-api']}/write", json={"key": "k1", "value": "v1"}
+            )
             assert written.status_code == 200, written.text
 
             async def projected() -> dict[str, Any] | None:

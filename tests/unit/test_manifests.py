@@ -30,9 +30,11 @@ def by_name(objs):
 def test_workloads_are_three_deployments_and_two_services() -> None:
     objs = by_name(manifests.workloads(stack(), "abc", 2))
     assert set(objs) == {
-        ("Deployment", "orders-write-api"), ("Deployment", "orders-read-api"),
+        ("Deployment", "orders-write-api"),
+        ("Deployment", "orders-read-api"),
         ("Deployment", "orders-projector"),
-        ("Service", "orders-write-api"), ("Service", "orders-read-api"),
+        ("Service", "orders-write-api"),
+        ("Service", "orders-read-api"),
     }
     assert objs[("Deployment", "orders-write-api")]["spec"]["replicas"] == 2
     assert objs[("Deployment", "orders-read-api")]["spec"]["replicas"] == 3
@@ -51,19 +53,31 @@ def test_deployment_runs_the_component_hardened_with_probes() -> None:
     container = pod["spec"]["containers"][0]
     assert container["image"] == "cqrs-stack:0.1.0"
     assert container["command"] + container["args"] == [
-        "cqrs-stack", "projector", "--host", "0.0.0.0", "--port", "8000"]
+        "cqrs-stack",
+        "projector",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+    ]
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["resources"]["requests"]
     sc = container["securityContext"]
-    assert sc == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                  "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert sc == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     pod_sc = pod["spec"]["securityContext"]
     assert pod_sc["runAsNonRoot"] and pod_sc["runAsUser"] != 0
     assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert env == {k: {"name": "orders-credentials", "key": k}
-                   for k in ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")}
+    assert env == {
+        k: {"name": "orders-credentials", "key": k}
+        for k in ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")
+    }
     assert container["envFrom"] == [{"configMapRef": {"name": "orders-config"}}]
 
 
@@ -79,7 +93,8 @@ def test_credentials_secret_builds_urls_with_the_role() -> None:
     secret = manifests.credentials_secret(stack(), "p" * 20, "redis://r:6379/0")
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert data["WRITE_DB_URL"] == (
-        "postgresql://cqrs_shop_orders:" + "p" * 20 + "@pg-write.db:5432/shop_orders_write")
+        "postgresql://cqrs_shop_orders:" + "p" * 20 + "@pg-write.db:5432/shop_orders_write"
+    )
     assert data["READ_DB_URL"].endswith("@pg-read.db:5433/shop_orders_read")
     assert data["REDIS_URL"] == "redis://r:6379/0"
     assert data["username"] == "cqrs_shop_orders"
@@ -100,8 +115,12 @@ def test_image_tag_change_changes_the_pod_template() -> None:
 
 
 def test_projector_replicas_follow_lag_within_bounds() -> None:
-    auto = stack(projector={"replicas": 1, "autoscaling": {
-        "enabled": True, "minReplicas": 1, "maxReplicas": 5, "targetLag": 100}})
+    auto = stack(
+        projector={
+            "replicas": 1,
+            "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 5, "targetLag": 100},
+        }
+    )
     assert manifests.projector_replicas(auto, 0, None) == 1
     assert manifests.projector_replicas(auto, 250, 1) == 3
     assert manifests.projector_replicas(auto, 10**6, 1) == 5

@@ -49,7 +49,10 @@ def test_explicit_values_win() -> None:
     spec["databases"]["write"]["database"] = "w_db"
     stack = parse_spec(spec, namespace="ns", name="n")
     assert (stack.image, stack.projector.replicas, stack.projector.batch_size) == (
-        "registry.local/cqrs:1.2.3", 4, 50)
+        "registry.local/cqrs:1.2.3",
+        4,
+        50,
+    )
     assert (stack.stream_name, stack.consumer_group, stack.write_db.name) == ("custom", "g", "w_db")
     assert stack.deletion_policy == "Delete"
 
@@ -57,18 +60,26 @@ def test_explicit_values_win() -> None:
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda s: s["databases"]["write"].update(database="Bad-Name"),
-         "spec.databases.write.database"),
-        (lambda s: s["databases"]["read"].update(database='x"; DROP'),
-         "spec.databases.read.database"),
+        (
+            lambda s: s["databases"]["write"].update(database="Bad-Name"),
+            "spec.databases.write.database",
+        ),
+        (
+            lambda s: s["databases"]["read"].update(database='x"; DROP'),
+            "spec.databases.read.database",
+        ),
         (lambda s: s.update(projector={"replicas": 51}), "spec.projector.replicas"),
         (lambda s: s.update(projector={"batchSize": 0}), "spec.projector.batchSize"),
         (lambda s: s.update(deletionPolicy="Destroy"), "spec.deletionPolicy"),
-        (lambda s: s["databases"]["write"].update(adminSecret="Not_A_Secret"),
-         "spec.databases.write.adminSecret"),
+        (
+            lambda s: s["databases"]["write"].update(adminSecret="Not_A_Secret"),
+            "spec.databases.write.adminSecret",
+        ),
         (lambda s: s.update(redis={}), "spec.redis"),
-        (lambda s: s.update(projector={"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}),
-         "spec.projector.autoscaling.minReplicas"),
+        (
+            lambda s: s.update(projector={"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}),
+            "spec.projector.autoscaling.minReplicas",
+        ),
     ],
 )
 def test_invalid_specs_name_the_field(mutate, field: str) -> None:

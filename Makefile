@@ -1,0 +1,47 @@
+# cqrs-stack: the commands a developer and CI use. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## list the targets
+	@grep -hE '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/cqrs-stack: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+.PHONY: install
+install: $(BIN)/cqrs-stack ## create .venv with the project and its test tools
+
+.PHONY: run
+run: install ## run the whole stack locally (embedded PostgreSQL and Redis); Ctrl-C stops it
+	$(BIN)/cqrs-stack dev
+
+.PHONY: k8s-tools
+k8s-tools: ## build etcd, kube-apiserver, kubectl and helm from Go sources into .cache/bin (cached)
+	bash tests/tools/build-k8s-tools.sh
+
+.PHONY: test
+test: install k8s-tools ## run every test level that runs on this machine
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-services
+test-services: install ## unit and integration tests of the services only
+	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install ## ruff (lint + format check) and mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy services operator
+
+.PHONY: format
+format: install ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
