@@ -26,7 +26,6 @@ from tests.operator.fixtures_operator import (
 )
 
 # Server fixtures come from tests/conftest.py, kube_apiserver from tests/operator/conftest.py.
-pytest_plugins = ["tests.operator.fixtures_operator"]
 
 DEPLOYMENTS = ("write-api", "read-api", "projector")
 SERVICES = ("write-api", "read-api")

@@ -24,8 +24,6 @@ from tests.operator.fixtures_operator import (
     stack_manifest,
 )
 
-pytest_plugins = ["tests.operator.fixtures_operator"]
-
 CHART = ROOT / "charts" / "cqrs-stack"
 RELEASE = "cqrs-rbac"
 

@@ -17,8 +17,6 @@ from kubernetes_asyncio import client
 from cqrs_stack.localservers import free_port
 from tests.operator.fixtures_operator import Operator, Stacks, stack_manifest, wait_until
 
-pytest_plugins = ["tests.operator.fixtures_operator"]
-
 
 async def resolved_env(api: client.ApiClient, namespace: str, container: Any) -> dict[str, str]:
     """The container's environment as the kubelet would build it."""
