@@ -35,6 +35,26 @@ test: install k8s-tools ## run every test level that runs on this machine
 test-services: install ## unit and integration tests of the services only
 	$(BIN)/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
+.PHONY: dev-tools
+dev-tools: ## build skaffold and kind from Go sources into .cache/bin (cached)
+	bash tests/tools/build-dev-tools.sh
+
+.PHONY: kind-up
+kind-up: dev-tools ## create the kind cluster "cqrs" (KIND_NODE_IMAGE picks the node image)
+	bash tests/e2e/kind.sh up
+
+.PHONY: kind-down
+kind-down: dev-tools ## delete the kind cluster "cqrs"
+	bash tests/e2e/kind.sh down
+
+.PHONY: e2e
+e2e: install k8s-tools dev-tools ## end to end on kind: cluster up, images built+loaded, tests/e2e, cluster down
+	PYTHON=$(BIN)/python bash tests/e2e/kind.sh e2e $(PYTEST_ARGS)
+
+.PHONY: dev
+dev: k8s-tools dev-tools kind-up ## skaffold dev loop on kind: rebuild on save, APIs on localhost:8001/8002
+	PATH="$(CURDIR)/.cache/bin:$$PATH" skaffold dev --profile kind --port-forward
+
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .

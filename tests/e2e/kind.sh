@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The kind cluster of the dev loop and of `make e2e`.
+#
+#   kind.sh up     create the cluster (kept if it exists); context kind-$KIND_CLUSTER_NAME in
+#                  the default kubeconfig (for skaffold) and a standalone kubeconfig at
+#                  .cache/kind/$KIND_CLUSTER_NAME.kubeconfig (for the e2e suite)
+#   kind.sh load   load our images (and the dev database images, if Docker has them)
+#   kind.sh down   delete the cluster
+#   kind.sh e2e    build the images, up, load, run tests/e2e, down (whatever happened)
+#
+# Environment:
+#   KIND_CLUSTER_NAME   cluster name (default: cqrs)
+#   KIND_NODE_IMAGE     node image (default: kind's own, kindest/node, which must be pulled
+#                       unless Docker already has it)
+#   E2E_IMAGES          images to load (default: cqrs-stack:0.1.0 cqrs-stack-operator:0.1.0)
+#   E2E_EXTRA_IMAGES    more images to load when Docker has them (default: the chart's dev
+#                       PostgreSQL and Redis images)
+#   E2E_KEEP_CLUSTER    1: `e2e` leaves the cluster up
+#   E2E_REQUIRE_CLUSTER 1: `e2e` fails when no cluster can be made (default: the suite
+#                       runs and skips, saying why)
+#   PYTHON              the test interpreter (default: .venv/bin/python)
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+NAME=${KIND_CLUSTER_NAME:-cqrs}
+STATE=$REPO/.cache/kind
+KUBECONFIG_FILE=$STATE/$NAME.kubeconfig
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+IMAGES=${E2E_IMAGES:-cqrs-stack:0.1.0 cqrs-stack-operator:0.1.0}
+EXTRA_IMAGES=${E2E_EXTRA_IMAGES:-postgres:16 redis:7.2-alpine}
+export PATH=$REPO/.cache/bin:$PATH
+
+say() { echo "kind.sh: $*" >&2; }
+
+need_tools() {
+  command -v kind >/dev/null || { say "kind is not built: run make dev-tools"; exit 1; }
+  command -v docker >/dev/null || { say "docker is not installed"; exit 1; }
+  docker info >/dev/null 2>&1 || {
+    say "the Docker daemon is not running (start it, or run make images, which starts one)"
+    exit 1
+  }
+}
+
+exists() { kind get clusters 2>/dev/null | grep -qx "$NAME"; }
+
+# up: create the cluster; on failure, kind's last error line goes to $STATE/unavailable.
+up() {
+  need_tools
+  mkdir -p "$STATE"
+  rm -f "$STATE/unavailable"
+  if exists; then
+    say "cluster $NAME exists; using it"
+  else
+    local args=(create cluster --name "$NAME" --wait 180s)
+    [[ -n ${KIND_NODE_IMAGE:-} ]] && args+=(--image "$KIND_NODE_IMAGE")
+    if ! kind "${args[@]}" 2>&1 | tee "$STATE/create.log"; then
+      grep -E 'ERROR|failed' "$STATE/create.log" | tail -n 3 | tr '\n' ' ' >"$STATE/unavailable"
+      say "kind could not create cluster $NAME (log: $STATE/create.log)"
+      return 1
+    fi
+  fi
+  kind get kubeconfig --name "$NAME" >"$KUBECONFIG_FILE"
+  say "cluster $NAME up: context kind-$NAME, kubeconfig $KUBECONFIG_FILE"
+}
+
+load() {
+  local image
+  # shellcheck disable=SC2086 # lists of image names
+  kind load docker-image --name "$NAME" $IMAGES
+  for image in $EXTRA_IMAGES; do
+    if docker image inspect "$image" >/dev/null 2>&1; then
+      kind load docker-image --name "$NAME" "$image"
+    else
+      say "$image is not in Docker: the node pulls it (offline: pass E2E_HELM_ARGS to the chart)"
+    fi
+  done
+}
+
+down() {
+  need_tools
+  if exists; then kind delete cluster --name "$NAME"; fi
+  rm -f "$KUBECONFIG_FILE"
+}
+
+run_suite() {
+  "$PYTHON" -m pytest "$REPO/tests/e2e" -v -rs -p no:cacheprovider "$@"
+}
+
+e2e() {
+  "${MAKE:-make}" -C "$REPO" images
+  if ! up; then
+    local reason
+    reason="kind create cluster failed: $(cat "$STATE/unavailable" 2>/dev/null)"
+    if [[ ${E2E_REQUIRE_CLUSTER:-0} == 1 ]]; then
+      say "$reason"
+      exit 1
+    fi
+    E2E_NO_CLUSTER_REASON=$reason run_suite "$@"
+    return
+  fi
+  [[ ${E2E_KEEP_CLUSTER:-0} == 1 ]] || trap down EXIT
+  load
+  E2E_KUBECONFIG=$KUBECONFIG_FILE run_suite "$@"
+}
+
+case ${1:-} in
+  up) up ;;
+  load) need_tools; load ;;
+  down) down ;;
+  e2e) shift; e2e "$@" ;;
+  *) echo "usage: $0 up|load|down|e2e [pytest args]" >&2; exit 2 ;;
+esac
