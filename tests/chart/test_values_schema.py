@@ -1,0 +1,90 @@
+"""values.schema.json and the templates refuse bad values, naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.chart.chart import CHART, helm, render_error
+
+
+def test_schema_is_draft_07_and_closed() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["additionalProperties"] is False
+    for section in ("operator", "stack", "devDatabases", "ingress", "networkPolicy", "rbac"):
+        assert schema["properties"][section]["additionalProperties"] is False, section
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("stack.writeApi.replicas=-1", ["/stack/writeApi/replicas", "minimum"]),
+        ("stack.readApi.replicas=51", ["/stack/readApi/replicas", "maximum"]),
+        ("stack.projector.batchSize=0", ["/stack/projector/batchSize", "minimum"]),
+        ("stack.writeApi.replicas=two", ["/stack/writeApi/replicas", "integer"]),
+        ("operator.unknownKey=1", ["/operator", "unknownKey"]),
+        ("surprise=1", ["surprise"]),
+        ("stack.deletionPolicy=Sometimes", ["/stack/deletionPolicy"]),
+        ("operator.image.pullPolicy=Sometimes", ["/operator/image/pullPolicy"]),
+        ("operator.logLevel=verbose", ["/operator/logLevel"]),
+        ("stack.name=Not_A_Name", ["/stack/name"]),
+        ("operator.watchNamespaces={Bad_Ns}", ["/operator/watchNamespaces/0"]),
+        ("stack.databases.write.port=70000", ["/stack/databases/write/port", "maximum"]),
+        ("stack.databases.read.database=drop;table", ["/stack/databases/read/database"]),
+        ("stack.image.tag=bad tag!", ["/stack/image/tag"]),
+        ("stack.redis.url=http://redis", ["/stack/redis/url"]),
+        (
+            "devDatabases.postgresql.persistence.size=lots",
+            ["/devDatabases/postgresql/persistence/size"],
+        ),
+        ("ingress.host=Bad_Host", ["/ingress/host"]),
+        ("operator.resources.requests=null", ["/operator/resources"]),
+        ("devDatabases.redis.maxMemory=all", ["/devDatabases/redis/maxMemory"]),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(value: str, expected: list[str]) -> None:
+    error = render_error(value)
+    for text in expected:
+        assert text in error, error
+
+
+def test_helm_lint_refuses_bad_values_too() -> None:
+    done = helm("lint", str(CHART), "--set", "stack.projector.replicas=-3", check=False)
+    assert done.returncode != 0
+    assert "/stack/projector/replicas" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "expected"),
+    [
+        (["devDatabases.enabled=false"], "stack.databases.write.host is required"),
+        (
+            [
+                "devDatabases.enabled=false",
+                "stack.databases.write.host=pg",
+                "stack.databases.read.host=pg",
+            ],
+            "stack.databases.write.adminSecret is required",
+        ),
+        (
+            [
+                "devDatabases.enabled=false",
+                "stack.databases.write.host=pg",
+                "stack.databases.read.host=pg",
+                "stack.databases.write.adminSecret=a",
+                "stack.databases.read.adminSecret=a",
+            ],
+            "stack.redis.url or stack.redis.urlSecret is required",
+        ),
+        (
+            ["stack.redis.url=redis://r:6379/0", "stack.redis.urlSecret.name=r"],
+            "stack.redis: set url or urlSecret.name, not both",
+        ),
+        (["stack.redis.urlSecret.name=r"], "stack.redis.urlSecret.key is required"),
+        (["ingress.enabled=true", "stack.enabled=false"], "ingress.enabled needs stack.enabled"),
+    ],
+)
+def test_inconsistent_values_fail_with_a_clear_message(sets: list[str], expected: str) -> None:
+    assert expected in render_error(*sets)
