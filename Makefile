@@ -55,6 +55,11 @@ e2e: install k8s-tools dev-tools ## end to end on kind: cluster up, images built
 dev: k8s-tools dev-tools kind-up ## skaffold dev loop on kind: rebuild on save, APIs on localhost:8001/8002
 	PATH="$(CURDIR)/.cache/bin:$$PATH" skaffold dev --profile kind --port-forward
 
+.PHONY: chart
+chart: install k8s-tools ## helm lint (--strict) the chart and run its tests against a real kube-apiserver
+	.cache/bin/helm lint --strict charts/cqrs-stack
+	$(BIN)/python -m pytest tests/chart $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
