@@ -1,0 +1,76 @@
+# Source this: make a Docker engine reachable, starting a private one if none is.
+#
+#   source tests/images/docker-engine.sh
+#   docker_engine_up      # exports DOCKER_HOST; sets CQRS_DOCKERD_STARTED=1 if it started one
+#   docker_engine_down    # stops the engine only if docker_engine_up started it
+#
+# The private engine (Debian's docker.io) listens on unix:///run/cqrs-docker.sock, keeps its
+# images in /var/lib/cqrs-docker (so they survive restarts) and creates no bridge and no
+# iptables rules: containers use --network host. It never touches a system engine.
+
+CQRS_DOCKER_SOCK="${CQRS_DOCKER_SOCK:-/run/cqrs-docker.sock}"
+CQRS_DOCKER_ROOT="${CQRS_DOCKER_ROOT:-/var/lib/cqrs-docker}"
+CQRS_DOCKER_RUN="${CQRS_DOCKER_RUN:-/run/cqrs-docker}"
+CQRS_DOCKERD_LOG="${CQRS_DOCKERD_LOG:-$CQRS_DOCKER_RUN/dockerd.log}"
+DOCKER="${DOCKER:-docker}"
+
+docker_engine_reachable() {
+    "$DOCKER" version --format '{{.Server.Version}}' >/dev/null 2>&1
+}
+
+docker_engine_up() {
+    CQRS_DOCKERD_STARTED=0
+    if ! command -v "$DOCKER" >/dev/null; then
+        echo "docker: no docker client on PATH: apt-get install -y docker.io" >&2
+        return 1
+    fi
+    # An engine the caller points at (DOCKER_HOST) or the default socket: use it.
+    if docker_engine_reachable; then
+        return 0
+    fi
+    # Our private engine, maybe left running by an earlier build.
+    export DOCKER_HOST="unix://$CQRS_DOCKER_SOCK"
+    if docker_engine_reachable; then
+        return 0
+    fi
+    if ! command -v dockerd >/dev/null; then
+        echo "docker: no engine is reachable and dockerd is not installed:" \
+            "apt-get install -y docker.io" >&2
+        return 1
+    fi
+    if [[ "$(id -u)" != 0 ]]; then
+        echo "docker: no engine is reachable and starting dockerd needs root" >&2
+        return 1
+    fi
+    mkdir -p "$CQRS_DOCKER_ROOT" "$CQRS_DOCKER_RUN"
+    dockerd --host "unix://$CQRS_DOCKER_SOCK" --data-root "$CQRS_DOCKER_ROOT" \
+        --exec-root "$CQRS_DOCKER_RUN/exec" --pidfile "$CQRS_DOCKER_RUN/dockerd.pid" \
+        --iptables=false --ip6tables=false --bridge=none \
+        >"$CQRS_DOCKERD_LOG" 2>&1 &
+    local pid=$! waited=0
+    while ! docker_engine_reachable; do
+        if ! kill -0 "$pid" 2>/dev/null || ((waited >= 60)); then
+            echo "docker: dockerd did not start (log $CQRS_DOCKERD_LOG):" >&2
+            grep -E 'level=(error|fatal)|failed|Error' "$CQRS_DOCKERD_LOG" | tail -15 >&2 \
+                || tail -15 "$CQRS_DOCKERD_LOG" >&2
+            kill "$pid" 2>/dev/null || true
+            return 1
+        fi
+        sleep 0.5
+        waited=$((waited + 1))
+    done
+    CQRS_DOCKERD_STARTED=1
+    echo "docker: started dockerd (pid $pid) on $DOCKER_HOST"
+}
+
+docker_engine_down() {
+    [[ "${CQRS_DOCKERD_STARTED:-0}" == 1 ]] || return 0
+    local pidfile="$CQRS_DOCKER_RUN/dockerd.pid" pid
+    pid="$(cat "$pidfile" 2>/dev/null)" || return 0
+    kill "$pid" 2>/dev/null || return 0
+    for _ in $(seq 1 60); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.5
+    done
+    echo "docker: stopped dockerd (pid $pid)"
+}
