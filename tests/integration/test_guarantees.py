@@ -44,16 +44,29 @@ async def applied(stack: Stack) -> int:
 
 async def test_kill_9_projector_mid_batch_then_restart(stack: Stack) -> None:
     api = await stack.launch("api")
-    await write_many(api.url, 4000)
-    projector = await stack.launch("projector", PROJECTOR_BATCH_SIZE="20")
+    await write_many(api.url, 2000)
+    async with stack.read_engine.connect() as blocker:
+        # Hold the projector inside its batch transaction: ledger rows inserted, records not.
+        await blocker.execute(text("LOCK TABLE records IN EXCLUSIVE MODE"))
+        projector = await stack.launch(
+            "projector", PROJECTOR_BATCH_SIZE="50", PROJECTOR_CATCHUP_INTERVAL="3600"
+        )
 
-    async def some_applied() -> bool:
-        return await applied(stack) >= 100
+        async def stuck_mid_batch() -> bool:
+            waiting = await stack.scalar(
+                stack.read_engine,
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cqrs-projector'"
+                " AND wait_event_type = 'Lock' AND query LIKE '%applied_commands%'",
+            )
+            return bool(waiting)
 
-    await wait_until(some_applied, 20, "the projector to be mid-way")
-    projector.kill()
-    assert await applied(stack) < 4000, "the kill should land mid-backlog"
-    await stack.launch("projector", PROJECTOR_BATCH_SIZE="20")
+        await wait_until(stuck_mid_batch, 20, "the projector to block inside a batch")
+        projector.kill()
+        await blocker.rollback()
+    assert await applied(stack) == 0, "the killed batch must leave no trace"
+    pending = await stack.redis.xpending(stack.settings.event_stream_name, "projectors")
+    assert pending["pending"] > 0, "the killed consumer's entries stay pending"
+    await stack.launch("projector", PROJECTOR_BATCH_SIZE="50")
     await stack.assert_converges()
 
 
