@@ -147,9 +147,11 @@ class Cluster:
             [self.kubectl_bin, *self._target("--context"), *args], stdin, timeout, check
         )
 
-    def helm(self, *args: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+    def helm(
+        self, *args: str, timeout: float = 600.0, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         return self._run(
-            [self.helm_bin, *self._target("--kube-context"), *args], None, timeout, True
+            [self.helm_bin, *self._target("--kube-context"), *args], None, timeout, check
         )
 
     @staticmethod

@@ -69,37 +69,31 @@ def namespace(cluster: Cluster) -> Iterator[Namespace]:
 
 def tear_down(cluster: Cluster, namespace: str) -> None:
     """Stacks first (the operator must run their finalizers), then the release, then the
-    namespace. A stack stuck on its finalizer is released by hand so nothing is left behind,
-    and the run fails saying so."""
-    stuck = ""
+    namespace. Every step runs even if one before failed; a stack stuck on its finalizer is
+    released by hand so nothing is left behind, and the run fails saying what went wrong."""
+    problems = []
     done = cluster.kubectl(
-        "delete",
-        "cqrsstacks",
-        "--all",
-        "-n",
-        namespace,
-        "--wait",
-        "--timeout=180s",
-        check=False,
-        timeout=200,
+        "delete", "cqrsstacks", "--all", "-n", namespace, "--wait", "--timeout=180s",
+        check=False, timeout=200,
+    )  # fmt: skip
+    if done.returncode != 0:
+        problems.append(f"deleting the stacks did not finish: {done.stderr.strip()}")
+        cluster.kubectl(
+            "patch", "cqrsstacks", "--all", "-n", namespace, "--type=merge",
+            "-p", '{"metadata":{"finalizers":null}}', check=False,
+        )  # fmt: skip
+    done = cluster.helm(
+        "uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "180s", check=False
+    )
+    if done.returncode != 0 and "not found" not in done.stderr:
+        problems.append(f"helm uninstall: {done.stderr.strip()}")
+    done = cluster.kubectl(
+        "delete", "namespace", namespace, "--wait", "--timeout=300s", check=False, timeout=320
     )
     if done.returncode != 0:
-        stuck = f"deleting the stacks did not finish: {done.stderr.strip()}"
-        cluster.kubectl(
-            "patch",
-            "cqrsstacks",
-            "--all",
-            "-n",
-            namespace,
-            "--type=merge",
-            "-p",
-            '{"metadata":{"finalizers":null}}',
-            check=False,
-        )
-    cluster.helm("uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "180s")
-    cluster.kubectl("delete", "namespace", namespace, "--wait", "--timeout=300s", timeout=320)
-    if stuck:
-        raise ClusterError(stuck)
+        problems.append(f"deleting namespace {namespace}: {done.stderr.strip()}")
+    if problems:
+        raise ClusterError("; ".join(problems))
 
 
 @pytest.fixture(scope="session")
