@@ -60,6 +60,14 @@ chart: install k8s-tools ## helm lint (--strict) the chart and run its tests aga
 	.cache/bin/helm lint --strict charts/cqrs-stack
 	$(BIN)/python -m pytest tests/chart $(PYTEST_ARGS)
 
+.PHONY: images
+images: install ## build cqrs-stack:VERSION and cqrs-stack-operator:VERSION offline (starts dockerd if needed)
+	bash tests/images/build-images.sh
+
+.PHONY: test-images
+test-images: install k8s-tools ## build the images and run them against loopback PostgreSQL, Redis, kube-apiserver
+	$(BIN)/python -m pytest tests/images $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
