@@ -52,8 +52,8 @@ e2e: install k8s-tools dev-tools ## end to end on kind: cluster up, images built
 	PYTHON=$(BIN)/python bash tests/e2e/kind.sh e2e $(PYTEST_ARGS)
 
 .PHONY: dev
-dev: k8s-tools dev-tools kind-up ## skaffold dev loop on kind: rebuild on save, APIs on localhost:8001/8002
-	PATH="$(CURDIR)/.cache/bin:$$PATH" skaffold dev --profile kind --port-forward
+dev: k8s-tools dev-tools ## skaffold dev loop on kind: rebuild on save, APIs on localhost:8001/8002
+	bash tests/e2e/kind.sh dev
 
 .PHONY: chart
 chart: install k8s-tools ## helm lint (--strict) the chart and run its tests against a real kube-apiserver

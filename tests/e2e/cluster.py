@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_BIN = REPO_ROOT / ".cache" / "bin"
 CHART = REPO_ROOT / "charts" / "cqrs-stack"
-KIND_CLUSTER = os.environ.get("KIND_CLUSTER_NAME", "cqrs")
+PRIVATE_DOCKER_HOST = "unix:///run/cqrs-docker.sock"  # tests/images/docker-engine.sh
 
 T = TypeVar("T")
 
@@ -58,11 +58,18 @@ def kind_unavailable_reason() -> str:
     docker = find_tool("docker")
     if docker is None:
         return "docker is not installed"
-    info = _quick([docker, "info", "--format", "{{.ServerVersion}}"])
-    if info is None or info.returncode != 0:
-        return "the Docker daemon is not running"
+    # The engine DOCKER_HOST (or the default socket) names, else the private engine that
+    # tests/images/docker-engine.sh starts.
+    engine: list[str] = []
+    for candidate in ([], ["--host", PRIVATE_DOCKER_HOST]):
+        info = _quick([docker, *candidate, "version", "--format", "{{.Server.Version}}"])
+        if info is not None and info.returncode == 0:
+            engine = [docker, *candidate]
+            break
+    else:
+        return "no Docker engine is running"
     wanted = os.environ.get("KIND_NODE_IMAGE", "")
-    listing = _quick([docker, "image", "ls", "--format", "{{.Repository}}:{{.Tag}}"])
+    listing = _quick([*engine, "image", "ls", "--format", "{{.Repository}}:{{.Tag}}"])
     images = listing.stdout.split() if listing and listing.returncode == 0 else []
     if wanted and wanted not in images:
         return f"KIND_NODE_IMAGE={wanted} is not in the local Docker engine"

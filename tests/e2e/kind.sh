@@ -7,6 +7,10 @@
 #   kind.sh load   load our images (and the dev database images, if Docker has them)
 #   kind.sh down   delete the cluster
 #   kind.sh e2e    build the images, up, load, run tests/e2e, down (whatever happened)
+#   kind.sh dev    up, then `skaffold dev --profile kind --port-forward`
+#
+# Docker: a reachable engine, else the private one of tests/images/docker-engine.sh (started
+# here if needed; `e2e` stops it again if it started it, `up` and `dev` leave it running).
 #
 # Environment:
 #   KIND_CLUSTER_NAME   cluster name (default: cqrs)
@@ -29,16 +33,18 @@ PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 IMAGES=${E2E_IMAGES:-cqrs-stack:0.1.0 cqrs-stack-operator:0.1.0}
 EXTRA_IMAGES=${E2E_EXTRA_IMAGES:-postgres:16 redis:7.2-alpine}
 export PATH=$REPO/.cache/bin:$PATH
+# shellcheck source=tests/images/docker-engine.sh
+source "$REPO/tests/images/docker-engine.sh"
 
 say() { echo "kind.sh: $*" >&2; }
 
+# need_tools: kind, and a Docker engine (once: docker_engine_up forgets that it started
+# the engine when called again).
 need_tools() {
+  [[ -z ${TOOLS_READY:-} ]] || return 0
   command -v kind >/dev/null || { say "kind is not built: run make dev-tools"; exit 1; }
-  command -v docker >/dev/null || { say "docker is not installed"; exit 1; }
-  docker info >/dev/null 2>&1 || {
-    say "the Docker daemon is not running (start it, or run make images, which starts one)"
-    exit 1
-  }
+  docker_engine_up || { say "no Docker engine: kind cannot run"; exit 1; }
+  TOOLS_READY=1
 }
 
 exists() { kind get clusters 2>/dev/null | grep -qx "$NAME"; }
@@ -54,13 +60,17 @@ up() {
     local args=(create cluster --name "$NAME" --wait 180s)
     [[ -n ${KIND_NODE_IMAGE:-} ]] && args+=(--image "$KIND_NODE_IMAGE")
     if ! kind "${args[@]}" 2>&1 | tee "$STATE/create.log"; then
-      grep -E 'ERROR|failed' "$STATE/create.log" | tail -n 3 | tr '\n' ' ' >"$STATE/unavailable"
+      # kind's error, without the command it ran, and the daemon's answer.
+      grep -E '^ERROR|Error response' "$STATE/create.log" | tail -n 2 \
+        | sed -e 's/^ERROR: //; s/: command "[^"]*" failed with error: exit status [0-9]*//' \
+          -e 's/^Command Output: //' | paste -sd ' ' >"$STATE/unavailable"
       say "kind could not create cluster $NAME (log: $STATE/create.log)"
       return 1
     fi
   fi
   kind get kubeconfig --name "$NAME" >"$KUBECONFIG_FILE"
-  say "cluster $NAME up: context kind-$NAME, kubeconfig $KUBECONFIG_FILE"
+  say "cluster $NAME up: context kind-$NAME, kubeconfig $KUBECONFIG_FILE," \
+    "Docker at ${DOCKER_HOST:-the default socket}"
 }
 
 load() {
@@ -86,7 +96,15 @@ run_suite() {
   "$PYTHON" -m pytest "$REPO/tests/e2e" -v -rs -p no:cacheprovider "$@"
 }
 
+finish() {
+  [[ ${E2E_KEEP_CLUSTER:-0} == 1 ]] || down
+  docker_engine_down
+}
+
 e2e() {
+  need_tools
+  # The engine is ours (or the caller's) for the whole run: `make images` uses it too.
+  trap docker_engine_down EXIT
   "${MAKE:-make}" -C "$REPO" images
   if ! up; then
     local reason
@@ -98,15 +116,21 @@ e2e() {
     E2E_NO_CLUSTER_REASON=$reason run_suite "$@"
     return
   fi
-  [[ ${E2E_KEEP_CLUSTER:-0} == 1 ]] || trap down EXIT
+  trap finish EXIT
   load
   E2E_KUBECONFIG=$KUBECONFIG_FILE run_suite "$@"
 }
 
+dev() {
+  up
+  skaffold dev --profile kind --port-forward "$@"
+}
+
 case ${1:-} in
   up) up ;;
+  dev) shift; dev "$@" ;;
   load) need_tools; load ;;
   down) down ;;
   e2e) shift; e2e "$@" ;;
-  *) echo "usage: $0 up|load|down|e2e [pytest args]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|load|down|e2e [pytest args]|dev [skaffold args]" >&2; exit 2 ;;
 esac
