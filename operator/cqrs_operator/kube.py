@@ -42,12 +42,13 @@ async def read_secret(api: client.ApiClient, namespace: str, name: str) -> dict[
 
 
 def _patcher(api: client.ApiClient, kind: str) -> Callable[..., Awaitable[Any]]:
-    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
+    core, apps, policy = client.CoreV1Api(api), client.AppsV1Api(api), client.PolicyV1Api(api)
     return {
         "ConfigMap": core.patch_namespaced_config_map,
         "Secret": core.patch_namespaced_secret,
         "Service": core.patch_namespaced_service,
         "Deployment": apps.patch_namespaced_deployment,
+        "PodDisruptionBudget": policy.patch_namespaced_pod_disruption_budget,
     }[kind]
 
 

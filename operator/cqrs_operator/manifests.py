@@ -162,6 +162,7 @@ def _container(spec: StackSpec, component: str, settings: Component) -> dict[str
             "readOnlyRootFilesystem": True,
             "runAsNonRoot": True,
             "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -218,6 +219,24 @@ def service(spec: StackSpec, component: str) -> Manifest:
     }
 
 
+def pod_disruption_budget(spec: StackSpec, component: str) -> Manifest:
+    """Keep an API serving through voluntary disruptions (node drains, upgrades).
+
+    maxUnavailable 1 never blocks a drain of a single replica and keeps n-1 of n serving; it
+    lives here, not in the chart, because the operator owns and scales these Deployments.
+    """
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(spec, component, component),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(spec, component)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
 def projector_replicas(spec: StackSpec, lag: int | None, current: int | None) -> int:
     """Replicas of the projector: the spec's, or with autoscaling ceil(lag/targetLag) bounded.
 
@@ -234,7 +253,7 @@ def projector_replicas(spec: StackSpec, lag: int | None, current: int | None) ->
 
 
 def workloads(spec: StackSpec, config_digest: str, projector_count: int) -> list[Manifest]:
-    """The three Deployments and two Services of a stack, in apply order."""
+    """The three Deployments, two Services and the APIs' disruption budgets, in apply order."""
     replicas = {
         "write-api": spec.write_api.replicas,
         "read-api": spec.read_api.replicas,
@@ -242,4 +261,5 @@ def workloads(spec: StackSpec, config_digest: str, projector_count: int) -> list
     }
     out = [deployment(spec, c, replicas[c], config_digest) for c in COMPONENTS]
     out += [service(spec, c) for c in SERVED_COMPONENTS]
+    out += [pod_disruption_budget(spec, c) for c in SERVED_COMPONENTS]
     return out

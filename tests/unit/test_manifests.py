@@ -27,7 +27,7 @@ def by_name(objs):
     return {(o["kind"], o["metadata"]["name"]): o for o in objs}
 
 
-def test_workloads_are_three_deployments_and_two_services() -> None:
+def test_workloads_are_three_deployments_two_services_and_two_budgets() -> None:
     objs = by_name(manifests.workloads(stack(), "abc", 2))
     assert set(objs) == {
         ("Deployment", "orders-write-api"),
@@ -35,7 +35,14 @@ def test_workloads_are_three_deployments_and_two_services() -> None:
         ("Deployment", "orders-projector"),
         ("Service", "orders-write-api"),
         ("Service", "orders-read-api"),
+        ("PodDisruptionBudget", "orders-write-api"),
+        ("PodDisruptionBudget", "orders-read-api"),
     }
+    budget = objs[("PodDisruptionBudget", "orders-read-api")]["spec"]
+    assert budget["maxUnavailable"] == 1
+    assert budget["selector"]["matchLabels"] == (
+        objs[("Deployment", "orders-read-api")]["spec"]["selector"]["matchLabels"]
+    )
     assert objs[("Deployment", "orders-write-api")]["spec"]["replicas"] == 2
     assert objs[("Deployment", "orders-read-api")]["spec"]["replicas"] == 3
     assert objs[("Deployment", "orders-projector")]["spec"]["replicas"] == 2
@@ -69,6 +76,7 @@ def test_deployment_runs_the_component_hardened_with_probes() -> None:
         "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     pod_sc = pod["spec"]["securityContext"]
     assert pod_sc["runAsNonRoot"] and pod_sc["runAsUser"] != 0
