@@ -74,7 +74,7 @@ class Docker:
     ) -> subprocess.CompletedProcess[str]:
         """``docker ARGS``; a failure (with ``check``) fails the test with docker's output."""
         result = subprocess.run(
-            ["docker", *args],
+            [self.env.get("DOCKER", "docker"), *args],
             env=self.env,
             capture_output=True,
             text=True,
