@@ -28,7 +28,7 @@ k8s-tools: ## build etcd, kube-apiserver, kubectl and helm from Go sources into 
 	bash tests/tools/build-k8s-tools.sh
 
 .PHONY: test
-test: install k8s-tools ## run every test level that runs on this machine
+test: install k8s-tools dev-tools ## run every test level that runs on this machine
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: test-services
