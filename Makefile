@@ -68,6 +68,14 @@ images: install ## build cqrs-stack:VERSION and cqrs-stack-operator:VERSION offl
 test-images: install k8s-tools ## build the images and run them against loopback PostgreSQL, Redis, kube-apiserver
 	$(BIN)/python -m pytest tests/images $(PYTEST_ARGS)
 
+.PHONY: bench
+bench: install ## benchmark on real servers with reference points (minutes); table, .bench/results.{json,png}
+	$(BIN)/python -m tests.bench
+
+.PHONY: bench-quick
+bench-quick: install ## the benchmark in seconds: proves the harness works (CI, no thresholds)
+	$(BIN)/python -m tests.bench --quick
+
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
