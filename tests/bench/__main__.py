@@ -50,6 +50,7 @@ async def run_phases(bench: Bench) -> None:
     """The bounded phases, in order."""
     await bench.connect()
     try:
+        await bench.framework_ceiling()
         await bench.writes()
         await bench.reads()
         await bench.projection_drain()

@@ -113,6 +113,18 @@ class Bench:
 
     # -- phases --------------------------------------------------------------------------
 
+    async def framework_ceiling(self) -> None:
+        """GET /health at 64 clients: what one API process answers with no database at all."""
+        result = await closed_loop(
+            self.api.port,
+            64,
+            max(2.0, self.plan.read_seconds / 3),
+            lambda c, i: ("GET", "/health", b""),
+        )
+        self.monitor.mark("ceiling")
+        self.results["api_ceiling"] = summary(result)
+        print(f"bench: /health ceiling c=64: {self.results['api_ceiling']}", file=sys.stderr)
+
     async def writes(self) -> None:
         """Closed-loop writes at 1, 16 and 64 clients; /health probed during 64."""
         figures = {}

@@ -80,6 +80,16 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             x.get("p50_latency_ms", ""),
             x.get("p99_latency_ms", ""),
         )
+    ceiling = results["api_ceiling"]
+    add(
+        "API GET /health/s c=64 (no DB)",
+        ceiling["rate"],
+        "-",
+        None,
+        ceiling["p50_ms"],
+        ceiling["p99_ms"],
+        "one uvicorn worker's own ceiling on this machine",
+    )
     for clients, figure in results["writes"].items():
         add(
             f"writes/s c={clients}",
