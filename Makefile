@@ -76,6 +76,14 @@ bench: install ## benchmark on real servers with reference points (minutes); tab
 bench-quick: install ## the benchmark in seconds: proves the harness works (CI, no thresholds)
 	$(BIN)/python -m tests.bench --quick
 
+.PHONY: fuzz
+fuzz: install ## fuzz both live APIs from their OpenAPI schema + hostile input (FUZZ_MAX_EXAMPLES, FUZZ_MAX_TIME)
+	$(BIN)/python -m pytest tests/fuzz $(PYTEST_ARGS)
+
+.PHONY: soak
+soak: install ## chaos soak: load while processes are killed and restarted, then the invariants (SOAK_SECONDS=300)
+	$(BIN)/python -m tests.soak --seconds $(or $(SOAK_SECONDS),300)
+
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .
