@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .config import Settings, async_database_url
@@ -32,3 +37,24 @@ def write_engine(settings: Settings, role: str) -> AsyncEngine:
 def read_engine(settings: Settings, role: str) -> AsyncEngine:
     """Engine on the read DB, named after the process role in pg_stat_activity."""
     return create_engine(settings.read_db_url, settings, application_name=f"cqrs-{role}")
+
+
+@asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """Check out a pooled connection and hand over its asyncpg connection (the hot paths).
+
+    asyncpg prepares each statement once per connection and skips SQLAlchemy's per-call work;
+    a statement outside an explicit transaction is its own transaction (autocommit). Errors
+    are raised as SQLAlchemy's (``OperationalError`` for a lost connection, which is then
+    dropped from the pool), so the callers' and the app's error handling stays the same.
+    """
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
+        try:
+            yield driver
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+            await conn.invalidate()
+            raise OperationalError("asyncpg", None, exc, connection_invalidated=True) from exc
+        except asyncpg.PostgresError as exc:
+            raise DBAPIError("asyncpg", None, exc) from exc  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import asyncpg
 from sqlalchemy import BigInteger, DateTime, String, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -42,10 +43,11 @@ def project(commands: Iterable[Command]) -> dict[str, RecordState]:
     return model
 
 
-_APPLY = text(
-    """
+# The set-based projection of a batch. Placeholders are filled in for SQLAlchemy (:name) or
+# for asyncpg ($n); {progress} adds the consumer's progress row to the same statement.
+_APPLY_SQL = """
     WITH incoming AS (
-        SELECT * FROM unnest(:positions, :keys, :values, :times)
+        SELECT * FROM unnest({positions}, {keys}, {values}, {times})
             AS t(position, key, value, created_at)
     ),
     fresh AS (
@@ -84,13 +86,40 @@ _APPLY = text(
             write_count = r.write_count + excluded.write_count
         RETURNING 1
     )
+    {progress}
     SELECT (SELECT count(*) FROM applied), (SELECT count(*) FROM upserted)
-    """
+"""
+
+_PROGRESS_CTE = """,
+    progress AS (
+        INSERT INTO projector_consumers AS c (consumer, events_projected, last_position,
+                                              last_event_at)
+        SELECT $5, count(*), max(position), max(created_at) FROM applied HAVING count(*) > 0
+        ON CONFLICT (consumer) DO UPDATE SET
+            events_projected = c.events_projected + excluded.events_projected,
+            last_position = greatest(c.last_position, excluded.last_position),
+            last_event_at = greatest(c.last_event_at, excluded.last_event_at),
+            updated_at = now()
+    )"""
+
+_APPLY = text(
+    _APPLY_SQL.format(
+        positions=":positions", keys=":keys", values=":values", times=":times", progress=""
+    )
 ).bindparams(
     bindparam("positions", type_=ARRAY(BigInteger)),
     bindparam("keys", type_=ARRAY(String)),
     bindparam("values", type_=ARRAY(String)),
     bindparam("times", type_=ARRAY(DateTime(timezone=True))),
+)
+
+# The projector's hot path: one statement, so one round trip and its own transaction.
+_APPLY_WITH_PROGRESS = _APPLY_SQL.format(
+    positions="$1::bigint[]",
+    keys="$2::text[]",
+    values="$3::text[]",
+    times="$4::timestamptz[]",
+    progress=_PROGRESS_CTE,
 )
 
 _RECORD_PROGRESS = text(
@@ -138,4 +167,26 @@ async def apply_commands(conn: AsyncConnection, commands: Sequence[Command], con
                 "event_at": newest.created_at,
             },
         )
+    return int(applied)
+
+
+async def apply_commands_alone(
+    conn: asyncpg.Connection, commands: Sequence[Command], consumer: str
+) -> int:
+    """Apply commands and record ``consumer``'s progress in one statement (its own transaction).
+
+    The same effect as ``apply_commands`` followed by a commit, in one round trip.
+    """
+    unique = {c.position: c for c in commands}
+    if not unique:
+        return 0
+    ordered = [unique[p] for p in sorted(unique)]
+    applied, _ = await conn.fetchrow(
+        _APPLY_WITH_PROGRESS,
+        [c.position for c in ordered],
+        [c.key for c in ordered],
+        [c.value for c in ordered],
+        [c.created_at for c in ordered],
+        consumer,
+    )
     return int(applied)

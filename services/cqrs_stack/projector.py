@@ -27,8 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import events, stream, write_db
 from .config import Settings
+from .db import driver_connection
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
-from .projection import apply_commands
+from .projection import apply_commands, apply_commands_alone
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,9 @@ class Projector:
             self.settings.event_stream_name,
             self.settings.consumer_group,
         )
-        next_claim = next_sweep = 0.0
+        # The stream is the fast path: the first sweep of the write DB comes one interval in.
+        next_claim = 0.0
+        next_sweep = time.monotonic() + self.settings.projector_catchup_interval
         backoff = 0.1
         group_ready = False
         while not stopping.is_set():
@@ -197,8 +200,8 @@ class Projector:
     async def apply(self, commands: Sequence[events.Command], source: str) -> int:
         """Apply commands in one read-DB transaction; return how many were new."""
         started = time.perf_counter()
-        async with self.read_engine.begin() as conn:
-            applied = await apply_commands(conn, commands, self.consumer)
+        async with driver_connection(self.read_engine) as conn:
+            applied = await apply_commands_alone(conn, commands, self.consumer)
         PROJECTION_BATCH_SECONDS.observe(time.perf_counter() - started)
         EVENTS_PROJECTED.labels(source).inc(applied)
         DUPLICATES_SKIPPED.inc(len(commands) - applied)

@@ -12,13 +12,13 @@ from sqlalchemy import BigInteger, String, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .db import driver_connection
 from .metrics import READ_COUNTS_FLUSHED
 
 log = logging.getLogger(__name__)
 
-_GET_RECORD = text(
-    "SELECT key, value, created_at, updated_at, read_count, write_count"
-    " FROM records WHERE key = :key"
+_GET_RECORD = (
+    "SELECT key, value, created_at, updated_at, read_count, write_count FROM records WHERE key = $1"
 )
 
 _ADD_READ_COUNTS = text(
@@ -31,19 +31,20 @@ _ADD_READ_COUNTS = text(
 
 
 async def get_record(engine: AsyncEngine, key: str) -> dict[str, Any] | None:
-    """Return the record of ``key`` as a dict, or None; a plain autocommit read, no locks."""
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        row = (await conn.execute(_GET_RECORD, {"key": key})).mappings().first()
+    """Return the record of ``key`` as a dict, or None; a plain autocommit read, no locks.
+
+    The hot path: one prepared statement on the asyncpg connection, no transaction.
+    """
+    async with driver_connection(engine) as conn:
+        row = await conn.fetchrow(_GET_RECORD, key)
     return dict(row) if row else None
 
 
 async def position_applied(engine: AsyncEngine, position: int) -> bool:
     """Has the command at ``position`` been applied to the read model?"""
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
-        found = await conn.scalar(
-            text("SELECT 1 FROM applied_commands WHERE command_id = :p"), {"p": position}
+    async with driver_connection(engine) as conn:
+        found = await conn.fetchval(
+            "SELECT 1 FROM applied_commands WHERE command_id = $1", position
         )
     return found is not None
 

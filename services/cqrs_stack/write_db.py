@@ -4,23 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import BigInteger, String, bindparam, text
+from sqlalchemy import BigInteger, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .db import driver_connection
 from .events import Command
 
-_INSERT_COMMANDS = text(
-    """
+# One statement, hence one round trip and one commit (autocommit) per group of commands.
+_INSERT_COMMANDS = """
     INSERT INTO commands (key, value, event_type)
-    SELECT * FROM unnest(:keys, :values, :types)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
     RETURNING id, key, value, event_type, created_at
-    """
-).bindparams(
-    bindparam("keys", type_=ARRAY(String)),
-    bindparam("values", type_=ARRAY(String)),
-    bindparam("types", type_=ARRAY(String)),
-)
+"""
 
 _MARK_PUBLISHED = text(
     "UPDATE commands SET published = true WHERE id = ANY(:ids) AND NOT published"
@@ -45,19 +41,30 @@ def _command(row: Sequence[object]) -> Command:
 
 
 async def insert_commands(
-    engine: AsyncEngine, items: Sequence[tuple[str, str, str]]
+    engine: AsyncEngine,
+    items: Sequence[tuple[str, str, str]],
 ) -> list[Command]:
     """Store (key, value, event_type) items in one transaction; return them with positions.
 
-    The result is in the order of ``items``: the sequence hands out ids in the order unnest
-    produces rows, so sorting by id restores the input order whatever RETURNING does.
+    One statement on the asyncpg connection, its own transaction. The result is in the order
+    of ``items``: the sequence hands out ids in the order unnest produces rows, so sorting by
+    id restores the input order whatever RETURNING does.
     """
     keys, values, types = (list(column) for column in zip(*items, strict=True))
-    async with engine.begin() as conn:
-        rows = await conn.execute(
-            _INSERT_COMMANDS, {"keys": keys, "values": values, "types": types}
-        )
-        return sorted((_command(row) for row in rows), key=lambda c: c.position)
+    async with driver_connection(engine) as conn:
+        rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types)
+    return sorted((Command(*row) for row in rows), key=lambda c: c.position)
+
+
+async def mark_published_now(engine: AsyncEngine, positions: Sequence[int]) -> None:
+    """Record, in a statement of its own, that these commands' events reached the stream."""
+    if positions:
+        async with driver_connection(engine) as conn:
+            await conn.execute(
+                "UPDATE commands SET published = true WHERE id = ANY($1::bigint[])"
+                " AND NOT published",
+                list(positions),
+            )
 
 
 async def mark_published(conn: AsyncConnection, positions: Sequence[int]) -> None:

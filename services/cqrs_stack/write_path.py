@@ -126,8 +126,7 @@ class CommandWriter:
 
     async def _mark(self, positions: list[int]) -> None:
         try:
-            async with self._engine.begin() as conn:
-                await write_db.mark_published(conn, positions)
+            await write_db.mark_published_now(self._engine, positions)
         except Exception as exc:
             log.warning("marking published failed count=%d error=%s", len(positions), exc)
 
