@@ -186,8 +186,14 @@ build_kubernetes() {
     report kubectl "skipped (K8S_TOOLS_KUBECTL=0)"
   fi
   ((${#want[@]})) || return 0
+  build_k8s_commands "${want[@]}"
+}
 
-  local dir gomod staging_version
+# build_k8s_commands TOOL...: build k8s.io/kubernetes/cmd/TOOL for each TOOL from one
+# wrapper module (they share the module graph), stamped "TOOL k8s.io/kubernetes VERSION".
+# tests/cluster/build-node-tools.sh sources this file to build the node binaries too.
+build_k8s_commands() {
+  local want=("$@") tool dir gomod staging_version
   dir=$(new_wrapper kubernetes)
   gomod=$(go_mod_of "$dir" "$K8S_MODULE@$K8S_VERSION")
   # Staging modules are published as k8s.io/X v0.MINOR.PATCH for kubernetes v1.MINOR.PATCH.
@@ -258,6 +264,9 @@ build_helm() {
 }
 
 # ---- main --------------------------------------------------------------------------
+# Sourced (by tests/cluster/build-node-tools.sh): only the functions and pins above.
+[[ ${BASH_SOURCE[0]} == "$0" ]] || return 0
+
 ASSETS_OK=0
 if [[ -n ${KUBEBUILDER_ASSETS:-} ]]; then
   if [[ -x $KUBEBUILDER_ASSETS/etcd && -x $KUBEBUILDER_ASSETS/kube-apiserver ]]; then
