@@ -14,11 +14,12 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, figures, metrics, read_api, write_api
 from .config import Settings
-from .models import HealthResponse, ReadinessResponse, StatsResponse
+from .models import ErrorResponse, HealthResponse, ReadinessResponse, StatsResponse
 from .resources import Resources, Role, close_resources, open_resources
 
 
@@ -74,7 +75,12 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
         body = ReadinessResponse(status="ready" if ok else "not ready", checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
-    @app.get("/stats", response_model=StatsResponse, tags=["operations"])
+    @app.get(
+        "/stats",
+        response_model=StatsResponse,
+        tags=["operations"],
+        responses={503: {"model": ErrorResponse}},
+    )
     async def stats(request: Request) -> dict[str, Any]:
         """Counts, publishing and projection lag, computed from durable state."""
         resources = _resources(request)
@@ -89,11 +95,17 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
         return Response(body, media_type=content_type)
 
 
-def _error(status: int, error: str, message: str, detail: Any = None) -> JSONResponse:
+def _error(
+    status: int,
+    error: str,
+    message: str,
+    detail: Any = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"success": False, "error": error, "message": message}
     if detail is not None:
         body["detail"] = jsonable_encoder(detail)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _describe(errors: list[dict[str, Any]]) -> str:
@@ -104,14 +116,25 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path accepts, over all routes (a route match may be PARTIAL)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {k: v for k, v in err.items() if k in ("type", "loc", "msg")} for err in exc.errors()
         ]
-        if any(err.get("type") == "json_invalid" for err in errors):
-            return _error(400, "malformed_json", "the body is not valid JSON", errors)
+        for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                why = (err.get("ctx") or {}).get("error", "")
+                return _error(400, "malformed_json", f"the body is not valid JSON: {why}", errors)
         return _error(422, "invalid_request", _describe(errors), errors)
 
     @app.exception_handler(StarletteHTTPException)
@@ -122,7 +145,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             413: "too_large",
             415: "unsupported_media_type",
         }
-        return _error(exc.status_code, names.get(exc.status_code, "http_error"), str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # RFC 9110: a 405 lists every method of the path (POST and PUT /write are two routes).
+            headers["Allow"] = _allowed_methods(request)
+        error = names.get(exc.status_code, "http_error")
+        return _error(exc.status_code, error, str(exc.detail), headers=headers)
 
     @app.exception_handler(DBAPIError)
     async def database_down(request: Request, exc: DBAPIError) -> JSONResponse:

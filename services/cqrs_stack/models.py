@@ -2,12 +2,69 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.convertors import Convertor, register_url_convertor
 
 MAX_KEY_LENGTH = 255
+
+
+class KeyConvertor(Convertor[str]):
+    """``{key:key}`` in a route: the rest of the path, any character included.
+
+    Starlette's ``path`` convertor is ``.*``, which stops at a newline: a key written with a
+    newline could then never be read back (404). A key may hold any character but NUL.
+    """
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("key", KeyConvertor())
+
+
+class _StrictJSONError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name, item in pairs:
+        if name in found:
+            # Last-one-wins would let a proxy or a log see one key and the store another.
+            raise _StrictJSONError(f"duplicate key {name[:100]!r} in a JSON object")
+        found[name] = item
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    raise _StrictJSONError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Parse a request body as strict JSON (RFC 8259): UTF-8, unique keys, no NaN/Infinity.
+
+    Every refusal is a ``json.JSONDecodeError`` whose message says what is wrong, so that it
+    answers 400 ``malformed_json`` like any other syntax error.
+    """
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError:
+        raise
+    except _StrictJSONError as exc:
+        raise json.JSONDecodeError(str(exc), "", 0) from None
+    except UnicodeDecodeError as exc:
+        raise json.JSONDecodeError("the body is not valid UTF-8", "", exc.start) from None
+    except RecursionError:
+        raise json.JSONDecodeError("JSON nested too deeply", "", 0) from None
 
 
 def _no_nul(value: str) -> str:
@@ -21,8 +78,24 @@ def _no_nul(value: str) -> str:
     return value
 
 
-Key = Annotated[str, Field(min_length=1, max_length=MAX_KEY_LENGTH), AfterValidator(_no_nul)]
-Value = Annotated[str, AfterValidator(_no_nul)]
+# Declared in the OpenAPI schema too (a client or fuzzer must know NUL is refused); checked by
+# _no_nul, whose message is clearer than a pattern mismatch.
+_NO_NUL = {"pattern": "^[^\\u0000]*$"}
+Key = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_KEY_LENGTH,
+        json_schema_extra=_NO_NUL,
+        description="1 to 255 characters, any but NUL; read it back percent-encoded",
+    ),
+    AfterValidator(_no_nul),
+]
+Value = Annotated[
+    str,
+    Field(json_schema_extra=_NO_NUL, description="Any text but NUL, up to MAX_VALUE_BYTES"),
+    AfterValidator(_no_nul),
+]
 
 
 class WriteRequest(BaseModel):

@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.routing import APIRoute
 
 from .events import RECORD_CREATED, RECORD_UPDATED
-from .models import ErrorResponse, WriteRequest, WriteResponse
+from .models import ErrorResponse, WriteRequest, WriteResponse, parse_json_body
 from .resources import Resources
 from .write_path import WriteResult
 
-router = APIRouter(tags=["write"])
+
+class _StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """A route whose JSON body is parsed strictly: duplicate keys or NaN answer 400."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+router = APIRouter(tags=["write"], route_class=StrictJSONRoute)
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse},
