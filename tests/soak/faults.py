@@ -97,6 +97,16 @@ async def redis_restart_wiped(cluster: Cluster, number: int) -> str:
     return f"Redis down {OUTAGE_SECONDS:.0f}s, restarted empty"
 
 
+async def redis_flushall(cluster: Cluster, number: int) -> str:
+    """FLUSHALL with every client connected: stream, group and dead letters vanish under them.
+
+    Unlike a restart, connections stay open: a projector blocked in XREADGROUP is answered
+    with an error (Redis 7: "UNBLOCKED the stream key no longer exists"), not a disconnect.
+    """
+    await cluster.stack.redis.flushall()
+    return "FLUSHALL while connected"
+
+
 async def write_pg_restart(cluster: Cluster, number: int) -> str:
     """Fast shutdown of the write PostgreSQL server, then start it on the same data and port."""
     await _restart(cluster.write_pg.stop, cluster.write_pg.start)
@@ -137,7 +147,7 @@ class FaultFailed(AssertionError):
 
 Fault = Callable[[Cluster, int], Awaitable[str]]
 
-# One cycle of the schedule. The poison comes after the Redis restart, so the one injected
+# One cycle of the schedule. The poison comes after the Redis wipes, so the one injected
 # last is still in the dead-letter stream at the end.
 SCHEDULE: list[tuple[str, Fault]] = [
     ("projector kill -9", projector_kill9),
@@ -145,6 +155,10 @@ SCHEDULE: list[tuple[str, Fault]] = [
     ("Redis restart, data gone", redis_restart_wiped),
     ("projector SIGSTOP", projector_sigstop),
     ("write DB restart", write_pg_restart),
+    ("Redis FLUSHALL", redis_flushall),
     ("read DB restart", read_pg_restart),
     ("poison event", poison_event),
 ]
+
+# Faults after which the dead-letter stream is empty again.
+WIPES_REDIS = {redis_restart_wiped, redis_flushall}

@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from cqrs_stack.verify import differences
 
 from .cluster import Cluster, start_cluster, stop_cluster
-from .faults import POISON, SCHEDULE, FaultFailed, redis_restart_wiped
+from .faults import POISON, SCHEDULE, WIPES_REDIS, FaultFailed
 from .load import Load, Tally
 
 FAULT_EVERY = 20.0  # seconds between faults in a long run
@@ -106,7 +106,8 @@ async def run_faults(
     cluster: Cluster, load: Load, applied: Applied, seconds: float, started: float
 ) -> tuple[list[FaultResult], int]:
     """Run the fault schedule over ``seconds``; return the results and the expected dead letters."""
-    count = max(len(SCHEDULE), int(seconds // FAULT_EVERY))
+    # Whole cycles only, so that the run ends with its poison event after the last wipe.
+    count = len(SCHEDULE) * max(1, round(seconds / FAULT_EVERY / len(SCHEDULE)))
     spacing = seconds / (count + 1)
     results: list[FaultResult] = []
     poisons_since_wipe = 0
@@ -125,7 +126,7 @@ async def run_faults(
             note, failure = "could not inject", f"{type(exc).__name__}: {exc}"
         result = FaultResult(at, kind, note, failure=failure)
         results.append(result)
-        if fault is redis_restart_wiped:
+        if fault in WIPES_REDIS:
             poisons_since_wipe = 0
         if kind == "poison event" and failure is None:
             poisons_since_wipe += 1
