@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Build the images the chart runs on the local cluster and import them into its containerd
+# (namespace k8s.io), where the kubelet finds them: nothing is ever pulled.
+#   cqrs-stack:VERSION, cqrs-stack-operator:VERSION  tests/images/build-images.sh (offline base)
+#   cqrs-stack-postgresql:15, cqrs-stack-redis:7      tests/cluster/images/*.Dockerfile: the
+#       offline base plus Debian's postgresql-15 / redis-server, with the interface of the
+#       official images that the chart assumes (values-local.yaml selects them)
+# Uses the Docker engine that tests/images/docker-engine.sh finds or starts (stopped again).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source tests/images/docker-engine.sh
+
+SOCK=${CQRS_CONTAINERD_SOCK:-/run/cqrs-cluster/containerd/containerd.sock}
+base=${BASE_IMAGE:-cqrs-stack-base:bookworm}
+version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
+images=("cqrs-stack:$version" "cqrs-stack-operator:$version" cqrs-stack-postgresql:15 cqrs-stack-redis:7)
+started=$SECONDS
+
+[[ -S $SOCK ]] || { echo "images: no containerd at $SOCK: run tests/cluster/cluster.sh up first" >&2; exit 1; }
+docker_engine_up || { echo "images: no Docker engine, cannot build" >&2; exit 1; }
+trap docker_engine_down EXIT
+
+# The base and our two images (cached by the engine and by make-base's script hash).
+KEEP_DOCKERD=1 bash tests/images/build-images.sh
+
+build_db_image() {  # build_db_image <dockerfile> <tag>
+    local t0=$SECONDS log=.cache/build-${2%%:*}.log
+    # --network host: apt-get reaches the Debian mirror (the private engine has no bridge).
+    DOCKER_BUILDKIT=0 "$DOCKER" build --network host -f "tests/cluster/images/$1" -t "$2" \
+        --build-arg BASE_IMAGE="$base" tests/cluster/images >"$log" 2>&1 \
+        || { tail -40 "$log" >&2; echo "images: building $2 failed (log $log)" >&2; exit 1; }
+    echo "images: $2 built in $((SECONDS - t0)) s"
+}
+build_db_image postgresql.Dockerfile cqrs-stack-postgresql:15
+build_db_image redis.Dockerfile cqrs-stack-redis:7
+
+t0=$SECONDS
+"$DOCKER" save "${images[@]}" \
+    | timeout 600 ctr --address "$SOCK" -n k8s.io images import - >/dev/null
+echo "images: ${images[*]} imported into the cluster's containerd in $((SECONDS - t0)) s"
+echo "images: done in $((SECONDS - started)) s"
