@@ -84,6 +84,18 @@ fuzz: install ## fuzz both live APIs from their OpenAPI schema + hostile input (
 soak: install ## chaos soak: load while processes are killed and restarted, then the invariants (SOAK_SECONDS=300)
 	$(BIN)/python -m tests.soak --seconds $(or $(SOAK_SECONDS),300)
 
+.PHONY: cluster-up
+cluster-up: install ## local single-node cluster as host processes (root; offline) with our images imported
+	PYTHON=$(BIN)/python bash tests/cluster/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: install ## stop the local cluster; remove its pods, mounts, bridge, iptables chains, state
+	PYTHON=$(BIN)/python bash tests/cluster/cluster.sh down
+
+.PHONY: e2e-local
+e2e-local: install ## end to end on the local cluster: cluster up, images imported, tests/e2e, cluster down
+	PYTHON=$(BIN)/python bash tests/cluster/cluster.sh e2e $(PYTEST_ARGS)
+
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .

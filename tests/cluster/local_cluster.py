@@ -707,6 +707,10 @@ def remove_netns() -> None:
     for entry in netns.glob("cni-*"):
         run("umount", str(entry), check=False)
         entry.unlink(missing_ok=True)
+    try:
+        netns.rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def remove_iptables() -> None:
