@@ -63,23 +63,33 @@ class Projector:
         self._claim_every = max(0.05, min(settings.projector_claim_idle_ms / 2000, 5.0))
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Project until ``stopping`` is set; never exits on Redis or database outages."""
+        """Project until ``stopping`` is set; never exits on Redis or database outages.
+
+        The stream consumer and the write-DB sweep run as two tasks, so that a Redis that
+        hangs or vanishes never holds back the sweep that covers for it.
+        """
         log.info(
             "projector started consumer=%s stream=%s group=%s",
             self.consumer,
             self.settings.event_stream_name,
             self.settings.consumer_group,
         )
+        await asyncio.gather(self._consume(stopping), self._sweep(stopping))
+        log.info("projector stopped consumer=%s", self.consumer)
+
+    async def _sweep(self, stopping: asyncio.Event) -> None:
         # The stream is the fast path: the first sweep of the write DB comes one interval in.
+        while not stopping.is_set():
+            await _wait(stopping, self.settings.projector_catchup_interval)
+            if not stopping.is_set():
+                await self._catch_up_logged()
+
+    async def _consume(self, stopping: asyncio.Event) -> None:
         next_claim = 0.0
-        next_sweep = time.monotonic() + self.settings.projector_catchup_interval
         backoff = 0.1
         group_ready = False
         while not stopping.is_set():
             now = time.monotonic()
-            if now >= next_sweep:
-                next_sweep = now + self.settings.projector_catchup_interval
-                await self._catch_up_logged()
             try:
                 if not group_ready:
                     await stream.ensure_group(
@@ -100,18 +110,23 @@ class Projector:
                 await self.project_entries(entries, stopping)
                 backoff = 0.1
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # Redis was flushed or the stream deleted: recreate, the sweep covers the gap.
-                log.warning(
-                    "consumer group missing, recreating stream=%s", self.settings.event_stream_name
-                )
                 group_ready = False
-            except (RedisError, OSError) as exc:
-                log.warning("redis unavailable, retrying in %.1fs error=%s", backoff, exc)
+                if "NOGROUP" in str(exc):
+                    # Redis was flushed or the stream deleted: recreate; the sweep covers the gap.
+                    log.warning(
+                        "consumer group missing, recreating stream=%s",
+                        self.settings.event_stream_name,
+                    )
+                    continue
+                log.error("redis refused a command, retrying in %.1fs error=%s", backoff, exc)
                 await _wait(stopping, backoff)
                 backoff = min(backoff * 2, 5.0)
-        log.info("projector stopped consumer=%s", self.consumer)
+            except (RedisError, OSError) as exc:
+                log.warning("redis unavailable, retrying in %.1fs error=%s", backoff, exc)
+                # A timed-out connection may hold a half-read reply: start afresh.
+                group_ready = False
+                await _wait(stopping, backoff)
+                backoff = min(backoff * 2, 5.0)
 
     async def _claim(self) -> list[stream.Entry]:
         return await stream.claim_idle(

@@ -73,6 +73,9 @@ class Resources:
         for name, engine in needed.items():
             checks[name] = await _check(_ping_db(engine))
         checks["redis"] = await _check(self.redis.ping())
+        for task in self.tasks:
+            # Background work (projector, publisher) must never stop while the process lives.
+            checks[task.get_name()] = "error: stopped" if task.done() else "ok"
         return checks
 
     def required_checks(self) -> set[str]:
@@ -82,7 +85,7 @@ class Resources:
             required.add("read_db")
         if self.role == "projector":
             required |= {"write_db", "read_db"}
-        return required
+        return required | {task.get_name() for task in self.tasks}
 
 
 async def _ping_db(engine: AsyncEngine) -> None:

@@ -29,7 +29,8 @@ def connect(settings: Settings) -> Redis:
     """Return an asyncio Redis client; short timeouts so that an outage fails fast."""
     return Redis.from_url(
         settings.redis_url,
-        socket_timeout=settings.redis_timeout + 30,  # XREADGROUP BLOCK needs headroom
+        # Headroom for XREADGROUP's BLOCK; short enough that a hung Redis is noticed quickly.
+        socket_timeout=settings.redis_timeout + settings.projector_poll_interval + 1.0,
         socket_connect_timeout=settings.redis_timeout,
         health_check_interval=30,
     )

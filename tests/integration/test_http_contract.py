@@ -45,7 +45,12 @@ async def test_health(api: httpx.AsyncClient) -> None:
 async def test_readiness_checks_databases_and_redis(api: httpx.AsyncClient) -> None:
     answer = await api.get("/ready")
     assert answer.status_code == 200
-    assert answer.json()["checks"] == {"write_db": "ok", "read_db": "ok", "redis": "ok"}
+    assert answer.json()["checks"] == {
+        "write_db": "ok",
+        "read_db": "ok",
+        "redis": "ok",
+        "publisher": "ok",
+    }
 
 
 async def test_write_answers_with_event_and_position(api: httpx.AsyncClient) -> None:
