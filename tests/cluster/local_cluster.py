@@ -191,6 +191,12 @@ def stop(name: str, timeout: float = 20) -> None:
     log(f"{name} stopped")
 
 
+def write_if_changed(path: Path, text: str) -> None:
+    """Rewrite only on change: kube-proxy exits when its config file is written to."""
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
 # ---------------------------------------------------------------------------- pieces
 
 
@@ -342,7 +348,7 @@ state = "{RUN / "containerd"}"
     conf_dir = "{STATE / "cni"}"
 """
     path = STATE / "containerd.toml"
-    path.write_text(text)
+    write_if_changed(path, text)
     # The pod network: a bridge whose gateway is the node, addresses from host-local, no
     # masquerade (nothing leaves the machine), hostPort support for completeness.
     (STATE / "cni").mkdir(exist_ok=True)
@@ -366,7 +372,7 @@ state = "{RUN / "containerd"}"
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
     }
-    (STATE / "cni" / "10-cqrs-local.conflist").write_text(json.dumps(conflist, indent=2))
+    write_if_changed(STATE / "cni" / "10-cqrs-local.conflist", json.dumps(conflist, indent=2))
     return path
 
 
@@ -538,7 +544,7 @@ def start_kubelet(pki) -> None:
         "healthzPort": 10248,
     }  # fmt: skip
     path = STATE / "kubelet.json"
-    path.write_text(json.dumps(config, indent=2))
+    write_if_changed(path, json.dumps(config, indent=2))
     start(
         "kubelet",
         [
@@ -570,7 +576,7 @@ def start_kube_proxy() -> None:
         "conntrack": {"maxPerCore": 0},
     }
     path = STATE / "kube-proxy.json"
-    path.write_text(json.dumps(config, indent=2))
+    write_if_changed(path, json.dumps(config, indent=2))
     start("kube-proxy", [str(BIN / "kube-proxy"), f"--config={path}"])
     wait(
         "kube-proxy /healthz",
@@ -584,7 +590,8 @@ def start_coredns() -> None:
     corefile = STATE / "Corefile"
     # Only cluster.local and reverse lookups: other names are refused, nothing is forwarded
     # off this machine.
-    corefile.write_text(
+    write_if_changed(
+        corefile,
         f""".:53 {{
     bind {NODE_IP}
     errors
@@ -596,7 +603,7 @@ def start_coredns() -> None:
     }}
     cache 5
 }}
-"""
+""",
     )
     start("coredns", [str(BIN / "coredns"), "-conf", str(corefile)])
     wait(
