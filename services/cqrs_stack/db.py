@@ -18,7 +18,11 @@ def create_engine(url: str, settings: Settings, *, application_name: str) -> Asy
         async_database_url(url),
         pool_size=settings.db_pool_min_size,
         max_overflow=max(0, settings.db_pool_max_size - settings.db_pool_min_size),
-        pool_pre_ping=True,
+        # No pre-ping and no ROLLBACK on check-in: each would cost every request a round
+        # trip. Transactions end where they begin (engine.begin() commits or rolls back, and
+        # closing a connection rolls back what it began); a connection found dead is
+        # invalidated where it fails (see driver_connection) and that request answers 503.
+        pool_reset_on_return=None,
         pool_recycle=1800,
         connect_args={
             "server_settings": {"application_name": application_name},
