@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -57,8 +58,22 @@ async def driver_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connec
         driver: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]
         try:
             yield driver
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        except _CONNECTION_ERRORS as exc:
             await conn.invalidate()
             raise OperationalError("asyncpg", None, exc, connection_invalidated=True) from exc
         except asyncpg.PostgresError as exc:
             raise DBAPIError("asyncpg", None, exc) from exc  # type: ignore[arg-type]
+        except BaseException:
+            # Cancelled (a client gone, a timeout) in the middle of a statement: the connection
+            # may still be mid-protocol, so it must never go back to the pool.
+            await asyncio.shield(conn.invalidate())
+            raise
+
+
+# Errors after which a connection is unusable: dropped from the pool, answered as 503.
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)

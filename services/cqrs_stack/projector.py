@@ -111,8 +111,9 @@ class Projector:
                 backoff = 0.1
             except ResponseError as exc:
                 group_ready = False
-                if "NOGROUP" in str(exc):
-                    # Redis was flushed or the stream deleted: recreate; the sweep covers the gap.
+                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                    # Redis was flushed or the stream deleted (Redis 7 unblocks a waiting
+                    # XREADGROUP with UNBLOCKED): recreate; the sweep covers the gap.
                     log.warning(
                         "consumer group missing, recreating stream=%s",
                         self.settings.event_stream_name,
