@@ -208,7 +208,9 @@ class RequestGuard:
     def _refusal(self, scope: Scope) -> JSONResponse | None:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+        if length is not None and not length.isdigit():
+            return _error(400, "bad_request", "Content-Length must be a number of bytes")
+        if length is not None and int(length) > self.max_body_bytes:
             return self._too_large()
         if scope["method"] in ("POST", "PUT") and scope["path"] == "/write":
             content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
