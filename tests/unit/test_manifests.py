@@ -40,8 +40,9 @@ def test_workloads_are_three_deployments_two_services_and_two_budgets() -> None:
     }
     budget = objs[("PodDisruptionBudget", "orders-read-api")]["spec"]
     assert budget["maxUnavailable"] == 1
-    assert budget["selector"]["matchLabels"] == (
-        objs[("Deployment", "orders-read-api")]["spec"]["selector"]["matchLabels"]
+    assert (
+        budget["selector"]["matchLabels"]
+        == (objs[("Deployment", "orders-read-api")]["spec"]["selector"]["matchLabels"])
     )
     assert objs[("Deployment", "orders-write-api")]["spec"]["replicas"] == 2
     assert objs[("Deployment", "orders-read-api")]["spec"]["replicas"] == 3
