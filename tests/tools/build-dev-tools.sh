@@ -12,7 +12,7 @@
 # whose go.mod requires skaffold and repeats upstream's pins.
 #
 # Environment:
-#   DEV_TOOLS_BIN_DIR   output folder (default: $REPO/.cache/bin).
+#   DEV_TOOLS_BIN_DIR   output folder (default: K8S_TOOLS_BIN_DIR, else $REPO/.cache/bin).
 #   DEV_TOOLS           which tools to build (default: "skaffold kind").
 #   GO                  the go command (default: go on PATH, else /usr/local/go/bin/go).
 set -euo pipefail
@@ -26,60 +26,13 @@ KIND_MODULE=sigs.k8s.io/kind
 KIND_VERSION=v0.33.0
 
 # ---- setup -------------------------------------------------------------------------
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-BIN_DIR=${DEV_TOOLS_BIN_DIR:-$REPO/.cache/bin}
+# The Go environment, cache folder, stamps and go.mod lookup are build-k8s-tools.sh's
+# (sourced: only its functions and pins, none of its builds).
+K8S_TOOLS_BIN_DIR=${DEV_TOOLS_BIN_DIR:-${K8S_TOOLS_BIN_DIR:-}}
+[[ -n $K8S_TOOLS_BIN_DIR ]] || unset K8S_TOOLS_BIN_DIR
+# shellcheck source=build-k8s-tools.sh
+source "$(dirname "${BASH_SOURCE[0]}")/build-k8s-tools.sh"
 TOOLS=${DEV_TOOLS:-skaffold kind}
-
-if [[ -z ${GO:-} ]]; then
-  if command -v go >/dev/null 2>&1; then
-    GO=$(command -v go)
-  elif [[ -x /usr/local/go/bin/go ]]; then
-    GO=/usr/local/go/bin/go
-  else
-    echo "build-dev-tools: no go command found (install Go >= 1.24 or set GO=...)" >&2
-    exit 1
-  fi
-fi
-
-export GOPATH=${GOPATH:-$HOME/go}
-export GOMODCACHE=${GOMODCACHE:-$GOPATH/pkg/mod}
-export GOCACHE=${GOCACHE:-$HOME/.cache/go-build}
-export CGO_ENABLED=0
-export GOTOOLCHAIN=local
-GO_BUILD_FLAGS=(-mod=mod -buildvcs=false -trimpath)
-
-mkdir -p "$BIN_DIR"
-SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/dev-tools.XXXXXX")
-cleanup() {
-  rm -rf "$SCRATCH"
-  rm -f "$BIN_DIR"/.*.partial.$$
-}
-trap cleanup EXIT
-
-report() { printf '%-15s %s\n' "$1" "$2"; }
-stamp_file() { echo "$BIN_DIR/.$1.stamp"; }
-is_cached() {
-  local tool=$1 stamp=$2 file
-  file=$(stamp_file "$tool")
-  [[ -x $BIN_DIR/$tool && -f $file && $(<"$file") == "$stamp" ]]
-}
-partial_path() { echo "$BIN_DIR/.$1.partial.$$"; }
-install_built() {
-  mv -f "$2" "$BIN_DIR/$1"
-  echo "$3" >"$(stamp_file "$1")"
-}
-go_directive() { "$GO" env GOVERSION | sed 's/^go//; s/-.*//'; }
-
-# go_mod_of DIR MODULE@VERSION: path of that module's go.mod in the module cache.
-go_mod_of() {
-  local json
-  if ! json=$(cd "$1" && "$GO" mod download -json "$2"); then
-    echo "build-dev-tools: cannot download $2 (the proxy's answer follows):" >&2
-    echo "$json" >&2
-    return 1
-  fi
-  sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$json"
-}
 
 # upstream_pins GOMOD: upstream's replace and exclude directives (single lines and
 # blocks), as single lines; replaces into local paths are dropped (they point into
