@@ -435,3 +435,55 @@ async def test_restart_in_the_middle_of_provisioning_converges(
     assert creds["password"] == password  # the password survived the crash
     conn = await asyncpg.connect(write_pg.url(f"w_{fresh_names}", role, password))
     await conn.close()
+
+
+async def test_projector_scales_with_stream_lag(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """Autoscaling on a real stream: a backlog scales the projector up, a drained one down."""
+    auto = {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetLag": 10}
+    manifest = stack_manifest(
+        "scaled",
+        fresh_names,
+        write_pg,
+        read_pg,
+        redis_server.url,
+        projector={"replicas": 1, "batchSize": 100, "autoscaling": auto},
+    )
+    await stacks.create(manifest)
+    await stacks.wait_ready("scaled", operator)
+    apps = client.AppsV1Api(kube_api)
+    redis = Redis.from_url(redis_server.url)
+    stream = "scaled-events"
+    try:
+        for i in range(25):  # no projector pod runs here: the entries stay undelivered
+            await redis.xadd(stream, {"type": "RecordCreated", "position": str(i + 1)})
+
+        async def replicas(wanted: int) -> bool:
+            deployment = await apps.read_namespaced_deployment("scaled-projector", namespace)
+            return deployment.spec.replicas == wanted
+
+        await wait_until(
+            lambda: replicas(3),
+            timeout=30,
+            what="3 projectors for a lag of 25",
+            alive=operator.exit_reason,
+        )
+        stack = await stacks.get("scaled")
+        assert stack is not None and stack["status"]["projector"]["lag"] >= 25
+        await redis.xgroup_setid(stream, "projectors", "$")  # the backlog is consumed
+        await wait_until(
+            lambda: replicas(1),
+            timeout=30,
+            what="back to 1 projector at no lag",
+            alive=operator.exit_reason,
+        )
+    finally:
+        await redis.aclose()
