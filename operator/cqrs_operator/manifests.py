@@ -125,6 +125,19 @@ def _resources(component: Component) -> dict[str, Any]:
     return out or {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 
+def _env(spec: StackSpec, component: str, secret: str) -> list[dict[str, Any]]:
+    """Credentials from Secrets only (never the ConfigMap); the write token where it applies."""
+    env: list[dict[str, Any]] = [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        for key in SECRET_URL_KEYS
+    ]
+    token = spec.write_token_secret
+    if token is not None and component == "write-api":
+        ref = {"name": token.name, "key": token.key}
+        env.append({"name": "WRITE_API_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    return env
+
+
 def _container(spec: StackSpec, component: str, settings: Component) -> dict[str, Any]:
     secret = child_name(spec, "credentials")
     return {
@@ -135,10 +148,7 @@ def _container(spec: StackSpec, component: str, settings: Component) -> dict[str
         "args": [component, "--host", "0.0.0.0", "--port", str(PORT)],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": child_name(spec, "config")}}],
-        "env": [
-            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-            for key in SECRET_URL_KEYS
-        ],
+        "env": _env(spec, component, secret),
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
             "periodSeconds": 10,

@@ -100,6 +100,7 @@ class StackSpec:
     redis_url: str | None
     redis_url_secret: SecretKeyRef | None
     deletion_policy: str
+    write_token_secret: SecretKeyRef | None = None
     db_pool_min_size: int = 1
     db_pool_max_size: int = 10
     log_level: str = "info"
@@ -203,6 +204,15 @@ def _redis(raw: Mapping[str, Any]) -> tuple[str | None, SecretKeyRef | None]:
     return str(url), None
 
 
+def _write_token(raw: Mapping[str, Any]) -> SecretKeyRef | None:
+    ref = (raw.get("auth") or {}).get("tokenSecret") or None
+    if ref is None:
+        return None
+    if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))):
+        raise SpecError("spec.writeApi.auth.tokenSecret.name must name a Secret (DNS-1123)")
+    return SecretKeyRef(name=ref["name"], key=ref.get("key") or "token")
+
+
 def parse_spec(spec: Mapping[str, Any], *, namespace: str, name: str) -> StackSpec:
     """Return the typed spec of stack ``namespace/name``; raise SpecError naming a bad field."""
     image = spec.get("image") or {}
@@ -243,5 +253,6 @@ def parse_spec(spec: Mapping[str, Any], *, namespace: str, name: str) -> StackSp
         redis_url=redis_url,
         redis_url_secret=redis_secret,
         deletion_policy=policy,
+        write_token_secret=_write_token(write_api),
         log_level=spec.get("logLevel") or "info",
     )

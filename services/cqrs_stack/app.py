@@ -140,6 +140,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         names = {
+            401: "unauthorized",
             404: "not_found",
             405: "method_not_allowed",
             413: "too_large",

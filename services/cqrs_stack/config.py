@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The schemes the original service accepted; all are normalised to SQLAlchemy's asyncpg dialect.
@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     write_batch_max: int = Field(default=256, ge=1, le=10_000)
     redis_timeout: float = Field(default=2.0, gt=0)
     log_level: str = "info"
+    # Off (empty) by default, as the original service had no authentication; when set,
+    # POST/PUT /write require "Authorization: Bearer <token>".
+    write_api_token: SecretStr = SecretStr("")
 
     @field_validator("write_db_url", "read_db_url")
     @classmethod

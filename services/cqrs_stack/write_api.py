@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
 from .events import RECORD_CREATED, RECORD_UPDATED
@@ -33,10 +34,29 @@ class StrictJSONRoute(APIRoute):
         return strict
 
 
-router = APIRouter(tags=["write"], route_class=StrictJSONRoute)
+async def require_token(request: Request) -> None:
+    """With WRITE_API_TOKEN set, a write needs ``Authorization: Bearer <that token>``."""
+    resources: Resources = request.app.state.resources
+    expected = resources.settings.write_api_token.get_secret_value()
+    if not expected:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken must not tell how much of a guess was right.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(
+            401,
+            "writes need the header 'Authorization: Bearer <token>' with the configured token",
+            headers={"WWW-Authenticate": 'Bearer realm="cqrs-stack write API"'},
+        )
+
+
+router = APIRouter(
+    tags=["write"], route_class=StrictJSONRoute, dependencies=[Depends(require_token)]
+)
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse, "description": "WRITE_API_TOKEN is set and not given"},
     413: {"model": ErrorResponse},
     415: {"model": ErrorResponse},
     422: {"model": ErrorResponse},

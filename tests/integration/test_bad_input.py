@@ -110,3 +110,27 @@ async def test_bad_read_is_refused_clearly(api: httpx.AsyncClient, path: str, st
     answer = await api.get(path)
     assert answer.status_code == status, answer.text
     assert answer.json()["success"] is False
+
+
+async def test_write_token_when_configured(stack: Stack) -> None:
+    service = await stack.launch("write-api", WRITE_API_TOKEN="s3cret-token")
+    body = {"key": "guarded", "value": "v"}
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-token"}):
+            refused = await client.post("/write", json=body, headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.json()["error"] == "unauthorized"
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+        assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == 0
+        allowed = await client.put(
+            "/write", json=body, headers={"authorization": "Bearer s3cret-token"}
+        )
+        assert allowed.status_code == 200
+    assert "s3cret-token" not in service.log()
+
+
+async def test_writes_need_no_token_by_default(stack: Stack) -> None:
+    service = await stack.launch("write-api")
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        answer = await client.post("/write", json={"key": "open", "value": "v"})
+    assert answer.status_code == 200

@@ -142,3 +142,23 @@ def test_services_select_their_deployment_pods() -> None:
     dep = manifests.deployment(stack(), "read-api", 1, "d")
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert svc["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_write_token_comes_from_its_secret_and_only_to_the_write_api() -> None:
+    spec = stack(writeApi={"replicas": 1, "auth": {"tokenSecret": {"name": "orders-token"}}})
+    objs = by_name(manifests.workloads(spec, "abc", 1))
+
+    def env(component: str) -> dict[str, dict]:
+        pod = objs[("Deployment", f"orders-{component}")]["spec"]["template"]["spec"]
+        return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+    token = env("write-api")["WRITE_API_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "orders-token", "key": "token"}
+    assert "WRITE_API_TOKEN" not in env("read-api") and "WRITE_API_TOKEN" not in env("projector")
+    assert "WRITE_API_TOKEN" not in env("write-api") or "value" not in token
+
+
+def test_no_write_token_by_default() -> None:
+    objs = by_name(manifests.workloads(stack(), "abc", 1))
+    pod = objs[("Deployment", "orders-write-api")]["spec"]["template"]["spec"]
+    assert "WRITE_API_TOKEN" not in {e["name"] for e in pod["containers"][0]["env"]}
