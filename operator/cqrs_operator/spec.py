@@ -80,6 +80,10 @@ class SecretKeyRef:
     key: str
 
 
+# Children are named <name>-write-api, <name>-credentials...: they must stay DNS labels.
+MAX_STACK_NAME = 50
+
+
 @dataclass(frozen=True)
 class StackSpec:
     """Everything the operator needs to render and provision one stack."""
@@ -215,6 +219,8 @@ def _write_token(raw: Mapping[str, Any]) -> SecretKeyRef | None:
 
 def parse_spec(spec: Mapping[str, Any], *, namespace: str, name: str) -> StackSpec:
     """Return the typed spec of stack ``namespace/name``; raise SpecError naming a bad field."""
+    if len(name) > MAX_STACK_NAME:
+        raise SpecError(f"metadata.name must be at most {MAX_STACK_NAME} characters: {name!r}")
     image = spec.get("image") or {}
     stream = spec.get("stream") or {}
     databases = spec.get("databases") or {}

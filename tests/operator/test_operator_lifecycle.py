@@ -282,6 +282,16 @@ async def test_invalid_database_fields_are_refused(
     assert field in refused.value.body
 
 
+async def test_over_long_stack_names_are_refused(
+    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str
+) -> None:
+    manifest = stack_manifest("x" * 51, fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
+    with pytest.raises(ApiException) as refused:
+        await stacks.create(manifest)
+    assert refused.value.status == 422
+    assert "metadata.name must be at most 50 characters" in refused.value.body
+
+
 async def test_defaults_are_filled_by_the_api_server(
     stacks: Stacks,
     write_pg: Any,

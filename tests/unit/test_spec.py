@@ -100,3 +100,8 @@ def test_long_names_stay_unique() -> None:
     a = sql_identifier("x" * 80 + "a", "_write")
     b = sql_identifier("x" * 80 + "b", "_write")
     assert a != b and len(a) <= 63 and len(b) <= 63
+
+
+def test_an_over_long_stack_name_is_refused() -> None:
+    with pytest.raises(SpecError, match=r"metadata\.name must be at most 50"):
+        parse_spec({"redis": {"url": "redis://r:6379/0"}}, namespace="shop", name="n" * 51)
