@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Sequence
 
+import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import BigInteger, bindparam, text
@@ -53,11 +54,17 @@ class Projector:
     """One projector replica; ``run`` until ``stopping`` is set, finishing its batch first."""
 
     def __init__(
-        self, settings: Settings, write_engine: AsyncEngine, read_engine: AsyncEngine, redis: Redis
+        self,
+        settings: Settings,
+        write_engine: AsyncEngine,
+        read_engine: AsyncEngine,
+        read_pool: asyncpg.Pool,
+        redis: Redis,
     ) -> None:
         self.settings = settings
         self.write_engine = write_engine
         self.read_engine = read_engine
+        self.read_pool = read_pool
         self.redis = redis
         self.consumer = settings.consumer_name or default_consumer_name()
         self._claim_every = max(0.05, min(settings.projector_claim_idle_ms / 2000, 5.0))
@@ -216,7 +223,7 @@ class Projector:
     async def apply(self, commands: Sequence[events.Command], source: str) -> int:
         """Apply commands in one read-DB transaction; return how many were new."""
         started = time.perf_counter()
-        async with driver_connection(self.read_engine) as conn:
+        async with driver_connection(self.read_pool) as conn:
             applied = await apply_commands_alone(conn, commands, self.consumer)
         PROJECTION_BATCH_SECONDS.observe(time.perf_counter() - started)
         EVENTS_PROJECTED.labels(source).inc(applied)

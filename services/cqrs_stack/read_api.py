@@ -42,13 +42,13 @@ async def read_record(
     reached = None
     if position is not None:
         wait = resources.settings.read_wait_timeout if timeout is None else timeout
-        reached = await read_db.wait_for_position(resources.read_engine, position, wait)
+        reached = await read_db.wait_for_position(resources.read_pool, position, wait)
     counter = resources.read_counter
     assert counter is not None
     # Counted before the SELECT, so the answer includes this read whichever side of a
     # concurrent flush the SELECT lands on.
     counter.count(key)
-    record = await read_db.get_record(resources.read_engine, key)
+    record = await read_db.get_record(resources.read_pool, key)
     if record is None:
         counter.forget(key)
         return _json(

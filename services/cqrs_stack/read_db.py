@@ -8,6 +8,7 @@ import logging
 from collections import Counter
 from typing import Any
 
+import asyncpg
 from sqlalchemy import BigInteger, String, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,32 +31,32 @@ _ADD_READ_COUNTS = text(
 ).bindparams(bindparam("keys", type_=ARRAY(String)), bindparam("reads", type_=ARRAY(BigInteger)))
 
 
-async def get_record(engine: AsyncEngine, key: str) -> dict[str, Any] | None:
+async def get_record(pool: asyncpg.Pool, key: str) -> dict[str, Any] | None:
     """Return the record of ``key`` as a dict, or None; a plain autocommit read, no locks.
 
     The hot path: one prepared statement on the asyncpg connection, no transaction.
     """
-    async with driver_connection(engine) as conn:
+    async with driver_connection(pool) as conn:
         row = await conn.fetchrow(_GET_RECORD, key)
     return dict(row) if row else None
 
 
-async def position_applied(engine: AsyncEngine, position: int) -> bool:
+async def position_applied(pool: asyncpg.Pool, position: int) -> bool:
     """Has the command at ``position`` been applied to the read model?"""
-    async with driver_connection(engine) as conn:
+    async with driver_connection(pool) as conn:
         found = await conn.fetchval(
             "SELECT 1 FROM applied_commands WHERE command_id = $1", position
         )
     return found is not None
 
 
-async def wait_for_position(engine: AsyncEngine, position: int, within: float) -> bool:
+async def wait_for_position(pool: asyncpg.Pool, position: int, within: float) -> bool:
     """Wait, at most ``within`` seconds, until ``position`` is applied; return whether it is."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     delay = 0.002
     while True:
-        if await position_applied(engine, position):
+        if await position_applied(pool, position):
             return True
         remaining = deadline - loop.time()
         if remaining <= 0:

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
+import asyncpg
 from fastapi import HTTPException
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -37,6 +38,8 @@ class Resources:
     role: Role
     write_engine: AsyncEngine
     read_engine: AsyncEngine
+    write_pool: asyncpg.Pool
+    read_pool: asyncpg.Pool
     redis: Redis
     writer: CommandWriter | None = None
     read_counter: ReadCounter | None = None
@@ -108,10 +111,16 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
         role=role,
         write_engine=db.write_engine(settings, role),
         read_engine=db.read_engine(settings, role),
+        write_pool=await db.create_pool(
+            settings.write_db_url, settings, application_name=f"cqrs-{role}"
+        ),
+        read_pool=await db.create_pool(
+            settings.read_db_url, settings, application_name=f"cqrs-{role}"
+        ),
         redis=stream.connect(settings),
     )
     if resources.writes:
-        resources.writer = CommandWriter(resources.write_engine, resources.redis, settings)
+        resources.writer = CommandWriter(resources.write_pool, resources.redis, settings)
         resources.writer.start()
         resources.tasks.append(
             asyncio.create_task(
@@ -128,7 +137,11 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
         resources.read_counter.start()
     if role == "projector":
         resources.projector = Projector(
-            settings, resources.write_engine, resources.read_engine, resources.redis
+            settings,
+            resources.write_engine,
+            resources.read_engine,
+            resources.read_pool,
+            resources.redis,
         )
         resources.tasks.append(
             asyncio.create_task(resources.projector.run(resources.stopping), name="projector")
@@ -147,6 +160,8 @@ async def close_resources(resources: Resources) -> None:
         with contextlib.suppress(Exception):
             await resources.read_counter.stop()
     await resources.redis.aclose()
+    await resources.write_pool.close()
+    await resources.read_pool.close()
     await resources.write_engine.dispose()
     await resources.read_engine.dispose()
     log.info("stopped role=%s", resources.role)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import asyncpg
 from sqlalchemy import BigInteger, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -41,7 +42,7 @@ def _command(row: Sequence[object]) -> Command:
 
 
 async def insert_commands(
-    engine: AsyncEngine,
+    pool: asyncpg.Pool,
     items: Sequence[tuple[str, str, str]],
 ) -> list[Command]:
     """Store (key, value, event_type) items in one transaction; return them with positions.
@@ -51,15 +52,15 @@ async def insert_commands(
     id restores the input order whatever RETURNING does.
     """
     keys, values, types = (list(column) for column in zip(*items, strict=True))
-    async with driver_connection(engine) as conn:
+    async with driver_connection(pool) as conn:
         rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types)
     return sorted((Command(*row) for row in rows), key=lambda c: c.position)
 
 
-async def mark_published_now(engine: AsyncEngine, positions: Sequence[int]) -> None:
+async def mark_published_now(pool: asyncpg.Pool, positions: Sequence[int]) -> None:
     """Record, in a statement of its own, that these commands' events reached the stream."""
     if positions:
-        async with driver_connection(engine) as conn:
+        async with driver_connection(pool) as conn:
             await conn.execute(
                 "UPDATE commands SET published = true WHERE id = ANY($1::bigint[])"
                 " AND NOT published",

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -48,8 +49,8 @@ class CommandWriter:
     throughput grows with concurrency while a lone request still commits at once.
     """
 
-    def __init__(self, engine: AsyncEngine, redis: Redis, settings: Settings) -> None:
-        self._engine = engine
+    def __init__(self, pool: asyncpg.Pool, redis: Redis, settings: Settings) -> None:
+        self._pool = pool
         self._redis = redis
         self._settings = settings
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -91,7 +92,7 @@ class CommandWriter:
         WRITE_BATCH_SIZE.observe(len(batch))
         try:
             commands = await write_db.insert_commands(
-                self._engine, [(p.key, p.value, p.event_type) for p in batch]
+                self._pool, [(p.key, p.value, p.event_type) for p in batch]
             )
         except Exception as exc:  # every waiter must learn of the failure
             for pending in batch:
@@ -126,7 +127,7 @@ class CommandWriter:
 
     async def _mark(self, positions: list[int]) -> None:
         try:
-            await write_db.mark_published_now(self._engine, positions)
+            await write_db.mark_published_now(self._pool, positions)
         except Exception as exc:
             log.warning("marking published failed count=%d error=%s", len(positions), exc)
 
