@@ -164,6 +164,13 @@ async def test_stats_fields_and_counters(api: httpx.AsyncClient, stack: Stack) -
     for i in range(3):
         await api.post("/write", json={"key": f"s{i}", "value": "v"})
     await stack.assert_converges()
+
+    async def marked_published() -> bool:
+        # Commands are marked published off the request path, just after their XADD.
+        stats = (await api.get("/stats")).json()
+        return stats["events_published"] == before["events_published"] + 3
+
+    await wait_until(marked_published, 10, "events_published to count the 3 writes")
     after = (await api.get("/stats")).json()
     assert after["write_db_records"] == before["write_db_records"] + 3
     assert after["events_published"] == before["events_published"] + 3

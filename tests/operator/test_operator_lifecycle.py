@@ -486,8 +486,16 @@ async def test_projector_scales_with_stream_lag(
             what="3 projectors for a lag of 25",
             alive=operator.exit_reason,
         )
-        stack = await stacks.get("scaled")
-        assert stack is not None and stack["status"]["projector"]["lag"] >= 25
+
+        async def lag_reported() -> bool:
+            # The status patch lands after the Deployment is applied: wait for it too.
+            stack = await stacks.get("scaled")
+            projector = ((stack or {}).get("status") or {}).get("projector") or {}
+            return int(projector.get("lag") or 0) >= 25
+
+        await wait_until(
+            lag_reported, timeout=30, what="status.projector.lag >= 25", alive=operator.exit_reason
+        )
         await redis.xgroup_setid(stream, "projectors", "$")  # the backlog is consumed
         await wait_until(
             lambda: replicas(1),
