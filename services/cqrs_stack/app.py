@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, figures, metrics, read_api, write_api
 from .config import Settings
+from .errors import dependency_error, error_response
+from .hot_paths import HotPaths
+from .middleware import RequestGuard
 from .models import ErrorResponse, HealthResponse, ReadinessResponse, StatsResponse
 from .resources import Resources, Role, close_resources, open_resources
 
@@ -46,6 +46,10 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
         app.include_router(read_api.router)
     _add_operational_routes(app, role)
     _add_error_handlers(app)
+    # Starlette runs the middleware added last first: limits and metrics, then the hot paths.
+    app.add_middleware(
+        HotPaths, reads=role in ("read-api", "api"), writes=role in ("write-api", "api")
+    )
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     return app
 
@@ -95,19 +99,6 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
         return Response(body, media_type=content_type)
 
 
-def _error(
-    status: int,
-    error: str,
-    message: str,
-    detail: Any = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body: dict[str, Any] = {"success": False, "error": error, "message": message}
-    if detail is not None:
-        body["detail"] = jsonable_encoder(detail)
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def _describe(errors: list[dict[str, Any]]) -> str:
     parts = []
     for err in errors[:5]:
@@ -134,8 +125,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         for err in exc.errors():
             if err.get("type") == "json_invalid":
                 why = (err.get("ctx") or {}).get("error", "")
-                return _error(400, "malformed_json", f"the body is not valid JSON: {why}", errors)
-        return _error(422, "invalid_request", _describe(errors), errors)
+                message = f"the body is not valid JSON: {why}"
+                return error_response(400, "malformed_json", message, errors)
+        return error_response(422, "invalid_request", _describe(errors), errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -151,111 +143,12 @@ def _add_error_handlers(app: FastAPI) -> None:
             # RFC 9110: a 405 lists every method of the path (POST and PUT /write are two routes).
             headers["Allow"] = _allowed_methods(request)
         error = names.get(exc.status_code, "http_error")
-        return _error(exc.status_code, error, str(exc.detail), headers=headers)
+        return error_response(exc.status_code, error, str(exc.detail), headers=headers)
 
     @app.exception_handler(DBAPIError)
-    async def database_down(request: Request, exc: DBAPIError) -> JSONResponse:
-        return _error(503, "database_unavailable", "the database is unavailable; retry later")
-
     @app.exception_handler(OSError)
-    async def unreachable(request: Request, exc: OSError) -> JSONResponse:
-        return _error(503, "dependency_unavailable", "a dependency is unreachable; retry later")
-
     @app.exception_handler(RedisError)
-    async def redis_down(request: Request, exc: RedisError) -> JSONResponse:
-        return _error(503, "redis_unavailable", "Redis is unavailable; retry later")
-
-
-class RequestGuard:
-    """ASGI middleware: refuses oversized or non-JSON bodies early and records metrics."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        refusal = self._refusal(scope)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-        chunked = b"content-length" not in dict(scope.get("headers") or [])
-        if chunked and scope["method"] in ("POST", "PUT", "PATCH"):
-            # A chunked body has no length to check up front: read it here, bounded.
-            bounded = await self._bounded_body(receive)
-            if bounded is None:
-                status = 413
-                await self._too_large()(scope, _no_body, send)
-            else:
-                receive = bounded
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        if status != 413:
-            await self.app(scope, receive, send_status)
-        route = scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.REQUESTS.labels(path, scope["method"], str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(path, scope["method"]).observe(time.perf_counter() - started)
-
-    def _refusal(self, scope: Scope) -> JSONResponse | None:
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and not length.isdigit():
-            return _error(400, "bad_request", "Content-Length must be a number of bytes")
-        if length is not None and int(length) > self.max_body_bytes:
-            return self._too_large()
-        if scope["method"] in ("POST", "PUT") and scope["path"] == "/write":
-            content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
-            if content_type.split(";")[0].strip().lower() not in ("application/json", ""):
-                return _error(
-                    415,
-                    "unsupported_media_type",
-                    f"send the body as application/json, not {content_type[:100]}",
-                )
-        return None
-
-    def _too_large(self) -> JSONResponse:
-        return _error(413, "too_large", f"request body over {self.max_body_bytes} bytes")
-
-    async def _bounded_body(self, receive: Receive) -> Receive | None:
-        """Read the whole body if it fits the limit and return a receive that replays it."""
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return _replay([], message)
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                return None
-            if not message.get("more_body", False):
-                return _replay([b"".join(chunks)], None)
-
-
-def _replay(chunks: list[bytes], final: Message | None) -> Receive:
-    pending: list[Message] = [
-        {"type": "http.request", "body": c, "more_body": False} for c in chunks
-    ]
-    if final is not None:
-        pending.append(final)
-
-    async def receive() -> Message:
-        if pending:
-            return pending.pop(0)
-        return {"type": "http.disconnect"}
-
-    return receive
-
-
-async def _no_body() -> Message:
-    return {"type": "http.disconnect"}
+    async def dependency_down(request: Request, exc: Exception) -> JSONResponse:
+        answer = dependency_error(exc)
+        assert answer is not None  # registered only for the exceptions it maps
+        return answer

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 REQUESTS = Counter(
@@ -37,6 +40,24 @@ PROJECTION_BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 READ_COUNTS_FLUSHED = Counter("cqrs_read_counts_flushed_total", "Reads counted into the read DB")
+
+
+# labels() validates and locks on every call; a request costs two of them, so the children of
+# each (route, method, status) are looked up once. Routes are the app's templates: bounded.
+_REQUEST_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def observe_request(route: str, method: str, status: int, started: float) -> None:
+    """Count one answered request and its latency since ``started`` (a perf_counter time)."""
+    children = _REQUEST_CHILDREN.get((route, method, status))
+    if children is None:
+        children = (
+            REQUESTS.labels(route, method, str(status)),
+            REQUEST_SECONDS.labels(route, method),
+        )
+        _REQUEST_CHILDREN[(route, method, status)] = children
+    children[0].inc()
+    children[1].observe(time.perf_counter() - started)
 
 
 def render() -> tuple[bytes, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel
 
 from . import read_db
 from .models import MAX_KEY_LENGTH, ErrorResponse, NotFoundResponse, RecordResponse
@@ -39,9 +38,24 @@ async def read_record(
     answer's ``position_reached`` says whether it was, so a stale answer is never silent.
     """
     resources: Resources = request.app.state.resources
+    answer = await read_answer(resources, key, position, wait_seconds=timeout)
+    return Response(answer, media_type="application/json")
+
+
+async def read_answer(
+    resources: Resources,
+    key: str,
+    position: int | None = None,
+    wait_seconds: float | None = None,
+) -> bytes:
+    """The JSON answer to a read of ``key`` (already validated), counting the read.
+
+    The fields come from the read DB's typed columns, so the answer is serialised once,
+    without FastAPI validating it again (``response_model`` still documents it).
+    """
     reached = None
     if position is not None:
-        wait = resources.settings.read_wait_timeout if timeout is None else timeout
+        wait = resources.settings.read_wait_timeout if wait_seconds is None else wait_seconds
         reached = await read_db.wait_for_position(resources.read_pool, position, wait)
     counter = resources.read_counter
     assert counter is not None
@@ -51,17 +65,13 @@ async def read_record(
     record = await read_db.get_record(resources.read_pool, key)
     if record is None:
         counter.forget(key)
-        return _json(
+        return (
             NotFoundResponse.model_construct(
                 key=key, message=f"Key not found in read model: {key}", position_reached=reached
             )
+            .model_dump_json()
+            .encode()
         )
     record["read_count"] += counter.unflushed(key)
-    return _json(RecordResponse.model_construct(**record, position_reached=reached))
-
-
-def _json(body: BaseModel) -> Response:
-    # The hot path: the fields come from the read DB's typed columns, so the answer is
-    # serialised once, without FastAPI validating it again (``response_model`` still
-    # documents it in the OpenAPI schema).
-    return Response(body.model_dump_json(), media_type="application/json")
+    found = RecordResponse.model_construct(**record, position_reached=reached)
+    return found.model_dump_json().encode()

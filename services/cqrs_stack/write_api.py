@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
+from .config import Settings
 from .events import RECORD_CREATED, RECORD_UPDATED
 from .models import ErrorResponse, WriteRequest, WriteResponse, parse_json_body
 from .resources import Resources
@@ -34,15 +35,20 @@ class StrictJSONRoute(APIRoute):
         return strict
 
 
+def token_accepted(settings: Settings, authorization: str) -> bool:
+    """Does an ``Authorization`` header value satisfy WRITE_API_TOKEN (always, when unset)?"""
+    expected = settings.write_api_token.get_secret_value()
+    if not expected:
+        return True
+    scheme, _, given = authorization.partition(" ")
+    # compare_digest: the time taken must not tell how much of a guess was right.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), expected.encode())
+
+
 async def require_token(request: Request) -> None:
     """With WRITE_API_TOKEN set, a write needs ``Authorization: Bearer <that token>``."""
     resources: Resources = request.app.state.resources
-    expected = resources.settings.write_api_token.get_secret_value()
-    if not expected:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest: the time taken must not tell how much of a guess was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), expected.encode()):
+    if not token_accepted(resources.settings, request.headers.get("authorization", "")):
         raise HTTPException(
             401,
             "writes need the header 'Authorization: Bearer <token>' with the configured token",
@@ -82,8 +88,8 @@ def _answer(result: WriteResult) -> WriteResponse:
     )
 
 
-async def _write(request: Request, body: WriteRequest, event_type: str) -> WriteResponse:
-    resources: Resources = request.app.state.resources
+async def write_answer(resources: Resources, body: WriteRequest, event_type: str) -> WriteResponse:
+    """Store a validated write and return its answer; a too large value raises HTTP 413."""
     resources.check_value_size(body.value)
     assert resources.writer is not None
     return _answer(await resources.writer.write(body.key, body.value, event_type))
@@ -92,10 +98,10 @@ async def _write(request: Request, body: WriteRequest, event_type: str) -> Write
 @router.post("/write", response_model=WriteResponse, responses=_ERRORS)
 async def create_record(request: Request, body: WriteRequest) -> WriteResponse:
     """Store a command and publish a RecordCreated event."""
-    return await _write(request, body, RECORD_CREATED)
+    return await write_answer(request.app.state.resources, body, RECORD_CREATED)
 
 
 @router.put("/write", response_model=WriteResponse, responses=_ERRORS)
 async def update_record(request: Request, body: WriteRequest) -> WriteResponse:
     """Store a command and publish a RecordUpdated event."""
-    return await _write(request, body, RECORD_UPDATED)
+    return await write_answer(request.app.state.resources, body, RECORD_UPDATED)
