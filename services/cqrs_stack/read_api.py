@@ -57,12 +57,12 @@ async def read_answer(
     if position is not None:
         wait = resources.settings.read_wait_timeout if wait_seconds is None else wait_seconds
         reached = await read_db.wait_for_position(resources.read_pool, position, wait)
-    counter = resources.read_counter
-    assert counter is not None
+    counter, records = resources.read_counter, resources.records
+    assert counter is not None and records is not None
     # Counted before the SELECT, so the answer includes this read whichever side of a
     # concurrent flush the SELECT lands on.
     counter.count(key)
-    record = await read_db.get_record(resources.read_pool, key)
+    record = await records.get(key)
     if record is None:
         counter.forget(key)
         return (

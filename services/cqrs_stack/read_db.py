@@ -18,8 +18,9 @@ from .metrics import READ_COUNTS_FLUSHED
 
 log = logging.getLogger(__name__)
 
-_GET_RECORD = (
-    "SELECT key, value, created_at, updated_at, read_count, write_count FROM records WHERE key = $1"
+_GET_RECORDS = (
+    "SELECT key, value, created_at, updated_at, read_count, write_count"
+    " FROM records WHERE key = ANY($1::text[])"
 )
 
 _ADD_READ_COUNTS = text(
@@ -31,14 +32,61 @@ _ADD_READ_COUNTS = text(
 ).bindparams(bindparam("keys", type_=ARRAY(String)), bindparam("reads", type_=ARRAY(BigInteger)))
 
 
-async def get_record(pool: asyncpg.Pool, key: str) -> dict[str, Any] | None:
-    """Return the record of ``key`` as a dict, or None; a plain autocommit read, no locks.
+_Answer = asyncio.Future[dict[str, Any] | None]
 
-    The hot path: one prepared statement on the asyncpg connection, no transaction.
+
+class RecordReader:
+    """Point reads of records, coalesced: concurrent reads share one SELECT.
+
+    The reads that arrive during one turn of the event loop become one ``key = ANY($1)``
+    query on one pooled connection, so under load the per-read cost of acquiring a connection
+    and of a round trip is paid once per batch; a lone read still runs at once (next turn).
+    A plain autocommit read: no transaction, no locks.
     """
-    async with driver_connection(pool) as conn:
-        row = await conn.fetchrow(_GET_RECORD, key)
-    return dict(row) if row else None
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._waiting: dict[str, list[_Answer]] = {}
+        self._fetching: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        """Return the record of ``key`` as a new dict, or None."""
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._start_batch)
+        answer: _Answer = loop.create_future()
+        self._waiting.setdefault(key, []).append(answer)
+        return await answer
+
+    def _start_batch(self) -> None:
+        batch, self._waiting = self._waiting, {}
+        task = asyncio.create_task(self._fetch(batch))
+        self._fetching.add(task)
+        task.add_done_callback(self._fetching.discard)
+
+    async def _fetch(self, batch: dict[str, list[_Answer]]) -> None:
+        try:
+            async with driver_connection(self._pool) as conn:
+                rows = await conn.fetch(_GET_RECORDS, list(batch))
+        except asyncio.CancelledError:
+            for answer in _flatten(batch):
+                answer.cancel()
+            raise
+        except Exception as exc:  # every waiter learns of the failure
+            for answer in _flatten(batch):
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        found = {row["key"]: row for row in rows}
+        for key, answers in batch.items():
+            row = found.get(key)
+            for answer in answers:
+                if not answer.done():
+                    answer.set_result(dict(row) if row is not None else None)
+
+
+def _flatten(batch: dict[str, list[_Answer]]) -> list[_Answer]:
+    return [answer for answers in batch.values() for answer in answers]
 
 
 async def position_applied(pool: asyncpg.Pool, position: int) -> bool:

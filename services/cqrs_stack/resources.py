@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import db, stream
 from .config import Settings
 from .projector import Projector
-from .read_db import ReadCounter
+from .read_db import ReadCounter, RecordReader
 from .write_path import CommandWriter, run_publisher
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class Resources:
     redis: Redis
     writer: CommandWriter | None = None
     read_counter: ReadCounter | None = None
+    records: RecordReader | None = None
     projector: Projector | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -135,6 +136,7 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             resources.read_engine, settings.read_count_flush_interval
         )
         resources.read_counter.start()
+        resources.records = RecordReader(resources.read_pool)
     if role == "projector":
         resources.projector = Projector(
             settings,

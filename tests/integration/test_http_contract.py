@@ -6,6 +6,7 @@ on fresh databases of two separate PostgreSQL servers and a real Redis.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -234,6 +235,27 @@ async def test_hot_paths_answer_as_the_routes_do(api: httpx.AsyncClient) -> None
     metrics = (await api.get("/metrics")).text
     assert 'cqrs_http_requests_total{method="POST",route="/write",status="200"}' in metrics
     assert 'cqrs_http_requests_total{method="GET",route="/read/{key:key}",status="200"}' in metrics
+
+
+async def test_concurrent_reads_each_get_their_own_answer(api: httpx.AsyncClient) -> None:
+    # Concurrent reads share one SELECT (read_db.RecordReader): each must still get its own
+    # key's record, a missing key its own not-found answer, and every read must be counted.
+    positions = [
+        (await api.post("/write", json={"key": f"c{i}", "value": f"v{i}"})).json()["position"]
+        for i in range(8)
+    ]
+    await api.get("/read/c7", params={"position": positions[-1], "timeout": 5})
+    keys = [f"c{i % 8}" for i in range(48)] + [f"absent{i}" for i in range(8)]
+    answers = await asyncio.gather(*(api.get(f"/read/{key}") for key in keys))
+    for key, answer in zip(keys, answers, strict=True):
+        body = answer.json()
+        assert body["key"] == key
+        if key.startswith("absent"):
+            assert body["success"] is False
+        else:
+            assert body["value"] == f"v{key[1:]}"
+    final = (await api.get("/read/c0")).json()
+    assert final["read_count"] == 6 + 1  # six concurrent reads and this one
 
 
 async def test_write_and_read_apis_run_as_separate_processes(stack: Stack) -> None:
