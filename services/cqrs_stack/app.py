@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,6 +30,10 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.resources = await open_resources(settings, role)
+        # What exists now lives until exit: frozen, it is never scanned again, so a full
+        # collection under load walks only request garbage (tens of ms of pause otherwise).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

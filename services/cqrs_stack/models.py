@@ -49,6 +49,10 @@ def _no_constant(name: str) -> Any:
     raise _StrictJSONError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
 
 
+# One decoder for every body: json.loads with hooks would build a new one per call.
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
 def parse_json_body(raw: bytes) -> Any:
     """Parse a request body as strict JSON (RFC 8259): UTF-8, unique keys, no NaN/Infinity.
 
@@ -56,7 +60,8 @@ def parse_json_body(raw: bytes) -> Any:
     answers 400 ``malformed_json`` like any other syntax error.
     """
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        # What json.loads does with bytes: detect UTF-8/16/32 (and a UTF-8 BOM), then decode.
+        return _STRICT_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except json.JSONDecodeError:
         raise
     except _StrictJSONError as exc:

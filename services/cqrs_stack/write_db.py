@@ -12,8 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .db import driver_connection
 from .events import Command
 
-# One statement, hence one round trip and one commit (autocommit) per group of commands.
+# One statement, hence one round trip and one commit (autocommit) per group of commands. It
+# also marks the previous groups whose events reached the stream ($4), which saves a commit of
+# their own (a data-modifying WITH runs whether or not the INSERT reads it).
 _INSERT_COMMANDS = """
+    WITH marked AS (
+        UPDATE commands SET published = true WHERE id = ANY($4::bigint[]) AND NOT published
+    )
     INSERT INTO commands (key, value, event_type)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
     RETURNING id, key, value, event_type, created_at
@@ -44,8 +49,11 @@ def _command(row: Sequence[object]) -> Command:
 async def insert_commands(
     pool: asyncpg.Pool,
     items: Sequence[tuple[str, str, str]],
+    published: Sequence[int] = (),
 ) -> list[Command]:
     """Store (key, value, event_type) items in one transaction; return them with positions.
+
+    In the same transaction, mark the commands at ``published`` as published.
 
     One statement on the asyncpg connection, its own transaction. The result is in the order
     of ``items``: the sequence hands out ids in the order unnest produces rows, so sorting by
@@ -53,7 +61,7 @@ async def insert_commands(
     """
     keys, values, types = (list(column) for column in zip(*items, strict=True))
     async with driver_connection(pool) as conn:
-        rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types)
+        rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types, list(published))
     return sorted((Command(*row) for row in rows), key=lambda c: c.position)
 
 

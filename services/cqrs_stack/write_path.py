@@ -42,11 +42,18 @@ class _Pending:
     done: asyncio.Future[WriteResult]
 
 
+# How long published marks may wait for the next batch's transaction before they are written
+# in one of their own: far below the publisher's grace, so that they are never sent twice.
+_MARK_DELAY = 0.2
+
+
 class CommandWriter:
     """Batches concurrent writes: one transaction and one pipelined XADD per batch.
 
     Under load, requests that arrive while a batch is committing form the next batch, so
-    throughput grows with concurrency while a lone request still commits at once.
+    throughput grows with concurrency while a lone request still commits at once. That a
+    batch's events reached the stream is recorded in the next batch's transaction (or alone,
+    after ``_MARK_DELAY`` without writes): a lost mark only means a harmless duplicate publish.
     """
 
     def __init__(self, pool: asyncpg.Pool, redis: Redis, settings: Settings) -> None:
@@ -55,7 +62,7 @@ class CommandWriter:
         self._settings = settings
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._marking: set[asyncio.Task[None]] = set()
+        self._published: list[int] = []  # in the stream, not yet marked in the write DB
 
     def start(self) -> None:
         """Start the batching task (call once, inside the running event loop)."""
@@ -68,8 +75,7 @@ class CommandWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._marking:
-            await asyncio.gather(*self._marking, return_exceptions=True)
+        await self._mark_alone()
 
     async def write(self, key: str, value: str, event_type: str) -> WriteResult:
         """Store one command; return once it is committed (and published, if Redis is up)."""
@@ -79,7 +85,15 @@ class CommandWriter:
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            if self._published and self._queue.empty():
+                try:
+                    first = await asyncio.wait_for(self._queue.get(), _MARK_DELAY)
+                except TimeoutError:
+                    await self._mark_alone()
+                    continue
+            else:
+                first = await self._queue.get()
+            batch = [first]
             while len(batch) < self._settings.write_batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
@@ -90,11 +104,13 @@ class CommandWriter:
 
     async def _commit_and_publish(self, batch: list[_Pending]) -> None:
         WRITE_BATCH_SIZE.observe(len(batch))
+        marks, self._published = self._published, []
         try:
             commands = await write_db.insert_commands(
-                self._pool, [(p.key, p.value, p.event_type) for p in batch]
+                self._pool, [(p.key, p.value, p.event_type) for p in batch], marks
             )
         except Exception as exc:  # every waiter must learn of the failure
+            self._published[:0] = marks
             for pending in batch:
                 if not pending.done.done():
                     pending.done.set_exception(exc)
@@ -114,22 +130,19 @@ class CommandWriter:
             log.warning("publish failed, events queued count=%d error=%s", len(commands), exc)
         else:
             EVENTS_PUBLISHED.inc(len(commands))
-            self._mark_published_later([c.position for c in commands])
+            self._published.extend(c.position for c in commands)
         for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
             if not pending.done.done():
                 pending.done.set_result(WriteResult(command, event_id))
 
-    def _mark_published_later(self, positions: list[int]) -> None:
-        # Off the request path: a lost mark only means a harmless duplicate publish later.
-        task = asyncio.create_task(self._mark(positions))
-        self._marking.add(task)
-        task.add_done_callback(self._marking.discard)
-
-    async def _mark(self, positions: list[int]) -> None:
+    async def _mark_alone(self) -> None:
+        marks, self._published = self._published, []
+        if not marks:
+            return
         try:
-            await write_db.mark_published_now(self._pool, positions)
+            await write_db.mark_published_now(self._pool, marks)
         except Exception as exc:
-            log.warning("marking published failed count=%d error=%s", len(positions), exc)
+            log.warning("marking published failed count=%d error=%s", len(marks), exc)
 
 
 async def publish_pending(

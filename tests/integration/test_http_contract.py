@@ -258,6 +258,26 @@ async def test_concurrent_reads_each_get_their_own_answer(api: httpx.AsyncClient
     assert final["read_count"] == 6 + 1  # six concurrent reads and this one
 
 
+async def test_published_marks_follow_the_writes(api: httpx.AsyncClient, stack: Stack) -> None:
+    # A batch's published mark rides in the next batch's transaction, or is written alone
+    # after a short idle delay: well before the relay's 2 s grace, so nothing is sent twice.
+    answers = await asyncio.gather(
+        *(api.post("/write", json={"key": f"m{i}", "value": "v"}) for i in range(40))
+    )
+    assert all(a.json()["queued"] is False for a in answers)
+
+    async def all_marked() -> bool:
+        return (
+            await stack.scalar(
+                stack.write_engine, "SELECT count(*) FROM commands WHERE NOT published"
+            )
+            == 0
+        )
+
+    await wait_until(all_marked, 1.5, "every command to be marked published")
+    assert await stack.redis.xlen(stack.settings.event_stream_name) == 40
+
+
 async def test_write_and_read_apis_run_as_separate_processes(stack: Stack) -> None:
     writer = await stack.launch("write-api")
     reader = await stack.launch("read-api")
