@@ -53,7 +53,10 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
     _add_error_handlers(app)
     # Starlette runs the middleware added last first: limits and metrics, then the hot paths.
     app.add_middleware(
-        HotPaths, reads=role in ("read-api", "api"), writes=role in ("write-api", "api")
+        HotPaths,
+        reads=role in ("read-api", "api"),
+        writes=role in ("write-api", "api"),
+        health=_health(role).model_dump_json().encode(),
     )
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     return app
@@ -64,11 +67,15 @@ def _resources(request: Request) -> Resources:
     return resources
 
 
+def _health(role: Role) -> HealthResponse:
+    return HealthResponse(service=f"cqrs-stack-{role}", version=__version__)
+
+
 def _add_operational_routes(app: FastAPI, role: Role) -> None:
     @app.get("/health", response_model=HealthResponse, tags=["operations"])
     async def health() -> HealthResponse:
         """Liveness: answers as long as the event loop runs; touches no dependency."""
-        return HealthResponse(service=f"cqrs-stack-{role}", version=__version__)
+        return _health(role)
 
     @app.get(
         "/ready",

@@ -114,7 +114,7 @@ class Bench:
     # -- phases --------------------------------------------------------------------------
 
     async def framework_ceiling(self) -> None:
-        """GET /health at 64 clients: what one API process answers with no database at all."""
+        """GET /health at 64 clients: one API process's HTTP ceiling (no database, no route)."""
         result = await closed_loop(
             self.api.port,
             64,
