@@ -51,15 +51,19 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
         app.include_router(read_api.router)
     _add_operational_routes(app, role)
     _add_error_handlers(app)
-    # Starlette runs the middleware added last first: limits and metrics, then the hot paths.
-    app.add_middleware(
-        HotPaths,
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def create_server_app(settings: Settings, role: Role) -> HotPaths:
+    """What the HTTP server runs: the app of ``role`` behind the hot-path layer."""
+    return HotPaths(
+        create_app(settings, role),
         reads=role in ("read-api", "api"),
         writes=role in ("write-api", "api"),
         health=_health(role).model_dump_json().encode(),
+        max_body_bytes=settings.max_body_bytes,
     )
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
-    return app
 
 
 def _resources(request: Request) -> Resources:

@@ -38,7 +38,7 @@ def configure_logging(level: str) -> None:
 def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from .app import create_app
+    from .app import create_server_app
 
     log.info(
         "starting role=%s host=%s port=%d write_db=%s read_db=%s redis=%s",
@@ -50,7 +50,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         redact_url(settings.redis_url),
     )
     uvicorn.run(
-        create_app(settings, role),
+        create_server_app(settings, role),
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),

@@ -1,23 +1,26 @@
-"""The hot routes' ordinary requests, answered without the framework's per-request work.
+"""The process's ASGI entry: ordinary hot requests answered without the framework's work.
 
-For every call FastAPI resolves dependencies, validates parameters into a signature and builds
-Request objects: on one core that costs more than the database round trip, and it caps reads
-and writes at about a third of what the HTTP server can carry. This layer answers a valid
-``GET /read/{key}`` (no query), ``POST``/``PUT /write`` and ``GET /health`` directly, with the
-same models and answer functions as the routes, and hands everything else (bad input,
-refusals, parameters) to FastAPI, so every refusal still comes from one place and one shape.
+For every call FastAPI resolves dependencies, validates parameters into a signature, builds
+Request objects and passes through its middleware stack: on one core that costs more than the
+database round trip, and it capped reads and writes at about a third of what the HTTP server
+can carry. This layer, in front of the FastAPI app, answers a valid ``GET /read/{key}`` (no
+query), ``POST``/``PUT /write`` and ``GET /health`` directly, with the same models and answer
+functions as the routes. Everything else (bad input, refusals, other routes, parameters) goes
+to the app, so every refusal still comes from one place and has one shape.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import time
 
+from fastapi import FastAPI
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from . import metrics
 from .errors import dependency_error
 from .events import RECORD_CREATED, RECORD_UPDATED
-from .middleware import read_body, replay
+from .middleware import is_json, read_body, replay
 from .models import MAX_KEY_LENGTH, WriteRequest, parse_json_body
 from .read_api import read_answer
 from .resources import Resources
@@ -26,97 +29,112 @@ from .write_api import token_accepted, write_answer
 _READ_PREFIX = "/read/"
 _EVENT_TYPES = {"POST": RECORD_CREATED, "PUT": RECORD_UPDATED}
 _JSON_HEADERS = (b"content-type", b"application/json")
-
-
-class _Route(NamedTuple):
-    """What the router would have put in ``scope["route"]``, as far as metrics look at it."""
-
-    path: str
-
-
-_READ_ROUTE = _Route("/read/{key:key}")
-_WRITE_ROUTE = _Route("/write")
-_HEALTH_ROUTE = _Route("/health")
+# Route templates, as the app's request metrics label them.
+_READ_ROUTE, _WRITE_ROUTE, _HEALTH_ROUTE = "/read/{key:key}", "/write", "/health"
 
 
 class HotPaths:
-    """ASGI layer: serves valid reads and writes itself, passes every other request on."""
+    """Serves valid reads, writes and liveness probes itself; passes every other request on."""
 
-    def __init__(self, app: ASGIApp, *, reads: bool, writes: bool, health: bytes) -> None:
+    def __init__(
+        self, app: FastAPI, *, reads: bool, writes: bool, health: bytes, max_body_bytes: int
+    ) -> None:
         self.app = app
         self.reads = reads
         self.writes = writes
         # Liveness probes come every few seconds from every kubelet: answered here, a probe
         # costs a fraction of a route's call and waits less behind a busy event loop.
         self.health = health
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
+            started = time.perf_counter()
             method, path = scope["method"], scope["path"]
-            if method == "GET" and path.startswith(_READ_PREFIX) and not scope["query_string"]:
-                if self.reads and await self._read(scope, receive, send):
+            if method == "GET" and not scope["query_string"] and not _has_body(scope):
+                if path == "/health":
+                    await _send_json(send, self.health)
+                    metrics.observe_request(_HEALTH_ROUTE, method, 200, started)
+                    return
+                key = path[len(_READ_PREFIX) :]
+                if self.reads and path.startswith(_READ_PREFIX) and _valid_key(key):
+                    status = await self._read(key, scope, receive, send)
+                    metrics.observe_request(_READ_ROUTE, method, status, started)
                     return
             elif path == "/write" and method in _EVENT_TYPES and self.writes:
-                await self._write(scope, receive, send)
-                return
-            elif path == "/health" and method == "GET":
-                scope["route"] = _HEALTH_ROUTE
-                await _send_json(send, self.health)
-                return
+                if self._plain_json_body(scope):
+                    written = await self._write(scope, receive, send)
+                    if written is not None:
+                        metrics.observe_request(_WRITE_ROUTE, method, written, started)
+                    return
         await self.app(scope, receive, send)
 
-    async def _read(self, scope: Scope, receive: Receive, send: Send) -> bool:
-        key = scope["path"][len(_READ_PREFIX) :]
-        if not key or len(key) > MAX_KEY_LENGTH or "\x00" in key:
-            return False  # the route's validation answers 422
-        scope["route"] = _READ_ROUTE
-        resources: Resources = scope["app"].state.resources
+    async def _read(self, key: str, scope: Scope, receive: Receive, send: Send) -> int:
+        resources: Resources = self.app.state.resources
         try:
             answer = await read_answer(resources, key)
         except Exception as exc:
-            await _dependency_down(exc, scope, receive, send)
-            return True
+            return await _dependency_down(exc, scope, receive, send)
         await _send_json(send, answer)
-        return True
+        return 200
 
-    async def _write(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope["method"]
-        scope["route"] = _WRITE_ROUTE
+    async def _write(self, scope: Scope, receive: Receive, send: Send) -> int | None:
+        """Answer a write; None when the app answered it instead (it counts it) or no one."""
         raw = await read_body(receive)
         if raw is None:
-            return  # the client went away
-        resources: Resources = scope["app"].state.resources
+            return None  # the client went away
+        resources: Resources = self.app.state.resources
         try:
             body = WriteRequest.model_validate(parse_json_body(raw))
         except ValueError:  # malformed JSON or a validation error: the route explains it
             await self.app(scope, replay([raw], None), send)
-            return
+            return None
         if not token_accepted(resources.settings, _header(scope, b"authorization")):
             await self.app(scope, replay([raw], None), send)
-            return
+            return None
         try:
-            answer = await write_answer(resources, body, _EVENT_TYPES[method])
+            answer = await write_answer(resources, body, _EVENT_TYPES[scope["method"]])
         except HTTPException:  # a refusal before anything was stored (value too large)
             await self.app(scope, replay([raw], None), send)
-            return
+            return None
         except Exception as exc:
-            await _dependency_down(exc, scope, receive, send)
-            return
+            return await _dependency_down(exc, scope, receive, send)
         await _send_json(send, answer.model_dump_json().encode())
+        return 200
+
+    def _plain_json_body(self, scope: Scope) -> bool:
+        """A body the app's RequestGuard would let through: JSON, with a length in bounds."""
+        length = _header(scope, b"content-length")
+        content_type = _header(scope, b"content-type")
+        return (
+            length.isdigit()
+            and int(length) <= self.max_body_bytes
+            and is_json(content_type.encode("latin-1") if content_type else None)
+        )
+
+
+def _valid_key(key: str) -> bool:
+    # The route's own constraints; a key outside them is left to the route's 422.
+    return 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key
+
+
+def _has_body(scope: Scope) -> bool:
+    return any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"])
 
 
 def _header(scope: Scope, name: bytes) -> str:
     for key, value in scope["headers"]:
-        if key.lower() == name:
+        if key == name:  # the server hands header names in lower case
             return str(value.decode("latin-1"))
     return ""
 
 
-async def _dependency_down(exc: Exception, scope: Scope, receive: Receive, send: Send) -> None:
+async def _dependency_down(exc: Exception, scope: Scope, receive: Receive, send: Send) -> int:
     answer = dependency_error(exc)
     if answer is None:
         raise exc
     await answer(scope, receive, send)
+    return answer.status_code
 
 
 async def _send_json(send: Send, body: bytes) -> None:

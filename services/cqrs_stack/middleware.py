@@ -59,12 +59,11 @@ class RequestGuard:
         if length is not None and int(length) > self.max_body_bytes:
             return self._too_large()
         if scope["method"] in ("POST", "PUT") and scope["path"] == "/write":
-            content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
-            if content_type.split(";")[0].strip().lower() not in ("application/json", ""):
+            content_type = headers.get(b"content-type")
+            if content_type is not None and not is_json(content_type):
+                given = content_type.decode("latin-1")[:100]
                 return error_response(
-                    415,
-                    "unsupported_media_type",
-                    f"send the body as application/json, not {content_type[:100]}",
+                    415, "unsupported_media_type", f"send the body as application/json, not {given}"
                 )
         return None
 
@@ -85,6 +84,14 @@ class RequestGuard:
                 return None
             if not message.get("more_body", False):
                 return replay([b"".join(chunks)], None)
+
+
+def is_json(content_type: bytes | None) -> bool:
+    """Is a Content-Type header (None: absent, as the original service accepted) JSON?"""
+    if content_type is None:
+        return True
+    media_type = content_type.decode("latin-1").split(";")[0].strip().lower()
+    return media_type in ("application/json", "")
 
 
 def replay(chunks: list[bytes], final: Message | None) -> Receive:
