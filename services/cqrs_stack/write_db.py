@@ -12,21 +12,25 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .db import driver_connection
 from .events import Command
 
+# Marking commands whose events reached the stream; {ids} is the array parameter, spelled as
+# the caller's driver wants it (asyncpg: $n, SQLAlchemy: :name).
+_MARK_PUBLISHED_SQL = "UPDATE commands SET published = true WHERE id = ANY({ids}) AND NOT published"
+
 # One statement, hence one round trip and one commit (autocommit) per group of commands. It
 # also marks the previous groups whose events reached the stream ($4), which saves a commit of
 # their own (a data-modifying WITH runs whether or not the INSERT reads it).
-_INSERT_COMMANDS = """
-    WITH marked AS (
-        UPDATE commands SET published = true WHERE id = ANY($4::bigint[]) AND NOT published
-    )
+_INSERT_COMMANDS = f"""
+    WITH marked AS ({_MARK_PUBLISHED_SQL.format(ids="$4::bigint[]")})
     INSERT INTO commands (key, value, event_type)
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
     RETURNING id, key, value, event_type, created_at
 """
 
-_MARK_PUBLISHED = text(
-    "UPDATE commands SET published = true WHERE id = ANY(:ids) AND NOT published"
-).bindparams(bindparam("ids", type_=ARRAY(BigInteger)))
+_MARK_PUBLISHED_NOW = _MARK_PUBLISHED_SQL.format(ids="$1::bigint[]")
+
+_MARK_PUBLISHED = text(_MARK_PUBLISHED_SQL.format(ids=":ids")).bindparams(
+    bindparam("ids", type_=ARRAY(BigInteger))
+)
 
 _UNPUBLISHED = text(
     """
@@ -69,11 +73,7 @@ async def mark_published_now(pool: asyncpg.Pool, positions: Sequence[int]) -> No
     """Record, in a statement of its own, that these commands' events reached the stream."""
     if positions:
         async with driver_connection(pool) as conn:
-            await conn.execute(
-                "UPDATE commands SET published = true WHERE id = ANY($1::bigint[])"
-                " AND NOT published",
-                list(positions),
-            )
+            await conn.execute(_MARK_PUBLISHED_NOW, list(positions))
 
 
 async def mark_published(conn: AsyncConnection, positions: Sequence[int]) -> None:
