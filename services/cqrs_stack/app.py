@@ -55,10 +55,13 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
     return app
 
 
-def create_server_app(settings: Settings, role: Role) -> HotPaths:
-    """What the HTTP server runs: the app of ``role`` behind the hot-path layer."""
+def create_server_app(settings: Settings, role: Role) -> HotPaths | FastAPI:
+    """What the HTTP server runs: the app of ``role``, behind the hot-path layer (HOT_PATHS)."""
+    app = create_app(settings, role)
+    if not settings.hot_paths:
+        return app
     return HotPaths(
-        create_app(settings, role),
+        app,
         reads=role in ("read-api", "api"),
         writes=role in ("write-api", "api"),
         health=_health(role).model_dump_json().encode(),

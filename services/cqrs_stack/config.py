@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     write_batch_max: int = Field(default=256, ge=1, le=10_000)
     redis_timeout: float = Field(default=2.0, gt=0)
     log_level: str = "info"
+    # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request
+    # goes through the framework, e.g. for FastAPI's own OpenTelemetry spans on every call.
+    hot_paths: bool = True
     # Off (empty) by default, as the original service had no authentication; when set,
     # POST/PUT /write require "Authorization: Bearer <token>".
     write_api_token: SecretStr = SecretStr("")

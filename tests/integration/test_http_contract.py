@@ -237,6 +237,26 @@ async def test_hot_paths_answer_as_the_routes_do(api: httpx.AsyncClient) -> None
     assert 'cqrs_http_requests_total{method="GET",route="/read/{key:key}",status="200"}' in metrics
 
 
+async def test_with_hot_paths_off_the_routes_answer_alike(stack: Stack) -> None:
+    # HOT_PATHS=false: every request through FastAPI; same answers, same metrics labels.
+    service = await stack.launch("api", HOT_PATHS="false")
+    await stack.launch("projector")
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+        write = await client.post("/write", json={"key": "cold", "value": "v"})
+        assert write.status_code == 200 and write.json()["queued"] is False
+        waited = await client.get(
+            "/read/cold", params={"position": write.json()["position"], "timeout": 5}
+        )
+        plain = (await client.get("/read/cold")).json()
+        assert plain["value"] == "v" and plain["position_reached"] is None
+        assert plain["read_count"] == waited.json()["read_count"] + 1
+        assert plain["created_at"] == write.json()["created_at"]
+        assert (await client.get("/health")).json()["status"] == "healthy"
+        metrics = (await client.get("/metrics")).text
+    assert 'cqrs_http_requests_total{method="POST",route="/write",status="200"}' in metrics
+    assert 'route="/read/{key:key}",status="200"' in metrics
+
+
 async def test_concurrent_reads_each_get_their_own_answer(api: httpx.AsyncClient) -> None:
     # Concurrent reads share one SELECT (read_db.RecordReader): each must still get its own
     # key's record, a missing key its own not-found answer, and every read must be counted.
