@@ -33,6 +33,10 @@ _ADD_READ_COUNTS = text(
 
 
 _Answer = asyncio.Future[dict[str, Any] | None]
+# A SELECT that overlapped a read-count flush waits this long for it, then runs again; after
+# this many tries it answers with what it has.
+_FLUSH_OVERLAP_WAIT = 0.1
+_FLUSH_OVERLAP_RETRIES = 3
 
 
 class RecordReader:
@@ -42,10 +46,15 @@ class RecordReader:
     query on one pooled connection, so under load the per-read cost of acquiring a connection
     and of a round trip is paid once per batch; a lone read still runs at once (next turn).
     A plain autocommit read: no transaction, no locks.
+
+    An answer's ``read_count`` is the row's plus the reads ``counter`` holds in memory. A
+    read-count flush that commits while the SELECT runs would leave it unknown whether the
+    row already has the flushed reads, so such a SELECT is run again once the flush is done.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, counter: ReadCounter) -> None:
         self._pool = pool
+        self._counter = counter
         self._waiting: dict[str, list[_Answer]] = {}
         self._fetching: set[asyncio.Task[None]] = set()
 
@@ -66,8 +75,7 @@ class RecordReader:
 
     async def _fetch(self, batch: dict[str, list[_Answer]]) -> None:
         try:
-            async with driver_connection(self._pool) as conn:
-                rows = await conn.fetch(_GET_RECORDS, list(batch))
+            rows = await self._select(list(batch))
         except asyncio.CancelledError:
             for answer in _flatten(batch):
                 answer.cancel()
@@ -83,6 +91,16 @@ class RecordReader:
             for answer in answers:
                 if not answer.done():
                     answer.set_result(dict(row) if row is not None else None)
+
+    async def _select(self, keys: list[str]) -> list[asyncpg.Record]:
+        for _ in range(_FLUSH_OVERLAP_RETRIES):
+            before = self._counter.flush_mark()
+            async with driver_connection(self._pool) as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(_GET_RECORDS, keys)
+            if before is not None and self._counter.flush_mark() == before:
+                return rows
+            await self._counter.wait_flushed(_FLUSH_OVERLAP_WAIT)
+        return rows  # a flush stuck on row locks: answer anyway, its counts may be off
 
 
 def _flatten(batch: dict[str, list[_Answer]]) -> list[_Answer]:
@@ -128,6 +146,9 @@ class ReadCounter:
         # Being written right now: still counted in answers until the UPDATE has committed.
         self._in_flight: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
+        self._flushes = 0
+        self._not_flushing = asyncio.Event()
+        self._not_flushing.set()
 
     def count(self, key: str) -> None:
         """Count one read of ``key``."""
@@ -143,6 +164,18 @@ class ReadCounter:
     def unflushed(self, key: str) -> int:
         """Reads of ``key`` counted here but not yet committed to the read DB."""
         return self._pending.get(key, 0) + self._in_flight.get(key, 0)
+
+    def flush_mark(self) -> int | None:
+        """None while a flush is under way, else how many flushes have started.
+
+        Equal marks before and after a SELECT mean no flush committed while it ran.
+        """
+        return self._flushes if self._not_flushing.is_set() else None
+
+    async def wait_flushed(self, within: float) -> None:
+        """Wait, at most ``within`` seconds, until no flush is under way."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._not_flushing.wait(), within)
 
     def start(self) -> None:
         """Start flushing periodically."""
@@ -162,6 +195,8 @@ class ReadCounter:
             return 0
         batch, self._pending = self._pending, Counter()
         self._in_flight = batch
+        self._flushes += 1
+        self._not_flushing.clear()
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(
@@ -172,6 +207,7 @@ class ReadCounter:
             raise
         finally:
             self._in_flight = Counter()
+            self._not_flushing.set()
         total = sum(batch.values())
         READ_COUNTS_FLUSHED.inc(total)
         return total

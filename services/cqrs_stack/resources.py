@@ -136,7 +136,7 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             resources.read_engine, settings.read_count_flush_interval
         )
         resources.read_counter.start()
-        resources.records = RecordReader(resources.read_pool)
+        resources.records = RecordReader(resources.read_pool, resources.read_counter)
     if role == "projector":
         resources.projector = Projector(
             settings,
