@@ -21,7 +21,14 @@ from .errors import dependency_error, error_response
 from .hot_paths import HotPaths
 from .middleware import RequestGuard
 from .models import ErrorResponse, HealthResponse, ReadinessResponse, StatsResponse
-from .resources import Resources, Role, close_resources, open_resources
+from .resources import (
+    Resources,
+    Role,
+    close_resources,
+    open_resources,
+    serves_reads,
+    serves_writes,
+)
 
 
 def create_app(settings: Settings, role: Role) -> FastAPI:
@@ -31,7 +38,7 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.resources = await open_resources(settings, role)
         # What exists now lives until exit: frozen, it is never scanned again, so a full
-        # collection under load walks only request garbage (tens of ms of pause otherwise).
+        # collection under load walks only request garbage, not every object of start-up.
         gc.collect()
         gc.freeze()
         try:
@@ -45,9 +52,9 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
         description="CQRS key-value store: commands in PostgreSQL, events in Redis Streams.",
         lifespan=lifespan,
     )
-    if role in ("write-api", "api"):
+    if serves_writes(role):
         app.include_router(write_api.router)
-    if role in ("read-api", "api"):
+    if serves_reads(role):
         app.include_router(read_api.router)
     _add_operational_routes(app, role)
     _add_error_handlers(app)
@@ -62,8 +69,8 @@ def create_server_app(settings: Settings, role: Role) -> HotPaths | FastAPI:
         return app
     return HotPaths(
         app,
-        reads=role in ("read-api", "api"),
-        writes=role in ("write-api", "api"),
+        reads=serves_reads(role),
+        writes=serves_writes(role),
         health=_health(role).model_dump_json().encode(),
         max_body_bytes=settings.max_body_bytes,
     )

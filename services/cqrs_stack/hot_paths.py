@@ -51,7 +51,9 @@ class HotPaths:
         if scope["type"] == "http" and not scope.get("root_path"):
             started = time.perf_counter()
             method, path = scope["method"], scope["path"]
-            if method == "GET" and not scope["query_string"] and not _has_body(scope):
+            headers = dict(scope["headers"])  # names come in lower case from the server
+            has_body = b"content-length" in headers or b"transfer-encoding" in headers
+            if method == "GET" and not scope["query_string"] and not has_body:
                 if path == "/health":
                     await _send_json(send, self.health)
                     metrics.observe_request(_HEALTH_ROUTE, method, 200, started)
@@ -62,8 +64,8 @@ class HotPaths:
                     metrics.observe_request(_READ_ROUTE, method, status, started)
                     return
             elif path == "/write" and method in _EVENT_TYPES and self.writes:
-                if self._plain_json_body(scope):
-                    written = await self._write(scope, receive, send)
+                if self._plain_json_body(headers):
+                    written = await self._write(scope, receive, send, headers)
                     if written is not None:
                         metrics.observe_request(_WRITE_ROUTE, method, written, started)
                     return
@@ -78,7 +80,9 @@ class HotPaths:
         await _send_json(send, answer)
         return 200
 
-    async def _write(self, scope: Scope, receive: Receive, send: Send) -> int | None:
+    async def _write(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]
+    ) -> int | None:
         """Answer a write; None when the app answered it instead (it counts it) or no one."""
         raw = await read_body(receive)
         if raw is None:
@@ -89,7 +93,8 @@ class HotPaths:
         except ValueError:  # malformed JSON or a validation error: the route explains it
             await self.app(scope, replay([raw], None), send)
             return None
-        if not token_accepted(resources.settings, _header(scope, b"authorization")):
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if not token_accepted(resources.settings, authorization):
             await self.app(scope, replay([raw], None), send)
             return None
         try:
@@ -102,31 +107,19 @@ class HotPaths:
         await _send_json(send, answer.model_dump_json().encode())
         return 200
 
-    def _plain_json_body(self, scope: Scope) -> bool:
+    def _plain_json_body(self, headers: dict[bytes, bytes]) -> bool:
         """A body the app's RequestGuard would let through: JSON, with a length in bounds."""
-        length = _header(scope, b"content-length")
-        content_type = _header(scope, b"content-type")
+        length = headers.get(b"content-length", b"")
         return (
             length.isdigit()
             and int(length) <= self.max_body_bytes
-            and is_json(content_type.encode("latin-1") if content_type else None)
+            and is_json(headers.get(b"content-type"))
         )
 
 
 def _valid_key(key: str) -> bool:
     # The route's own constraints; a key outside them is left to the route's 422.
     return 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key
-
-
-def _has_body(scope: Scope) -> bool:
-    return any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"])
-
-
-def _header(scope: Scope, name: bytes) -> str:
-    for key, value in scope["headers"]:
-        if key == name:  # the server hands header names in lower case
-            return str(value.decode("latin-1"))
-    return ""
 
 
 async def _dependency_down(exc: Exception, scope: Scope, receive: Receive, send: Send) -> int:

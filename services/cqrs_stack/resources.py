@@ -30,6 +30,16 @@ Role = Literal["write-api", "read-api", "api", "projector"]
 ROLES: tuple[Role, ...] = ("write-api", "read-api", "api", "projector")
 
 
+def serves_writes(role: Role) -> bool:
+    """Does a process of ``role`` serve /write?"""
+    return role in ("write-api", "api")
+
+
+def serves_reads(role: Role) -> bool:
+    """Does a process of ``role`` serve /read?"""
+    return role in ("read-api", "api")
+
+
 @dataclass
 class Resources:
     """Connections and background work of one process."""
@@ -51,12 +61,12 @@ class Resources:
     @property
     def writes(self) -> bool:
         """Does this process serve /write?"""
-        return self.role in ("write-api", "api")
+        return serves_writes(self.role)
 
     @property
     def reads(self) -> bool:
         """Does this process serve /read?"""
-        return self.role in ("read-api", "api")
+        return serves_reads(self.role)
 
     def check_value_size(self, value: str) -> None:
         """Refuse a value larger than MAX_VALUE_BYTES with a 413 that names the limit."""

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest_asyncio
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cqrs_stack import db
 from cqrs_stack.read_db import ReadCounter, RecordReader
@@ -35,22 +35,28 @@ async def read_pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-async def _flush_held_by_a_row_lock(
+@asynccontextmanager
+async def flush_held_by_a_row_lock(
     stack: Stack, counter: ReadCounter, reads: int
-) -> tuple[asyncio.Task[int], AsyncConnection]:
-    """Count ``reads`` reads of k, lock k's row elsewhere and start a flush that waits on it."""
+) -> AsyncIterator[asyncio.Task[int]]:
+    """Count ``reads`` reads of k, lock k's row elsewhere and start a flush that waits on it.
+
+    The lock is released when the block ends, and the flush is then awaited (bounded).
+    """
     for _ in range(reads):
         counter.count("k")
-    blocker = await stack.read_engine.connect()
-    await blocker.begin()
-    await blocker.execute(text("SELECT 1 FROM records WHERE key = 'k' FOR UPDATE"))
-    flush = asyncio.create_task(counter.flush())
-    try:
-        await wait_until(_waiting_on_a_lock(stack, counter), 10, "the flush to wait on the lock")
-    except BaseException:
-        await blocker.close()
-        raise
-    return flush, blocker
+    async with stack.read_engine.connect() as blocker:
+        await blocker.begin()
+        await blocker.execute(text("SELECT 1 FROM records WHERE key = 'k' FOR UPDATE"))
+        flush = asyncio.create_task(counter.flush())
+        try:
+            await wait_until(
+                _waiting_on_a_lock(stack, counter), 10, "the flush to wait on the lock"
+            )
+            yield flush
+        finally:
+            await blocker.commit()
+    await asyncio.wait_for(flush, 10)
 
 
 def _waiting_on_a_lock(stack: Stack, counter: ReadCounter) -> Callable[[], Awaitable[bool]]:
@@ -71,17 +77,12 @@ async def test_a_read_during_a_flush_answers_after_it(
 ) -> None:
     counter = ReadCounter(stack.read_engine, interval=3600)
     reader = RecordReader(read_pool, counter)
-    flush, blocker = await _flush_held_by_a_row_lock(stack, counter, reads=3)
-
-    try:
+    async with flush_held_by_a_row_lock(stack, counter, reads=3) as flush:
         read = asyncio.create_task(reader.get("k"))
         # The read waits for the held flush (its retries take 0.3 s before it gives up).
         done, _ = await asyncio.wait({read}, timeout=0.2)
         assert not done
-    finally:
-        await blocker.commit()
-        await blocker.close()
-    assert await asyncio.wait_for(flush, 10) == 3
+    assert flush.result() == 3
     record = await asyncio.wait_for(read, 10)
 
     assert record is not None
@@ -94,12 +95,7 @@ async def test_a_flush_stuck_on_locks_does_not_hold_reads_for_long(
 ) -> None:
     counter = ReadCounter(stack.read_engine, interval=3600)
     reader = RecordReader(read_pool, counter)
-    flush, blocker = await _flush_held_by_a_row_lock(stack, counter, reads=2)
-    try:
+    async with flush_held_by_a_row_lock(stack, counter, reads=2):
         record = await asyncio.wait_for(reader.get("k"), 5)  # bounded retries, then answers
         assert record is not None
         assert record["read_count"] + counter.unflushed("k") == 2
-    finally:
-        await blocker.commit()
-        await blocker.close()
-        await asyncio.wait_for(flush, 10)
