@@ -17,7 +17,13 @@ from starlette.routing import Match
 
 from . import __version__, figures, metrics, read_api, write_api
 from .config import Settings
-from .errors import dependency_error, error_response
+from .errors import (
+    InvalidRequest,
+    RequestRefused,
+    dependency_error,
+    describe_errors,
+    error_response,
+)
 from .hot_paths import HotPaths
 from .middleware import RequestGuard
 from .models import ErrorResponse, HealthResponse, ReadinessResponse, StatsResponse
@@ -125,14 +131,6 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
         return Response(body, media_type=content_type)
 
 
-def _describe(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for err in errors[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query"))
-        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
-
-
 def _allowed_methods(request: Request) -> str:
     """Every method the request's path accepts, over all routes (a route match may be PARTIAL)."""
     methods: set[str] = set()
@@ -145,15 +143,15 @@ def _allowed_methods(request: Request) -> str:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Path and query parameters (a write's body is read by models.parse_write_request).
         errors = [
             {k: v for k, v in err.items() if k in ("type", "loc", "msg")} for err in exc.errors()
         ]
-        for err in exc.errors():
-            if err.get("type") == "json_invalid":
-                why = (err.get("ctx") or {}).get("error", "")
-                message = f"the body is not valid JSON: {why}"
-                return error_response(400, "malformed_json", message, errors)
-        return error_response(422, "invalid_request", _describe(errors), errors)
+        return InvalidRequest(describe_errors(errors), errors).response()
+
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, exc: RequestRefused) -> JSONResponse:
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
@@ -22,6 +22,64 @@ def error_response(
     if detail is not None:
         body["detail"] = jsonable_encoder(detail)
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class RequestRefused(Exception):
+    """A request refused before anything is stored; each subclass is one status and code."""
+
+    status: ClassVar[int] = 400
+    error: ClassVar[str] = "bad_request"
+
+    def __init__(self, message: str, detail: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def response(self) -> JSONResponse:
+        """The ``ErrorResponse`` answer of this refusal."""
+        return error_response(self.status, self.error, self.message, self.detail)
+
+
+class DuplicateHeader(RequestRefused):
+    """A header that must come once came more than once (which copy counts is ambiguous)."""
+
+    error = "duplicate_header"
+
+
+class MalformedJSON(RequestRefused):
+    """The body is not strict JSON (RFC 8259)."""
+
+    error = "malformed_json"
+
+
+class TooLarge(RequestRefused):
+    """The body or the value is over its limit."""
+
+    status = 413
+    error = "too_large"
+
+
+class UnsupportedMediaType(RequestRefused):
+    """The body's Content-Type is not JSON."""
+
+    status = 415
+    error = "unsupported_media_type"
+
+
+class InvalidRequest(RequestRefused):
+    """Valid JSON, but not what the route takes (a field missing, of the wrong type...)."""
+
+    status = 422
+    error = "invalid_request"
+
+
+def describe_errors(errors: list[dict[str, Any]]) -> str:
+    """One line for the first validation errors: ``field: what is wrong; ...``."""
+    parts = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query"))
+        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def dependency_error(exc: BaseException) -> JSONResponse | None:

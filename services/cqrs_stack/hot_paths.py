@@ -5,8 +5,10 @@ Request objects and passes through its middleware stack: on one core that costs 
 database round trip, and it capped reads and writes at about a third of what the HTTP server
 can carry. This layer, in front of the FastAPI app, answers a valid ``GET /read/{key}`` (no
 query), ``POST``/``PUT /write`` and ``GET /health`` directly, with the same models and answer
-functions as the routes. Everything else (bad input, refusals, other routes, parameters) goes
-to the app, so every refusal still comes from one place and has one shape.
+functions as the routes, and reads a write's body with the routes' one parser
+(``models.parse_write_request``). Everything else (bad input, refusals, duplicate headers,
+chunked bodies, other routes, parameters) goes to the app, so every refusal still comes from
+one place and has one shape.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import metrics
-from .errors import dependency_error
+from .config import Settings
+from .errors import DuplicateHeader, RequestRefused, dependency_error
 from .events import RECORD_CREATED, RECORD_UPDATED
-from .middleware import is_json, read_body, replay
-from .models import MAX_KEY_LENGTH, WriteRequest, parse_json_body
+from .middleware import read_body, replay, single_headers
+from .models import MAX_KEY_LENGTH, WriteRequest, parse_write_request
 from .read_api import read_answer
 from .resources import Resources
 from .write_api import token_accepted, write_answer
@@ -49,27 +52,36 @@ class HotPaths:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
-            started = time.perf_counter()
-            method, path = scope["method"], scope["path"]
-            headers = dict(scope["headers"])  # names come in lower case from the server
-            has_body = b"content-length" in headers or b"transfer-encoding" in headers
-            if method == "GET" and not scope["query_string"] and not has_body:
-                if path == "/health":
-                    await _send_json(send, self.health)
-                    metrics.observe_request(_HEALTH_ROUTE, method, 200, started)
-                    return
-                key = path[len(_READ_PREFIX) :]
-                if self.reads and path.startswith(_READ_PREFIX) and _valid_key(key):
-                    status = await self._read(key, scope, receive, send)
-                    metrics.observe_request(_READ_ROUTE, method, status, started)
-                    return
-            elif path == "/write" and method in _EVENT_TYPES and self.writes:
-                if self._plain_json_body(headers):
-                    written = await self._write(scope, receive, send, headers)
-                    if written is not None:
-                        metrics.observe_request(_WRITE_ROUTE, method, written, started)
-                    return
+            if await self._answer(scope, receive, send):
+                return
         await self.app(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Answer a hot request; False (nothing received, nothing sent) leaves it to the app."""
+        started = time.perf_counter()
+        try:
+            headers = single_headers(scope["headers"])
+        except DuplicateHeader:
+            return False  # the app's RequestGuard refuses it, as on every path
+        method, path = scope["method"], scope["path"]
+        has_body = b"content-length" in headers or b"transfer-encoding" in headers
+        if method == "GET" and not scope["query_string"] and not has_body:
+            if path == "/health":
+                await _send_json(send, self.health)
+                metrics.observe_request(_HEALTH_ROUTE, method, 200, started)
+                return True
+            key = path[len(_READ_PREFIX) :]
+            if self.reads and path.startswith(_READ_PREFIX) and _valid_key(key):
+                status = await self._read(key, scope, receive, send)
+                metrics.observe_request(_READ_ROUTE, method, status, started)
+                return True
+        elif path == "/write" and method in _EVENT_TYPES and self.writes:
+            if self._length_in_bounds(headers):
+                written = await self._write(scope, receive, send, headers)
+                if written is not None:
+                    metrics.observe_request(_WRITE_ROUTE, method, written, started)
+                return True
+        return False
 
     async def _read(self, key: str, scope: Scope, receive: Receive, send: Send) -> int:
         resources: Resources = self.app.state.resources
@@ -88,13 +100,8 @@ class HotPaths:
         if raw is None:
             return None  # the client went away
         resources: Resources = self.app.state.resources
-        try:
-            body = WriteRequest.model_validate(parse_json_body(raw))
-        except ValueError:  # malformed JSON or a validation error: the route explains it
-            await self.app(scope, replay([raw], None), send)
-            return None
-        authorization = headers.get(b"authorization", b"").decode("latin-1")
-        if not token_accepted(resources.settings, authorization):
+        body = _accepted_body(resources.settings, headers, raw)
+        if body is None:  # the route refuses it, with the same token check and parser
             await self.app(scope, replay([raw], None), send)
             return None
         try:
@@ -107,14 +114,30 @@ class HotPaths:
         await _send_json(send, answer.model_dump_json().encode())
         return 200
 
-    def _plain_json_body(self, headers: dict[bytes, bytes]) -> bool:
-        """A body the app's RequestGuard would let through: JSON, with a length in bounds."""
+    def _length_in_bounds(self, headers: dict[bytes, bytes]) -> bool:
+        """A body the app's RequestGuard would let through: a length, in bounds.
+
+        A chunked body (no length) goes to the app, whose guard reads it bounded; its route
+        then parses it with the same ``parse_write_request``.
+        """
         length = headers.get(b"content-length", b"")
-        return (
-            length.isdigit()
-            and int(length) <= self.max_body_bytes
-            and is_json(headers.get(b"content-type"))
+        return length.isdigit() and int(length) <= self.max_body_bytes
+
+
+def _accepted_body(
+    settings: Settings, headers: dict[bytes, bytes], raw: bytes
+) -> WriteRequest | None:
+    """The write's body when the route would take it (token, then body), else None."""
+    authorization = headers.get(b"authorization", b"").decode("latin-1")
+    if not token_accepted(settings, authorization):
+        return None
+    content_type = headers.get(b"content-type")
+    try:
+        return parse_write_request(
+            None if content_type is None else content_type.decode("latin-1"), raw
         )
+    except RequestRefused:
+        return None
 
 
 def _valid_key(key: str) -> bool:

@@ -7,13 +7,15 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
-from .errors import error_response
+from .errors import DuplicateHeader, RequestRefused, TooLarge
 
 _BODY_METHODS = ("POST", "PUT", "PATCH")
+# Headers whose copies could be read differently by two layers (first or last wins).
+_SINGLE_HEADERS = frozenset({b"authorization", b"content-type", b"content-length"})
 
 
 class RequestGuard:
-    """Refuses oversized or non-JSON bodies before any route runs, and records metrics."""
+    """Refuses ambiguous headers and oversized bodies before any route runs; records metrics."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -24,17 +26,19 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        headers = dict(scope["headers"])
-        refusal = self._refusal(scope, headers)
-        if refusal is not None:
-            await refusal(scope, receive, send)
+        try:
+            headers = single_headers(scope["headers"])
+            check_length(headers, self.max_body_bytes)
+        except RequestRefused as refused:
+            await refused.response()(scope, receive, send)
+            metrics.observe_request("unmatched", scope["method"], refused.status, started)
             return
         status = 500
         if b"content-length" not in headers and scope["method"] in _BODY_METHODS:
             # A chunked body has no length to check up front: read it here, bounded.
             bounded = await self._bounded_body(receive)
             if bounded is None:
-                await self._too_large()(scope, _no_body, send)
+                await _too_large(self.max_body_bytes).response()(scope, _no_body, send)
                 metrics.observe_request("unmatched", scope["method"], 413, started)
                 return
             receive = bounded
@@ -52,24 +56,6 @@ class RequestGuard:
             path = getattr(route, "path", "unmatched")
             metrics.observe_request(path, scope["method"], status, started)
 
-    def _refusal(self, scope: Scope, headers: dict[bytes, bytes]) -> ASGIApp | None:
-        length = headers.get(b"content-length")
-        if length is not None and not length.isdigit():
-            return error_response(400, "bad_request", "Content-Length must be a number of bytes")
-        if length is not None and int(length) > self.max_body_bytes:
-            return self._too_large()
-        if scope["method"] in ("POST", "PUT") and scope["path"] == "/write":
-            content_type = headers.get(b"content-type")
-            if content_type is not None and not is_json(content_type):
-                given = content_type.decode("latin-1")[:100]
-                return error_response(
-                    415, "unsupported_media_type", f"send the body as application/json, not {given}"
-                )
-        return None
-
-    def _too_large(self) -> ASGIApp:
-        return error_response(413, "too_large", f"request body over {self.max_body_bytes} bytes")
-
     async def _bounded_body(self, receive: Receive) -> Receive | None:
         """Read the whole body if it fits the limit and return a receive that replays it."""
         chunks: list[bytes] = []
@@ -86,12 +72,38 @@ class RequestGuard:
                 return replay([b"".join(chunks)], None)
 
 
-def is_json(content_type: bytes | None) -> bool:
-    """Is a Content-Type header (None: absent, as the original service accepted) JSON?"""
-    if content_type is None:
-        return True
-    media_type = content_type.decode("latin-1").split(";")[0].strip().lower()
-    return media_type in ("application/json", "")
+def single_headers(raw: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The request's headers by name; ``DuplicateHeader`` when one that must be single repeats.
+
+    Two ``Authorization`` or ``Content-Type`` headers are ambiguous: one layer would keep the
+    first, another the last (a proxy, a log, the hot path, the routes), and a wrong token
+    followed by the right one must not pass anywhere. So none of them is chosen: 400.
+    """
+    headers = dict(raw)  # names come in lower case from the server
+    if len(headers) != len(raw):  # some name repeats: rare, so only then look at which
+        seen: set[bytes] = set()
+        for name, _ in raw:
+            if name in seen and name in _SINGLE_HEADERS:
+                raise DuplicateHeader(
+                    f"the {name.decode('latin-1')} header came more than once; send it once"
+                )
+            seen.add(name)
+    return headers
+
+
+def check_length(headers: dict[bytes, bytes], max_body_bytes: int) -> None:
+    """Refuse a Content-Length that is not a number (400) or is over ``max_body_bytes`` (413)."""
+    length = headers.get(b"content-length")
+    if length is None:
+        return
+    if not length.isdigit():
+        raise RequestRefused("Content-Length must be a number of bytes")
+    if int(length) > max_body_bytes:
+        raise _too_large(max_body_bytes)
+
+
+def _too_large(max_body_bytes: int) -> TooLarge:
+    return TooLarge(f"request body over {max_body_bytes} bytes")
 
 
 def replay(chunks: list[bytes], final: Message | None) -> Receive:

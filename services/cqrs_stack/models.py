@@ -6,8 +6,10 @@ import json
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.convertors import Convertor, register_url_convertor
+
+from .errors import InvalidRequest, MalformedJSON, UnsupportedMediaType, describe_errors
 
 MAX_KEY_LENGTH = 255
 
@@ -112,6 +114,53 @@ class WriteRequest(BaseModel):
     value: Value
 
 
+def check_json_media_type(content_type: str | None) -> None:
+    """Refuse (415) a Content-Type that is not JSON.
+
+    As the original service: no Content-Type (or a blank one) means JSON, and so do
+    ``application/json`` and every ``application/<something>+json``, in any case and with any
+    parameters. A header with only parameters (``;charset=utf-8``) names no type: refused.
+    """
+    if content_type is None or not content_type.strip():
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    if kind == "application" and (subtype == "json" or subtype.endswith("+json")):
+        return
+    given = content_type[:100]
+    if not media_type:
+        message = f"the Content-Type {given!r} names no media type; send application/json"
+    else:
+        message = f"send the body as application/json, not {given}"
+    raise UnsupportedMediaType(message)
+
+
+def parse_write_request(content_type: str | None, raw: bytes) -> WriteRequest:
+    """The one reading of a write's body, by the hot path and the route alike.
+
+    Content type, then JSON, then fields: 415 ``UnsupportedMediaType``, 400 ``MalformedJSON``,
+    422 ``InvalidRequest``, each saying what is wrong. Whatever the framework does with bodies,
+    a write is answered the same on every path.
+    """
+    check_json_media_type(content_type)
+    if not raw:
+        missing = [{"type": "missing", "loc": ["body"], "msg": "Field required"}]
+        raise InvalidRequest("body: a JSON object with key and value is required", missing)
+    try:
+        document = parse_json_body(raw)
+    except json.JSONDecodeError as exc:
+        detail = [{"type": "json_invalid", "loc": ["body", exc.pos], "msg": "JSON decode error"}]
+        raise MalformedJSON(f"the body is not valid JSON: {exc.msg}", detail) from None
+    try:
+        return WriteRequest.model_validate(document)
+    except ValidationError as exc:
+        detail = [
+            {"type": err["type"], "loc": ["body", *err["loc"]], "msg": err["msg"]}
+            for err in exc.errors()
+        ]
+        raise InvalidRequest(describe_errors(detail), detail) from None
+
+
 class WriteResponse(BaseModel):
     """Answer to a write: the original fields plus the consistency token ``position``."""
 
@@ -164,6 +213,7 @@ class HealthResponse(BaseModel):
     """Liveness: the process answers."""
 
     status: str = "healthy"
+    layer: str = Field(default="7-cqrs", description="As the original service answered")
     service: str
     version: str
 

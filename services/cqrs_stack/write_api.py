@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from .config import Settings
 from .events import RECORD_CREATED, RECORD_UPDATED
-from .models import ErrorResponse, WriteRequest, WriteResponse, parse_json_body
+from .models import ErrorResponse, WriteRequest, WriteResponse, parse_write_request
 from .resources import Resources
 from .write_path import WriteResult
-
-
-class _StrictJSONRequest(Request):
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = parse_json_body(await self.body())
-        return self._json
-
-
-class StrictJSONRoute(APIRoute):
-    """A route whose JSON body is parsed strictly: duplicate keys or NaN answer 400."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def strict(request: Request) -> Response:
-            return await handler(_StrictJSONRequest(request.scope, request.receive))
-
-        return strict
 
 
 def token_accepted(settings: Settings, authorization: str) -> bool:
@@ -56,9 +35,26 @@ async def require_token(request: Request) -> None:
         )
 
 
-router = APIRouter(
-    tags=["write"], route_class=StrictJSONRoute, dependencies=[Depends(require_token)]
-)
+async def write_body(request: Request) -> WriteRequest:
+    """The write's body, read by ``parse_write_request`` exactly as the hot path reads it.
+
+    The framework's own body parsing is not used: its answer for a missing or odd
+    Content-Type has changed between releases, and the hot path must answer alike.
+    """
+    return parse_write_request(request.headers.get("content-type"), await request.body())
+
+
+# The router's dependency runs before the route's: a write without the token is refused (401)
+# before its body is read.
+router = APIRouter(tags=["write"], dependencies=[Depends(require_token)])
+WriteBody = Annotated[WriteRequest, Depends(write_body)]
+# The body is read by write_body, so the OpenAPI description of it is declared here.
+_REQUEST_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": WriteRequest.model_json_schema()}},
+    }
+}
 
 _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse},
@@ -73,6 +69,8 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 def _answer(result: WriteResult) -> WriteResponse:
     command = result.command
     queued = result.event_id is None
+    # The original service's words: a PUT answers "updated", a POST "written".
+    done = "updated" if command.event_type == RECORD_UPDATED else "written"
     return WriteResponse(
         key=command.key,
         event_id=result.event_id,
@@ -81,9 +79,9 @@ def _answer(result: WriteResult) -> WriteResponse:
         created_at=command.created_at,
         queued=queued,
         message=(
-            "Command written; event queued and will be published when the stream is reachable"
+            f"Command {done}; event queued and will be published when the stream is reachable"
             if queued
-            else "Command written and event published"
+            else f"Command {done} and event published"
         ),
     )
 
@@ -95,13 +93,13 @@ async def write_answer(resources: Resources, body: WriteRequest, event_type: str
     return _answer(await resources.writer.write(body.key, body.value, event_type))
 
 
-@router.post("/write", response_model=WriteResponse, responses=_ERRORS)
-async def create_record(request: Request, body: WriteRequest) -> WriteResponse:
+@router.post("/write", response_model=WriteResponse, responses=_ERRORS, openapi_extra=_REQUEST_BODY)
+async def create_record(request: Request, body: WriteBody) -> WriteResponse:
     """Store a command and publish a RecordCreated event."""
     return await write_answer(request.app.state.resources, body, RECORD_CREATED)
 
 
-@router.put("/write", response_model=WriteResponse, responses=_ERRORS)
-async def update_record(request: Request, body: WriteRequest) -> WriteResponse:
+@router.put("/write", response_model=WriteResponse, responses=_ERRORS, openapi_extra=_REQUEST_BODY)
+async def update_record(request: Request, body: WriteBody) -> WriteResponse:
     """Store a command and publish a RecordUpdated event."""
     return await write_answer(request.app.state.resources, body, RECORD_UPDATED)
