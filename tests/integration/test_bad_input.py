@@ -112,8 +112,9 @@ async def test_bad_read_is_refused_clearly(api: httpx.AsyncClient, path: str, st
     assert answer.json()["success"] is False
 
 
-async def test_write_token_when_configured(stack: Stack) -> None:
-    service = await stack.launch("write-api", WRITE_API_TOKEN="s3cret-token")
+@pytest.mark.parametrize("hot_paths", ["true", "false"])
+async def test_write_token_when_configured(stack: Stack, hot_paths: str) -> None:
+    service = await stack.launch("write-api", WRITE_API_TOKEN="s3cret-token", HOT_PATHS=hot_paths)
     body = {"key": "guarded", "value": "v"}
     async with httpx.AsyncClient(base_url=service.url) as client:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-token"}):
@@ -134,3 +135,24 @@ async def test_writes_need_no_token_by_default(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=service.url) as client:
         answer = await client.post("/write", json={"key": "open", "value": "v"})
     assert answer.status_code == 200
+
+
+@pytest.mark.parametrize("hot_paths", ["true", "false"])
+async def test_two_authorization_headers_are_refused(stack: Stack, hot_paths: str) -> None:
+    # Which copy counts is ambiguous (one layer keeps the first, another the last): a wrong
+    # token followed by the right one, or the reverse, must not pass on any path.
+    token = "s3cret-token"
+    service = await stack.launch("write-api", WRITE_API_TOKEN=token, HOT_PATHS=hot_paths)
+    right, wrong = ("authorization", f"Bearer {token}"), ("authorization", "Bearer wrong")
+    body = {"key": "guarded", "value": "v"}
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        for method in ("POST", "PUT"):
+            for headers in ([wrong, right], [right, wrong], [right, right]):
+                refused = await client.request(method, "/write", json=body, headers=headers)
+                assert refused.status_code == 400, (method, headers, refused.text)
+                assert refused.json()["error"] == "duplicate_header"
+                assert "authorization" in refused.json()["message"]
+        assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == 0
+        allowed = await client.post("/write", json=body, headers=[right])
+        assert allowed.status_code == 200, allowed.text
+    assert token not in service.log()
