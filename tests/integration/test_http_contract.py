@@ -7,12 +7,18 @@ on fresh databases of two separate PostgreSQL servers and a real Redis.
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
+import pytest
 import pytest_asyncio
+from sqlalchemy import text
 
-from tests.fixtures.stack import ServiceProcess, Stack, wait_until
+from cqrs_stack.localservers import PostgresServer, RedisServer
+from tests.fixtures.stack import ServiceProcess, Stack, open_stack, wait_until
 
 
 @pytest_asyncio.fixture
@@ -310,3 +316,172 @@ async def test_write_and_read_apis_run_as_separate_processes(stack: Stack) -> No
             f"{reader.url}/read/x", params={"position": body["position"], "timeout": 5}
         )
         assert read.json()["value"] == "1"
+
+
+# The original service's own suite, as its clients rely on it: each of its HTTP expectations,
+# asserted on both paths (hot paths on and off). One stack and one API per path for them all.
+
+
+@dataclass
+class Original:
+    """The combined API of one path (with a projector), as the original service's clients see it."""
+
+    client: httpx.AsyncClient
+    stack: Stack
+
+
+@pytest_asyncio.fixture(scope="module", params=["true", "false"], ids=["hot", "cold"])
+async def original(
+    request: pytest.FixtureRequest,
+    write_pg: PostgresServer,
+    read_pg: PostgresServer,
+    redis_server: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Original]:
+    names = f"orig{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    workdir = tmp_path_factory.mktemp("original")
+    async with open_stack(write_pg, read_pg, redis_server, names, workdir) as stack:
+        service = await stack.launch("api", HOT_PATHS=request.param)
+        await stack.launch("projector")
+        async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+            yield Original(client, stack)
+
+
+async def test_original_health_names_the_layer(original: Original) -> None:
+    answer = await original.client.get("/health")
+    assert answer.status_code == 200
+    assert answer.json()["status"] == "healthy"
+    assert answer.json()["layer"] == "7-cqrs"
+
+
+async def test_original_post_answers_and_stores(original: Original) -> None:
+    answer = await original.client.post("/write", json={"key": "o:post", "value": "first"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["success"] is True
+    assert body["key"] == "o:post"
+    assert body["event_id"] is not None
+    assert "event published" in body["message"].lower()
+    # In the write DB as soon as it is answered: the newest command of the key, key and value.
+    newest = await original.stack.scalar(
+        original.stack.write_engine,
+        "SELECT key || '=' || value FROM commands WHERE key = 'o:post' ORDER BY id DESC LIMIT 1",
+    )
+    assert newest == "o:post=first"
+
+
+async def test_original_put_answers_updated(original: Original) -> None:
+    await original.client.post("/write", json={"key": "o:put", "value": "v1"})
+    answer = await original.client.put("/write", json={"key": "o:put", "value": "v2"})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["success"] is True
+    assert body["event_id"] is not None
+    assert body["message"] == "Command updated and event published"
+    assert (await read_when_visible(original.client, "o:put", 2))["value"] == "v2"
+
+
+async def test_original_read_of_a_projected_key(original: Original) -> None:
+    await original.client.post("/write", json={"key": "o:read", "value": "shown"})
+    await read_when_visible(original.client, "o:read")
+    answer = await original.client.get("/read/o:read")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert (body["success"], body["key"], body["value"]) == (True, "o:read", "shown")
+    assert body["from_read_db"] is True
+    assert body["created_at"] is not None and body["updated_at"] is not None
+
+
+async def test_original_read_of_an_unknown_key(original: Original) -> None:
+    answer = await original.client.get("/read/o:never_written_12345")
+    assert answer.status_code == 200
+    assert answer.json()["success"] is False
+    assert "not found" in answer.json()["message"].lower()
+
+
+async def test_original_counts_rise(original: Original) -> None:
+    for i in range(3):
+        await original.client.post("/write", json={"key": "o:counts", "value": f"v{i}"})
+    first = (await read_when_visible(original.client, "o:counts", 3))["read_count"]
+    later = [(await original.client.get("/read/o:counts")).json()["read_count"] for _ in range(2)]
+    assert first < later[0] < later[1]
+
+    async def stored_counts() -> bool:
+        row = await original.stack.scalar(
+            original.stack.read_engine,
+            "SELECT write_count::text || '/' || (read_count > 0)::text FROM records"
+            " WHERE key = 'o:counts'",
+        )
+        return row == "3/true"
+
+    await wait_until(stored_counts, 10, "write_count 3 and the reads stored in the read DB")
+
+
+async def test_original_last_write_wins(original: Original) -> None:
+    for i in range(5):
+        answer = await original.client.post("/write", json={"key": "o:multi", "value": f"v_{i}"})
+        assert answer.status_code == 200
+    assert (await read_when_visible(original.client, "o:multi", 5))["value"] == "v_4"
+
+
+async def test_original_many_keys_reach_the_read_db(original: Original) -> None:
+    for i in range(10):
+        answer = await original.client.post("/write", json={"key": f"o:many_{i}", "value": "v"})
+        assert answer.status_code == 200
+
+    async def all_there() -> bool:
+        found = await original.stack.scalar(
+            original.stack.read_engine, "SELECT count(*) FROM records WHERE key LIKE 'o:many\\_%'"
+        )
+        return found == 10
+
+    await wait_until(all_there, 10, "the 10 keys in the read DB")
+
+
+async def test_original_read_model_columns(original: Original) -> None:
+    await original.client.post("/write", json={"key": "o:columns", "value": "denormalised"})
+    await read_when_visible(original.client, "o:columns")
+    async with original.stack.read_engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT key, value, created_at, updated_at, read_count, write_count"
+                    " FROM records WHERE key = 'o:columns'"
+                )
+            )
+        ).one()
+    assert row[:2] == ("o:columns", "denormalised")
+    assert row[2] is not None and row[3] is not None
+    assert isinstance(row[4], int) and isinstance(row[5], int)
+
+
+async def test_original_stats(original: Original) -> None:
+    answer = await original.client.get("/stats")
+    assert answer.status_code == 200
+    before = answer.json()
+    for name in (
+        "write_db_pool_size",
+        "read_db_pool_size",
+        "events_published",
+        "events_projected",
+        "read_db_records",
+        "write_db_records",
+    ):
+        assert isinstance(before[name], int), name
+    assert before["write_db_pool_size"] >= 0 and before["read_db_pool_size"] >= 0
+    await original.client.post("/write", json={"key": "o:stats", "value": "v"})
+
+    async def projected() -> bool:
+        stats = (await original.client.get("/stats")).json()
+        return bool(stats["events_projected"] > before["events_projected"])
+
+    await wait_until(projected, 10, "events_projected to count the write")
+
+
+async def test_original_tables_live_in_their_own_database(original: Original) -> None:
+    stack = original.stack
+    tables = "SELECT count(*) FROM information_schema.tables WHERE table_name = :name"
+    assert await stack.scalar(stack.write_engine, tables, name="commands") == 1
+    assert await stack.scalar(stack.read_engine, tables, name="records") == 1
+    assert await stack.scalar(stack.write_engine, tables, name="records") == 0
+    assert await stack.scalar(stack.read_engine, tables, name="commands") == 0
