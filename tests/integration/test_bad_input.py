@@ -122,6 +122,12 @@ async def test_write_token_when_configured(stack: Stack, hot_paths: str) -> None
             assert refused.status_code == 401, headers
             assert refused.json()["error"] == "unauthorized"
             assert refused.headers["www-authenticate"].startswith("Bearer")
+        # The token is checked before the body is read: no hint about the body without it.
+        for content, content_type in ((b"{", "application/json"), (b"k=v", "text/plain")):
+            refused = await client.post(
+                "/write", content=content, headers={"content-type": content_type}
+            )
+            assert refused.status_code == 401, refused.text
         assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == 0
         allowed = await client.put(
             "/write", json=body, headers={"authorization": "Bearer s3cret-token"}
