@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -114,6 +115,10 @@ class WriteRequest(BaseModel):
     value: Value
 
 
+# application/<subtype>, the subtype an RFC 9110 token (so "application/x, y+json" is no JSON).
+_JSON_MEDIA_TYPE = re.compile(r"application/([!#$%&'*+.^_`|~0-9a-z-]+)")
+
+
 def check_json_media_type(content_type: str | None) -> None:
     """Refuse (415) a Content-Type that is not JSON.
 
@@ -124,8 +129,8 @@ def check_json_media_type(content_type: str | None) -> None:
     if content_type is None or not content_type.strip():
         return
     media_type = content_type.split(";", 1)[0].strip().lower()
-    kind, _, subtype = media_type.partition("/")
-    if kind == "application" and (subtype == "json" or subtype.endswith("+json")):
+    json_type = _JSON_MEDIA_TYPE.fullmatch(media_type)
+    if json_type is not None and (json_type[1] == "json" or json_type[1].endswith("+json")):
         return
     given = content_type[:100]
     if not media_type:
