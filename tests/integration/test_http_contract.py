@@ -1,7 +1,9 @@
 """The original service's scenarios, black-box over HTTP against live processes.
 
 Each test runs the combined API (as clients of the original service use it) and a projector
-on fresh databases of two separate PostgreSQL servers and a real Redis.
+on fresh databases of two separate PostgreSQL servers and a real Redis. The ``test_original_*``
+tests state, in our words, every HTTP expectation of the original service's own suite, and run
+with hot paths on and off (one stack per path, shared by those tests).
 """
 
 from __future__ import annotations

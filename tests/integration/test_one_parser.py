@@ -159,6 +159,11 @@ SHAPES = {
     "two-content-types-differ": Shape(
         400, headers=[(CT, "text/plain"), (CT, "application/json")], error="duplicate_header"
     ),
+    "two-content-types-cased": Shape(
+        400,
+        headers=[("Content-Type", "text/plain"), (CT, "application/json")],
+        error="duplicate_header",
+    ),
     "two-authorizations": Shape(
         400,
         headers=[("authorization", "Bearer a"), ("authorization", "Bearer b")],
