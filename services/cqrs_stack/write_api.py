@@ -27,7 +27,7 @@ def token_accepted(settings: Settings, authorization: str) -> bool:
 
 
 def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+    return hashlib.sha256(token.encode()).digest()
 
 
 async def require_token(request: Request) -> None:
