@@ -175,7 +175,8 @@ async def test_the_command_writer_survives_a_batch_it_cannot_answer(stack: Stack
     # A trigger that silently drops a row: the INSERT returns fewer rows than it was given.
     await execute(
         stack.write_engine,
-        "CREATE FUNCTION swallow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$",
+        "CREATE FUNCTION swallow() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN RETURN NULL; END $$",
         "CREATE TRIGGER swallow BEFORE INSERT ON commands FOR EACH ROW"
         " WHEN (NEW.key = 'vanishes') EXECUTE FUNCTION swallow()",
     )
