@@ -176,7 +176,7 @@ async def close_resources(resources: Resources) -> None:
     deadline = loop.time() + resources.settings.shutdown_timeout
     resources.stopping.set()
     if resources.writer is not None:
-        await resources.writer.stop(resources.settings.shutdown_timeout)
+        await resources.writer.stop(max(0.0, deadline - loop.time()))
     await resources.supervisor.stop(None, max(0.0, deadline - loop.time()))
     if resources.read_counter is not None:
         await resources.read_counter.drain(max(0.0, deadline - loop.time()))
