@@ -99,7 +99,7 @@ class Resources:
             required.add("read_db")
         if self.role == "projector":
             required |= {"write_db", "read_db"}
-        return required | set(self.supervisor.health)
+        return required | self.supervisor.required_checks()
 
 
 async def _ping_db(engine: AsyncEngine) -> None:
@@ -139,6 +139,7 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             lambda: publish_queued(resources.write_engine, resources.redis, settings),
             until=resources.stopping,
             interval=settings.publisher_interval,
+            essential=False,  # writes are answered without it (their events queue)
         )
     if resources.reads:
         counter = ReadCounter(
@@ -151,6 +152,7 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             until=resources.stopping,
             interval=counter.interval,
             first_after=counter.interval,
+            essential=False,  # reads are answered without it (counts wait in memory)
         )
         resources.records = RecordReader(resources.read_pool, counter)
     if role == "projector":

@@ -54,6 +54,9 @@ class TaskHealth:
     """How a supervised loop is doing, as /ready reports it."""
 
     name: str
+    # Does the process's work need this task? Then its failures make the process unready;
+    # otherwise they are reported only, and just its end does.
+    essential: bool = True
     failures: int = 0  # rounds failed in a row
     last_error: str = ""
     stopped: bool = False
@@ -67,6 +70,10 @@ class TaskHealth:
                 f"error: {self.failures} failed rounds in a row, retrying; last: {self.last_error}"
             )
         return "ok"
+
+    def decides_readiness(self) -> bool:
+        """Does this task's check count for /ready's status?"""
+        return self.essential or self.stopped
 
 
 # A round returns how long to wait before the next one (None: the loop's interval). Expected
@@ -97,15 +104,18 @@ class Supervisor:
         until: asyncio.Event,
         interval: float,
         first_after: float = 0.0,
+        essential: bool = True,
     ) -> None:
         """Start the loop ``name``: ``round_`` every ``interval`` seconds until ``until`` is set.
 
         The first round runs ``first_after`` seconds from now. The round in progress when
         ``until`` is set is finished, not cancelled; ``stop`` bounds how long that may take.
+        A task that is not ``essential`` (the process serves requests without it) is reported
+        on /ready when it fails, but makes the process unready only if it ends.
         """
         if name in self.tasks:
             raise ValueError(f"a background task named {name} is already running")
-        health = TaskHealth(name)
+        health = TaskHealth(name, essential)
         self.health[name] = health
         task = asyncio.create_task(
             self._loop(health, round_, until, interval, first_after), name=name
@@ -116,6 +126,10 @@ class Supervisor:
     def checks(self) -> dict[str, str]:
         """Each task's readiness check: "ok" or the error."""
         return {name: health.check() for name, health in self.health.items()}
+
+    def required_checks(self) -> set[str]:
+        """The tasks whose checks decide readiness now."""
+        return {name for name, health in self.health.items() if health.decides_readiness()}
 
     async def stop(self, names: list[str] | None, within: float) -> None:
         """Wait, at most ``within`` seconds, for loops (all if None) to end; cancel the rest.
