@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -39,6 +40,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .app import create_server_app
+    from .supervision import exit_status, set_stop_hook
 
     log.info(
         "starting role=%s host=%s port=%d write_db=%s read_db=%s redis=%s",
@@ -49,7 +51,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         redact_url(settings.read_db_url),
         redact_url(settings.redis_url),
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         create_server_app(settings, role),
         host=args.host,
         port=args.port,
@@ -58,7 +60,15 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=30,
         loop="uvloop" if _has_uvloop() else "asyncio",
     )
-    return 0
+    server = uvicorn.Server(config)
+    # A background task that dies stops the server as SIGTERM would, then fails the exit.
+    set_stop_hook(lambda: setattr(server, "should_exit", True))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        return 3  # could not start (uvicorn's STARTUP_FAILURE)
+    # Non-zero when a background task ended unexpectedly, so that the process is restarted.
+    return exit_status()
 
 
 def _has_uvloop() -> bool:

@@ -58,9 +58,19 @@ class Settings(BaseSettings):
     projector_catchup_interval: float = Field(default=2.0, gt=0)
     publisher_interval: float = Field(default=1.0, gt=0)
     read_count_flush_interval: float = Field(default=0.2, gt=0)
+    # Distinct keys whose reads may wait in memory for a flush (a read DB that refuses flushes
+    # for long); reads of further keys are answered but not counted.
+    read_count_max_keys: int = Field(default=100_000, ge=1, le=10_000_000)
+    # On SIGTERM: longest wait for background work in progress (a flush held by a row lock, a
+    # projected batch) and for the last read-count flush.
+    shutdown_timeout: float = Field(default=20.0, ge=0, le=600)
+    # Longest back-off between retries of a failing background task.
+    task_retry_max_delay: float = Field(default=5.0, gt=0, le=300)
     max_value_bytes: int = Field(default=1_048_576, ge=1)
     max_body_bytes: int = Field(default=2_097_152, ge=1024)
     read_wait_timeout: float = Field(default=5.0, ge=0, le=60)
+    # A ?position= read still gets this long for its final SELECT once its wait ran out.
+    read_wait_grace: float = Field(default=0.25, gt=0, le=5)
     write_batch_max: int = Field(default=256, ge=1, le=10_000)
     redis_timeout: float = Field(default=2.0, gt=0)
     log_level: str = "info"

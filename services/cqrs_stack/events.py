@@ -38,8 +38,8 @@ def encode(command: Command) -> dict[str, str]:
 
 def decode(fields: dict[bytes, bytes] | dict[str, str]) -> Command:
     """Return the command carried by stream ``fields``; raise MalformedEvent if it is not one."""
-    data = {_text(k): _text(v) for k, v in fields.items()}
     try:
+        data = {_text(k): _text(v) for k, v in fields.items()}
         event_type = data["type"]
         position = int(data["position"])
         created_at = datetime.fromisoformat(data["created_at"])

@@ -40,6 +40,10 @@ PROJECTION_BATCH_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 READ_COUNTS_FLUSHED = Counter("cqrs_read_counts_flushed_total", "Reads counted into the read DB")
+READ_COUNTS_DROPPED = Counter(
+    "cqrs_read_counts_dropped_total",
+    "Reads answered but not counted: READ_COUNT_MAX_KEYS keys were waiting for a flush",
+)
 
 
 # labels() validates and locks on every call; a request costs two of them, so the children of

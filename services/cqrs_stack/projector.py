@@ -31,6 +31,7 @@ from .config import Settings
 from .db import driver_connection
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
 from .projection import apply_commands, apply_commands_alone
+from .supervision import Backoff, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,16 @@ class Projector:
         self.redis = redis
         self.consumer = settings.consumer_name or default_consumer_name()
         self._claim_every = max(0.05, min(settings.projector_claim_idle_ms / 2000, 5.0))
+        self._next_claim = 0.0
+        self._group_ready = False
+        self._redis_backoff = Backoff(maximum=settings.task_retry_max_delay)
 
-    async def run(self, stopping: asyncio.Event) -> None:
-        """Project until ``stopping`` is set; never exits on Redis or database outages.
+    def start(self, supervisor: Supervisor, stopping: asyncio.Event) -> None:
+        """Project until ``stopping`` is set; Redis and database outages are waited out.
 
-        The stream consumer and the write-DB sweep run as two tasks, so that a Redis that
-        hangs or vanishes never holds back the sweep that covers for it.
+        The stream consumer and the write-DB sweep run as two supervised loops, so that a
+        Redis that hangs or vanishes never holds back the sweep that covers for it, and a
+        failure of either is retried and reported (supervision.py).
         """
         log.info(
             "projector started consumer=%s stream=%s group=%s",
@@ -81,60 +86,66 @@ class Projector:
             self.settings.event_stream_name,
             self.settings.consumer_group,
         )
-        await asyncio.gather(self._consume(stopping), self._sweep(stopping))
-        log.info("projector stopped consumer=%s", self.consumer)
-
-    async def _sweep(self, stopping: asyncio.Event) -> None:
+        supervisor.run(
+            "stream-consumer", lambda: self._consume_round(stopping), until=stopping, interval=0
+        )
         # The stream is the fast path: the first sweep of the write DB comes one interval in.
-        while not stopping.is_set():
-            await _wait(stopping, self.settings.projector_catchup_interval)
-            if not stopping.is_set():
-                await self._catch_up_logged()
+        interval = self.settings.projector_catchup_interval
+        supervisor.run(
+            "catch-up-sweep",
+            self._sweep_round,
+            until=stopping,
+            interval=interval,
+            first_after=interval,
+        )
 
-    async def _consume(self, stopping: asyncio.Event) -> None:
-        next_claim = 0.0
-        backoff = 0.1
-        group_ready = False
-        while not stopping.is_set():
-            now = time.monotonic()
-            try:
-                if not group_ready:
-                    await stream.ensure_group(
-                        self.redis, self.settings.event_stream_name, self.settings.consumer_group
-                    )
-                    group_ready = True
-                if now >= next_claim:
-                    next_claim = now + self._claim_every
-                    await self.project_entries(await self._claim(), stopping)
-                entries = await stream.read_new(
-                    self.redis,
-                    self.settings.event_stream_name,
-                    self.settings.consumer_group,
-                    self.consumer,
-                    self.settings.projector_batch_size,
-                    int(self.settings.projector_poll_interval * 1000),
+    async def _sweep_round(self) -> None:
+        applied = await self.catch_up()
+        if applied:
+            log.info("catch-up applied commands the stream did not deliver count=%d", applied)
+
+    async def _consume_round(self, stopping: asyncio.Event) -> float:
+        """Claim (when due), read and project one batch; return the delay before the next."""
+        try:
+            if not self._group_ready:
+                await stream.ensure_group(
+                    self.redis, self.settings.event_stream_name, self.settings.consumer_group
                 )
-                await self.project_entries(entries, stopping)
-                backoff = 0.1
-            except ResponseError as exc:
-                group_ready = False
-                if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
-                    # Redis was flushed or the stream deleted (Redis 7 unblocks a waiting
-                    # XREADGROUP with UNBLOCKED): recreate; the sweep covers the gap.
-                    log.warning(
-                        "consumer group missing, recreating stream=%s",
-                        self.settings.event_stream_name,
-                    )
-                    continue
-                log.error("redis refused a command, retrying in %.1fs error=%s", backoff, exc)
-                await _wait(stopping, backoff)
-                backoff = min(backoff * 2, 5.0)
-            except (RedisError, OSError) as exc:
-                log.warning("redis unavailable, retrying in %.1fs error=%s", backoff, exc)
-                # A timed-out connection may hold a half-read reply: start afresh.
-                group_ready = False
-                await _wait(stopping, backoff)
-                backoff = min(backoff * 2, 5.0)
+                self._group_ready = True
+            now = time.monotonic()
+            if now >= self._next_claim:
+                self._next_claim = now + self._claim_every
+                await self.project_entries(await self._claim(), stopping)
+            entries = await stream.read_new(
+                self.redis,
+                self.settings.event_stream_name,
+                self.settings.consumer_group,
+                self.consumer,
+                self.settings.projector_batch_size,
+                int(self.settings.projector_poll_interval * 1000),
+            )
+            await self.project_entries(entries, stopping)
+        except ResponseError as exc:
+            self._group_ready = False
+            if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                # Redis was flushed or the stream deleted (Redis 7 unblocks a waiting
+                # XREADGROUP with UNBLOCKED): recreate; the sweep covers the gap.
+                log.warning(
+                    "consumer group missing, recreating stream=%s",
+                    self.settings.event_stream_name,
+                )
+                return 0
+            delay = self._redis_backoff.next_delay()
+            log.error("redis refused a command, retrying in %.1fs error=%s", delay, exc)
+            return delay
+        except (RedisError, OSError) as exc:
+            # A timed-out connection may hold a half-read reply: start afresh.
+            self._group_ready = False
+            delay = self._redis_backoff.next_delay()
+            log.warning("redis unavailable, retrying in %.1fs error=%s", delay, exc)
+            return delay
+        self._redis_backoff.reset()
+        return 0
 
     async def _claim(self) -> list[stream.Entry]:
         return await stream.claim_idle(
@@ -229,15 +240,6 @@ class Projector:
         EVENTS_PROJECTED.labels(source).inc(applied)
         DUPLICATES_SKIPPED.inc(len(commands) - applied)
         return applied
-
-    async def _catch_up_logged(self) -> None:
-        try:
-            applied = await self.catch_up()
-        except (DBAPIError, OSError) as exc:
-            log.warning("catch-up sweep failed, will retry error=%s", exc)
-            return
-        if applied:
-            log.info("catch-up applied commands the stream did not deliver count=%d", applied)
 
     async def catch_up(self) -> int:
         """Apply committed commands that the read model lacks; return how many were applied.

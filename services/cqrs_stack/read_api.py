@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Path, Query, Request, Response
 
 from . import read_db
@@ -54,17 +56,22 @@ async def read_answer(
     without FastAPI validating it again (``response_model`` still documents it).
     """
     reached = None
+    records = resources.records
+    assert records is not None
+    within = None
     if position is not None:
-        wait = resources.settings.read_wait_timeout if wait_seconds is None else wait_seconds
-        reached = await read_db.wait_for_position(resources.read_pool, position, wait)
-    counter, records = resources.read_counter, resources.records
-    assert counter is not None and records is not None
-    # Counted before the SELECT, so the answer includes this read whichever side of a
-    # concurrent flush the SELECT lands on.
-    counter.count(key)
-    record = await records.get(key)
+        # The whole answer is bounded: each query of the wait by the time left, the final
+        # read by that or READ_WAIT_GRACE, so it comes within the wait plus the grace.
+        settings = resources.settings
+        wait = settings.read_wait_timeout if wait_seconds is None else wait_seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        reached = await read_db.wait_for_position(
+            resources.read_pool, position, deadline, settings.read_wait_grace
+        )
+        within = max(deadline - loop.time(), settings.read_wait_grace)
+    record = await records.get(key, within)
     if record is None:
-        counter.forget(key)
         return (
             NotFoundResponse.model_construct(
                 key=key, message=f"Key not found in read model: {key}", position_reached=reached
@@ -72,6 +79,5 @@ async def read_answer(
             .model_dump_json()
             .encode()
         )
-    record["read_count"] += counter.unflushed(key)
     found = RecordResponse.model_construct(**record, position_reached=reached)
     return found.model_dump_json().encode()

@@ -11,10 +11,12 @@ from typing import Any
 import asyncpg
 from sqlalchemy import BigInteger, String, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import driver_connection
-from .metrics import READ_COUNTS_FLUSHED
+from .metrics import READ_COUNTS_DROPPED, READ_COUNTS_FLUSHED
+from .supervision import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +60,25 @@ class RecordReader:
         self._waiting: dict[str, list[_Answer]] = {}
         self._fetching: set[asyncio.Task[None]] = set()
 
-    async def get(self, key: str) -> dict[str, Any] | None:
-        """Return the record of ``key`` as a new dict, or None."""
+    async def get(self, key: str, within: float | None = None) -> dict[str, Any] | None:
+        """Return the record of ``key`` as a new dict, or None; count the read if found.
+
+        Only a read answered with its record counts (an error or a miss does not). With
+        ``within``, a read the database does not answer in time raises ``OperationalError``
+        (answered 503) and is not counted; the shared SELECT goes on for the others.
+        """
         loop = asyncio.get_running_loop()
         if not self._waiting:
             loop.call_soon(self._start_batch)
         answer: _Answer = loop.create_future()
         self._waiting.setdefault(key, []).append(answer)
-        return await answer
+        if within is None:
+            return await answer
+        try:
+            async with asyncio.timeout(within):
+                return await answer
+        except TimeoutError as exc:
+            raise OperationalError("read", None, exc) from exc
 
     def _start_batch(self) -> None:
         batch, self._waiting = self._waiting, {}
@@ -86,11 +99,20 @@ class RecordReader:
                     answer.set_exception(exc)
             return
         found = {row["key"]: row for row in rows}
+        # Counted here, in the same turn as the flush check in _select: the row holds every
+        # flushed read and memory the rest, so each answer counts each read exactly once.
         for key, answers in batch.items():
             row = found.get(key)
             for answer in answers:
-                if not answer.done():
-                    answer.set_result(dict(row) if row is not None else None)
+                if answer.done():
+                    continue  # its caller gave up (timeout, client gone): not a read
+                if row is None:
+                    answer.set_result(None)
+                    continue
+                self._counter.count(key)
+                record = dict(row)
+                record["read_count"] += self._counter.unflushed(key)
+                answer.set_result(record)
 
     async def _select(self, keys: list[str]) -> list[asyncpg.Record]:
         for _ in range(_FLUSH_OVERLAP_RETRIES):
@@ -116,50 +138,63 @@ async def position_applied(pool: asyncpg.Pool, position: int) -> bool:
     return found is not None
 
 
-async def wait_for_position(pool: asyncpg.Pool, position: int, within: float) -> bool:
-    """Wait, at most ``within`` seconds, until ``position`` is applied; return whether it is."""
+async def wait_for_position(
+    pool: asyncpg.Pool, position: int, deadline: float, floor: float
+) -> bool:
+    """Wait until ``position`` is applied, at most until ``deadline`` (the loop's clock).
+
+    Every query is bounded by the time left, so one stuck behind a lock ends at the deadline
+    and the answer is "not reached". The first query gets at least ``floor`` seconds, so that
+    a wait of 0 still looks once.
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
     delay = 0.002
+    bound = max(deadline - loop.time(), floor)
     while True:
-        if await position_applied(pool, position):
-            return True
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        try:
+            async with asyncio.timeout(bound):
+                if await position_applied(pool, position):
+                    return True
+        except TimeoutError:
             return False
-        await asyncio.sleep(min(delay, remaining))
+        bound = deadline - loop.time()
+        if bound <= 0:
+            return False
+        await asyncio.sleep(min(delay, bound))
         delay = min(delay * 2, 0.05)
+        bound = deadline - loop.time()
+        if bound <= 0:
+            return False
 
 
 class ReadCounter:
     """Counts reads in memory and adds them to ``records.read_count`` in periodic batches.
 
-    A read therefore costs one indexed SELECT and no row lock (guarantee 3). What a crash can
-    lose is the reads of the last flush interval (``READ_COUNT_FLUSH_INTERVAL``, 0.2 s by
-    default); a failed flush keeps its counts for the next attempt.
+    A read therefore costs one indexed SELECT and no row lock (guarantee 3). A failed flush
+    keeps its counts for the next attempt; at most ``max_keys`` distinct keys wait in memory
+    (a read of another key is then answered but not counted, and logged). A crash loses the
+    reads not yet flushed; a graceful stop (``drain``) flushes them.
     """
 
-    def __init__(self, engine: AsyncEngine, interval: float) -> None:
+    def __init__(self, engine: AsyncEngine, interval: float, max_keys: int = 100_000) -> None:
         self._engine = engine
-        self._interval = interval
+        self.interval = interval
+        self._max_keys = max_keys
         self._pending: Counter[str] = Counter()
         # Being written right now: still counted in answers until the UPDATE has committed.
         self._in_flight: Counter[str] = Counter()
-        self._task: asyncio.Task[None] | None = None
+        self._dropped = 0  # reads not counted because memory held max_keys keys
         self._flushes = 0
         self._not_flushing = asyncio.Event()
         self._not_flushing.set()
 
-    def count(self, key: str) -> None:
-        """Count one read of ``key``."""
+    def count(self, key: str) -> bool:
+        """Count one read of ``key``; False if it was dropped because memory is full."""
+        if key not in self._pending and len(self._pending) + len(self._in_flight) >= self._max_keys:
+            self._dropped += 1
+            return False
         self._pending[key] += 1
-
-    def forget(self, key: str) -> None:
-        """Take back a read counted for a key that turned out not to exist."""
-        if self._pending.get(key, 0) > 0:
-            self._pending[key] -= 1
-            if not self._pending[key]:
-                del self._pending[key]
+        return True
 
     def unflushed(self, key: str) -> int:
         """Reads of ``key`` counted here but not yet committed to the read DB."""
@@ -177,16 +212,16 @@ class ReadCounter:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._not_flushing.wait(), within)
 
-    def start(self) -> None:
-        """Start flushing periodically."""
-        self._task = asyncio.create_task(self._run(), name="read-counter")
-
-    async def stop(self) -> None:
-        """Stop the periodic flush and flush what is left."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def flush_round(self) -> None:
+        """One round of the supervised flush loop."""
+        if self._dropped:
+            dropped, self._dropped = self._dropped, 0
+            READ_COUNTS_DROPPED.inc(dropped)
+            log.warning(
+                "reads not counted, too many keys wait for a flush dropped=%d max_keys=%d",
+                dropped,
+                self._max_keys,
+            )
         await self.flush()
 
     async def flush(self) -> int:
@@ -202,8 +237,8 @@ class ReadCounter:
                 await conn.execute(
                     _ADD_READ_COUNTS, {"keys": list(batch), "reads": list(batch.values())}
                 )
-        except Exception:
-            self._pending.update(batch)  # keep them for the next attempt
+        except BaseException:
+            self._pending.update(batch)  # kept for the next attempt (or the stop's report)
             raise
         finally:
             self._in_flight = Counter()
@@ -212,13 +247,34 @@ class ReadCounter:
         READ_COUNTS_FLUSHED.inc(total)
         return total
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
+    async def drain(self, within: float) -> None:
+        """Flush every counted read, retrying for at most ``within`` seconds (a graceful stop).
+
+        Call once the periodic flush has stopped. What is still unflushed at the bound is
+        lost, and logged.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        backoff = Backoff(maximum=1.0)
+        while self._pending:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
             try:
-                await self.flush()
+                async with asyncio.timeout(left):
+                    await self.flush()
             except Exception as exc:
-                log.warning("read count flush failed, retrying error=%s", exc)
+                log.warning("read count flush failed while stopping, retrying error=%s", exc)
+                await asyncio.sleep(min(backoff.next_delay(), max(0.0, deadline - loop.time())))
+        lost = sum(self._pending.values())
+        if lost:
+            log.error(
+                "read counts not stored: the read DB took longer than the stop allows"
+                " reads=%d keys=%d within=%.1fs",
+                lost,
+                len(self._pending),
+                within,
+            )
 
 
 async def projector_figures(engine: AsyncEngine) -> dict[str, Any]:

@@ -7,7 +7,6 @@ start: the write API batches and publishes, the read API counts reads, the proje
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,7 +21,8 @@ from . import db, stream
 from .config import Settings
 from .projector import Projector
 from .read_db import ReadCounter, RecordReader
-from .write_path import CommandWriter, run_publisher
+from .supervision import Supervisor
+from .write_path import CommandWriter, publish_queued
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Resources:
     records: RecordReader | None = None
     projector: Projector | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    supervisor: Supervisor = field(default_factory=Supervisor)
 
     @property
     def writes(self) -> bool:
@@ -87,9 +87,9 @@ class Resources:
         for name, engine in needed.items():
             checks[name] = await _check(_ping_db(engine))
         checks["redis"] = await _check(self.redis.ping())
-        for task in self.tasks:
-            # Background work (projector, publisher) must never stop while the process lives.
-            checks[task.get_name()] = "error: stopped" if task.done() else "ok"
+        # Background work must never stop while the process lives, and one that keeps
+        # failing makes the process unready until it recovers.
+        checks.update(self.supervisor.checks())
         return checks
 
     def required_checks(self) -> set[str]:
@@ -99,7 +99,7 @@ class Resources:
             required.add("read_db")
         if self.role == "projector":
             required |= {"write_db", "read_db"}
-        return required | {task.get_name() for task in self.tasks}
+        return required | self.supervisor.required_checks()
 
 
 async def _ping_db(engine: AsyncEngine) -> None:
@@ -130,23 +130,31 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
         ),
         redis=stream.connect(settings),
     )
+    supervisor = resources.supervisor = Supervisor(retry_max_delay=settings.task_retry_max_delay)
     if resources.writes:
         resources.writer = CommandWriter(resources.write_pool, resources.redis, settings)
-        resources.writer.start()
-        resources.tasks.append(
-            asyncio.create_task(
-                run_publisher(
-                    resources.write_engine, resources.redis, settings, resources.stopping
-                ),
-                name="publisher",
-            )
+        resources.writer.start(supervisor)
+        supervisor.run(
+            "publisher",
+            lambda: publish_queued(resources.write_engine, resources.redis, settings),
+            until=resources.stopping,
+            interval=settings.publisher_interval,
+            essential=False,  # writes are answered without it (their events queue)
         )
     if resources.reads:
-        resources.read_counter = ReadCounter(
-            resources.read_engine, settings.read_count_flush_interval
+        counter = ReadCounter(
+            resources.read_engine, settings.read_count_flush_interval, settings.read_count_max_keys
         )
-        resources.read_counter.start()
-        resources.records = RecordReader(resources.read_pool, resources.read_counter)
+        resources.read_counter = counter
+        supervisor.run(
+            "read-counter",
+            counter.flush_round,
+            until=resources.stopping,
+            interval=counter.interval,
+            first_after=counter.interval,
+            essential=False,  # reads are answered without it (counts wait in memory)
+        )
+        resources.records = RecordReader(resources.read_pool, counter)
     if role == "projector":
         resources.projector = Projector(
             settings,
@@ -155,22 +163,27 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             resources.read_pool,
             resources.redis,
         )
-        resources.tasks.append(
-            asyncio.create_task(resources.projector.run(resources.stopping), name="projector")
-        )
+        resources.projector.start(supervisor, resources.stopping)
     return resources
 
 
 async def close_resources(resources: Resources) -> None:
-    """Drain: finish queued writes, the projector's batch and read counts, then disconnect."""
+    """Drain: finish queued writes, the projector's batch and read counts, then disconnect.
+
+    Background work in progress (a flush waiting on a row lock, a batch being applied) is
+    finished, not cancelled, within SHUTDOWN_TIMEOUT in all; then every counted read is
+    flushed in what is left of it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + resources.settings.shutdown_timeout
     resources.stopping.set()
     if resources.writer is not None:
-        await resources.writer.stop()
-    if resources.tasks:
-        await asyncio.gather(*resources.tasks, return_exceptions=True)
+        await resources.writer.stop(max(0.0, deadline - loop.time()))
+    await resources.supervisor.stop(None, max(0.0, deadline - loop.time()))
     if resources.read_counter is not None:
-        with contextlib.suppress(Exception):
-            await resources.read_counter.stop()
+        await resources.read_counter.drain(max(0.0, deadline - loop.time()))
+    if resources.projector is not None:
+        log.info("projector stopped consumer=%s", resources.projector.consumer)
     await resources.redis.aclose()
     await resources.write_pool.close()
     await resources.read_pool.close()

@@ -9,7 +9,6 @@ once Redis is back; a crash between commit and XADD leaves the same trace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from . import stream, write_db
 from .config import Settings
 from .events import Command
 from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE
+from .supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ class _Pending:
 # How long published marks may wait for the next batch's transaction before they are written
 # in one of their own: far below the publisher's grace, so that they are never sent twice.
 _MARK_DELAY = 0.2
+# How often an idle batching loop wakes to see whether the process is stopping.
+_IDLE_WAKE = 0.5
+_LOOP_NAME = "command-writer"
 
 
 class CommandWriter:
@@ -61,20 +64,21 @@ class CommandWriter:
         self._redis = redis
         self._settings = settings
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
+        self._closed = asyncio.Event()
         self._published: list[int] = []  # in the stream, not yet marked in the write DB
 
-    def start(self) -> None:
-        """Start the batching task (call once, inside the running event loop)."""
-        self._task = asyncio.create_task(self._run(), name="command-writer")
+    def start(self, supervisor: Supervisor) -> None:
+        """Start the batching loop under ``supervisor`` (inside the running event loop)."""
+        self._supervisor = supervisor
+        supervisor.run(_LOOP_NAME, self._write_round, until=self._closed, interval=0)
 
-    async def stop(self) -> None:
-        """Finish what was queued, then stop."""
-        if self._task is not None:
+    async def stop(self, within: float) -> None:
+        """Finish what was queued, then stop (waiting at most ``within`` for the loop)."""
+        if self._supervisor is not None:
             await self._queue.join()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._closed.set()
+            await self._supervisor.stop([_LOOP_NAME], within)
         await self._mark_alone()
 
     async def write(self, key: str, value: str, event_type: str) -> WriteResult:
@@ -83,24 +87,31 @@ class CommandWriter:
         await self._queue.put(_Pending(key, value, event_type, done))
         return await done
 
-    async def _run(self) -> None:
-        while True:
-            if self._published and self._queue.empty():
-                try:
-                    first = await asyncio.wait_for(self._queue.get(), _MARK_DELAY)
-                except TimeoutError:
-                    await self._mark_alone()
-                    continue
-            else:
-                first = await self._queue.get()
-            batch = [first]
-            while len(batch) < self._settings.write_batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+    async def _write_round(self) -> None:
+        """Commit and publish one batch; an idle round writes pending marks or just returns."""
+        if self._queue.empty():
             try:
-                await self._commit_and_publish(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+                # Bounded, so that the loop sees ``_closed`` while no request comes.
+                wait = _MARK_DELAY if self._published else _IDLE_WAKE
+                first = await asyncio.wait_for(self._queue.get(), wait)
+            except TimeoutError:
+                await self._mark_alone()
+                return
+        else:
+            first = self._queue.get_nowait()
+        batch = [first]
+        while len(batch) < self._settings.write_batch_max and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        try:
+            await self._commit_and_publish(batch)
+        except Exception as exc:  # unforeseen: the batch's writers learn of it, never hang
+            for pending in batch:
+                if not pending.done.done():
+                    pending.done.set_exception(exc)
+            raise
+        finally:
+            for _ in batch:
+                self._queue.task_done()
 
     async def _commit_and_publish(self, batch: list[_Pending]) -> None:
         WRITE_BATCH_SIZE.observe(len(batch))
@@ -168,17 +179,10 @@ async def publish_pending(
     return len(commands)
 
 
-async def run_publisher(
-    engine: AsyncEngine, redis: Redis, settings: Settings, stopping: asyncio.Event
-) -> None:
-    """Keep publishing queued events every ``publisher_interval`` until ``stopping`` is set."""
-    while not stopping.is_set():
-        try:
-            while await publish_pending(engine, redis, settings):
-                pass
-        except (RedisError, OSError) as exc:
-            log.debug("publisher waiting for redis error=%s", exc)
-        except Exception:
-            log.exception("publisher round failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), settings.publisher_interval)
+async def publish_queued(engine: AsyncEngine, redis: Redis, settings: Settings) -> None:
+    """One publisher round: publish queued events until none is left; Redis down waits."""
+    try:
+        while await publish_pending(engine, redis, settings):
+            pass
+    except (RedisError, OSError) as exc:
+        log.debug("publisher waiting for redis error=%s", exc)

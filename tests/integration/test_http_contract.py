@@ -58,7 +58,9 @@ async def test_readiness_checks_databases_and_redis(api: httpx.AsyncClient) -> N
         "write_db": "ok",
         "read_db": "ok",
         "redis": "ok",
+        "command-writer": "ok",
         "publisher": "ok",
+        "read-counter": "ok",
     }
 
 

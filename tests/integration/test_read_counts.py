@@ -1,23 +1,37 @@
-"""A read's ``read_count`` while a read-count flush commits, on the real read DB.
+"""``read_count`` at its edges, on the real read DB and live read-api processes.
 
 An answer adds the reads held in memory to the row's count. A SELECT that overlaps a flush
 cannot know whether the row has the flushed reads yet, so it runs again once the flush is done
 (read_db.RecordReader). The flush is held mid-way by a row lock taken from another connection.
+Only a read answered with its record counts; memory is bounded during an outage; SIGTERM
+stores every counted read; several replicas never hide a read once it is flushed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
+import httpx
+import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
 from cqrs_stack import db
+from cqrs_stack.localservers import PostgresServer, free_port
+from cqrs_stack.migrations import migrate
 from cqrs_stack.read_db import ReadCounter, RecordReader
-from tests.fixtures.stack import Stack, wait_until
+from tests.fixtures.stack import ServiceProcess, Stack, wait_until
+
+_INSERT_RECORD = (
+    "INSERT INTO records (key, value, created_at, updated_at, first_command_id,"
+    " last_command_id) VALUES (:key, 'v', now(), now(), 1, 1)"
+)
 
 
 @pytest_asyncio.fixture
@@ -86,8 +100,9 @@ async def test_a_read_during_a_flush_answers_after_it(
     record = await asyncio.wait_for(read, 10)
 
     assert record is not None
-    assert record["read_count"] == 3  # selected again after the flush: the row has them
-    assert counter.unflushed("k") == 0  # ... and memory no longer does: counted once
+    # Selected again after the flush: the row has the 3, memory only this read: counted once.
+    assert record["read_count"] == 4
+    assert counter.unflushed("k") == 1
 
 
 async def test_a_flush_stuck_on_locks_does_not_hold_reads_for_long(
@@ -98,4 +113,186 @@ async def test_a_flush_stuck_on_locks_does_not_hold_reads_for_long(
     async with flush_held_by_a_row_lock(stack, counter, reads=2):
         record = await asyncio.wait_for(reader.get("k"), 5)  # bounded retries, then answers
         assert record is not None
-        assert record["read_count"] + counter.unflushed("k") == 2
+        assert record["read_count"] == 3  # 2 in the held flush, this one pending
+
+
+async def insert_records(stack: Stack, *keys: str) -> None:
+    async with stack.read_engine.begin() as conn:
+        for key in keys:
+            await conn.execute(text(_INSERT_RECORD), {"key": key})
+
+
+async def read_count(stack: Stack, key: str = "k") -> int:
+    found = await stack.scalar(
+        stack.read_engine, "SELECT read_count FROM records WHERE key = :key", key=key
+    )
+    return int(found)
+
+
+async def read(client: httpx.AsyncClient, service: ServiceProcess, key: str = "k") -> int:
+    """One read answered 200 with the record; its read_count."""
+    answer = await client.get(f"{service.url}/read/{key}")
+    assert answer.status_code == 200, answer.text
+    return int(answer.json()["read_count"])
+
+
+@pytest.fixture
+def own_read_pg(server_root: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, to stop and start again."""
+    server = PostgresServer(server_root / f"pg-own-{free_port()}", free_port(), durable=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_reads_answered_503_are_not_counted(
+    stack: Stack, own_read_pg: PostgresServer, fresh_names: str
+) -> None:
+    await asyncio.to_thread(own_read_pg.create_database, f"own_{fresh_names}")
+    url = own_read_pg.url(f"own_{fresh_names}")
+    engine = db.create_engine(url, stack.settings, application_name="test")
+    try:
+        await migrate(engine, "read")
+        async with engine.begin() as conn:
+            await conn.execute(text(_INSERT_RECORD), {"key": "k"})
+            await conn.execute(text(_INSERT_RECORD), {"key": "other"})
+        reader = await stack.launch("read-api", READ_DB_URL=url)
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert await read(client, reader) == 1
+            await asyncio.to_thread(own_read_pg.stop)
+            # Many reads of many keys during the outage: each answered 503, none counted.
+            for i in range(20):
+                key = "k" if i % 2 else f"missing-{i}"
+                answer = await client.get(f"{reader.url}/read/{key}")
+                assert answer.status_code == 503, answer.text
+            await asyncio.to_thread(own_read_pg.start)
+            await engine.dispose()  # the test's own connections died with the server
+
+            async def answers() -> bool:
+                return (await client.get(f"{reader.url}/read/other")).status_code == 200
+
+            await wait_until(answers, 20, "the read DB to answer again")
+            assert await read(client, reader) == 2  # the one read before, and this one
+
+            async def flushed() -> bool:
+                async with engine.connect() as conn:
+                    stored = await conn.scalar(
+                        text("SELECT read_count FROM records WHERE key = 'k'")
+                    )
+                return stored == 2
+
+            await wait_until(flushed, 10, "the counts to be flushed")
+    finally:
+        await engine.dispose()
+
+
+async def test_memory_for_counts_is_bounded_while_flushes_fail(stack: Stack) -> None:
+    keys = [f"k{i}" for i in range(5)]
+    await insert_records(stack, *keys)
+    async with stack.read_engine.begin() as conn:
+        for statement in (
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$",
+            "CREATE TRIGGER refuse BEFORE UPDATE ON records FOR EACH ROW EXECUTE FUNCTION refuse()",
+        ):
+            await conn.execute(text(statement))
+    reader = await stack.launch("read-api", READ_COUNT_MAX_KEYS="3")
+    async with httpx.AsyncClient(timeout=10) as client:
+        # Three keys fill the bound; a fourth and a fifth are answered but not counted.
+        assert [await read(client, reader, key) for key in keys] == [1, 1, 1, 0, 0]
+        assert await read(client, reader, "k0") == 2  # a key already held still counts
+        async with stack.read_engine.begin() as conn:
+            await conn.execute(text("DROP TRIGGER refuse ON records"))
+
+        async def flushed() -> bool:
+            return await read_count(stack, "k0") == 2
+
+        await wait_until(flushed, 10, "the held counts to be flushed")
+        assert [await read_count(stack, key) for key in keys] == [2, 1, 1, 0, 0]
+        metrics = (await client.get(f"{reader.url}/metrics")).text
+    assert re.search(r"cqrs_read_counts_dropped_total 2\.0", metrics), metrics
+    assert "reads not counted, too many keys wait for a flush dropped=2 max_keys=3" in reader.log()
+
+
+async def test_sigterm_stores_the_reads_of_a_flush_held_by_a_lock(stack: Stack) -> None:
+    await insert_records(stack, "k")
+    reader = await stack.launch("read-api", SHUTDOWN_TIMEOUT="20")
+    async with stack.read_engine.connect() as blocker:
+        await blocker.begin()
+        await blocker.execute(text("SELECT 1 FROM records WHERE key = 'k' FOR UPDATE"))
+        async with httpx.AsyncClient(timeout=10) as client:
+            answers = [await read(client, reader) for _ in range(10)]
+        assert answers == list(range(1, 11))
+        await wait_until(_flush_waits_on_a_lock(stack), 10, "a flush to wait on the row lock")
+        reader.process.send_signal(signal.SIGTERM)
+
+        async def stopping() -> bool:
+            return "Waiting for application shutdown" in reader.log()
+
+        await wait_until(stopping, 10, "the read API to begin its stop")
+        await asyncio.sleep(1)  # the stop must wait for the held flush, not cancel it
+        assert reader.process.poll() is None
+        await blocker.commit()
+    code = await asyncio.to_thread(reader.process.wait, 30)
+    assert code in (0, -signal.SIGTERM)
+    assert await read_count(stack) == 10
+
+
+async def test_sigterm_waits_for_a_held_flush_at_most_shutdown_timeout(stack: Stack) -> None:
+    await insert_records(stack, "k")
+    reader = await stack.launch("read-api", SHUTDOWN_TIMEOUT="1")
+    async with stack.read_engine.connect() as blocker:
+        await blocker.begin()
+        await blocker.execute(text("SELECT 1 FROM records WHERE key = 'k' FOR UPDATE"))
+        async with httpx.AsyncClient(timeout=10) as client:
+            for _ in range(3):
+                await read(client, reader)
+        await wait_until(_flush_waits_on_a_lock(stack), 10, "a flush to wait on the row lock")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader.process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(reader.process.wait, 30)
+        assert loop.time() - started < 1 + 2  # the bound, plus the process's own exit
+        await blocker.rollback()
+    assert "read counts not stored" in reader.log() and "reads=3" in reader.log()
+
+
+def _flush_waits_on_a_lock(stack: Stack) -> Callable[[], Awaitable[bool]]:
+    async def waiting() -> bool:
+        return bool(
+            await stack.scalar(
+                stack.read_engine,
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%UPDATE records SET read_count%'",
+            )
+        )
+
+    return waiting
+
+
+async def test_two_replicas_never_hide_a_flushed_read(stack: Stack) -> None:
+    """What the README promises across replicas: a replica's answer never falls below an
+    answer another replica gave before its last flush; within one replica every read adds 1."""
+    await insert_records(stack, "k")
+    first = await stack.launch("read-api")
+    second = await stack.launch("read-api")
+    total = 0
+    async with httpx.AsyncClient(timeout=10) as client:
+        for round_ in range(4):
+            for service in (first, second):
+                # Bursts through one replica: each answer is one more than the one before.
+                burst = [await read(client, service) for _ in range(3)]
+                total += 3
+                assert burst == [burst[0], burst[0] + 1, burst[0] + 2]
+
+                async def flushed(expected: int = total) -> bool:
+                    return await read_count(stack) == expected
+
+                # Once the replica's reads are flushed, no replica answers less than it did.
+                await wait_until(flushed, 10, f"round {round_}: the reads to be flushed")
+                assert burst[-1] <= total
+                other = second if service is first else first
+                assert await read(client, other) > burst[-1]
+                total += 1
