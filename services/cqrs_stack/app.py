@@ -17,7 +17,7 @@ from starlette.routing import Match
 
 from . import __version__, figures, metrics, read_api, write_api
 from .config import Settings
-from .errors import dependency_error, error_response
+from .errors import RetryLater, dependency_error, error_response
 from .hot_paths import HotPaths
 from .middleware import RequestGuard
 from .models import ErrorResponse, HealthResponse, ReadinessResponse, StatsResponse
@@ -174,6 +174,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     @app.exception_handler(OSError)
     @app.exception_handler(RedisError)
+    @app.exception_handler(RetryLater)
     async def dependency_down(request: Request, exc: Exception) -> JSONResponse:
         answer = dependency_error(exc)
         assert answer is not None  # registered only for the exceptions it maps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -84,17 +85,23 @@ async def driver_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connect
     try:
         yield conn
     except _CONNECTION_ERRORS as exc:
-        conn.terminate()
+        _discard(conn)
         raise OperationalError("asyncpg", None, exc, connection_invalidated=True) from exc
     except asyncpg.PostgresError as exc:
         raise DBAPIError("asyncpg", None, exc) from exc  # type: ignore[arg-type]
     except BaseException:
         # Cancelled (a client gone, a timeout) in the middle of a statement: the connection
         # may still be mid-protocol, so it must never go back to the pool.
-        conn.terminate()
+        _discard(conn)
         raise
     finally:
         await pool.release(conn)
+
+
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close a connection for good; one that was lost is already back in the pool, closed."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 # Errors after which a connection is unusable: dropped from the pool, answered as 503.
