@@ -76,14 +76,14 @@ def _command(row: Sequence[object]) -> Command:
 
 class CommitOutcomeUnknown(RetryLater):
     """A group's connection dropped after it was sent and the write DB cannot tell yet whether
-    it committed: the client may retry (with the same Idempotency-Key, where it sent one)."""
+    it committed: the answer must say so (503 outcome_unknown), never that the write failed."""
 
     def __init__(self) -> None:
         super().__init__(
             "outcome_unknown",
             "the connection to the write DB dropped while the write was committing and its "
-            "outcome could not be established; it may be stored: retry it (with the same "
-            "Idempotency-Key, if one was sent)",
+            "outcome could not be established: it may be stored, and a retry may store it "
+            "again (send the same Idempotency-Key, where one was sent)",
         )
 
 
@@ -115,14 +115,23 @@ async def insert_commands(
         async with driver_connection(pool) as conn:
             session = conn.get_server_pid()
             rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types, token)
-    except (OperationalError, TimeoutError):
-        if session is None:
-            raise  # no connection was had: nothing was sent
+    except (DBAPIError, TimeoutError) as exc:  # OperationalError is a DBAPIError
+        if session is None or not _may_have_committed(exc):
+            raise  # nothing was sent, or the server refused the statement
         stored = await find_group(pool, token, session, outcome_timeout)
         if stored is None:
             raise
         rows = stored
     return sorted((Command(*row) for row in rows), key=lambda c: c.position)
+
+
+def _may_have_committed(exc: BaseException) -> bool:
+    """Could the statement have committed although it raised? Yes for a lost connection, a
+    timeout, or the session ended by the server (shutdown, crash, terminated) mid-reply."""
+    if isinstance(exc, OperationalError | TimeoutError):
+        return True
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, asyncpg.OperatorInterventionError)
 
 
 async def find_group(
