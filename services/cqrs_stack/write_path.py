@@ -66,7 +66,7 @@ class CommandWriter:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._in_batch = 0  # writes taken from the queue and not answered yet
-        self.redis_breaker = CircuitBreaker(
+        self._breaker = CircuitBreaker(
             "redis",
             redis.ping,
             probe_timeout=settings.redis_timeout,
@@ -84,7 +84,7 @@ class CommandWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.redis_breaker.close()
+        await self._breaker.close()
 
     @property
     def in_hand(self) -> int:
@@ -144,7 +144,7 @@ class CommandWriter:
 
     async def _publish(self, commands: list[Command]) -> list[str | None]:
         """XADD the batch's events and mark them published; all None when they stay queued."""
-        if not self.redis_breaker.allows():
+        if not self._breaker.allows():
             return [None] * len(commands)
         try:
             event_ids: list[str | None] = list(
@@ -159,11 +159,11 @@ class CommandWriter:
                 )
             )
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
-            self.redis_breaker.failed(exc)
+            self._breaker.failed(exc)
             PUBLISH_FAILURES.inc()
             log.warning("publish failed, events queued count=%d error=%r", len(commands), exc)
             return [None] * len(commands)
-        self.redis_breaker.succeeded()
+        self._breaker.succeeded()
         EVENTS_PUBLISHED.inc(len(commands))
         try:
             await write_db.mark_published_now(self._pool, [c.position for c in commands])
