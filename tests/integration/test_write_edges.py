@@ -75,6 +75,13 @@ async def test_a_hung_redis_does_not_throttle_writes(
     try:
         hung, answers = await write_concurrently(api.url, 600, "hung")
         assert all(a["queued"] for a in answers)
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+            started = time.monotonic()
+            stats = (await client.get("/stats")).json()
+            waited = time.monotonic() - started
+        # /stats waits REDIS_TIMEOUT (1 s) for Redis, not a socket timeout (2 s and more).
+        assert stats["redis_available"] is False
+        assert waited < 2.0, f"/stats took {waited:.1f}s"
     finally:
         os.kill(redis.process.pid, signal.SIGCONT)
     # One wait of REDIS_TIMEOUT (1 s) for the first batch, then the speed of Redis up (the
