@@ -93,6 +93,13 @@ async def test_a_hung_redis_does_not_throttle_writes(
 
     await wait_until(all_published, 30, "the queued events to be published")
     assert await stack.redis.xlen(stack.settings.event_stream_name) >= 1200
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+
+        async def published_again() -> bool:  # the background probe closed the breaker
+            answer = await client.post("/write", json={"key": "after", "value": "v"})
+            return answer.json()["queued"] is False
+
+        await wait_until(published_again, 10, "writes to be published at once again")
     await stack.assert_converges()
 
 
