@@ -4,7 +4,10 @@ Closed, callers use the dependency. After a failure the breaker opens: callers s
 dependency at once (the write path queues the event instead of waiting a socket timeout per
 batch). While open, one probe at a time runs in the background every ``probe_interval``
 seconds (the half-open state); the first probe that succeeds closes the breaker again. No
-caller ever waits for a probe.
+caller ever waits for a probe. A dependency that answers probes but fails real calls (a PING
+answered, an XADD hung) would cost one timeout per probe interval: each time a real call fails
+right after a probe closed the breaker, the interval doubles (up to ``_MAX_BACKOFF`` times),
+and a real call that succeeds resets it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
+_MAX_BACKOFF = 32
+
 
 class CircuitBreaker:
     """Closed, open or half-open (a probe in flight) for one dependency named ``name``."""
@@ -28,12 +33,16 @@ class CircuitBreaker:
         *,
         probe_timeout: float,
         probe_interval: float,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self._probe = probe
         self._probe_timeout = probe_timeout
         self._probe_interval = probe_interval
+        self._clock = clock
         self._opened_at: float | None = None  # None: closed
+        self._interval = probe_interval  # grows while probes succeed and real calls fail
+        self._closed_by_probe = False
         self._probing: asyncio.Task[None] | None = None
 
     @property
@@ -45,7 +54,7 @@ class CircuitBreaker:
         """Should a caller use the dependency now? While open, start a probe when one is due."""
         if self._opened_at is None:
             return True
-        due = time.monotonic() - self._opened_at >= self._probe_interval
+        due = self._clock() - self._opened_at >= self._interval
         if due and (self._probing is None or self._probing.done()):
             self._probing = asyncio.create_task(self._probe_once(), name=f"{self.name}-probe")
         return False
@@ -53,11 +62,23 @@ class CircuitBreaker:
     def failed(self, error: BaseException) -> None:
         """A call failed or timed out: open (or keep open) and restart the probe interval."""
         if self._opened_at is None:
-            log.warning("circuit opened dependency=%s error=%r", self.name, error)
-        self._opened_at = time.monotonic()
+            if self._closed_by_probe:
+                self._interval = min(self._interval * 2, self._probe_interval * _MAX_BACKOFF)
+            log.warning(
+                "circuit opened dependency=%s error=%r next_probe_s=%.1f",
+                self.name,
+                error,
+                self._interval,
+            )
+        self._closed_by_probe = False
+        self._opened_at = self._clock()
 
     def succeeded(self) -> None:
-        """A call (or a probe) succeeded: close."""
+        """A real call succeeded: close, and probe at the base interval next time."""
+        self._close()
+        self._interval = self._probe_interval
+
+    def _close(self) -> None:
         if self._opened_at is not None:
             log.info("circuit closed dependency=%s", self.name)
         self._opened_at = None
@@ -72,7 +93,8 @@ class CircuitBreaker:
     async def _probe_once(self) -> None:
         try:
             await asyncio.wait_for(self._probe(), self._probe_timeout)
-        except Exception as exc:  # a probe reports through the state, it never raises
-            self.failed(exc)
+        except Exception:  # a probe reports through the state, it never raises
+            self._opened_at = self._clock()  # still open: the next probe one interval on
         else:
-            self.succeeded()
+            self._close()
+            self._closed_by_probe = True
