@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from . import __version__, figures, metrics, read_api, write_api
+from . import __version__, errors, figures, metrics, read_api, write_api
 from .config import Settings
 from .errors import (
     InvalidRequest,
@@ -172,6 +172,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     @app.exception_handler(OSError)
     @app.exception_handler(RedisError)
+    @app.exception_handler(errors.RetryLater)
     async def dependency_down(request: Request, exc: Exception) -> JSONResponse:
         answer = dependency_error(exc)
         assert answer is not None  # registered only for the exceptions it maps

@@ -72,7 +72,17 @@ class Settings(BaseSettings):
     # A ?position= read still gets this long for its final SELECT once its wait ran out.
     read_wait_grace: float = Field(default=0.25, gt=0, le=5)
     write_batch_max: int = Field(default=256, ge=1, le=10_000)
+    # Writes accepted and not yet answered, per process; one more is refused with 503.
+    write_queue_max: int = Field(default=4096, ge=1, le=1_000_000)
+    # How long a write whose connection dropped mid-commit looks for its group before it
+    # answers 503 outcome_unknown.
+    write_outcome_timeout: float = Field(default=5.0, gt=0, le=60)
     redis_timeout: float = Field(default=2.0, gt=0)
+    # While Redis is failing, the write path queues events without waiting on it and probes it
+    # this often in the background.
+    redis_probe_interval: float = Field(default=1.0, gt=0, le=60)
+    # Bytes of values per page of queued events (a page holds at least one event).
+    publisher_batch_max_bytes: int = Field(default=16_777_216, ge=1, le=1_073_741_824)
     log_level: str = "info"
     # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request
     # goes through the framework, e.g. for FastAPI's own OpenTelemetry spans on every call.

@@ -7,6 +7,7 @@ of any API reports the same numbers.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -25,10 +26,15 @@ async def stack_figures(
     written = await write_db.counts(write_engine)
     projected = await read_db.projector_figures(read_engine)
     try:
-        group = await stream.group_info(redis, settings.event_stream_name, settings.consumer_group)
-        dead = await redis.xlen(settings.dead_letter_stream)
+        # Bounded: a hung Redis (accepts, never answers) is reported as unavailable, not waited
+        # on for a socket timeout.
+        async with asyncio.timeout(settings.redis_timeout):
+            group = await stream.group_info(
+                redis, settings.event_stream_name, settings.consumer_group
+            )
+            dead = await redis.xlen(settings.dead_letter_stream)
         redis_up = True
-    except (RedisError, OSError):
+    except (RedisError, OSError):  # TimeoutError is an OSError
         group, dead, redis_up = {"pending": 0, "undelivered": 0, "length": 0}, 0, False
     lag_events = max(0, written["commands"] - projected["applied_commands"])
     last_at = projected["last_projected_event_at"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 REQUESTS = Counter(
     "cqrs_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
@@ -24,6 +24,9 @@ WRITE_BATCH_SIZE = Histogram(
     "cqrs_write_batch_size",
     "Commands per group-commit transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+WRITE_QUEUE_DEPTH = Gauge(
+    "cqrs_write_queue_depth", "Writes accepted and not answered yet (bounded by WRITE_QUEUE_MAX)"
 )
 EVENTS_PROJECTED = Counter(
     "cqrs_events_projected_total",

@@ -2,39 +2,63 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import secrets
+import time
+import uuid
 from collections.abc import Sequence
 
 import asyncpg
 from sqlalchemy import BigInteger, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .db import driver_connection
+from .errors import RetryLater
 from .events import Command
 
-# Marking commands whose events reached the stream; {ids} is the array parameter, spelled as
-# the caller's driver wants it (asyncpg: $n, SQLAlchemy: :name).
-_MARK_PUBLISHED_SQL = "UPDATE commands SET published = true WHERE id = ANY({ids}) AND NOT published"
+log = logging.getLogger(__name__)
 
-# One statement, hence one round trip and one commit (autocommit) per group of commands. It
-# also marks the previous groups whose events reached the stream ($4), which saves a commit of
-# their own (a data-modifying WITH runs whether or not the INSERT reads it).
-_INSERT_COMMANDS = f"""
-    WITH marked AS ({_MARK_PUBLISHED_SQL.format(ids="$4::bigint[]")})
-    INSERT INTO commands (key, value, event_type)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+# One statement, hence one round trip and one commit (autocommit) per group of commands. The
+# group's token ($4) goes on its first row only: the others share that row's txid.
+_INSERT_COMMANDS = """
+    INSERT INTO commands (key, value, event_type, batch)
+    SELECT k, v, t, CASE WHEN n = 1 THEN $4::uuid END
+    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, v, t, n)
     RETURNING id, key, value, event_type, created_at
 """
 
-_MARK_PUBLISHED_NOW = _MARK_PUBLISHED_SQL.format(ids="$1::bigint[]")
+# The write path marks a group right after its XADD, before answering, so that /stats counts
+# what an answer calls published. The commit does not wait for its WAL flush: a mark lost in a
+# crash only means the publisher sends those events again (harmless duplicates).
+_MARK_PUBLISHED_NOW = """
+    WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))
+    UPDATE commands SET published = true FROM async_commit
+    WHERE id = ANY($1::bigint[]) AND NOT published
+"""
 
-_MARK_PUBLISHED = text(_MARK_PUBLISHED_SQL.format(ids=":ids")).bindparams(
-    bindparam("ids", type_=ARRAY(BigInteger))
-)
+_MARK_PUBLISHED = text(
+    "UPDATE commands SET published = true WHERE id = ANY(:ids) AND NOT published"
+).bindparams(bindparam("ids", type_=ARRAY(BigInteger)))
 
+# Is the session that sent a group still running (waiting on a lock, or on a dead network)?
+# Same application_name only: never end another program's session whose pid was reused.
+_SESSION_ALIVE = """
+    SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                   WHERE pid = $1 AND application_name = current_setting('application_name'))
+"""
+_END_SESSION = "SELECT pg_terminate_backend($1)"
+_GROUP_COMMANDS = """
+    SELECT id, key, value, event_type, created_at FROM commands
+    WHERE txid = (SELECT txid FROM commands WHERE batch = $1::uuid) ORDER BY id
+"""
+
+# Sizes only: octet_length reads a stored value's length without loading (detoasting) it.
 _UNPUBLISHED = text(
     """
-    SELECT id, key, value, event_type, created_at FROM commands
+    SELECT id, octet_length(key) + octet_length(value) FROM commands
     WHERE NOT published AND created_at < clock_timestamp() - make_interval(secs => :grace)
     ORDER BY id LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -50,23 +74,96 @@ def _command(row: Sequence[object]) -> Command:
     return Command(*row)  # type: ignore[arg-type]
 
 
+class CommitOutcomeUnknown(RetryLater):
+    """A group's connection dropped after it was sent and the write DB cannot tell yet whether
+    it committed: the answer must say so (503 outcome_unknown), never that the write failed."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "outcome_unknown",
+            "the connection to the write DB dropped while the write was committing and its "
+            "outcome could not be established: it may be stored, and a retry may store it "
+            "again (send the same Idempotency-Key, where one was sent)",
+        )
+
+
+def new_batch_token() -> uuid.UUID:
+    """A group's token: time-ordered (so its index grows at the right edge) and unique."""
+    return uuid.UUID(int=(time.time_ns() // 1_000_000) << 80 | secrets.randbits(80))
+
+
 async def insert_commands(
     pool: asyncpg.Pool,
     items: Sequence[tuple[str, str, str]],
-    published: Sequence[int] = (),
+    token: uuid.UUID,
+    outcome_timeout: float,
 ) -> list[Command]:
     """Store (key, value, event_type) items in one transaction; return them with positions.
-
-    In the same transaction, mark the commands at ``published`` as published.
 
     One statement on the asyncpg connection, its own transaction. The result is in the order
     of ``items``: the sequence hands out ids in the order unnest produces rows, so sorting by
     id restores the input order whatever RETURNING does.
+
+    If the connection is lost (or the statement times out) after the statement was sent, the
+    group may have committed: it is looked up by ``token`` (see ``find_group``) and, when
+    stored, returned as if nothing had happened; when it is known not to be stored the
+    original error is raised; when that cannot be known, ``CommitOutcomeUnknown``.
     """
     keys, values, types = (list(column) for column in zip(*items, strict=True))
-    async with driver_connection(pool) as conn:
-        rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types, list(published))
+    session: int | None = None
+    try:
+        async with driver_connection(pool) as conn:
+            session = conn.get_server_pid()
+            rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types, token)
+    except (DBAPIError, TimeoutError) as exc:  # OperationalError is a DBAPIError
+        if session is None or not _may_have_committed(exc):
+            raise  # nothing was sent, or the server refused the statement
+        stored = await find_group(pool, token, session, outcome_timeout)
+        if stored is None:
+            raise
+        rows = stored
     return sorted((Command(*row) for row in rows), key=lambda c: c.position)
+
+
+def _may_have_committed(exc: BaseException) -> bool:
+    """Could the statement have committed although it raised? Yes for a lost connection, a
+    timeout, or the session ended by the server (shutdown, crash, terminated) mid-reply."""
+    if isinstance(exc, OperationalError | TimeoutError):
+        return True
+    orig = getattr(exc, "orig", None)
+    return isinstance(orig, asyncpg.OperatorInterventionError)
+
+
+async def find_group(
+    pool: asyncpg.Pool, token: uuid.UUID, session: int, wait_seconds: float
+) -> list[asyncpg.Record] | None:
+    """Return the commands of the group ``token`` sent on backend ``session``; None if it did
+    not commit. Raise ``CommitOutcomeUnknown`` when that is still unknown after ``wait_seconds``.
+
+    The answer is final only once that session has ended (until then its transaction may
+    still commit), so a session still running is ended with pg_terminate_backend first.
+    """
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.02
+    while True:
+        try:
+            async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                async with driver_connection(pool) as conn:
+                    if not await conn.fetchval(_SESSION_ALIVE, session):
+                        rows = await conn.fetch(_GROUP_COMMANDS, token)
+                        log.warning(
+                            "commit outcome established stored=%s commands=%d",
+                            bool(rows),
+                            len(rows),
+                        )
+                        return rows or None
+                    await conn.fetchval(_END_SESSION, session)
+        except (DBAPIError, TimeoutError) as exc:  # OperationalError is a DBAPIError
+            log.warning("commit outcome not established yet error=%r", exc)
+        if time.monotonic() + delay >= deadline:
+            raise CommitOutcomeUnknown()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 async def mark_published_now(pool: asyncpg.Pool, positions: Sequence[int]) -> None:
@@ -83,16 +180,25 @@ async def mark_published(conn: AsyncConnection, positions: Sequence[int]) -> Non
 
 
 async def lock_unpublished(
-    conn: AsyncConnection, limit: int, grace_seconds: float
+    conn: AsyncConnection, limit: int, max_bytes: int, grace_seconds: float
 ) -> list[Command]:
-    """Lock and return up to ``limit`` commands whose event never reached the stream.
+    """Lock and return the oldest commands whose event never reached the stream: at most
+    ``limit`` of them and ``max_bytes`` of keys and values (at least one, however large).
 
     Only commands older than ``grace_seconds`` count: younger ones are most likely being
     published by the request that wrote them. SKIP LOCKED lets several write-api replicas
-    share the work without publishing the same command twice.
+    share the work without publishing the same command twice. Sizes are read first, so a
+    page of large values never loads more than ``max_bytes`` of them.
     """
-    rows = await conn.execute(_UNPUBLISHED, {"grace": grace_seconds, "limit": limit})
-    return [_command(row) for row in rows]
+    sizes = await conn.execute(_UNPUBLISHED, {"grace": grace_seconds, "limit": limit})
+    page: list[int] = []
+    total = 0
+    for position, size in sizes:
+        total += int(size)
+        if page and total > max_bytes:
+            break
+        page.append(int(position))
+    return await commands_on(conn, page) if page else []
 
 
 async def commands_on(conn: AsyncConnection, positions: Sequence[int]) -> list[Command]:

@@ -2,8 +2,8 @@
 
 Guarantee 1 lives here and in the projector's catch-up. A command is acknowledged only after
 its transaction commits; its event is then published in one pipelined XADD for the whole
-batch. If Redis is down, the command stays marked unpublished and ``publish_pending`` sends it
-once Redis is back; a crash between commit and XADD leaves the same trace.
+batch. If Redis is down or hung, the command stays marked unpublished and ``publish_pending``
+sends it once Redis is back; a crash between commit and XADD leaves the same trace.
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import stream, write_db
+from .breaker import CircuitBreaker
 from .config import Settings
+from .errors import RetryLater
 from .events import Command
-from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE
+from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE, WRITE_QUEUE_DEPTH
 from .supervision import Supervisor
 
 log = logging.getLogger(__name__)
+
+# How often an idle batching loop wakes to see whether the process is stopping.
+_IDLE_WAKE = 0.5
+_LOOP_NAME = "command-writer"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,21 +48,19 @@ class _Pending:
     done: asyncio.Future[WriteResult]
 
 
-# How long published marks may wait for the next batch's transaction before they are written
-# in one of their own: far below the publisher's grace, so that they are never sent twice.
-_MARK_DELAY = 0.2
-# How often an idle batching loop wakes to see whether the process is stopping.
-_IDLE_WAKE = 0.5
-_LOOP_NAME = "command-writer"
-
-
 class CommandWriter:
     """Batches concurrent writes: one transaction and one pipelined XADD per batch.
 
     Under load, requests that arrive while a batch is committing form the next batch, so
-    throughput grows with concurrency while a lone request still commits at once. That a
-    batch's events reached the stream is recorded in the next batch's transaction (or alone,
-    after ``_MARK_DELAY`` without writes): a lost mark only means a harmless duplicate publish.
+    throughput grows with concurrency while a lone request still commits at once. A batch
+    whose XADD succeeded is marked published before it is answered (one more statement that
+    does not wait for its WAL flush; a lost mark only means a harmless duplicate publish).
+
+    Redis is waited on at most ``redis_timeout`` per batch, and not at all while the circuit
+    breaker is open (after a failure, until a background probe gets an answer): the batch is
+    then answered queued and ``publish_pending`` sends its events later. At most
+    ``write_queue_max`` writes are in hand (queued or in the batch committing); one more is
+    refused with ``RetryLater`` (503, Retry-After).
     """
 
     def __init__(self, pool: asyncpg.Pool, redis: Redis, settings: Settings) -> None:
@@ -66,7 +70,13 @@ class CommandWriter:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._supervisor: Supervisor | None = None
         self._closed = asyncio.Event()
-        self._published: list[int] = []  # in the stream, not yet marked in the write DB
+        self._in_batch = 0  # writes taken from the queue and not answered yet
+        self._breaker = CircuitBreaker(
+            "redis",
+            redis.ping,
+            probe_timeout=settings.redis_timeout,
+            probe_interval=settings.redis_probe_interval,
+        )
 
     def start(self, supervisor: Supervisor) -> None:
         """Start the batching loop under ``supervisor`` (inside the running event loop)."""
@@ -79,29 +89,44 @@ class CommandWriter:
             await self._queue.join()
             self._closed.set()
             await self._supervisor.stop([_LOOP_NAME], within)
-        await self._mark_alone()
+        await self._breaker.close()
+
+    @property
+    def in_hand(self) -> int:
+        """Writes accepted and not answered yet (queued or in the batch committing)."""
+        return self._queue.qsize() + self._in_batch
 
     async def write(self, key: str, value: str, event_type: str) -> WriteResult:
-        """Store one command; return once it is committed (and published, if Redis is up)."""
+        """Store one command; return once it is committed (and published, if Redis is up).
+
+        Raises ``RetryLater`` at once, storing nothing, when ``write_queue_max`` writes are
+        already in hand.
+        """
+        if self.in_hand >= self._settings.write_queue_max:
+            raise RetryLater(
+                "write_queue_full",
+                f"{self._settings.write_queue_max} writes are waiting for the write DB "
+                "(WRITE_QUEUE_MAX); nothing was stored, retry later",
+            )
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(key, value, event_type, done))
+        self._queue.put_nowait(_Pending(key, value, event_type, done))
+        WRITE_QUEUE_DEPTH.set(self.in_hand)
         return await done
 
     async def _write_round(self) -> None:
-        """Commit and publish one batch; an idle round writes pending marks or just returns."""
+        """Commit and publish one batch; an idle round just returns."""
         if self._queue.empty():
             try:
                 # Bounded, so that the loop sees ``_closed`` while no request comes.
-                wait = _MARK_DELAY if self._published else _IDLE_WAKE
-                first = await asyncio.wait_for(self._queue.get(), wait)
+                first = await asyncio.wait_for(self._queue.get(), _IDLE_WAKE)
             except TimeoutError:
-                await self._mark_alone()
                 return
         else:
             first = self._queue.get_nowait()
         batch = [first]
         while len(batch) < self._settings.write_batch_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
+        self._in_batch = len(batch)
         try:
             await self._commit_and_publish(batch)
         except Exception as exc:  # unforeseen: the batch's writers learn of it, never hang
@@ -110,63 +135,74 @@ class CommandWriter:
                     pending.done.set_exception(exc)
             raise
         finally:
+            self._in_batch = 0
+            WRITE_QUEUE_DEPTH.set(self.in_hand)
             for _ in batch:
                 self._queue.task_done()
 
     async def _commit_and_publish(self, batch: list[_Pending]) -> None:
         WRITE_BATCH_SIZE.observe(len(batch))
-        marks, self._published = self._published, []
         try:
             commands = await write_db.insert_commands(
-                self._pool, [(p.key, p.value, p.event_type) for p in batch], marks
+                self._pool,
+                [(p.key, p.value, p.event_type) for p in batch],
+                write_db.new_batch_token(),
+                self._settings.write_outcome_timeout,
             )
         except Exception as exc:  # every waiter must learn of the failure
-            self._published[:0] = marks
             for pending in batch:
                 if not pending.done.done():
                     pending.done.set_exception(exc)
             return
-        event_ids: list[str | None] = [None] * len(commands)
-        try:
-            event_ids = list(
-                await stream.publish(
-                    self._redis,
-                    self._settings.event_stream_name,
-                    commands,
-                    self._settings.stream_max_length,
-                )
-            )
-        except (RedisError, OSError) as exc:
-            PUBLISH_FAILURES.inc()
-            log.warning("publish failed, events queued count=%d error=%s", len(commands), exc)
-        else:
-            EVENTS_PUBLISHED.inc(len(commands))
-            self._published.extend(c.position for c in commands)
+        event_ids = await self._publish(commands)
         for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
             if not pending.done.done():
                 pending.done.set_result(WriteResult(command, event_id))
 
-    async def _mark_alone(self) -> None:
-        marks, self._published = self._published, []
-        if not marks:
-            return
+    async def _publish(self, commands: list[Command]) -> list[str | None]:
+        """XADD the batch's events and mark them published; all None when they stay queued."""
+        if not self._breaker.allows():
+            return [None] * len(commands)
         try:
-            await write_db.mark_published_now(self._pool, marks)
-        except Exception as exc:
-            log.warning("marking published failed count=%d error=%s", len(marks), exc)
+            event_ids: list[str | None] = list(
+                await asyncio.wait_for(
+                    stream.publish(
+                        self._redis,
+                        self._settings.event_stream_name,
+                        commands,
+                        self._settings.stream_max_length,
+                    ),
+                    self._settings.redis_timeout,
+                )
+            )
+        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            self._breaker.failed(exc)
+            PUBLISH_FAILURES.inc()
+            log.warning("publish failed, events queued count=%d error=%r", len(commands), exc)
+            return [None] * len(commands)
+        self._breaker.succeeded()
+        EVENTS_PUBLISHED.inc(len(commands))
+        try:
+            await write_db.mark_published_now(self._pool, [c.position for c in commands])
+        except Exception as exc:  # the events are in the stream: the answer stands
+            log.warning("marking published failed count=%d error=%r", len(commands), exc)
+        return event_ids
 
 
 async def publish_pending(
     engine: AsyncEngine, redis: Redis, settings: Settings, grace_seconds: float = 2.0
 ) -> int:
-    """Publish events of committed commands that never reached the stream; return how many.
+    """Publish one page of events of committed commands that never reached the stream; return
+    how many (0: none left). A page holds at most ``write_batch_max * 4`` events and
+    ``publisher_batch_max_bytes`` of keys and values (at least one event), so a backlog of
+    large values is sent in pipelines of bounded size and memory.
 
     Rows stay locked until their events are in the stream and they are marked, so a crash in
     between leaves them unpublished (published again later, a harmless duplicate).
     """
     async with engine.begin() as conn:
         commands = await write_db.lock_unpublished(
-            conn, settings.write_batch_max * 4, grace_seconds
+            conn, settings.write_batch_max * 4, settings.publisher_batch_max_bytes, grace_seconds
         )
         if not commands:
             return 0

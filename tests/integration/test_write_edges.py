@@ -1,0 +1,264 @@
+"""The write path at its edges: a hung Redis, a full queue, a commit whose answer was lost,
+/stats right after an answer, and a backlog of large values, all against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from cqrs_stack.localservers import PostgresServer, RedisServer
+from tests.fixtures.pgproxy import PgProxy
+from tests.fixtures.stack import Stack, wait_until
+
+
+async def unpublished(stack: Stack) -> int:
+    """Commands whose event the write DB still holds as queued."""
+    return int(
+        await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands WHERE NOT published")
+    )
+
+
+async def queue_depth(client: httpx.AsyncClient) -> float:
+    """The write API's cqrs_write_queue_depth gauge."""
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("cqrs_write_queue_depth "):
+            return float(line.split()[1])
+    return -1.0
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def write_concurrently(url: str, count: int, prefix: str) -> tuple[float, list[dict]]:
+    """``count`` concurrent writes, one connection each; return the time taken and the answers."""
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            *(
+                client.post("/write", json={"key": f"{prefix}{i}", "value": "v"})
+                for i in range(count)
+            )
+        )
+        elapsed = time.monotonic() - started
+    assert [a.status_code for a in answers] == [200] * count
+    return elapsed, [a.json() for a in answers]
+
+
+async def test_a_hung_redis_does_not_throttle_writes(
+    stack: Stack, redis_factory: Callable[[], RedisServer]
+) -> None:
+    redis = redis_factory()
+    stack.use_redis(redis)
+    # Small batches, so that many run one after another: a wait on Redis per batch would add
+    # up to a minute (38 batches of 16), while commits alone take what they take with Redis up.
+    api = await stack.launch("write-api", WRITE_BATCH_MAX="16")
+    await stack.launch("projector")
+    normal, answers = await write_concurrently(api.url, 600, "up")
+    assert not any(a["queued"] for a in answers)
+    assert redis.process is not None
+    os.kill(redis.process.pid, signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        hung, answers = await write_concurrently(api.url, 600, "hung")
+        assert all(a["queued"] for a in answers)
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+            started = time.monotonic()
+            stats = (await client.get("/stats")).json()
+            waited = time.monotonic() - started
+        # /stats waits REDIS_TIMEOUT (1 s) for Redis, not a socket timeout (2 s and more).
+        assert stats["redis_available"] is False
+        assert waited < 2.0, f"/stats took {waited:.1f}s"
+    finally:
+        os.kill(redis.process.pid, signal.SIGCONT)
+    # One wait of REDIS_TIMEOUT (1 s) for the first batch, then the speed of Redis up (the
+    # machine is shared: twice that, plus a second, is "close to normal").
+    assert hung < 2 * normal + 2, f"600 writes: {normal:.1f}s with Redis up, {hung:.1f}s hung"
+
+    async def all_published() -> bool:
+        return await unpublished(stack) == 0
+
+    await wait_until(all_published, 30, "the queued events to be published")
+    assert await stack.redis.xlen(stack.settings.event_stream_name) >= 1200
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+
+        async def published_again() -> bool:  # the background probe closed the breaker
+            answer = await client.post("/write", json={"key": "after", "value": "v"})
+            return answer.json()["queued"] is False
+
+        await wait_until(published_again, 10, "writes to be published at once again")
+    await stack.assert_converges()
+
+
+@pytest.mark.parametrize("hot_paths", ["true", "false"])
+async def test_the_write_queue_is_bounded(stack: Stack, hot_paths: str) -> None:
+    bound = 8
+    api = await stack.launch("write-api", WRITE_QUEUE_MAX=str(bound), HOT_PATHS=hot_paths)
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+        async with stack.write_engine.connect() as locker:
+            await locker.execute(text("LOCK TABLE commands IN SHARE MODE"))  # INSERTs wait
+            held = [
+                asyncio.create_task(client.post("/write", json={"key": f"q{i}", "value": "v"}))
+                for i in range(bound)
+            ]
+
+            async def full() -> bool:
+                return await queue_depth(client) == bound
+
+            await wait_until(full, 20, f"{bound} writes in hand")
+            refused = await client.post("/write", json={"key": "one-past", "value": "v"}, timeout=5)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"].isdigit()
+            assert refused.json()["error"] == "write_queue_full"
+            await locker.rollback()
+        answers = await asyncio.gather(*held)
+    assert [a.status_code for a in answers] == [200] * bound
+    assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == bound
+
+
+async def test_stats_count_a_published_write_at_once(stack: Stack) -> None:
+    api = await stack.launch("write-api")
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        for i in range(50):
+            answer = (await client.post("/write", json={"key": f"s{i}", "value": "v"})).json()
+            assert answer["message"] == "Command written and event published"
+            stats = (await client.get("/stats")).json()
+            assert stats["events_published"] == i + 1, f"write {i}: {stats}"
+
+
+@pytest_asyncio.fixture
+async def proxy(write_pg: PostgresServer) -> AsyncIterator[PgProxy]:
+    """A proxy in front of the write PostgreSQL server."""
+    server = PgProxy(write_pg.port)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def through(stack: Stack, write_pg: PostgresServer, proxy: PgProxy) -> str:
+    """The stack's write DB URL, through the proxy."""
+    url = stack.env["WRITE_DB_URL"]
+    assert f":{write_pg.port}/" in url
+    return url.replace(f":{write_pg.port}/", f":{proxy.port}/")
+
+
+async def test_a_commit_whose_answer_was_lost_is_answered_with_its_position(
+    stack: Stack, write_pg: PostgresServer, proxy: PgProxy
+) -> None:
+    api = await stack.launch("write-api", WRITE_DB_URL=through(stack, write_pg, proxy))
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+        assert (await client.post("/write", json={"key": "warm", "value": "v"})).status_code == 200
+        proxy.drop_after_insert()
+        answer = await client.post("/write", json={"key": "lost", "value": "stored"})
+    assert proxy.dropped.is_set()
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    stored = await stack.scalar(
+        stack.write_engine, "SELECT string_agg(id::text, ',') FROM commands WHERE key = 'lost'"
+    )
+    assert stored == str(body["position"])  # stored once, and the answer says where
+
+
+async def test_a_write_cut_off_before_commit_is_known_not_stored(
+    stack: Stack, write_pg: PostgresServer, proxy: PgProxy
+) -> None:
+
+    api = await stack.launch("write-api", WRITE_DB_URL=through(stack, write_pg, proxy))
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+        assert (await client.post("/write", json={"key": "warm", "value": "v"})).status_code == 200
+        async with stack.write_engine.connect() as locker:
+            await locker.execute(text("LOCK TABLE commands IN SHARE MODE"))
+            pending = asyncio.create_task(client.post("/write", json={"key": "cut", "value": "v"}))
+
+            async def waiting() -> bool:
+                sql = (
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO commands%'"
+                )
+                return bool(await stack.scalar(stack.write_engine, sql))
+
+            await wait_until(waiting, 20, "the INSERT to wait on the lock")
+            proxy.drop_clients()  # the session lives on, still waiting on the lock
+            answer = await asyncio.wait_for(pending, 15)
+            await locker.rollback()
+    # The writing session was ended before it could commit: known not stored, a plain 503.
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == "database_unavailable"
+    assert (
+        await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands WHERE key = 'cut'")
+        == 0
+    )
+
+
+async def test_an_unknown_commit_outcome_has_its_own_answer(
+    stack: Stack, write_pg: PostgresServer, proxy: PgProxy
+) -> None:
+    api = await stack.launch(
+        "write-api", WRITE_DB_URL=through(stack, write_pg, proxy), WRITE_OUTCOME_TIMEOUT="1"
+    )
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+        assert (await client.post("/write", json={"key": "warm", "value": "v"})).status_code == 200
+        proxy.drop_after_insert()
+        proxy.refuse = True  # and the write DB cannot be reached to find out
+        started = time.monotonic()
+        answer = await client.post("/write", json={"key": "unknown", "value": "v"})
+        elapsed = time.monotonic() - started
+        proxy.refuse = False
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == "outcome_unknown"
+    assert answer.headers["retry-after"].isdigit()
+    assert elapsed < 5
+    # It was in fact stored: a failure answer would have lied.
+    assert (
+        await stack.scalar(
+            stack.write_engine, "SELECT count(*) FROM commands WHERE key = 'unknown'"
+        )
+        == 1
+    )
+
+
+async def test_a_backlog_of_large_values_is_published_in_bounded_pages(
+    stack: Stack, redis_factory: Callable[[], RedisServer]
+) -> None:
+
+    redis = redis_factory()
+    stack.use_redis(redis)
+    page_bytes = 8_000_000
+    api = await stack.launch("write-api", PUBLISHER_BATCH_MAX_BYTES=str(page_bytes))
+    redis.stop()
+    count, size = 300, 1_000_000  # 300 MB of values, 37 pages
+    async with stack.write_engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO commands (key, value, event_type)"
+                " SELECT 'big' || i, repeat(md5(i::text), :reps), 'RecordCreated'"
+                " FROM generate_series(1, :n) AS i"
+            ),
+            {"reps": size // 32, "n": count},
+        )
+    assert await unpublished(stack) == count
+    redis.start()  # back, empty
+
+    async def all_published() -> bool:
+        return await unpublished(stack) == 0
+
+    await wait_until(all_published, 90, "the backlog to be published")
+    assert await stack.redis.xlen(stack.settings.event_stream_name) >= count
+    # One page of 8 values in memory at a time, not the whole 300 MB backlog.
+    peak = peak_rss_mb(api.process.pid)
+    assert peak < 200, f"write-api peak RSS {peak:.0f} MB"
