@@ -12,10 +12,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cqrs_stack import rebuild
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_guarantees import write_many
 
@@ -146,7 +149,7 @@ async def test_rebuild_never_blocks_readers_and_swaps_in_atomically(stack: Stack
     async with stack.read_engine.begin() as conn:
         await conn.execute(text("UPDATE records SET value = 'damaged' WHERE key = 'seed:7'"))
     correct = f"v{max(range(7, SEEDED_COMMANDS, SEEDED_KEYS))}"  # its newest seeded command
-    traffic = Traffic(api.url, ["seed:7", "seed:12345", "live:3", "seed:99999"])
+    traffic = Traffic(api.url, ["seed:7", "seed:12345", "live:3", f"seed:{SEEDED_KEYS - 1}"])
     stopping = asyncio.Event()
     loops = [asyncio.create_task(traffic.read_loop(stopping, offset)) for offset in range(3)] + [
         asyncio.create_task(traffic.write_loop(stopping))
@@ -250,3 +253,53 @@ async def test_rebuild_of_over_a_gibibyte_of_large_values_stays_bounded(stack: S
     stored = await stack.scalar(stack.read_engine, "SELECT sum(octet_length(value)) FROM records")
     assert stored == total
     await stack.assert_converges(timeout=60)
+
+
+def _peak_rss() -> int:
+    """This process's VmHWM in bytes."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+async def test_catch_up_of_over_a_gibibyte_goes_in_pages_bounded_by_bytes(stack: Stack) -> None:
+    """The commands the live version applied during the load (here 1.1 GB of 1,000,000-byte
+    values, as after a backlog drained meanwhile) reach the shadow in statements bounded by
+    REBUILD_BATCH_MAX_BYTES: none near the 1 GiB limit, memory bounded."""
+    async with stack.write_engine.connect() as conn:
+        before_seed = await conn.scalar(text("SELECT pg_current_snapshot()::text"))
+    await seed(stack, BIG_COMMANDS, BIG_COMMANDS, f"repeat(chr(65 + i % 26), {BIG_VALUE_BYTES})")
+    first, last = await _one_row(stack, stack.write_engine, "SELECT min(id), max(id) FROM commands")
+    async with stack.read_engine.begin() as conn:  # the live version has them all
+        await conn.execute(
+            text(
+                "INSERT INTO applied_commands"
+                " SELECT generate_series(CAST(:a AS bigint), CAST(:b AS bigint))"
+            ),
+            {"a": first, "b": last},
+        )
+    settings = stack.settings.model_copy(update={"rebuild_batch_max_bytes": BIG_BATCH_BYTES})
+    async with stack.read_engine.connect() as rsession, stack.write_engine.connect() as wsession:
+        rconn, wconn = await rebuild._driver(rsession), await rebuild._driver(wsession)
+        live = await rebuild._live_schema(rconn)
+        await rebuild._create_shadow(rconn, live)
+        loaded = rebuild._Loaded(commands=0, snapshot=before_seed)
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset VmHWM to the current RSS
+        base = _peak_rss()
+        await rebuild._catch_up(wconn, rconn, live, loaded, settings)
+        grew = _peak_rss() - base
+        applied, stored = await rconn.fetchrow(
+            f"SELECT count(*), sum(octet_length(value)) FROM {rebuild.SHADOW_SCHEMA}.records"
+        )
+        await rebuild._drop_versions(rconn)
+    print(f"catch-up of {stored} bytes: peak RSS grew {grew / 2**20:.0f} MiB")
+    assert (applied, stored) == (BIG_COMMANDS, BIG_COMMANDS * BIG_VALUE_BYTES)
+    assert loaded.caught_up == set(range(first, last + 1))
+    assert grew < 8 * BIG_BATCH_BYTES, f"grew {grew / 2**20:.0f} MiB"
+
+
+async def _one_row(stack: Stack, engine: AsyncEngine, sql: str) -> tuple[Any, ...]:
+    async with engine.connect() as conn:
+        return tuple((await conn.execute(text(sql))).one())
