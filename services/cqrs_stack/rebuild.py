@@ -28,6 +28,7 @@ A rebuild that fails before the swap leaves the live version untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -63,6 +64,9 @@ _CATCH_UP_ROUNDS = 20
 # Bulk steps scale with the write DB, so they get their own bound instead of the per-statement
 # command timeout of request handling.
 _BULK_TIMEOUT = 6 * 3600.0
+
+# A database refusing or gone, or a statement over its timeout.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 # The read model that the commands define (projection.project), set-based in the write DB:
 # value and updated_at from each key's newest command, created_at from its oldest. Only the
@@ -107,26 +111,43 @@ async def rebuild(
         if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
             raise RebuildError("another rebuild of this read DB is running")
         try:
-            live = await _live_schema(rconn)
-            await _create_shadow(rconn, live)
-            loaded = await _load(wconn, rconn, settings, progress)
-            loaded.read_counts_at = await _copy_all_read_counts(rconn, live)
-            await _catch_up(wconn, rconn, live, loaded, settings)
-            caught_up = len(loaded.caught_up)
-            swapped = await _swap(wconn, rconn, live, loaded, settings)
-            done = loaded.commands + caught_up + swapped
-            log.info(
-                "rebuild swapped in commands=%d loaded=%d caught_up=%d at_swap=%d",
-                done,
-                loaded.commands,
-                caught_up,
-                swapped,
-            )
-            progress(done, done)
-            return done
+            try:
+                done = await _build_and_swap(wconn, rconn, settings, progress)
+            except BaseException:
+                with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
+                    await _drop_versions(rconn)
+                raise
+            await _retire_previous(rconn)
         finally:
-            await _drop_versions(rconn)
-            await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
+            with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
+                await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
+    progress(done, done)
+    return done
+
+
+async def _build_and_swap(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    settings: Settings,
+    progress: Callable[[int, int], None],
+) -> int:
+    """Load, catch up and swap; return the commands the new live version holds."""
+    live = await _live_schema(rconn)
+    await _create_shadow(rconn, live)
+    loaded = await _load(wconn, rconn, settings, progress)
+    loaded.read_counts_at = await _copy_all_read_counts(rconn, live)
+    await _catch_up(wconn, rconn, live, loaded, settings)
+    caught_up = len(loaded.caught_up)
+    swapped = await _swap(wconn, rconn, live, loaded, settings)
+    done = loaded.commands + caught_up + swapped
+    log.info(
+        "rebuild swapped in commands=%d loaded=%d caught_up=%d at_swap=%d",
+        done,
+        loaded.commands,
+        caught_up,
+        swapped,
+    )
+    return done
 
 
 async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
@@ -159,6 +180,22 @@ async def _create_shadow(rconn: asyncpg.Connection, live: str) -> None:
     async with rconn.transaction():
         for statement in statements:
             await rconn.execute(statement)
+
+
+async def _retire_previous(rconn: asyncpg.Connection) -> None:
+    """Drop the version the swap replaced; if a long query still holds it, leave it.
+
+    The swap has committed by now, so a failure here must not fail the rebuild: what is left
+    is dropped by the next rebuild.
+    """
+    try:
+        await _drop_versions(rconn)
+    except _DB_ERRORS as exc:
+        log.warning(
+            "rebuild swapped in, the previous version is left in schema %s error=%s",
+            PREVIOUS_SCHEMA,
+            exc,
+        )
 
 
 async def _drop_versions(rconn: asyncpg.Connection) -> None:

@@ -211,6 +211,56 @@ async def _stored_reads_are(stack: Stack, key: str, expected: int) -> bool:
     return bool(stored == expected)
 
 
+async def test_a_swap_that_cannot_lock_gives_up_and_leaves_the_live_model(stack: Stack) -> None:
+    """A long transaction that read ``records`` keeps the swap's ACCESS EXCLUSIVE from being
+    granted: each try waits at most REBUILD_LOCK_TIMEOUT, so readers queued behind it wait no
+    longer, and after REBUILD_SWAP_ATTEMPTS the rebuild fails with the live model untouched.
+    A second rebuild while one runs is refused."""
+    await seed(stack, 2000, 100)
+    run_rebuild(stack)
+    api = await stack.launch("api")
+    async with stack.read_engine.begin() as conn:
+        await conn.execute(text("UPDATE records SET value = 'damaged' WHERE key = 'seed:7'"))
+    traffic = Traffic(api.url, ["seed:7", "seed:8"])
+    stopping = asyncio.Event()
+    reading = asyncio.create_task(traffic.read_loop(stopping, 0))
+    try:
+        async with stack.read_engine.connect() as report:
+            await report.execute(text("SELECT count(*) FROM records"))  # holds ACCESS SHARE
+            args, env = rebuild_command(
+                stack, REBUILD_SWAP_ATTEMPTS="5", REBUILD_LOCK_TIMEOUT="0.2"
+            )
+            process = await asyncio.create_subprocess_exec(
+                *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            _, err = await asyncio.wait_for(process.communicate(), 120)
+            await report.rollback()
+    finally:
+        stopping.set()
+        await reading
+    assert process.returncode == 1, err.decode()
+    assert "the swap did not get its locks in 5 attempts" in err.decode()
+    assert not traffic.failures, traffic.failures[:10]
+    assert traffic.slowest <= READ_BOUND_SECONDS
+    assert traffic.values["seed:7"][-1] == "damaged"  # the live model as it was
+    leftovers = await stack.scalar(
+        stack.read_engine,
+        "SELECT count(*) FROM pg_namespace WHERE nspname IN ('cqrs_rebuild', 'cqrs_previous')",
+    )
+    assert leftovers == 0
+    async with stack.read_engine.connect() as other:
+        await other.execute(
+            text("SELECT pg_advisory_lock(:k)"), {"k": rebuild._REBUILD_LOCK_KEY}
+        )  # a rebuild running
+        args, env = rebuild_command(stack)
+        refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+        await other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": rebuild._REBUILD_LOCK_KEY})
+    assert refused.returncode == 1
+    assert "another rebuild of this read DB is running" in refused.stderr
+    run_rebuild(stack)
+    await stack.assert_converges(timeout=5)
+
+
 # Over PostgreSQL's 1 GiB limit for one statement or buffer, in values just under the
 # largest accepted (MAX_VALUE_BYTES = 1,048,576).
 BIG_VALUE_BYTES = 1_000_000
