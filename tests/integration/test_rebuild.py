@@ -249,12 +249,11 @@ async def test_a_swap_that_cannot_lock_gives_up_and_leaves_the_live_model(stack:
     )
     assert leftovers == 0
     async with stack.read_engine.connect() as other:
-        await other.execute(
-            text("SELECT pg_advisory_lock(:k)"), {"k": rebuild._REBUILD_LOCK_KEY}
-        )  # a rebuild running
+        lock = {"k": rebuild._REBUILD_LOCK_KEY}
+        await other.execute(text("SELECT pg_advisory_lock(:k)"), lock)  # as a running rebuild
         args, env = rebuild_command(stack)
         refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
-        await other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": rebuild._REBUILD_LOCK_KEY})
+        await other.execute(text("SELECT pg_advisory_unlock(:k)"), lock)
     assert refused.returncode == 1
     assert "another rebuild of this read DB is running" in refused.stderr
     run_rebuild(stack)
