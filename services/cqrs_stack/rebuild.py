@@ -9,10 +9,13 @@ version in the live schema serves reads and is projected into throughout. A rebu
 2. **catches up**: applies to the shadow, through the same set-based projection as the
    projectors (``apply_commands_alone``, the shadow first on the ``search_path``), every command
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
-   bytes, outside any lock, until what is left is small;
+   bytes, outside any lock, until what is left is small. Only a command the snapshot did not
+   see can be one, so they are found through the write DB's txid index: the cost follows the
+   writes made during the rebuild, not the size of the model;
 3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
-   flushes wait, readers do not), the last remainder applied and the read counts copied, then
-   ACCESS EXCLUSIVE just for the moves between schemas. Every lock waits at most
+   flushes wait, readers do not), the last remainder applied and the read counts copied (those
+   of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
+   schemas. Every lock waits at most
    ``REBUILD_LOCK_TIMEOUT`` (readers queue behind the swap no longer than that); a lock not
    granted in time rolls the attempt back, lets readers and writers through, and tries again.
    A statement queued behind the swap, or a prepared statement planned before it, resolves the
@@ -156,17 +159,19 @@ async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
 
 
 def _ident(name: str) -> str:
+    """``name`` quoted as an SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
 
 
 async def _live_schema(rconn: asyncpg.Connection) -> str:
     """The schema of the live version: where ``records`` resolves on the search_path."""
     schema = await rconn.fetchval(
-        "SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass('records')"
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass('records')"
     )
     if schema is None:
         raise RebuildError("the read DB has no records table: run `cqrs-stack migrate` first")
-    return _ident(str(schema).strip('"'))
+    return _ident(str(schema))
 
 
 async def _create_shadow(rconn: asyncpg.Connection, live: str) -> None:
