@@ -67,6 +67,7 @@ class Traffic:
     answered: dict[str, int] = field(default_factory=dict)  # key -> reads answered 200
     values: dict[str, list[str]] = field(default_factory=dict)  # key -> values seen, in order
     writes: int = 0
+    position: int | None = None  # read with ?position= (one already applied)
 
     async def read_loop(self, stopping: asyncio.Event, offset: int) -> None:
         """Read ``read_keys`` round-robin until stopped, timing every read."""
@@ -76,17 +77,20 @@ class Traffic:
                 key = self.read_keys[i % len(self.read_keys)]
                 i += 1
                 started = time.monotonic()
-                answer = await client.get(f"/read/{key}")
+                params = {} if self.position is None else {"position": self.position}
+                answer = await client.get(f"/read/{key}", params={**params, "timeout": 1})
                 elapsed = time.monotonic() - started
                 self.reads += 1
                 self.slowest = max(self.slowest, elapsed)
-                if answer.status_code != 200 or not answer.json()["success"]:
+                body = answer.json() if answer.status_code == 200 else {}
+                reached = self.position is None or body.get("position_reached") is True
+                if not body.get("success") or not reached:
                     self.failures.append(f"{key}: {answer.status_code} {answer.text[:200]}")
                     continue
                 if elapsed > READ_BOUND_SECONDS:
                     self.failures.append(f"{key}: read took {elapsed:.2f}s")
                 self.answered[key] = self.answered.get(key, 0) + 1
-                self.values.setdefault(key, []).append(answer.json()["value"])
+                self.values.setdefault(key, []).append(body["value"])
 
     async def write_loop(self, stopping: asyncio.Event) -> None:
         """Update a few keys, about 50 times a second, until stopped; every write must succeed."""
@@ -140,7 +144,7 @@ async def test_rebuild_never_blocks_readers_and_swaps_in_atomically(stack: Stack
     run_rebuild(stack)  # the read model of the seed, as a projector would have made it
     api = await stack.launch("api")
     await stack.launch("projector")
-    await write_many(api.url, 40, prefix="live:", keys=20)
+    written = await write_many(api.url, 40, prefix="live:", keys=20)
     await stack.assert_converges()
     # Damage one record in the live table only: the API must show the repaired value after the
     # swap, so its prepared statements read the new table.
@@ -148,6 +152,9 @@ async def test_rebuild_never_blocks_readers_and_swaps_in_atomically(stack: Stack
         await conn.execute(text("UPDATE records SET value = 'damaged' WHERE key = 'seed:7'"))
     correct = f"v{max(range(7, SEEDED_COMMANDS, SEEDED_KEYS))}"  # its newest seeded command
     traffic = Traffic(api.url, ["seed:7", "seed:12345", "live:3", f"seed:{SEEDED_KEYS - 1}"])
+    # Every read also asks for a position applied before the rebuild: the ledger lookup of
+    # read-your-writes must find it in the old ledger and then in the new one.
+    traffic.position = max(answer["position"] for answer in written)
     stopping = asyncio.Event()
     loops = [asyncio.create_task(traffic.read_loop(stopping, offset)) for offset in range(3)] + [
         asyncio.create_task(traffic.write_loop(stopping))
