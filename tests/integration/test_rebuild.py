@@ -182,9 +182,10 @@ async def test_rebuild_never_blocks_readers_and_swaps_in_atomically(stack: Stack
     finally:
         stopping.set()
         await asyncio.gather(*loops)
+    swap = [line for line in err.decode().splitlines() if "rebuild swap:" in line]
     print(
         f"rebuild {rebuild_seconds:.1f}s; reads {traffic.reads}, slowest {traffic.slowest:.3f}s;"
-        f" writes {traffic.writes}"
+        f" writes {traffic.writes}; {swap[-1] if swap else ''}"
     )
     assert rebuild_seconds > READ_BOUND_SECONDS, "the rebuild must outlast the read bound"
     assert "read model rebuilt from" in out.decode()
