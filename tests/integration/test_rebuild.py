@@ -266,6 +266,43 @@ async def test_a_swap_that_cannot_lock_gives_up_and_leaves_the_live_model(stack:
     await stack.assert_converges(timeout=5)
 
 
+async def test_a_rebuild_killed_midway_leaves_the_live_model_and_is_cleaned_up(
+    stack: Stack,
+) -> None:
+    """kill -9 while the shadow is being loaded: the live model is as it was (reads go on),
+    and the next rebuild drops what the dead one left and succeeds."""
+    await seed(stack, 100_000, 1000)
+    run_rebuild(stack)
+    async with stack.read_engine.begin() as conn:
+        await conn.execute(text("UPDATE records SET value = 'damaged' WHERE key = 'seed:7'"))
+    args, env = rebuild_command(stack)
+    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+
+        async def loading() -> bool:
+            return bool(
+                await stack.scalar(
+                    stack.read_engine,
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%cqrs_rebuild%'",
+                )
+            )
+
+        await wait_until(loading, 60, "the rebuild to load its shadow")
+        process.kill()
+    finally:
+        process.wait(10)
+    value = await stack.scalar(stack.read_engine, "SELECT value FROM records WHERE key = 'seed:7'")
+    assert value == "damaged"  # the live model as it was
+    assert await stack.scalar(stack.read_engine, "SELECT count(*) FROM records") == 1000
+    run_rebuild(stack)
+    await stack.assert_converges(timeout=10)
+    leftovers = await stack.scalar(
+        stack.read_engine,
+        "SELECT count(*) FROM pg_namespace WHERE nspname IN ('cqrs_rebuild', 'cqrs_previous')",
+    )
+    assert leftovers == 0
+
+
 # Over PostgreSQL's 1 GiB limit for one statement or buffer, in values just under the
 # largest accepted (MAX_VALUE_BYTES = 1,048,576).
 BIG_VALUE_BYTES = 1_000_000
