@@ -103,12 +103,17 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
-    from .rebuild import rebuild
+    from .rebuild import RebuildError, rebuild
 
     bar = ProgressBar(sys.stderr)
 
     async def work(write_engine: Any, read_engine: Any) -> int:
-        count = await rebuild(write_engine, read_engine, bar.update)
+        try:
+            count = await rebuild(write_engine, read_engine, settings, bar.update)
+        except RebuildError as exc:
+            bar.close()
+            print(f"rebuild failed: {exc}", file=sys.stderr)
+            return 1
         bar.close()
         print(f"read model rebuilt from {count} commands")
         return 0

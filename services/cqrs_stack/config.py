@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     projector_max_deliveries: int = Field(default=5, ge=1)
     projector_claim_idle_ms: int = Field(default=30_000, ge=100)
     projector_catchup_interval: float = Field(default=2.0, gt=0)
+    # Rebuild: command bytes (keys and values) held in memory at once, whether piped by COPY or
+    # applied as one statement; one command larger than this still goes alone.
+    rebuild_batch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    # Rebuild swap: the longest it waits for one lock (a reader queued behind the swap waits no
+    # longer), and how many times it tries before it gives up and leaves the live model as it is.
+    rebuild_lock_timeout: float = Field(default=0.1, ge=0.001, le=10)
+    rebuild_swap_attempts: int = Field(default=100, ge=1, le=10_000)
     publisher_interval: float = Field(default=1.0, gt=0)
     read_count_flush_interval: float = Field(default=0.2, gt=0)
     # Distinct keys whose reads may wait in memory for a flush (a read DB that refuses flushes

@@ -1,104 +1,272 @@
-"""Rebuilding the read model from the write DB, the source of truth."""
+"""Rebuilding the read model from the write DB, beside the live one, then swapping it in.
+
+A version of the read model is the set of the projection's tables (``PROJECTION_TABLES``); the
+version in the live schema serves reads and is projected into throughout. A rebuild:
+
+1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the ledger (every command id) and
+   the projected records, by binary COPY from one write-DB snapshot, piped with a bounded
+   number of bytes in memory;
+2. **catches up**: applies to the shadow, through the same set-based projection as the
+   projectors (``apply_commands_alone``, the shadow first on the ``search_path``), every command
+   whose ledger row the live version has and the shadow lacks, in pages bounded by count and
+   bytes, outside any lock, until what is left is small. Only a command the snapshot did not
+   see can be one, so they are found through the write DB's txid index: the cost follows the
+   writes made during the rebuild, not the size of the model;
+3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
+   flushes wait, readers do not), the last remainder applied and the read counts copied (those
+   of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
+   schemas. Every lock waits at most
+   ``REBUILD_LOCK_TIMEOUT`` (readers queue behind the swap no longer than that); a lock not
+   granted in time rolls the attempt back, lets readers and writers through, and tries again.
+   A statement queued behind the swap, or a prepared statement planned before it, resolves the
+   table names again once the swap commits, so it reads and writes the new version;
+4. **retires** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap) by dropping it.
+
+At the swap the shadow's ledger holds every command of the live ledger and the projection of
+exactly its ledger, so nothing is lost or applied twice (guarantee 2); commands the snapshot
+had and the live projectors had not reached yet are skipped by them later, as duplicates.
+A rebuild that fails before the swap leaves the live version untouched.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import asyncpg
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-# The read model that the commands define (projection.project), computed set-based in SQL:
-# value and updated_at from each key's newest command, created_at from its oldest.
-_PROJECT_ALL = """
-    WITH per_key AS (
-        SELECT key, count(*) AS commands, min(id) AS first_id, max(id) AS last_id
-        FROM rebuild_commands GROUP BY key
-    )
-    INSERT INTO records (key, value, created_at, updated_at, write_count,
-                         first_command_id, last_command_id)
+from .config import Settings
+from .events import Command
+from .projection import apply_commands_alone
+from .projector import _CATCHUP_LOCK_KEY
+
+log = logging.getLogger(__name__)
+
+# The tables that make one version of the read model (projector_catchup is the sweep's
+# progress through the write DB, the same for every version, and stays).
+PROJECTION_TABLES = ("records", "applied_commands", "projector_consumers")
+SHADOW_SCHEMA = "cqrs_rebuild"
+PREVIOUS_SCHEMA = "cqrs_previous"
+# The consumer name under which the rebuild's projected commands are counted.
+REBUILD_CONSUMER = "rebuild"
+# Arbitrary but fixed: one rebuild at a time per read DB.
+_REBUILD_LOCK_KEY = 7_310_452_003
+# Commands per catch-up statement at most (bytes are bounded by REBUILD_BATCH_MAX_BYTES).
+_PAGE_COMMANDS = 10_000
+# Catch up outside the locks while more than this many commands are missing; the rest is
+# applied inside the swap, while the projectors wait.
+_SWAP_REMAINDER = 2_000
+_CATCH_UP_ROUNDS = 20
+# Bulk steps scale with the write DB, so they get their own bound instead of the per-statement
+# command timeout of request handling.
+_BULK_TIMEOUT = 6 * 3600.0
+
+# A database refusing or gone, or a statement over its timeout.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+# The read model that the commands define (projection.project), set-based in the write DB:
+# value and updated_at from each key's newest command, created_at from its oldest. Only the
+# newest value of each key leaves the write DB.
+_PROJECTED_RECORDS = """
     SELECT p.key, newest.value, oldest.created_at, newest.created_at, p.commands,
            p.first_id, p.last_id
-    FROM per_key p
-    JOIN rebuild_commands oldest ON oldest.id = p.first_id
-    JOIN rebuild_commands newest ON newest.id = p.last_id
+    FROM (SELECT key, count(*) AS commands, min(id) AS first_id, max(id) AS last_id
+          FROM commands GROUP BY key) p
+    JOIN commands oldest ON oldest.id = p.first_id
+    JOIN commands newest ON newest.id = p.last_id
 """
+_RECORD_COLUMNS = [
+    "key",
+    "value",
+    "created_at",
+    "updated_at",
+    "write_count",
+    "first_command_id",
+    "last_command_id",
+]
+
+
+class RebuildError(RuntimeError):
+    """A rebuild that could not finish; the live read model is as it was."""
 
 
 async def rebuild(
     write_engine: AsyncEngine,
     read_engine: AsyncEngine,
+    settings: Settings,
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> int:
     """Replace the read model with the projection of every command; return the command count.
 
-    Runs as one read-DB transaction: readers see the old model until the new one commits, and
-    a crash leaves the old one intact. Projectors wait on the table locks meanwhile and then
-    skip what the rebuild applied (the ledger is rebuilt too). Read counts are kept.
-
-    The commands are streamed with binary COPY from a write-DB snapshot into a temporary
-    table of the read DB, then projected by two set-based statements.
+    Readers are served from the live version throughout and projectors keep projecting into
+    it; the new version is swapped in atomically at the end, with the read counts. See the
+    module's docstring for the steps and their locks.
     """
-    async with read_engine.begin() as rconn:
-        # Lock before taking the write snapshot: any command a projector applied before the
-        # lock committed in the write DB earlier, so the snapshot holds it.
-        await rconn.execute(
-            text(
-                "LOCK TABLE records, applied_commands, projector_consumers IN ACCESS EXCLUSIVE MODE"
-            )
-        )
-        await rconn.execute(
-            text(
-                "CREATE TEMP TABLE kept_reads ON COMMIT DROP AS"
-                " SELECT key, read_count FROM records WHERE read_count > 0"
-            )
-        )
-        await rconn.execute(text("TRUNCATE records, applied_commands, projector_consumers"))
-        await rconn.execute(
-            text(
-                "CREATE TEMP TABLE rebuild_commands (id bigint, key text, value text,"
-                " created_at timestamptz) ON COMMIT DROP"
-            )
-        )
-        async with write_engine.connect() as wconn:
-            await wconn.execution_options(isolation_level="REPEATABLE READ")
-            total = int(await wconn.scalar(text("SELECT count(*) FROM commands")) or 0)
-            progress(0, total)
-            await _copy_commands(wconn, rconn)
-            await wconn.rollback()
-        done = int(
-            await rconn.scalar(
-                text(
-                    "WITH a AS (INSERT INTO applied_commands SELECT id FROM rebuild_commands"
-                    " RETURNING 1) SELECT count(*) FROM a"
-                )
-            )
-            or 0
-        )
-        await rconn.execute(text(_PROJECT_ALL))
-        await rconn.execute(
-            text(
-                "INSERT INTO projector_consumers (consumer, events_projected, last_position,"
-                " last_event_at) SELECT 'rebuild', count(*), coalesce(max(id), 0),"
-                " max(created_at) FROM rebuild_commands"
-            )
-        )
-        await rconn.execute(
-            text(
-                "UPDATE records SET read_count = kept_reads.read_count"
-                " FROM kept_reads WHERE records.key = kept_reads.key"
-            )
-        )
-        progress(done, total)
+    async with read_engine.connect() as rsession, write_engine.connect() as wsession:
+        rconn, wconn = await _driver(rsession), await _driver(wsession)
+        if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
+            raise RebuildError("another rebuild of this read DB is running")
+        try:
+            try:
+                done = await _build_and_swap(wconn, rconn, settings, progress)
+            except BaseException:
+                with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
+                    await _drop_versions(rconn)
+                raise
+            await _retire_previous(rconn)
+        finally:
+            with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
+                await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
+    progress(done, done)
     return done
 
 
-async def _copy_commands(wconn: AsyncConnection, rconn: AsyncConnection) -> None:
-    """Pipe the write snapshot's commands into ``rebuild_commands`` (COPY out → COPY in)."""
-    source: asyncpg.Connection = (await wconn.get_raw_connection()).driver_connection  # type: ignore[assignment]
-    target: asyncpg.Connection = (await rconn.get_raw_connection()).driver_connection  # type: ignore[assignment]
-    chunks: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+async def _build_and_swap(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    settings: Settings,
+    progress: Callable[[int, int], None],
+) -> int:
+    """Load, catch up and swap; return the commands the new live version holds."""
+    live = await _live_schema(rconn)
+    await _create_shadow(rconn, live)
+    loaded = await _load(wconn, rconn, settings, progress)
+    loaded.read_counts_at = await _copy_all_read_counts(rconn, live)
+    await _catch_up(wconn, rconn, live, loaded, settings)
+    caught_up = len(loaded.caught_up)
+    swapped = await _swap(wconn, rconn, live, loaded, settings)
+    done = loaded.commands + caught_up + swapped
+    log.info(
+        "rebuild swapped in commands=%d loaded=%d caught_up=%d at_swap=%d",
+        done,
+        loaded.commands,
+        caught_up,
+        swapped,
+    )
+    return done
+
+
+async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection  # type: ignore[return-value]
+
+
+def _ident(name: str) -> str:
+    """``name`` quoted as an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def _live_schema(rconn: asyncpg.Connection) -> str:
+    """The schema of the live version: where ``records`` resolves on the search_path."""
+    schema = await rconn.fetchval(
+        "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.oid = to_regclass('records')"
+    )
+    if schema is None:
+        raise RebuildError("the read DB has no records table: run `cqrs-stack migrate` first")
+    return _ident(str(schema))
+
+
+async def _create_shadow(rconn: asyncpg.Connection, live: str) -> None:
+    """Empty shadow tables shaped as the live ones (columns, defaults, keys, indexes)."""
+    await _drop_versions(rconn)  # what a rebuild that died left behind
+    statements = [f"CREATE SCHEMA {SHADOW_SCHEMA}", f"CREATE SCHEMA {PREVIOUS_SCHEMA}"]
+    statements += [
+        f"CREATE TABLE {SHADOW_SCHEMA}.{table} (LIKE {live}.{table} INCLUDING ALL)"
+        for table in PROJECTION_TABLES
+    ]
+    async with rconn.transaction():
+        for statement in statements:
+            await rconn.execute(statement)
+
+
+async def _retire_previous(rconn: asyncpg.Connection) -> None:
+    """Drop the version the swap replaced; if a long query still holds it, leave it.
+
+    The swap has committed by now, so a failure here must not fail the rebuild: what is left
+    is dropped by the next rebuild.
+    """
+    try:
+        await _drop_versions(rconn)
+    except _DB_ERRORS as exc:
+        log.warning(
+            "rebuild swapped in, the previous version is left in schema %s error=%s",
+            PREVIOUS_SCHEMA,
+            exc,
+        )
+
+
+async def _drop_versions(rconn: asyncpg.Connection) -> None:
+    """Drop the shadow (after a swap: empty) and the previous version."""
+    await rconn.execute(
+        f"DROP SCHEMA IF EXISTS {PREVIOUS_SCHEMA} CASCADE;"
+        f" DROP SCHEMA IF EXISTS {SHADOW_SCHEMA} CASCADE"
+    )
+
+
+@dataclass
+class _Loaded:
+    """What the shadow holds after the load: every command of one write-DB snapshot."""
+
+    commands: int
+    snapshot: str  # pg_snapshot text: what the load saw of the write DB
+    # Commands beyond the snapshot that are in the shadow by now (applied by catch-up).
+    caught_up: set[int] = field(default_factory=set)
+    # The read-DB xmin as of which the live read counts were copied.
+    read_counts_at: str | None = None
+
+
+async def _load(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    settings: Settings,
+    progress: Callable[[int, int], None],
+) -> _Loaded:
+    """COPY one write-DB snapshot's ledger and projected records into the shadow."""
+    async with wconn.transaction(isolation="repeatable_read", readonly=True):
+        total, last_id, last_at, snapshot = await wconn.fetchrow(
+            "SELECT count(*), coalesce(max(id), 0), max(created_at), pg_current_snapshot()::text"
+            " FROM commands"
+        )
+        progress(0, total)
+        await _pipe(
+            wconn, "SELECT id FROM commands", rconn, "applied_commands", ["command_id"], settings
+        )
+        await _pipe(wconn, _PROJECTED_RECORDS, rconn, "records", _RECORD_COLUMNS, settings)
+    await rconn.execute(
+        f"INSERT INTO {SHADOW_SCHEMA}.projector_consumers"
+        " (consumer, events_projected, last_position, last_event_at) VALUES ($1, $2, $3, $4)",
+        REBUILD_CONSUMER,
+        total,
+        last_id,
+        last_at,
+    )
+    progress(total, total)
+    return _Loaded(int(total), str(snapshot))
+
+
+async def _pipe(
+    source: asyncpg.Connection,
+    query: str,
+    target: asyncpg.Connection,
+    table: str,
+    columns: list[str],
+    settings: Settings,
+) -> None:
+    """Binary COPY ``query``'s rows into the shadow's ``table`` (COPY out → COPY in).
+
+    The chunks in flight between the two connections never exceed REBUILD_BATCH_MAX_BYTES
+    (beyond one chunk of at most one row and a socket read), so memory does not grow with the
+    write DB or with the size of its values.
+    """
+    chunks = _ChunkQueue(settings.rebuild_batch_max_bytes)
 
     async def collect(chunk: bytes) -> None:
         await chunks.put(bytes(chunk))
@@ -106,7 +274,7 @@ async def _copy_commands(wconn: AsyncConnection, rconn: AsyncConnection) -> None
     async def produce() -> None:
         try:
             await source.copy_from_query(
-                "SELECT id, key, value, created_at FROM commands", output=collect, format="binary"
+                query, output=collect, format="binary", timeout=_BULK_TIMEOUT
             )
         finally:
             await chunks.put(None)
@@ -115,6 +283,224 @@ async def _copy_commands(wconn: AsyncConnection, rconn: AsyncConnection) -> None
         while (chunk := await chunks.get()) is not None:
             yield chunk
 
-    await asyncio.gather(
-        produce(), target.copy_to_table("rebuild_commands", source=feed(), format="binary")
+    async with asyncio.TaskGroup() as group:
+        group.create_task(produce())
+        group.create_task(
+            target.copy_to_table(
+                table,
+                source=feed(),
+                columns=columns,
+                schema_name=SHADOW_SCHEMA,
+                format="binary",
+                timeout=_BULK_TIMEOUT,
+            )
+        )
+
+
+class _ChunkQueue:
+    """COPY chunks between two connections, bounded by their total size (None ends it)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._chunks: deque[bytes | None] = deque()
+        self._bytes = 0
+        self._changed = asyncio.Condition()
+
+    async def put(self, chunk: bytes | None) -> None:
+        """Add a chunk once it fits (always when the queue is empty; the end at once)."""
+        size = len(chunk) if chunk is not None else 0
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: not self._chunks or self._bytes + size <= self._max_bytes
+            )
+            self._chunks.append(chunk)
+            self._bytes += size
+            self._changed.notify_all()
+
+    async def get(self) -> bytes | None:
+        """Take the oldest chunk; None when the producer is done."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: bool(self._chunks))
+            chunk = self._chunks.popleft()
+            self._bytes -= len(chunk) if chunk is not None else 0
+            self._changed.notify_all()
+            return chunk
+
+
+async def _copy_read_counts(rconn: asyncpg.Connection, live: str, since: str | None) -> None:
+    """Give the shadow's records the live read counts, in the caller's transaction.
+
+    With ``since`` (a read-DB snapshot's xmin), only the live rows written since are looked at:
+    a row version that snapshot did not see was written by a transaction at least as new as
+    its xmin (``age`` compares transaction ids across wraparound; a row it flags wrongly is
+    merely compared again).
+    """
+    newer = "" if since is None else " AND age(l.xmin) <= age($1::text::xid8::xid)"
+    await rconn.execute(
+        f"UPDATE {SHADOW_SCHEMA}.records s SET read_count = l.read_count"
+        f" FROM {live}.records l"
+        f" WHERE s.key = l.key AND s.read_count IS DISTINCT FROM l.read_count{newer}",
+        *([] if since is None else [since]),
+        timeout=_BULK_TIMEOUT,
     )
+
+
+async def _copy_all_read_counts(rconn: asyncpg.Connection, live: str) -> str:
+    """Copy every live read count; return the xmin of the snapshot it copied from."""
+    async with rconn.transaction(isolation="repeatable_read"):
+        xmin = await rconn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        await _copy_read_counts(rconn, live, None)
+    return str(xmin)
+
+
+async def _missing_in_shadow(
+    wconn: asyncpg.Connection, rconn: asyncpg.Connection, live: str, loaded: _Loaded
+) -> list[int]:
+    """Command ids that the live ledger has and the shadow's lacks.
+
+    Only a command the load's snapshot did not see can be one: its transaction id is at
+    least the snapshot's xmin, so the write DB's txid index finds them, and the cost grows
+    with the writes made during the rebuild, not with the size of the model.
+    """
+    beyond = await wconn.fetch(
+        "SELECT id FROM commands WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)"
+        " AND NOT pg_visible_in_snapshot(txid, $1::text::pg_snapshot)",
+        loaded.snapshot,
+    )
+    candidates = [row[0] for row in beyond if row[0] not in loaded.caught_up]
+    if not candidates:
+        return []
+    rows = await rconn.fetch(
+        f"SELECT c FROM unnest($1::bigint[]) AS c WHERE"
+        f" EXISTS (SELECT 1 FROM {live}.applied_commands l WHERE l.command_id = c)"
+        f" AND NOT EXISTS (SELECT 1 FROM {SHADOW_SCHEMA}.applied_commands s"
+        " WHERE s.command_id = c) ORDER BY c",
+        candidates,
+    )
+    return [row[0] for row in rows]
+
+
+async def _catch_up(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    loaded: _Loaded,
+    settings: Settings,
+) -> None:
+    """Apply what the live projectors applied during the load, outside any lock."""
+    for _ in range(_CATCH_UP_ROUNDS):
+        missing = await _missing_in_shadow(wconn, rconn, live, loaded)
+        for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
+            async with rconn.transaction():
+                await _apply_to_shadow(wconn, rconn, live, page)
+            loaded.caught_up.update(page)
+        if len(missing) <= _SWAP_REMAINDER:
+            return
+
+
+async def _pages(wconn: asyncpg.Connection, ids: Sequence[int], max_bytes: int) -> list[list[int]]:
+    """Split ``ids`` into pages of at most _PAGE_COMMANDS commands and ``max_bytes`` bytes.
+
+    A page is one statement of arrays, so this also keeps every statement far below
+    PostgreSQL's 1 GiB limit whatever the values' sizes; one command larger than
+    ``max_bytes`` makes a page of its own.
+    """
+    if not ids:
+        return []
+    sizes = await wconn.fetch(
+        "SELECT id, octet_length(key) + octet_length(value) FROM commands"
+        " WHERE id = ANY($1::bigint[]) ORDER BY id",
+        list(ids),
+    )
+    return list(_split(((row[0], row[1]) for row in sizes), _PAGE_COMMANDS, max_bytes))
+
+
+def _split(sizes: Iterator[tuple[int, int]], max_count: int, max_bytes: int) -> Iterator[list[int]]:
+    page: list[int] = []
+    used = 0
+    for command_id, size in sizes:
+        if page and (len(page) >= max_count or used + size > max_bytes):
+            yield page
+            page, used = [], 0
+        page.append(command_id)
+        used += size
+    if page:
+        yield page
+
+
+async def _apply_to_shadow(
+    wconn: asyncpg.Connection, rconn: asyncpg.Connection, live: str, ids: list[int]
+) -> int:
+    """Apply the commands ``ids`` to the shadow, in the caller's read-DB transaction."""
+    rows = await wconn.fetch(
+        "SELECT id, key, value, event_type, created_at FROM commands"
+        " WHERE id = ANY($1::bigint[]) ORDER BY id",
+        ids,
+    )
+    # The projectors' own statement, pointed at the shadow for this transaction only.
+    await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+    return await apply_commands_alone(rconn, [Command(*row) for row in rows], REBUILD_CONSUMER)
+
+
+class _LockNotGranted(Exception):
+    """A lock of the swap was not granted within REBUILD_LOCK_TIMEOUT."""
+
+
+async def _swap(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    loaded: _Loaded,
+    settings: Settings,
+) -> int:
+    """Swap the shadow in; return how many commands were applied inside the swap."""
+    wait = settings.rebuild_lock_timeout
+    for attempt in range(1, settings.rebuild_swap_attempts + 1):
+        try:
+            async with rconn.transaction():
+                return await _swap_once(wconn, rconn, live, loaded, settings)
+        except (_LockNotGranted, asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+            log.info("rebuild swap: a lock was not granted in time, retrying attempt=%d", attempt)
+        # Let the readers and writers that queued meanwhile through before the next attempt.
+        await asyncio.sleep(random.uniform(wait, 3 * wait))
+    raise RebuildError(
+        f"the swap did not get its locks in {settings.rebuild_swap_attempts} attempts of"
+        f" REBUILD_LOCK_TIMEOUT={wait}s; the live read model is unchanged"
+    )
+
+
+async def _swap_once(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    loaded: _Loaded,
+    settings: Settings,
+) -> int:
+    await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
+    # The write-DB sweep writes in a long transaction: it must not sit between the two locks
+    # (it would deadlock with the upgrade); while the swap holds this, a sweep skips a turn.
+    if not await rconn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _CATCHUP_LOCK_KEY):
+        raise _LockNotGranted
+    tables = ", ".join(f"{live}.{table}" for table in PROJECTION_TABLES)
+    # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
+    await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
+    writers_held = time.monotonic()
+    applied = 0
+    missing = await _missing_in_shadow(wconn, rconn, live, loaded)
+    for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
+        applied += await _apply_to_shadow(wconn, rconn, live, page)
+    await _copy_read_counts(rconn, live, loaded.read_counts_at)
+    # The only moment readers wait: the moves themselves, at most lock_timeout to get in.
+    await rconn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
+    readers_held = time.monotonic()
+    for table in PROJECTION_TABLES:
+        await rconn.execute(f"ALTER TABLE {live}.{table} SET SCHEMA {PREVIOUS_SCHEMA}")
+        await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
+    moved = time.monotonic()
+    log.info(
+        "rebuild swap: writers waited %.3fs, readers %.3fs; commands applied in the swap %d",
+        moved - writers_held,
+        moved - readers_held,
+        applied,
+    )
+    return applied

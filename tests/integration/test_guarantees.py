@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 
 import httpx
@@ -169,38 +167,6 @@ async def test_duplicate_delivery_changes_nothing(stack: Stack) -> None:
     await wait_until(drained, 20, "the duplicates to be consumed")
     await stack.assert_converges(timeout=1)
     assert await stack.scalar(stack.read_engine, "SELECT sum(write_count) FROM records") == 200
-
-
-async def test_rebuild_restores_the_read_model_and_keeps_read_counts(stack: Stack) -> None:
-    api = await stack.launch("api")
-    await stack.launch("projector")
-    await write_many(api.url, 500, keys=40)
-    await stack.assert_converges()
-    async with httpx.AsyncClient(base_url=api.url) as client:
-        for _ in range(3):
-            await client.get("/read/k1")
-    async with stack.read_engine.begin() as conn:
-        await conn.execute(text("UPDATE records SET value = 'garbage', write_count = 99"))
-        await conn.execute(text("DELETE FROM records WHERE key = 'k2'"))
-        await conn.execute(
-            text("INSERT INTO records VALUES ('ghost', 'x', now(), now(), 0, 1, 1, 1)")
-        )
-    assert not await stack.converged()
-    done = subprocess.run(
-        [sys.executable, "-m", "cqrs_stack.cli", "rebuild"],
-        env={**stack.env, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "rebuilt from 500 commands" in done.stdout
-    assert "100%" in done.stderr  # the progress bar
-    await stack.assert_converges(timeout=1)
-    assert (
-        await stack.scalar(stack.read_engine, "SELECT read_count FROM records WHERE key = 'k1'")
-        >= 3
-    )
 
 
 async def test_a_command_that_commits_late_is_not_skipped(stack: Stack) -> None:
