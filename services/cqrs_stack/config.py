@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     projector_max_deliveries: int = Field(default=5, ge=1)
     projector_claim_idle_ms: int = Field(default=30_000, ge=100)
     projector_catchup_interval: float = Field(default=2.0, gt=0)
+    # Values a projector holds and sends in one statement at most (stream batches and sweep
+    # pages alike); well below PostgreSQL's 1 GiB limit on one statement's parameter.
+    projector_batch_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, le=256 * 1024 * 1024
+    )
+    # A sweeper that stops answering (stopped, frozen, cut off) loses the sweep to another
+    # replica within this many seconds: its statements and its idle time in the election
+    # transaction are each bounded by half of it.
+    projector_sweep_timeout: float = Field(default=60.0, ge=1, le=3600)
     publisher_interval: float = Field(default=1.0, gt=0)
     read_count_flush_interval: float = Field(default=0.2, gt=0)
     max_value_bytes: int = Field(default=1_048_576, ge=1)
