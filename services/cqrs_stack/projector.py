@@ -66,6 +66,19 @@ _BOUND_SESSION = text(
     " set_config('idle_in_transaction_session_timeout', :ms, true),"
     " set_config('tcp_user_timeout', :ms, true)"
 )
+# The session holding the sweep election (advisory lock: key split in two 32-bit halves) whose
+# state has not changed for the sweep timeout: ended, which releases the election.
+_DEPOSE_STUCK = text(
+    "WITH stuck AS MATERIALIZED ("
+    " SELECT a.pid, now() - a.state_change AS unchanged FROM pg_locks l"
+    " JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.classid::bigint = :high AND l.objid::bigint = :low"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND a.state_change < now() - make_interval(secs => :secs))"
+    # MATERIALIZED: only the sessions found above are ever signalled.
+    " SELECT pid, unchanged FROM stuck WHERE pg_terminate_backend(pid)"
+)
 # Keeps the election transaction from looking idle while the sweeper works elsewhere.
 _STILL_HERE = text("SELECT 1")
 # Stream fields besides key and value: type, position, created_at and their names.
@@ -308,6 +321,7 @@ class Projector:
             if not await rconn.scalar(
                 text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _CATCHUP_LOCK_KEY}
             ):
+                await self._depose_stuck_sweeper(rconn)
                 return 0  # another replica is sweeping
             state = await _load_state(rconn)
             async with self.write_engine.connect() as wconn:
@@ -317,6 +331,32 @@ class Projector:
                 applied = await self._apply_missing(rconn, wconn, missing)
             await _save_state(rconn, state)
         return applied
+
+    async def _depose_stuck_sweeper(self, rconn: AsyncConnection) -> None:
+        """End the session of a sweeper that has not moved for PROJECTOR_SWEEP_TIMEOUT.
+
+        A live sweeper's statements and idle spells each last at most half of it (the server
+        cuts them off), so a holder whose session state is older than that is stopped, frozen
+        or cut off in the middle of the protocol, where the server's own timeouts do not
+        reach (e.g. between Parse and Sync). Needs the same role or pg_signal_backend.
+        """
+        try:
+            async with rconn.begin_nested():
+                deposed = (
+                    await rconn.execute(
+                        _DEPOSE_STUCK,
+                        {
+                            "high": _CATCHUP_LOCK_KEY >> 32,
+                            "low": _CATCHUP_LOCK_KEY & 0xFFFFFFFF,
+                            "secs": self.settings.projector_sweep_timeout,
+                        },
+                    )
+                ).all()
+        except DBAPIError as exc:
+            log.warning("cannot end a stuck sweeper's session error=%s", exc.orig)
+            return
+        for pid, idle in deposed:
+            log.warning("ended a stuck sweeper's session pid=%s unchanged_for=%s", pid, idle)
 
     async def _bound_session(self, conn: AsyncConnection) -> None:
         half_ms = str(int(self.settings.projector_sweep_timeout * 500))

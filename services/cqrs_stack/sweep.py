@@ -126,13 +126,11 @@ _CANDIDATE_COLUMNS = (
 )
 
 AFTER_CURSOR = text(
-    f"{_CANDIDATE_COLUMNS} WHERE (txid, id) > (:txid, :position)"
-    " ORDER BY txid, id LIMIT :limit"
+    f"{_CANDIDATE_COLUMNS} WHERE (txid, id) > (:txid, :position) ORDER BY txid, id LIMIT :limit"
 )
 
 OF_TRANSACTION = text(
-    f"{_CANDIDATE_COLUMNS} WHERE txid = :txid AND id > :position"
-    " ORDER BY id LIMIT :limit"
+    f"{_CANDIDATE_COLUMNS} WHERE txid = :txid AND id > :position ORDER BY id LIMIT :limit"
 )
 
 LOAD_STATE = text("SELECT cursor_txid::text, cursor_id FROM projector_catchup FOR UPDATE")
