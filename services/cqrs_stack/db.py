@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -84,17 +85,24 @@ async def driver_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connect
     try:
         yield conn
     except _CONNECTION_ERRORS as exc:
-        conn.terminate()
+        _terminate(conn)
         raise OperationalError("asyncpg", None, exc, connection_invalidated=True) from exc
     except asyncpg.PostgresError as exc:
         raise DBAPIError("asyncpg", None, exc) from exc  # type: ignore[arg-type]
     except BaseException:
         # Cancelled (a client gone, a timeout) in the middle of a statement: the connection
         # may still be mid-protocol, so it must never go back to the pool.
-        conn.terminate()
+        _terminate(conn)
         raise
     finally:
         await pool.release(conn)
+
+
+def _terminate(conn: asyncpg.Connection) -> None:
+    """Close a connection at once; one the server already closed (e.g. pg_terminate_backend)
+    is detached from the pool by asyncpg itself, and terminating it again would raise."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 # Errors after which a connection is unusable: dropped from the pool, answered as 503.
