@@ -66,8 +66,10 @@ async def test_a_timed_out_statement_is_an_outage(
         await write_many(api.url, 20)
 
         async def timed_out_twice() -> bool:
-            return projector.log().count(f"sqlstate={sqlstate}") >= 2
+            dead = await stack.redis.xlen(stack.settings.dead_letter_stream)
+            return dead > 0 or projector.log().count(f"sqlstate={sqlstate}") >= 2
 
         await wait_until(timed_out_twice, 20, f"the batch to fail with {sqlstate} twice")
+        assert await stack.redis.xlen(stack.settings.dead_letter_stream) == 0
         await blocker.rollback()
     await _assert_nothing_dead_lettered(stack, projector)
