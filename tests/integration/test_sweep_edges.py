@@ -79,7 +79,7 @@ async def test_values_of_a_gigabyte_and_more_converge_in_bounded_memory(stack: S
     assert total > 1024 * MIB
     projector = await stack.launch("projector")
     started = time.monotonic()
-    await wait_until(lambda: _digests_match(stack), 60, "the sweep to apply 1.1 GB")
+    await wait_until(lambda: _digests_match(stack), 90, "the sweep to apply 1.1 GB")
     peak = peak_rss_bytes(projector)
     budget = stack.settings.projector_batch_max_bytes
     # The README's bound: the process at rest plus four times PROJECTOR_BATCH_MAX_BYTES.
