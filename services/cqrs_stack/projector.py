@@ -113,9 +113,7 @@ class Projector:
         self.redis = redis
         self.consumer = settings.consumer_name or default_consumer_name()
         self._claim_every = max(0.05, min(settings.projector_claim_idle_ms / 2000, 5.0))
-        # The largest stream entry of the last read (bytes): the next read takes as many
-        # entries as fit the byte budget at that size. Until one is seen, assume the largest
-        # an entry can be (a key of 255 characters and a value of MAX_VALUE_BYTES).
+        # The most a stream entry can weigh: a key of 255 characters, a value of MAX_VALUE_BYTES.
         self._largest_entry = settings.max_value_bytes + 4 * 255 + _ENTRY_OVERHEAD_BYTES
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -155,15 +153,7 @@ class Projector:
                 if now >= next_claim:
                     next_claim = now + self._claim_every
                     await self.project_entries(await self._claim(), stopping)
-                entries = await stream.read_new(
-                    self.redis,
-                    self.settings.event_stream_name,
-                    self.settings.consumer_group,
-                    self.consumer,
-                    self._read_count(),
-                    int(self.settings.projector_poll_interval * 1000),
-                )
-                await self.project_entries(entries, stopping)
+                await self.project_entries(await self._read_batch(), stopping)
                 backoff = 0.1
             except ResponseError as exc:
                 group_ready = False
@@ -192,13 +182,43 @@ class Projector:
             self.settings.consumer_group,
             self.consumer,
             self.settings.projector_claim_idle_ms,
-            self._read_count(),
+            self._fitting(self.settings.projector_batch_size, 0),
         )
 
-    def _read_count(self) -> int:
-        """Entries to read at once: PROJECTOR_BATCH_SIZE, fewer when entries are large."""
-        fit = self.settings.projector_batch_max_bytes // max(1, self._largest_entry)
-        return max(1, min(self.settings.projector_batch_size, fit))
+    async def _read_batch(self) -> list[stream.Entry]:
+        """Read up to PROJECTOR_BATCH_SIZE new entries and at most PROJECTOR_BATCH_MAX_BYTES.
+
+        Redis cannot read by size, so each read asks for only as many entries as would fit
+        the budget left if every one were as large as an entry can be, and reads again
+        (without blocking) while the entries turn out smaller: a batch of small entries
+        takes a few round trips, and no mix of sizes ever holds more than the budget.
+        """
+        batch: list[stream.Entry] = []
+        used = 0
+        while True:
+            count = self._fitting(self.settings.projector_batch_size - len(batch), used)
+            if count < 1:
+                return batch
+            entries = await stream.read_new(
+                self.redis,
+                self.settings.event_stream_name,
+                self.settings.consumer_group,
+                self.consumer,
+                count,
+                None if batch else int(self.settings.projector_poll_interval * 1000),
+            )
+            batch += entries
+            used += sum(_entry_bytes(entry) for entry in entries)
+            if len(entries) < count:
+                return batch  # nothing more waiting
+
+    def _fitting(self, wanted: int, used: int) -> int:
+        """How many of ``wanted`` entries surely fit the byte budget once ``used`` is held.
+
+        At least one when nothing is held: an entry larger than the budget goes alone.
+        """
+        fit = (self.settings.projector_batch_max_bytes - used) // self._largest_entry
+        return min(wanted, fit if used else max(fit, 1))
 
     async def project_entries(
         self, entries: Sequence[stream.Entry], stopping: asyncio.Event
@@ -211,7 +231,6 @@ class Projector:
         if not entries:
             return
         sizes = [_entry_bytes(entry) for entry in entries]
-        self._largest_entry = max(sizes)
         for page in byte_pages(entries, sizes, self.settings.projector_batch_max_bytes):
             await self._project_page(page, stopping)
 
