@@ -357,7 +357,7 @@ class Projector:
         A live sweeper's statements and idle spells each last at most half of it (the server
         cuts them off), so a holder whose session state is older than that is stopped, frozen
         or cut off in the middle of the protocol, where the server's own timeouts do not
-        reach (e.g. between Parse and Sync). Needs the same role or pg_signal_backend.
+        reach (e.g. between Parse and Sync). Needs the holder's role (the replicas share one).
         """
         try:
             async with rconn.begin_nested():
