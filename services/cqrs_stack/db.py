@@ -65,6 +65,17 @@ async def create_pool(url: str, settings: Settings, *, application_name: str) ->
     return pool
 
 
+def _discard(conn: asyncpg.Connection) -> None:
+    """Close ``conn`` for good instead of returning it to the pool.
+
+    A connection the server closed (restart, ``pg_terminate_backend``) has already been taken
+    back by asyncpg's pool, and ``terminate()`` on it raises ``InterfaceError``: that must not
+    turn a lost connection, which answers 503, into a 500.
+    """
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's RESET ALL round trip on release: the hot paths set no session state
     (an open transaction is still rolled back by asyncpg before this runs)."""
@@ -85,24 +96,17 @@ async def driver_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connect
     try:
         yield conn
     except _CONNECTION_ERRORS as exc:
-        _terminate(conn)
+        _discard(conn)
         raise OperationalError("asyncpg", None, exc, connection_invalidated=True) from exc
     except asyncpg.PostgresError as exc:
         raise DBAPIError("asyncpg", None, exc) from exc  # type: ignore[arg-type]
     except BaseException:
         # Cancelled (a client gone, a timeout) in the middle of a statement: the connection
         # may still be mid-protocol, so it must never go back to the pool.
-        _terminate(conn)
+        _discard(conn)
         raise
     finally:
         await pool.release(conn)
-
-
-def _terminate(conn: asyncpg.Connection) -> None:
-    """Close a connection at once; one the server already closed (e.g. pg_terminate_backend)
-    is detached from the pool by asyncpg itself, and terminating it again would raise."""
-    with contextlib.suppress(asyncpg.InterfaceError):
-        conn.terminate()
 
 
 # Errors after which a connection is unusable: dropped from the pool, answered as 503.
