@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     # longer), and how many times it tries before it gives up and leaves the live model as it is.
     rebuild_lock_timeout: float = Field(default=0.1, ge=0.001, le=10)
     rebuild_swap_attempts: int = Field(default=100, ge=1, le=10_000)
+    # Values a projector holds and sends in one statement at most (stream batches and sweep
+    # pages alike); well below PostgreSQL's 1 GiB limit on one statement's parameter.
+    projector_batch_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024 * 1024, le=256 * 1024 * 1024
+    )
+    # A sweeper that stops answering (stopped, frozen, cut off) loses the sweep to another
+    # replica within this many seconds: its statements and its idle time in the election
+    # transaction are each bounded by half of it.
+    projector_sweep_timeout: float = Field(default=60.0, ge=1, le=3600)
     publisher_interval: float = Field(default=1.0, gt=0)
     read_count_flush_interval: float = Field(default=0.2, gt=0)
     # Distinct keys whose reads may wait in memory for a flush (a read DB that refuses flushes

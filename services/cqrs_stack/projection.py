@@ -47,8 +47,7 @@ def project(commands: Iterable[Command]) -> dict[str, RecordState]:
 # for asyncpg ($n); {progress} adds the consumer's progress row to the same statement.
 _APPLY_SQL = """
     WITH incoming AS (
-        SELECT * FROM unnest({positions}, {keys}, {values}, {times})
-            AS t(position, key, value, created_at)
+        SELECT * FROM unnest({positions}, {keys}, {times}) AS t(position, key, created_at)
     ),
     fresh AS (
         INSERT INTO applied_commands (command_id)
@@ -65,15 +64,21 @@ _APPLY_SQL = """
                min(position) AS first_position,
                max(position) AS last_position,
                (array_agg(created_at ORDER BY position))[1] AS first_at,
-               (array_agg(created_at ORDER BY position DESC))[1] AS last_at,
-               (array_agg(value ORDER BY position DESC))[1] AS last_value
+               (array_agg(created_at ORDER BY position DESC))[1] AS last_at
         FROM applied GROUP BY key
     ),
     upserted AS (
+        -- Values stay out of the CTEs above (each is materialised, and spills to disk past
+        -- work_mem): only the newest value of each key is joined in, from a set-returning
+        -- select list that streams instead of materialising.
         INSERT INTO records AS r (key, value, created_at, updated_at, write_count,
                                   first_command_id, last_command_id)
-        SELECT key, last_value, first_at, last_at, commands, first_position, last_position
-        FROM per_key ORDER BY key
+        SELECT p.key, v.value, p.first_at, p.last_at, p.commands,
+               p.first_position, p.last_position
+        FROM per_key AS p
+        JOIN (SELECT unnest({positions}) AS position, unnest({values}) AS value) AS v
+            ON v.position = p.last_position
+        ORDER BY p.key
         ON CONFLICT (key) DO UPDATE SET
             value = CASE WHEN excluded.last_command_id > r.last_command_id
                          THEN excluded.value ELSE r.value END,

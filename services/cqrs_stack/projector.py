@@ -21,17 +21,37 @@ from collections.abc import Sequence
 import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy import BigInteger, bindparam, text
+from sqlalchemy import BigInteger, TextClause, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import events, stream, write_db
 from .config import Settings
 from .db import driver_connection
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
-from .projection import apply_commands, apply_commands_alone
+from .outages import is_refusal, sqlstate
+from .projection import apply_commands_alone
 from .supervision import Backoff, Supervisor
+from .sweep import (
+    AFTER_CURSOR,
+    CLEAR_PENDING,
+    LOAD_PENDING,
+    LOAD_STATE,
+    OF_TRANSACTION,
+    SAVE_PENDING,
+    SAVE_STATE,
+    SNAPSHOT,
+    Candidate,
+    Cursor,
+    Snapshot,
+    SweepState,
+    advance,
+    byte_pages,
+    candidate,
+    passed_open,
+    settle_pending,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +59,31 @@ log = logging.getLogger(__name__)
 _CATCHUP_LOCK_KEY = 7_310_452_002
 # Commands younger than this are left to the stream; the sweep looks at them next time.
 CATCHUP_GRACE_SECONDS = 1.0
+
+# Bounds the sweeper's own sessions (SET LOCAL, so they end with its transaction): a sweeper
+# that stops answering is cut off by the server and its election lock released.
+_BOUND_SESSION = text(
+    "SELECT set_config('statement_timeout', :ms, true),"
+    " set_config('idle_in_transaction_session_timeout', :ms, true),"
+    " set_config('tcp_user_timeout', :ms, true)"
+)
+# The session holding the sweep election (advisory lock: key split in two 32-bit halves) whose
+# state has not changed for the sweep timeout: ended, which releases the election.
+_DEPOSE_STUCK = text(
+    "WITH stuck AS MATERIALIZED ("
+    " SELECT a.pid, now() - a.state_change AS unchanged FROM pg_locks l"
+    " JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.classid::bigint = :high AND l.objid::bigint = :low"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND a.state_change < now() - make_interval(secs => :secs))"
+    # MATERIALIZED: only the sessions found above are ever signalled.
+    " SELECT pid, unchanged FROM stuck WHERE pg_terminate_backend(pid)"
+)
+# Keeps the election transaction from looking idle while the sweeper works elsewhere.
+_STILL_HERE = text("SELECT 1")
+# Stream fields besides key and value: type, position, created_at and their names.
+_ENTRY_OVERHEAD_BYTES = 256
 
 _NOT_APPLIED = text(
     "SELECT p FROM unnest(:positions) AS p"
@@ -72,6 +117,8 @@ class Projector:
         self._next_claim = 0.0
         self._group_ready = False
         self._redis_backoff = Backoff(maximum=settings.task_retry_max_delay)
+        # The most a stream entry can weigh: a key of 255 characters, a value of MAX_VALUE_BYTES.
+        self._largest_entry = settings.max_value_bytes + 4 * 255 + _ENTRY_OVERHEAD_BYTES
 
     def start(self, supervisor: Supervisor, stopping: asyncio.Event) -> None:
         """Project until ``stopping`` is set; Redis and database outages are waited out.
@@ -116,15 +163,7 @@ class Projector:
             if now >= self._next_claim:
                 self._next_claim = now + self._claim_every
                 await self.project_entries(await self._claim(), stopping)
-            entries = await stream.read_new(
-                self.redis,
-                self.settings.event_stream_name,
-                self.settings.consumer_group,
-                self.consumer,
-                self.settings.projector_batch_size,
-                int(self.settings.projector_poll_interval * 1000),
-            )
-            await self.project_entries(entries, stopping)
+            await self.project_entries(await self._read_batch(), stopping)
         except ResponseError as exc:
             self._group_ready = False
             if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
@@ -154,15 +193,59 @@ class Projector:
             self.settings.consumer_group,
             self.consumer,
             self.settings.projector_claim_idle_ms,
-            self.settings.projector_batch_size,
+            self._fitting(self.settings.projector_batch_size, 0),
         )
+
+    async def _read_batch(self) -> list[stream.Entry]:
+        """Read up to PROJECTOR_BATCH_SIZE new entries and at most PROJECTOR_BATCH_MAX_BYTES.
+
+        Redis cannot read by size, so each read asks for only as many entries as would fit
+        the budget left if every one were as large as an entry can be, and reads again
+        (without blocking) while the entries turn out smaller: a batch of small entries
+        takes a few round trips, and no mix of sizes ever holds more than the budget.
+        """
+        batch: list[stream.Entry] = []
+        used = 0
+        while True:
+            count = self._fitting(self.settings.projector_batch_size - len(batch), used)
+            if count < 1:
+                return batch
+            entries = await stream.read_new(
+                self.redis,
+                self.settings.event_stream_name,
+                self.settings.consumer_group,
+                self.consumer,
+                count,
+                None if batch else int(self.settings.projector_poll_interval * 1000),
+            )
+            batch += entries
+            used += sum(_entry_bytes(entry) for entry in entries)
+            if len(entries) < count:
+                return batch  # nothing more waiting
+
+    def _fitting(self, wanted: int, used: int) -> int:
+        """How many of ``wanted`` entries surely fit the byte budget once ``used`` is held.
+
+        At least one when nothing is held: an entry larger than the budget goes alone.
+        """
+        fit = (self.settings.projector_batch_max_bytes - used) // self._largest_entry
+        return min(wanted, fit if used else max(fit, 1))
 
     async def project_entries(
         self, entries: Sequence[stream.Entry], stopping: asyncio.Event
     ) -> None:
-        """Apply a batch of stream entries, acknowledge them, and dead-letter poison ones."""
+        """Apply stream entries, acknowledge them, and dead-letter poison ones.
+
+        The entries are applied in pieces of at most PROJECTOR_BATCH_MAX_BYTES, each in its
+        own transaction, so that no mix of value sizes makes a statement too large.
+        """
         if not entries:
             return
+        sizes = [_entry_bytes(entry) for entry in entries]
+        for page in byte_pages(entries, sizes, self.settings.projector_batch_max_bytes):
+            await self._project_page(page, stopping)
+
+    async def _project_page(self, entries: Sequence[stream.Entry], stopping: asyncio.Event) -> None:
         good: list[tuple[stream.Entry, events.Command]] = []
         for entry in entries:
             try:
@@ -208,26 +291,29 @@ class Projector:
     async def _apply_with_retry(
         self, commands: Sequence[events.Command], stopping: asyncio.Event
     ) -> bool:
-        """Apply in one transaction; wait out database outages; False if the data is refused."""
+        """Apply in one transaction; wait out database outages; False if the data is refused.
+
+        Only a refusal of the entries themselves (outages.is_refusal) returns False, so only
+        that counts towards the dead letter; any other failure is retried with back-off.
+        """
         backoff = 0.1
         while True:
             try:
                 await self.apply(commands, source="stream")
                 return True
-            except OperationalError as exc:
+            except (DBAPIError, OSError) as exc:
+                cause = getattr(exc, "orig", None) or exc
+                if is_refusal(exc):
+                    log.error("read DB refused a batch size=%d error=%s", len(commands), cause)
+                    return False
                 if stopping.is_set():
                     raise
-                log.warning("read DB unavailable, retrying in %.1fs error=%s", backoff, exc.orig)
-            except DBAPIError as exc:
-                if exc.connection_invalidated:
-                    log.warning("read DB connection lost, retrying error=%s", exc.orig)
-                elif _is_conflict(exc):
-                    log.info("projection conflict, retrying error=%s", exc.orig)
-                else:
-                    log.error("read DB refused a batch size=%d error=%s", len(commands), exc.orig)
-                    return False
-            except OSError as exc:
-                log.warning("read DB unreachable, retrying in %.1fs error=%s", backoff, exc)
+                log.warning(
+                    "read DB unavailable, retrying in %.1fs sqlstate=%s error=%s",
+                    backoff,
+                    sqlstate(exc),
+                    cause,
+                )
             await _wait(stopping, backoff)
             backoff = min(backoff * 2, 5.0)
 
@@ -244,73 +330,160 @@ class Projector:
     async def catch_up(self) -> int:
         """Apply committed commands that the read model lacks; return how many were applied.
 
-        The watermark is a transaction id, not a command id: every write transaction older
-        than the write DB snapshot's xmin has finished, so a command that commits late (its
-        id drawn long before) is still found, and the sweep never skips a gap.
+        One replica at a time (an advisory lock in the read DB, held by a transaction whose
+        statements and idle time the server bounds) reads one page of the write DB from the
+        stored cursor (module ``sweep``), fetches the missing commands' values in pieces of at
+        most PROJECTOR_BATCH_MAX_BYTES, applies each piece in its own transaction (the ledger
+        makes a repeat harmless), then moves the cursor.
         """
-        limit = max(50_000, 4 * self.settings.write_batch_max)
+        page_limit = max(50_000, 4 * self.settings.write_batch_max)
         async with self.read_engine.begin() as rconn:
+            await self._bound_session(rconn)
             if not await rconn.scalar(
                 text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _CATCHUP_LOCK_KEY}
             ):
+                await self._depose_stuck_sweeper(rconn)
                 return 0  # another replica is sweeping
-            watermark = await rconn.scalar(
-                text("SELECT watermark::text FROM projector_catchup FOR UPDATE")
-            )
+            state = await _load_state(rconn)
             async with self.write_engine.connect() as wconn:
                 await wconn.execution_options(isolation_level="REPEATABLE READ")
-                snapshot_xmin = await wconn.scalar(
-                    text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-                )
-                rows = (
-                    await wconn.execute(
-                        text(
-                            "SELECT id, txid::text, created_at < clock_timestamp()"
-                            " - make_interval(secs => :grace) FROM commands"
-                            " WHERE txid >= :watermark"
-                            " ORDER BY txid, id LIMIT :limit"
-                        ),
+                found, state = await self._scan(wconn, state, page_limit)
+                missing = await _missing(rconn, [c for c in found if c.settled])
+                applied = await self._apply_missing(rconn, wconn, missing)
+            await _save_state(rconn, state)
+        return applied
+
+    async def _depose_stuck_sweeper(self, rconn: AsyncConnection) -> None:
+        """End the session of a sweeper that has not moved for PROJECTOR_SWEEP_TIMEOUT.
+
+        A live sweeper's statements and idle spells each last at most half of it (the server
+        cuts them off), so a holder whose session state is older than that is stopped, frozen
+        or cut off in the middle of the protocol, where the server's own timeouts do not
+        reach (e.g. between Parse and Sync). Needs the holder's role (the replicas share one).
+        """
+        try:
+            async with rconn.begin_nested():
+                deposed = (
+                    await rconn.execute(
+                        _DEPOSE_STUCK,
                         {
-                            "watermark": int(watermark),
-                            "grace": CATCHUP_GRACE_SECONDS,
-                            "limit": limit,
+                            "high": _CATCHUP_LOCK_KEY >> 32,
+                            "low": _CATCHUP_LOCK_KEY & 0xFFFFFFFF,
+                            "secs": self.settings.projector_sweep_timeout,
                         },
                     )
                 ).all()
-                new_watermark = _next_watermark(rows, snapshot_xmin, limit)
-                settled = [row[0] for row in rows if row[2]]
-                missing = []
-                if settled:
-                    missing = list(
-                        (await rconn.execute(_NOT_APPLIED, {"positions": settled})).scalars()
-                    )
-                commands = await write_db.commands_on(wconn, missing) if missing else []
-                await wconn.rollback()
-            applied = 0
-            if commands:
-                applied = await apply_commands(rconn, commands, self.consumer)
-                EVENTS_PROJECTED.labels("catch-up").inc(applied)
-            await rconn.execute(
-                text("UPDATE projector_catchup SET watermark = :x, swept_at = now()"),
-                {"x": new_watermark},
-            )
+        except DBAPIError as exc:
+            log.warning("cannot end a stuck sweeper's session error=%s", exc.orig)
+            return
+        for pid, idle in deposed:
+            log.warning("ended a stuck sweeper's session pid=%s unchanged_for=%s", pid, idle)
+
+    async def _bound_session(self, conn: AsyncConnection) -> None:
+        half_ms = str(int(self.settings.projector_sweep_timeout * 500))
+        await conn.execute(_BOUND_SESSION, {"ms": half_ms})
+
+    async def _scan(
+        self, wconn: AsyncConnection, state: SweepState, limit: int
+    ) -> tuple[list[Candidate], SweepState]:
+        """One page of candidates, in one snapshot: ended pending transactions first."""
+        found: list[Candidate] = []
+        pending = dict(state.pending)
+        async with wconn.begin():
+            await self._bound_session(wconn)  # also takes the snapshot (REPEATABLE READ)
+            xmin, xmax, xip = (await wconn.execute(SNAPSHOT)).one()
+            snapshot = Snapshot(int(xmin), int(xmax), frozenset(int(x) for x in xip))
+            for txid, after_id in sorted(state.pending.items()):
+                room = limit - len(found)
+                if room <= 0:
+                    break
+                if not snapshot.ended(txid):
+                    continue
+                page = await _candidates(
+                    wconn, OF_TRANSACTION, txid=txid, position=after_id, limit=room
+                )
+                found += page
+                settled_to = settle_pending(after_id, page, room)
+                if settled_to is None:
+                    del pending[txid]
+                else:
+                    pending[txid] = settled_to
+            cursor = state.cursor
+            room = limit - len(found)
+            if room > 0:
+                page = await _candidates(
+                    wconn,
+                    AFTER_CURSOR,
+                    txid=cursor.txid,
+                    position=cursor.position,
+                    limit=room,
+                )
+                found += page
+                cursor = advance(cursor, page)
+            for txid in passed_open(snapshot, cursor):
+                pending.setdefault(txid, 0)
+        return found, SweepState(cursor, pending)
+
+    async def _apply_missing(
+        self, rconn: AsyncConnection, wconn: AsyncConnection, missing: Sequence[Candidate]
+    ) -> int:
+        """Fetch and apply the missing commands, at most PROJECTOR_BATCH_MAX_BYTES at a time."""
+        applied = 0
+        budget = self.settings.projector_batch_max_bytes
+        for page in byte_pages(missing, [c.size for c in missing], budget):
+            await rconn.execute(_STILL_HERE)
+            async with wconn.begin():
+                await self._bound_session(wconn)
+                commands = await write_db.commands_on(wconn, [c.position for c in page])
+            await rconn.execute(_STILL_HERE)
+            applied += await self.apply(commands, source="catch-up")
+            del commands  # the next page's values are fetched only once these are freed
         return applied
 
 
-def _next_watermark(rows: Sequence[tuple[int, str, bool]], snapshot_xmin: str, limit: int) -> int:
-    """The lowest transaction id the next sweep must look at again."""
-    unsettled = [int(txid) for _, txid, settled in rows if not settled]
-    candidates = [int(snapshot_xmin), *unsettled]
-    if len(rows) >= limit:
-        # A full page: resume at its last transaction (re-reading it is harmless).
-        candidates.append(int(rows[-1][1]))
-    return min(candidates)
+async def _candidates(
+    wconn: AsyncConnection, query: TextClause, **params: object
+) -> list[Candidate]:
+    rows = await wconn.execute(query, {"grace": CATCHUP_GRACE_SECONDS, **params})
+    return [candidate(row) for row in rows]
 
 
-def _is_conflict(exc: DBAPIError) -> bool:
-    """Deadlocks and serialization failures between replicas: retrying is the answer."""
-    code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-    return code in ("40P01", "40001")
+async def _missing(rconn: AsyncConnection, settled: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates that the read model's ledger lacks."""
+    if not settled:
+        return []
+    by_position = {c.position: c for c in settled}
+    rows = await rconn.execute(_NOT_APPLIED, {"positions": list(by_position)})
+    return [by_position[p] for p in sorted(rows.scalars())]
+
+
+async def _load_state(rconn: AsyncConnection) -> SweepState:
+    txid, position = (await rconn.execute(LOAD_STATE)).one()
+    pending = {int(t): int(a) for t, a in await rconn.execute(LOAD_PENDING)}
+    return SweepState(Cursor(int(txid), int(position)), pending)
+
+
+async def _save_state(rconn: AsyncConnection, state: SweepState) -> None:
+    await rconn.execute(
+        SAVE_STATE,
+        {
+            "txid": state.cursor.txid,
+            "position": state.cursor.position,
+            "watermark": state.watermark,
+        },
+    )
+    await rconn.execute(CLEAR_PENDING)
+    if state.pending:
+        txids = sorted(state.pending)
+        await rconn.execute(
+            SAVE_PENDING,
+            {"txids": [str(t) for t in txids], "afters": [state.pending[t] for t in txids]},
+        )
+
+
+def _entry_bytes(entry: stream.Entry) -> int:
+    """What an entry weighs in memory and in a statement: its field names and values."""
+    return sum(len(k) + len(v) for k, v in entry.fields.items())
 
 
 async def _wait(stopping: asyncio.Event, seconds: float) -> None:

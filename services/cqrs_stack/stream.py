@@ -69,9 +69,9 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> bool:
 
 
 async def read_new(
-    redis: Redis, stream: str, group: str, consumer: str, count: int, block_ms: int
+    redis: Redis, stream: str, group: str, consumer: str, count: int, block_ms: int | None
 ) -> list[Entry]:
-    """Read entries never delivered to any consumer of the group."""
+    """Read entries never delivered to any consumer of the group (None: do not wait)."""
     # redis-py types replies loosely; this is [(stream, [(id, fields), ...])].
     reply: Any = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count, block=block_ms)
     return [Entry(_id(i), f) for _, items in (reply or []) for i, f in items if f is not None]
