@@ -1,4 +1,9 @@
-"""The imperative shell: make the world match one stack's spec, step by step.
+"""The imperative shell: make the world match one stack's spec, every part on its own.
+
+Each reconcile (on a change and on every interval) checks every part independently: the
+credentials, each database with the stack's role, the stream and its group, the children,
+and the Deployments' availability. A part that fails is reported in its own condition; the
+others still run, so drift correction never waits on Redis, nor a stream on PostgreSQL.
 
 Order matters for restart safety: the generated password is stored in the stack's Secret
 before any role uses it, so a reconcile killed anywhere finds it again on the next run.
@@ -16,47 +21,42 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import kube, manifests, provisioning, status
-from .provisioning import AdminLogin, ProvisioningError
-from .spec import Database, StackSpec
+from .errors import PermanentProvisioningError, ProvisioningError
+from .provisioning import AdminLogin, Change, Owner
+from .spec import Database, StackSpec, recorded_names
 
 log = logging.getLogger(__name__)
 
 Adopt = Callable[[dict[str, Any]], None]
 
+# The label an admin Secret must carry before the operator sends its credentials anywhere.
+ADMIN_LABEL = "cqrs.dev/admin-credentials"
+# Optional: the hosts (host or host:port, comma-separated) the admin Secret may be sent to.
+ADMIN_HOSTS_ANNOTATION = "cqrs.dev/admin-hosts"
+
 
 @dataclass
 class Outcome:
-    """What a reconcile found: the conditions to report and, on failure, the error."""
+    """What a reconcile found: a condition per part, the changes made, the first error."""
 
     conditions: list[status.Condition] = field(default_factory=list)
-    error: ProvisioningError | None = None
+    errors: list[ProvisioningError] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def error(self) -> ProvisioningError | None:
+        return self.errors[0] if self.errors else None
+
+    def ok(self, kind: str, reason: str, message: str) -> None:
+        self.conditions.append(status.Condition(kind, True, reason, message))
+
+    def fail(self, kind: str, exc: ProvisioningError) -> None:
+        self.errors.append(exc)
+        self.conditions.append(status.Condition(kind, False, exc.reason, exc.message))
 
 
-async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> AdminLogin:
-    data = await _secret(api, spec.namespace, db.admin_secret)
-    if "username" not in data or "password" not in data:
-        raise ProvisioningError(
-            "AdminSecretInvalid",
-            f"Secret {spec.namespace}/{db.admin_secret} needs keys username and password",
-        )
-    return AdminLogin(data["username"], data["password"])
-
-
-async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
-    if spec.redis_url:
-        return spec.redis_url
-    ref = spec.redis_url_secret
-    assert ref is not None  # parse_spec guarantees one of url / urlSecret
-    data = await _secret(api, spec.namespace, ref.name)
-    if ref.key not in data:
-        raise ProvisioningError(
-            "RedisSecretInvalid", f"Secret {spec.namespace}/{ref.name} has no key {ref.key!r}"
-        )
-    return data[ref.key]
-
-
-async def _maybe_secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, str] | None:
+async def _maybe_secret(api: client.ApiClient, namespace: str, name: str) -> kube.SecretData | None:
     try:
         return await kube.read_secret(api, namespace, name)
     except ApiException as exc:
@@ -65,23 +65,73 @@ async def _maybe_secret(api: client.ApiClient, namespace: str, name: str) -> dic
         ) from exc
 
 
-async def _secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
-    data = await _maybe_secret(api, namespace, name)
-    if data is None:
+async def _secret(api: client.ApiClient, namespace: str, name: str) -> kube.SecretData:
+    found = await _maybe_secret(api, namespace, name)
+    if found is None:
         raise ProvisioningError("SecretNotFound", f"Secret {namespace}/{name} does not exist")
-    return data
+    return found
 
 
-async def stack_password(api: client.ApiClient, spec: StackSpec) -> str:
-    """The role's password kept in ``<stack>-credentials``, or a new one if there is none."""
+def check_admin_secret(secret: kube.SecretData, where: str, db: Database) -> AdminLogin:
+    """The admin login in ``secret`` if it opted in for ``db``'s host; else raise (permanent).
+
+    Without the opt-in anyone who may create a CqrsStack could make the operator send any
+    Secret of the namespace to a host of their choosing.
+    """
+    if secret.labels.get(ADMIN_LABEL) != "true":
+        raise PermanentProvisioningError(
+            "AdminSecretNotOptedIn",
+            f'Secret {where} is not labelled {ADMIN_LABEL}: "true"; the operator uses '
+            "only admin Secrets labelled so",
+        )
+    allowed = secret.annotations.get(ADMIN_HOSTS_ANNOTATION)
+    if allowed is not None:
+        hosts = {h.strip() for h in allowed.split(",") if h.strip()}
+        if db.host not in hosts and f"{db.host}:{db.port}" not in hosts:
+            raise PermanentProvisioningError(
+                "AdminHostNotAllowed",
+                f"Secret {where} allows hosts {sorted(hosts)} ({ADMIN_HOSTS_ANNOTATION}), "
+                f"not {db.host}:{db.port}",
+            )
+    if "username" not in secret.data or "password" not in secret.data:
+        raise PermanentProvisioningError(
+            "AdminSecretInvalid", f"Secret {where} needs keys username and password"
+        )
+    return AdminLogin(secret.data["username"], secret.data["password"])
+
+
+async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> AdminLogin:
+    secret = await _secret(api, spec.namespace, db.admin_secret)
+    return check_admin_secret(secret, f"{spec.namespace}/{db.admin_secret}", db)
+
+
+async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
+    if spec.redis_url:
+        return spec.redis_url
+    ref = spec.redis_url_secret
+    assert ref is not None  # parse_spec guarantees one of url / urlSecret
+    data = (await _secret(api, spec.namespace, ref.name)).data
+    if ref.key not in data:
+        raise PermanentProvisioningError(
+            "RedisSecretInvalid", f"Secret {spec.namespace}/{ref.name} has no key {ref.key!r}"
+        )
+    return data[ref.key]
+
+
+async def stack_password(api: client.ApiClient, spec: StackSpec) -> tuple[str, bool]:
+    """The role's password kept in ``<stack>-credentials``; (a new one, True) if none is.
+
+    A new password is applied to the role by the next database step (it logs in as the
+    role and sets the password only when the login is refused), so deleting the Secret
+    converges to one new password and one rollout.
+    """
     name = manifests.child_name(spec, "credentials")
     existing = await _maybe_secret(api, spec.namespace, name)
-    password = (existing or {}).get("password", "")
+    password = (existing.data if existing else {}).get("password", "")
     try:
-        provisioning.quote_password(password)
-        return password
+        return provisioning.check_password(password), False
     except ValueError:
-        return secrets.token_urlsafe(32)
+        return secrets.token_urlsafe(32), True
 
 
 async def _apply(api: client.ApiClient, manifest: dict[str, Any], adopt: Adopt) -> dict[str, Any]:
@@ -95,23 +145,38 @@ async def _apply(api: client.ApiClient, manifest: dict[str, Any], adopt: Adopt) 
         ) from exc
 
 
-async def provision(api: client.ApiClient, spec: StackSpec, adopt: Adopt) -> tuple[str, str]:
-    """Credentials Secret, role, databases, migrations. Returns (password, redis URL)."""
-    password = await stack_password(api, spec)
+async def ensure_credentials(
+    api: client.ApiClient, spec: StackSpec, adopt: Adopt
+) -> tuple[str, str, list[Change]]:
+    """The credentials Secret, applied before any role uses its password: (password, url)."""
+    password, new = await stack_password(api, spec)
     url = await redis_url(api, spec)
     await _apply(api, manifests.credentials_secret(spec, password, url), adopt)
+    name = manifests.child_name(spec, "credentials")
+    changes = [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
+    return password, url, changes if new else []
+
+
+def owner_of(spec: StackSpec, current_status: Mapping[str, Any]) -> Owner:
+    return Owner(
+        uid=spec.uid,
+        adopt=spec.adopt,
+        legacy=frozenset(recorded_names(current_status).values()),
+    )
+
+
+async def provision_databases(
+    api: client.ApiClient, spec: StackSpec, password: str, owner: Owner
+) -> tuple[dict[str, int], list[Change]]:
+    """Role, databases and migrations on both servers; returns the schema versions."""
+    versions: dict[str, int] = {}
+    changes: list[Change] = []
     for db, kind in ((spec.write_db, "write"), (spec.read_db, "read")):
         login = await admin_login(api, spec, db)
-        await provisioning.ensure_database(db, login, spec.role, password)
-        version = await provisioning.migrate_database(db, spec.role, password, kind)
-        log.info(
-            "database ready stack=%s/%s database=%s schema_version=%d",
-            spec.namespace,
-            spec.name,
-            db.name,
-            version,
-        )
-    return password, url
+        changes += await provisioning.ensure_database(db, login, spec.role, password, owner)
+        versions[kind], applied = await provisioning.migrate_database(db, spec.role, password, kind)
+        changes += applied
+    return versions, changes
 
 
 async def apply_workloads(
@@ -121,14 +186,78 @@ async def apply_workloads(
     url: str,
     projector_count: int,
     adopt: Adopt,
-) -> list[dict[str, Any]]:
-    """Apply the ConfigMap, Deployments and Services; return the live objects."""
+) -> tuple[list[dict[str, Any]], list[Change]]:
+    """Apply the ConfigMap, Deployments and Services; return the live objects and rollouts."""
     config = manifests.config_data(spec)
     digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url))
     live = [await _apply(api, manifests.config_map(spec), adopt)]
+    changes: list[Change] = []
     for manifest in manifests.workloads(spec, digest, projector_count):
+        if manifest["kind"] == "Deployment":
+            before = await _read_deployment(api, spec.namespace, manifest["metadata"]["name"])
+            if before is not None and _template_changed(before, manifest):
+                name = manifest["metadata"]["name"]
+                changes.append(Change("RolloutStarted", f"rolling Deployment {name}"))
         live.append(await _apply(api, manifest, adopt))
-    return live
+    return live, changes
+
+
+def _template_changed(live: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    def key(obj: Mapping[str, Any]) -> tuple[Any, Any]:
+        template = obj["spec"]["template"]
+        annotations = (template.get("metadata") or {}).get("annotations") or {}
+        image = template["spec"]["containers"][0].get("image")
+        return annotations.get(manifests.CONFIG_HASH_ANNOTATION), image
+
+    return key(live) != key(manifest)
+
+
+async def _read_deployment(
+    api: client.ApiClient, namespace: str, name: str
+) -> dict[str, Any] | None:
+    try:
+        return await kube.read_deployment(api, namespace, name)
+    except ApiException as exc:
+        raise ProvisioningError(
+            "DeploymentUnreadable", f"cannot read Deployment {name}: HTTP {exc.status}"
+        ) from exc
+
+
+async def check_available(api: client.ApiClient, spec: StackSpec) -> status.Condition:
+    """WorkloadsAvailable from the Deployments' status; the reason from their pods."""
+    waiting: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for component in manifests.COMPONENTS:
+        name = manifests.child_name(spec, component)
+        deployment = await _read_deployment(api, spec.namespace, name)
+        if deployment is None:
+            waiting.append(f"{name}: not created yet")
+            continue
+        why = status.deployment_unavailable(deployment)
+        if why is None:
+            continue
+        waiting.append(why)
+        try:
+            pods = await kube.list_pods(
+                api, spec.namespace, manifests.selector_labels(spec, component)
+            )
+        except ApiException as exc:
+            raise ProvisioningError(
+                "PodsUnreadable", f"cannot list pods of {name}: HTTP {exc.status}"
+            ) from exc
+        if (problem := status.pod_problem(pods)) is not None:
+            problems.append(problem)
+    if not waiting:
+        return status.Condition(
+            status.AVAILABLE, True, "MinimumReplicasAvailable", "every Deployment is available"
+        )
+    if problems:
+        reasons = [p[0] for p in problems]
+        first = min(reasons, key=status.POD_REASONS.index)
+        return status.Condition(
+            status.AVAILABLE, False, first, "; ".join(p[1] for p in problems)[:1000]
+        )
+    return status.Condition(status.AVAILABLE, False, "RolloutInProgress", "; ".join(waiting))
 
 
 def current_projector_replicas(current_status: Mapping[str, Any]) -> int | None:
@@ -139,56 +268,88 @@ def current_projector_replicas(current_status: Mapping[str, Any]) -> int | None:
 async def reconcile(
     api: client.ApiClient, spec: StackSpec, current_status: Mapping[str, Any], adopt: Adopt
 ) -> Outcome:
-    """Run every step; stop at the first failure and report it in the matching condition."""
+    """Check and repair every part of the stack; each part reports in its own condition."""
     out = Outcome()
-    step = status.DATABASES
     try:
-        password, url = await provision(api, spec, adopt)
-        out.conditions.append(
-            status.Condition(
-                status.DATABASES,
-                True,
-                "Migrated",
-                f"databases {spec.write_db.name} and {spec.read_db.name} owned by {spec.role}",
-            )
-        )
-        out.extra["databases"] = {
-            "write": spec.write_db.name,
-            "read": spec.read_db.name,
-            "role": spec.role,
-        }
-        step = status.STREAM
-        await provisioning.ensure_stream(url, spec.stream_name, spec.consumer_group)
-        out.conditions.append(
-            status.Condition(
-                status.STREAM,
-                True,
-                "GroupExists",
-                f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
-            )
-        )
-        out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
-        step = status.WORKLOADS
-        count = manifests.projector_replicas(spec, None, current_projector_replicas(current_status))
-        await apply_workloads(api, spec, password, url, count, adopt)
-        out.conditions.append(
-            status.Condition(
-                status.WORKLOADS,
-                True,
-                "Applied",
-                f"image {spec.image}: write-api={spec.write_api.replicas} "
-                f"read-api={spec.read_api.replicas} projector={count}",
-            )
-        )
-        out.extra["projector"] = {"replicas": count}
+        password, url, changes = await ensure_credentials(api, spec, adopt)
+        out.changes += changes
     except ProvisioningError as exc:
-        out.error = exc
-        out.conditions.append(status.Condition(step, False, exc.reason, exc.message))
+        for kind in (status.DATABASES, status.STREAM, status.WORKLOADS):
+            out.fail(kind, exc)
+        return out
+    owner = owner_of(spec, current_status)
+    await _databases(out, api, spec, password, owner)
+    lag = await _stream(out, url, spec, owner)
+    count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
+    try:
+        _, changes = await apply_workloads(api, spec, password, url, count, adopt)
+        out.changes += changes
+        out.ok(
+            status.WORKLOADS,
+            "Applied",
+            f"image {spec.image}: write-api={spec.write_api.replicas} "
+            f"read-api={spec.read_api.replicas} projector={count}",
+        )
+        out.extra["projector"] = {"replicas": count, **({"lag": lag} if lag is not None else {})}
+    except ProvisioningError as exc:
+        out.fail(status.WORKLOADS, exc)
+    try:
+        out.conditions.append(await check_available(api, spec))
+    except ProvisioningError as exc:
+        out.fail(status.AVAILABLE, exc)
     return out
 
 
-async def teardown(api: client.ApiClient, spec: StackSpec) -> None:
-    """deletionPolicy Delete: drop both databases, the role, the stream and its group."""
+async def _databases(
+    out: Outcome, api: client.ApiClient, spec: StackSpec, password: str, owner: Owner
+) -> None:
+    try:
+        versions, changes = await provision_databases(api, spec, password, owner)
+    except ProvisioningError as exc:
+        out.fail(status.DATABASES, exc)
+        return
+    out.changes += changes
+    out.ok(
+        status.DATABASES,
+        "Migrated",
+        f"databases {spec.write_db.name} (schema {versions['write']}) and "
+        f"{spec.read_db.name} (schema {versions['read']}) answer as {spec.role}",
+    )
+    out.extra["databases"] = {
+        "write": spec.write_db.name,
+        "read": spec.read_db.name,
+        "role": spec.role,
+        "schemaVersions": versions,
+    }
+
+
+async def _stream(out: Outcome, url: str, spec: StackSpec, owner: Owner) -> int | None:
+    try:
+        out.changes += await provisioning.ensure_stream(
+            url, spec.stream_name, spec.consumer_group, owner
+        )
+        lag = await provisioning.stream_lag(url, spec.stream_name, spec.consumer_group)
+    except ProvisioningError as exc:
+        out.fail(status.STREAM, exc)
+        return None
+    out.ok(
+        status.STREAM,
+        "GroupExists",
+        f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
+    )
+    out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
+    return lag
+
+
+async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], list[str]]:
+    """deletionPolicy Delete: drop what this stack created; return (dropped, left behind)."""
     logins = {db.name: await admin_login(api, spec, db) for db in (spec.write_db, spec.read_db)}
-    await provisioning.drop_databases([spec.write_db, spec.read_db], logins, spec.role)
-    await provisioning.delete_stream(await redis_url(api, spec), spec.stream_name)
+    dropped, left = await provisioning.drop_owned(
+        [spec.write_db, spec.read_db], logins, spec.role, spec.uid
+    )
+    url = await redis_url(api, spec)
+    if await provisioning.delete_owned_stream(url, spec.stream_name, spec.uid):
+        dropped.append(f"stream {spec.stream_name}")
+    else:
+        left.append(f"stream {spec.stream_name} (not created by this stack)")
+    return dropped, left
