@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from cqrs_operator import manifests
-from cqrs_operator.spec import parse_spec
+from cqrs_operator.spec import identity_hash, parse_spec
 
 
 def stack(**overrides):
@@ -92,7 +92,7 @@ def test_deployment_runs_the_component_hardened_with_probes() -> None:
 
 def test_config_map_carries_the_settings_names() -> None:
     data = manifests.config_map(stack())["data"]
-    assert data["EVENT_STREAM_NAME"] == "orders-events"
+    assert data["EVENT_STREAM_NAME"] == "shop.orders-events"
     assert data["CONSUMER_GROUP"] == "projectors"
     assert data["PROJECTOR_BATCH_SIZE"] == "250"
     assert "password" not in str(data).lower()
@@ -101,12 +101,16 @@ def test_config_map_carries_the_settings_names() -> None:
 def test_credentials_secret_builds_urls_with_the_role() -> None:
     secret = manifests.credentials_secret(stack(), "p" * 20, "redis://r:6379/0")
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert data["WRITE_DB_URL"] == (
-        "postgresql://cqrs_shop_orders:" + "p" * 20 + "@pg-write.db:5432/shop_orders_write"
+    role, digest = (
+        f"cqrs_shop_orders_{identity_hash('shop', 'orders')}",
+        identity_hash("shop", "orders"),
     )
-    assert data["READ_DB_URL"].endswith("@pg-read.db:5433/shop_orders_read")
+    assert data["WRITE_DB_URL"] == (
+        f"postgresql://{role}:" + "p" * 20 + f"@pg-write.db:5432/shop_orders_{digest}_write"
+    )
+    assert data["READ_DB_URL"].endswith(f"@pg-read.db:5433/shop_orders_{digest}_read")
     assert data["REDIS_URL"] == "redis://r:6379/0"
-    assert data["username"] == "cqrs_shop_orders"
+    assert data["username"] == role
 
 
 def test_config_hash_changes_with_config_and_secret_only() -> None:
