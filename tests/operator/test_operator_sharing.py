@@ -236,7 +236,8 @@ async def test_role_passwords_travel_as_scram_verifiers_not_in_sql_text(
     fresh_names: str,
 ) -> None:
     log = Path(write_pg.data_dir) / "server.log"
-    write_pg.psql("ALTER SYSTEM SET log_statement = 'ddl'; SELECT pg_reload_conf();")
+    write_pg.psql("ALTER SYSTEM SET log_statement = 'ddl'")
+    write_pg.psql("SELECT pg_reload_conf()")
     try:
         start = log.stat().st_size
         await stacks.create(
@@ -250,7 +251,8 @@ async def test_role_passwords_travel_as_scram_verifiers_not_in_sql_text(
         assert "CREATE ROLE" in logged and "SCRAM-SHA-256$4096:" in logged  # DDL was logged
         assert password not in logged
     finally:
-        write_pg.psql("ALTER SYSTEM RESET log_statement; SELECT pg_reload_conf();")
+        write_pg.psql("ALTER SYSTEM RESET log_statement")
+        write_pg.psql("SELECT pg_reload_conf()")
 
 
 async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
