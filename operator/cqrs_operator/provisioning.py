@@ -16,6 +16,7 @@ import os
 import re
 import ssl
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import asyncpg
 from redis.asyncio import Redis
@@ -358,6 +359,93 @@ def _redis(url: str) -> Redis:
     return Redis.from_url(
         url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
     )
+
+
+# What the services send to Redis (cqrs_stack.stream and the health checks), nothing more.
+# MULTI/EXEC: redis-py's transactional pipelines; SELECT: a URL naming a database.
+REDIS_COMMANDS = (
+    "ping",
+    "select",
+    "multi",
+    "exec",
+    "discard",
+    "xadd",
+    "xack",
+    "xclaim",
+    "xgroup",
+    "xinfo",
+    "xlen",
+    "xpending",
+    "xreadgroup",
+)
+
+
+def acl_rules(stream: str, password: str) -> list[str]:
+    """ACL SETUSER rules: the stack's stream and dead-letter stream, the services' commands.
+
+    The password goes as its SHA-256 (``#<hex>``), so the clear text is not in the command.
+    The owner key ``<stream>:owner`` is outside the user's keys: pods cannot rewrite it.
+    """
+    digest = hashlib.sha256(check_password(password).encode()).hexdigest()
+    return [
+        "reset",
+        "on",
+        f"#{digest}",
+        f"~{stream}",
+        f"~{stream}:dead",
+        "resetchannels",
+        "-@all",
+        *(f"+{command}" for command in REDIS_COMMANDS),
+    ]
+
+
+def _admin_redis(url: str, admin: AdminLogin) -> Redis:
+    return Redis.from_url(
+        url,
+        username=admin.username or "default",
+        password=admin.password,
+        socket_timeout=CONNECT_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+    )
+
+
+async def ensure_acl_user(
+    url: str, admin: AdminLogin, user: str, stream: str, password: str
+) -> list[Change]:
+    """Create or reset the stack's ACL user (idempotent); a Change when it is new."""
+    redis = _admin_redis(url, admin)
+    try:
+        existed = await redis.acl_getuser(user) is not None
+        await redis.execute_command("ACL", "SETUSER", user, *acl_rules(stream, password))
+    except (RedisError, OSError) as exc:
+        raise ProvisioningError(
+            "RedisAclFailed", f"cannot set ACL user {user} at {redact_url(url)}: {_first_line(exc)}"
+        ) from exc
+    finally:
+        await redis.aclose()
+    if existed:
+        return []
+    log.info("redis acl user created user=%s", user)
+    return [Change("AclUserCreated", f"created Redis ACL user {user} limited to {stream}")]
+
+
+async def delete_acl_user(url: str, admin: AdminLogin, user: str) -> bool:
+    redis = _admin_redis(url, admin)
+    try:
+        return bool(await redis.acl_deluser(user))
+    except (RedisError, OSError) as exc:
+        raise ProvisioningError(
+            "RedisAclFailed", f"cannot delete ACL user {user} at {redact_url(url)}: {exc}"
+        ) from exc
+    finally:
+        await redis.aclose()
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` with its user and password replaced by the stack's ACL user's."""
+    scheme, _, rest = url.partition("://")
+    host = rest.rpartition("@")[2]
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}"
 
 
 def owner_key(stream: str) -> str:

@@ -105,6 +105,47 @@ async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> A
     return check_admin_secret(secret, f"{spec.namespace}/{db.admin_secret}", db)
 
 
+def check_redis_admin_secret(secret: kube.SecretData, where: str) -> AdminLogin:
+    """The Redis admin login (``username`` optional, ``password``) of an opted-in Secret."""
+    if secret.labels.get(ADMIN_LABEL) != "true":
+        raise PermanentProvisioningError(
+            "AdminSecretNotOptedIn",
+            f'Secret {where} is not labelled {ADMIN_LABEL}: "true"; the operator uses '
+            "only admin Secrets labelled so",
+        )
+    if "password" not in secret.data:
+        raise PermanentProvisioningError(
+            "AdminSecretInvalid", f"Secret {where} needs key password (and optionally username)"
+        )
+    return AdminLogin(secret.data.get("username") or "default", secret.data["password"])
+
+
+@dataclass(frozen=True)
+class RedisAccess:
+    """How the operator and the pods reach Redis; ``admin`` is None without isolation."""
+
+    operator_url: str
+    pods_url: str
+    base_url: str
+    admin: AdminLogin | None
+
+
+async def redis_access(api: client.ApiClient, spec: StackSpec, password: str) -> RedisAccess:
+    """With a Redis admin Secret the pods log in as the stack's own ACL user."""
+    url = await redis_url(api, spec)
+    if spec.redis_admin_secret is None:
+        return RedisAccess(url, url, url, None)
+    name = spec.redis_admin_secret
+    secret = await _secret(api, spec.namespace, name)
+    admin = check_redis_admin_secret(secret, f"{spec.namespace}/{name}")
+    return RedisAccess(
+        operator_url=provisioning.with_credentials(url, admin.username, admin.password),
+        pods_url=provisioning.with_credentials(url, spec.redis_user, password),
+        base_url=url,
+        admin=admin,
+    )
+
+
 async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
     if spec.redis_url:
         return spec.redis_url
@@ -147,14 +188,14 @@ async def _apply(api: client.ApiClient, manifest: dict[str, Any], adopt: Adopt) 
 
 async def ensure_credentials(
     api: client.ApiClient, spec: StackSpec, adopt: Adopt
-) -> tuple[str, str, list[Change]]:
-    """The credentials Secret, applied before any role uses its password: (password, url)."""
+) -> tuple[str, RedisAccess, list[Change]]:
+    """The credentials Secret, applied before any role uses its password."""
     password, new = await stack_password(api, spec)
-    url = await redis_url(api, spec)
-    await _apply(api, manifests.credentials_secret(spec, password, url), adopt)
+    redis = await redis_access(api, spec, password)
+    await _apply(api, manifests.credentials_secret(spec, password, redis.pods_url), adopt)
     name = manifests.child_name(spec, "credentials")
     changes = [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
-    return password, url, changes if new else []
+    return password, redis, changes if new else []
 
 
 def owner_of(spec: StackSpec, current_status: Mapping[str, Any]) -> Owner:
@@ -271,7 +312,7 @@ async def reconcile(
     """Check and repair every part of the stack; each part reports in its own condition."""
     out = Outcome()
     try:
-        password, url, changes = await ensure_credentials(api, spec, adopt)
+        password, redis, changes = await ensure_credentials(api, spec, adopt)
         out.changes += changes
     except ProvisioningError as exc:
         for kind in (status.DATABASES, status.STREAM, status.WORKLOADS):
@@ -279,10 +320,10 @@ async def reconcile(
         return out
     owner = owner_of(spec, current_status)
     await _databases(out, api, spec, password, owner)
-    lag = await _stream(out, url, spec, owner)
+    lag = await _stream(out, redis, spec, password, owner)
     count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
     try:
-        _, changes = await apply_workloads(api, spec, password, url, count, adopt)
+        _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
         out.changes += changes
         out.ok(
             status.WORKLOADS,
@@ -323,11 +364,32 @@ async def _databases(
     }
 
 
-async def _stream(out: Outcome, url: str, spec: StackSpec, owner: Owner) -> int | None:
+async def _stream(
+    out: Outcome, redis: RedisAccess, spec: StackSpec, password: str, owner: Owner
+) -> int | None:
+    url = redis.operator_url
     try:
         out.changes += await provisioning.ensure_stream(
             url, spec.stream_name, spec.consumer_group, owner
         )
+        if redis.admin is not None:
+            out.changes += await provisioning.ensure_acl_user(
+                redis.base_url, redis.admin, spec.redis_user, spec.stream_name, password
+            )
+            out.ok(
+                status.REDIS_ISOLATION,
+                "AclUser",
+                f"pods log in as Redis ACL user {spec.redis_user}, limited to the stack's stream",
+            )
+        else:
+            out.conditions.append(
+                status.Condition(
+                    status.REDIS_ISOLATION,
+                    False,
+                    "NoAdminCredentials",
+                    "spec.redis.adminSecret is not set: pods use the Redis URL as given",
+                )
+            )
         lag = await provisioning.stream_lag(url, spec.stream_name, spec.consumer_group)
     except ProvisioningError as exc:
         out.fail(status.STREAM, exc)
@@ -347,9 +409,14 @@ async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], l
     dropped, left = await provisioning.drop_owned(
         [spec.write_db, spec.read_db], logins, spec.role, spec.uid
     )
-    url = await redis_url(api, spec)
-    if await provisioning.delete_owned_stream(url, spec.stream_name, spec.uid):
+    password, _ = await stack_password(api, spec)
+    redis = await redis_access(api, spec, password)
+    if await provisioning.delete_owned_stream(redis.operator_url, spec.stream_name, spec.uid):
         dropped.append(f"stream {spec.stream_name}")
     else:
         left.append(f"stream {spec.stream_name} (not created by this stack)")
+    if redis.admin is not None and await provisioning.delete_acl_user(
+        redis.base_url, redis.admin, spec.redis_user
+    ):
+        dropped.append(f"Redis ACL user {spec.redis_user}")
     return dropped, left

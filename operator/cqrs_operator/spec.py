@@ -140,6 +140,7 @@ class StackSpec:
     redis_url: str | None
     redis_url_secret: SecretKeyRef | None
     deletion_policy: str
+    redis_admin_secret: str | None = None
     role_name: str = ""
     adopt: bool = False
     uid: str = ""
@@ -151,6 +152,11 @@ class StackSpec:
     @property
     def image(self) -> str:
         return f"{self.image_repository}:{self.image_tag}"
+
+    @property
+    def redis_user(self) -> str:
+        """The stack's Redis ACL user: a namespace holds no ".", so names never meet."""
+        return f"cqrs.{self.namespace}.{self.name}"
 
     @property
     def role(self) -> str:
@@ -284,6 +290,13 @@ def _projector(raw: Mapping[str, Any]) -> Projector:
     )
 
 
+def _redis_admin(raw: Mapping[str, Any]) -> str | None:
+    secret = raw.get("adminSecret") or None
+    if secret is not None and not DNS_SUBDOMAIN.match(str(secret)):
+        raise SpecError(f"spec.redis.adminSecret={secret!r} must name a Secret (DNS-1123)")
+    return secret
+
+
 def _redis(raw: Mapping[str, Any]) -> tuple[str | None, SecretKeyRef | None]:
     url = raw.get("url") or None
     ref = raw.get("urlSecret") or None
@@ -368,6 +381,7 @@ def parse_spec(
         redis_url=redis_url,
         redis_url_secret=redis_secret,
         deletion_policy=policy,
+        redis_admin_secret=_redis_admin(spec.get("redis") or {}),
         role_name=check_identifier(recorded.get("role") or defaults.role, "status.databases.role"),
         adopt=spec.get("adopt") is True,
         uid=uid,

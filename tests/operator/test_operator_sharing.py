@@ -18,6 +18,7 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from cqrs_operator.spec import GROUP, PLURAL, VERSION
 from tests.operator.fixtures_operator import (
@@ -511,3 +512,63 @@ async def test_a_teardown_that_keeps_failing_releases_the_finalizer_with_a_warni
     warning = await wait_event(kube_api, namespace, "stuck", "CleanupAbandoned", operator)
     assert warning.type == "Warning" and f"w_{fresh_names}" in warning.message
     assert await database_exists(write_pg, f"w_{fresh_names}")  # the documented outcome: kept
+
+
+async def test_with_redis_admin_credentials_a_stack_cannot_touch_another_stacks_stream(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """Each stack's pods log in as their own ACL user: stack A cannot read, trim or delete
+    stack B's stream, with the very credentials A's pods get."""
+    await client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": "redis-admin", "labels": {"cqrs.dev/admin-credentials": "true"}},
+            "stringData": {"username": "default", "password": ""},  # the test Redis: nopass
+        },
+    )
+    for name in ("tenant-a", "tenant-b"):
+        manifest = stack_manifest(name, f"{fresh_names}_{name[-1]}", write_pg, read_pg, "x")
+        manifest["spec"]["redis"] = {"url": redis_server.url, "adminSecret": "redis-admin"}
+        await stacks.create(manifest)
+    await stacks.create(
+        stack_manifest("tenant-c", f"{fresh_names}_c", write_pg, read_pg, redis_server.url)
+    )
+    for name in ("tenant-a", "tenant-b"):
+        obj = await stacks.wait_ready(name, operator)
+        isolation = {c["type"]: c for c in obj["status"]["conditions"]}["RedisIsolation"]
+        assert isolation["status"] == "True"
+        await wait_event(kube_api, namespace, name, "AclUserCreated", operator)
+    await stacks.wait_condition(
+        "tenant-c", "RedisIsolation", "False", "NoAdminCredentials", operator
+    )
+
+    a_url = (await secret_data(kube_api, namespace, "tenant-a-credentials"))["REDIS_URL"]
+    assert a_url.startswith(f"redis://cqrs.{namespace}.tenant-a:")
+    own, other = f"{namespace}.tenant-a-events", f"{namespace}.tenant-b-events"
+    pods = Redis.from_url(a_url)
+    admin = Redis.from_url(redis_server.url)
+    try:
+        await admin.xadd(other, {"type": "RecordCreated", "position": "1"})
+        await pods.xadd(own, {"type": "RecordCreated", "position": "1"})  # its own: allowed
+        assert await pods.xlen(own) >= 1
+        for attempt in (
+            lambda: pods.xrange(other),
+            lambda: pods.xlen(other),
+            lambda: pods.xtrim(other, maxlen=0),
+            lambda: pods.delete(other),
+            lambda: pods.set(f"{own}:owner", "forged"),  # nor rewrite its own owner marker
+            lambda: pods.keys("*"),
+        ):
+            with pytest.raises(NoPermissionError):
+                await attempt()
+        assert await admin.xlen(other) == 1
+    finally:
+        await pods.aclose()
+        await admin.aclose()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from kubernetes_asyncio import client
 
 from cqrs_stack.localservers import free_port
@@ -41,6 +42,7 @@ def local_command(container: Any, port: int) -> list[str]:
     return argv
 
 
+@pytest.mark.parametrize("isolated", [False, True], ids=["shared-redis-user", "acl-user"])
 async def test_rendered_workloads_serve_a_write_then_a_read(
     kube_api: client.ApiClient,
     stacks: Stacks,
@@ -51,10 +53,23 @@ async def test_rendered_workloads_serve_a_write_then_a_read(
     redis_server: Any,
     fresh_names: str,
     tmp_path: Path,
+    isolated: bool,
 ) -> None:
-    await stacks.create(
-        stack_manifest("runnable", fresh_names, write_pg, read_pg, redis_server.url)
-    )
+    """With ``isolated`` the services run as the stack's Redis ACL user: its commands suffice."""
+    manifest = stack_manifest("runnable", fresh_names, write_pg, read_pg, redis_server.url)
+    if isolated:
+        await client.CoreV1Api(kube_api).create_namespaced_secret(
+            namespace,
+            {
+                "metadata": {
+                    "name": "redis-admin",
+                    "labels": {"cqrs.dev/admin-credentials": "true"},
+                },
+                "stringData": {"password": ""},  # the test Redis: default user, nopass
+            },
+        )
+        manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
+    await stacks.create(manifest)
     await stacks.wait_ready("runnable", operator)
     apps = client.AppsV1Api(kube_api)
     ports: dict[str, int] = {}
