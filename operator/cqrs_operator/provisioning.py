@@ -14,7 +14,6 @@ import hmac
 import logging
 import os
 import re
-import ssl
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -105,18 +104,7 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def ssl_context(db: Database, ca_pem: str | None) -> ssl.SSLContext | str:
-    """asyncpg's ``ssl`` argument for ``db.ssl_mode`` (with the CA bundle when verifying)."""
-    if db.ssl_mode not in ("verify-ca", "verify-full"):
-        return db.ssl_mode
-    context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
-    context.check_hostname = db.ssl_mode == "verify-full"
-    return context
-
-
-async def _connect(
-    db: Database, user: str, password: str, database: str, ca_pem: str | None
-) -> asyncpg.Connection:
+async def _connect(db: Database, user: str, password: str, database: str) -> asyncpg.Connection:
     return await asyncpg.connect(
         host=db.host,
         port=db.port,
@@ -124,16 +112,13 @@ async def _connect(
         password=password,
         database=database,
         timeout=CONNECT_TIMEOUT,
-        ssl=ssl_context(db, ca_pem),
         server_settings={"application_name": "cqrs-stack-operator"},
     )
 
 
-async def _admin_connect(
-    db: Database, admin: AdminLogin, ca_pem: str | None = None
-) -> asyncpg.Connection:
+async def _admin_connect(db: Database, admin: AdminLogin) -> asyncpg.Connection:
     try:
-        return await _connect(db, admin.username, admin.password, "postgres", ca_pem)
+        return await _connect(db, admin.username, admin.password, "postgres")
     except (TimeoutError, OSError) as exc:
         raise ProvisioningError(
             "DatabaseUnreachable", f"cannot reach PostgreSQL at {db.host}:{db.port}: {exc}"
@@ -238,16 +223,15 @@ async def ensure_database(
     role: str,
     password: str,
     owner: Owner,
-    ca_pem: str | None = None,
 ) -> list[Change]:
     """Create ``role`` and the database ``db.name`` it owns, or check they are this stack's;
     then make sure the role logs in with ``password`` (set as a SCRAM verifier if not)."""
     where = f"{db.host}:{db.port}"
-    conn = await _admin_connect(db, admin, ca_pem)
+    conn = await _admin_connect(db, admin)
     try:
         changes = await _ensure_role(conn, role, password, owner, where)
         changes += await _ensure_database(conn, db.name, role, owner, where)
-        if not await role_logs_in(db, role, password, ca_pem):
+        if not await role_logs_in(db, role, password):
             await _set_password(conn, role, password)
             changes.append(Change("RolePasswordSet", f"set the password of role {role}"))
             log.info("role password set role=%s server=%s", role, where)
@@ -260,11 +244,11 @@ async def ensure_database(
     return changes
 
 
-async def role_logs_in(db: Database, role: str, password: str, ca_pem: str | None) -> bool:
+async def role_logs_in(db: Database, role: str, password: str) -> bool:
     """True when ``role`` logs in to ``db`` with ``password``; False when the password (or
     the login) is refused. An unreachable server raises ProvisioningError."""
     try:
-        conn = await _connect(db, role, password, db.name, ca_pem)
+        conn = await _connect(db, role, password, db.name)
     except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
         return False
     except (TimeoutError, OSError) as exc:

@@ -86,18 +86,6 @@ class Projector(Component):
     autoscaling: Autoscaling = field(default_factory=Autoscaling)
 
 
-SSL_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
-
-
-@dataclass(frozen=True)
-class CaRef:
-    """A CA bundle in a Secret or ConfigMap of the stack's namespace (``kind`` says which)."""
-
-    kind: str
-    name: str
-    key: str
-
-
 @dataclass(frozen=True)
 class Database:
     """Where one database lives and which Secret holds the admin's username and password."""
@@ -106,8 +94,6 @@ class Database:
     port: int
     admin_secret: str
     name: str
-    ssl_mode: str = "prefer"
-    ca: CaRef | None = None
 
 
 @dataclass(frozen=True)
@@ -226,22 +212,6 @@ def _resources(section: Mapping[str, Any]) -> Resources:
     return Resources(requests=dict(raw.get("requests") or {}), limits=dict(raw.get("limits") or {}))
 
 
-def _ca(raw: Mapping[str, Any], path: str) -> CaRef | None:
-    refs = [
-        (kind, raw[key])
-        for kind, key in (("Secret", "caSecret"), ("ConfigMap", "caConfigMap"))
-        if raw.get(key)
-    ]
-    if not refs:
-        return None
-    if len(refs) > 1:
-        raise SpecError(f"{path} takes one of caSecret or caConfigMap")
-    kind, ref = refs[0]
-    if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))):
-        raise SpecError(f"{path}.ca{kind}.name must name a {kind} (DNS-1123)")
-    return CaRef(kind=kind, name=ref["name"], key=ref.get("key") or "ca.crt")
-
-
 def _database(raw: Mapping[str, Any], default_name: str, path: str) -> Database:
     host = raw.get("host")
     if not host or not isinstance(host, str):
@@ -250,19 +220,11 @@ def _database(raw: Mapping[str, Any], default_name: str, path: str) -> Database:
     if not isinstance(secret, str) or not DNS_SUBDOMAIN.match(secret):
         raise SpecError(f"{path}.adminSecret={secret!r} must name a Secret (DNS-1123)")
     name = raw.get("database") or default_name
-    ssl_mode = raw.get("sslMode") or "prefer"
-    if ssl_mode not in SSL_MODES:
-        raise SpecError(f"{path}.sslMode={ssl_mode!r} must be one of {SSL_MODES}")
-    ca = _ca(raw, path)
-    if ca is not None and ssl_mode not in ("verify-ca", "verify-full"):
-        raise SpecError(f"{path}: a CA needs sslMode verify-ca or verify-full")
     return Database(
         host=host,
         port=_int(raw, "port", path),
         admin_secret=secret,
         name=check_identifier(name, f"{path}.database"),
-        ssl_mode=ssl_mode,
-        ca=ca,
     )
 
 
