@@ -44,6 +44,7 @@ PERMANENT_REASONS = (
     "RedisSecretInvalid",
     "ImagePullBackOff",
     "ErrImagePull",
+    "ErrImageNeverPull",
     "InvalidImageName",
     "CreateContainerConfigError",
 )
@@ -51,6 +52,7 @@ PERMANENT_REASONS = (
 POD_REASONS = (
     "ImagePullBackOff",
     "ErrImagePull",
+    "ErrImageNeverPull",
     "InvalidImageName",
     "CreateContainerConfigError",
     "CreateContainerError",
