@@ -28,7 +28,7 @@ from cqrs_stack.stream import ensure_group, group_info
 
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
-from .ownership import CREATED, Marker, claim, may_drop, parse_marker
+from .ownership import CREATED, Marker, OwnershipRefused, claim, may_drop, parse_marker
 from .spec import Database, check_identifier
 
 __all__ = ["PermanentProvisioningError", "ProvisioningError"]
@@ -44,6 +44,7 @@ _PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,200}$")
 class AdminLogin:
     username: str
     password: str
+    may_adopt: bool = False  # the platform's consent (annotation on the admin Secret)
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,29 @@ class Change:
 
 @dataclass(frozen=True)
 class Owner:
-    """On whose behalf provisioning acts: the stack's UID and whether it may adopt."""
+    """On whose behalf provisioning acts: the stack's UID and whether it may adopt.
+
+    Adoption needs both the stack's ``spec.adopt`` and the platform's consent on the admin
+    Secret (``adopt_allowed``): a tenant alone cannot take an unmarked database of the server.
+    """
 
     uid: str
     adopt: bool = False
     legacy: frozenset[str] = frozenset()  # names its status recorded before markers existed
+    adopt_allowed: bool = True
 
     def claim(self, what: str, name: str, marker: Marker | None) -> Marker | None:
         # A name the stack's own status recorded (written only by the operator, before this
         # version marked objects) is this stack's: claim it as adopted, never to be dropped.
-        return claim(what, marker, self.uid, self.adopt or name in self.legacy)
+        if name in self.legacy:
+            return claim(what, marker, self.uid, True)
+        if marker is None and self.adopt and not self.adopt_allowed:
+            raise OwnershipRefused(
+                "AdoptionNotAllowed",
+                f"{what} carries no owner marker and the admin Secret does not allow adoption "
+                '(annotation cqrs.dev/allow-adopt: "true")',
+            )
+        return claim(what, marker, self.uid, self.adopt)
 
 
 def quote_ident(name: str) -> str:
@@ -432,6 +446,20 @@ def with_credentials(url: str, user: str, password: str) -> str:
     return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}"
 
 
+async def _check_related_keys(redis: Redis, stream: str, owner: Owner) -> None:
+    """Refuse a stream named after another stack's keys (``<its stream>:dead``, ``:owner``):
+    its dead letters are that stack's data, and its owner key is never a stream."""
+    parts = stream.split(":")
+    for cut in range(1, len(parts)):
+        base = ":".join(parts[:cut])
+        marker = parse_marker(await redis.get(owner_key(base)))
+        if marker is not None and marker.uid != owner.uid:
+            raise OwnershipRefused(
+                "OwnedByAnotherStack",
+                f"stream {stream} is a key of stream {base}, which belongs to another CqrsStack",
+            )
+
+
 def owner_key(stream: str) -> str:
     """The key next to ``stream`` that holds its owner marker."""
     return f"{stream}:owner"
@@ -446,6 +474,7 @@ async def ensure_stream(url: str, stream: str, group: str, owner: Owner) -> list
     what = f"stream {stream}"
     changes: list[Change] = []
     try:
+        await _check_related_keys(redis, stream, owner)
         marker = parse_marker(await redis.get(owner_key(stream)))
         if marker is None:
             existed = bool(await redis.exists(stream))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes_asyncio import client
@@ -33,6 +33,11 @@ Adopt = Callable[[dict[str, Any]], None]
 ADMIN_LABEL = "cqrs.dev/admin-credentials"
 # Optional: the hosts (host or host:port, comma-separated) the admin Secret may be sent to.
 ADMIN_HOSTS_ANNOTATION = "cqrs.dev/admin-hosts"
+# Optional: the platform allows stacks to adopt unmarked objects on this server.
+ALLOW_ADOPT_ANNOTATION = "cqrs.dev/allow-adopt"
+# The label a Secret needs before the operator hands it to a stack's pods (spec.redis.urlSecret,
+# spec.writeApi.auth.tokenSecret): the pods run an image of the tenant's choosing.
+STACK_SECRET_LABEL = "cqrs.dev/stack-secret"
 
 
 @dataclass
@@ -97,7 +102,30 @@ def check_admin_secret(secret: kube.SecretData, where: str, db: Database) -> Adm
         raise PermanentProvisioningError(
             "AdminSecretInvalid", f"Secret {where} needs keys username and password"
         )
-    return AdminLogin(secret.data["username"], secret.data["password"])
+    return AdminLogin(
+        secret.data["username"],
+        secret.data["password"],
+        may_adopt=secret.annotations.get(ALLOW_ADOPT_ANNOTATION) == "true",
+    )
+
+
+def check_stack_secret(secret: kube.SecretData, where: str, field_path: str) -> None:
+    """A Secret handed to the pods must say so: else any Secret of the namespace (an admin
+    login, another stack's credentials) could be read by an image the tenant chose."""
+    if secret.labels.get(STACK_SECRET_LABEL) != "true" or secret.labels.get(ADMIN_LABEL):
+        raise PermanentProvisioningError(
+            "SecretNotOptedIn",
+            f"{field_path} names Secret {where}, which is not labelled {STACK_SECRET_LABEL}: "
+            '"true" (or is an admin Secret); the operator hands only such Secrets to pods',
+        )
+
+
+async def check_token_secret(api: client.ApiClient, spec: StackSpec) -> None:
+    ref = spec.write_token_secret
+    if ref is None:
+        return
+    secret = await _secret(api, spec.namespace, ref.name)
+    check_stack_secret(secret, f"{spec.namespace}/{ref.name}", "spec.writeApi.auth.tokenSecret")
 
 
 async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> AdminLogin:
@@ -117,7 +145,11 @@ def check_redis_admin_secret(secret: kube.SecretData, where: str) -> AdminLogin:
         raise PermanentProvisioningError(
             "AdminSecretInvalid", f"Secret {where} needs key password (and optionally username)"
         )
-    return AdminLogin(secret.data.get("username") or "default", secret.data["password"])
+    return AdminLogin(
+        secret.data.get("username") or "default",
+        secret.data["password"],
+        may_adopt=secret.annotations.get(ALLOW_ADOPT_ANNOTATION) == "true",
+    )
 
 
 @dataclass(frozen=True)
@@ -151,7 +183,9 @@ async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
         return spec.redis_url
     ref = spec.redis_url_secret
     assert ref is not None  # parse_spec guarantees one of url / urlSecret
-    data = (await _secret(api, spec.namespace, ref.name)).data
+    secret = await _secret(api, spec.namespace, ref.name)
+    check_stack_secret(secret, f"{spec.namespace}/{ref.name}", "spec.redis.urlSecret")
+    data = secret.data
     if ref.key not in data:
         raise PermanentProvisioningError(
             "RedisSecretInvalid", f"Secret {spec.namespace}/{ref.name} has no key {ref.key!r}"
@@ -214,7 +248,8 @@ async def provision_databases(
     changes: list[Change] = []
     for db, kind in ((spec.write_db, "write"), (spec.read_db, "read")):
         login = await admin_login(api, spec, db)
-        changes += await provisioning.ensure_database(db, login, spec.role, password, owner)
+        on_server = replace(owner, adopt_allowed=login.may_adopt)
+        changes += await provisioning.ensure_database(db, login, spec.role, password, on_server)
         versions[kind], applied = await provisioning.migrate_database(db, spec.role, password, kind)
         changes += applied
     return versions, changes
@@ -323,6 +358,7 @@ async def reconcile(
     lag = await _stream(out, redis, spec, password, owner)
     count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
     try:
+        await check_token_secret(api, spec)
         _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
         out.changes += changes
         out.ok(
@@ -368,6 +404,8 @@ async def _stream(
     out: Outcome, redis: RedisAccess, spec: StackSpec, password: str, owner: Owner
 ) -> int | None:
     url = redis.operator_url
+    # Without a Redis admin Secret the pods reach all of Redis anyway: adopting adds nothing.
+    owner = replace(owner, adopt_allowed=redis.admin is None or redis.admin.may_adopt)
     try:
         out.changes += await provisioning.ensure_stream(
             url, spec.stream_name, spec.consumer_group, owner

@@ -30,6 +30,7 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DELETION_POLICIES = ("Retain", "Delete")
 NAME_HASH_LENGTH = 8
+SYSTEM_DATABASES = ("postgres", "template0", "template1")
 
 # (default, minimum, maximum) of every bounded integer of the spec, by its path under spec.
 # The CRD states the same bounds; tests/unit/test_spec.py fails when the two disagree.
@@ -220,6 +221,8 @@ def _database(raw: Mapping[str, Any], default_name: str, path: str) -> Database:
     if not isinstance(secret, str) or not DNS_SUBDOMAIN.match(secret):
         raise SpecError(f"{path}.adminSecret={secret!r} must name a Secret (DNS-1123)")
     name = raw.get("database") or default_name
+    if name in SYSTEM_DATABASES:
+        raise SpecError(f"{path}.database={name!r} is a system database of PostgreSQL")
     return Database(
         host=host,
         port=_int(raw, "port", path),

@@ -38,6 +38,8 @@ PERMANENT_REASONS = (
     "InvalidSpec",
     "OwnedByAnotherStack",
     "NotOwned",
+    "AdoptionNotAllowed",
+    "SecretNotOptedIn",
     "AdminSecretNotOptedIn",
     "AdminSecretInvalid",
     "AdminHostNotAllowed",

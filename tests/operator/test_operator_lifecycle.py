@@ -17,6 +17,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from redis.asyncio import Redis
 
 from tests.operator.fixtures_operator import (
+    ADMIN_SECRETS,
     Operator,
     Stacks,
     database_exists,
@@ -406,6 +407,10 @@ async def test_restart_in_the_middle_of_provisioning_converges(
         await locked.start()
         await blocker.execute(f"ALTER ROLE {role} CONNECTION LIMIT 100")  # row lock held
 
+        for secret in ADMIN_SECRETS:  # the platform allows adoption of the unmarked role
+            await client.CoreV1Api(kube_api).patch_namespaced_secret(
+                secret, namespace, {"metadata": {"annotations": {"cqrs.dev/allow-adopt": "true"}}}
+            )
         first = operator_factory(kube_apiserver.kubeconfig, namespace)
         await stacks.create(
             stack_manifest("restart", fresh_names, write_pg, read_pg, redis_server.url, adopt=True)

@@ -34,6 +34,14 @@ from tests.operator.fixtures_operator import (
 KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
 
 
+async def allow_adoption(api: client.ApiClient, namespace: str) -> None:
+    """The platform's consent: the admin Secrets allow stacks to adopt unmarked objects."""
+    for secret in ADMIN_SECRETS:
+        await client.CoreV1Api(api).patch_namespaced_secret(
+            secret, namespace, {"metadata": {"annotations": {"cqrs.dev/allow-adopt": "true"}}}
+        )
+
+
 async def events(api: client.ApiClient, namespace: str, name: str) -> list[Any]:
     listed = await client.CoreV1Api(api).list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name}"
@@ -166,7 +174,12 @@ async def test_an_unmarked_database_is_used_only_with_adopt_and_never_dropped(
     assert obj["status"]["phase"] == "Failed"
     await wait_event(kube_api, namespace, "adopter", "NotOwned", operator)
 
+    # The tenant's word alone is not enough: the platform allows adoption on the server.
     await stacks.patch("adopter", {"spec": {"adopt": True}})
+    await stacks.wait_condition(
+        "adopter", "DatabasesReady", "False", "AdoptionNotAllowed", operator
+    )
+    await allow_adoption(kube_api, namespace)
     await stacks.wait_ready("adopter", operator)
     await wait_event(kube_api, namespace, "adopter", "DatabaseAdopted", operator)
     await stacks.delete("adopter")
