@@ -296,7 +296,8 @@ async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
     data = await wait_until(
         recreated, timeout=30, what="credentials Secret recreated", alive=operator.exit_reason
     )
-    # The role logs in with the recreated Secret's password once the stack is Ready again.
+    # The reconcile that recreated it sets the new password on the role (then reports it).
+    await wait_event(kube_api, namespace, "creds", "RolePasswordSet", operator)
     await stacks.wait_ready("creds", operator)
     for url in (data["WRITE_DB_URL"], data["READ_DB_URL"]):
         conn = await asyncpg.connect(url)
