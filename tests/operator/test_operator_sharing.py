@@ -27,6 +27,7 @@ from tests.operator.fixtures_operator import (
     Operator,
     Stacks,
     database_exists,
+    names,
     stack_manifest,
     wait_until,
 )
@@ -586,3 +587,63 @@ async def test_with_redis_admin_credentials_a_stack_cannot_touch_another_stacks_
     finally:
         await pods.aclose()
         await admin.aclose()
+
+
+async def test_a_stack_provisioned_before_markers_keeps_its_names_on_upgrade(
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    stacks: Stacks,
+    namespace: str,
+    operator_factory: Any,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """An older operator named the role cqrs_<ns>_<name> and the stream <name>-events, marked
+    nothing, and recorded the names in status: the stack keeps them, claimed as adopted."""
+    old_role = f"cqrs_{namespace.replace('-', '_')}_legacy"
+    for server, db in ((write_pg, f"w_{fresh_names}"), (read_pg, f"r_{fresh_names}")):
+        admin = await asyncpg.connect(server.url())
+        try:
+            await admin.execute(f"CREATE ROLE {old_role} LOGIN PASSWORD 'old-password-0123456'")
+            await admin.execute(f"CREATE DATABASE {db} OWNER {old_role}")
+        finally:
+            await admin.close()
+    redis = Redis.from_url(redis_server.url)
+    try:
+        await redis.xgroup_create("legacy-events", "projectors", id="0", mkstream=True)
+    finally:
+        await redis.aclose()
+    await stacks.create(stack_manifest("legacy", fresh_names, write_pg, read_pg, redis_server.url))
+    recorded = {
+        "databases": {"write": f"w_{fresh_names}", "read": f"r_{fresh_names}", "role": old_role},
+        "stream": {"name": "legacy-events", "consumerGroup": "projectors"},
+    }
+    await stacks.custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        "legacy",
+        {"status": recorded},
+        _content_type="application/merge-patch+json",
+    )
+    operator = operator_factory(kube_apiserver.kubeconfig, namespace)
+    await stacks.wait_ready("legacy", operator)
+    creds = await secret_data(kube_api, namespace, "legacy-credentials")
+    assert creds["username"] == old_role
+    config = await client.CoreV1Api(kube_api).read_namespaced_config_map("legacy-config", namespace)
+    assert config.data["EVENT_STREAM_NAME"] == "legacy-events"
+    admin = await asyncpg.connect(write_pg.url())
+    try:
+        comment = await admin.fetchval(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            f"w_{fresh_names}",
+        )
+        assert comment is not None and comment.endswith("origin=adopted")
+        assert not await admin.fetchval(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1", names(namespace, "legacy").role
+        )
+    finally:
+        await admin.close()
