@@ -305,6 +305,7 @@ async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
         await conn.close()
     after = await config_hashes(kube_api, namespace, "creds")
     assert len(after) == 1 and after != before  # one new hash: one rollout
+    await wait_event(kube_api, namespace, "creds", "RolloutStarted", operator)
     # Several reconcile intervals (2 s here) later nothing has rolled again. A wait for a
     # condition cannot show that nothing happens: this is a bounded observation window.
     await asyncio.sleep(7)
