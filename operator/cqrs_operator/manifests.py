@@ -22,6 +22,7 @@ MANAGED_BY = "cqrs-stack-operator"
 COMPONENTS = ("write-api", "read-api", "projector")
 SERVED_COMPONENTS = ("write-api", "read-api")
 SECRET_URL_KEYS = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")
+POSTGRES_CA_DIR = "/etc/cqrs-stack/postgresql-ca"
 
 Manifest = dict[str, Any]
 
@@ -131,6 +132,11 @@ def _env(spec: StackSpec, component: str, secret: str) -> list[dict[str, Any]]:
         {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
         for key in SECRET_URL_KEYS
     ]
+    tls = spec.database_tls
+    if tls is not None:  # libpq's variables, which asyncpg follows in the services
+        env.append({"name": "PGSSLMODE", "value": tls.mode})
+        if tls.ca is not None:
+            env.append({"name": "PGSSLROOTCERT", "value": f"{POSTGRES_CA_DIR}/{tls.ca.key}"})
     token = spec.write_token_secret
     if token is not None and component == "write-api":
         ref = {"name": token.name, "key": token.key}
@@ -174,8 +180,29 @@ def _container(spec: StackSpec, component: str, settings: Component) -> dict[str
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *_ca_mounts(spec)],
     }
+
+
+def _ca_mounts(spec: StackSpec) -> list[dict[str, Any]]:
+    tls = spec.database_tls
+    if tls is None or tls.ca is None:
+        return []
+    return [{"name": "postgresql-ca", "mountPath": POSTGRES_CA_DIR, "readOnly": True}]
+
+
+def _volumes(spec: StackSpec) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    tls = spec.database_tls
+    if tls is not None and tls.ca is not None:
+        items = [{"key": tls.ca.key, "path": tls.ca.key}]
+        source = (
+            {"secret": {"secretName": tls.ca.name, "items": items}}
+            if tls.ca_kind == "Secret"
+            else {"configMap": {"name": tls.ca.name, "items": items}}
+        )
+        volumes.append({"name": "postgresql-ca", **source})
+    return volumes
 
 
 def deployment(spec: StackSpec, component: str, replicas: int, config_digest: str) -> Manifest:
@@ -209,7 +236,7 @@ def deployment(spec: StackSpec, component: str, replicas: int, config_digest: st
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [_container(spec, component, settings)],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                    "volumes": _volumes(spec),
                 },
             },
         },

@@ -14,6 +14,7 @@ import hmac
 import logging
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -29,7 +30,9 @@ from cqrs_stack.stream import ensure_group, group_info
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
 from .ownership import CREATED, Marker, OwnershipRefused, claim, may_drop, parse_marker
-from .spec import Database, check_identifier
+from .spec import Database, DatabaseTls, check_identifier
+
+Tls = ssl.SSLContext | bool | None
 
 __all__ = ["PermanentProvisioningError", "ProvisioningError"]
 
@@ -118,8 +121,26 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-async def _connect(db: Database, user: str, password: str, database: str) -> asyncpg.Connection:
+def tls_context(tls: DatabaseTls | None, ca_pem: str | None) -> Tls:
+    """asyncpg's ``ssl`` for libpq's sslmode ``tls.mode`` (None: asyncpg's default, prefer)."""
+    if tls is None:
+        return None
+    if tls.mode == "disable":
+        return False
+    context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    if tls.mode in ("require", "verify-ca"):
+        context.check_hostname = False
+    if tls.mode == "require":
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def _connect(
+    db: Database, user: str, password: str, database: str, tls: Tls = None
+) -> asyncpg.Connection:
+    extra = {} if tls is None else {"ssl": tls}
     return await asyncpg.connect(
+        **extra,
         host=db.host,
         port=db.port,
         user=user,
@@ -130,9 +151,9 @@ async def _connect(db: Database, user: str, password: str, database: str) -> asy
     )
 
 
-async def _admin_connect(db: Database, admin: AdminLogin) -> asyncpg.Connection:
+async def _admin_connect(db: Database, admin: AdminLogin, tls: Tls = None) -> asyncpg.Connection:
     try:
-        return await _connect(db, admin.username, admin.password, "postgres")
+        return await _connect(db, admin.username, admin.password, "postgres", tls)
     except (TimeoutError, OSError) as exc:
         raise ProvisioningError(
             "DatabaseUnreachable", f"cannot reach PostgreSQL at {db.host}:{db.port}: {exc}"
@@ -237,15 +258,16 @@ async def ensure_database(
     role: str,
     password: str,
     owner: Owner,
+    tls: Tls = None,
 ) -> list[Change]:
     """Create ``role`` and the database ``db.name`` it owns, or check they are this stack's;
     then make sure the role logs in with ``password`` (set as a SCRAM verifier if not)."""
     where = f"{db.host}:{db.port}"
-    conn = await _admin_connect(db, admin)
+    conn = await _admin_connect(db, admin, tls)
     try:
         changes = await _ensure_role(conn, role, password, owner, where)
         changes += await _ensure_database(conn, db.name, role, owner, where)
-        if not await role_logs_in(db, role, password):
+        if not await role_logs_in(db, role, password, tls):
             await _set_password(conn, role, password)
             changes.append(Change("RolePasswordSet", f"set the password of role {role}"))
             log.info("role password set role=%s server=%s", role, where)
@@ -258,11 +280,11 @@ async def ensure_database(
     return changes
 
 
-async def role_logs_in(db: Database, role: str, password: str) -> bool:
+async def role_logs_in(db: Database, role: str, password: str, tls: Tls = None) -> bool:
     """True when ``role`` logs in to ``db`` with ``password``; False when the password (or
     the login) is refused. An unreachable server raises ProvisioningError."""
     try:
-        conn = await _connect(db, role, password, db.name)
+        conn = await _connect(db, role, password, db.name, tls)
     except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
         return False
     except (TimeoutError, OSError) as exc:
@@ -274,12 +296,12 @@ async def role_logs_in(db: Database, role: str, password: str) -> bool:
 
 
 async def migrate_database(
-    db: Database, role: str, password: str, kind: str
+    db: Database, role: str, password: str, kind: str, tls: Tls = None
 ) -> tuple[int, list[Change]]:
     """Run the ``kind`` ("write"/"read") migrations as the stack's role; return the version."""
     settings = Settings(db_pool_min_size=1, db_pool_max_size=2)
     url = database_url(db.host, db.port, db.name, role, password)
-    engine = create_engine(url, settings, application_name="cqrs-stack-operator")
+    engine = create_engine(url, settings, application_name="cqrs-stack-operator", ssl=tls)
     try:
         applied = await migrate(engine, kind)
         version = await schema_version(engine)
@@ -302,7 +324,7 @@ async def migrate_database(
 
 
 async def drop_owned(
-    dbs: list[Database], admin: dict[str, AdminLogin], role: str, uid: str
+    dbs: list[Database], admin: dict[str, AdminLogin], role: str, uid: str, tls: Tls = None
 ) -> tuple[list[str], list[str]]:
     """Drop the databases of ``dbs`` and the role that this stack created; leave the rest.
 
@@ -312,7 +334,7 @@ async def drop_owned(
     left: list[str] = []
     servers: dict[tuple[str, int], Database] = {}
     for db in dbs:
-        conn = await _admin_connect(db, admin[db.name])
+        conn = await _admin_connect(db, admin[db.name], tls)
         try:
             exists, marker, _ = await _database_marker(conn, db.name)
             if exists and may_drop(marker, uid):
@@ -325,7 +347,7 @@ async def drop_owned(
             await conn.close()
         servers.setdefault((db.host, db.port), db)
     for db in servers.values():
-        conn = await _admin_connect(db, admin[db.name])
+        conn = await _admin_connect(db, admin[db.name], tls)
         try:
             row = await conn.fetchrow(
                 "SELECT shobj_description(oid, 'pg_authid') AS comment FROM pg_roles "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -240,17 +241,49 @@ def owner_of(spec: StackSpec, current_status: Mapping[str, Any]) -> Owner:
     )
 
 
+async def database_tls(api: client.ApiClient, spec: StackSpec) -> provisioning.Tls:
+    """The TLS context of the operator's connections to the stack's PostgreSQL servers."""
+    tls = spec.database_tls
+    if tls is None or tls.ca is None:
+        return provisioning.tls_context(tls, None)
+    where = f"{spec.namespace}/{tls.ca.name}"
+    if tls.ca_kind == "Secret":
+        secret = await _secret(api, spec.namespace, tls.ca.name)
+        check_stack_secret(secret, where, "spec.databases.tls.caSecret")  # mounted in pods
+        data: dict[str, str] | None = secret.data
+    else:
+        try:
+            data = await kube.read_config_map(api, spec.namespace, tls.ca.name)
+        except ApiException as exc:
+            raise ProvisioningError(
+                "ConfigMapUnreadable", f"cannot read ConfigMap {where}: HTTP {exc.status}"
+            ) from exc
+    if data is None or tls.ca.key not in data:
+        raise ProvisioningError("CaNotFound", f"{tls.ca_kind} {where} has no key {tls.ca.key!r}")
+    try:
+        return provisioning.tls_context(tls, data[tls.ca.key])
+    except ssl.SSLError as exc:
+        raise PermanentProvisioningError(
+            "CaInvalid", f"{tls.ca_kind} {where} key {tls.ca.key!r} is no PEM CA bundle: {exc}"
+        ) from exc
+
+
 async def provision_databases(
     api: client.ApiClient, spec: StackSpec, password: str, owner: Owner
 ) -> tuple[dict[str, int], list[Change]]:
     """Role, databases and migrations on both servers; returns the schema versions."""
     versions: dict[str, int] = {}
     changes: list[Change] = []
+    tls = await database_tls(api, spec)
     for db, kind in ((spec.write_db, "write"), (spec.read_db, "read")):
         login = await admin_login(api, spec, db)
         on_server = replace(owner, adopt_allowed=login.may_adopt)
-        changes += await provisioning.ensure_database(db, login, spec.role, password, on_server)
-        versions[kind], applied = await provisioning.migrate_database(db, spec.role, password, kind)
+        changes += await provisioning.ensure_database(
+            db, login, spec.role, password, on_server, tls
+        )
+        versions[kind], applied = await provisioning.migrate_database(
+            db, spec.role, password, kind, tls
+        )
         changes += applied
     return versions, changes
 
@@ -444,8 +477,9 @@ async def _stream(
 async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], list[str]]:
     """deletionPolicy Delete: drop what this stack created; return (dropped, left behind)."""
     logins = {db.name: await admin_login(api, spec, db) for db in (spec.write_db, spec.read_db)}
+    tls = await database_tls(api, spec)
     dropped, left = await provisioning.drop_owned(
-        [spec.write_db, spec.read_db], logins, spec.role, spec.uid
+        [spec.write_db, spec.read_db], logins, spec.role, spec.uid, tls
     )
     password, _ = await stack_password(api, spec)
     redis = await redis_access(api, spec, password)

@@ -103,6 +103,19 @@ class SecretKeyRef:
     key: str
 
 
+TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class DatabaseTls:
+    """TLS to both PostgreSQL servers (operator and pods): libpq's sslmode and a CA bundle
+    from a ConfigMap (``ca_kind`` "ConfigMap") or an opted-in Secret ("Secret")."""
+
+    mode: str
+    ca_kind: str | None = None
+    ca: SecretKeyRef | None = None
+
+
 # Children are named <name>-write-api, <name>-credentials...: they must stay DNS labels.
 MAX_STACK_NAME = 50
 
@@ -128,6 +141,7 @@ class StackSpec:
     redis_url_secret: SecretKeyRef | None
     deletion_policy: str
     redis_admin_secret: str | None = None
+    database_tls: DatabaseTls | None = None
     role_name: str = ""
     adopt: bool = False
     uid: str = ""
@@ -255,6 +269,24 @@ def _projector(raw: Mapping[str, Any]) -> Projector:
     )
 
 
+def _database_tls(raw: Mapping[str, Any] | None) -> DatabaseTls | None:
+    if not raw:
+        return None
+    path = "spec.databases.tls"
+    mode = raw.get("mode") or "verify-full"
+    if mode not in TLS_MODES:
+        raise SpecError(f"{path}.mode={mode!r} must be one of {TLS_MODES}")
+    refs = [(k, raw[f"ca{k}"]) for k in ("ConfigMap", "Secret") if raw.get(f"ca{k}")]
+    if len(refs) > 1:
+        raise SpecError(f"{path} takes one of caConfigMap or caSecret")
+    if not refs:
+        return DatabaseTls(mode)
+    kind, ref = refs[0]
+    if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))):
+        raise SpecError(f"{path}.ca{kind}.name must name a {kind} (DNS-1123)")
+    return DatabaseTls(mode, kind, SecretKeyRef(ref["name"], ref.get("key") or "ca.crt"))
+
+
 def _redis_admin(raw: Mapping[str, Any]) -> str | None:
     secret = raw.get("adminSecret") or None
     if secret is not None and not DNS_SUBDOMAIN.match(str(secret)):
@@ -347,6 +379,7 @@ def parse_spec(
         redis_url_secret=redis_secret,
         deletion_policy=policy,
         redis_admin_secret=_redis_admin(spec.get("redis") or {}),
+        database_tls=_database_tls(databases.get("tls")),
         role_name=check_identifier(recorded.get("role") or defaults.role, "status.databases.role"),
         adopt=spec.get("adopt") is True,
         uid=uid,

@@ -27,6 +27,9 @@ async def resolved_env(api: client.ApiClient, namespace: str, container: Any) ->
         cm = await core.read_namespaced_config_map(source.config_map_ref.name, namespace)
         env.update(cm.data or {})
     for var in container.env or []:
+        if var.value_from is None:
+            env[var.name] = var.value or ""
+            continue
         ref = var.value_from.secret_key_ref
         secret = await core.read_namespaced_secret(ref.name, namespace)
         env[var.name] = base64.b64decode(secret.data[ref.key]).decode()

@@ -166,3 +166,25 @@ def test_no_write_token_by_default() -> None:
     objs = by_name(manifests.workloads(stack(), "abc", 1))
     pod = objs[("Deployment", "orders-write-api")]["spec"]["template"]["spec"]
     assert "WRITE_API_TOKEN" not in {e["name"] for e in pod["containers"][0]["env"]}
+
+
+def test_database_tls_reaches_the_pods_as_libpq_variables_and_a_mounted_ca() -> None:
+    spec = stack()
+    plain = manifests.deployment(spec, "read-api", 1, "h")["spec"]["template"]["spec"]
+    assert not any(e["name"].startswith("PGSSL") for e in plain["containers"][0]["env"])
+    databases = {
+        "write": {"host": "pg-write.db", "adminSecret": "pg-admin"},
+        "read": {"host": "pg-read.db", "adminSecret": "pg-admin"},
+        "tls": {"mode": "verify-ca", "caSecret": {"name": "pg-ca", "key": "root.pem"}},
+    }
+    pod = manifests.deployment(stack(databases=databases), "projector", 1, "h")["spec"]["template"][
+        "spec"
+    ]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["PGSSLMODE"] == "verify-ca"
+    assert env["PGSSLROOTCERT"] == f"{manifests.POSTGRES_CA_DIR}/root.pem"
+    volume = next(v for v in pod["volumes"] if v["name"] == "postgresql-ca")
+    assert volume["secret"] == {
+        "secretName": "pg-ca",
+        "items": [{"key": "root.pem", "path": "root.pem"}],
+    }
