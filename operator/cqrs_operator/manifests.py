@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .spec import Component, StackSpec
+from .spec import CaBundle, Component, StackSpec
 
 PORT = 8000
 RUN_AS = 10001
@@ -23,6 +23,7 @@ COMPONENTS = ("write-api", "read-api", "projector")
 SERVED_COMPONENTS = ("write-api", "read-api")
 SECRET_URL_KEYS = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")
 POSTGRES_CA_DIR = "/etc/cqrs-stack/postgresql-ca"
+REDIS_CA_DIR = "/etc/cqrs-stack/redis-ca"
 
 Manifest = dict[str, Any]
 
@@ -184,24 +185,30 @@ def _container(spec: StackSpec, component: str, settings: Component) -> dict[str
     }
 
 
+def _cas(spec: StackSpec) -> list[tuple[str, str, CaBundle]]:
+    """The CA bundles the pods mount: (volume name, folder, bundle)."""
+    out: list[tuple[str, str, CaBundle]] = []
+    if spec.database_tls is not None and spec.database_tls.ca is not None:
+        out.append(("postgresql-ca", POSTGRES_CA_DIR, spec.database_tls.ca))
+    if spec.redis_ca is not None:
+        out.append(("redis-ca", REDIS_CA_DIR, spec.redis_ca))
+    return out
+
+
 def _ca_mounts(spec: StackSpec) -> list[dict[str, Any]]:
-    tls = spec.database_tls
-    if tls is None or tls.ca is None:
-        return []
-    return [{"name": "postgresql-ca", "mountPath": POSTGRES_CA_DIR, "readOnly": True}]
+    return [{"name": name, "mountPath": folder, "readOnly": True} for name, folder, _ in _cas(spec)]
 
 
 def _volumes(spec: StackSpec) -> list[dict[str, Any]]:
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
-    tls = spec.database_tls
-    if tls is not None and tls.ca is not None:
-        items = [{"key": tls.ca.key, "path": tls.ca.key}]
+    for name, _, ca in _cas(spec):
+        items = [{"key": ca.key, "path": ca.key}]
         source = (
-            {"secret": {"secretName": tls.ca.name, "items": items}}
-            if tls.ca_kind == "Secret"
-            else {"configMap": {"name": tls.ca.name, "items": items}}
+            {"secret": {"secretName": ca.name, "items": items}}
+            if ca.kind == "Secret"
+            else {"configMap": {"name": ca.name, "items": items}}
         )
-        volumes.append({"name": "postgresql-ca", **source})
+        volumes.append({"name": name, **source})
     return volumes
 
 

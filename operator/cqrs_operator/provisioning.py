@@ -16,6 +16,7 @@ import os
 import re
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -375,9 +376,11 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _redis(url: str) -> Redis:
+def _redis(url: str, ca_pem: str | None = None) -> Redis:
+    """A short-lived client; ``ca_pem`` verifies a rediss:// server against that CA."""
+    tls: dict[str, Any] = {} if ca_pem is None else {"ssl_ca_data": ca_pem}
     return Redis.from_url(
-        url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
+        url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT, **tls
     )
 
 
@@ -419,21 +422,23 @@ def acl_rules(stream: str, password: str) -> list[str]:
     ]
 
 
-def _admin_redis(url: str, admin: AdminLogin) -> Redis:
+def _admin_redis(url: str, admin: AdminLogin, ca_pem: str | None = None) -> Redis:
+    tls: dict[str, Any] = {} if ca_pem is None else {"ssl_ca_data": ca_pem}
     return Redis.from_url(
         url,
         username=admin.username or "default",
         password=admin.password,
         socket_timeout=CONNECT_TIMEOUT,
         socket_connect_timeout=CONNECT_TIMEOUT,
+        **tls,
     )
 
 
 async def ensure_acl_user(
-    url: str, admin: AdminLogin, user: str, stream: str, password: str
+    url: str, admin: AdminLogin, user: str, stream: str, password: str, ca_pem: str | None = None
 ) -> list[Change]:
     """Create or reset the stack's ACL user (idempotent); a Change when it is new."""
-    redis = _admin_redis(url, admin)
+    redis = _admin_redis(url, admin, ca_pem)
     try:
         existed = await redis.acl_getuser(user) is not None
         await redis.execute_command("ACL", "SETUSER", user, *acl_rules(stream, password))
@@ -449,8 +454,10 @@ async def ensure_acl_user(
     return [Change("AclUserCreated", f"created Redis ACL user {user} limited to {stream}")]
 
 
-async def delete_acl_user(url: str, admin: AdminLogin, user: str) -> bool:
-    redis = _admin_redis(url, admin)
+async def delete_acl_user(
+    url: str, admin: AdminLogin, user: str, ca_pem: str | None = None
+) -> bool:
+    redis = _admin_redis(url, admin, ca_pem)
     try:
         return bool(await redis.acl_deluser(user))
     except (RedisError, OSError) as exc:
@@ -487,12 +494,14 @@ def owner_key(stream: str) -> str:
     return f"{stream}:owner"
 
 
-async def ensure_stream(url: str, stream: str, group: str, owner: Owner) -> list[Change]:
+async def ensure_stream(
+    url: str, stream: str, group: str, owner: Owner, ca_pem: str | None = None
+) -> list[Change]:
     """Create the stream (marked as this stack's) and its consumer group if missing.
 
     An existing stream without an owner key is adopted only when ``owner`` may adopt it.
     """
-    redis = _redis(url)
+    redis = _redis(url, ca_pem)
     what = f"stream {stream}"
     changes: list[Change] = []
     try:
@@ -521,9 +530,9 @@ async def ensure_stream(url: str, stream: str, group: str, owner: Owner) -> list
         await redis.aclose()
 
 
-async def stream_lag(url: str, stream: str, group: str) -> int:
+async def stream_lag(url: str, stream: str, group: str, ca_pem: str | None = None) -> int:
     """Entries of ``stream`` not yet acknowledged by ``group``: pending plus undelivered."""
-    redis = _redis(url)
+    redis = _redis(url, ca_pem)
     try:
         info = await group_info(redis, stream, group)
         return int(info["pending"]) + int(info["undelivered"])
@@ -535,10 +544,10 @@ async def stream_lag(url: str, stream: str, group: str) -> int:
         await redis.aclose()
 
 
-async def delete_owned_stream(url: str, stream: str, uid: str) -> bool:
+async def delete_owned_stream(url: str, stream: str, uid: str, ca_pem: str | None = None) -> bool:
     """Delete the stream, its dead-letter stream and owner key if this stack created them;
     True when deleted, False when left (adopted, another stack's, or unmarked)."""
-    redis = _redis(url)
+    redis = _redis(url, ca_pem)
     try:
         if not may_drop(parse_marker(await redis.get(owner_key(stream))), uid):
             return False

@@ -24,7 +24,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from . import kube, manifests, provisioning, status
 from .errors import PermanentProvisioningError, ProvisioningError
 from .provisioning import AdminLogin, Change, Owner
-from .spec import Database, StackSpec, recorded_names
+from .spec import CaBundle, Database, StackSpec, recorded_names
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +161,38 @@ class RedisAccess:
     pods_url: str
     base_url: str
     admin: AdminLogin | None
+    ca_pem: str | None = None
 
 
 async def redis_access(api: client.ApiClient, spec: StackSpec, password: str) -> RedisAccess:
-    """With a Redis admin Secret the pods log in as the stack's own ACL user."""
+    """With a Redis admin Secret the pods log in as the stack's own ACL user; with a CA the
+    operator verifies a rediss:// server by it and the pods' URL names the mounted bundle."""
     url = await redis_url(api, spec)
-    if spec.redis_admin_secret is None:
-        return RedisAccess(url, url, url, None)
-    name = spec.redis_admin_secret
-    secret = await _secret(api, spec.namespace, name)
-    admin = check_redis_admin_secret(secret, f"{spec.namespace}/{name}")
+    ca_pem = None
+    pods_url = url
+    if spec.redis_ca is not None:
+        if not url.startswith("rediss://"):
+            raise PermanentProvisioningError(
+                "RedisTlsMismatch", "spec.redis names a CA but the URL is not rediss://"
+            )
+        ca_pem = await read_ca(api, spec, spec.redis_ca, "spec.redis")
+    admin = None
+    if spec.redis_admin_secret is not None:
+        name = spec.redis_admin_secret
+        secret = await _secret(api, spec.namespace, name)
+        admin = check_redis_admin_secret(secret, f"{spec.namespace}/{name}")
+        pods_url = provisioning.with_credentials(url, spec.redis_user, password)
+    if spec.redis_ca is not None:
+        sep = "&" if "?" in pods_url else "?"
+        pods_url += f"{sep}ssl_ca_certs={manifests.REDIS_CA_DIR}/{spec.redis_ca.key}"
     return RedisAccess(
-        operator_url=provisioning.with_credentials(url, admin.username, admin.password),
-        pods_url=provisioning.with_credentials(url, spec.redis_user, password),
+        operator_url=(
+            provisioning.with_credentials(url, admin.username, admin.password) if admin else url
+        ),
+        pods_url=pods_url,
         base_url=url,
         admin=admin,
+        ca_pem=ca_pem,
     )
 
 
@@ -241,30 +258,36 @@ def owner_of(spec: StackSpec, current_status: Mapping[str, Any]) -> Owner:
     )
 
 
+async def read_ca(api: client.ApiClient, spec: StackSpec, ca: CaBundle, field_path: str) -> str:
+    """The PEM bundle of ``ca``; a Secret must have opted in (it is mounted into the pods)."""
+    where = f"{spec.namespace}/{ca.name}"
+    if ca.kind == "Secret":
+        secret = await _secret(api, spec.namespace, ca.name)
+        check_stack_secret(secret, where, f"{field_path}.caSecret")
+        data: dict[str, str] | None = secret.data
+    else:
+        try:
+            data = await kube.read_config_map(api, spec.namespace, ca.name)
+        except ApiException as exc:
+            raise ProvisioningError(
+                "ConfigMapUnreadable", f"cannot read ConfigMap {where}: HTTP {exc.status}"
+            ) from exc
+    if data is None or ca.key not in data:
+        raise ProvisioningError("CaNotFound", f"{ca.kind} {where} has no key {ca.key!r}")
+    return data[ca.key]
+
+
 async def database_tls(api: client.ApiClient, spec: StackSpec) -> provisioning.Tls:
     """The TLS context of the operator's connections to the stack's PostgreSQL servers."""
     tls = spec.database_tls
     if tls is None or tls.ca is None:
         return provisioning.tls_context(tls, None)
-    where = f"{spec.namespace}/{tls.ca.name}"
-    if tls.ca_kind == "Secret":
-        secret = await _secret(api, spec.namespace, tls.ca.name)
-        check_stack_secret(secret, where, "spec.databases.tls.caSecret")  # mounted in pods
-        data: dict[str, str] | None = secret.data
-    else:
-        try:
-            data = await kube.read_config_map(api, spec.namespace, tls.ca.name)
-        except ApiException as exc:
-            raise ProvisioningError(
-                "ConfigMapUnreadable", f"cannot read ConfigMap {where}: HTTP {exc.status}"
-            ) from exc
-    if data is None or tls.ca.key not in data:
-        raise ProvisioningError("CaNotFound", f"{tls.ca_kind} {where} has no key {tls.ca.key!r}")
+    pem = await read_ca(api, spec, tls.ca, "spec.databases.tls")
     try:
-        return provisioning.tls_context(tls, data[tls.ca.key])
+        return provisioning.tls_context(tls, pem)
     except ssl.SSLError as exc:
         raise PermanentProvisioningError(
-            "CaInvalid", f"{tls.ca_kind} {where} key {tls.ca.key!r} is no PEM CA bundle: {exc}"
+            "CaInvalid", f"the CA of spec.databases.tls is no PEM CA bundle: {exc}"
         ) from exc
 
 
@@ -441,11 +464,16 @@ async def _stream(
     owner = replace(owner, adopt_allowed=redis.admin is None or redis.admin.may_adopt)
     try:
         out.changes += await provisioning.ensure_stream(
-            url, spec.stream_name, spec.consumer_group, owner
+            url, spec.stream_name, spec.consumer_group, owner, redis.ca_pem
         )
         if redis.admin is not None:
             out.changes += await provisioning.ensure_acl_user(
-                redis.base_url, redis.admin, spec.redis_user, spec.stream_name, password
+                redis.base_url,
+                redis.admin,
+                spec.redis_user,
+                spec.stream_name,
+                password,
+                redis.ca_pem,
             )
             out.ok(
                 status.REDIS_ISOLATION,
@@ -461,7 +489,9 @@ async def _stream(
                     "spec.redis.adminSecret is not set: pods use the Redis URL as given",
                 )
             )
-        lag = await provisioning.stream_lag(url, spec.stream_name, spec.consumer_group)
+        lag = await provisioning.stream_lag(
+            url, spec.stream_name, spec.consumer_group, redis.ca_pem
+        )
     except ProvisioningError as exc:
         out.fail(status.STREAM, exc)
         return None
@@ -483,12 +513,14 @@ async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], l
     )
     password, _ = await stack_password(api, spec)
     redis = await redis_access(api, spec, password)
-    if await provisioning.delete_owned_stream(redis.operator_url, spec.stream_name, spec.uid):
+    if await provisioning.delete_owned_stream(
+        redis.operator_url, spec.stream_name, spec.uid, redis.ca_pem
+    ):
         dropped.append(f"stream {spec.stream_name}")
     else:
         left.append(f"stream {spec.stream_name} (not created by this stack)")
     if redis.admin is not None and await provisioning.delete_acl_user(
-        redis.base_url, redis.admin, spec.redis_user
+        redis.base_url, redis.admin, spec.redis_user, redis.ca_pem
     ):
         dropped.append(f"Redis ACL user {spec.redis_user}")
     return dropped, left

@@ -107,13 +107,20 @@ TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
 
 
 @dataclass(frozen=True)
+class CaBundle:
+    """A PEM CA bundle: key ``key`` of a ConfigMap or an opted-in Secret (``kind``)."""
+
+    kind: str
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
 class DatabaseTls:
-    """TLS to both PostgreSQL servers (operator and pods): libpq's sslmode and a CA bundle
-    from a ConfigMap (``ca_kind`` "ConfigMap") or an opted-in Secret ("Secret")."""
+    """TLS to both PostgreSQL servers (operator and pods): libpq's sslmode and a CA bundle."""
 
     mode: str
-    ca_kind: str | None = None
-    ca: SecretKeyRef | None = None
+    ca: CaBundle | None = None
 
 
 # Children are named <name>-write-api, <name>-credentials...: they must stay DNS labels.
@@ -142,6 +149,7 @@ class StackSpec:
     deletion_policy: str
     redis_admin_secret: str | None = None
     database_tls: DatabaseTls | None = None
+    redis_ca: CaBundle | None = None
     role_name: str = ""
     adopt: bool = False
     uid: str = ""
@@ -276,15 +284,19 @@ def _database_tls(raw: Mapping[str, Any] | None) -> DatabaseTls | None:
     mode = raw.get("mode") or "verify-full"
     if mode not in TLS_MODES:
         raise SpecError(f"{path}.mode={mode!r} must be one of {TLS_MODES}")
+    return DatabaseTls(mode, _ca_bundle(raw, path))
+
+
+def _ca_bundle(raw: Mapping[str, Any], path: str) -> CaBundle | None:
     refs = [(k, raw[f"ca{k}"]) for k in ("ConfigMap", "Secret") if raw.get(f"ca{k}")]
     if len(refs) > 1:
         raise SpecError(f"{path} takes one of caConfigMap or caSecret")
     if not refs:
-        return DatabaseTls(mode)
+        return None
     kind, ref = refs[0]
     if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))):
         raise SpecError(f"{path}.ca{kind}.name must name a {kind} (DNS-1123)")
-    return DatabaseTls(mode, kind, SecretKeyRef(ref["name"], ref.get("key") or "ca.crt"))
+    return CaBundle(kind, ref["name"], ref.get("key") or "ca.crt")
 
 
 def _redis_admin(raw: Mapping[str, Any]) -> str | None:
@@ -380,6 +392,7 @@ def parse_spec(
         deletion_policy=policy,
         redis_admin_secret=_redis_admin(spec.get("redis") or {}),
         database_tls=_database_tls(databases.get("tls")),
+        redis_ca=_ca_bundle(spec.get("redis") or {}, "spec.redis"),
         role_name=check_identifier(recorded.get("role") or defaults.role, "status.databases.role"),
         adopt=spec.get("adopt") is True,
         uid=uid,
