@@ -28,6 +28,7 @@ class SecretData:
     data: dict[str, str]
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
+    controller_uid: str | None = None  # the uid of its controlling owner, if any
 
 
 async def connect() -> client.ApiClient:
@@ -53,7 +54,38 @@ async def read_secret(api: client.ApiClient, namespace: str, name: str) -> Secre
         data={k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()},
         labels=dict(secret.metadata.labels or {}),
         annotations=dict(secret.metadata.annotations or {}),
+        controller_uid=next(
+            (r.uid for r in secret.metadata.owner_references or [] if r.controller), None
+        ),
     )
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the controlling owner of a live object (as a dict), if any."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+async def read_object(
+    api: client.ApiClient, kind: str, namespace: str, name: str
+) -> dict[str, Any] | None:
+    """A child of kind ``kind`` as a dict, or None when it does not exist."""
+    core, apps, policy = client.CoreV1Api(api), client.AppsV1Api(api), client.PolicyV1Api(api)
+    read = {
+        "ConfigMap": core.read_namespaced_config_map,
+        "Secret": core.read_namespaced_secret,
+        "Service": core.read_namespaced_service,
+        "Deployment": apps.read_namespaced_deployment,
+        "PodDisruptionBudget": policy.read_namespaced_pod_disruption_budget,
+    }[kind]
+    try:
+        live = await read(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    result: dict[str, Any] = api.sanitize_for_serialization(live)
+    return result
 
 
 async def read_config_map(

@@ -220,6 +220,8 @@ async def stack_password(api: client.ApiClient, spec: StackSpec) -> tuple[str, b
     """
     name = manifests.child_name(spec, "credentials")
     existing = await _maybe_secret(api, spec.namespace, name)
+    if existing is not None and existing.controller_uid != spec.uid:
+        raise _not_ours("Secret", name, spec)  # never read, let alone hand out, its data
     password = (existing.data if existing else {}).get("password", "")
     try:
         return provisioning.check_password(password), False
@@ -227,7 +229,28 @@ async def stack_password(api: client.ApiClient, spec: StackSpec) -> tuple[str, b
         return secrets.token_urlsafe(32), True
 
 
-async def _apply(api: client.ApiClient, manifest: dict[str, Any], adopt: Adopt) -> dict[str, Any]:
+def _not_ours(kind: str, name: str, spec: StackSpec) -> PermanentProvisioningError:
+    return PermanentProvisioningError(
+        "ChildNotOwned",
+        f"{kind} {spec.namespace}/{name} exists and is not controlled by this CqrsStack; "
+        "rename the stack or remove that object",
+    )
+
+
+async def _apply(
+    api: client.ApiClient, spec: StackSpec, manifest: dict[str, Any], adopt: Adopt
+) -> dict[str, Any]:
+    """Apply a child; an existing object of that name must already be this stack's: force
+    would otherwise take over another application's Deployment, Secret or Service."""
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    try:
+        existing = await kube.read_object(api, kind, spec.namespace, name)
+    except ApiException as exc:
+        raise ProvisioningError(
+            "ChildUnreadable", f"cannot read {kind} {name}: HTTP {exc.status}"
+        ) from exc
+    if existing is not None and kube.controller_uid(existing) != spec.uid:
+        raise _not_ours(kind, name, spec)
     adopt(manifest)
     try:
         return await kube.apply(api, manifest)
@@ -244,7 +267,7 @@ async def ensure_credentials(
     """The credentials Secret, applied before any role uses its password."""
     password, new = await stack_password(api, spec)
     redis = await redis_access(api, spec, password)
-    await _apply(api, manifests.credentials_secret(spec, password, redis.pods_url), adopt)
+    await _apply(api, spec, manifests.credentials_secret(spec, password, redis.pods_url), adopt)
     name = manifests.child_name(spec, "credentials")
     changes = [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
     return password, redis, changes if new else []
@@ -322,7 +345,7 @@ async def apply_workloads(
     """Apply the ConfigMap, Deployments and Services; return the live objects and rollouts."""
     config = manifests.config_data(spec)
     digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url))
-    live = [await _apply(api, manifests.config_map(spec), adopt)]
+    live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
     changes: list[Change] = []
     for manifest in manifests.workloads(spec, digest, projector_count):
         if manifest["kind"] == "Deployment":
@@ -330,7 +353,7 @@ async def apply_workloads(
             if before is not None and _template_changed(before, manifest):
                 name = manifest["metadata"]["name"]
                 changes.append(Change("RolloutStarted", f"rolling Deployment {name}"))
-        live.append(await _apply(api, manifest, adopt))
+        live.append(await _apply(api, spec, manifest, adopt))
     return live, changes
 
 

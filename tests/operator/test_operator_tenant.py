@@ -153,3 +153,65 @@ async def test_a_stream_named_after_another_stacks_dead_letters_is_refused(
         assert await redis.xinfo_groups(dead) == []  # no group of the snoop's on it
     finally:
         await redis.aclose()
+
+
+async def test_a_stack_named_after_another_applications_objects_takes_nothing_over(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """Stack "loot" would own loot-credentials and loot-write-api: another application's
+    Secret and Deployment of those names are neither read, handed to pods, nor overwritten."""
+    core, apps = client.CoreV1Api(kube_api), client.AppsV1Api(kube_api)
+    their_password = "TheirPassword_0123456789abcdef"
+    await core.create_namespaced_secret(
+        namespace,
+        {"metadata": {"name": "loot-credentials"}, "stringData": {"password": their_password}},
+    )
+    await stacks.create(stack_manifest("loot", fresh_names, write_pg, read_pg, redis_server.url))
+    obj = await stacks.wait_condition("loot", "WorkloadsReady", "False", "ChildNotOwned", operator)
+    assert obj["status"]["phase"] == "Failed"
+    secret = await core.read_namespaced_secret("loot-credentials", namespace)
+    assert set(secret.data) == {"password"} and not secret.metadata.owner_references
+    assert not await role_logs_in_anywhere(write_pg, their_password)
+
+    await core.delete_namespaced_secret("loot-credentials", namespace)
+    await apps.create_namespaced_deployment(
+        namespace,
+        {
+            "metadata": {"name": "loot-write-api"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "theirs"}},
+                "template": {
+                    "metadata": {"labels": {"app": "theirs"}},
+                    "spec": {"containers": [{"name": "theirs", "image": "their-app:1"}]},
+                },
+            },
+        },
+    )
+    await stacks.wait_condition("loot", "WorkloadsReady", "False", "ChildNotOwned", operator)
+    theirs = await apps.read_namespaced_deployment("loot-write-api", namespace)
+    assert theirs.spec.template.spec.containers[0].image == "their-app:1"
+    assert not theirs.metadata.owner_references
+
+
+async def role_logs_in_anywhere(server: Any, password: str) -> bool:
+    """Whether any role of ``server`` was given ``password`` (it must not have been)."""
+    admin = await asyncpg.connect(server.url())
+    try:
+        roles = [r["rolname"] for r in await admin.fetch("SELECT rolname FROM pg_roles")]
+    finally:
+        await admin.close()
+    for role in roles:
+        try:
+            conn = await asyncpg.connect(server.url("postgres", role, password))
+        except (asyncpg.PostgresError, OSError):
+            continue
+        await conn.close()
+        return True
+    return False
