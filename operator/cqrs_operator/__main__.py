@@ -2,8 +2,10 @@
 
 Scope: ``--namespace NS`` (repeatable; or $WATCH_NAMESPACE, comma-separated) or
 ``--all-namespaces`` (or WATCH_NAMESPACE="*"). Tuning by environment:
-CQRS_OPERATOR_STATUS_INTERVAL (seconds between lag/status checks, default 15),
-CQRS_OPERATOR_RETRY_DELAY (first back-off after a failure, default 5), LOG_LEVEL.
+CQRS_OPERATOR_STATUS_INTERVAL (seconds between two full reconciles of a stack, default 15),
+CQRS_OPERATOR_RETRY_DELAY (first back-off after a failure, default 5),
+CQRS_OPERATOR_DELETE_TIMEOUT (seconds a failing teardown is retried before the finalizer is
+released, default 300), LOG_LEVEL.
 """
 
 from __future__ import annotations

@@ -1,22 +1,34 @@
-"""kopf wiring only: each handler parses the spec, calls the reconciler, reports in status."""
+"""kopf wiring only: each handler parses the spec, calls the reconciler, reports in status.
+
+The same reconcile runs on every change and on every interval (level-triggered): a dropped
+role, a deleted Secret or a drifted Deployment is found and repaired without a spec change.
+Every step that changes the world is an Event with a greppable reason; a refusal (another
+stack's object, a Secret that did not opt in) is a Warning Event when it first appears.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from . import kube, manifests, provisioning, reconcile
+from . import kube, reconcile
 from . import status as stack_status
-from .provisioning import ProvisioningError
+from .errors import ProvisioningError
 from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
 
 RESOURCE = (GROUP, VERSION, PLURAL)
+# Seconds between two full reconciles of a stack (re-verification, lag, drift correction).
 STATUS_INTERVAL = float(os.environ.get("CQRS_OPERATOR_STATUS_INTERVAL", "15"))
 RETRY_DELAY = float(os.environ.get("CQRS_OPERATOR_RETRY_DELAY", "5"))
+# Seconds the delete handler retries a failing teardown before it releases the finalizer.
+DELETE_TIMEOUT = float(os.environ.get("CQRS_OPERATOR_DELETE_TIMEOUT", "300"))
 MAX_RETRY_DELAY = 120.0
+_LOCKS: dict[str, asyncio.Lock] = {}
 
 
 def backoff(retry: int) -> float:
@@ -41,8 +53,52 @@ async def disconnect(memo: kopf.Memo, **_: Any) -> None:
         await memo.api.close()
 
 
-def _parse(spec: Mapping[str, Any], meta: Mapping[str, Any]) -> StackSpec:
-    return parse_spec(spec, namespace=meta["namespace"], name=meta["name"])
+def _parse(
+    spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str, Any]
+) -> StackSpec:
+    return parse_spec(
+        spec, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], status=status
+    )
+
+
+def _report(body: kopf.Body, status: Mapping[str, Any], outcome: reconcile.Outcome) -> None:
+    """Events: one per change; a Warning per failed part whose reason is new."""
+    for change in outcome.changes:
+        kopf.info(body, reason=change.reason, message=change.message)
+    before = {c.get("type"): c for c in status.get("conditions") or []}
+    for cond in outcome.conditions:
+        old = before.get(cond.type, {})
+        if cond.status is False and (old.get("status"), old.get("reason")) != (
+            "False",
+            cond.reason,
+        ):
+            kopf.warn(body, reason=cond.reason, message=f"{cond.type}: {cond.message}")
+
+
+async def _reconcile(
+    body: kopf.Body,
+    spec: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    status: Mapping[str, Any],
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+) -> reconcile.Outcome | None:
+    """One full reconcile of the stack, serialised with any other for the same stack."""
+    generation = meta.get("generation")
+    try:
+        stack = _parse(spec, meta, status)
+    except SpecError as exc:
+        invalid = stack_status.Condition(stack_status.WORKLOADS, False, "InvalidSpec", str(exc))
+        patch.status.update(stack_status.summary(status, [invalid], generation))
+        return None
+    async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
+        outcome = await reconcile.reconcile(
+            memo.api, stack, status, adopt=lambda manifest: kopf.adopt(manifest, owner=body)
+        )
+    _report(body, status, outcome)
+    patch.status.update(stack_status.summary(status, outcome.conditions, generation))
+    patch.status.update(outcome.extra)
+    return outcome
 
 
 @kopf.on.create(*RESOURCE)
@@ -58,105 +114,77 @@ async def reconcile_stack(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    generation = meta.get("generation")
-    try:
-        stack = _parse(spec, meta)
-    except SpecError as exc:
-        invalid = stack_status.Condition(stack_status.WORKLOADS, False, "InvalidSpec", str(exc))
-        patch.status.update(stack_status.summary(status, [invalid], generation))
-        raise kopf.PermanentError(str(exc)) from exc
-    outcome = await reconcile.reconcile(
-        memo.api, stack, status, adopt=lambda manifest: kopf.adopt(manifest, owner=body)
-    )
-    patch.status.update(stack_status.summary(status, outcome.conditions, generation))
-    patch.status.update(outcome.extra)
-    if outcome.error is not None:
+    outcome = await _reconcile(body, spec, meta, status, patch, memo)
+    if outcome is None:
+        raise kopf.PermanentError("invalid spec (see the WorkloadsReady condition)")
+    transient = [e for e in outcome.errors if not e.permanent]
+    if transient:  # permanent trouble waits for a change; the timer re-checks it anyway
         raise kopf.TemporaryError(
-            f"{outcome.error.reason}: {outcome.error.message}", delay=backoff(retry)
+            f"{transient[0].reason}: {transient[0].message}", delay=backoff(retry)
         )
 
 
 @kopf.timer(*RESOURCE, interval=STATUS_INTERVAL, initial_delay=STATUS_INTERVAL)
-async def observe_stack(
+async def reverify_stack(
     body: kopf.Body,
     spec: kopf.Spec,
     meta: kopf.Meta,
     status: kopf.Status,
     patch: kopf.Patch,
     memo: kopf.Memo,
-    logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    """Report the projector's lag; once Ready, re-apply the workloads (drift, autoscaling)."""
+    """Every interval: re-verify and repair every part (databases, role, stream, children),
+    report the projector's lag and scale it when autoscaling is on."""
     if meta.get("deletionTimestamp"):
         return
-    try:
-        stack = _parse(spec, meta)
-    except SpecError:
-        return
-    by_type = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-    if by_type.get(stack_status.STREAM) != "True":
-        return
-    projector: dict[str, Any] = {}
-    try:
-        url = await reconcile.redis_url(memo.api, stack)
-        lag: int | None = await provisioning.stream_lag(
-            url, stack.stream_name, stack.consumer_group
-        )
-        projector["lag"] = lag
-    except ProvisioningError as exc:
-        logger.warning(f"lag unknown reason={exc.reason} message={exc.message}")
-        lag = None
-    current = reconcile.current_projector_replicas(status)
-    settled = by_type.get(stack_status.READY) == "True" and status.get(
-        "observedGeneration"
-    ) == meta.get("generation")
-    if settled and lag is not None:
-        count = manifests.projector_replicas(stack, lag, current)
-        password = await reconcile.stack_password(memo.api, stack)
-        await reconcile.apply_workloads(
-            memo.api,
-            stack,
-            password,
-            url,
-            count,
-            adopt=lambda manifest: kopf.adopt(manifest, owner=body),
-        )
-        if count != current:
-            logger.info(f"projector scaled replicas={count} lag={lag}")
-        projector["replicas"] = count
-    if projector:
-        patch.status["projector"] = projector
+    await _reconcile(body, spec, meta, status, patch, memo)
 
 
 @kopf.on.delete(*RESOURCE)
 async def delete_stack(
+    body: kopf.Body,
     spec: kopf.Spec,
     meta: kopf.Meta,
+    status: kopf.Status,
     retry: int,
+    runtime: datetime.timedelta,
     memo: kopf.Memo,
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    """deletionPolicy Delete drops databases, role and stream; Retain keeps them."""
+    """deletionPolicy Delete drops the databases, role and stream this stack created (never
+    adopted ones, never another stack's); Retain keeps them. A teardown that keeps failing
+    is retried with back-off for CQRS_OPERATOR_DELETE_TIMEOUT seconds, then the finalizer is
+    released with a Warning Event naming what was left behind."""
+    _LOCKS.pop(meta["uid"], None)
     try:
-        stack = _parse(spec, meta)
+        stack = _parse(spec, meta, status)
     except SpecError as exc:
-        logger.warning(f"spec unreadable, nothing removed: {exc}")
+        kopf.warn(body, reason="CleanupSkipped", message=f"spec unreadable, nothing removed: {exc}")
         return
+    kept = (
+        f"databases {stack.write_db.name}, {stack.read_db.name}, role {stack.role} "
+        f"and stream {stack.stream_name}"
+    )
     if stack.deletion_policy != "Delete":
-        logger.info(
-            f"deletionPolicy=Retain: kept databases {stack.write_db.name}, "
-            f"{stack.read_db.name}, role {stack.role} and stream {stack.stream_name}"
-        )
+        kopf.info(body, reason="Retained", message=f"deletionPolicy=Retain: kept {kept}")
         return
     try:
-        await reconcile.teardown(memo.api, stack)
+        dropped, left = await reconcile.teardown(memo.api, stack)
     except ProvisioningError as exc:
-        if exc.reason == "SecretNotFound" and retry >= 3:
-            raise kopf.PermanentError(f"giving up teardown: {exc.message}") from exc
+        if runtime.total_seconds() + backoff(retry) > DELETE_TIMEOUT:
+            kopf.warn(
+                body,
+                reason="CleanupAbandoned",
+                message=f"gave up after {runtime.total_seconds():.0f} s ({exc.reason}: "
+                f"{exc.message}); left behind: {kept}",
+            )
+            return
         raise kopf.TemporaryError(f"{exc.reason}: {exc.message}", delay=backoff(retry)) from exc
-    logger.info(
-        f"deletionPolicy=Delete: dropped databases {stack.write_db.name}, "
-        f"{stack.read_db.name}, role {stack.role} and stream {stack.stream_name}"
-    )
+    if dropped:
+        kopf.info(
+            body, reason="Dropped", message=f"deletionPolicy=Delete: dropped {', '.join(dropped)}"
+        )
+    if left:
+        kopf.warn(body, reason="LeftBehind", message=f"not dropped: {', '.join(left)}")

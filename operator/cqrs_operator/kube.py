@@ -1,4 +1,5 @@
-"""The operator's few calls to the Kubernetes API: read Secrets, server-side apply children.
+"""The operator's few calls to the Kubernetes API: read Secrets, server-side apply children,
+read the Deployments' status and their pods' container states.
 
 Server-side apply with one field manager makes applying idempotent: an unchanged object is
 not written again (its resourceVersion stays), and fields set by others are left alone.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,16 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 FIELD_MANAGER = "cqrs-stack-operator"
 APPLY = "application/apply-patch+yaml"
+
+
+@dataclass(frozen=True)
+class SecretData:
+    """A Secret's decoded data with its labels and annotations (the opt-in marks)."""
+
+    data: dict[str, str]
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    controller_uid: str | None = None  # the uid of its controlling owner, if any
 
 
 async def connect() -> client.ApiClient:
@@ -30,15 +42,87 @@ async def connect() -> client.ApiClient:
     return await config.new_client_from_config(config_file=path)
 
 
-async def read_secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, str] | None:
-    """The decoded data of Secret ``namespace/name``, or None when it does not exist."""
+async def read_secret(api: client.ApiClient, namespace: str, name: str) -> SecretData | None:
+    """Secret ``namespace/name`` decoded, or None when it does not exist."""
     try:
         secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
         raise
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+    return SecretData(
+        data={k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()},
+        labels=dict(secret.metadata.labels or {}),
+        annotations=dict(secret.metadata.annotations or {}),
+        controller_uid=next(
+            (r.uid for r in secret.metadata.owner_references or [] if r.controller), None
+        ),
+    )
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the controlling owner of a live object (as a dict), if any."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+async def read_object(
+    api: client.ApiClient, kind: str, namespace: str, name: str
+) -> dict[str, Any] | None:
+    """A child of kind ``kind`` as a dict, or None when it does not exist."""
+    core, apps, policy = client.CoreV1Api(api), client.AppsV1Api(api), client.PolicyV1Api(api)
+    read = {
+        "ConfigMap": core.read_namespaced_config_map,
+        "Secret": core.read_namespaced_secret,
+        "Service": core.read_namespaced_service,
+        "Deployment": apps.read_namespaced_deployment,
+        "PodDisruptionBudget": policy.read_namespaced_pod_disruption_budget,
+    }[kind]
+    try:
+        live = await read(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    result: dict[str, Any] = api.sanitize_for_serialization(live)
+    return result
+
+
+async def read_config_map(
+    api: client.ApiClient, namespace: str, name: str
+) -> dict[str, str] | None:
+    """The data of ConfigMap ``namespace/name``, or None when it does not exist."""
+    try:
+        cm = await client.CoreV1Api(api).read_namespaced_config_map(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return dict(cm.data or {})
+
+
+async def read_deployment(
+    api: client.ApiClient, namespace: str, name: str
+) -> dict[str, Any] | None:
+    """Deployment ``namespace/name`` as a dict (spec and status), or None when absent."""
+    try:
+        live = await client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    result: dict[str, Any] = api.sanitize_for_serialization(live)
+    return result
+
+
+async def list_pods(
+    api: client.ApiClient, namespace: str, selector: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The pods matching ``selector`` (their status tells why a Deployment is unavailable)."""
+    label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
+    pods = await client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=label_selector)
+    result: list[dict[str, Any]] = api.sanitize_for_serialization(pods.items)
+    return result
 
 
 def _patcher(api: client.ApiClient, kind: str) -> Callable[..., Awaitable[Any]]:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .spec import Component, StackSpec
+from .spec import CaBundle, Component, StackSpec
 
 PORT = 8000
 RUN_AS = 10001
@@ -22,6 +22,8 @@ MANAGED_BY = "cqrs-stack-operator"
 COMPONENTS = ("write-api", "read-api", "projector")
 SERVED_COMPONENTS = ("write-api", "read-api")
 SECRET_URL_KEYS = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")
+POSTGRES_CA_DIR = "/etc/cqrs-stack/postgresql-ca"
+REDIS_CA_DIR = "/etc/cqrs-stack/redis-ca"
 
 Manifest = dict[str, Any]
 
@@ -131,6 +133,11 @@ def _env(spec: StackSpec, component: str, secret: str) -> list[dict[str, Any]]:
         {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
         for key in SECRET_URL_KEYS
     ]
+    tls = spec.database_tls
+    if tls is not None:  # libpq's variables, which asyncpg follows in the services
+        env.append({"name": "PGSSLMODE", "value": tls.mode})
+        if tls.ca is not None:
+            env.append({"name": "PGSSLROOTCERT", "value": f"{POSTGRES_CA_DIR}/{tls.ca.key}"})
     token = spec.write_token_secret
     if token is not None and component == "write-api":
         ref = {"name": token.name, "key": token.key}
@@ -174,8 +181,35 @@ def _container(spec: StackSpec, component: str, settings: Component) -> dict[str
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *_ca_mounts(spec)],
     }
+
+
+def _cas(spec: StackSpec) -> list[tuple[str, str, CaBundle]]:
+    """The CA bundles the pods mount: (volume name, folder, bundle)."""
+    out: list[tuple[str, str, CaBundle]] = []
+    if spec.database_tls is not None and spec.database_tls.ca is not None:
+        out.append(("postgresql-ca", POSTGRES_CA_DIR, spec.database_tls.ca))
+    if spec.redis_ca is not None:
+        out.append(("redis-ca", REDIS_CA_DIR, spec.redis_ca))
+    return out
+
+
+def _ca_mounts(spec: StackSpec) -> list[dict[str, Any]]:
+    return [{"name": name, "mountPath": folder, "readOnly": True} for name, folder, _ in _cas(spec)]
+
+
+def _volumes(spec: StackSpec) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+    for name, _, ca in _cas(spec):
+        items = [{"key": ca.key, "path": ca.key}]
+        source = (
+            {"secret": {"secretName": ca.name, "items": items}}
+            if ca.kind == "Secret"
+            else {"configMap": {"name": ca.name, "items": items}}
+        )
+        volumes.append({"name": name, **source})
+    return volumes
 
 
 def deployment(spec: StackSpec, component: str, replicas: int, config_digest: str) -> Manifest:
@@ -209,7 +243,7 @@ def deployment(spec: StackSpec, component: str, replicas: int, config_digest: st
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "containers": [_container(spec, component, settings)],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                    "volumes": _volumes(spec),
                 },
             },
         },

@@ -7,9 +7,17 @@ against ``spec.IDENTIFIER`` and quoted; the password never reaches a log line.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+import hmac
 import logging
+import os
 import re
+import ssl
 from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 from redis.asyncio import Redis
@@ -20,28 +28,62 @@ from cqrs_stack.db import create_engine
 from cqrs_stack.migrations import migrate, schema_version
 from cqrs_stack.stream import ensure_group, group_info
 
+from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
-from .spec import Database, check_identifier
+from .ownership import CREATED, Marker, OwnershipRefused, claim, may_drop, parse_marker
+from .spec import Database, DatabaseTls, check_identifier
+
+Tls = ssl.SSLContext | bool | None
+
+__all__ = ["PermanentProvisioningError", "ProvisioningError"]
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
+SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
 _PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,200}$")
-
-
-class ProvisioningError(Exception):
-    """A step failed for a reason outside the operator (unreachable server, refused login)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)
 class AdminLogin:
     username: str
     password: str
+    may_adopt: bool = False  # the platform's consent (annotation on the admin Secret)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One step that changed the world, reported as a Kubernetes Event with ``reason``."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Owner:
+    """On whose behalf provisioning acts: the stack's UID and whether it may adopt.
+
+    Adoption needs both the stack's ``spec.adopt`` and the platform's consent on the admin
+    Secret (``adopt_allowed``): a tenant alone cannot take an unmarked database of the server.
+    """
+
+    uid: str
+    adopt: bool = False
+    legacy: frozenset[str] = frozenset()  # names its status recorded before markers existed
+    adopt_allowed: bool = True
+
+    def claim(self, what: str, name: str, marker: Marker | None) -> Marker | None:
+        # A name the stack's own status recorded (written only by the operator, before this
+        # version marked objects) is this stack's: claim it as adopted, never to be dropped.
+        if name in self.legacy:
+            return claim(what, marker, self.uid, True)
+        if marker is None and self.adopt and not self.adopt_allowed:
+            raise OwnershipRefused(
+                "AdoptionNotAllowed",
+                f"{what} carries no owner marker and the admin Secret does not allow adoption "
+                '(annotation cqrs.dev/allow-adopt: "true")',
+            )
+        return claim(what, marker, self.uid, self.adopt)
 
 
 def quote_ident(name: str) -> str:
@@ -50,24 +92,69 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def quote_password(password: str) -> str:
-    """Quote a generated password (URL-safe alphabet only) as an SQL literal."""
+def check_password(password: str) -> str:
+    """Return a generated password (URL-safe alphabet only, 16..200 characters) or raise."""
     if not _PASSWORD.match(password):
         raise ValueError("password must be 16..200 URL-safe characters")
-    return "'" + password.replace("'", "''") + "'"
+    return password
 
 
-async def _admin_connect(db: Database, admin: AdminLogin) -> asyncpg.Connection:
+def scram_verifier(password: str, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802/7677).
+
+    ``CREATE/ALTER ROLE ... PASSWORD '<verifier>'`` stores it as is, so the clear-text
+    password never travels in SQL text (nor lands in a server log with log_statement=ddl).
+    """
+    check_password(password)  # ASCII only: SASLprep leaves it unchanged
+    salt = salt if salt is not None else os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, SCRAM_ITERATIONS)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def tls_context(tls: DatabaseTls | None, ca_pem: str | None) -> Tls:
+    """asyncpg's ``ssl`` for libpq's sslmode ``tls.mode`` (None: asyncpg's default, prefer)."""
+    if tls is None:
+        return None
+    if tls.mode == "disable":
+        return False
+    context = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    if tls.mode in ("require", "verify-ca"):
+        context.check_hostname = False
+    if tls.mode == "require":
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def _connect(
+    db: Database, user: str, password: str, database: str, tls: Tls = None
+) -> asyncpg.Connection:
+    extra = {} if tls is None else {"ssl": tls}
+    return await asyncpg.connect(
+        **extra,
+        host=db.host,
+        port=db.port,
+        user=user,
+        password=password,
+        database=database,
+        timeout=CONNECT_TIMEOUT,
+        server_settings={"application_name": "cqrs-stack-operator"},
+    )
+
+
+async def _admin_connect(db: Database, admin: AdminLogin, tls: Tls = None) -> asyncpg.Connection:
     try:
-        return await asyncpg.connect(
-            host=db.host,
-            port=db.port,
-            user=admin.username,
-            password=admin.password,
-            database="postgres",
-            timeout=CONNECT_TIMEOUT,
-            server_settings={"application_name": "cqrs-stack-operator"},
-        )
+        return await _connect(db, admin.username, admin.password, "postgres", tls)
     except (TimeoutError, OSError) as exc:
         raise ProvisioningError(
             "DatabaseUnreachable", f"cannot reach PostgreSQL at {db.host}:{db.port}: {exc}"
@@ -79,66 +166,146 @@ async def _admin_connect(db: Database, admin: AdminLogin) -> asyncpg.Connection:
         ) from exc
 
 
-async def _ensure_role(conn: asyncpg.Connection, role: str, password: str) -> None:
-    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-    if exists:
-        await conn.execute(
-            f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD {quote_password(password)}"
-        )
-        return
+async def _set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
+    verifier = await asyncio.to_thread(scram_verifier, password)
+    await conn.execute(f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD {_literal(verifier)}")
+
+
+async def _ensure_role(
+    conn: asyncpg.Connection, role: str, password: str, owner: Owner, where: str
+) -> list[Change]:
+    """Create ``role`` marked as this stack's, or check the marker of the existing one."""
+    row = await conn.fetchrow(
+        "SELECT shobj_description(oid, 'pg_authid') AS comment FROM pg_roles WHERE rolname = $1",
+        role,
+    )
+    what = f"role {role} on {where}"
+    if row is not None:
+        wanted = owner.claim(what, role, parse_marker(row["comment"]))
+        if wanted is None:
+            return []
+        await conn.execute(f"COMMENT ON ROLE {quote_ident(role)} IS {_literal(wanted.text())}")
+        await _set_password(conn, role, password)
+        log.info("role adopted role=%s server=%s", role, where)
+        return [Change("RoleAdopted", f"adopted {what} (never dropped by this stack)")]
+    verifier = await asyncio.to_thread(scram_verifier, password)
+    marker = Marker(owner.uid, CREATED).text()
     try:
-        await conn.execute(
-            f"CREATE ROLE {quote_ident(role)} WITH LOGIN PASSWORD {quote_password(password)}"
-        )
-        log.info("role created role=%s", role)
+        async with conn.transaction():  # the role and its marker exist together or not at all
+            await conn.execute(
+                f"CREATE ROLE {quote_ident(role)} WITH LOGIN PASSWORD {_literal(verifier)}"
+            )
+            await conn.execute(f"COMMENT ON ROLE {quote_ident(role)} IS {_literal(marker)}")
     except asyncpg.DuplicateObjectError:
-        await conn.execute(
-            f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD {quote_password(password)}"
-        )
+        return await _ensure_role(conn, role, password, owner, where)  # a concurrent create
     is_super = await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
     if not is_super:  # PostgreSQL 16+: CREATE DATABASE ... OWNER needs membership in the owner
         await conn.execute(f"GRANT {quote_ident(role)} TO CURRENT_USER")
+    log.info("role created role=%s server=%s", role, where)
+    return [Change("RoleCreated", f"created {what}")]
 
 
-async def _ensure_database(conn: asyncpg.Connection, name: str, owner: str) -> None:
-    current = await conn.fetchval(
-        "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name
+async def _database_marker(conn: asyncpg.Connection, name: str) -> tuple[bool, Marker | None, str]:
+    row = await conn.fetchrow(
+        "SELECT shobj_description(oid, 'pg_database') AS comment, "
+        "pg_get_userbyid(datdba) AS owner FROM pg_database WHERE datname = $1",
+        name,
     )
-    if current is None:
+    if row is None:
+        return False, None, ""
+    return True, parse_marker(row["comment"]), row["owner"]
+
+
+async def _ensure_database(
+    conn: asyncpg.Connection, name: str, role: str, owner: Owner, where: str
+) -> list[Change]:
+    exists, marker, db_owner = await _database_marker(conn, name)
+    what = f"database {name} on {where}"
+    created = Marker(owner.uid, CREATED).text()
+    if not exists:
         try:
-            await conn.execute(f"CREATE DATABASE {quote_ident(name)} OWNER {quote_ident(owner)}")
-            log.info("database created database=%s owner=%s", name, owner)
-            return
+            await conn.execute(f"CREATE DATABASE {quote_ident(name)} OWNER {quote_ident(role)}")
         except asyncpg.DuplicateDatabaseError:
-            current = "?"
-    if current != owner:
-        await conn.execute(f"ALTER DATABASE {quote_ident(name)} OWNER TO {quote_ident(owner)}")
+            return await _ensure_database(conn, name, role, owner, where)
+        # CREATE DATABASE cannot share a transaction with COMMENT: a crash between the two
+        # leaves an unmarked database owned by this stack's role, claimed as created below.
+        await conn.execute(f"COMMENT ON DATABASE {quote_ident(name)} IS {_literal(created)}")
+        log.info("database created database=%s owner=%s server=%s", name, role, where)
+        return [Change("DatabaseCreated", f"created {what} owned by {role}")]
+    if marker is None and db_owner == role:
+        role_marker = parse_marker(
+            await conn.fetchval(
+                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+                role,
+            )
+        )
+        if role_marker == Marker(owner.uid, CREATED):
+            await conn.execute(f"COMMENT ON DATABASE {quote_ident(name)} IS {_literal(created)}")
+            return []
+    wanted = owner.claim(what, name, marker)
+    changes: list[Change] = []
+    if wanted is not None:
+        await conn.execute(f"COMMENT ON DATABASE {quote_ident(name)} IS {_literal(wanted.text())}")
+        log.info("database adopted database=%s server=%s", name, where)
+        changes.append(Change("DatabaseAdopted", f"adopted {what} (never dropped by this stack)"))
+    if db_owner != role:  # an adopted database: the stack's role runs its migrations
+        await conn.execute(f"ALTER DATABASE {quote_ident(name)} OWNER TO {quote_ident(role)}")
+    return changes
 
 
-async def ensure_database(db: Database, admin: AdminLogin, role: str, password: str) -> None:
-    """Create (or update the password of) ``role`` and the database ``db.name`` it owns."""
-    conn = await _admin_connect(db, admin)
+async def ensure_database(
+    db: Database,
+    admin: AdminLogin,
+    role: str,
+    password: str,
+    owner: Owner,
+    tls: Tls = None,
+) -> list[Change]:
+    """Create ``role`` and the database ``db.name`` it owns, or check they are this stack's;
+    then make sure the role logs in with ``password`` (set as a SCRAM verifier if not)."""
+    where = f"{db.host}:{db.port}"
+    conn = await _admin_connect(db, admin, tls)
     try:
-        await _ensure_role(conn, role, password)
-        await _ensure_database(conn, db.name, role)
+        changes = await _ensure_role(conn, role, password, owner, where)
+        changes += await _ensure_database(conn, db.name, role, owner, where)
+        if not await role_logs_in(db, role, password, tls):
+            await _set_password(conn, role, password)
+            changes.append(Change("RolePasswordSet", f"set the password of role {role}"))
+            log.info("role password set role=%s server=%s", role, where)
     except asyncpg.PostgresError as exc:
         raise ProvisioningError(
             "DatabaseProvisioningFailed", f"provisioning {db.name} on {db.host}: {exc}"
         ) from exc
     finally:
         await conn.close()
+    return changes
 
 
-async def migrate_database(db: Database, role: str, password: str, kind: str) -> int:
+async def role_logs_in(db: Database, role: str, password: str, tls: Tls = None) -> bool:
+    """True when ``role`` logs in to ``db`` with ``password``; False when the password (or
+    the login) is refused. An unreachable server raises ProvisioningError."""
+    try:
+        conn = await _connect(db, role, password, db.name, tls)
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        return False
+    except (TimeoutError, OSError) as exc:
+        raise ProvisioningError(
+            "DatabaseUnreachable", f"cannot reach PostgreSQL at {db.host}:{db.port}: {exc}"
+        ) from exc
+    await conn.close()
+    return True
+
+
+async def migrate_database(
+    db: Database, role: str, password: str, kind: str, tls: Tls = None
+) -> tuple[int, list[Change]]:
     """Run the ``kind`` ("write"/"read") migrations as the stack's role; return the version."""
     settings = Settings(db_pool_min_size=1, db_pool_max_size=2)
     url = database_url(db.host, db.port, db.name, role, password)
-    engine = create_engine(url, settings, application_name="cqrs-stack-operator")
+    engine = create_engine(url, settings, application_name="cqrs-stack-operator", ssl=tls)
     try:
         applied = await migrate(engine, kind)
-        if applied:
-            log.info("migrations applied database=%s count=%d", db.name, len(applied))
-        return await schema_version(engine)
+        version = await schema_version(engine)
     except (TimeoutError, OSError) as exc:
         raise ProvisioningError(
             "DatabaseUnreachable", f"cannot reach PostgreSQL at {db.host}:{db.port}: {exc}"
@@ -149,26 +316,59 @@ async def migrate_database(db: Database, role: str, password: str, kind: str) ->
         ) from exc
     finally:
         await engine.dispose()
+    if not applied:
+        return version, []
+    log.info("migrations applied database=%s count=%d version=%d", db.name, len(applied), version)
+    return version, [
+        Change("MigrationsApplied", f"migrated {kind} database {db.name} to version {version}")
+    ]
 
 
-async def drop_databases(dbs: list[Database], admin: dict[str, AdminLogin], role: str) -> None:
-    """Drop every database of ``dbs`` (forcing connections off), then the role on each server."""
+async def drop_owned(
+    dbs: list[Database], admin: dict[str, AdminLogin], role: str, uid: str, tls: Tls = None
+) -> tuple[list[str], list[str]]:
+    """Drop the databases of ``dbs`` and the role that this stack created; leave the rest.
+
+    Returns (dropped, left): what was dropped and what was left behind, each as "kind name".
+    """
+    dropped: list[str] = []
+    left: list[str] = []
     servers: dict[tuple[str, int], Database] = {}
     for db in dbs:
-        conn = await _admin_connect(db, admin[db.name])
+        conn = await _admin_connect(db, admin[db.name], tls)
         try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db.name)} WITH (FORCE)")
-            log.info("database dropped database=%s host=%s", db.name, db.host)
+            exists, marker, _ = await _database_marker(conn, db.name)
+            if exists and may_drop(marker, uid):
+                await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db.name)} WITH (FORCE)")
+                log.info("database dropped database=%s host=%s", db.name, db.host)
+                dropped.append(f"database {db.name}")
+            elif exists:
+                left.append(f"database {db.name} (not created by this stack)")
         finally:
             await conn.close()
-        servers[(db.host, db.port)] = db
+        servers.setdefault((db.host, db.port), db)
     for db in servers.values():
-        conn = await _admin_connect(db, admin[db.name])
+        conn = await _admin_connect(db, admin[db.name], tls)
         try:
-            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
-            log.info("role dropped role=%s host=%s", role, db.host)
+            row = await conn.fetchrow(
+                "SELECT shobj_description(oid, 'pg_authid') AS comment FROM pg_roles "
+                "WHERE rolname = $1",
+                role,
+            )
+            if row is None:
+                continue
+            if not may_drop(parse_marker(row["comment"]), uid):
+                left.append(f"role {role} on {db.host} (not created by this stack)")
+                continue
+            try:
+                await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+                dropped.append(f"role {role} on {db.host}")
+                log.info("role dropped role=%s host=%s", role, db.host)
+            except asyncpg.DependentObjectsStillExistError:
+                left.append(f"role {role} on {db.host} (still owns objects)")
         finally:
             await conn.close()
+    return dropped, left
 
 
 def _first_line(exc: BaseException) -> str:
@@ -176,17 +376,152 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _redis(url: str) -> Redis:
+def _redis(url: str, ca_pem: str | None = None) -> Redis:
+    """A short-lived client; ``ca_pem`` verifies a rediss:// server against that CA."""
+    tls: dict[str, Any] = {} if ca_pem is None else {"ssl_ca_data": ca_pem}
     return Redis.from_url(
-        url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT
+        url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT, **tls
     )
 
 
-async def ensure_stream(url: str, stream: str, group: str) -> bool:
-    """Create the stream and its consumer group if missing; True when created now."""
-    redis = _redis(url)
+# What the services send to Redis (cqrs_stack.stream and the health checks), nothing more.
+# MULTI/EXEC: redis-py's transactional pipelines; SELECT: a URL naming a database.
+REDIS_COMMANDS = (
+    "ping",
+    "select",
+    "multi",
+    "exec",
+    "discard",
+    "xadd",
+    "xack",
+    "xclaim",
+    "xgroup",
+    "xinfo",
+    "xlen",
+    "xpending",
+    "xreadgroup",
+)
+
+
+def acl_rules(stream: str, password: str) -> list[str]:
+    """ACL SETUSER rules: the stack's stream and dead-letter stream, the services' commands.
+
+    The password goes as its SHA-256 (``#<hex>``), so the clear text is not in the command.
+    The owner key ``<stream>:owner`` is outside the user's keys: pods cannot rewrite it.
+    """
+    digest = hashlib.sha256(check_password(password).encode()).hexdigest()
+    return [
+        "reset",
+        "on",
+        f"#{digest}",
+        f"~{stream}",
+        f"~{stream}:dead",
+        "resetchannels",
+        "-@all",
+        *(f"+{command}" for command in REDIS_COMMANDS),
+    ]
+
+
+def _admin_redis(url: str, admin: AdminLogin, ca_pem: str | None = None) -> Redis:
+    tls: dict[str, Any] = {} if ca_pem is None else {"ssl_ca_data": ca_pem}
+    return Redis.from_url(
+        url,
+        username=admin.username or "default",
+        password=admin.password,
+        socket_timeout=CONNECT_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        **tls,
+    )
+
+
+async def ensure_acl_user(
+    url: str, admin: AdminLogin, user: str, stream: str, password: str, ca_pem: str | None = None
+) -> list[Change]:
+    """Create or reset the stack's ACL user (idempotent); a Change when it is new."""
+    redis = _admin_redis(url, admin, ca_pem)
     try:
-        return await ensure_group(redis, stream, group)
+        existed = await redis.acl_getuser(user) is not None
+        await redis.execute_command("ACL", "SETUSER", user, *acl_rules(stream, password))
+    except (RedisError, OSError) as exc:
+        raise ProvisioningError(
+            "RedisAclFailed", f"cannot set ACL user {user} at {redact_url(url)}: {_first_line(exc)}"
+        ) from exc
+    finally:
+        await redis.aclose()
+    if existed:
+        return []
+    log.info("redis acl user created user=%s", user)
+    return [Change("AclUserCreated", f"created Redis ACL user {user} limited to {stream}")]
+
+
+async def delete_acl_user(
+    url: str, admin: AdminLogin, user: str, ca_pem: str | None = None
+) -> bool:
+    redis = _admin_redis(url, admin, ca_pem)
+    try:
+        return bool(await redis.acl_deluser(user))
+    except (RedisError, OSError) as exc:
+        raise ProvisioningError(
+            "RedisAclFailed", f"cannot delete ACL user {user} at {redact_url(url)}: {exc}"
+        ) from exc
+    finally:
+        await redis.aclose()
+
+
+def with_credentials(url: str, user: str, password: str) -> str:
+    """``url`` with its user and password replaced by the stack's ACL user's."""
+    scheme, _, rest = url.partition("://")
+    host = rest.rpartition("@")[2]
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+
+
+async def _check_related_keys(redis: Redis, stream: str, owner: Owner) -> None:
+    """Refuse a stream named after another stack's keys (``<its stream>:dead``, ``:owner``):
+    its dead letters are that stack's data, and its owner key is never a stream."""
+    parts = stream.split(":")
+    for cut in range(1, len(parts)):
+        base = ":".join(parts[:cut])
+        marker = parse_marker(await redis.get(owner_key(base)))
+        if marker is not None and marker.uid != owner.uid:
+            raise OwnershipRefused(
+                "OwnedByAnotherStack",
+                f"stream {stream} is a key of stream {base}, which belongs to another CqrsStack",
+            )
+
+
+def owner_key(stream: str) -> str:
+    """The key next to ``stream`` that holds its owner marker."""
+    return f"{stream}:owner"
+
+
+async def ensure_stream(
+    url: str, stream: str, group: str, owner: Owner, ca_pem: str | None = None
+) -> list[Change]:
+    """Create the stream (marked as this stack's) and its consumer group if missing.
+
+    An existing stream without an owner key is adopted only when ``owner`` may adopt it.
+    """
+    redis = _redis(url, ca_pem)
+    what = f"stream {stream}"
+    changes: list[Change] = []
+    try:
+        await _check_related_keys(redis, stream, owner)
+        marker = parse_marker(await redis.get(owner_key(stream)))
+        if marker is None:
+            existed = bool(await redis.exists(stream))
+            wanted = owner.claim(what, stream, None) if existed else Marker(owner.uid, CREATED)
+            assert wanted is not None
+            if await redis.set(owner_key(stream), wanted.text(), nx=True):
+                changes.append(
+                    Change("StreamAdopted", f"adopted {what} (never deleted by this stack)")
+                    if existed
+                    else Change("StreamCreated", f"created {what}")
+                )
+            marker = parse_marker(await redis.get(owner_key(stream)))
+        owner.claim(what, stream, marker)
+        if await ensure_group(redis, stream, group):
+            changes.append(Change("ConsumerGroupCreated", f"created group {group} on {what}"))
+        return changes
     except (RedisError, OSError) as exc:
         raise ProvisioningError(
             "RedisUnreachable", f"cannot create stream {stream} at {redact_url(url)}: {exc}"
@@ -195,9 +530,9 @@ async def ensure_stream(url: str, stream: str, group: str) -> bool:
         await redis.aclose()
 
 
-async def stream_lag(url: str, stream: str, group: str) -> int:
+async def stream_lag(url: str, stream: str, group: str, ca_pem: str | None = None) -> int:
     """Entries of ``stream`` not yet acknowledged by ``group``: pending plus undelivered."""
-    redis = _redis(url)
+    redis = _redis(url, ca_pem)
     try:
         info = await group_info(redis, stream, group)
         return int(info["pending"]) + int(info["undelivered"])
@@ -209,12 +544,16 @@ async def stream_lag(url: str, stream: str, group: str) -> int:
         await redis.aclose()
 
 
-async def delete_stream(url: str, stream: str) -> None:
-    """Delete the stream (with its consumer groups) and its dead-letter stream."""
-    redis = _redis(url)
+async def delete_owned_stream(url: str, stream: str, uid: str, ca_pem: str | None = None) -> bool:
+    """Delete the stream, its dead-letter stream and owner key if this stack created them;
+    True when deleted, False when left (adopted, another stack's, or unmarked)."""
+    redis = _redis(url, ca_pem)
     try:
-        await redis.delete(stream, f"{stream}:dead")
+        if not may_drop(parse_marker(await redis.get(owner_key(stream))), uid):
+            return False
+        await redis.delete(stream, f"{stream}:dead", owner_key(stream))
         log.info("stream deleted stream=%s", stream)
+        return True
     except (RedisError, OSError) as exc:
         raise ProvisioningError(
             "RedisUnreachable", f"cannot delete stream {stream} at {redact_url(url)}: {exc}"

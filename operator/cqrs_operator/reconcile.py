@@ -1,4 +1,9 @@
-"""The imperative shell: make the world match one stack's spec, step by step.
+"""The imperative shell: make the world match one stack's spec, every part on its own.
+
+Each reconcile (on a change and on every interval) checks every part independently: the
+credentials, each database with the stack's role, the stream and its group, the children,
+and the Deployments' availability. A part that fails is reported in its own condition; the
+others still run, so drift correction never waits on Redis, nor a stream on PostgreSQL.
 
 Order matters for restart safety: the generated password is stored in the stack's Secret
 before any role uses it, so a reconcile killed anywhere finds it again on the next run.
@@ -8,55 +13,56 @@ from __future__ import annotations
 
 import logging
 import secrets
+import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import kube, manifests, provisioning, status
-from .provisioning import AdminLogin, ProvisioningError
-from .spec import Database, StackSpec
+from .errors import PermanentProvisioningError, ProvisioningError
+from .provisioning import AdminLogin, Change, Owner
+from .spec import CaBundle, Database, StackSpec, recorded_names
 
 log = logging.getLogger(__name__)
 
 Adopt = Callable[[dict[str, Any]], None]
 
+# The label an admin Secret must carry before the operator sends its credentials anywhere.
+ADMIN_LABEL = "cqrs.dev/admin-credentials"
+# Optional: the hosts (host or host:port, comma-separated) the admin Secret may be sent to.
+ADMIN_HOSTS_ANNOTATION = "cqrs.dev/admin-hosts"
+# Optional: the platform allows stacks to adopt unmarked objects on this server.
+ALLOW_ADOPT_ANNOTATION = "cqrs.dev/allow-adopt"
+# The label a Secret needs before the operator hands it to a stack's pods (spec.redis.urlSecret,
+# spec.writeApi.auth.tokenSecret): the pods run an image of the tenant's choosing.
+STACK_SECRET_LABEL = "cqrs.dev/stack-secret"
+
 
 @dataclass
 class Outcome:
-    """What a reconcile found: the conditions to report and, on failure, the error."""
+    """What a reconcile found: a condition per part, the changes made, the first error."""
 
     conditions: list[status.Condition] = field(default_factory=list)
-    error: ProvisioningError | None = None
+    errors: list[ProvisioningError] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def error(self) -> ProvisioningError | None:
+        return self.errors[0] if self.errors else None
+
+    def ok(self, kind: str, reason: str, message: str) -> None:
+        self.conditions.append(status.Condition(kind, True, reason, message))
+
+    def fail(self, kind: str, exc: ProvisioningError) -> None:
+        self.errors.append(exc)
+        self.conditions.append(status.Condition(kind, False, exc.reason, exc.message))
 
 
-async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> AdminLogin:
-    data = await _secret(api, spec.namespace, db.admin_secret)
-    if "username" not in data or "password" not in data:
-        raise ProvisioningError(
-            "AdminSecretInvalid",
-            f"Secret {spec.namespace}/{db.admin_secret} needs keys username and password",
-        )
-    return AdminLogin(data["username"], data["password"])
-
-
-async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
-    if spec.redis_url:
-        return spec.redis_url
-    ref = spec.redis_url_secret
-    assert ref is not None  # parse_spec guarantees one of url / urlSecret
-    data = await _secret(api, spec.namespace, ref.name)
-    if ref.key not in data:
-        raise ProvisioningError(
-            "RedisSecretInvalid", f"Secret {spec.namespace}/{ref.name} has no key {ref.key!r}"
-        )
-    return data[ref.key]
-
-
-async def _maybe_secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, str] | None:
+async def _maybe_secret(api: client.ApiClient, namespace: str, name: str) -> kube.SecretData | None:
     try:
         return await kube.read_secret(api, namespace, name)
     except ApiException as exc:
@@ -65,26 +71,186 @@ async def _maybe_secret(api: client.ApiClient, namespace: str, name: str) -> dic
         ) from exc
 
 
-async def _secret(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
-    data = await _maybe_secret(api, namespace, name)
-    if data is None:
+async def _secret(api: client.ApiClient, namespace: str, name: str) -> kube.SecretData:
+    found = await _maybe_secret(api, namespace, name)
+    if found is None:
         raise ProvisioningError("SecretNotFound", f"Secret {namespace}/{name} does not exist")
-    return data
+    return found
 
 
-async def stack_password(api: client.ApiClient, spec: StackSpec) -> str:
-    """The role's password kept in ``<stack>-credentials``, or a new one if there is none."""
+def check_admin_secret(secret: kube.SecretData, where: str, db: Database) -> AdminLogin:
+    """The admin login in ``secret`` if it opted in for ``db``'s host; else raise (permanent).
+
+    Without the opt-in anyone who may create a CqrsStack could make the operator send any
+    Secret of the namespace to a host of their choosing.
+    """
+    if secret.labels.get(ADMIN_LABEL) != "true":
+        raise PermanentProvisioningError(
+            "AdminSecretNotOptedIn",
+            f'Secret {where} is not labelled {ADMIN_LABEL}: "true"; the operator uses '
+            "only admin Secrets labelled so",
+        )
+    allowed = secret.annotations.get(ADMIN_HOSTS_ANNOTATION)
+    if allowed is not None:
+        hosts = {h.strip() for h in allowed.split(",") if h.strip()}
+        if db.host not in hosts and f"{db.host}:{db.port}" not in hosts:
+            raise PermanentProvisioningError(
+                "AdminHostNotAllowed",
+                f"Secret {where} allows hosts {sorted(hosts)} ({ADMIN_HOSTS_ANNOTATION}), "
+                f"not {db.host}:{db.port}",
+            )
+    if "username" not in secret.data or "password" not in secret.data:
+        raise PermanentProvisioningError(
+            "AdminSecretInvalid", f"Secret {where} needs keys username and password"
+        )
+    return AdminLogin(
+        secret.data["username"],
+        secret.data["password"],
+        may_adopt=secret.annotations.get(ALLOW_ADOPT_ANNOTATION) == "true",
+    )
+
+
+def check_stack_secret(secret: kube.SecretData, where: str, field_path: str) -> None:
+    """A Secret handed to the pods must say so: else any Secret of the namespace (an admin
+    login, another stack's credentials) could be read by an image the tenant chose."""
+    if secret.labels.get(STACK_SECRET_LABEL) != "true" or secret.labels.get(ADMIN_LABEL):
+        raise PermanentProvisioningError(
+            "SecretNotOptedIn",
+            f"{field_path} names Secret {where}, which is not labelled {STACK_SECRET_LABEL}: "
+            '"true" (or is an admin Secret); the operator hands only such Secrets to pods',
+        )
+
+
+async def check_token_secret(api: client.ApiClient, spec: StackSpec) -> None:
+    ref = spec.write_token_secret
+    if ref is None:
+        return
+    secret = await _secret(api, spec.namespace, ref.name)
+    check_stack_secret(secret, f"{spec.namespace}/{ref.name}", "spec.writeApi.auth.tokenSecret")
+
+
+async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> AdminLogin:
+    secret = await _secret(api, spec.namespace, db.admin_secret)
+    return check_admin_secret(secret, f"{spec.namespace}/{db.admin_secret}", db)
+
+
+def check_redis_admin_secret(secret: kube.SecretData, where: str) -> AdminLogin:
+    """The Redis admin login (``username`` optional, ``password``) of an opted-in Secret."""
+    if secret.labels.get(ADMIN_LABEL) != "true":
+        raise PermanentProvisioningError(
+            "AdminSecretNotOptedIn",
+            f'Secret {where} is not labelled {ADMIN_LABEL}: "true"; the operator uses '
+            "only admin Secrets labelled so",
+        )
+    if "password" not in secret.data:
+        raise PermanentProvisioningError(
+            "AdminSecretInvalid", f"Secret {where} needs key password (and optionally username)"
+        )
+    return AdminLogin(
+        secret.data.get("username") or "default",
+        secret.data["password"],
+        may_adopt=secret.annotations.get(ALLOW_ADOPT_ANNOTATION) == "true",
+    )
+
+
+@dataclass(frozen=True)
+class RedisAccess:
+    """How the operator and the pods reach Redis; ``admin`` is None without isolation."""
+
+    operator_url: str
+    pods_url: str
+    base_url: str
+    admin: AdminLogin | None
+    ca_pem: str | None = None
+
+
+async def redis_access(api: client.ApiClient, spec: StackSpec, password: str) -> RedisAccess:
+    """With a Redis admin Secret the pods log in as the stack's own ACL user; with a CA the
+    operator verifies a rediss:// server by it and the pods' URL names the mounted bundle."""
+    url = await redis_url(api, spec)
+    ca_pem = None
+    pods_url = url
+    if spec.redis_ca is not None:
+        if not url.startswith("rediss://"):
+            raise PermanentProvisioningError(
+                "RedisTlsMismatch", "spec.redis names a CA but the URL is not rediss://"
+            )
+        ca_pem = await read_ca(api, spec, spec.redis_ca, "spec.redis")
+    admin = None
+    if spec.redis_admin_secret is not None:
+        name = spec.redis_admin_secret
+        secret = await _secret(api, spec.namespace, name)
+        admin = check_redis_admin_secret(secret, f"{spec.namespace}/{name}")
+        pods_url = provisioning.with_credentials(url, spec.redis_user, password)
+    if spec.redis_ca is not None:
+        sep = "&" if "?" in pods_url else "?"
+        pods_url += f"{sep}ssl_ca_certs={manifests.REDIS_CA_DIR}/{spec.redis_ca.key}"
+    return RedisAccess(
+        operator_url=(
+            provisioning.with_credentials(url, admin.username, admin.password) if admin else url
+        ),
+        pods_url=pods_url,
+        base_url=url,
+        admin=admin,
+        ca_pem=ca_pem,
+    )
+
+
+async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
+    if spec.redis_url:
+        return spec.redis_url
+    ref = spec.redis_url_secret
+    assert ref is not None  # parse_spec guarantees one of url / urlSecret
+    secret = await _secret(api, spec.namespace, ref.name)
+    check_stack_secret(secret, f"{spec.namespace}/{ref.name}", "spec.redis.urlSecret")
+    data = secret.data
+    if ref.key not in data:
+        raise PermanentProvisioningError(
+            "RedisSecretInvalid", f"Secret {spec.namespace}/{ref.name} has no key {ref.key!r}"
+        )
+    return data[ref.key]
+
+
+async def stack_password(api: client.ApiClient, spec: StackSpec) -> tuple[str, bool]:
+    """The role's password kept in ``<stack>-credentials``; (a new one, True) if none is.
+
+    A new password is applied to the role by the next database step (it logs in as the
+    role and sets the password only when the login is refused), so deleting the Secret
+    converges to one new password and one rollout.
+    """
     name = manifests.child_name(spec, "credentials")
     existing = await _maybe_secret(api, spec.namespace, name)
-    password = (existing or {}).get("password", "")
+    if existing is not None and existing.controller_uid != spec.uid:
+        raise _not_ours("Secret", name, spec)  # never read, let alone hand out, its data
+    password = (existing.data if existing else {}).get("password", "")
     try:
-        provisioning.quote_password(password)
-        return password
+        return provisioning.check_password(password), False
     except ValueError:
-        return secrets.token_urlsafe(32)
+        return secrets.token_urlsafe(32), True
 
 
-async def _apply(api: client.ApiClient, manifest: dict[str, Any], adopt: Adopt) -> dict[str, Any]:
+def _not_ours(kind: str, name: str, spec: StackSpec) -> PermanentProvisioningError:
+    return PermanentProvisioningError(
+        "ChildNotOwned",
+        f"{kind} {spec.namespace}/{name} exists and is not controlled by this CqrsStack; "
+        "rename the stack or remove that object",
+    )
+
+
+async def _apply(
+    api: client.ApiClient, spec: StackSpec, manifest: dict[str, Any], adopt: Adopt
+) -> dict[str, Any]:
+    """Apply a child; an existing object of that name must already be this stack's: force
+    would otherwise take over another application's Deployment, Secret or Service."""
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    try:
+        existing = await kube.read_object(api, kind, spec.namespace, name)
+    except ApiException as exc:
+        raise ProvisioningError(
+            "ChildUnreadable", f"cannot read {kind} {name}: HTTP {exc.status}"
+        ) from exc
+    if existing is not None and kube.controller_uid(existing) != spec.uid:
+        raise _not_ours(kind, name, spec)
     adopt(manifest)
     try:
         return await kube.apply(api, manifest)
@@ -95,23 +261,77 @@ async def _apply(api: client.ApiClient, manifest: dict[str, Any], adopt: Adopt) 
         ) from exc
 
 
-async def provision(api: client.ApiClient, spec: StackSpec, adopt: Adopt) -> tuple[str, str]:
-    """Credentials Secret, role, databases, migrations. Returns (password, redis URL)."""
-    password = await stack_password(api, spec)
-    url = await redis_url(api, spec)
-    await _apply(api, manifests.credentials_secret(spec, password, url), adopt)
+async def ensure_credentials(
+    api: client.ApiClient, spec: StackSpec, adopt: Adopt
+) -> tuple[str, RedisAccess, list[Change]]:
+    """The credentials Secret, applied before any role uses its password."""
+    password, new = await stack_password(api, spec)
+    redis = await redis_access(api, spec, password)
+    await _apply(api, spec, manifests.credentials_secret(spec, password, redis.pods_url), adopt)
+    name = manifests.child_name(spec, "credentials")
+    changes = [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
+    return password, redis, changes if new else []
+
+
+def owner_of(spec: StackSpec, current_status: Mapping[str, Any]) -> Owner:
+    return Owner(
+        uid=spec.uid,
+        adopt=spec.adopt,
+        legacy=frozenset(recorded_names(current_status).values()),
+    )
+
+
+async def read_ca(api: client.ApiClient, spec: StackSpec, ca: CaBundle, field_path: str) -> str:
+    """The PEM bundle of ``ca``; a Secret must have opted in (it is mounted into the pods)."""
+    where = f"{spec.namespace}/{ca.name}"
+    if ca.kind == "Secret":
+        secret = await _secret(api, spec.namespace, ca.name)
+        check_stack_secret(secret, where, f"{field_path}.caSecret")
+        data: dict[str, str] | None = secret.data
+    else:
+        try:
+            data = await kube.read_config_map(api, spec.namespace, ca.name)
+        except ApiException as exc:
+            raise ProvisioningError(
+                "ConfigMapUnreadable", f"cannot read ConfigMap {where}: HTTP {exc.status}"
+            ) from exc
+    if data is None or ca.key not in data:
+        raise ProvisioningError("CaNotFound", f"{ca.kind} {where} has no key {ca.key!r}")
+    return data[ca.key]
+
+
+async def database_tls(api: client.ApiClient, spec: StackSpec) -> provisioning.Tls:
+    """The TLS context of the operator's connections to the stack's PostgreSQL servers."""
+    tls = spec.database_tls
+    if tls is None or tls.ca is None:
+        return provisioning.tls_context(tls, None)
+    pem = await read_ca(api, spec, tls.ca, "spec.databases.tls")
+    try:
+        return provisioning.tls_context(tls, pem)
+    except ssl.SSLError as exc:
+        raise PermanentProvisioningError(
+            "CaInvalid", f"the CA of spec.databases.tls is no PEM CA bundle: {exc}"
+        ) from exc
+
+
+async def provision_databases(
+    api: client.ApiClient, spec: StackSpec, password: str, owner: Owner
+) -> tuple[dict[str, int], list[Change]]:
+    """Role, databases and migrations on both servers; returns the schema versions."""
+    versions: dict[str, int] = {}
+    changes: list[Change] = []
+    tls = await database_tls(api, spec)
     for db, kind in ((spec.write_db, "write"), (spec.read_db, "read")):
         login = await admin_login(api, spec, db)
-        await provisioning.ensure_database(db, login, spec.role, password)
-        version = await provisioning.migrate_database(db, spec.role, password, kind)
-        log.info(
-            "database ready stack=%s/%s database=%s schema_version=%d",
-            spec.namespace,
-            spec.name,
-            db.name,
-            version,
+        on_server = replace(owner, adopt_allowed=login.may_adopt)
+        changes += await provisioning.ensure_database(
+            db, login, spec.role, password, on_server, tls
         )
-    return password, url
+        versions[kind], applied = await provisioning.migrate_database(
+            db, spec.role, password, kind, tls
+        )
+        changes += applied
+    return versions, changes
 
 
 async def apply_workloads(
@@ -121,14 +341,78 @@ async def apply_workloads(
     url: str,
     projector_count: int,
     adopt: Adopt,
-) -> list[dict[str, Any]]:
-    """Apply the ConfigMap, Deployments and Services; return the live objects."""
+) -> tuple[list[dict[str, Any]], list[Change]]:
+    """Apply the ConfigMap, Deployments and Services; return the live objects and rollouts."""
     config = manifests.config_data(spec)
     digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url))
-    live = [await _apply(api, manifests.config_map(spec), adopt)]
+    live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
+    changes: list[Change] = []
     for manifest in manifests.workloads(spec, digest, projector_count):
-        live.append(await _apply(api, manifest, adopt))
-    return live
+        if manifest["kind"] == "Deployment":
+            before = await _read_deployment(api, spec.namespace, manifest["metadata"]["name"])
+            if before is not None and _template_changed(before, manifest):
+                name = manifest["metadata"]["name"]
+                changes.append(Change("RolloutStarted", f"rolling Deployment {name}"))
+        live.append(await _apply(api, spec, manifest, adopt))
+    return live, changes
+
+
+def _template_changed(live: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    def key(obj: Mapping[str, Any]) -> tuple[Any, Any]:
+        template = obj["spec"]["template"]
+        annotations = (template.get("metadata") or {}).get("annotations") or {}
+        image = template["spec"]["containers"][0].get("image")
+        return annotations.get(manifests.CONFIG_HASH_ANNOTATION), image
+
+    return key(live) != key(manifest)
+
+
+async def _read_deployment(
+    api: client.ApiClient, namespace: str, name: str
+) -> dict[str, Any] | None:
+    try:
+        return await kube.read_deployment(api, namespace, name)
+    except ApiException as exc:
+        raise ProvisioningError(
+            "DeploymentUnreadable", f"cannot read Deployment {name}: HTTP {exc.status}"
+        ) from exc
+
+
+async def check_available(api: client.ApiClient, spec: StackSpec) -> status.Condition:
+    """WorkloadsAvailable from the Deployments' status; the reason from their pods."""
+    waiting: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for component in manifests.COMPONENTS:
+        name = manifests.child_name(spec, component)
+        deployment = await _read_deployment(api, spec.namespace, name)
+        if deployment is None:
+            waiting.append(f"{name}: not created yet")
+            continue
+        why = status.deployment_unavailable(deployment)
+        if why is None:
+            continue
+        waiting.append(why)
+        try:
+            pods = await kube.list_pods(
+                api, spec.namespace, manifests.selector_labels(spec, component)
+            )
+        except ApiException as exc:
+            raise ProvisioningError(
+                "PodsUnreadable", f"cannot list pods of {name}: HTTP {exc.status}"
+            ) from exc
+        if (problem := status.pod_problem(pods)) is not None:
+            problems.append(problem)
+    if not waiting:
+        return status.Condition(
+            status.AVAILABLE, True, "MinimumReplicasAvailable", "every Deployment is available"
+        )
+    if problems:
+        reasons = [p[0] for p in problems]
+        first = min(reasons, key=status.POD_REASONS.index)
+        return status.Condition(
+            status.AVAILABLE, False, first, "; ".join(p[1] for p in problems)[:1000]
+        )
+    return status.Condition(status.AVAILABLE, False, "RolloutInProgress", "; ".join(waiting))
 
 
 def current_projector_replicas(current_status: Mapping[str, Any]) -> int | None:
@@ -139,56 +423,127 @@ def current_projector_replicas(current_status: Mapping[str, Any]) -> int | None:
 async def reconcile(
     api: client.ApiClient, spec: StackSpec, current_status: Mapping[str, Any], adopt: Adopt
 ) -> Outcome:
-    """Run every step; stop at the first failure and report it in the matching condition."""
+    """Check and repair every part of the stack; each part reports in its own condition."""
     out = Outcome()
-    step = status.DATABASES
     try:
-        password, url = await provision(api, spec, adopt)
-        out.conditions.append(
-            status.Condition(
-                status.DATABASES,
-                True,
-                "Migrated",
-                f"databases {spec.write_db.name} and {spec.read_db.name} owned by {spec.role}",
-            )
-        )
-        out.extra["databases"] = {
-            "write": spec.write_db.name,
-            "read": spec.read_db.name,
-            "role": spec.role,
-        }
-        step = status.STREAM
-        await provisioning.ensure_stream(url, spec.stream_name, spec.consumer_group)
-        out.conditions.append(
-            status.Condition(
-                status.STREAM,
-                True,
-                "GroupExists",
-                f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
-            )
-        )
-        out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
-        step = status.WORKLOADS
-        count = manifests.projector_replicas(spec, None, current_projector_replicas(current_status))
-        await apply_workloads(api, spec, password, url, count, adopt)
-        out.conditions.append(
-            status.Condition(
-                status.WORKLOADS,
-                True,
-                "Applied",
-                f"image {spec.image}: write-api={spec.write_api.replicas} "
-                f"read-api={spec.read_api.replicas} projector={count}",
-            )
-        )
-        out.extra["projector"] = {"replicas": count}
+        password, redis, changes = await ensure_credentials(api, spec, adopt)
+        out.changes += changes
     except ProvisioningError as exc:
-        out.error = exc
-        out.conditions.append(status.Condition(step, False, exc.reason, exc.message))
+        for kind in (status.DATABASES, status.STREAM, status.WORKLOADS):
+            out.fail(kind, exc)
+        return out
+    owner = owner_of(spec, current_status)
+    await _databases(out, api, spec, password, owner)
+    lag = await _stream(out, redis, spec, password, owner)
+    count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
+    try:
+        await check_token_secret(api, spec)
+        _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
+        out.changes += changes
+        out.ok(
+            status.WORKLOADS,
+            "Applied",
+            f"image {spec.image}: write-api={spec.write_api.replicas} "
+            f"read-api={spec.read_api.replicas} projector={count}",
+        )
+        out.extra["projector"] = {"replicas": count, **({"lag": lag} if lag is not None else {})}
+    except ProvisioningError as exc:
+        out.fail(status.WORKLOADS, exc)
+    try:
+        out.conditions.append(await check_available(api, spec))
+    except ProvisioningError as exc:
+        out.fail(status.AVAILABLE, exc)
     return out
 
 
-async def teardown(api: client.ApiClient, spec: StackSpec) -> None:
-    """deletionPolicy Delete: drop both databases, the role, the stream and its group."""
+async def _databases(
+    out: Outcome, api: client.ApiClient, spec: StackSpec, password: str, owner: Owner
+) -> None:
+    try:
+        versions, changes = await provision_databases(api, spec, password, owner)
+    except ProvisioningError as exc:
+        out.fail(status.DATABASES, exc)
+        return
+    out.changes += changes
+    out.ok(
+        status.DATABASES,
+        "Migrated",
+        f"databases {spec.write_db.name} (schema {versions['write']}) and "
+        f"{spec.read_db.name} (schema {versions['read']}) answer as {spec.role}",
+    )
+    out.extra["databases"] = {
+        "write": spec.write_db.name,
+        "read": spec.read_db.name,
+        "role": spec.role,
+        "schemaVersions": versions,
+    }
+
+
+async def _stream(
+    out: Outcome, redis: RedisAccess, spec: StackSpec, password: str, owner: Owner
+) -> int | None:
+    url = redis.operator_url
+    # Without a Redis admin Secret the pods reach all of Redis anyway: adopting adds nothing.
+    owner = replace(owner, adopt_allowed=redis.admin is None or redis.admin.may_adopt)
+    try:
+        out.changes += await provisioning.ensure_stream(
+            url, spec.stream_name, spec.consumer_group, owner, redis.ca_pem
+        )
+        if redis.admin is not None:
+            out.changes += await provisioning.ensure_acl_user(
+                redis.base_url,
+                redis.admin,
+                spec.redis_user,
+                spec.stream_name,
+                password,
+                redis.ca_pem,
+            )
+            out.ok(
+                status.REDIS_ISOLATION,
+                "AclUser",
+                f"pods log in as Redis ACL user {spec.redis_user}, limited to the stack's stream",
+            )
+        else:
+            out.conditions.append(
+                status.Condition(
+                    status.REDIS_ISOLATION,
+                    False,
+                    "NoAdminCredentials",
+                    "spec.redis.adminSecret is not set: pods use the Redis URL as given",
+                )
+            )
+        lag = await provisioning.stream_lag(
+            url, spec.stream_name, spec.consumer_group, redis.ca_pem
+        )
+    except ProvisioningError as exc:
+        out.fail(status.STREAM, exc)
+        return None
+    out.ok(
+        status.STREAM,
+        "GroupExists",
+        f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
+    )
+    out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
+    return lag
+
+
+async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], list[str]]:
+    """deletionPolicy Delete: drop what this stack created; return (dropped, left behind)."""
     logins = {db.name: await admin_login(api, spec, db) for db in (spec.write_db, spec.read_db)}
-    await provisioning.drop_databases([spec.write_db, spec.read_db], logins, spec.role)
-    await provisioning.delete_stream(await redis_url(api, spec), spec.stream_name)
+    tls = await database_tls(api, spec)
+    dropped, left = await provisioning.drop_owned(
+        [spec.write_db, spec.read_db], logins, spec.role, spec.uid, tls
+    )
+    password, _ = await stack_password(api, spec)
+    redis = await redis_access(api, spec, password)
+    if await provisioning.delete_owned_stream(
+        redis.operator_url, spec.stream_name, spec.uid, redis.ca_pem
+    ):
+        dropped.append(f"stream {spec.stream_name}")
+    else:
+        left.append(f"stream {spec.stream_name} (not created by this stack)")
+    if redis.admin is not None and await provisioning.delete_acl_user(
+        redis.base_url, redis.admin, spec.redis_user, redis.ca_pem
+    ):
+        dropped.append(f"Redis ACL user {spec.redis_user}")
+    return dropped, left

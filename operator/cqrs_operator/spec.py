@@ -3,6 +3,11 @@
 The API server's schema already validates and defaults the spec; this module repeats the
 defaults (so that an object created before a default existed still works) and derives what
 the schema cannot: database, role and stream names from the stack's namespace and name.
+
+Default names are unique per (namespace, name): a readable prefix plus a short hash of the
+full identity, so that ``a-b``/``c`` and ``a``/``b-c`` never meet on a shared server. Names a
+stack recorded in its status (``status.databases``, ``status.stream``) win over the defaults:
+a stack keeps the names it was provisioned with across operator upgrades.
 """
 
 from __future__ import annotations
@@ -24,6 +29,24 @@ IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DELETION_POLICIES = ("Retain", "Delete")
+NAME_HASH_LENGTH = 8
+SYSTEM_DATABASES = ("postgres", "template0", "template1")
+
+# (default, minimum, maximum) of every bounded integer of the spec, by its path under spec.
+# The CRD states the same bounds; tests/unit/test_spec.py fails when the two disagree.
+BOUNDS: dict[str, tuple[int, int, int]] = {
+    "writeApi.replicas": (2, 0, 50),
+    "readApi.replicas": (2, 0, 50),
+    "projector.replicas": (1, 0, 50),
+    "projector.batchSize": (500, 1, 100_000),
+    "projector.maxDeliveries": (5, 1, 1000),
+    "projector.autoscaling.minReplicas": (1, 0, 50),
+    "projector.autoscaling.maxReplicas": (10, 0, 50),
+    "projector.autoscaling.targetLag": (1000, 1, 10**9),
+    "stream.maxLength": (1_000_000, 0, 10**12),
+    "databases.write.port": (5432, 1, 65535),
+    "databases.read.port": (5432, 1, 65535),
+}
 
 
 class SpecError(ValueError):
@@ -80,6 +103,26 @@ class SecretKeyRef:
     key: str
 
 
+TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class CaBundle:
+    """A PEM CA bundle: key ``key`` of a ConfigMap or an opted-in Secret (``kind``)."""
+
+    kind: str
+    name: str
+    key: str
+
+
+@dataclass(frozen=True)
+class DatabaseTls:
+    """TLS to both PostgreSQL servers (operator and pods): libpq's sslmode and a CA bundle."""
+
+    mode: str
+    ca: CaBundle | None = None
+
+
 # Children are named <name>-write-api, <name>-credentials...: they must stay DNS labels.
 MAX_STACK_NAME = 50
 
@@ -104,6 +147,12 @@ class StackSpec:
     redis_url: str | None
     redis_url_secret: SecretKeyRef | None
     deletion_policy: str
+    redis_admin_secret: str | None = None
+    database_tls: DatabaseTls | None = None
+    redis_ca: CaBundle | None = None
+    role_name: str = ""
+    adopt: bool = False
+    uid: str = ""
     write_token_secret: SecretKeyRef | None = None
     db_pool_min_size: int = 1
     db_pool_max_size: int = 10
@@ -114,25 +163,55 @@ class StackSpec:
         return f"{self.image_repository}:{self.image_tag}"
 
     @property
+    def redis_user(self) -> str:
+        """The stack's Redis ACL user: a namespace holds no ".", so names never meet."""
+        return f"cqrs.{self.namespace}.{self.name}"
+
+    @property
     def role(self) -> str:
         """The per-stack PostgreSQL role that owns both databases."""
-        return sql_identifier(f"cqrs_{self.namespace}_{self.name}")
+        return self.role_name or default_names(self.namespace, self.name).role
 
 
-def sql_identifier(text: str, suffix: str = "") -> str:
-    """Turn ``text`` + ``suffix`` into a valid lower-case identifier of at most 63 bytes.
+@dataclass(frozen=True)
+class DefaultNames:
+    """The names a stack gets when its spec names none: unique per (namespace, name)."""
 
-    Characters outside [a-z0-9_] become ``_``; a leading digit gets a ``_`` prefix; a name that
-    is too long is cut and keeps a short hash of the full name so that it stays unique.
+    role: str
+    write_db: str
+    read_db: str
+    stream: str
+
+
+def identity_hash(namespace: str, name: str) -> str:
+    """A short hash of the stack's full identity; ``/`` never occurs in either part."""
+    return hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:NAME_HASH_LENGTH]
+
+
+def unique_identifier(prefix: str, text: str, digest: str, suffix: str = "") -> str:
+    """``<prefix><readable text>_<digest><suffix>``, cut to 63 bytes, a valid identifier.
+
+    The readable part is lossy (``-`` becomes ``_``, long names are cut); the digest of the
+    full identity keeps distinct stacks apart.
     """
-    base = re.sub(r"[^a-z0-9_]", "_", text.lower())
-    if not re.match(r"[a-z_]", base[:1]):
-        base = "_" + base
-    full = base + suffix
-    if len(full) <= 63:
-        return full
-    digest = hashlib.sha256(full.encode()).hexdigest()[:8]
-    return f"{base[: 63 - len(suffix) - 9]}_{digest}{suffix}"
+    tail = f"_{digest}{suffix}"
+    readable = re.sub(r"[^a-z0-9_]", "_", text.lower())
+    head = prefix + readable
+    if not re.match(r"[a-z_]", head[:1]):
+        head = "_" + head
+    return head[: 63 - len(tail)] + tail
+
+
+def default_names(namespace: str, name: str) -> DefaultNames:
+    digest = identity_hash(namespace, name)
+    text = f"{namespace}_{name}"
+    return DefaultNames(
+        role=unique_identifier("cqrs_", text, digest),
+        write_db=unique_identifier("", text, digest, "_write"),
+        read_db=unique_identifier("", text, digest, "_read"),
+        # A namespace holds no ".", so "<namespace>." keeps streams of namespaces apart.
+        stream=f"{namespace}.{name}-events",
+    )
 
 
 def check_identifier(value: str, field_path: str) -> str:
@@ -142,7 +221,9 @@ def check_identifier(value: str, field_path: str) -> str:
     return value
 
 
-def _int(section: Mapping[str, Any], key: str, default: int, lo: int, hi: int, path: str) -> int:
+def _int(section: Mapping[str, Any], key: str, path: str) -> int:
+    """The integer ``spec.<path>.<key>`` within its BOUNDS, or its default when absent."""
+    default, lo, hi = BOUNDS[f"{path.removeprefix('spec.')}.{key}"]
     value = section.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise SpecError(f"{path}.{key}={value!r} must be an integer in {lo}..{hi}")
@@ -162,9 +243,11 @@ def _database(raw: Mapping[str, Any], default_name: str, path: str) -> Database:
     if not isinstance(secret, str) or not DNS_SUBDOMAIN.match(secret):
         raise SpecError(f"{path}.adminSecret={secret!r} must name a Secret (DNS-1123)")
     name = raw.get("database") or default_name
+    if name in SYSTEM_DATABASES:
+        raise SpecError(f"{path}.database={name!r} is a system database of PostgreSQL")
     return Database(
         host=host,
-        port=_int(raw, "port", 5432, 1, 65535, path),
+        port=_int(raw, "port", path),
         admin_secret=secret,
         name=check_identifier(name, f"{path}.database"),
     )
@@ -175,9 +258,9 @@ def _projector(raw: Mapping[str, Any]) -> Projector:
     auto = raw.get("autoscaling") or {}
     autoscaling = Autoscaling(
         enabled=bool(auto.get("enabled", False)),
-        min_replicas=_int(auto, "minReplicas", 1, 0, 50, f"{path}.autoscaling"),
-        max_replicas=_int(auto, "maxReplicas", 10, 0, 50, f"{path}.autoscaling"),
-        target_lag=_int(auto, "targetLag", 1000, 1, 10**9, f"{path}.autoscaling"),
+        min_replicas=_int(auto, "minReplicas", f"{path}.autoscaling"),
+        max_replicas=_int(auto, "maxReplicas", f"{path}.autoscaling"),
+        target_lag=_int(auto, "targetLag", f"{path}.autoscaling"),
     )
     if autoscaling.min_replicas > autoscaling.max_replicas:
         raise SpecError(f"{path}.autoscaling.minReplicas must be <= maxReplicas")
@@ -185,13 +268,42 @@ def _projector(raw: Mapping[str, Any]) -> Projector:
     if not isinstance(poll, int | float) or not 0 < poll <= 60:
         raise SpecError(f"{path}.pollInterval={poll!r} must be in (0, 60]")
     return Projector(
-        replicas=_int(raw, "replicas", 1, 0, 50, path),
+        replicas=_int(raw, "replicas", path),
         resources=_resources(raw),
-        batch_size=_int(raw, "batchSize", 500, 1, 100_000, path),
+        batch_size=_int(raw, "batchSize", path),
         poll_interval=float(poll),
-        max_deliveries=_int(raw, "maxDeliveries", 5, 1, 1000, path),
+        max_deliveries=_int(raw, "maxDeliveries", path),
         autoscaling=autoscaling,
     )
+
+
+def _database_tls(raw: Mapping[str, Any] | None) -> DatabaseTls | None:
+    if not raw:
+        return None
+    path = "spec.databases.tls"
+    mode = raw.get("mode") or "verify-full"
+    if mode not in TLS_MODES:
+        raise SpecError(f"{path}.mode={mode!r} must be one of {TLS_MODES}")
+    return DatabaseTls(mode, _ca_bundle(raw, path))
+
+
+def _ca_bundle(raw: Mapping[str, Any], path: str) -> CaBundle | None:
+    refs = [(k, raw[f"ca{k}"]) for k in ("ConfigMap", "Secret") if raw.get(f"ca{k}")]
+    if len(refs) > 1:
+        raise SpecError(f"{path} takes one of caConfigMap or caSecret")
+    if not refs:
+        return None
+    kind, ref = refs[0]
+    if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))):
+        raise SpecError(f"{path}.ca{kind}.name must name a {kind} (DNS-1123)")
+    return CaBundle(kind, ref["name"], ref.get("key") or "ca.crt")
+
+
+def _redis_admin(raw: Mapping[str, Any]) -> str | None:
+    secret = raw.get("adminSecret") or None
+    if secret is not None and not DNS_SUBDOMAIN.match(str(secret)):
+        raise SpecError(f"spec.redis.adminSecret={secret!r} must name a Secret (DNS-1123)")
+    return secret
 
 
 def _redis(raw: Mapping[str, Any]) -> tuple[str | None, SecretKeyRef | None]:
@@ -217,8 +329,29 @@ def _write_token(raw: Mapping[str, Any]) -> SecretKeyRef | None:
     return SecretKeyRef(name=ref["name"], key=ref.get("key") or "token")
 
 
-def parse_spec(spec: Mapping[str, Any], *, namespace: str, name: str) -> StackSpec:
-    """Return the typed spec of stack ``namespace/name``; raise SpecError naming a bad field."""
+def recorded_names(status: Mapping[str, Any] | None) -> dict[str, str]:
+    """Names the stack was provisioned with, as its status recorded them (may be empty)."""
+    status = status or {}
+    dbs = status.get("databases") or {}
+    out = {k: dbs[k] for k in ("write", "read", "role") if isinstance(dbs.get(k), str) and dbs[k]}
+    stream = (status.get("stream") or {}).get("name")
+    if isinstance(stream, str) and stream:
+        out["stream"] = stream
+    return out
+
+
+def parse_spec(
+    spec: Mapping[str, Any],
+    *,
+    namespace: str,
+    name: str,
+    uid: str = "",
+    status: Mapping[str, Any] | None = None,
+) -> StackSpec:
+    """Return the typed spec of stack ``namespace/name``; raise SpecError naming a bad field.
+
+    ``status`` supplies the names recorded at provisioning, which win over the defaults.
+    """
     if len(name) > MAX_STACK_NAME:
         raise SpecError(f"metadata.name must be at most {MAX_STACK_NAME} characters: {name!r}")
     image = spec.get("image") or {}
@@ -230,35 +363,39 @@ def parse_spec(spec: Mapping[str, Any], *, namespace: str, name: str) -> StackSp
         raise SpecError(f"spec.deletionPolicy={policy!r} must be one of {DELETION_POLICIES}")
     write_api = spec.get("writeApi") or {}
     read_api = spec.get("readApi") or {}
+    defaults = default_names(namespace, name)
+    recorded = recorded_names(status)
     return StackSpec(
         namespace=namespace,
         name=name,
         image_repository=image.get("repository") or "cqrs-stack",
         image_tag=str(image.get("tag") or __version__),
         image_pull_policy=image.get("pullPolicy") or "IfNotPresent",
-        write_api=Component(
-            _int(write_api, "replicas", 1, 0, 50, "spec.writeApi"), _resources(write_api)
-        ),
-        read_api=Component(
-            _int(read_api, "replicas", 1, 0, 50, "spec.readApi"), _resources(read_api)
-        ),
+        write_api=Component(_int(write_api, "replicas", "spec.writeApi"), _resources(write_api)),
+        read_api=Component(_int(read_api, "replicas", "spec.readApi"), _resources(read_api)),
         projector=_projector(spec.get("projector") or {}),
-        stream_name=stream.get("name") or f"{name}-events",
+        stream_name=stream.get("name") or recorded.get("stream") or defaults.stream,
         consumer_group=stream.get("consumerGroup") or "projectors",
-        stream_max_length=_int(stream, "maxLength", 1_000_000, 0, 10**12, "spec.stream"),
+        stream_max_length=_int(stream, "maxLength", "spec.stream"),
         write_db=_database(
             databases.get("write") or {},
-            sql_identifier(f"{namespace}_{name}", "_write"),
+            recorded.get("write") or defaults.write_db,
             "spec.databases.write",
         ),
         read_db=_database(
             databases.get("read") or {},
-            sql_identifier(f"{namespace}_{name}", "_read"),
+            recorded.get("read") or defaults.read_db,
             "spec.databases.read",
         ),
         redis_url=redis_url,
         redis_url_secret=redis_secret,
         deletion_policy=policy,
+        redis_admin_secret=_redis_admin(spec.get("redis") or {}),
+        database_tls=_database_tls(databases.get("tls")),
+        redis_ca=_ca_bundle(spec.get("redis") or {}, "spec.redis"),
+        role_name=check_identifier(recorded.get("role") or defaults.role, "status.databases.role"),
+        adopt=spec.get("adopt") is True,
+        uid=uid,
         write_token_secret=_write_token(write_api),
         log_level=spec.get("logLevel") or "info",
     )

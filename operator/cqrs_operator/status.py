@@ -5,10 +5,16 @@ Conditions of a stack:
 - ``DatabasesReady``: both databases and the stack's role exist and the schema is migrated.
 - ``StreamReady``: the Redis stream and its consumer group exist.
 - ``WorkloadsReady``: the ConfigMap, Secret, Deployments and Services are applied and match
-  the spec (what the operator controls). It does not wait for pods to run.
-- ``WorkloadsAvailable``: every Deployment reports its wanted replicas available (needs a
-  kubelet and the Deployment controller; informational, not part of Ready).
-- ``Ready``: DatabasesReady and StreamReady and WorkloadsReady.
+  the spec (what the operator controls).
+- ``WorkloadsAvailable``: every Deployment reports, for its current generation, its wanted
+  replicas updated and available; when not, the reason comes from its pods
+  (``ImagePullBackOff``, ``CrashLoopBackOff``, ...) or is ``RolloutInProgress``.
+- ``RedisIsolation``: whether the stack's pods use a Redis ACL user of their own.
+- ``Ready``: all of DatabasesReady, StreamReady, WorkloadsReady and WorkloadsAvailable.
+
+Phase: ``Ready``; ``Failed`` when a part cannot succeed without a change of the spec (or of
+what it names: a Secret, another stack's object); ``Degraded`` for transient trouble (a
+server down) once the stack has been Ready; else ``Provisioning``.
 """
 
 from __future__ import annotations
@@ -22,8 +28,42 @@ DATABASES = "DatabasesReady"
 STREAM = "StreamReady"
 WORKLOADS = "WorkloadsReady"
 AVAILABLE = "WorkloadsAvailable"
+REDIS_ISOLATION = "RedisIsolation"
 READY = "Ready"
-READY_PARTS = (DATABASES, STREAM, WORKLOADS)
+READY_PARTS = (DATABASES, STREAM, WORKLOADS, AVAILABLE)
+# Reasons of a part that is on its way, not failing.
+PENDING_REASONS = ("", "Pending", "Provisioning", "RolloutInProgress")
+# Reasons that need a change of the spec or of what it names; everything else is transient.
+PERMANENT_REASONS = (
+    "InvalidSpec",
+    "OwnedByAnotherStack",
+    "NotOwned",
+    "AdoptionNotAllowed",
+    "ChildNotOwned",
+    "SecretNotOptedIn",
+    "CaInvalid",
+    "RedisTlsMismatch",
+    "AdminSecretNotOptedIn",
+    "AdminSecretInvalid",
+    "AdminHostNotAllowed",
+    "RedisSecretInvalid",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+)
+# Container waiting reasons that explain an unavailable Deployment, most telling first.
+POD_REASONS = (
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+    "RunContainerError",
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +108,7 @@ def merge_conditions(
 
 
 def _order(kind: str) -> tuple[int, str]:
-    known = (*READY_PARTS, AVAILABLE, READY)
+    known = (*READY_PARTS, REDIS_ISOLATION, READY)
     return (known.index(kind) if kind in known else len(known), kind)
 
 
@@ -77,7 +117,9 @@ def ready_condition(conditions: Iterable[Mapping[str, Any]]) -> Condition:
     by_type = {c["type"]: c for c in conditions}
     missing = [t for t in READY_PARTS if by_type.get(t, {}).get("status") != "True"]
     if not missing:
-        return Condition(READY, True, "StackReady", "databases, stream and workloads are ready")
+        return Condition(
+            READY, True, "StackReady", "databases, stream and workloads are ready and serving"
+        )
     first = by_type.get(missing[0], {})
     reason = first.get("reason") or "Pending"
     message = f"not ready: {', '.join(missing)}"
@@ -86,25 +128,64 @@ def ready_condition(conditions: Iterable[Mapping[str, Any]]) -> Condition:
     return Condition(READY, False, reason, message)
 
 
-def phase(conditions: Iterable[Mapping[str, Any]], deleting: bool = False) -> str:
-    """One word for people: Deleting, Ready, Failed (a part reports False) or Provisioning."""
+def phase(
+    conditions: Iterable[Mapping[str, Any]], deleting: bool = False, was_ready: bool = False
+) -> str:
+    """One word for people: Deleting, Ready, Failed, Degraded or Provisioning."""
     if deleting:
         return "Deleting"
-    by_type = {c["type"]: c.get("status") for c in conditions}
-    if by_type.get(READY) == "True":
+    by_type = {c["type"]: c for c in conditions}
+    if by_type.get(READY, {}).get("status") == "True":
         return "Ready"
-    if any(
-        by_type.get(t) == "False" and _is_failure(c)
+    failing = [
+        by_type[t].get("reason") or ""
         for t in READY_PARTS
-        for c in conditions
-        if c.get("type") == t
-    ):
+        if by_type.get(t, {}).get("status") == "False"
+    ]
+    if any(reason in PERMANENT_REASONS for reason in failing):
         return "Failed"
+    if any(reason not in PENDING_REASONS for reason in failing) or was_ready:
+        return "Degraded"
     return "Provisioning"
 
 
-def _is_failure(condition: Mapping[str, Any]) -> bool:
-    return condition.get("reason") not in (None, "", "Pending", "Provisioning")
+def deployment_unavailable(deployment: Mapping[str, Any]) -> str | None:
+    """Why ``deployment`` is not serving its wanted replicas yet, or None when it is."""
+    meta, spec, st = (
+        deployment["metadata"],
+        deployment.get("spec") or {},
+        deployment.get("status") or {},
+    )
+    wanted = int(spec.get("replicas", 1))
+    name = meta["name"]
+    if (st.get("observedGeneration") or 0) < (meta.get("generation") or 0):
+        return f"{name}: generation {meta.get('generation')} not yet observed"
+    updated, available = st.get("updatedReplicas") or 0, st.get("availableReplicas") or 0
+    if updated < wanted or available < wanted:
+        return f"{name}: {available}/{wanted} available, {updated}/{wanted} updated"
+    return None
+
+
+def pod_problem(pods: Iterable[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """The most telling container waiting reason among ``pods``: (reason, "pod: message")."""
+    found: list[tuple[int, str, str]] = []
+    for pod in pods:
+        st = pod.get("status") or {}
+        for container in (st.get("initContainerStatuses") or []) + (
+            st.get("containerStatuses") or []
+        ):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason") or ""
+            if reason in POD_REASONS:
+                message = (waiting.get("message") or "")[:200]
+                text = f"pod {pod['metadata']['name']}: {reason}" + (
+                    f" ({message})" if message else ""
+                )
+                found.append((POD_REASONS.index(reason), reason, text))
+    if not found:
+        return None
+    _, reason, text = min(found)
+    return reason, text
 
 
 def summary(
@@ -114,9 +195,13 @@ def summary(
     deleting: bool = False,
 ) -> dict[str, Any]:
     """The status fields to patch: conditions (with Ready), phase, observedGeneration."""
+    was_ready = current_status.get("phase") in ("Ready", "Degraded")
     conditions = merge_conditions(current_status.get("conditions") or [], updates, generation)
     conditions = merge_conditions(conditions, [ready_condition(conditions)], generation)
-    out: dict[str, Any] = {"conditions": conditions, "phase": phase(conditions, deleting)}
+    out: dict[str, Any] = {
+        "conditions": conditions,
+        "phase": phase(conditions, deleting, was_ready),
+    }
     if generation is not None:
         out["observedGeneration"] = generation
     return out

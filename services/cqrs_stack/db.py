@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from ssl import SSLContext
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -13,8 +14,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from .config import Settings, async_database_url, plain_database_url
 
 
-def create_engine(url: str, settings: Settings, *, application_name: str) -> AsyncEngine:
-    """Return a pooled async engine on asyncpg for ``url`` (plain postgresql:// accepted)."""
+def create_engine(
+    url: str, settings: Settings, *, application_name: str, ssl: SSLContext | bool | None = None
+) -> AsyncEngine:
+    """Return a pooled async engine on asyncpg for ``url`` (plain postgresql:// accepted).
+
+    ``ssl``: a TLS context for the connections (the operator's, per stack); without it
+    asyncpg follows PGSSLMODE/PGSSLROOTCERT, as the stack's pods do.
+    """
+    tls = {} if ssl is None else {"ssl": ssl}
     return create_async_engine(
         async_database_url(url),
         pool_size=settings.db_pool_min_size,
@@ -30,6 +38,7 @@ def create_engine(url: str, settings: Settings, *, application_name: str) -> Asy
             "timeout": 10,
             # A statement stuck behind a lock must not hang a request forever.
             "command_timeout": 30,
+            **tls,
         },
     )
 

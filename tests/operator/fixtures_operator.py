@@ -2,6 +2,9 @@
 
 The operator runs as a real subprocess (``cqrs-stack-operator``) against the fixture API
 server; the tests read and write objects through kubernetes_asyncio with the admin identity.
+There is no kubelet nor Deployment controller: ``Stacks.wait_ready`` plays the controller by
+writing each Deployment's status as available (``mark_available``), which is what Ready waits
+for; tests that must see a stack not Ready simply do not.
 """
 
 from __future__ import annotations
@@ -23,13 +26,20 @@ import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from cqrs_operator.spec import GROUP, PLURAL, VERSION
+from cqrs_operator.spec import GROUP, PLURAL, VERSION, DefaultNames, default_names
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "charts" / "cqrs-stack" / "crds" / "cqrsstacks.cqrs.dev.yaml"
 OPERATOR_BIN = Path(sys.executable).parent / "cqrs-stack-operator"
 ADMIN_SECRETS = ("pg-write-admin", "pg-read-admin")
+ADMIN_LABELS = {"cqrs.dev/admin-credentials": "true"}
 READY_TIMEOUT = 60.0
+COMPONENTS = ("write-api", "read-api", "projector")
+
+
+def names(namespace: str, stack: str) -> DefaultNames:
+    """The default role, database and stream names of stack ``namespace/stack``."""
+    return default_names(namespace, stack)
 
 
 async def wait_until(
@@ -95,7 +105,7 @@ async def namespace(
         await core.create_namespaced_secret(
             name,
             {
-                "metadata": {"name": secret},
+                "metadata": {"name": secret, "labels": ADMIN_LABELS},
                 "stringData": {"username": "postgres", "password": server.password},
             },
         )
@@ -178,12 +188,77 @@ class Stacks:
             GROUP, VERSION, self.namespace, PLURAL, name
         )
 
-    async def wait_ready(
-        self, name: str, operator: Operator | None = None, timeout: float = READY_TIMEOUT
+    async def mark_available(self, name: str) -> None:
+        """Play the Deployment controller: every Deployment of the stack reports its wanted
+        replicas updated, ready and available for its current generation."""
+        apps = client.AppsV1Api(self.api)
+        for component in COMPONENTS:
+            try:
+                dep = await apps.read_namespaced_deployment(f"{name}-{component}", self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            wanted = dep.spec.replicas or 0
+            await apps.patch_namespaced_deployment_status(
+                f"{name}-{component}",
+                self.namespace,
+                {
+                    "status": {
+                        "observedGeneration": dep.metadata.generation,
+                        "replicas": wanted,
+                        "updatedReplicas": wanted,
+                        "readyReplicas": wanted,
+                        "availableReplicas": wanted,
+                    }
+                },
+            )
+
+    async def conditions(self, name: str) -> dict[str, dict[str, Any]]:
+        obj = await self.get(name)
+        return {c["type"]: c for c in ((obj or {}).get("status") or {}).get("conditions") or []}
+
+    async def wait_condition(
+        self,
+        name: str,
+        kind: str,
+        status: str,
+        reason: str | None = None,
+        operator: Operator | None = None,
+        timeout: float = READY_TIMEOUT,
     ) -> dict[str, Any]:
-        """Wait until Ready is True for the current generation; return the object."""
+        """Wait until condition ``kind`` has ``status`` (and ``reason``); return the object."""
+
+        async def reached() -> dict[str, Any] | None:
+            obj = await self.get(name)
+            conds = {
+                c["type"]: c for c in ((obj or {}).get("status") or {}).get("conditions") or []
+            }
+            cond = conds.get(kind, {})
+            if cond.get("status") == status and (reason is None or cond.get("reason") == reason):
+                return obj
+            return None
+
+        alive = operator.exit_reason if operator else None
+        what = f"CqrsStack {name} {kind}={status}" + (f" ({reason})" if reason else "")
+        result: dict[str, Any] = await wait_until(reached, timeout=timeout, what=what, alive=alive)
+        return result
+
+    async def wait_ready(
+        self,
+        name: str,
+        operator: Operator | None = None,
+        timeout: float = READY_TIMEOUT,
+        available: bool = True,
+    ) -> dict[str, Any]:
+        """Wait until Ready is True for the current generation; return the object.
+
+        With ``available`` (the default) the Deployments are marked available on the way.
+        """
 
         async def ready() -> dict[str, Any] | None:
+            if available:
+                await self.mark_available(name)
             obj = await self.get(name)
             if obj is None:
                 return None
@@ -194,7 +269,7 @@ class Stacks:
 
         alive = operator.exit_reason if operator else None
         result: dict[str, Any] = await wait_until(
-            ready, timeout=timeout, what=f"CqrsStack {name} Ready", alive=alive
+            ready, timeout=timeout, what=f"CqrsStack {name} Ready", alive=alive, interval=0.5
         )
         return result
 
@@ -234,6 +309,7 @@ class Operator:
             "KUBECONFIG": str(self.kubeconfig),
             "CQRS_OPERATOR_STATUS_INTERVAL": "2",
             "CQRS_OPERATOR_RETRY_DELAY": "1",
+            "CQRS_OPERATOR_DELETE_TIMEOUT": "10",
         }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(

@@ -17,9 +17,11 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from redis.asyncio import Redis
 
 from tests.operator.fixtures_operator import (
+    ADMIN_SECRETS,
     Operator,
     Stacks,
     database_exists,
+    names,
     role_exists,
     stack_manifest,
     wait_until,
@@ -84,7 +86,7 @@ async def test_create_provisions_databases_stream_and_children(
     # The role logs in with the Secret's password; both schemas are migrated.
     creds = secret_data(objs["Secret/orders-credentials"])
     role, password = creds["username"], creds["password"]
-    assert role == f"cqrs_{namespace.replace('-', '_')}_orders"
+    assert role == names(namespace, "orders").role
     for server, db in ((write_pg, f"w_{fresh_names}"), (read_pg, f"r_{fresh_names}")):
         conn = await asyncpg.connect(server.url(db, role, password))
         try:
@@ -102,7 +104,7 @@ async def test_create_provisions_databases_stream_and_children(
 
     redis = Redis.from_url(redis_server.url)
     try:
-        groups = await redis.xinfo_groups("orders-events")
+        groups = await redis.xinfo_groups(f"{namespace}.orders-events")
         assert [g["name"] for g in groups] == [b"projectors"]
     finally:
         await redis.aclose()
@@ -115,7 +117,9 @@ async def test_create_provisions_databases_stream_and_children(
         assert container["image"] == "cqrs-stack:0.1.0"
         assert container["args"][0] == comp
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert objs["ConfigMap/orders-config"]["data"]["EVENT_STREAM_NAME"] == "orders-events"
+    assert (
+        objs["ConfigMap/orders-config"]["data"]["EVENT_STREAM_NAME"] == f"{namespace}.orders-events"
+    )
     assert (
         objs["Service/orders-read-api"]["spec"]["selector"]["app.kubernetes.io/component"]
         == "read-api"
@@ -332,7 +336,7 @@ async def test_delete_honours_the_deletion_policy(
     )
     stack = await stacks.wait_ready("gone", operator)
     assert "cqrs.dev/finalizer" in stack["metadata"]["finalizers"]
-    role = f"cqrs_{namespace.replace('-', '_')}_gone"
+    role = names(namespace, "gone").role
     await stacks.delete("gone")
     await stacks.wait_gone("gone", operator)
 
@@ -343,7 +347,7 @@ async def test_delete_honours_the_deletion_policy(
     assert await role_exists(read_pg, role) is kept
     redis = Redis.from_url(redis_server.url)
     try:
-        assert bool(await redis.exists("gone-events")) is kept
+        assert bool(await redis.exists(f"{namespace}.gone-events")) is kept
     finally:
         await redis.aclose()
 
@@ -371,7 +375,7 @@ async def test_unreachable_database_is_reported_and_retried(
     obj = await wait_until(
         reported, timeout=30, what="DatabasesReady=False", alive=operator.exit_reason
     )
-    assert obj["status"]["phase"] == "Failed"
+    assert obj["status"]["phase"] == "Degraded"  # transient: retried, not Failed
     assert conditions(obj)["Ready"]["status"] == "False"
     assert "cannot reach PostgreSQL" in conditions(obj)["DatabasesReady"]["message"]
 
@@ -391,8 +395,11 @@ async def test_restart_in_the_middle_of_provisioning_converges(
     redis_server: Any,
     fresh_names: str,
 ) -> None:
-    """Hold a lock on the stack's role so provisioning blocks; kill -9 the operator there."""
-    role = f"cqrs_{namespace.replace('-', '_')}_restart"
+    """Hold a lock on the stack's role so provisioning blocks; kill -9 the operator there.
+
+    The role exists beforehand without an owner marker, so the stack adopts it explicitly.
+    """
+    role = names(namespace, "restart").role
     blocker = await asyncpg.connect(write_pg.url())
     try:
         await blocker.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'placeholder-password-0'")
@@ -400,9 +407,13 @@ async def test_restart_in_the_middle_of_provisioning_converges(
         await locked.start()
         await blocker.execute(f"ALTER ROLE {role} CONNECTION LIMIT 100")  # row lock held
 
+        for secret in ADMIN_SECRETS:  # the platform allows adoption of the unmarked role
+            await client.CoreV1Api(kube_api).patch_namespaced_secret(
+                secret, namespace, {"metadata": {"annotations": {"cqrs.dev/allow-adopt": "true"}}}
+            )
         first = operator_factory(kube_apiserver.kubeconfig, namespace)
         await stacks.create(
-            stack_manifest("restart", fresh_names, write_pg, read_pg, redis_server.url)
+            stack_manifest("restart", fresh_names, write_pg, read_pg, redis_server.url, adopt=True)
         )
 
         async def operator_blocked() -> bool:
@@ -471,7 +482,7 @@ async def test_projector_scales_with_stream_lag(
     await stacks.wait_ready("scaled", operator)
     apps = client.AppsV1Api(kube_api)
     redis = Redis.from_url(redis_server.url)
-    stream = "scaled-events"
+    stream = f"{namespace}.scaled-events"
     try:
         for i in range(25):  # no projector pod runs here: the entries stay undelivered
             await redis.xadd(stream, {"type": "RecordCreated", "position": str(i + 1)})

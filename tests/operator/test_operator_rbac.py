@@ -21,6 +21,7 @@ from tests.operator.fixtures_operator import (
     ROOT,
     Stacks,
     database_exists,
+    names,
     role_exists,
     stack_manifest,
 )
@@ -123,7 +124,7 @@ async def test_operator_lifecycle_under_the_charts_service_account(
     await stacks.wait_gone("scoped", operator)
     assert not await database_exists(write_pg, f"w_{fresh_names}")
     assert not await database_exists(read_pg, f"r_{fresh_names}")
-    assert not await role_exists(write_pg, f"cqrs_{namespace.replace('-', '_')}_scoped")
+    assert not await role_exists(write_pg, names(namespace, "scoped").role)
 
     log = operator.log_text()
     assert not PERMISSION_DENIED.search(log), operator.log_tail()

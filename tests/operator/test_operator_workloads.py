@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from kubernetes_asyncio import client
 
 from cqrs_stack.localservers import free_port
@@ -26,6 +27,9 @@ async def resolved_env(api: client.ApiClient, namespace: str, container: Any) ->
         cm = await core.read_namespaced_config_map(source.config_map_ref.name, namespace)
         env.update(cm.data or {})
     for var in container.env or []:
+        if var.value_from is None:
+            env[var.name] = var.value or ""
+            continue
         ref = var.value_from.secret_key_ref
         secret = await core.read_namespaced_secret(ref.name, namespace)
         env[var.name] = base64.b64decode(secret.data[ref.key]).decode()
@@ -41,6 +45,7 @@ def local_command(container: Any, port: int) -> list[str]:
     return argv
 
 
+@pytest.mark.parametrize("isolated", [False, True], ids=["shared-redis-user", "acl-user"])
 async def test_rendered_workloads_serve_a_write_then_a_read(
     kube_api: client.ApiClient,
     stacks: Stacks,
@@ -51,10 +56,23 @@ async def test_rendered_workloads_serve_a_write_then_a_read(
     redis_server: Any,
     fresh_names: str,
     tmp_path: Path,
+    isolated: bool,
 ) -> None:
-    await stacks.create(
-        stack_manifest("runnable", fresh_names, write_pg, read_pg, redis_server.url)
-    )
+    """With ``isolated`` the services run as the stack's Redis ACL user: its commands suffice."""
+    manifest = stack_manifest("runnable", fresh_names, write_pg, read_pg, redis_server.url)
+    if isolated:
+        await client.CoreV1Api(kube_api).create_namespaced_secret(
+            namespace,
+            {
+                "metadata": {
+                    "name": "redis-admin",
+                    "labels": {"cqrs.dev/admin-credentials": "true"},
+                },
+                "stringData": {"password": ""},  # the test Redis: default user, nopass
+            },
+        )
+        manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
+    await stacks.create(manifest)
     await stacks.wait_ready("runnable", operator)
     apps = client.AppsV1Api(kube_api)
     ports: dict[str, int] = {}

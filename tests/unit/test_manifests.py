@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 
 from cqrs_operator import manifests
-from cqrs_operator.spec import parse_spec
+from cqrs_operator.spec import identity_hash, parse_spec
 
 
 def stack(**overrides):
@@ -92,7 +92,7 @@ def test_deployment_runs_the_component_hardened_with_probes() -> None:
 
 def test_config_map_carries_the_settings_names() -> None:
     data = manifests.config_map(stack())["data"]
-    assert data["EVENT_STREAM_NAME"] == "orders-events"
+    assert data["EVENT_STREAM_NAME"] == "shop.orders-events"
     assert data["CONSUMER_GROUP"] == "projectors"
     assert data["PROJECTOR_BATCH_SIZE"] == "250"
     assert "password" not in str(data).lower()
@@ -101,12 +101,16 @@ def test_config_map_carries_the_settings_names() -> None:
 def test_credentials_secret_builds_urls_with_the_role() -> None:
     secret = manifests.credentials_secret(stack(), "p" * 20, "redis://r:6379/0")
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert data["WRITE_DB_URL"] == (
-        "postgresql://cqrs_shop_orders:" + "p" * 20 + "@pg-write.db:5432/shop_orders_write"
+    role, digest = (
+        f"cqrs_shop_orders_{identity_hash('shop', 'orders')}",
+        identity_hash("shop", "orders"),
     )
-    assert data["READ_DB_URL"].endswith("@pg-read.db:5433/shop_orders_read")
+    assert data["WRITE_DB_URL"] == (
+        f"postgresql://{role}:" + "p" * 20 + f"@pg-write.db:5432/shop_orders_{digest}_write"
+    )
+    assert data["READ_DB_URL"].endswith(f"@pg-read.db:5433/shop_orders_{digest}_read")
     assert data["REDIS_URL"] == "redis://r:6379/0"
-    assert data["username"] == "cqrs_shop_orders"
+    assert data["username"] == role
 
 
 def test_config_hash_changes_with_config_and_secret_only() -> None:
@@ -162,3 +166,25 @@ def test_no_write_token_by_default() -> None:
     objs = by_name(manifests.workloads(stack(), "abc", 1))
     pod = objs[("Deployment", "orders-write-api")]["spec"]["template"]["spec"]
     assert "WRITE_API_TOKEN" not in {e["name"] for e in pod["containers"][0]["env"]}
+
+
+def test_database_tls_reaches_the_pods_as_libpq_variables_and_a_mounted_ca() -> None:
+    spec = stack()
+    plain = manifests.deployment(spec, "read-api", 1, "h")["spec"]["template"]["spec"]
+    assert not any(e["name"].startswith("PGSSL") for e in plain["containers"][0]["env"])
+    databases = {
+        "write": {"host": "pg-write.db", "adminSecret": "pg-admin"},
+        "read": {"host": "pg-read.db", "adminSecret": "pg-admin"},
+        "tls": {"mode": "verify-ca", "caSecret": {"name": "pg-ca", "key": "root.pem"}},
+    }
+    pod = manifests.deployment(stack(databases=databases), "projector", 1, "h")["spec"]["template"][
+        "spec"
+    ]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["PGSSLMODE"] == "verify-ca"
+    assert env["PGSSLROOTCERT"] == f"{manifests.POSTGRES_CA_DIR}/root.pem"
+    volume = next(v for v in pod["volumes"] if v["name"] == "postgresql-ca")
+    assert volume["secret"] == {
+        "secretName": "pg-ca",
+        "items": [{"key": "root.pem", "path": "root.pem"}],
+    }

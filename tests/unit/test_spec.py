@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cqrs_operator.spec import IDENTIFIER, SpecError, parse_spec, sql_identifier
+from cqrs_operator.spec import (
+    BOUNDS,
+    IDENTIFIER,
+    SpecError,
+    default_names,
+    identity_hash,
+    parse_spec,
+    unique_identifier,
+)
 
 
 def minimal() -> dict:
@@ -21,13 +32,15 @@ def minimal() -> dict:
 
 def test_defaults_and_derived_names() -> None:
     stack = parse_spec(minimal(), namespace="shop", name="orders")
+    digest = identity_hash("shop", "orders")
     assert stack.image == "cqrs-stack:0.1.0"
-    assert stack.stream_name == "orders-events"
+    assert stack.stream_name == "shop.orders-events"
     assert stack.consumer_group == "projectors"
-    assert stack.write_db.name == "shop_orders_write"
-    assert stack.read_db.name == "shop_orders_read"
+    assert stack.write_db.name == f"shop_orders_{digest}_write"
+    assert stack.read_db.name == f"shop_orders_{digest}_read"
     assert stack.write_db.port == 5432
-    assert stack.role == "cqrs_shop_orders"
+    assert stack.role == f"cqrs_shop_orders_{digest}"
+    assert (stack.write_api.replicas, stack.read_api.replicas) == (2, 2)  # as the CRD says
     assert stack.projector.batch_size == 500
     assert stack.deletion_policy == "Retain"
     assert not stack.projector.autoscaling.enabled
@@ -35,8 +48,43 @@ def test_defaults_and_derived_names() -> None:
 
 def test_dashes_and_leading_digits_become_valid_identifiers() -> None:
     stack = parse_spec(minimal(), namespace="1-team", name="my-app")
-    assert stack.write_db.name == "_1_team_my_app_write"
+    assert stack.write_db.name == f"_1_team_my_app_{identity_hash('1-team', 'my-app')}_write"
     assert IDENTIFIER.match(stack.role)
+
+
+def test_default_names_do_not_collide_where_dashes_map_to_underscores() -> None:
+    """Namespace a-b + stack c and namespace a + stack b-c once both gave cqrs_a_b_c."""
+    one, other = default_names("a-b", "c"), default_names("a", "b-c")
+    assert one.role != other.role
+    assert one.write_db != other.write_db and one.read_db != other.read_db
+    assert one.stream != other.stream
+
+
+def test_default_names_stay_within_63_bytes_at_the_longest_identity() -> None:
+    names = default_names("n" * 63, "s" * 50)  # the longest namespace and stack name
+    for name in (names.role, names.write_db, names.read_db):
+        assert len(name.encode()) <= 63 and IDENTIFIER.match(name), name
+    cut = default_names("n" * 63, "s" * 49 + "t")
+    assert cut.role != names.role and cut.write_db != names.write_db  # the hash keeps them apart
+
+
+def test_names_recorded_in_status_win_over_the_defaults() -> None:
+    """A stack provisioned by an older operator keeps its names: no rename on upgrade."""
+    status = {
+        "databases": {
+            "write": "shop_orders_write",
+            "read": "shop_orders_read",
+            "role": "cqrs_shop_orders",
+        },
+        "stream": {"name": "orders-events"},
+    }
+    stack = parse_spec(minimal(), namespace="shop", name="orders", status=status)
+    assert (stack.write_db.name, stack.read_db.name, stack.role, stack.stream_name) == (
+        "shop_orders_write",
+        "shop_orders_read",
+        "cqrs_shop_orders",
+        "orders-events",
+    )
 
 
 def test_explicit_values_win() -> None:
@@ -89,19 +137,96 @@ def test_invalid_specs_name_the_field(mutate, field: str) -> None:
         parse_spec(spec, namespace="ns", name="n")
 
 
-@given(st.text(min_size=1, max_size=300), st.sampled_from(["", "_write", "_read"]))
-def test_sql_identifier_is_always_valid(text: str, suffix: str) -> None:
-    name = sql_identifier(text, suffix)
+@given(
+    st.text(min_size=0, max_size=300),
+    st.sampled_from(["", "cqrs_"]),
+    st.sampled_from(["", "_write", "_read"]),
+)
+def test_unique_identifier_is_always_valid(text: str, prefix: str, suffix: str) -> None:
+    name = unique_identifier(prefix, text, "0123abcd", suffix)
     assert IDENTIFIER.match(name), name
-    assert name.endswith(suffix)
-
-
-def test_long_names_stay_unique() -> None:
-    a = sql_identifier("x" * 80 + "a", "_write")
-    b = sql_identifier("x" * 80 + "b", "_write")
-    assert a != b and len(a) <= 63 and len(b) <= 63
+    assert name.endswith(f"_0123abcd{suffix}")
 
 
 def test_an_over_long_stack_name_is_refused() -> None:
     with pytest.raises(SpecError, match=r"metadata\.name must be at most 50"):
         parse_spec({"redis": {"url": "redis://r:6379/0"}}, namespace="shop", name="n" * 51)
+
+
+# ------------------------------------------------------------------ the CRD agrees
+
+
+CRD = (
+    Path(__file__).resolve().parents[2]
+    / "charts"
+    / "cqrs-stack"
+    / "crds"
+    / "cqrsstacks.cqrs.dev.yaml"
+)
+
+
+def crd_spec_schema() -> dict:
+    crd = yaml.safe_load(CRD.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def schema_at(path: str) -> dict:
+    node = crd_spec_schema()
+    for part in path.split("."):
+        node = node["properties"][part]
+    return node
+
+
+@pytest.mark.parametrize("path", sorted(BOUNDS))
+def test_crd_and_operator_bounds_agree(path: str) -> None:
+    """One bound, one default: a spec the API server admits is one the operator accepts."""
+    default, lo, hi = BOUNDS[path]
+    node = schema_at(path)
+    assert (node.get("default"), node.get("minimum"), node.get("maximum")) == (default, lo, hi)
+
+
+def test_every_integer_of_the_crd_has_its_bounds_in_the_operator() -> None:
+    found: list[str] = []
+
+    def walk(node: dict, path: str) -> None:
+        if node.get("type") == "integer":
+            found.append(path)
+        for key, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}.{key}" if path else key)
+
+    walk(crd_spec_schema(), "")
+    assert sorted(found) == sorted(BOUNDS)
+
+
+def test_every_crd_field_has_a_description() -> None:
+    """`kubectl explain cqrsstack --recursive` shows a description for every field."""
+    crd = yaml.safe_load(CRD.read_text())
+    root = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    missing: list[str] = []
+
+    def walk(node: dict, path: str) -> None:
+        if not node.get("description"):
+            missing.append(path)
+        for key, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}.{key}")
+
+    walk(root, "cqrsstack")
+    # The API server forbids a schema for metadata; kubectl explains ObjectMeta itself.
+    assert missing == ["cqrsstack.metadata"]
+
+
+@pytest.mark.parametrize("value", [0, 50])
+def test_replicas_at_the_bounds_are_accepted(value: int) -> None:
+    spec = minimal() | {"writeApi": {"replicas": value}}
+    assert parse_spec(spec, namespace="ns", name="n").write_api.replicas == value
+
+
+def test_target_lag_one_past_the_bound_is_refused() -> None:
+    spec = minimal() | {"projector": {"autoscaling": {"targetLag": 10**9 + 1}}}
+    with pytest.raises(SpecError, match=r"targetLag"):
+        parse_spec(spec, namespace="ns", name="n")
+
+
+def test_adopt_is_off_unless_said() -> None:
+    assert parse_spec(minimal(), namespace="ns", name="n").adopt is False
+    assert parse_spec(minimal() | {"adopt": True}, namespace="ns", name="n").adopt is True
