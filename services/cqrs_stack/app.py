@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
@@ -110,18 +109,19 @@ def _refuse_elsewhere(app: FastAPI, role: Role, path: str, what: str, where: str
     async def elsewhere(request: Request) -> Response:
         return error_response(405, "method_not_allowed", message, headers={"Allow": ""})
 
-    app.router.routes.append(Route(path, elsewhere, include_in_schema=False))
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # Route's default: GET
+    app.router.routes.append(Route(path, elsewhere, methods=methods, include_in_schema=False))
 
 
 def _add_index(app: FastAPI, role: Role) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> dict[str, Any]:
         """What this process serves, for a person who opens its address."""
+        # The OpenAPI description is the one list of what this process serves.
         endpoints = [
-            f"{method} {route.path.replace('{key:key}', '{key}')}"
-            for route in app.routes
-            if isinstance(route, APIRoute) and route.include_in_schema
-            for method in sorted(route.methods or ())
+            f"{method.upper()} {path}"
+            for path, operations in app.openapi()["paths"].items()
+            for method in operations
         ]
         return {
             "service": f"cqrs-stack-{role}",

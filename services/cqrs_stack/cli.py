@@ -422,4 +422,8 @@ def _describe_failure(exc: Exception) -> tuple[int, str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m cqrs_stack.cli` (the dev stack's children): use the module itself, so
+    # that its error classes are the ones other modules import, not a copy named __main__.
+    from cqrs_stack import cli
+
+    sys.exit(cli.main())

@@ -98,15 +98,13 @@ def describe_invalid(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _check_url(name: str, value: str) -> None:
-    """Refuse a URL that later code could not parse, naming it without its password."""
+def _check_url(value: str) -> None:
+    """Refuse a URL that later code could not parse, showing it without its password."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018  (raises ValueError for a non-numeric or out-of-range port)
     except ValueError:
-        raise ValueError(
-            f"{name} is not a valid URL (check its port): {redact_url(value)}"
-        ) from None
+        raise ValueError(f"not a valid URL (check host and port): {redact_url(value)}") from None
 
 
 class Settings(BaseSettings):
@@ -154,7 +152,7 @@ class Settings(BaseSettings):
     @classmethod
     def _postgres_url(cls, value: str) -> str:
         async_database_url(value)  # raises a clear error for anything but PostgreSQL
-        _check_url("the database URL", value)
+        _check_url(value)
         return value
 
     @field_validator("redis_url")
@@ -164,7 +162,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must start with redis://, rediss:// or unix://, not {redact_url(value)}"
             )
-        _check_url("REDIS_URL", value)
+        _check_url(value)
         return value
 
     @property

