@@ -55,6 +55,8 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
         description="CQRS key-value store: commands in PostgreSQL, events in Redis Streams.",
         lifespan=lifespan,
         static_url="/docs-assets",
+        # Swagger UI would send the description to validator.swagger.io for a badge.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     if serves_writes(role):
         app.include_router(write_api.router)

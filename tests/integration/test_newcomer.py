@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -307,3 +309,81 @@ def test_the_dev_stack_needs_no_test_tools() -> None:
     probe = "import sys; sys.modules['httpx'] = None; import cqrs_stack.devstack"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+# --- what a person sees at the APIs' addresses --------------------------------------------
+
+
+async def test_docs_reference_no_other_host_and_index_lists_the_endpoints(stack: Stack) -> None:
+    api = await stack.launch("api")
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        page = (await client.get("/docs")).text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+        assert assets and "://" not in page, page  # no CDN: every asset from this server
+        for asset in assets:
+            answer = await client.get(asset)
+            assert answer.status_code == 200 and len(answer.content) > 1000, asset
+        redoc = (await client.get("/redoc")).text
+        assert "://" not in redoc
+        index = (await client.get("/")).json()
+    assert index["docs"] == "/docs"
+    assert {"POST /write", "PUT /write", "GET /read/{key}", "GET /stats"} <= set(index["endpoints"])
+
+
+async def test_split_ports_answer_the_other_side_405_saying_where_it_is(stack: Stack) -> None:
+    read_api = await stack.launch("read-api")
+    write_api = await stack.launch("write-api")
+    async with httpx.AsyncClient(timeout=10) as client:
+        write_on_read = await client.post(f"{read_api.url}/write", json={"key": "k", "value": "v"})
+        read_on_write = await client.get(f"{write_api.url}/read/k")
+    for answer, where in ((write_on_read, "write API"), (read_on_write, "read API")):
+        assert answer.status_code == 405 and answer.headers["allow"] == ""
+        assert answer.json()["error"] == "method_not_allowed" and where in answer.json()["message"]
+    assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == 0
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail("chromium is missing (Debian's chromium; .ci/run installs it)")
+    pytest.skip("chromium is not installed (apt-get install chromium)")
+
+
+async def test_docs_render_in_a_browser_that_reaches_no_other_host(
+    stack: Stack, tmp_path: Path
+) -> None:
+    chromium = _chromium()
+    api = await stack.launch("api")
+    offline = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        # Every host name but this machine's fails: a CDN asset could not load.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--window-size=1200,900",
+        "--virtual-time-budget=8000",  # let Swagger UI fetch /openapi.json and render
+    ]
+    shot = tmp_path / "docs.png"
+    dom = await asyncio.to_thread(
+        subprocess.run,
+        [*offline, "--dump-dom", f"{api.url}/docs"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert 'class="opblock' in dom.stdout and "/write" in dom.stdout, dom.stderr[-2000:]
+    await asyncio.to_thread(
+        subprocess.run,
+        [*offline, f"--screenshot={shot}", f"{api.url}/docs"],
+        capture_output=True,
+        timeout=90,
+    )
+    from matplotlib import image
+
+    pixels = image.imread(shot)
+    # A blank page is one colour; the rendered UI has its coloured operation blocks.
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97]}) > 20
