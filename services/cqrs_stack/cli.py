@@ -96,6 +96,9 @@ def configure_logging(level: str) -> None:
 def port_in_use(host: str, port: int) -> bool:
     """Is ``port`` on ``host`` taken right now (bind refused with EADDRINUSE)?"""
     with socket.socket() as sock:
+        # As the servers bind: connections left in TIME_WAIT by a process just stopped do not
+        # count, only a socket that holds the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
