@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print(redact_text(traceback.format_exc(), known_secrets()), file=sys.stderr, end="")
         traced = exc.__cause__ is not None or not isinstance(exc, CommandError)
         hint = " (--debug shows the traceback)" if traced and not debug else ""
-        print(f"cqrs-stack {args.command}: {message}{hint}", file=sys.stderr)
+        print(f"cqrs-stack {args.command}: {message.strip()}{hint}", file=sys.stderr)
         return code
 
 

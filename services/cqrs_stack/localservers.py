@@ -19,6 +19,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 SUPERUSER = "postgres"
 
@@ -92,6 +93,17 @@ def _server_user() -> str | None:
     return "nobody" if os.geteuid() == 0 else None
 
 
+def _run_as(user: str | None) -> dict[str, Any]:
+    """Popen arguments that run a child as ``user`` with that user's group and no others.
+
+    With ``user=`` alone the child keeps root's group, and for a folder of group root such
+    as /root (drwx-----x once traversable) the group's empty bits apply, not the others'.
+    """
+    if user is None:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
+
+
 def _give_to(path: Path, user: str | None) -> None:
     if user is None:
         return
@@ -159,8 +171,8 @@ class PostgresServer:
                 ],
                 check=True,
                 capture_output=True,
-                user=self.user,
                 timeout=120,
+                **_run_as(self.user),
             )
         except subprocess.CalledProcessError as exc:
             raise ServerError(f"initdb failed: {exc.stderr.decode(errors='replace')}") from exc
@@ -190,8 +202,8 @@ class PostgresServer:
             [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), *settings],
             stdout=log,
             stderr=log,
-            user=self.user,
             start_new_session=True,
+            **_run_as(self.user),
         )
         log.close()
         self._wait_ready(timeout)

@@ -186,7 +186,9 @@ def _free_offset() -> int:
 class DevStack:
     """``cqrs-stack dev`` as a real process in its own process group, as under a terminal."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, offset: int) -> None:
+    def __init__(
+        self, env: dict[str, str], workdir: Path, offset: int, *, inherit: bool = True
+    ) -> None:
         self.offset = offset
         self.out = workdir / f"dev-{offset}.out"
         self.err = workdir / f"dev-{offset}.err"
@@ -194,7 +196,7 @@ class DevStack:
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cqrs_stack.cli", *command],
-                env={**os.environ, **env},
+                env={**os.environ, **env} if inherit else env,
                 stdout=out,
                 stderr=err,
                 start_new_session=True,  # its own group: a "terminal" Ctrl-C reaches it alone
@@ -264,6 +266,33 @@ async def test_dev_stops_on_ctrl_c_or_sigterm_with_exit_0_and_one_line(
     assert code == 0, err
     assert err.strip().splitlines() == ["cqrs-stack dev: stopped"], err
     assert not any(child.is_running() for child in children)
+
+
+async def test_dev_moves_its_own_servers_and_starts_quietly(
+    tmp_path: Path, dev_stacks: list[DevStack]
+) -> None:
+    # No *_URL: the newcomer's `make run`, with every port (servers too) moved by the offset.
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("_URL") and k != "LOG_LEVEL"}
+    clean.pop("XDG_RUNTIME_DIR", None)  # as in containers and CI: must not warn
+    offset = _free_offset()
+    dev = DevStack(clean, tmp_path, offset, inherit=False)
+    dev_stacks.append(dev)
+    banner = await dev.wait_running(120)
+    for port in (5447, 5448, 6384):
+        assert port_in_use("127.0.0.1", port + offset)
+    assert dev.err.read_text() == ""  # start-up prints the banner and nothing else
+    assert [line for line in banner.splitlines() if line.startswith("applied")] == [
+        "applied write/0001_commands",
+        "applied read/0001_records",
+    ]  # once each
+    async with httpx.AsyncClient(timeout=10) as client:
+        written = await client.post(dev.url(8007) + "/write", json={"key": "a", "value": "b"})
+        read = await client.get(dev.url(8007) + f"/read/a?position={written.json()['position']}")
+    assert read.json()["position_reached"] is True
+    os.killpg(dev.process.pid, signal.SIGINT)
+    code, err = dev.finish()
+    assert (code, err.strip()) == (0, "cqrs-stack dev: stopped")
+    assert not any(port_in_use("127.0.0.1", port + offset) for port in (5447, 5448, 6384))
 
 
 async def test_dev_names_a_crashed_child_and_exits_non_zero(
