@@ -214,7 +214,7 @@ def _migrate(env: dict[str, str], stop: threading.Event) -> None:
     """Run ``cqrs-stack migrate``; its own one-line error explains a failure."""
     done = subprocess.run([*_CLI, "migrate"], env=env, check=False, start_new_session=True)
     if done.returncode != 0:
-        raise CommandError("`cqrs-stack migrate` failed (see the line above)", done.returncode)
+        raise CommandError("`cqrs-stack migrate` failed (its message is above)", done.returncode)
     if stop.is_set():
         raise Stopped
 

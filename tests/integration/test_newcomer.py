@@ -123,6 +123,16 @@ def test_each_dependency_has_its_exit_code_and_debug_shows_the_traceback(stack: 
         assert "Traceback" in traced.stderr and SECRET not in traced.stdout + traced.stderr
 
 
+def test_dev_with_a_dead_database_says_so_in_a_few_lines(stack: Stack, tmp_path: Path) -> None:
+    offset = str(_free_offset())
+    dead_write = {**stack.env, "WRITE_DB_URL": _dead_url("w")}
+    done = run_cli("dev", "--port-offset", offset, "--data-dir", str(tmp_path), env=dead_write)
+    assert done.returncode == EXIT_WRITE_DB, done.stderr
+    assert "Traceback" not in done.stderr and SECRET not in done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3, done.stderr
+    assert "cannot reach the write DB" in done.stderr
+
+
 def test_unset_urls_name_the_local_dev_stack() -> None:
     # Nothing configured: the defaults are the local dev stack's ports (none running here).
     if port_in_use("127.0.0.1", 5447):
@@ -424,3 +434,27 @@ async def test_docs_render_in_a_browser_that_reaches_no_other_host(
     pixels = image.imread(shot)
     # A blank page is one colour; the rendered UI has its coloured operation blocks.
     assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97]}) > 20
+
+
+# --- the Makefile a newcomer meets first --------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
+    planned = subprocess.run(
+        ["make", "-n", "run", f"VENV={tmp_path / 'venv'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert planned.returncode == 0, planned.stderr
+    assert "requirements/run.lock" in planned.stdout and "--require-hashes" in planned.stdout
+    assert "test.lock" not in planned.stdout and "[test]" not in planned.stdout
+
+
+def test_make_help_aligns_its_columns() -> None:
+    shown = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True)
+    starts = {re.match(r"  \S+\s+", line).end() for line in shown.stdout.splitlines()}  # type: ignore[union-attr]
+    assert len(starts) == 1, shown.stdout
