@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,12 +198,19 @@ class DevStack:
     """``cqrs-stack dev`` as a real process in its own process group, as under a terminal."""
 
     def __init__(
-        self, env: dict[str, str], workdir: Path, offset: int, *, inherit: bool = True
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        offset: int,
+        *,
+        inherit: bool = True,
+        data_dir: Path | None = None,
     ) -> None:
         self.offset = offset
         self.out = workdir / f"dev-{offset}.out"
         self.err = workdir / f"dev-{offset}.err"
-        command = ["dev", "--port-offset", str(offset), "--data-dir", str(workdir / "data")]
+        data = str(data_dir or workdir / "data")
+        command = ["dev", "--port-offset", str(offset), "--data-dir", data]
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cqrs_stack.cli", *command],
@@ -279,13 +287,18 @@ async def test_dev_stops_on_ctrl_c_or_sigterm_with_exit_0_and_one_line(
 
 
 async def test_dev_moves_its_own_servers_and_starts_quietly(
-    tmp_path: Path, dev_stacks: list[DevStack]
+    tmp_path: Path, dev_stacks: list[DevStack], request: pytest.FixtureRequest
 ) -> None:
     # No *_URL: the newcomer's `make run`, with every port (servers too) moved by the offset.
     clean = {k: v for k, v in os.environ.items() if not k.endswith("_URL") and k != "LOG_LEVEL"}
     clean.pop("XDG_RUNTIME_DIR", None)  # as in containers and CI: must not warn
     offset = _free_offset()
-    dev = DevStack(clean, tmp_path, offset, inherit=False)
+    # A private folder of mode 0700 owned by root, as /root is: the PostgreSQL servers run as
+    # nobody and must still reach their data under it. (pytest's own tmp root is no place
+    # for it: every pytest session that starts resets it to 0700.)
+    home = Path(tempfile.mkdtemp(prefix="cqrs-dev-home-"))
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    dev = DevStack(clean, tmp_path, offset, inherit=False, data_dir=home / "data")
     dev_stacks.append(dev)
     banner = await dev.wait_running(120)
     for port in (5447, 5448, 6384):
