@@ -41,14 +41,15 @@ DEFAULT_PORTS: dict[str, int] = {
 # Exit codes: each failure a script may want to tell apart has its own (README, Commands).
 EXIT_DIFFERS = 1  # verify: the read model differs from the write DB
 EXIT_CONFIG = 2  # invalid configuration or arguments
-EXIT_WRITE_DB = 3  # the write DB cannot be reached
-EXIT_READ_DB = 4  # the read DB cannot be reached
-EXIT_REDIS = 5  # Redis cannot be reached
-EXIT_PORT_IN_USE = 6  # a port to listen on is taken
-EXIT_LOCAL_SERVER = 7  # dev: a local PostgreSQL or Redis server could not start
-EXIT_CRASHED = 8  # dev: a process of the stack exited on its own
-EXIT_DEPENDENCY_LOST = 9  # a database or Redis failed in the middle of a command
-EXIT_INTERNAL = 70  # anything else (a bug): --debug shows the traceback
+# 3 is a server that could not start (uvicorn's STARTUP_FAILURE).
+EXIT_WRITE_DB = 4  # the write DB cannot be reached
+EXIT_READ_DB = 5  # the read DB cannot be reached
+EXIT_REDIS = 6  # Redis cannot be reached
+EXIT_PORT_IN_USE = 7  # a port to listen on is taken
+EXIT_LOCAL_SERVER = 8  # dev: a local PostgreSQL or Redis server could not start
+EXIT_CRASHED = 9  # dev: a process of the stack exited on its own
+EXIT_DEPENDENCY_LOST = 10  # a database or Redis failed in the middle of a command
+EXIT_INTERNAL = 70  # anything else (a bug, EX_SOFTWARE): --debug shows the traceback
 
 
 class CommandError(Exception):
