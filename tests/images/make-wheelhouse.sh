@@ -8,7 +8,7 @@
 # a code change rebuilds only the last layers.
 #
 # Wheels are downloaded on the host (its pip, its index and certificates) and pinned to the
-# versions in .venv, the ones the tests ran with. The pinned sets are then resolved offline by
+# versions of requirements/test.lock, the ones the tests ran with. The pinned sets are then resolved offline by
 # the base image's own pip (`--network none`): environment markers such as
 # `python_full_version < "3.11.3"` must be evaluated by the interpreter that installs them, and a
 # requirement only it needs is fetched on the host and the resolution repeated.
@@ -27,9 +27,8 @@ STATE=.cache/wheelhouse-state
 mkdir -p "$HOUSE" "$STATE"
 
 base_id="$("$DOCKER" image inspect --format '{{.Id}}' "$BASE_IMAGE")"
-# Pins: what the test venv runs, minus the project itself (installed editable).
-"$PYTHON" -m pip freeze --exclude-editable 2>/dev/null | grep -viE '^(cqrs-stack|-e )' \
-    >"$STATE/constraints.txt" || true
+# Pins: the lock the tests install from (requirements/test.lock), as name==version.
+sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' requirements/test.lock >"$STATE/constraints.txt"
 stamp="$( (cat pyproject.toml "$STATE/constraints.txt" "$0"; echo "$base_id") | sha256sum | cut -c1-16)"
 if [[ -f "$STATE/stamp" && "$(cat "$STATE/stamp")" == "$stamp" \
       && -f "$HOUSE/requirements-operator.txt" && "${FORCE:-0}" != 1 ]]; then

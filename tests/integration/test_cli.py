@@ -67,4 +67,4 @@ async def test_bad_configuration_is_refused_clearly(stack: Stack) -> None:
         timeout=60,
     )
     assert done.returncode == 2
-    assert "invalid configuration" in done.stderr and "write_db_url" in done.stderr
+    assert "invalid configuration" in done.stderr and "WRITE_DB_URL" in done.stderr

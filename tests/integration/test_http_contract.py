@@ -313,8 +313,9 @@ async def test_write_and_read_apis_run_as_separate_processes(stack: Stack) -> No
     reader = await stack.launch("read-api")
     await stack.launch("projector")
     async with httpx.AsyncClient(timeout=10) as client:
-        assert (await client.get(f"{writer.url}/read/x")).status_code == 404
-        assert (await client.post(f"{reader.url}/write", json={"key": "x"})).status_code == 404
+        # The other side's routes: 405 with an empty Allow (test_newcomer.py has the details).
+        assert (await client.get(f"{writer.url}/read/x")).status_code == 405
+        assert (await client.post(f"{reader.url}/write", json={"key": "x"})).status_code == 405
         body = (await client.post(f"{writer.url}/write", json={"key": "x", "value": "1"})).json()
         read = await client.get(
             f"{reader.url}/read/x", params={"position": body["position"], "timeout": 5}
