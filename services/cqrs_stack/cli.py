@@ -40,6 +40,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .app import create_server_app
+    from .http_server import HeaderSectionProtocol
     from .supervision import exit_status, set_stop_hook
 
     log.info(
@@ -56,6 +57,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
+        http=HeaderSectionProtocol,  # trailers are no headers (http_server.py)
         access_log=args.access_log,
         timeout_graceful_shutdown=30,
         loop="uvloop" if _has_uvloop() else "asyncio",
