@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,7 +14,8 @@ from fastapi_offline import FastAPIOffline
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
 
 from . import __version__, errors, figures, metrics, read_api, write_api
 from .config import Settings
@@ -182,11 +183,21 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
 
 def _allowed_methods(request: Request) -> str:
     """Every method the request's path accepts, over all routes (a route match may be PARTIAL)."""
+    return ", ".join(sorted(_methods_of(request.app.router.routes, request.scope)))
+
+
+def _methods_of(routes: Iterable[BaseRoute], scope: Scope) -> set[str]:
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
+    for route in routes:
+        if route.matches(scope)[0] == Match.NONE:
+            continue
+        # An included router (FastAPI's include_router) holds its routes in the original one.
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            methods |= _methods_of(inner.routes, scope)
+        else:
             methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    return methods
 
 
 def _add_error_handlers(app: FastAPI) -> None:

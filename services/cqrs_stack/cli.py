@@ -150,6 +150,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .app import create_server_app
+    from .http_server import HeaderSectionProtocol
     from .supervision import exit_status, set_stop_hook
 
     if port_in_use(args.host, args.port):
@@ -173,6 +174,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
+        http=HeaderSectionProtocol,  # trailers are no headers (http_server.py)
         access_log=args.access_log,
         log_config=None,  # our handlers (configure_logging), with the redacting filter
         timeout_graceful_shutdown=30,

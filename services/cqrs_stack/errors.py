@@ -31,10 +31,13 @@ def error_response(
     detail: Any = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """The ``ErrorResponse`` body with ``status``."""
-    body: dict[str, Any] = {"success": False, "error": error, "message": message}
-    if detail is not None:
-        body["detail"] = jsonable_encoder(detail)
+    """The ``ErrorResponse`` body with ``status``; ``detail`` is always there (null if none)."""
+    body: dict[str, Any] = {
+        "success": False,
+        "error": error,
+        "message": message,
+        "detail": jsonable_encoder(detail),
+    }
     return JSONResponse(body, status_code=status, headers=headers)
 
 

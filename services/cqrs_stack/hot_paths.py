@@ -14,16 +14,16 @@ one place and has one shape.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from . import metrics
-from .config import Settings
 from .errors import DuplicateHeader, RequestRefused, dependency_error
 from .events import RECORD_CREATED, RECORD_UPDATED
-from .middleware import read_body, replay, single_headers
+from .middleware import no_body, read_body, replay, single_headers
 from .models import MAX_KEY_LENGTH, WriteRequest, parse_write_request
 from .read_api import read_answer
 from .resources import Resources
@@ -72,45 +72,67 @@ class HotPaths:
                 return True
             key = path[len(_READ_PREFIX) :]
             if self.reads and path.startswith(_READ_PREFIX) and _valid_key(key):
-                status = await self._read(key, scope, receive, send)
-                metrics.observe_request(_READ_ROUTE, method, status, started)
+                await self._counted(_READ_ROUTE, method, started, self._read(key, scope, send))
                 return True
         elif path == "/write" and method in _EVENT_TYPES and self.writes:
             if self._length_in_bounds(headers):
-                written = await self._write(scope, receive, send, headers)
-                if written is not None:
-                    metrics.observe_request(_WRITE_ROUTE, method, written, started)
+                written = self._write(scope, receive, send, headers)
+                passed_on = await self._counted(_WRITE_ROUTE, method, started, written)
+                if passed_on is not None:  # the app answers (and counts) it
+                    await self.app(scope, passed_on, send)
                 return True
         return False
 
-    async def _read(self, key: str, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _counted(
+        self, route: str, method: str, started: float, answer: Awaitable[int | Receive | None]
+    ) -> Receive | None:
+        """Await our own ``answer`` and count it: its status, or 500 for an error it raised.
+
+        An error goes on up to the server, which answers 500 as the framework would; counted
+        here as the app's RequestGuard counts one, so /metrics agrees on both paths. What the
+        answer hands back for the app (a ``receive``) is not counted: the app counts it.
+        """
+        try:
+            outcome = await answer
+        except Exception:
+            metrics.observe_request(route, method, 500, started)
+            raise
+        if isinstance(outcome, int):
+            metrics.observe_request(route, method, outcome, started)
+            return None
+        return outcome
+
+    async def _read(self, key: str, scope: Scope, send: Send) -> int:
         resources: Resources = self.app.state.resources
         try:
             answer = await read_answer(resources, key)
         except Exception as exc:
-            return await _dependency_down(exc, scope, receive, send)
+            return await _dependency_down(exc, scope, send)
         await _send_json(send, answer)
         return 200
 
     async def _write(
         self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes]
-    ) -> int | None:
-        """Answer a write; None when the app answered it instead (it counts it) or no one."""
+    ) -> int | Receive | None:
+        """Answer a write (its status); or the ``receive`` for the app to answer it; or None
+        when the client went away."""
+        resources: Resources = self.app.state.resources
+        if not token_accepted(resources.settings, headers.get(b"authorization", b"")):
+            # The route's 401 comes before the body is read, as for every write: a client
+            # without the token is not told to send it (100 Continue), nor is it buffered.
+            return receive
         raw = await read_body(receive)
         if raw is None:
             return None  # the client went away
-        resources: Resources = self.app.state.resources
-        body = _accepted_body(resources.settings, headers, raw)
-        if body is None:  # the route refuses it, with the same token check and parser
-            await self.app(scope, replay([raw], None), send)
-            return None
+        body = _parsed_body(headers, raw)
+        if body is None:  # the route refuses it, with the same parser
+            return replay([raw], None)
         try:
             answer = await write_answer(resources, body, _EVENT_TYPES[scope["method"]])
         except HTTPException:  # a refusal before anything was stored (value too large)
-            await self.app(scope, replay([raw], None), send)
-            return None
+            return replay([raw], None)
         except Exception as exc:
-            return await _dependency_down(exc, scope, receive, send)
+            return await _dependency_down(exc, scope, send)
         await _send_json(send, answer.model_dump_json().encode())
         return 200
 
@@ -124,13 +146,8 @@ class HotPaths:
         return length.isdigit() and int(length) <= self.max_body_bytes
 
 
-def _accepted_body(
-    settings: Settings, headers: dict[bytes, bytes], raw: bytes
-) -> WriteRequest | None:
-    """The write's body when the route would take it (token, then body), else None."""
-    authorization = headers.get(b"authorization", b"").decode("latin-1")
-    if not token_accepted(settings, authorization):
-        return None
+def _parsed_body(headers: dict[bytes, bytes], raw: bytes) -> WriteRequest | None:
+    """The write's body when the route would take it, else None."""
     content_type = headers.get(b"content-type")
     try:
         return parse_write_request(
@@ -145,11 +162,12 @@ def _valid_key(key: str) -> bool:
     return 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key
 
 
-async def _dependency_down(exc: Exception, scope: Scope, receive: Receive, send: Send) -> int:
+async def _dependency_down(exc: Exception, scope: Scope, send: Send) -> int:
+    """Answer 503 for a dependency's failure; any other error is raised again (a 500)."""
     answer = dependency_error(exc)
     if answer is None:
         raise exc
-    await answer(scope, receive, send)
+    await answer(scope, no_body, send)
     return answer.status_code
 
 

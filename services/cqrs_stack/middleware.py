@@ -35,10 +35,14 @@ class RequestGuard:
             return
         status = 500
         if b"content-length" not in headers and scope["method"] in _BODY_METHODS:
-            # A chunked body has no length to check up front: read it here, bounded.
+            # A chunked body has no length to check up front: it is counted as the route reads
+            # it, so that a write without its token is refused (401) before it is read.
+            receive = self._bounded(receive)
+        elif b"content-length" not in headers and b"transfer-encoding" in headers:
+            # No route reads the body of a GET: read it here, bounded, as its length would be.
             bounded = await self._bounded_body(receive)
             if bounded is None:
-                await _too_large(self.max_body_bytes).response()(scope, _no_body, send)
+                await _too_large(self.max_body_bytes).response()(scope, no_body, send)
                 metrics.observe_request("unmatched", scope["method"], 413, started)
                 return
             receive = bounded
@@ -55,6 +59,21 @@ class RequestGuard:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             metrics.observe_request(path, scope["method"], status, started)
+
+    def _bounded(self, receive: Receive) -> Receive:
+        """A ``receive`` that raises ``TooLarge`` (413) once the body passes the limit."""
+        size = 0
+
+        async def bounded() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_body_bytes:
+                    raise _too_large(self.max_body_bytes)
+            return message
+
+        return bounded
 
     async def _bounded_body(self, receive: Receive) -> Receive | None:
         """Read the whole body if it fits the limit and return a receive that replays it."""
@@ -134,5 +153,6 @@ async def read_body(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _no_body() -> Message:
+async def no_body() -> Message:
+    """A ``receive`` for an answer that reads no body: the client is gone."""
     return {"type": "http.disconnect"}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import datetime
+from itertools import accumulate
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
@@ -55,16 +57,41 @@ def _no_constant(name: str) -> Any:
 # One decoder for every body: json.loads with hooks would build a new one per call.
 _STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
+# Deepest nesting of arrays and objects a body may have (the write's object is level 1).
+# Checked before parsing, so the limit does not depend on how deep the stack already is when
+# the parser runs (the hot path and the routes call it from different depths).
+MAX_JSON_DEPTH = 512
+# A JSON string (its escapes included): what is inside one is no nesting.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_DEPTH_STEP = tuple(1 if b in b"[{" else -1 for b in range(256))
+
+
+def _nested_too_deep(raw: bytes) -> bool:
+    """Do arrays and objects in ``raw`` nest deeper than ``MAX_JSON_DEPTH`` (strings aside)?
+
+    Every step runs in C (count, regex, translate, accumulate): a 2 MiB body costs a few
+    milliseconds, and a body with few brackets is not scanned at all.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return False  # cannot nest deeper than it has brackets
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > MAX_JSON_DEPTH
+
 
 def parse_json_body(raw: bytes) -> Any:
     """Parse a request body as strict JSON (RFC 8259): UTF-8, unique keys, no NaN/Infinity.
 
-    Every refusal is a ``json.JSONDecodeError`` whose message says what is wrong, so that it
+    The body must be UTF-8 (a leading UTF-8 byte order mark is ignored, as RFC 8259 allows);
+    UTF-16, UTF-32 and encoded surrogates (CESU-8) are refused. Every refusal, whatever the
+    parser raised, is a ``json.JSONDecodeError`` whose message says what is wrong, so that it
     answers 400 ``malformed_json`` like any other syntax error.
     """
     try:
-        # What json.loads does with bytes: detect UTF-8/16/32 (and a UTF-8 BOM), then decode.
-        return _STRICT_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        text = raw.decode("utf-8-sig")  # strict: no surrogatepass, no encoding detection
+        if _nested_too_deep(raw):
+            raise _StrictJSONError(f"JSON nested too deeply (over {MAX_JSON_DEPTH} levels)")
+        return _STRICT_DECODER.decode(text)
     except json.JSONDecodeError:
         raise
     except _StrictJSONError as exc:
@@ -73,6 +100,11 @@ def parse_json_body(raw: bytes) -> Any:
         raise json.JSONDecodeError("the body is not valid UTF-8", "", exc.start) from None
     except RecursionError:
         raise json.JSONDecodeError("JSON nested too deeply", "", 0) from None
+    except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        limit = sys.get_int_max_str_digits()
+        raise json.JSONDecodeError(f"a number has more than {limit} digits", "", 0) from None
+    except Exception:  # whatever else the parser raises is still bad input, never a 500
+        raise json.JSONDecodeError("unreadable JSON", "", 0) from None
 
 
 def _no_nul(value: str) -> str:
@@ -116,6 +148,9 @@ class WriteRequest(BaseModel):
 
 
 # application/<subtype>, the subtype an RFC 9110 token (so "application/x, y+json" is no JSON).
+# Whitespace around a header value or parameter (RFC 9110 OWS): space and tab only, not what
+# str.strip() also takes away (a no-break space is part of the value, so no JSON type).
+_OWS = " \t"
 _JSON_MEDIA_TYPE = re.compile(r"application/([!#$%&'*+.^_`|~0-9a-z-]+)")
 
 
@@ -126,9 +161,9 @@ def check_json_media_type(content_type: str | None) -> None:
     ``application/json`` and every ``application/<something>+json``, in any case and with any
     parameters. A header with only parameters (``;charset=utf-8``) names no type: refused.
     """
-    if content_type is None or not content_type.strip():
+    if content_type is None or not content_type.strip(_OWS):
         return
-    media_type = content_type.split(";", 1)[0].strip().lower()
+    media_type = content_type.split(";", 1)[0].strip(_OWS).lower()
     json_type = _JSON_MEDIA_TYPE.fullmatch(media_type)
     if json_type is not None and (json_type[1] == "json" or json_type[1].endswith("+json")):
         return

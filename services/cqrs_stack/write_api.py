@@ -15,25 +15,35 @@ from .resources import Resources
 from .write_path import WriteResult
 
 
-def token_accepted(settings: Settings, authorization: str) -> bool:
-    """Does an ``Authorization`` header value satisfy WRITE_API_TOKEN (always, when unset)?"""
+def token_accepted(settings: Settings, authorization: bytes) -> bool:
+    """Does an ``Authorization`` header value satisfy WRITE_API_TOKEN (always, when unset)?
+
+    The value is compared as the bytes sent, against the token's UTF-8 bytes (what curl and
+    every client send for a non-ASCII token), never decoded: decoding as Latin-1 then encoding
+    again would turn a UTF-8 token into another one. ``Bearer``, in any case, then one or more
+    spaces (RFC 6750), then the token; whitespace around the value is not part of it (RFC 9110).
+    """
     expected = settings.write_api_token.get_secret_value()
     if not expected:
         return True
-    scheme, _, given = authorization.partition(" ")
+    scheme, _, given = authorization.strip(b" \t").partition(b" ")
     # compare_digest of two digests of one length: the time taken tells neither how much of a
     # guess was right nor how long the token is.
-    return scheme.lower() == "bearer" and hmac.compare_digest(_digest(given), _digest(expected))
+    return scheme.lower() == b"bearer" and hmac.compare_digest(
+        _digest(given.lstrip(b" ")), _digest(expected.encode())
+    )
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
 
 
 async def require_token(request: Request) -> None:
     """With WRITE_API_TOKEN set, a write needs ``Authorization: Bearer <that token>``."""
     resources: Resources = request.app.state.resources
-    if not token_accepted(resources.settings, request.headers.get("authorization", "")):
+    # The raw value (the guard already refused a second Authorization header).
+    authorization = dict(request.scope["headers"]).get(b"authorization", b"")
+    if not token_accepted(resources.settings, authorization):
         raise HTTPException(
             401,
             "writes need the header 'Authorization: Bearer <token>' with the configured token",

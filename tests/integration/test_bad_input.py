@@ -136,6 +136,23 @@ async def test_write_token_when_configured(stack: Stack, hot_paths: str) -> None
     assert "s3cret-token" not in service.log()
 
 
+@pytest.mark.parametrize("hot_paths", ["true", "false"])
+async def test_a_token_that_is_not_ascii(stack: Stack, hot_paths: str) -> None:
+    # Clients (curl, httpx, browsers) send a non-ASCII token as its UTF-8 bytes; the token is
+    # compared as those bytes, not decoded as Latin-1 and encoded again.
+    token = "sécret"
+    service = await stack.launch("write-api", WRITE_API_TOKEN=token, HOT_PATHS=hot_paths)
+    body = b'{"key": "k", "value": "v"}'
+    async with httpx.AsyncClient(base_url=service.url) as client:
+        for authorization, status in (
+            (b"Bearer " + token.encode(), 200),
+            (b"Bearer " + token.encode("latin-1"), 401),
+        ):
+            headers = [(b"authorization", authorization)]
+            answer = await client.post("/write", content=body, headers=headers)
+            assert answer.status_code == status, (authorization, answer.text)
+
+
 async def test_writes_need_no_token_by_default(stack: Stack) -> None:
     service = await stack.launch("write-api")
     async with httpx.AsyncClient(base_url=service.url) as client:
