@@ -98,6 +98,14 @@ def create_server_app(settings: Settings, role: Role) -> HotPaths | FastAPI:
     )
 
 
+def begin_stop(served: HotPaths | FastAPI) -> None:
+    """The server stops taking requests: begin the bounded stop of ``served``'s resources."""
+    app = served.app if isinstance(served, HotPaths) else served
+    resources: Resources | None = getattr(app.state, "resources", None)
+    if resources is not None:
+        resources.begin_stop()
+
+
 def _resources(request: Request) -> Resources:
     resources: Resources = request.app.state.resources
     return resources

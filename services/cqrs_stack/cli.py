@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -149,7 +150,7 @@ def unreachable(what: str, variable: str, url: str, exc: BaseException) -> Comma
 def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from .app import create_server_app
+    from .app import begin_stop, create_server_app
     from .http_server import HeaderSectionProtocol
     from .supervision import exit_status, set_stop_hook
 
@@ -169,18 +170,27 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         redact_url(settings.read_db_url),
         redact_url(settings.redis_url),
     )
+    served = create_server_app(settings, role)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # The writes in hand are answered within SHUTDOWN_TIMEOUT, before the graceful
+            # bound below (the same setting) would cancel their requests with a bare 500.
+            begin_stop(served)
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
-        create_server_app(settings, role),
+        served,
         host=args.host,
         port=args.port,
         log_level=settings.log_level.lower(),
         http=HeaderSectionProtocol,  # trailers are no headers (http_server.py)
         access_log=args.access_log,
         log_config=None,  # our handlers (configure_logging), with the redacting filter
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_timeout)),
         loop="uvloop" if _has_uvloop() else "asyncio",
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     # A background task that dies stops the server as SIGTERM would, then fails the exit.
     set_stop_hook(lambda: setattr(server, "should_exit", True))
     with contextlib.suppress(KeyboardInterrupt):

@@ -26,6 +26,10 @@ from .write_path import CommandWriter, publish_queued
 
 log = logging.getLogger(__name__)
 
+# Of SHUTDOWN_TIMEOUT, the share that writes in hand may still wait for the write DB; the rest
+# is for sending their answers and for the background work's drain.
+_ANSWER_SHARE = 0.75
+
 Role = Literal["write-api", "read-api", "api", "projector"]
 ROLES: tuple[Role, ...] = ("write-api", "read-api", "api", "projector")
 
@@ -57,6 +61,19 @@ class Resources:
     projector: Projector | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     supervisor: Supervisor = field(default_factory=Supervisor)
+    # The loop's clock by which the stop must be over (set when it begins).
+    stop_deadline: float | None = None
+
+    def begin_stop(self) -> None:
+        """The server stops taking requests: start the clock of SHUTDOWN_TIMEOUT, and have
+        the writes in hand answered within part of it, so that their answers are sent before
+        the server's own graceful bound (the same setting) cancels the requests."""
+        if self.stop_deadline is not None:
+            return
+        timeout = self.settings.shutdown_timeout
+        self.stop_deadline = asyncio.get_running_loop().time() + timeout
+        if self.writer is not None:
+            self.writer.begin_stop(timeout * _ANSWER_SHARE)
 
     @property
     def writes(self) -> bool:
@@ -179,7 +196,9 @@ async def close_resources(resources: Resources) -> None:
     flushed in what is left of it.
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + resources.settings.shutdown_timeout
+    resources.begin_stop()
+    assert resources.stop_deadline is not None
+    deadline = resources.stop_deadline
     resources.stopping.set()
     if resources.writer is not None:
         await resources.writer.stop(max(0.0, deadline - loop.time()))

@@ -9,6 +9,7 @@ sends it once Redis is back; a crash between commit and XADD leaves the same tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .errors import RetryLater
 from .events import Command
 from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE, WRITE_QUEUE_DEPTH
 from .supervision import Supervisor
+from .write_db import CommitOutcomeUnknown
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,9 @@ class CommandWriter:
         self._supervisor: Supervisor | None = None
         self._closed = asyncio.Event()
         self._in_batch = 0  # writes taken from the queue and not answered yet
+        self._batch: list[_Pending] = []  # the batch committing (its statement may be sent)
+        self._give_up: asyncio.TimerHandle | None = None  # set once a stop has begun
+        self._refusing = False  # the stop's bound passed: writes are answered at once
         self._breaker = CircuitBreaker(
             "redis",
             redis.ping,
@@ -83,12 +88,38 @@ class CommandWriter:
         self._supervisor = supervisor
         supervisor.run(_LOOP_NAME, self._write_round, until=self._closed, interval=0)
 
+    def begin_stop(self, within: float) -> None:
+        """The process is stopping: writes not answered within ``within`` seconds are then
+        answered 503 (``outcome_unknown`` when their batch was committing, else
+        ``shutting_down``, nothing stored), and later writes at once. Idempotent."""
+        if self._give_up is None:
+            self._give_up = asyncio.get_running_loop().call_later(within, self._answer_all)
+
+    def _answer_all(self) -> None:
+        """The stop's bound passed: answer every write in hand; none waits for the write DB."""
+        self._refusing = True
+        for pending in self._batch:  # its statement may be sent: it may be stored
+            if not pending.done.done():
+                pending.done.set_exception(CommitOutcomeUnknown())
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.done.done():
+                pending.done.set_exception(_stopping())
+            self._queue.task_done()
+        WRITE_QUEUE_DEPTH.set(self.in_hand)
+
     async def stop(self, within: float) -> None:
-        """Finish what was queued, then stop (waiting at most ``within`` for the loop)."""
+        """Finish what was queued within ``within`` seconds, answer the rest, then stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        self.begin_stop(within)
         if self._supervisor is not None:
-            await self._queue.join()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await self._queue.join()
+            self._answer_all()
             self._closed.set()
-            await self._supervisor.stop([_LOOP_NAME], within)
+            await self._supervisor.stop([_LOOP_NAME], max(0.0, deadline - loop.time()))
         await self._breaker.close()
 
     @property
@@ -100,8 +131,10 @@ class CommandWriter:
         """Store one command; return once it is committed (and published, if Redis is up).
 
         Raises ``RetryLater`` at once, storing nothing, when ``write_queue_max`` writes are
-        already in hand.
+        already in hand, or once a stop has answered the writes in hand.
         """
+        if self._refusing:
+            raise _stopping()
         if self.in_hand >= self._settings.write_queue_max:
             raise RetryLater(
                 "write_queue_full",
@@ -127,6 +160,7 @@ class CommandWriter:
         while len(batch) < self._settings.write_batch_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         self._in_batch = len(batch)
+        self._batch = batch
         try:
             await self._commit_and_publish(batch)
         except Exception as exc:  # unforeseen: the batch's writers learn of it, never hang
@@ -136,6 +170,7 @@ class CommandWriter:
             raise
         finally:
             self._in_batch = 0
+            self._batch = []
             WRITE_QUEUE_DEPTH.set(self.in_hand)
             for _ in batch:
                 self._queue.task_done()
@@ -187,6 +222,14 @@ class CommandWriter:
         except Exception as exc:  # the events are in the stream: the answer stands
             log.warning("marking published failed count=%d error=%r", len(commands), exc)
         return event_ids
+
+
+def _stopping() -> RetryLater:
+    return RetryLater(
+        "shutting_down",
+        "this process is stopping and the write DB did not take the write in time: "
+        "nothing was stored, retry later (another replica may take it)",
+    )
 
 
 async def publish_pending(

@@ -262,3 +262,41 @@ async def test_a_backlog_of_large_values_is_published_in_bounded_pages(
     # One page of 8 values in memory at a time, not the whole 300 MB backlog.
     peak = peak_rss_mb(api.process.pid)
     assert peak < 200, f"write-api peak RSS {peak:.0f} MB"
+
+
+async def test_a_stop_answers_every_write_in_hand_within_its_bound(stack: Stack) -> None:
+    # The write DB takes nothing (a table lock: sent statements hang as on a hung server).
+    api = await stack.launch("write-api", SHUTDOWN_TIMEOUT="2", WRITE_BATCH_MAX="16")
+    limits = httpx.Limits(max_connections=60)
+    async with httpx.AsyncClient(base_url=api.url, timeout=60, limits=limits) as client:
+        assert (await client.post("/write", json={"key": "warm", "value": "v"})).status_code == 200
+        async with stack.write_engine.connect() as locker:
+            await locker.execute(text("LOCK TABLE commands IN ACCESS EXCLUSIVE MODE"))
+            pending = [
+                asyncio.create_task(client.post("/write", json={"key": f"s{i}", "value": "v"}))
+                for i in range(50)
+            ]
+
+            async def all_in_hand() -> bool:
+                return await queue_depth(client) >= 50
+
+            await wait_until(all_in_hand, 20, "the writes to wait for the write DB")
+            started = time.monotonic()
+            # SIGTERM: bounded by SHUTDOWN_TIMEOUT (2 s), not by a statement's timeout.
+            code = await asyncio.to_thread(api.terminate, 15)
+            stopped = time.monotonic() - started
+            answers = await asyncio.wait_for(asyncio.gather(*pending), 5)
+            await locker.rollback()
+    assert code in (0, -signal.SIGTERM), api.log()[-3000:]
+    assert stopped < 2 + 2, f"stopped after {stopped:.1f}s"
+    assert {a.status_code for a in answers} == {503}, [a.text for a in answers][:5]
+    errors = [a.json()["error"] for a in answers]
+    # The committing batch may be stored; the queued writes were never sent.
+    assert errors.count("shutting_down") >= 50 - 16, errors
+    assert set(errors) <= {"shutting_down", "outcome_unknown", "database_unavailable"}
+    assert all(a.headers["retry-after"].isdigit() for a in answers)
+    never_sent = [f"s{i}" for i, e in enumerate(errors) if e == "shutting_down"]
+    stored = await stack.scalar(
+        stack.write_engine, "SELECT count(*) FROM commands WHERE key = ANY(:keys)", keys=never_sent
+    )
+    assert stored == 0
