@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 import asyncpg
@@ -35,10 +34,11 @@ _ADD_READ_COUNTS = text(
 
 
 _Answer = asyncio.Future[dict[str, Any] | None]
-# A SELECT that overlapped a read-count flush waits this long for it, then runs again; after
-# this many tries it answers with what it has.
-_FLUSH_OVERLAP_WAIT = 0.1
-_FLUSH_OVERLAP_RETRIES = 3
+# A SELECT during which a flush of one of its keys committed runs again at once, at most this
+# many times in all (flushes are at least an interval apart, a SELECT takes milliseconds).
+_FLUSH_OVERLAP_TRIES = 3
+# Committed flushes remembered for that check; a SELECT that outlasts more looks again.
+_RECENT_FLUSHES = 8
 
 
 class RecordReader:
@@ -49,9 +49,10 @@ class RecordReader:
     and of a round trip is paid once per batch; a lone read still runs at once (next turn).
     A plain autocommit read: no transaction, no locks.
 
-    An answer's ``read_count`` is the row's plus the reads ``counter`` holds in memory. A
-    read-count flush that commits while the SELECT runs would leave it unknown whether the
-    row already has the flushed reads, so such a SELECT is run again once the flush is done.
+    An answer's ``read_count`` is the row's plus the reads ``counter`` holds in memory
+    (pending or in a flush not committed yet). Only a flush of one of the SELECT's keys that
+    commits while the SELECT runs leaves it unknown whether the row already has those reads:
+    such a SELECT runs again at once. A flush held by a row lock delays no read.
     """
 
     def __init__(self, pool: asyncpg.Pool, counter: ReadCounter) -> None:
@@ -88,7 +89,7 @@ class RecordReader:
 
     async def _fetch(self, batch: dict[str, list[_Answer]]) -> None:
         try:
-            rows = await self._select(list(batch))
+            rows, unseen = await self._select(list(batch))
         except asyncio.CancelledError:
             for answer in _flatten(batch):
                 answer.cancel()
@@ -100,7 +101,7 @@ class RecordReader:
             return
         found = {row["key"]: row for row in rows}
         # Counted here, in the same turn as the flush check in _select: the row holds every
-        # flushed read and memory the rest, so each answer counts each read exactly once.
+        # committed read and memory the rest, so each answer counts each read exactly once.
         for key, answers in batch.items():
             row = found.get(key)
             for answer in answers:
@@ -111,18 +112,21 @@ class RecordReader:
                     continue
                 self._counter.count(key)
                 record = dict(row)
-                record["read_count"] += self._counter.unflushed(key)
+                record["read_count"] += self._counter.unflushed(key) + unseen[key]
                 answer.set_result(record)
 
-    async def _select(self, keys: list[str]) -> list[asyncpg.Record]:
-        for _ in range(_FLUSH_OVERLAP_RETRIES):
-            before = self._counter.flush_mark()
+    async def _select(self, keys: list[str]) -> tuple[list[asyncpg.Record], Counter[str]]:
+        """The rows of ``keys``, and the reads of flushes that committed while the last
+        SELECT ran (empty unless every try overlapped one: they are then added, so that an
+        answer may count a read twice but never misses one it already showed)."""
+        for _ in range(_FLUSH_OVERLAP_TRIES):
+            before = self._counter.commits
             async with driver_connection(self._pool) as conn:
                 rows: list[asyncpg.Record] = await conn.fetch(_GET_RECORDS, keys)
-            if before is not None and self._counter.flush_mark() == before:
-                return rows
-            await self._counter.wait_flushed(_FLUSH_OVERLAP_WAIT)
-        return rows  # a flush stuck on row locks: answer anyway, its counts may be off
+            unseen = self._counter.committed_since(before, keys)
+            if not unseen:
+                return rows, unseen
+        return rows, unseen
 
 
 def _flatten(batch: dict[str, list[_Answer]]) -> list[_Answer]:
@@ -184,9 +188,9 @@ class ReadCounter:
         # Being written right now: still counted in answers until the UPDATE has committed.
         self._in_flight: Counter[str] = Counter()
         self._dropped = 0  # reads not counted because memory held max_keys keys
-        self._flushes = 0
-        self._not_flushing = asyncio.Event()
-        self._not_flushing.set()
+        self._commits = 0
+        # The last committed flushes (number, batch), for SELECTs that overlapped them.
+        self._recent: deque[tuple[int, Counter[str]]] = deque(maxlen=_RECENT_FLUSHES)
 
     def count(self, key: str) -> bool:
         """Count one read of ``key``; False if it was dropped because memory is full."""
@@ -200,17 +204,30 @@ class ReadCounter:
         """Reads of ``key`` counted here but not yet committed to the read DB."""
         return self._pending.get(key, 0) + self._in_flight.get(key, 0)
 
-    def flush_mark(self) -> int | None:
-        """None while a flush is under way, else how many flushes have started.
+    @property
+    def flushing(self) -> bool:
+        """Is a flush under way (sent, not committed or failed yet)?"""
+        return bool(self._in_flight)
 
-        Equal marks before and after a SELECT mean no flush committed while it ran.
+    @property
+    def commits(self) -> int:
+        """How many flushes have committed so far."""
+        return self._commits
+
+    def committed_since(self, commits: int, keys: list[str]) -> Counter[str]:
+        """Reads of ``keys`` written by the flushes that committed after ``commits`` did.
+
+        When more flushes committed than are remembered, every key is reported with at
+        least one read (unknown, but not none).
         """
-        return self._flushes if self._not_flushing.is_set() else None
-
-    async def wait_flushed(self, within: float) -> None:
-        """Wait, at most ``within`` seconds, until no flush is under way."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._not_flushing.wait(), within)
+        found: Counter[str] = Counter()
+        if self._commits - commits > len(self._recent):
+            return Counter(dict.fromkeys(keys, 1))
+        for number, batch in self._recent:
+            if number > commits:
+                for key in keys:
+                    found[key] += batch.get(key, 0)
+        return +found
 
     async def flush_round(self) -> None:
         """One round of the supervised flush loop."""
@@ -230,19 +247,19 @@ class ReadCounter:
             return 0
         batch, self._pending = self._pending, Counter()
         self._in_flight = batch
-        self._flushes += 1
-        self._not_flushing.clear()
         try:
             async with self._engine.begin() as conn:
                 await conn.execute(
                     _ADD_READ_COUNTS, {"keys": list(batch), "reads": list(batch.values())}
                 )
+            # Same turn as clearing _in_flight: a SELECT that ran across the commit sees it.
+            self._commits += 1
+            self._recent.append((self._commits, batch))
         except BaseException:
             self._pending.update(batch)  # kept for the next attempt (or the stop's report)
             raise
         finally:
             self._in_flight = Counter()
-            self._not_flushing.set()
         total = sum(batch.values())
         READ_COUNTS_FLUSHED.inc(total)
         return total

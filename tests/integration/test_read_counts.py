@@ -1,8 +1,9 @@
 """``read_count`` at its edges, on the real read DB and live read-api processes.
 
-An answer adds the reads held in memory to the row's count. A SELECT that overlaps a flush
-cannot know whether the row has the flushed reads yet, so it runs again once the flush is done
-(read_db.RecordReader). The flush is held mid-way by a row lock taken from another connection.
+An answer adds the reads held in memory to the row's count. A SELECT during which a flush of
+its key commits cannot know whether the row has the flushed reads yet, so it runs again
+(read_db.RecordReader); a flush held mid-way (by a row lock taken from another connection)
+delays no read.
 Only a read answered with its record counts; memory is bounded during an outage; SIGTERM
 stores every counted read; several replicas never hide a read once it is flushed.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +28,7 @@ from cqrs_stack import db
 from cqrs_stack.localservers import PostgresServer, free_port
 from cqrs_stack.migrations import migrate
 from cqrs_stack.read_db import ReadCounter, RecordReader
+from tests.fixtures.pgproxy import PgProxy
 from tests.fixtures.stack import ServiceProcess, Stack, wait_until
 
 _INSERT_RECORD = (
@@ -75,7 +78,7 @@ async def flush_held_by_a_row_lock(
 
 def _waiting_on_a_lock(stack: Stack, counter: ReadCounter) -> Callable[[], Awaitable[bool]]:
     async def waiting() -> bool:
-        return counter.flush_mark() is None and bool(
+        return counter.flushing and bool(
             await stack.scalar(
                 stack.read_engine,
                 "SELECT count(*) FROM pg_stat_activity"
@@ -86,34 +89,84 @@ def _waiting_on_a_lock(stack: Stack, counter: ReadCounter) -> Callable[[], Await
     return waiting
 
 
-async def test_a_read_during_a_flush_answers_after_it(
+async def test_a_read_during_a_held_flush_answers_at_once(
     stack: Stack, read_pool: asyncpg.Pool
 ) -> None:
     counter = ReadCounter(stack.read_engine, interval=3600)
     reader = RecordReader(read_pool, counter)
     async with flush_held_by_a_row_lock(stack, counter, reads=3) as flush:
-        read = asyncio.create_task(reader.get("k"))
-        # The read waits for the held flush (its retries take 0.3 s before it gives up).
-        done, _ = await asyncio.wait({read}, timeout=0.2)
-        assert not done
-    assert flush.result() == 3
-    record = await asyncio.wait_for(read, 10)
-
-    assert record is not None
-    # Selected again after the flush: the row has the 3, memory only this read: counted once.
-    assert record["read_count"] == 4
-    assert counter.unflushed("k") == 1
-
-
-async def test_a_flush_stuck_on_locks_does_not_hold_reads_for_long(
-    stack: Stack, read_pool: asyncpg.Pool
-) -> None:
-    counter = ReadCounter(stack.read_engine, interval=3600)
-    reader = RecordReader(read_pool, counter)
-    async with flush_held_by_a_row_lock(stack, counter, reads=2):
-        record = await asyncio.wait_for(reader.get("k"), 5)  # bounded retries, then answers
+        # The row has none of the 3 yet and memory has all: no need to wait for the flush.
+        record = await asyncio.wait_for(reader.get("k"), 0.1 + 0.05)
         assert record is not None
-        assert record["read_count"] == 3  # 2 in the held flush, this one pending
+        assert record["read_count"] == 4
+        assert not flush.done()
+    assert flush.result() == 3
+    record = await reader.get("k")
+    assert record is not None
+    assert record["read_count"] == 5  # the row has the 3, memory the 2 since: counted once
+    assert counter.unflushed("k") == 2
+
+
+@pytest_asyncio.fixture
+async def slow_read_pool(
+    stack: Stack, read_pg: PostgresServer, read_pool: asyncpg.Pool
+) -> AsyncIterator[tuple[asyncpg.Pool, PgProxy]]:
+    """A pool on the stack's read DB through a proxy that can hold the server's answers."""
+    proxy = PgProxy(read_pg.port)
+    await proxy.start()
+    url = stack.settings.read_db_url
+    assert f":{read_pg.port}/" in url
+    url = url.replace(f":{read_pg.port}/", f":{proxy.port}/")
+    pool = await db.create_pool(url, stack.settings, application_name="t")
+    try:
+        yield pool, proxy
+    finally:
+        await pool.close()
+        await proxy.stop()
+
+
+async def test_a_flush_committing_during_a_select_never_lowers_a_count(
+    stack: Stack, slow_read_pool: tuple[asyncpg.Pool, PgProxy]
+) -> None:
+    pool, proxy = slow_read_pool
+    counter = ReadCounter(stack.read_engine, interval=3600)
+    reader = RecordReader(pool, counter)
+    proxy.delay = 0.1  # each SELECT's answer arrives 0.1 s after it ran
+    holding = True
+
+    async def flush_often() -> None:
+        while holding:
+            await counter.flush()
+            await asyncio.sleep(0.02)
+
+    async def lock_again_and_again() -> None:
+        # Flushes wait on the row lock, then commit when it is released: now and then while
+        # a SELECT's answer is on the way.
+        for _ in range(6):
+            async with stack.read_engine.connect() as blocker:
+                await blocker.begin()
+                await blocker.execute(text("SELECT 1 FROM records WHERE key = 'k' FOR UPDATE"))
+                await asyncio.sleep(0.5)
+                await blocker.commit()
+            await asyncio.sleep(0.03)
+
+    flusher = asyncio.create_task(flush_often())
+    locker = asyncio.create_task(lock_again_and_again())
+    answers = []
+    try:
+        for _ in range(200):  # one sequential client
+            if locker.done():
+                break
+            record = await asyncio.wait_for(reader.get("k"), 10)
+            assert record is not None
+            answers.append(record["read_count"])
+    finally:
+        holding = False
+        await asyncio.wait_for(locker, 20)
+        await asyncio.wait_for(flusher, 10)
+    # Each read of the one client rises by exactly one: none missed, none counted twice.
+    assert answers == list(range(1, len(answers) + 1)), answers
+    assert len(answers) >= 6
 
 
 async def insert_records(stack: Stack, *keys: str) -> None:
@@ -214,6 +267,31 @@ async def test_memory_for_counts_is_bounded_while_flushes_fail(stack: Stack) -> 
         metrics = (await client.get(f"{reader.url}/metrics")).text
     assert re.search(r"cqrs_read_counts_dropped_total 2\.0", metrics), metrics
     assert "reads not counted, too many keys wait for a flush dropped=2 max_keys=3" in reader.log()
+
+
+async def test_a_row_lock_on_one_key_slows_no_read(stack: Stack) -> None:
+    await insert_records(stack, "k", "other")
+    async with stack.read_engine.begin() as conn:
+        await conn.execute(text("INSERT INTO applied_commands VALUES (1)"))
+    reader = await stack.launch("read-api")
+    async with stack.read_engine.connect() as blocker:
+        await blocker.begin()
+        await blocker.execute(text("SELECT 1 FROM records WHERE key = 'k' FOR UPDATE"))
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert await read(client, reader) == 1
+            await wait_until(_flush_waits_on_a_lock(stack), 10, "a flush to wait on the row lock")
+            for key in ("other", "k", "other", "k"):
+                started = time.monotonic()
+                # A wait of 0 on a reached position: only the SELECT's own time, well under
+                # READ_WAIT_GRACE (0.25 s), whatever flush waits on a lock.
+                answer = await client.get(
+                    f"{reader.url}/read/{key}", params={"position": 1, "timeout": 0}
+                )
+                elapsed = time.monotonic() - started
+                assert answer.status_code == 200, answer.text
+                assert elapsed < 0.2, f"{key}: {elapsed:.2f}s"
+            assert await read(client, reader) == 4  # k: 1 held in the flush, 3 since
+        await blocker.commit()
 
 
 async def test_sigterm_stores_the_reads_of_a_flush_held_by_a_lock(stack: Stack) -> None:
