@@ -43,7 +43,8 @@ class CircuitBreaker:
         self._opened_at: float | None = None  # None: closed
         self._interval = probe_interval  # grows while probes succeed and real calls fail
         self._closed_by_probe = False
-        self._probing: asyncio.Task[None] | None = None
+        self._probing: asyncio.Task[None] | None = None  # probes while open
+        self._due = asyncio.Event()  # set by a caller that finds a probe due
 
     @property
     def closed(self) -> bool:
@@ -51,16 +52,19 @@ class CircuitBreaker:
         return self._opened_at is None
 
     def allows(self) -> bool:
-        """Should a caller use the dependency now? While open, start a probe when one is due."""
+        """Should a caller use the dependency now? A probe that is due runs at once."""
         if self._opened_at is None:
             return True
-        due = self._clock() - self._opened_at >= self._interval
-        if due and (self._probing is None or self._probing.done()):
-            self._probing = asyncio.create_task(self._probe_once(), name=f"{self.name}-probe")
+        if self._clock() - self._opened_at >= self._interval:
+            self._due.set()  # the background probe's wait ends now (a clock that jumped)
         return False
 
     def failed(self, error: BaseException) -> None:
-        """A call failed or timed out: open (or keep open) and restart the probe interval."""
+        """A call failed or timed out: open (or keep open) and restart the probe interval.
+
+        While open, a background task probes every interval until a probe succeeds (or
+        ``close``), so the breaker closes when the dependency is back even if no call comes.
+        """
         if self._opened_at is None:
             if self._closed_by_probe:
                 self._interval = min(self._interval * 2, self._probe_interval * _MAX_BACKOFF)
@@ -72,6 +76,8 @@ class CircuitBreaker:
             )
         self._closed_by_probe = False
         self._opened_at = self._clock()
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.create_task(self._probe_while_open(), name=f"{self.name}-probe")
 
     def succeeded(self) -> None:
         """A real call succeeded: close, and probe at the base interval next time."""
@@ -90,11 +96,20 @@ class CircuitBreaker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probing
 
-    async def _probe_once(self) -> None:
-        try:
-            await asyncio.wait_for(self._probe(), self._probe_timeout)
-        except Exception:  # a probe reports through the state, it never raises
-            self._opened_at = self._clock()  # still open: the next probe one interval on
-        else:
-            self._close()
-            self._closed_by_probe = True
+    async def _probe_while_open(self) -> None:
+        # Ends when a probe closes the breaker; each turn waits an interval or a probe timeout.
+        while self._opened_at is not None:
+            wait = self._opened_at + self._interval - self._clock()
+            if wait > 0:
+                self._due.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._due.wait(), wait)
+                if self._clock() - self._opened_at < self._interval and not self._due.is_set():
+                    continue
+            try:
+                await asyncio.wait_for(self._probe(), self._probe_timeout)
+            except Exception:  # a probe reports through the state, it never raises
+                self._opened_at = self._clock()  # still open: the next probe one interval on
+            else:
+                self._close()
+                self._closed_by_probe = True

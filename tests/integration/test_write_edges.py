@@ -300,3 +300,26 @@ async def test_a_stop_answers_every_write_in_hand_within_its_bound(stack: Stack)
         stack.write_engine, "SELECT count(*) FROM commands WHERE key = ANY(:keys)", keys=never_sent
     )
     assert stored == 0
+
+
+async def test_the_breaker_closes_in_the_background_once_redis_is_back(
+    stack: Stack, redis_factory: Callable[[], RedisServer]
+) -> None:
+    redis = redis_factory()
+    stack.use_redis(redis)
+    api = await stack.launch("write-api", REDIS_PROBE_INTERVAL="0.5")
+    assert redis.process is not None
+    async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            answer = await client.post("/write", json={"key": "hung", "value": "v"})
+            assert answer.json()["queued"] is True  # the breaker is open now
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+
+        async def closed() -> bool:  # no write comes: only a background probe can close it
+            return "circuit closed dependency=redis" in api.log()
+
+        await wait_until(closed, 0.5 + 1 + 3, "a background probe to close the breaker")
+        answer = await client.post("/write", json={"key": "back", "value": "v"})
+        assert answer.json()["queued"] is False  # the first write after: published at once

@@ -22,9 +22,9 @@ class Clock:
 
 
 async def probed(breaker: CircuitBreaker) -> bool:
-    """Ask the breaker (which may start a probe), let a probe run; is it closed now?"""
+    """Ask the breaker (which may wake a due probe), let a probe run; is it closed now?"""
     allowed = breaker.allows()
-    for _ in range(5):  # the probe task's steps
+    for _ in range(20):  # the probe task's steps
         await asyncio.sleep(0)
     return allowed or breaker.closed
 
