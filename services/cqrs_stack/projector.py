@@ -32,7 +32,7 @@ from .db import driver_connection
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
 from .outages import is_refusal, sqlstate
 from .projection import apply_commands_alone
-from .supervision import Backoff, Supervisor
+from .supervision import Backoff, RoundFailed, Supervisor
 from .sweep import (
     AFTER_CURSOR,
     CLEAR_PENDING,
@@ -152,7 +152,10 @@ class Projector:
             log.info("catch-up applied commands the stream did not deliver count=%d", applied)
 
     async def _consume_round(self, stopping: asyncio.Event) -> float:
-        """Claim (when due), read and project one batch; return the delay before the next."""
+        """Claim (when due), read and project one batch; return the delay before the next.
+
+        A Redis failure raises ``RoundFailed`` with the back-off, so that /ready reports it.
+        """
         try:
             if not self._group_ready:
                 await stream.ensure_group(
@@ -176,13 +179,13 @@ class Projector:
                 return 0
             delay = self._redis_backoff.next_delay()
             log.error("redis refused a command, retrying in %.1fs error=%s", delay, exc)
-            return delay
+            raise RoundFailed(exc, delay) from exc  # on /ready until a round succeeds
         except (RedisError, OSError) as exc:
             # A timed-out connection may hold a half-read reply: start afresh.
             self._group_ready = False
             delay = self._redis_backoff.next_delay()
             log.warning("redis unavailable, retrying in %.1fs error=%s", delay, exc)
-            return delay
+            raise RoundFailed(exc, delay) from exc
         self._redis_backoff.reset()
         return 0
 

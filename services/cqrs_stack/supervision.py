@@ -49,6 +49,15 @@ class Backoff:
         self._next = self.initial
 
 
+class RoundFailed(Exception):
+    """Raised by a round that has handled a failure (logged it, chose its back-off) and must
+    still report it: the task's health counts it (/ready), and the loop waits ``retry_in``."""
+
+    def __init__(self, error: BaseException, retry_in: float) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.retry_in = retry_in
+
+
 @dataclass
 class TaskHealth:
     """How a supervised loop is doing, as /ready reports it."""
@@ -78,7 +87,7 @@ class TaskHealth:
 
 # A round returns how long to wait before the next one (None: the loop's interval). Expected
 # outages (Redis down for the publisher) are handled inside the round; anything it raises is
-# a failure of the task.
+# a failure of the task (RoundFailed: one the round handled, reported all the same).
 Round = Callable[[], Awaitable[float | None]]
 
 
@@ -160,6 +169,10 @@ class Supervisor:
         while not until.is_set():
             try:
                 delay = await round_()
+            except RoundFailed as exc:  # logged by the round, which chose its wait
+                health.failures += 1
+                health.last_error = str(exc)[:300]
+                delay = exc.retry_in
             except Exception as exc:  # any failure of a round: reported, then retried
                 health.failures += 1
                 health.last_error = f"{type(exc).__name__}: {exc}"[:300]

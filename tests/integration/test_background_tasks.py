@@ -116,6 +116,26 @@ async def test_the_consumer_survives_an_entry_that_is_not_utf8(stack: Stack) -> 
     assert (await ready(projector))[0] == 200
 
 
+async def test_the_consumer_reports_redis_refusing_every_call(stack: Stack) -> None:
+    projector = await stack.launch("projector")
+    name = stack.settings.event_stream_name
+    await stack.redis.set(name, "notastream")  # every stream command: WRONGTYPE
+    try:
+        check = await wait_failing(projector, "stream-consumer")
+        assert "WRONGTYPE" in check
+        # Still backing off (its own delays), not spinning.
+        pattern = r"redis refused a command, retrying in ([0-9.]+)s"
+
+        async def backed_off() -> bool:
+            delays = [float(d) for d in re.findall(pattern, projector.log())]
+            return len(delays) >= 3 and delays[0] < delays[1] < delays[2]
+
+        await wait_until(backed_off, 15, "the consumer to back off")
+    finally:
+        await stack.redis.delete(name)
+    await wait_recovered(projector, "stream-consumer")
+
+
 async def test_the_publisher_reports_failures_and_recovers(stack: Stack) -> None:
     writer = await stack.launch("write-api")
     await execute(
