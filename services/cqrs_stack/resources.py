@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 # Of SHUTDOWN_TIMEOUT, the share that writes in hand may still wait for the write DB; the rest
 # is for sending their answers and for the background work's drain.
 _ANSWER_SHARE = 0.75
+# Disconnecting gets at least this long, even when the stop's time is used up.
+_DISCONNECT_FLOOR = 0.5
 
 Role = Literal["write-api", "read-api", "api", "projector"]
 ROLES: tuple[Role, ...] = ("write-api", "read-api", "api", "projector")
@@ -207,9 +209,16 @@ async def close_resources(resources: Resources) -> None:
         await resources.read_counter.drain(max(0.0, deadline - loop.time()))
     if resources.projector is not None:
         log.info("projector stopped consumer=%s", resources.projector.consumer)
-    await resources.redis.aclose()
-    await resources.write_pool.close()
-    await resources.read_pool.close()
-    await resources.write_engine.dispose()
-    await resources.read_engine.dispose()
+    try:
+        # A hung server never answers a polite goodbye: bounded, then connections are cut.
+        async with asyncio.timeout(max(deadline - loop.time(), _DISCONNECT_FLOOR)):
+            await resources.redis.aclose()
+            await resources.write_pool.close()
+            await resources.read_pool.close()
+            await resources.write_engine.dispose()
+            await resources.read_engine.dispose()
+    except TimeoutError:
+        log.error("disconnecting took longer than the stop allows: connections cut")
+        resources.write_pool.terminate()
+        resources.read_pool.terminate()
     log.info("stopped role=%s", resources.role)

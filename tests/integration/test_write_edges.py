@@ -7,15 +7,18 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from cqrs_stack.localservers import PostgresServer, RedisServer
+from cqrs_stack.db import create_engine
+from cqrs_stack.localservers import PostgresServer, RedisServer, free_port
+from cqrs_stack.migrations import migrate
 from tests.fixtures.pgproxy import PgProxy
 from tests.fixtures.stack import Stack, wait_until
 
@@ -323,3 +326,65 @@ async def test_the_breaker_closes_in_the_background_once_redis_is_back(
         await wait_until(closed, 0.5 + 1 + 3, "a background probe to close the breaker")
         answer = await client.post("/write", json={"key": "back", "value": "v"})
         assert answer.json()["queued"] is False  # the first write after: published at once
+
+
+@pytest.fixture
+def own_write_pg(server_root: Path) -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, to freeze."""
+    server = PostgresServer(server_root / f"pg-own-{free_port()}", free_port(), durable=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def frozen(server: PostgresServer) -> list[psutil.Process]:
+    """The server's postmaster and its children, to SIGSTOP (a hung host) and SIGCONT."""
+    pid = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(pid)
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+async def test_a_stop_with_the_write_db_hung_answers_within_its_bound(
+    stack: Stack, own_write_pg: PostgresServer, fresh_names: str
+) -> None:
+    await asyncio.to_thread(own_write_pg.create_database, f"own_{fresh_names}")
+    url = own_write_pg.url(f"own_{fresh_names}")
+    engine = create_engine(url, stack.settings, application_name="test")
+    try:
+        await migrate(engine, "write")
+    finally:
+        await engine.dispose()
+    api = await stack.launch(
+        "write-api", WRITE_DB_URL=url, SHUTDOWN_TIMEOUT="2", WRITE_BATCH_MAX="16"
+    )
+    limits = httpx.Limits(max_connections=60)
+    async with httpx.AsyncClient(base_url=api.url, timeout=60, limits=limits) as client:
+        assert (await client.post("/write", json={"key": "warm", "value": "v"})).status_code == 200
+        processes = frozen(own_write_pg)
+        for process in processes:
+            process.suspend()
+        try:
+            pending = [
+                asyncio.create_task(client.post("/write", json={"key": f"h{i}", "value": "v"}))
+                for i in range(50)
+            ]
+
+            async def all_in_hand() -> bool:
+                return await queue_depth(client) >= 50
+
+            await wait_until(all_in_hand, 20, "the writes to wait for the write DB")
+            started = time.monotonic()
+            code = await asyncio.to_thread(api.terminate, 15)
+            stopped = time.monotonic() - started
+            answers = await asyncio.wait_for(asyncio.gather(*pending), 5)
+        finally:
+            for process in processes:
+                process.resume()
+    assert code in (0, -signal.SIGTERM), api.log()[-3000:]
+    assert stopped < 2 + 2, f"stopped after {stopped:.1f}s"
+    assert {a.status_code for a in answers} == {503}, [a.text for a in answers][:5]
+    errors = [a.json()["error"] for a in answers]
+    assert set(errors) <= {"shutting_down", "outcome_unknown"}, errors
+    assert errors.count("shutting_down") >= 50 - 16, errors
