@@ -72,7 +72,9 @@ class CommandWriter:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._supervisor: Supervisor | None = None
         self._closed = asyncio.Event()
-        self._in_batch = 0  # writes taken from the queue and not answered yet
+        # Writes put in the queue and not yet through their batch. Counted, not derived from
+        # qsize(): a write the loop has taken but not yet put in a batch is still in hand.
+        self._in_hand = 0
         self._batch: list[_Pending] = []  # the batch committing (its statement may be sent)
         self._give_up: asyncio.TimerHandle | None = None  # set once a stop has begun
         self._refusing = False  # the stop's bound passed: writes are answered at once
@@ -105,6 +107,7 @@ class CommandWriter:
             pending = self._queue.get_nowait()
             if not pending.done.done():
                 pending.done.set_exception(_stopping())
+            self._in_hand -= 1
             self._queue.task_done()
         WRITE_QUEUE_DEPTH.set(self.in_hand)
 
@@ -125,7 +128,7 @@ class CommandWriter:
     @property
     def in_hand(self) -> int:
         """Writes accepted and not answered yet (queued or in the batch committing)."""
-        return self._queue.qsize() + self._in_batch
+        return self._in_hand
 
     async def write(self, key: str, value: str, event_type: str) -> WriteResult:
         """Store one command; return once it is committed (and published, if Redis is up).
@@ -143,6 +146,7 @@ class CommandWriter:
             )
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(key, value, event_type, done))
+        self._in_hand += 1
         WRITE_QUEUE_DEPTH.set(self.in_hand)
         return await done
 
@@ -159,7 +163,6 @@ class CommandWriter:
         batch = [first]
         while len(batch) < self._settings.write_batch_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
-        self._in_batch = len(batch)
         self._batch = batch
         try:
             await self._commit_and_publish(batch)
@@ -169,7 +172,7 @@ class CommandWriter:
                     pending.done.set_exception(exc)
             raise
         finally:
-            self._in_batch = 0
+            self._in_hand -= len(batch)
             self._batch = []
             WRITE_QUEUE_DEPTH.set(self.in_hand)
             for _ in batch:
