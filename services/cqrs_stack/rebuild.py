@@ -11,7 +11,9 @@ version in the live schema serves reads and is projected into throughout. A rebu
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
    bytes, outside any lock, until what is left is small. Only a command the snapshot did not
    see can be one, so they are found through the write DB's txid index: the cost follows the
-   writes made during the rebuild, not the size of the model;
+   writes made during the rebuild, not the size of the model. Each page also copies the live
+   read counts of its keys (a key first written during the load had no shadow row when every
+   read count was copied);
 3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
    of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
@@ -439,7 +441,18 @@ async def _apply_to_shadow(
     )
     # The projectors' own statement, pointed at the shadow for this transaction only.
     await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-    return await apply_commands_alone(rconn, [Command(*row) for row in rows], REBUILD_CONSUMER)
+    applied = await apply_commands_alone(rconn, [Command(*row) for row in rows], REBUILD_CONSUMER)
+    # A key first written during the load got its shadow row just now, after the copy of
+    # every read count, and with 0; a flush of its reads that committed before that copy is
+    # not among the rows the swap copies again (those written since). So the live counts of
+    # the keys applied here are copied here, from the same transaction: any later flush is.
+    await rconn.execute(
+        f"UPDATE {SHADOW_SCHEMA}.records s SET read_count = l.read_count"
+        f" FROM {live}.records l WHERE s.key = ANY($1::text[]) AND l.key = s.key"
+        " AND s.read_count IS DISTINCT FROM l.read_count",
+        list({row[1] for row in rows}),
+    )
+    return applied
 
 
 class _LockNotGranted(Exception):
