@@ -47,7 +47,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .config import Settings
 from .events import Command
 from .projection import apply_commands_alone
-from .projector import _CATCHUP_LOCK_KEY
 
 log = logging.getLogger(__name__)
 
@@ -455,10 +454,6 @@ async def _apply_to_shadow(
     return applied
 
 
-class _LockNotGranted(Exception):
-    """A lock of the swap was not granted within REBUILD_LOCK_TIMEOUT."""
-
-
 async def _swap(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
@@ -472,7 +467,7 @@ async def _swap(
         try:
             async with rconn.transaction():
                 return await _swap_once(wconn, rconn, live, loaded, settings)
-        except (_LockNotGranted, asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             log.info("rebuild swap: a lock was not granted in time, retrying attempt=%d", attempt)
         # Let the readers and writers that queued meanwhile through before the next attempt.
         await asyncio.sleep(random.uniform(wait, 3 * wait))
@@ -490,10 +485,11 @@ async def _swap_once(
     settings: Settings,
 ) -> int:
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
-    # The write-DB sweep writes in a long transaction: it must not sit between the two locks
-    # (it would deadlock with the upgrade); while the swap holds this, a sweep skips a turn.
-    if not await rconn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _CATCHUP_LOCK_KEY):
-        raise _LockNotGranted
+    # A sweep running meanwhile needs no exclusion: its election transaction, which lasts a
+    # whole page, holds no lock on these tables, and each piece it applies is a projector
+    # transaction like any other: it waits for the EXCLUSIVE lock below and then applies into
+    # whichever version is live, where the ledger decides (the shadow holds every command of
+    # the live ledger at the swap, so what the sweep found applied stays applied).
     tables = ", ".join(f"{live}.{table}" for table in PROJECTION_TABLES)
     # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
     await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
