@@ -229,3 +229,21 @@ async def test_a_rebuild_swaps_while_a_long_sweep_runs(stack: Stack) -> None:
     )
     await wait_until(lambda: _digests_match(stack), 60, "the model to be the commands'")
     await stack.assert_converges()
+
+
+async def test_a_command_stamped_in_the_future_does_not_hold_the_sweep(stack: Stack) -> None:
+    """One command stamped 20 minutes ahead (a clock stepped back, a back-filled row), then
+    60,000 lost commands, more than one sweep page (50,000): all of them converge, long before
+    that time comes."""
+    async with stack.write_engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO commands (key, value, event_type, created_at)"
+                " VALUES ('ahead', 'v', 'RecordCreated', now() + interval '20 minutes')"
+            )
+        )
+    await lose_commands(stack, 60_000, "'v' || i", keys=1000)
+    await stack.launch("projector")
+    await stack.assert_converges(timeout=40)
+    cursor_id = await stack.scalar(stack.read_engine, "SELECT cursor_id FROM projector_catchup")
+    assert cursor_id == 60_001, "the cursor went past all of them"
