@@ -338,6 +338,11 @@ class Projector:
         stored cursor (module ``sweep``), fetches the missing commands' values in pieces of at
         most PROJECTOR_BATCH_MAX_BYTES, applies each piece in its own transaction (the ledger
         makes a repeat harmless), then moves the cursor.
+
+        The election transaction touches only the sweep's own state, never the projection's
+        tables: it lasts a whole page (up to PROJECTOR_SWEEP_TIMEOUT), and a lock it held on
+        them would keep a rebuild's swap out for as long. The ledger is looked up, and each
+        piece applied, in short transactions of their own.
         """
         page_limit = max(50_000, 4 * self.settings.write_batch_max)
         async with self.read_engine.begin() as rconn:
@@ -351,7 +356,7 @@ class Projector:
             async with self.write_engine.connect() as wconn:
                 await wconn.execution_options(isolation_level="REPEATABLE READ")
                 found, state = await self._scan(wconn, state, page_limit)
-                missing = await _missing(rconn, [c for c in found if c.settled])
+                missing = await self._missing([c for c in found if c.settled])
                 applied = await self._apply_missing(rconn, wconn, missing)
             await _save_state(rconn, state)
         return applied
@@ -427,6 +432,16 @@ class Projector:
                 pending.setdefault(txid, 0)
         return found, SweepState(cursor, pending)
 
+    async def _missing(self, settled: Sequence[Candidate]) -> list[Candidate]:
+        """The candidates that the read model's ledger lacks (in a transaction of its own)."""
+        if not settled:
+            return []
+        by_position = {c.position: c for c in settled}
+        async with self.read_engine.begin() as conn:
+            await self._bound_session(conn)
+            rows = await conn.execute(_NOT_APPLIED, {"positions": list(by_position)})
+            return [by_position[p] for p in sorted(rows.scalars())]
+
     async def _apply_missing(
         self, rconn: AsyncConnection, wconn: AsyncConnection, missing: Sequence[Candidate]
     ) -> int:
@@ -449,15 +464,6 @@ async def _candidates(
 ) -> list[Candidate]:
     rows = await wconn.execute(query, {"grace": CATCHUP_GRACE_SECONDS, **params})
     return [candidate(row) for row in rows]
-
-
-async def _missing(rconn: AsyncConnection, settled: Sequence[Candidate]) -> list[Candidate]:
-    """The candidates that the read model's ledger lacks."""
-    if not settled:
-        return []
-    by_position = {c.position: c for c in settled}
-    rows = await rconn.execute(_NOT_APPLIED, {"positions": list(by_position)})
-    return [by_position[p] for p in sorted(rows.scalars())]
 
 
 async def _load_state(rconn: AsyncConnection) -> SweepState:

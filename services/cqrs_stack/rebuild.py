@@ -11,7 +11,9 @@ version in the live schema serves reads and is projected into throughout. A rebu
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
    bytes, outside any lock, until what is left is small. Only a command the snapshot did not
    see can be one, so they are found through the write DB's txid index: the cost follows the
-   writes made during the rebuild, not the size of the model;
+   writes made during the rebuild, not the size of the model. Each page also copies the live
+   read counts of its keys (a key first written during the load had no shadow row when every
+   read count was copied);
 3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
    of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
@@ -45,7 +47,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .config import Settings
 from .events import Command
 from .projection import apply_commands_alone
-from .projector import _CATCHUP_LOCK_KEY
 
 log = logging.getLogger(__name__)
 
@@ -439,11 +440,18 @@ async def _apply_to_shadow(
     )
     # The projectors' own statement, pointed at the shadow for this transaction only.
     await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-    return await apply_commands_alone(rconn, [Command(*row) for row in rows], REBUILD_CONSUMER)
-
-
-class _LockNotGranted(Exception):
-    """A lock of the swap was not granted within REBUILD_LOCK_TIMEOUT."""
+    applied = await apply_commands_alone(rconn, [Command(*row) for row in rows], REBUILD_CONSUMER)
+    # A key first written during the load got its shadow row just now, after the copy of
+    # every read count, and with 0; a flush of its reads that committed before that copy is
+    # not among the rows the swap copies again (those written since). So the live counts of
+    # the keys applied here are copied here, from the same transaction: any later flush is.
+    await rconn.execute(
+        f"UPDATE {SHADOW_SCHEMA}.records s SET read_count = l.read_count"
+        f" FROM {live}.records l WHERE s.key = ANY($1::text[]) AND l.key = s.key"
+        " AND s.read_count IS DISTINCT FROM l.read_count",
+        list({row[1] for row in rows}),
+    )
+    return applied
 
 
 async def _swap(
@@ -459,7 +467,7 @@ async def _swap(
         try:
             async with rconn.transaction():
                 return await _swap_once(wconn, rconn, live, loaded, settings)
-        except (_LockNotGranted, asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             log.info("rebuild swap: a lock was not granted in time, retrying attempt=%d", attempt)
         # Let the readers and writers that queued meanwhile through before the next attempt.
         await asyncio.sleep(random.uniform(wait, 3 * wait))
@@ -477,10 +485,11 @@ async def _swap_once(
     settings: Settings,
 ) -> int:
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
-    # The write-DB sweep writes in a long transaction: it must not sit between the two locks
-    # (it would deadlock with the upgrade); while the swap holds this, a sweep skips a turn.
-    if not await rconn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _CATCHUP_LOCK_KEY):
-        raise _LockNotGranted
+    # A sweep running meanwhile needs no exclusion: its election transaction, which lasts a
+    # whole page, holds no lock on these tables, and each piece it applies is a projector
+    # transaction like any other: it waits for the EXCLUSIVE lock below and then applies into
+    # whichever version is live, where the ledger decides (the shadow holds every command of
+    # the live ledger at the swap, so what the sweep found applied stays applied).
     tables = ", ".join(f"{live}.{table}" for table in PROJECTION_TABLES)
     # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
     await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")

@@ -46,8 +46,8 @@ class Cursor:
 class Candidate:
     """A committed command seen by the sweep: position, transaction, settled, size in bytes.
 
-    ``settled`` is false for a command younger than the grace period: the stream most
-    likely delivers it, and the sweep looks at it again next time.
+    ``settled`` is false for a command stamped within the grace period before now: the
+    stream most likely delivers it, and the sweep looks at it again next time.
     """
 
     position: int
@@ -119,9 +119,14 @@ SNAPSHOT = text(
 
 # Candidates carry sizes, not values: the sweep pages the values it fetches by bytes.
 # octet_length reads a TOASTed value's size from its pointer, without fetching the value.
+# Only a command stamped within the grace period before now is young (created_at is the write
+# DB's clock_timestamp() at insert): one stamped in the future (a clock stepped back, rows
+# back-filled) says nothing of its age, and must not hold the cursor until that time comes;
+# sweeping it early merely meets the ledger if the stream delivers it too.
 _CANDIDATE_COLUMNS = (
     "SELECT id, txid::text,"
-    " created_at < clock_timestamp() - make_interval(secs => :grace),"
+    " NOT (created_at > clock_timestamp() - make_interval(secs => :grace)"
+    " AND created_at <= clock_timestamp()),"
     " octet_length(key) + octet_length(value) FROM commands"
 )
 

@@ -390,3 +390,66 @@ async def test_over_a_gibibyte_of_large_values_goes_through_in_bounded_memory(
         f"SELECT {_MODEL_DIGEST} FROM (SELECT *, 1 AS write_count FROM commands) c",
     )
     assert await stack.scalar(stack.read_engine, f"SELECT {_MODEL_DIGEST} FROM records") == expected
+
+
+async def test_a_key_first_written_during_the_load_keeps_its_read_count(stack: Stack) -> None:
+    """A key written and read (the reads flushed) while the shadow is being loaded has no row
+    in the shadow when the live read counts are copied, and gets one from the catch-up: its
+    read count must still be the live one after the swap. The load is held (a lock on a shadow
+    table it writes last) so that the write, the reads and the flush all fall inside it."""
+    await seed(stack, 100_000, 1000)  # a load of about a second: longer than a poll
+    run_rebuild(stack)  # the read model of the seed, as a projector would have made it
+    api = await stack.launch("api")
+    await stack.launch("projector")
+    args, env = rebuild_command(stack)
+    process = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    communicating = asyncio.create_task(process.communicate())
+    async with stack.read_engine.connect() as blocker:
+        # Polled faster than wait_until does: the load lasts about a second here.
+        for _ in range(6000):
+            assert process.returncode is None, "the rebuild ended before it was held"
+            shadow = text("SELECT to_regclass('cqrs_rebuild.projector_consumers') IS NOT NULL")
+            if await blocker.scalar(shadow):
+                break
+            await blocker.rollback()
+            await asyncio.sleep(0.01)
+        await blocker.execute(
+            text("LOCK TABLE cqrs_rebuild.projector_consumers IN ACCESS EXCLUSIVE MODE")
+        )
+
+        async def load_held() -> bool:
+            return bool(
+                await stack.scalar(
+                    stack.read_engine,
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'INSERT INTO cqrs_rebuild.projector_consumers%'",
+                )
+            )
+
+        # The load's write-DB snapshot is taken and closed; the read counts are not copied yet.
+        await wait_until(load_held, 60, "the load to end at the held table")
+        async with httpx.AsyncClient(base_url=api.url, timeout=30) as client:
+            answer = await client.post("/write", json={"key": "fresh", "value": "v"})
+            assert answer.status_code == 200, answer.text
+            position = answer.json()["position"]
+
+            async def projected() -> bool:
+                found = await client.get("/read/fresh", params={"position": position, "timeout": 0})
+                return bool(found.json()["success"])
+
+            await wait_until(projected, 20, "the new key to be projected")
+            for _ in range(5):
+                read = await client.get("/read/fresh", params={"position": position, "timeout": 0})
+                assert read.status_code == 200, read.text
+        # 6 reads answered (the last poll and 5 more), all flushed to the live table.
+        await wait_until(lambda: _stored_reads_are(stack, "fresh", 6), 10, "the reads' flush")
+        await blocker.rollback()
+    _, err = await asyncio.wait_for(communicating, 120)
+    assert process.returncode == 0, err.decode()
+    assert (
+        await stack.scalar(stack.read_engine, "SELECT read_count FROM records WHERE key = 'fresh'")
+        == 6
+    )
+    await stack.assert_converges()

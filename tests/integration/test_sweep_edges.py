@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cqrs_stack.projector import _CATCHUP_LOCK_KEY
 from tests.fixtures.stack import ServiceProcess, Stack, wait_until
+from tests.integration.test_rebuild import rebuild_command
 
 MIB = 1024 * 1024
 
@@ -190,3 +193,57 @@ async def test_a_frozen_sweeper_loses_the_election(stack: Stack) -> None:
         assert "(stopped)" in proc_status(frozen), "taken over while the holder is still frozen"
     finally:
         os.kill(frozen.process.pid, signal.SIGCONT)
+
+
+# The session holding the sweep election (the advisory lock's key split in two 32-bit halves).
+_SWEEPER = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1"
+    f" AND classid::bigint = {_CATCHUP_LOCK_KEY >> 32}"
+    f" AND objid::bigint = {_CATCHUP_LOCK_KEY & 0xFFFFFFFF}"
+)
+
+
+async def test_a_rebuild_swaps_while_a_long_sweep_runs(stack: Stack) -> None:
+    """A sweep round of large values lasts far longer than all of a swap's tries (3 x 0.1 s
+    here): the swap must not wait for it, and the model is right once both are done."""
+    await lose_commands(stack, 300, "repeat(md5(i::text), 31250)", keys=5)  # 300 x 1 MB
+    # One value per piece: the round lasts seconds.
+    await stack.launch("projector", PROJECTOR_BATCH_MAX_BYTES=str(MIB))
+
+    async def sweeping() -> bool:
+        applied = await stack.scalar(stack.read_engine, "SELECT count(*) FROM applied_commands")
+        return 0 < applied < 100
+
+    await wait_until(sweeping, 30, "a sweep round to be under way")
+    sweeper = await stack.scalar(stack.read_engine, _SWEEPER)
+    swept_at = await stack.scalar(stack.read_engine, "SELECT swept_at FROM projector_catchup")
+    args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="3", REBUILD_LOCK_TIMEOUT="0.1")
+    done = await asyncio.to_thread(
+        subprocess.run, args, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The same round was still going when the rebuild had swapped.
+    assert await stack.scalar(stack.read_engine, _SWEEPER) == sweeper
+    assert (
+        await stack.scalar(stack.read_engine, "SELECT swept_at FROM projector_catchup") == swept_at
+    )
+    await wait_until(lambda: _digests_match(stack), 60, "the model to be the commands'")
+    await stack.assert_converges()
+
+
+async def test_a_command_stamped_in_the_future_does_not_hold_the_sweep(stack: Stack) -> None:
+    """One command stamped 20 minutes ahead (a clock stepped back, a back-filled row), then
+    60,000 lost commands, more than one sweep page (50,000): all of them converge, long before
+    that time comes."""
+    async with stack.write_engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO commands (key, value, event_type, created_at)"
+                " VALUES ('ahead', 'v', 'RecordCreated', now() + interval '20 minutes')"
+            )
+        )
+    await lose_commands(stack, 60_000, "'v' || i", keys=1000)
+    await stack.launch("projector")
+    await stack.assert_converges(timeout=40)
+    cursor_id = await stack.scalar(stack.read_engine, "SELECT cursor_id FROM projector_catchup")
+    assert cursor_id == 60_001, "the cursor went past all of them"
