@@ -269,28 +269,38 @@ async def test_a_swap_that_cannot_lock_gives_up_and_leaves_the_live_model(stack:
 async def test_a_rebuild_killed_midway_leaves_the_live_model_and_is_cleaned_up(
     stack: Stack,
 ) -> None:
-    """kill -9 while the shadow is being loaded: the live model is as it was (reads go on),
+    """kill -9 with the shadow loaded, before the swap: the live model is as it was (reads go on),
     and the next rebuild drops what the dead one left and succeeds."""
     await seed(stack, 100_000, 1000)
     run_rebuild(stack)
     async with stack.read_engine.begin() as conn:
         await conn.execute(text("UPDATE records SET value = 'damaged' WHERE key = 'seed:7'"))
     args, env = rebuild_command(stack)
-    process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    env["REBUILD_SWAP_ATTEMPTS"] = "10000"
+    # A lock that the swap needs (EXCLUSIVE) and readers do not: the rebuild loads its shadow,
+    # then waits at the swap, so the kill lands after the load and before the swap every time.
+    async with stack.read_engine.connect() as holder:
+        await holder.execute(text("LOCK TABLE records IN ROW EXCLUSIVE MODE"))
+        process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
 
-        async def loading() -> bool:
-            return bool(
-                await stack.scalar(
+            async def loaded() -> bool:
+                exists = await stack.scalar(
                     stack.read_engine,
-                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY%cqrs_rebuild%'",
+                    "SELECT to_regclass('cqrs_rebuild.records') IS NOT NULL",
                 )
-            )
+                if not exists:
+                    return False
+                shadow = await stack.scalar(
+                    stack.read_engine, "SELECT count(*) FROM cqrs_rebuild.records"
+                )
+                return bool(shadow == 1000)
 
-        await wait_until(loading, 60, "the rebuild to load its shadow")
-        process.kill()
-    finally:
-        process.wait(10)
+            await wait_until(loaded, 60, "the rebuild to load its shadow")
+            process.kill()
+        finally:
+            process.wait(10)
+        await holder.rollback()
     value = await stack.scalar(stack.read_engine, "SELECT value FROM records WHERE key = 'seed:7'")
     assert value == "damaged"  # the live model as it was
     assert await stack.scalar(stack.read_engine, "SELECT count(*) FROM records") == 1000
