@@ -21,7 +21,9 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from . import kube, manifests, provisioning, status
+from cqrs_stack.migrations import load_migrations
+
+from . import __version__, kube, manifests, provisioning, status
 from .errors import PermanentProvisioningError, ProvisioningError
 from .provisioning import AdminLogin, Change, Owner
 from .spec import CaBundle, Database, StackSpec, recorded_names
@@ -476,6 +478,18 @@ async def _databases(
         "read": spec.read_db.name,
         "role": spec.role,
         "schemaVersions": versions,
+        # The migrations run are the operator's own (its cqrs_stack package), not the
+        # image's: say which, so a stack whose image is of another version can be spotted.
+        "expectedSchemaVersions": expected_schema_versions(),
+        "migratedBy": f"cqrs-stack-operator {__version__}",
+    }
+
+
+def expected_schema_versions() -> dict[str, int]:
+    """The newest migration of each database that this operator carries (and applies)."""
+    return {
+        kind: max((m.version for m in load_migrations(kind)), default=0)
+        for kind in ("write", "read")
     }
 
 

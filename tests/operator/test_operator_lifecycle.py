@@ -99,6 +99,11 @@ async def test_create_provisions_databases_stream_and_children(
             )
         finally:
             await conn.close()
+    # Status says which migrations ran (the operator's own) and that both are at their head.
+    recorded = status["databases"]
+    assert recorded["migratedBy"] == "cqrs-stack-operator 0.1.0"
+    assert recorded["expectedSchemaVersions"] == recorded["schemaVersions"], recorded
+    assert min(recorded["expectedSchemaVersions"].values()) >= 1, recorded
     assert creds["WRITE_DB_URL"] == write_pg.url(f"w_{fresh_names}", role, password)
     assert creds["READ_DB_URL"] == read_pg.url(f"r_{fresh_names}", role, password)
 
