@@ -438,24 +438,45 @@ async def reconcile(
     await _databases(out, api, spec, password, owner)
     lag = await _stream(out, redis, spec, password, owner)
     count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
-    try:
-        await check_token_secret(api, spec)
-        _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
-        out.changes += changes
-        out.ok(
-            status.WORKLOADS,
-            "Applied",
-            f"image {spec.image}: write-api={spec.write_api.replicas} "
-            f"read-api={spec.read_api.replicas} projector={count}",
+    if not _stream_provisioned(out, current_status):
+        # The pods create the stream and group themselves at start (XGROUP ... MKSTREAM): if
+        # they started first, the stream would exist without this stack's owner marker and
+        # be refused as NotOwned for good. So the first Deployments wait for the stream.
+        out.conditions.append(
+            status.Condition(
+                status.WORKLOADS,
+                False,
+                "WaitingForStream",
+                f"the Deployments are created once stream {spec.stream_name} is provisioned",
+            )
         )
-        out.extra["projector"] = {"replicas": count, **({"lag": lag} if lag is not None else {})}
-    except ProvisioningError as exc:
-        out.fail(status.WORKLOADS, exc)
+    else:
+        try:
+            await check_token_secret(api, spec)
+            _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
+            out.changes += changes
+            out.ok(
+                status.WORKLOADS,
+                "Applied",
+                f"image {spec.image}: write-api={spec.write_api.replicas} "
+                f"read-api={spec.read_api.replicas} projector={count}",
+            )
+            lag_part = {"lag": lag} if lag is not None else {}
+            out.extra["projector"] = {"replicas": count, **lag_part}
+        except ProvisioningError as exc:
+            out.fail(status.WORKLOADS, exc)
     try:
         out.conditions.append(await check_available(api, spec))
     except ProvisioningError as exc:
         out.fail(status.AVAILABLE, exc)
     return out
+
+
+def _stream_provisioned(out: Outcome, current_status: Mapping[str, Any]) -> bool:
+    """The stream was marked as this stack's: now, or in an earlier reconcile (its status
+    records it; from then on drift correction of the children never waits on Redis)."""
+    now = any(c.type == status.STREAM and c.status for c in out.conditions)
+    return now or bool((current_status.get("stream") or {}).get("name"))
 
 
 async def _databases(

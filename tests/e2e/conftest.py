@@ -107,12 +107,14 @@ def tear_down(cluster: Cluster, namespace: str, tenant: str) -> None:
     )
     if done.returncode != 0 and "not found" not in done.stderr:
         problems.append(f"helm uninstall: {done.stderr.strip()}")
+    # The operator's namespace is kept by helm uninstall (helm.sh/resource-policy: keep).
+    doomed = [namespace, tenant, f"{namespace}-operator"]
     done = cluster.kubectl(
-        "delete", "namespace", namespace, tenant, "--ignore-not-found", "--wait",
+        "delete", "namespace", *doomed, "--ignore-not-found", "--wait",
         "--timeout=300s", check=False, timeout=320,
     )  # fmt: skip
     if done.returncode != 0:
-        problems.append(f"deleting namespaces {namespace}, {tenant}: {done.stderr.strip()}")
+        problems.append(f"deleting namespaces {', '.join(doomed)}: {done.stderr.strip()}")
     if problems:
         raise ClusterError("; ".join(problems))
 

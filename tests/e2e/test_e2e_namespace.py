@@ -124,4 +124,9 @@ def test_deleting_a_namespace_that_holds_a_stack_finishes(
         abandoned = [line for line in log.splitlines() if "CleanupAbandoned" in line]
         assert any(all(db in line for db in left) for line in abandoned), abandoned or log[-3000:]
         for db in left:  # the shared dev server keeps nothing of the test
-            cluster.psql(pg_service, server["adminSecret"], f'DROP DATABASE "{db}" WITH (FORCE)', namespace.name)
+            cluster.psql(
+                pg_service,
+                server["adminSecret"],
+                f'DROP DATABASE "{db}" WITH (FORCE)',
+                namespace.name,
+            )
