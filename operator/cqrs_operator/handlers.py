@@ -174,12 +174,13 @@ async def delete_stack(
         dropped, left = await reconcile.teardown(memo.api, stack)
     except ProvisioningError as exc:
         if runtime.total_seconds() + backoff(retry) > DELETE_TIMEOUT:
-            kopf.warn(
-                body,
-                reason="CleanupAbandoned",
-                message=f"gave up after {runtime.total_seconds():.0f} s ({exc.reason}: "
-                f"{exc.message}); left behind: {kept}",
+            message = (
+                f"gave up after {runtime.total_seconds():.0f} s ({exc.reason}: "
+                f"{exc.message}); left behind: {kept}"
             )
+            # Logged too: a namespace being deleted accepts no new Events.
+            logger.warning("CleanupAbandoned: %s", message)
+            kopf.warn(body, reason="CleanupAbandoned", message=message)
             return
         raise kopf.TemporaryError(f"{exc.reason}: {exc.message}", delay=backoff(retry)) from exc
     if dropped:

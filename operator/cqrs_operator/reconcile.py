@@ -21,7 +21,9 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from . import kube, manifests, provisioning, status
+from cqrs_stack.migrations import load_migrations
+
+from . import __version__, kube, manifests, provisioning, status
 from .errors import PermanentProvisioningError, ProvisioningError
 from .provisioning import AdminLogin, Change, Owner
 from .spec import CaBundle, Database, StackSpec, recorded_names
@@ -436,24 +438,45 @@ async def reconcile(
     await _databases(out, api, spec, password, owner)
     lag = await _stream(out, redis, spec, password, owner)
     count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
-    try:
-        await check_token_secret(api, spec)
-        _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
-        out.changes += changes
-        out.ok(
-            status.WORKLOADS,
-            "Applied",
-            f"image {spec.image}: write-api={spec.write_api.replicas} "
-            f"read-api={spec.read_api.replicas} projector={count}",
+    if not _stream_provisioned(out, current_status):
+        # The pods create the stream and group themselves at start (XGROUP ... MKSTREAM): if
+        # they started first, the stream would exist without this stack's owner marker and
+        # be refused as NotOwned for good. So the first Deployments wait for the stream.
+        out.conditions.append(
+            status.Condition(
+                status.WORKLOADS,
+                False,
+                "WaitingForStream",
+                f"the Deployments are created once stream {spec.stream_name} is provisioned",
+            )
         )
-        out.extra["projector"] = {"replicas": count, **({"lag": lag} if lag is not None else {})}
-    except ProvisioningError as exc:
-        out.fail(status.WORKLOADS, exc)
+    else:
+        try:
+            await check_token_secret(api, spec)
+            _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
+            out.changes += changes
+            out.ok(
+                status.WORKLOADS,
+                "Applied",
+                f"image {spec.image}: write-api={spec.write_api.replicas} "
+                f"read-api={spec.read_api.replicas} projector={count}",
+            )
+            lag_part = {"lag": lag} if lag is not None else {}
+            out.extra["projector"] = {"replicas": count, **lag_part}
+        except ProvisioningError as exc:
+            out.fail(status.WORKLOADS, exc)
     try:
         out.conditions.append(await check_available(api, spec))
     except ProvisioningError as exc:
         out.fail(status.AVAILABLE, exc)
     return out
+
+
+def _stream_provisioned(out: Outcome, current_status: Mapping[str, Any]) -> bool:
+    """The stream was marked as this stack's: now, or in an earlier reconcile (its status
+    records it; from then on drift correction of the children never waits on Redis)."""
+    now = any(c.type == status.STREAM and c.status for c in out.conditions)
+    return now or bool((current_status.get("stream") or {}).get("name"))
 
 
 async def _databases(
@@ -476,6 +499,18 @@ async def _databases(
         "read": spec.read_db.name,
         "role": spec.role,
         "schemaVersions": versions,
+        # The migrations run are the operator's own (its cqrs_stack package), not the
+        # image's: say which, so a stack whose image is of another version can be spotted.
+        "expectedSchemaVersions": expected_schema_versions(),
+        "migratedBy": f"cqrs-stack-operator {__version__}",
+    }
+
+
+def expected_schema_versions() -> dict[str, int]:
+    """The newest migration of each database that this operator carries (and applies)."""
+    return {
+        kind: max((m.version for m in load_migrations(kind)), default=0)
+        for kind in ("write", "read")
     }
 
 

@@ -32,7 +32,7 @@ REDIS_ISOLATION = "RedisIsolation"
 READY = "Ready"
 READY_PARTS = (DATABASES, STREAM, WORKLOADS, AVAILABLE)
 # Reasons of a part that is on its way, not failing.
-PENDING_REASONS = ("", "Pending", "Provisioning", "RolloutInProgress")
+PENDING_REASONS = ("", "Pending", "Provisioning", "RolloutInProgress", "WaitingForStream")
 # Reasons that need a change of the spec or of what it names; everything else is transient.
 PERMANENT_REASONS = (
     "InvalidSpec",

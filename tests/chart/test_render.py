@@ -102,8 +102,11 @@ def test_default_values_install_operator_stack_and_dev_databases() -> None:
     docs = render()
     kinds = sorted({d["kind"] for d in docs})
     assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
         "CqrsStack",
         "Deployment",
+        "Namespace",
         "Role",
         "RoleBinding",
         "Secret",
@@ -115,6 +118,19 @@ def test_default_values_install_operator_stack_and_dev_databases() -> None:
     assert deployments == {f"{RELEASE}-cqrs-stack-operator", f"{RELEASE}-cqrs-stack-redis"}
     assert one(docs, "StatefulSet")["metadata"]["name"] == f"{RELEASE}-cqrs-stack-postgresql"
     assert one(docs, "CqrsStack")["metadata"]["name"] == RELEASE
+    # The operator lives in a namespace of its own: deleting the stacks' namespace leaves it
+    # running to finalize them.
+    operator_ns = f"{NAMESPACE}-operator"
+    assert one(docs, "Namespace")["metadata"]["name"] == operator_ns
+    operator = named(docs, "Deployment", f"{RELEASE}-cqrs-stack-operator")
+    assert operator["metadata"]["namespace"] == operator_ns
+    assert one(docs, "CqrsStack")["metadata"]["namespace"] == NAMESPACE
+    same = render(None, f"operator.namespace={NAMESPACE}")
+    assert not of_kind(same, "Namespace")
+    assert (
+        named(same, "Deployment", f"{RELEASE}-cqrs-stack-operator")["metadata"]["namespace"]
+        == NAMESPACE
+    )
 
 
 def test_operator_image_and_arguments() -> None:

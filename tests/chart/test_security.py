@@ -14,6 +14,7 @@ from cqrs_operator import manifests
 from cqrs_operator.spec import parse_spec
 from tests.chart.chart import (
     CHART,
+    NAMESPACE,
     RELEASE,
     VALUES_FILES,
     Doc,
@@ -176,9 +177,17 @@ def test_network_policy_admits_only_the_stacks_and_the_operator() -> None:
     (rule,) = policy["spec"]["ingress"]
     assert sorted(p["port"] for p in rule["ports"]) == [5432, 6379]
 
-    def admitted(pod_labels: dict[str, str]) -> bool:
+    def admitted(pod_labels: dict[str, str], namespace: str = NAMESPACE) -> bool:
+        """A peer without namespaceSelector is of the policy's namespace."""
+
+        def in_namespace(peer: dict[str, Any]) -> bool:
+            if "namespaceSelector" not in peer:
+                return namespace == policy["metadata"]["namespace"]
+            ns_labels = {"kubernetes.io/metadata.name": namespace}
+            return selector_matches(peer["namespaceSelector"], ns_labels)
+
         return any(
-            "namespaceSelector" not in peer and selector_matches(peer["podSelector"], pod_labels)
+            in_namespace(peer) and selector_matches(peer["podSelector"], pod_labels)
             for peer in rule["from"]
         )
 
@@ -186,7 +195,9 @@ def test_network_policy_admits_only_the_stacks_and_the_operator() -> None:
     spec = parse_spec(stack["spec"], namespace="shop", name=stack["metadata"]["name"])
     for component in manifests.COMPONENTS:
         assert admitted(manifests.labels(spec, component)), component
-    assert admitted(labels[f"{RELEASE}-cqrs-stack-operator"])
+    operator_labels = labels[f"{RELEASE}-cqrs-stack-operator"]
+    assert admitted(operator_labels, f"{NAMESPACE}-operator")  # in its own namespace
+    assert not admitted(operator_labels, "elsewhere")
     assert not admitted({"app": "curl"})
     assert not admitted(labels[f"{RELEASE}-cqrs-stack-redis"])
     assert not admitted(

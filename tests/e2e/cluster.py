@@ -206,13 +206,15 @@ class Cluster:
                 ready.append(node["metadata"]["name"])
         return ready
 
-    def diagnostics(self, namespace: str) -> str:
-        """What a failed wait needs: pods, events, the operator's log tail."""
+    def diagnostics(self, namespace: str, operator_namespace: str | None = None) -> str:
+        """What a failed wait needs: pods, events, the operator's log tail (the operator runs
+        in ``<release namespace>-operator`` by default)."""
         parts = []
+        operator_ns = operator_namespace or f"{namespace}-operator"
         for args in (
             ("get", "pods,deployments,cqrsstacks", "-n", namespace, "-o", "wide"),
             ("get", "events", "-n", namespace, "--sort-by=.lastTimestamp"),
-            ("logs", "-n", namespace, "-l", "app.kubernetes.io/component=operator", "--tail=40"),
+            ("logs", "-n", operator_ns, "-l", "app.kubernetes.io/component=operator", "--tail=40"),
         ):
             done = self.kubectl(*args, check=False, timeout=20)
             parts.append(f"$ kubectl {' '.join(args)}\n{done.stdout}{done.stderr}"[-4000:])

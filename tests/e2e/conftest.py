@@ -31,10 +31,25 @@ STACK_TIMEOUT = float(os.environ.get("E2E_TIMEOUT", "300"))
 _skipped_because: list[str] = []
 
 
+# Seconds the operator retries a failing teardown (operator.deleteTimeout) in the suite:
+# short, so that a namespace deleted with its admin Secret finishes deleting soon.
+DELETE_TIMEOUT = 30
+
+
 @dataclass
 class Namespace:
     name: str
     suffix: str  # unique per run: keeps database names apart on a shared server
+
+    @property
+    def tenant(self) -> str:
+        """A second namespace the release's operator watches (deleted by a test)."""
+        return f"{self.name}-tenant"
+
+    @property
+    def operator(self) -> str:
+        """The operator's own namespace (the chart's default)."""
+        return f"{self.name}-operator"
 
 
 @pytest.fixture(scope="session")
@@ -60,38 +75,46 @@ def namespace(cluster: Cluster) -> Iterator[Namespace]:
     suffix = secrets.token_hex(3)
     ns = Namespace(f"cqrs-e2e-{suffix}", suffix)
     cluster.kubectl("create", "namespace", ns.name)
+    # Exists before the install: the chart gives the operator a Role in each watched namespace.
+    cluster.kubectl("create", "namespace", ns.tenant)
     try:
         yield ns
     finally:
         if os.environ.get("E2E_KEEP") != "1":
-            tear_down(cluster, ns.name)
+            tear_down(cluster, ns.name, ns.tenant)
 
 
-def tear_down(cluster: Cluster, namespace: str) -> None:
+def tear_down(cluster: Cluster, namespace: str, tenant: str) -> None:
     """Stacks first (the operator must run their finalizers), then the release, then the
-    namespace. Every step runs even if one before failed; a stack stuck on its finalizer is
+    namespaces. Every step runs even if one before failed; a stack stuck on its finalizer is
     released by hand so nothing is left behind, and the run fails saying what went wrong."""
     problems = []
-    done = cluster.kubectl(
-        "delete", "cqrsstacks", "--all", "-n", namespace, "--wait", "--timeout=180s",
-        check=False, timeout=200,
-    )  # fmt: skip
-    if done.returncode != 0:
-        problems.append(f"deleting the stacks did not finish: {done.stderr.strip()}")
-        cluster.kubectl(
-            "patch", "cqrsstacks", "--all", "-n", namespace, "--type=merge",
-            "-p", '{"metadata":{"finalizers":null}}', check=False,
+    for where in (tenant, namespace):
+        if cluster.get("namespace", where, where) is None:
+            continue  # the tenant namespace is deleted by a test
+        done = cluster.kubectl(
+            "delete", "cqrsstacks", "--all", "-n", where, "--wait", "--timeout=180s",
+            check=False, timeout=200,
         )  # fmt: skip
+        if done.returncode != 0:
+            problems.append(f"deleting the stacks did not finish: {done.stderr.strip()}")
+            cluster.kubectl(
+                "patch", "cqrsstacks", "--all", "-n", where, "--type=merge",
+                "-p", '{"metadata":{"finalizers":null}}', check=False,
+            )  # fmt: skip
     done = cluster.helm(
         "uninstall", RELEASE, "-n", namespace, "--wait", "--timeout", "180s", check=False
     )
     if done.returncode != 0 and "not found" not in done.stderr:
         problems.append(f"helm uninstall: {done.stderr.strip()}")
+    # The operator's namespace is kept by helm uninstall (helm.sh/resource-policy: keep).
+    doomed = [namespace, tenant, f"{namespace}-operator"]
     done = cluster.kubectl(
-        "delete", "namespace", namespace, "--wait", "--timeout=300s", check=False, timeout=320
-    )
+        "delete", "namespace", *doomed, "--ignore-not-found", "--wait",
+        "--timeout=300s", check=False, timeout=320,
+    )  # fmt: skip
     if done.returncode != 0:
-        problems.append(f"deleting namespace {namespace}: {done.stderr.strip()}")
+        problems.append(f"deleting namespaces {', '.join(doomed)}: {done.stderr.strip()}")
     if problems:
         raise ClusterError("; ".join(problems))
 
@@ -108,6 +131,8 @@ def release(cluster: Cluster, namespace: Namespace) -> str:
         "--set", f"stack.name={RELEASE_STACK}",
         "--set", "stack.writeApi.replicas=1",
         "--set", "stack.readApi.replicas=1",
+        "--set", f"operator.watchNamespaces={{{namespace.name},{namespace.tenant}}}",
+        "--set", f"operator.deleteTimeout={DELETE_TIMEOUT}",
         *shlex.split(os.environ.get("E2E_HELM_ARGS", "")),
         "--wait", "--timeout", f"{int(STACK_TIMEOUT)}s",
         timeout=STACK_TIMEOUT + 60,

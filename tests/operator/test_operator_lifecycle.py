@@ -99,6 +99,11 @@ async def test_create_provisions_databases_stream_and_children(
             )
         finally:
             await conn.close()
+    # Status says which migrations ran (the operator's own) and that both are at their head.
+    recorded = status["databases"]
+    assert recorded["migratedBy"] == "cqrs-stack-operator 0.1.0"
+    assert recorded["expectedSchemaVersions"] == recorded["schemaVersions"], recorded
+    assert min(recorded["expectedSchemaVersions"].values()) >= 1, recorded
     assert creds["WRITE_DB_URL"] == write_pg.url(f"w_{fresh_names}", role, password)
     assert creds["READ_DB_URL"] == read_pg.url(f"r_{fresh_names}", role, password)
 
@@ -516,3 +521,39 @@ async def test_projector_scales_with_stream_lag(
         )
     finally:
         await redis.aclose()
+
+
+async def test_the_first_deployments_wait_for_the_stream(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_factory: Any,
+    fresh_names: str,
+) -> None:
+    """Pods create the stream themselves at start: had they started before the operator
+    marked it (Redis not up yet), the stack would find it unmarked and refuse it for good."""
+    redis = redis_factory()
+    redis.stop()
+    await stacks.create(stack_manifest("late", fresh_names, write_pg, read_pg, redis.url))
+    obj = await stacks.wait_condition("late", "StreamReady", "False", "RedisUnreachable", operator)
+    conds = conditions(obj)
+    assert conds["WorkloadsReady"]["reason"] == "WaitingForStream", conds
+    assert obj["status"]["phase"] == "Degraded", obj["status"]  # transient: retried
+    apps = client.AppsV1Api(kube_api)
+    for component in DEPLOYMENTS:
+        with pytest.raises(ApiException) as missing:
+            await apps.read_namespaced_deployment(f"late-{component}", namespace)
+        assert missing.value.status == 404
+
+    redis.start()
+    ready = await stacks.wait_ready("late", operator)
+    owner = Redis.from_url(redis.url)
+    try:
+        marker = await owner.get(f"{namespace}.late-events:owner")
+    finally:
+        await owner.aclose()
+    assert marker is not None and ready["metadata"]["uid"].encode() in marker
+    await apps.read_namespaced_deployment("late-write-api", namespace)

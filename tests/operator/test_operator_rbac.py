@@ -55,7 +55,14 @@ def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
 
 
 async def apply_rendered(api: client.ApiClient, docs: list[dict[str, Any]]) -> None:
+    """Create the rendered objects, and the operator's own namespace they name first."""
     core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    for ns in {d["metadata"].get("namespace") for d in docs} - {None}:
+        try:
+            await core.create_namespace({"metadata": {"name": ns}})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
     for doc in docs:
         ns = doc["metadata"].get("namespace")
         create = {
@@ -68,8 +75,10 @@ async def apply_rendered(api: client.ApiClient, docs: list[dict[str, Any]]) -> N
         await create(doc)
 
 
-def service_account(docs: list[dict[str, Any]]) -> str:
-    return next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
+def service_account(docs: list[dict[str, Any]]) -> tuple[str, str]:
+    """(namespace, name) of the operator's ServiceAccount."""
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")
+    return account["metadata"]["namespace"], account["metadata"]["name"]
 
 
 def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
@@ -80,6 +89,22 @@ def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert "namespaces" not in resources and "customresourcedefinitions" not in resources
     assert not any("delete" in rule["verbs"] or "*" in rule["verbs"] for rule in role["rules"])
+
+
+def test_the_operator_runs_in_its_own_namespace_and_may_finalize_stacks_anywhere() -> None:
+    """Its Role goes with a deleted namespace: the stacks' rules are bound cluster-wide too."""
+    docs = render_operator_rbac("ops")
+    assert service_account(docs) == ("ops-operator", f"{RELEASE}-cqrs-stack-operator")
+    (finalize,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert {r for rule in finalize["rules"] for r in rule["resources"]} == {
+        "cqrsstacks",
+        "cqrsstacks/status",
+        "events",
+    }
+    (binding,) = [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    assert binding["subjects"][0]["namespace"] == "ops-operator"
+    same = render_operator_rbac("ops", "operator.namespace=ops")
+    assert service_account(same) == ("ops", f"{RELEASE}-cqrs-stack-operator")
 
 
 def test_watch_namespaces_get_one_role_each() -> None:
@@ -105,7 +130,7 @@ async def test_operator_lifecycle_under_the_charts_service_account(
 ) -> None:
     docs = render_operator_rbac(namespace)
     await apply_rendered(kube_api, docs)
-    token = kube_apiserver.create_token(namespace, service_account(docs))
+    token = kube_apiserver.create_token(*service_account(docs))
     kubeconfig: Path = kube_apiserver.kubeconfig_for_token(token)
     operator = operator_factory(kubeconfig, namespace)
 
@@ -137,7 +162,7 @@ async def test_service_account_cannot_reach_beyond_its_namespace(
 ) -> None:
     docs = render_operator_rbac(namespace)
     await apply_rendered(kube_api, docs)
-    token = kube_apiserver.create_token(namespace, service_account(docs))
+    token = kube_apiserver.create_token(*service_account(docs))
     other = f"{namespace}-other"
     core_admin = client.CoreV1Api(kube_api)
     await core_admin.create_namespace({"metadata": {"name": other}})

@@ -527,6 +527,9 @@ async def test_a_teardown_that_keeps_failing_releases_the_finalizer_with_a_warni
     await stacks.wait_gone("stuck", operator, timeout=40)
     warning = await wait_event(kube_api, namespace, "stuck", "CleanupAbandoned", operator)
     assert warning.type == "Warning" and f"w_{fresh_names}" in warning.message
+    # Logged too: a namespace being deleted accepts no Event, the log still names what is left.
+    logged = [line for line in operator.log_text().splitlines() if "CleanupAbandoned" in line]
+    assert any(f"w_{fresh_names}" in line for line in logged), operator.log_tail()
     assert await database_exists(write_pg, f"w_{fresh_names}")  # the documented outcome: kept
 
 

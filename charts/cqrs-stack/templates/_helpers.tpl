@@ -62,6 +62,14 @@ The name of the operator's ServiceAccount.
 {{- end }}
 
 {{/*
+The operator's own namespace (default "<release namespace>-operator"): deleting the stacks'
+namespace must not delete the operator before it has run their finalizers.
+*/}}
+{{- define "cqrs-stack.operatorNamespace" -}}
+{{- .Values.operator.namespace | default (printf "%s-operator" .Release.Namespace | trunc 63 | trimSuffix "-") }}
+{{- end }}
+
+{{/*
 The namespaces the operator watches (a list; the release namespace when none are given).
 */}}
 {{- define "cqrs-stack.watchNamespaces" -}}
@@ -93,6 +101,11 @@ Object names.
 */}}
 {{- define "cqrs-stack.operatorName" -}}
 {{- printf "%s-operator" (include "cqrs-stack.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- /* Cluster-scoped, so named after the release's namespace too: unique per release. */ -}}
+{{- define "cqrs-stack.operatorFinalizeName" -}}
+{{- printf "%s-%s-operator-finalize" .Release.Namespace (include "cqrs-stack.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "cqrs-stack.postgresqlName" -}}
