@@ -26,6 +26,7 @@ from tests.operator.fixtures_operator import (
     ROOT,
     Operator,
     Stacks,
+    admin_metadata,
     database_exists,
     names,
     stack_manifest,
@@ -545,7 +546,7 @@ async def test_with_redis_admin_credentials_a_stack_cannot_touch_another_stacks_
     await client.CoreV1Api(kube_api).create_namespaced_secret(
         namespace,
         {
-            "metadata": {"name": "redis-admin", "labels": {"cqrs.dev/admin-credentials": "true"}},
+            "metadata": admin_metadata("redis-admin", "127.0.0.1", "redis"),
             "stringData": {"username": "default", "password": ""},  # the test Redis: nopass
         },
     )
