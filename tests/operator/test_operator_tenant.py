@@ -300,6 +300,8 @@ async def test_the_postgresql_admin_login_is_never_sent_to_redis(
         manifest = stack_manifest("redis-thief", fresh_names, write_pg, read_pg, url)
         manifest["spec"]["redis"]["adminSecret"] = ADMIN_SECRETS[0]
         await stacks.create(manifest)
+        await stacks.wait_condition("redis-thief", "StreamReady", "False", None, operator)
+        assert write_pg.password.encode() not in fake.received
         await stacks.wait_condition(
             "redis-thief", "StreamReady", "False", "AdminSecretWrongKind", operator
         )
@@ -339,6 +341,8 @@ async def test_an_admin_secret_without_admin_hosts_is_sent_nowhere(
         manifest = stack_manifest("clear", fresh_names, write_pg, read_pg, redis_server.url)
         manifest["spec"]["databases"]["write"].update(port=fake.port, adminSecret="pg-admin")
         await stacks.create(manifest)
+        await stacks.wait_condition("clear", "DatabasesReady", "False", None, operator)
+        assert write_pg.password.encode() not in fake.received
         obj = await stacks.wait_condition(
             "clear", "DatabasesReady", "False", "AdminHostsRequired", operator
         )
