@@ -106,7 +106,7 @@ async def namespace(
         await core.create_namespaced_secret(
             name,
             {
-                "metadata": admin_metadata(secret, f"127.0.0.1:{server.port}"),
+                "metadata": admin_metadata(secret, "127.0.0.1"),
                 "stringData": {"username": "postgres", "password": server.password},
             },
         )
