@@ -172,17 +172,19 @@ async def delete_stack(
         return
     try:
         dropped, left = await reconcile.teardown(memo.api, stack)
-    except ProvisioningError as exc:
+    except Exception as exc:  # any failure, not only ours: the finalizer is held only so long
+        why = (
+            f"{exc.reason}: {exc.message}"
+            if isinstance(exc, ProvisioningError)
+            else f"{type(exc).__name__}"  # a foreign error's text may quote a spec value
+        )
         if runtime.total_seconds() + backoff(retry) > DELETE_TIMEOUT:
-            message = (
-                f"gave up after {runtime.total_seconds():.0f} s ({exc.reason}: "
-                f"{exc.message}); left behind: {kept}"
-            )
+            message = f"gave up after {runtime.total_seconds():.0f} s ({why}); left behind: {kept}"
             # Logged too: a namespace being deleted accepts no new Events.
             logger.warning("CleanupAbandoned: %s", message)
             kopf.warn(body, reason="CleanupAbandoned", message=message)
             return
-        raise kopf.TemporaryError(f"{exc.reason}: {exc.message}", delay=backoff(retry)) from exc
+        raise kopf.TemporaryError(why, delay=backoff(retry)) from exc
     if dropped:
         kopf.info(
             body, reason="Dropped", message=f"deletionPolicy=Delete: dropped {', '.join(dropped)}"

@@ -31,7 +31,7 @@ from cqrs_stack.stream import ensure_group, group_info
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
 from .ownership import CREATED, Marker, OwnershipRefused, claim, may_drop, parse_marker
-from .spec import Database, DatabaseTls, check_identifier
+from .spec import RESERVED_STREAM_SUFFIXES, Database, DatabaseTls, check_identifier
 
 Tls = ssl.SSLContext | bool | None
 
@@ -325,17 +325,19 @@ async def migrate_database(
 
 
 async def drop_owned(
-    dbs: list[Database], admin: dict[str, AdminLogin], role: str, uid: str, tls: Tls = None
+    dbs: list[tuple[Database, AdminLogin]], role: str, uid: str, tls: Tls = None
 ) -> tuple[list[str], list[str]]:
     """Drop the databases of ``dbs`` and the role that this stack created; leave the rest.
 
+    Each database comes with the admin login checked for its own server: two databases of
+    the same name on two servers never share a login.
     Returns (dropped, left): what was dropped and what was left behind, each as "kind name".
     """
     dropped: list[str] = []
     left: list[str] = []
-    servers: dict[tuple[str, int], Database] = {}
-    for db in dbs:
-        conn = await _admin_connect(db, admin[db.name], tls)
+    servers: dict[tuple[str, int, str], tuple[Database, AdminLogin]] = {}
+    for db, login in dbs:
+        conn = await _admin_connect(db, login, tls)
         try:
             exists, marker, _ = await _database_marker(conn, db.name)
             if exists and may_drop(marker, uid):
@@ -346,9 +348,9 @@ async def drop_owned(
                 left.append(f"database {db.name} (not created by this stack)")
         finally:
             await conn.close()
-        servers.setdefault((db.host, db.port), db)
-    for db in servers.values():
-        conn = await _admin_connect(db, admin[db.name], tls)
+        servers.setdefault((db.host, db.port, login.username), (db, login))
+    for db, login in servers.values():
+        conn = await _admin_connect(db, login, tls)
         try:
             row = await conn.fetchrow(
                 "SELECT shobj_description(oid, 'pg_authid') AS comment FROM pg_roles "
@@ -385,10 +387,10 @@ def _redis(url: str, ca_pem: str | None = None) -> Redis:
 
 
 # What the services send to Redis (cqrs_stack.stream and the health checks), nothing more.
-# MULTI/EXEC: redis-py's transactional pipelines; SELECT: a URL naming a database.
+# MULTI/EXEC: redis-py's transactional pipelines. No SELECT: key patterns hold in every
+# logical database, so an isolated stack stays in database 0 (reconcile.check_isolated_database).
 REDIS_COMMANDS = (
     "ping",
-    "select",
     "multi",
     "exec",
     "discard",
@@ -487,6 +489,15 @@ async def _check_related_keys(redis: Redis, stream: str, owner: Owner) -> None:
                 "OwnedByAnotherStack",
                 f"stream {stream} is a key of stream {base}, which belongs to another CqrsStack",
             )
+    # The other way round: a stack that took "<stream>:dead" as its own stream (before the
+    # suffix was reserved) holds this stream's dead letters.
+    dead = f"{stream}:dead"
+    marker = parse_marker(await redis.get(owner_key(dead)))
+    if marker is not None and marker.uid != owner.uid:
+        raise OwnershipRefused(
+            "OwnedByAnotherStack",
+            f"the dead-letter stream {dead} of stream {stream} belongs to another CqrsStack",
+        )
 
 
 def owner_key(stream: str) -> str:
@@ -505,6 +516,10 @@ async def ensure_stream(
     what = f"stream {stream}"
     changes: list[Change] = []
     try:
+        if stream.endswith(RESERVED_STREAM_SUFFIXES):
+            raise OwnershipRefused(
+                "ReservedName", f"{what}: the suffixes {RESERVED_STREAM_SUFFIXES} are reserved"
+            )
         await _check_related_keys(redis, stream, owner)
         marker = parse_marker(await redis.get(owner_key(stream)))
         if marker is None:

@@ -20,13 +20,15 @@ from typing import Any
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
+from redis.connection import parse_url
 
 from cqrs_stack.migrations import load_migrations
 
 from . import __version__, kube, manifests, provisioning, status
 from .errors import PermanentProvisioningError, ProvisioningError
+from .ownership import OwnershipRefused
 from .provisioning import AdminLogin, Change, Owner
-from .spec import CaBundle, Database, StackSpec, recorded_names
+from .spec import CaBundle, Database, SpecError, StackSpec, check_redis_url, recorded_names
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ ADMIN_LABEL = "cqrs.dev/admin-credentials"
 ADMIN_HOSTS_ANNOTATION = "cqrs.dev/admin-hosts"
 # Optional: the platform allows stacks to adopt unmarked objects on this server.
 ALLOW_ADOPT_ANNOTATION = "cqrs.dev/allow-adopt"
+# Which server an admin Secret is for: "postgresql" (the default) or "redis".
+ADMIN_FOR_LABEL = "cqrs.dev/admin-for"
+POSTGRESQL, REDIS = "postgresql", "redis"
 # The label a Secret needs before the operator hands it to a stack's pods (spec.redis.urlSecret,
 # spec.writeApi.auth.tokenSecret): the pods run an image of the tenant's choosing.
 STACK_SECRET_LABEL = "cqrs.dev/stack-secret"
@@ -80,27 +85,54 @@ async def _secret(api: client.ApiClient, namespace: str, name: str) -> kube.Secr
     return found
 
 
-def check_admin_secret(secret: kube.SecretData, where: str, db: Database) -> AdminLogin:
-    """The admin login in ``secret`` if it opted in for ``db``'s host; else raise (permanent).
+def _check_admin_hosts(secret: kube.SecretData, where: str, host: str, port: int) -> None:
+    """The admin Secret must name the hosts its login may be sent to, and ``host`` among them.
 
-    Without the opt-in anyone who may create a CqrsStack could make the operator send any
-    Secret of the namespace to a host of their choosing.
+    The host comes from the spec, which the tenant writes: without the platform's list the
+    login would go to a server of the tenant's choosing, and neither SCRAM (the server picks
+    the method; asyncpg follows a cleartext or MD5 request) nor TLS (the tenant picks the
+    CA) keeps the password from that server.
     """
+    allowed = secret.annotations.get(ADMIN_HOSTS_ANNOTATION)
+    if allowed is None:
+        raise PermanentProvisioningError(
+            "AdminHostsRequired",
+            f"Secret {where} carries no annotation {ADMIN_HOSTS_ANNOTATION}; the operator "
+            "sends an admin login only to the hosts it names",
+        )
+    hosts = {h.strip() for h in allowed.split(",") if h.strip()}
+    if host not in hosts and f"{host}:{port}" not in hosts:
+        raise PermanentProvisioningError(
+            "AdminHostNotAllowed",
+            f"Secret {where} allows hosts {sorted(hosts)} ({ADMIN_HOSTS_ANNOTATION}), "
+            f"not {host}:{port}",
+        )
+
+
+def _check_admin_opt_in(secret: kube.SecretData, where: str, kind: str) -> None:
     if secret.labels.get(ADMIN_LABEL) != "true":
         raise PermanentProvisioningError(
             "AdminSecretNotOptedIn",
             f'Secret {where} is not labelled {ADMIN_LABEL}: "true"; the operator uses '
             "only admin Secrets labelled so",
         )
-    allowed = secret.annotations.get(ADMIN_HOSTS_ANNOTATION)
-    if allowed is not None:
-        hosts = {h.strip() for h in allowed.split(",") if h.strip()}
-        if db.host not in hosts and f"{db.host}:{db.port}" not in hosts:
-            raise PermanentProvisioningError(
-                "AdminHostNotAllowed",
-                f"Secret {where} allows hosts {sorted(hosts)} ({ADMIN_HOSTS_ANNOTATION}), "
-                f"not {db.host}:{db.port}",
-            )
+    # A PostgreSQL login is never sent to Redis, nor a Redis one to PostgreSQL.
+    if secret.labels.get(ADMIN_FOR_LABEL, POSTGRESQL) != kind:
+        raise PermanentProvisioningError(
+            "AdminSecretWrongKind",
+            f"Secret {where} is labelled {ADMIN_FOR_LABEL}: "
+            f"{secret.labels.get(ADMIN_FOR_LABEL, POSTGRESQL)!r}, not {kind!r}",
+        )
+
+
+def check_admin_secret(secret: kube.SecretData, where: str, db: Database) -> AdminLogin:
+    """The admin login in ``secret`` if it opted in for ``db``'s host; else raise (permanent).
+
+    Without the opt-in anyone who may create a CqrsStack could make the operator send any
+    Secret of the namespace to a host of their choosing.
+    """
+    _check_admin_opt_in(secret, where, POSTGRESQL)
+    _check_admin_hosts(secret, where, db.host, db.port)
     if "username" not in secret.data or "password" not in secret.data:
         raise PermanentProvisioningError(
             "AdminSecretInvalid", f"Secret {where} needs keys username and password"
@@ -136,14 +168,12 @@ async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> A
     return check_admin_secret(secret, f"{spec.namespace}/{db.admin_secret}", db)
 
 
-def check_redis_admin_secret(secret: kube.SecretData, where: str) -> AdminLogin:
-    """The Redis admin login (``username`` optional, ``password``) of an opted-in Secret."""
-    if secret.labels.get(ADMIN_LABEL) != "true":
-        raise PermanentProvisioningError(
-            "AdminSecretNotOptedIn",
-            f'Secret {where} is not labelled {ADMIN_LABEL}: "true"; the operator uses '
-            "only admin Secrets labelled so",
-        )
+def check_redis_admin_secret(secret: kube.SecretData, where: str, url: str) -> AdminLogin:
+    """The Redis admin login (``username`` optional, ``password``) of a Secret that opted in
+    for Redis (label ``cqrs.dev/admin-for: redis``) and for the URL's host (admin-hosts)."""
+    _check_admin_opt_in(secret, where, REDIS)
+    parts = parse_url(url)
+    _check_admin_hosts(secret, where, str(parts.get("host", "")), int(parts.get("port", 6379)))
     if "password" not in secret.data:
         raise PermanentProvisioningError(
             "AdminSecretInvalid", f"Secret {where} needs key password (and optionally username)"
@@ -153,6 +183,19 @@ def check_redis_admin_secret(secret: kube.SecretData, where: str) -> AdminLogin:
         secret.data["password"],
         may_adopt=secret.annotations.get(ALLOW_ADOPT_ANNOTATION) == "true",
     )
+
+
+def check_isolated_database(url: str) -> None:
+    """An ACL user's key patterns hold in every logical database and Redis cannot limit
+    SELECT by its argument: an isolated stack uses database 0 and is not granted SELECT, so
+    its pods never reach a key of the same name in another logical database."""
+    db = int(parse_url(url).get("db", 0) or 0)
+    if db != 0:
+        raise PermanentProvisioningError(
+            "RedisDatabaseNotZero",
+            f"spec.redis names logical database {db}; with spec.redis.adminSecret (an ACL user "
+            "per stack) the stack must use database 0",
+        )
 
 
 @dataclass(frozen=True)
@@ -182,7 +225,8 @@ async def redis_access(api: client.ApiClient, spec: StackSpec, password: str) ->
     if spec.redis_admin_secret is not None:
         name = spec.redis_admin_secret
         secret = await _secret(api, spec.namespace, name)
-        admin = check_redis_admin_secret(secret, f"{spec.namespace}/{name}")
+        admin = check_redis_admin_secret(secret, f"{spec.namespace}/{name}", url)
+        check_isolated_database(url)
         pods_url = provisioning.with_credentials(url, spec.redis_user, password)
     if spec.redis_ca is not None:
         sep = "&" if "?" in pods_url else "?"
@@ -199,6 +243,15 @@ async def redis_access(api: client.ApiClient, spec: StackSpec, password: str) ->
 
 
 async def redis_url(api: client.ApiClient, spec: StackSpec) -> str:
+    """The stack's Redis URL (from the spec or its opted-in Secret), its host checked."""
+    url = await _redis_url(api, spec)
+    try:
+        return check_redis_url(url, "spec.redis")
+    except SpecError as exc:
+        raise PermanentProvisioningError("RedisUrlInvalid", str(exc)) from exc
+
+
+async def _redis_url(api: client.ApiClient, spec: StackSpec) -> str:
     if spec.redis_url:
         return spec.redis_url
     ref = spec.redis_url_secret
@@ -266,13 +319,28 @@ async def _apply(
 async def ensure_credentials(
     api: client.ApiClient, spec: StackSpec, adopt: Adopt
 ) -> tuple[str, RedisAccess, list[Change]]:
-    """The credentials Secret, applied before any role uses its password."""
+    """A new password is stored (alone) before any role uses it; the URLs built with it are
+    added by ``apply_credentials`` only once the databases and stream are the stack's."""
     password, new = await stack_password(api, spec)
     redis = await redis_access(api, spec, password)
-    await _apply(api, spec, manifests.credentials_secret(spec, password, redis.pods_url), adopt)
+    if not new:
+        return password, redis, []
+    manifest = manifests.credentials_secret(spec, password, redis.pods_url)
+    manifest["data"] = {k: v for k, v in manifest["data"].items() if k in ("username", "password")}
+    await _apply(api, spec, manifest, adopt)
     name = manifests.child_name(spec, "credentials")
-    changes = [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
-    return password, redis, changes if new else []
+    return (
+        password,
+        redis,
+        [Change("CredentialsCreated", f"stored a new password in Secret {name}")],
+    )
+
+
+async def apply_credentials(
+    api: client.ApiClient, spec: StackSpec, password: str, redis: RedisAccess, adopt: Adopt
+) -> None:
+    """The credentials Secret with the URLs the pods use (and drift of it repaired)."""
+    await _apply(api, spec, manifests.credentials_secret(spec, password, redis.pods_url), adopt)
 
 
 def owner_of(spec: StackSpec, current_status: Mapping[str, Any]) -> Owner:
@@ -435,10 +503,26 @@ async def reconcile(
             out.fail(kind, exc)
         return out
     owner = owner_of(spec, current_status)
-    await _databases(out, api, spec, password, owner)
-    lag = await _stream(out, redis, spec, password, owner)
+    if spec.reserved:
+        refused = OwnershipRefused("ReservedName", spec.reserved)
+        for kind in (status.DATABASES, status.STREAM):
+            out.fail(kind, refused)
+        await _remove_acl_user(out, redis, spec)
+        lag = None
+    else:
+        await _databases(out, api, spec, password, owner)
+        lag = await _stream(out, redis, spec, password, owner)
+    refusal = next((e for e in out.errors if isinstance(e, OwnershipRefused)), None)
     count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
-    if not _stream_provisioned(out, current_status):
+    if refusal is not None:
+        # A database or stream of another stack: no URL to it is handed to any pod.
+        out.fail(
+            status.WORKLOADS,
+            PermanentProvisioningError(
+                refusal.reason, f"not applied while refused: {refusal.message}"
+            ),
+        )
+    elif not _stream_provisioned(out, current_status):
         # The pods create the stream and group themselves at start (XGROUP ... MKSTREAM): if
         # they started first, the stream would exist without this stack's owner marker and
         # be refused as NotOwned for good. So the first Deployments wait for the stream.
@@ -453,6 +537,7 @@ async def reconcile(
     else:
         try:
             await check_token_secret(api, spec)
+            await apply_credentials(api, spec, password, redis, adopt)
             _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
             out.changes += changes
             out.ok(
@@ -550,6 +635,10 @@ async def _stream(
         lag = await provisioning.stream_lag(
             url, spec.stream_name, spec.consumer_group, redis.ca_pem
         )
+    except OwnershipRefused as exc:
+        out.fail(status.STREAM, exc)
+        await _remove_acl_user(out, redis, spec)  # granted before the refusal, if ever
+        return None
     except ProvisioningError as exc:
         out.fail(status.STREAM, exc)
         return None
@@ -562,13 +651,28 @@ async def _stream(
     return lag
 
 
+async def _remove_acl_user(out: Outcome, redis: RedisAccess, spec: StackSpec) -> None:
+    """A refused stack keeps no Redis ACL user: it may hold the keys of the stream that the
+    refusal protects (a pre-squatted ``<stream>:dead``)."""
+    if redis.admin is None:
+        return
+    try:
+        if await provisioning.delete_acl_user(
+            redis.base_url, redis.admin, spec.redis_user, redis.ca_pem
+        ):
+            out.changes.append(
+                Change("AclUserDeleted", f"deleted Redis ACL user {spec.redis_user} (refused)")
+            )
+    except ProvisioningError as exc:
+        out.errors.append(exc)
+
+
 async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], list[str]]:
     """deletionPolicy Delete: drop what this stack created; return (dropped, left behind)."""
-    logins = {db.name: await admin_login(api, spec, db) for db in (spec.write_db, spec.read_db)}
+    # Each database with the login checked for its own server (admin-hosts included).
+    logins = [(db, await admin_login(api, spec, db)) for db in (spec.write_db, spec.read_db)]
     tls = await database_tls(api, spec)
-    dropped, left = await provisioning.drop_owned(
-        [spec.write_db, spec.read_db], logins, spec.role, spec.uid, tls
-    )
+    dropped, left = await provisioning.drop_owned(logins, spec.role, spec.uid, tls)
     password, _ = await stack_password(api, spec)
     redis = await redis_access(api, spec, password)
     if await provisioning.delete_owned_stream(

@@ -17,6 +17,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+from redis.connection import parse_url
 
 from cqrs_stack.config import redact_url
 
@@ -30,6 +33,19 @@ KIND = "CqrsStack"
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# A host is a DNS name (ASCII labels of 1..63 characters, 253 in all) or an IP address: a name
+# that IDNA cannot encode would fail in getaddrinfo (UnicodeError) on every reconcile.
+HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+HOST_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
+# Keys the operator keeps next to a stream: never a stack's stream name (see provisioning).
+RESERVED_STREAM_SUFFIXES = (":dead", ":owner")
+# The shape of a default database name: <readable>_<8 hex>_write|read (unique_identifier).
+DEFAULT_DATABASE_SHAPE = re.compile(r"^.*_[0-9a-f]{8}_(write|read)$")
+# The shape of a default stream name: <namespace>.<name>-events (a namespace holds no ".").
+DEFAULT_STREAM_SHAPE = re.compile(r"^(?P<namespace>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\..*-events$")
 DELETION_POLICIES = ("Retain", "Delete")
 NAME_HASH_LENGTH = 8
 SYSTEM_DATABASES = ("postgres", "template0", "template1")
@@ -159,6 +175,7 @@ class StackSpec:
     db_pool_min_size: int = 1
     db_pool_max_size: int = 10
     log_level: str = "info"
+    reserved: str = ""  # why a name the spec chose is another stack's (reserved_names)
 
     @property
     def image(self) -> str:
@@ -237,10 +254,56 @@ def _resources(section: Mapping[str, Any]) -> Resources:
     return Resources(requests=dict(raw.get("requests") or {}), limits=dict(raw.get("limits") or {}))
 
 
+def check_host(host: object, field_path: str) -> str:
+    """Return ``host`` if it is a DNS name or an IP address, else raise naming the field."""
+    if not isinstance(host, str) or not host:
+        raise SpecError(f"{field_path} is required")
+    if not HOST_NAME.match(host) and not (":" in host and HOST_IPV6.match(host)):
+        raise SpecError(f"{field_path}={host[:80]!r} must be a DNS name (ASCII) or an IP address")
+    return host
+
+
+def reserved_names(spec: Mapping[str, Any], namespace: str, defaults: DefaultNames) -> str:
+    """Why a name the spec chose is reserved for another stack ("" when none is).
+
+    Default names are predictable: an explicit database named like a default
+    (``<prefix>_<8 hex>_write|read``) or a stream named like another namespace's default
+    (``<namespace>.<name>-events``) would squat that stack's future object; a stream name
+    ending in ``:dead`` or ``:owner`` would be another stream's dead letters or owner key.
+    The operator refuses such a stack at reconcile (reason ReservedName), so that it still
+    removes what the stack was given before and deletion still runs.
+    """
+    databases = spec.get("databases") or {}
+    for kind in ("write", "read"):
+        name = (databases.get(kind) or {}).get("database")
+        if (
+            isinstance(name, str)
+            and DEFAULT_DATABASE_SHAPE.match(name)
+            and name not in (defaults.write_db, defaults.read_db)
+        ):
+            return (
+                f"spec.databases.{kind}.database={name!r} has the shape of a default database "
+                "name (<prefix>_<8 hex>_write|read), reserved for the stack it derives from"
+            )
+    stream = (spec.get("stream") or {}).get("name")
+    if not isinstance(stream, str) or not stream:
+        return ""
+    if stream.endswith(RESERVED_STREAM_SUFFIXES):
+        return (
+            f"spec.stream.name={stream!r} ends in a suffix reserved for the keys the operator "
+            f"keeps next to a stream {RESERVED_STREAM_SUFFIXES}"
+        )
+    match = DEFAULT_STREAM_SHAPE.match(stream)
+    if match and match["namespace"] != namespace:
+        return (
+            f"spec.stream.name={stream!r} has the shape of a default stream name of namespace "
+            f"{match['namespace']!r}, reserved for its stacks"
+        )
+    return ""
+
+
 def _database(raw: Mapping[str, Any], default_name: str, path: str) -> Database:
-    host = raw.get("host")
-    if not host or not isinstance(host, str):
-        raise SpecError(f"{path}.host is required")
+    host = check_host(raw.get("host"), f"{path}.host")
     secret = raw.get("adminSecret")
     if not isinstance(secret, str) or not DNS_SUBDOMAIN.match(secret):
         raise SpecError(f"{path}.adminSecret={secret!r} must name a Secret (DNS-1123)")
@@ -316,11 +379,24 @@ def _redis(raw: Mapping[str, Any]) -> tuple[str | None, SecretKeyRef | None]:
     if url and not str(url).startswith(("redis://", "rediss://")):
         shown = redact_url(str(url))  # a URL may carry a password: never echo it
         raise SpecError(f"spec.redis.url must start with redis:// or rediss://, got {shown!r}")
+    if url:
+        check_redis_url(str(url), "spec.redis.url")
     if ref:
         if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))) or not ref.get("key"):
             raise SpecError("spec.redis.urlSecret needs a Secret name (DNS-1123) and a key")
         return None, SecretKeyRef(name=ref["name"], key=ref["key"])
     return str(url), None
+
+
+def check_redis_url(url: str, field_path: str) -> str:
+    """Return ``url`` if its host is a DNS name or an IP address, else raise (no password shown)."""
+    try:
+        parse_url(url)
+        host = urlsplit(url).hostname or ""
+    except ValueError as exc:  # the message may quote the URL: name the field only
+        raise SpecError(f"{field_path} is not a valid Redis URL") from exc
+    check_host(host, f"{field_path} host")
+    return url
 
 
 def _write_token(raw: Mapping[str, Any]) -> SecretKeyRef | None:
@@ -401,4 +477,5 @@ def parse_spec(
         uid=uid,
         write_token_secret=_write_token(write_api),
         log_level=spec.get("logLevel") or "info",
+        reserved=reserved_names(spec, namespace, defaults),
     )

@@ -33,6 +33,7 @@ CRD_FILE = ROOT / "charts" / "cqrs-stack" / "crds" / "cqrsstacks.cqrs.dev.yaml"
 OPERATOR_BIN = Path(sys.executable).parent / "cqrs-stack-operator"
 ADMIN_SECRETS = ("pg-write-admin", "pg-read-admin")
 ADMIN_LABELS = {"cqrs.dev/admin-credentials": "true"}
+ADMIN_HOSTS = "cqrs.dev/admin-hosts"
 READY_TIMEOUT = 60.0
 COMPONENTS = ("write-api", "read-api", "projector")
 
@@ -105,11 +106,18 @@ async def namespace(
         await core.create_namespaced_secret(
             name,
             {
-                "metadata": {"name": secret, "labels": ADMIN_LABELS},
+                "metadata": admin_metadata(secret, "127.0.0.1"),
                 "stringData": {"username": "postgres", "password": server.password},
             },
         )
     return name
+
+
+def admin_metadata(name: str, hosts: str, kind: str | None = None) -> dict[str, Any]:
+    """The metadata of an admin Secret: labelled (``kind``: cqrs.dev/admin-for) and limited
+    to ``hosts`` (the cqrs.dev/admin-hosts annotation, required)."""
+    labels = {**ADMIN_LABELS, **({"cqrs.dev/admin-for": kind} if kind else {})}
+    return {"name": name, "labels": labels, "annotations": {ADMIN_HOSTS: hosts}}
 
 
 def stack_manifest(

@@ -26,6 +26,7 @@ from tests.operator.fixtures_operator import (
     ROOT,
     Operator,
     Stacks,
+    admin_metadata,
     database_exists,
     names,
     stack_manifest,
@@ -288,11 +289,13 @@ async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
 
     async def recreated() -> dict[str, str] | None:
         try:
-            return await secret_data(kube_api, namespace, "creds-credentials")
+            data = await secret_data(kube_api, namespace, "creds-credentials")
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        # The new password is stored alone first; the URLs follow once the databases answer.
+        return data if "WRITE_DB_URL" in data else None
 
     data = await wait_until(
         recreated, timeout=30, what="credentials Secret recreated", alive=operator.exit_reason
@@ -548,7 +551,7 @@ async def test_with_redis_admin_credentials_a_stack_cannot_touch_another_stacks_
     await client.CoreV1Api(kube_api).create_namespaced_secret(
         namespace,
         {
-            "metadata": {"name": "redis-admin", "labels": {"cqrs.dev/admin-credentials": "true"}},
+            "metadata": admin_metadata("redis-admin", "127.0.0.1", "redis"),
             "stringData": {"username": "default", "password": ""},  # the test Redis: nopass
         },
     )

@@ -7,6 +7,9 @@ whatever the operator reads on the stack's behalf, or hands to its pods, must ha
 
 from __future__ import annotations
 
+import asyncio
+import struct
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -14,14 +17,18 @@ import pytest
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
 
 from tests.operator.fixtures_operator import (
     ADMIN_SECRETS,
     Operator,
     Stacks,
+    admin_metadata,
+    database_exists,
+    names,
     stack_manifest,
 )
-from tests.operator.test_operator_sharing import allow_adoption
+from tests.operator.test_operator_sharing import allow_adoption, secret_data
 
 
 async def test_a_token_secret_naming_the_admin_secret_is_not_handed_to_the_pods(
@@ -145,9 +152,7 @@ async def test_a_stream_named_after_another_stacks_dead_letters_is_refused(
                 stream={"name": dead},
             )
         )
-        obj = await stacks.wait_condition(
-            "snoop", "StreamReady", "False", "OwnedByAnotherStack", operator
-        )
+        obj = await stacks.wait_condition("snoop", "StreamReady", "False", "ReservedName", operator)
         assert obj["status"]["phase"] == "Failed"
         assert await redis.get(f"{dead}:owner") is None  # not marked as the snoop's
         assert await redis.xinfo_groups(dead) == []  # no group of the snoop's on it
@@ -215,3 +220,378 @@ async def role_logs_in_anywhere(server: Any, password: str) -> bool:
         await conn.close()
         return True
     return False
+
+
+# ------------------------------------------------------------------- where logins may go
+
+
+class FakeServer:
+    """A TCP listener on 127.0.0.1 that records what its clients send; ``answer`` maps each
+    packet received to the bytes sent back (b"": nothing, the client waits)."""
+
+    def __init__(self, answer: Callable[[bytes], bytes] = lambda _: b"") -> None:
+        self.answer = answer
+        self.received = bytearray()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> FakeServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port: int = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            while len(self.received) < 1 << 16:  # bounded: a client never fills the test
+                data = await asyncio.wait_for(reader.read(4096), 30)
+                if not data:
+                    break
+                self.received += data
+                if reply := self.answer(data):
+                    writer.write(reply)
+                    await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aexit__(self, *_: object) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+
+
+def pg_asking_cleartext(packet: bytes) -> bytes:
+    """A PostgreSQL server that refuses TLS and asks for the password in clear."""
+    if packet == SSL_REQUEST:
+        return b"N"
+    if packet[:1] == b"p":  # the password: no answer, the client times out
+        return b""
+    return b"R" + struct.pack("!ii", 8, 3)  # AuthenticationCleartextPassword
+
+
+async def create_secret(
+    api: client.ApiClient, namespace: str, metadata: dict[str, Any], data: dict[str, str]
+) -> None:
+    """As the tenant may: create (never read) a Secret."""
+    await client.CoreV1Api(api).create_namespaced_secret(
+        namespace, {"metadata": metadata, "stringData": data}
+    )
+
+
+async def test_the_postgresql_admin_login_is_never_sent_to_redis(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    fresh_names: str,
+) -> None:
+    """spec.redis.adminSecret naming the PostgreSQL admin Secret, at a Redis of the tenant's:
+    refused before a byte is sent (AdminSecretWrongKind); a Redis admin Secret goes only to
+    the hosts its cqrs.dev/admin-hosts names (AdminHostNotAllowed)."""
+    async with FakeServer() as fake:
+        url = f"redis://127.0.0.1:{fake.port}/0"
+        manifest = stack_manifest("redis-thief", fresh_names, write_pg, read_pg, url)
+        manifest["spec"]["redis"]["adminSecret"] = ADMIN_SECRETS[0]
+        await stacks.create(manifest)
+        await stacks.wait_condition("redis-thief", "StreamReady", "False", None, operator)
+        assert write_pg.password.encode() not in fake.received
+        await stacks.wait_condition(
+            "redis-thief", "StreamReady", "False", "AdminSecretWrongKind", operator
+        )
+        await create_secret(
+            kube_api,
+            namespace,
+            admin_metadata("redis-admin", "127.0.0.1:6379", "redis"),
+            {"password": "RedisAdminPassword_0123456789"},
+        )
+        await stacks.patch("redis-thief", {"spec": {"redis": {"adminSecret": "redis-admin"}}})
+        await stacks.wait_condition(
+            "redis-thief", "StreamReady", "False", "AdminHostNotAllowed", operator
+        )
+        assert write_pg.password.encode() not in fake.received
+        assert b"RedisAdminPassword" not in fake.received
+
+
+async def test_an_admin_secret_without_admin_hosts_is_sent_nowhere(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """A server may ask for the password in clear (asyncpg answers): the superuser's login of
+    a Secret that names no hosts never goes out (AdminHostsRequired)."""
+    await create_secret(
+        kube_api,
+        namespace,
+        {"name": "pg-admin", "labels": {"cqrs.dev/admin-credentials": "true"}},
+        {"username": "postgres", "password": write_pg.password},
+    )
+    async with FakeServer(pg_asking_cleartext) as fake:
+        manifest = stack_manifest("clear", fresh_names, write_pg, read_pg, redis_server.url)
+        manifest["spec"]["databases"]["write"].update(port=fake.port, adminSecret="pg-admin")
+        await stacks.create(manifest)
+        await stacks.wait_condition("clear", "DatabasesReady", "False", None, operator)
+        assert write_pg.password.encode() not in fake.received
+        obj = await stacks.wait_condition(
+            "clear", "DatabasesReady", "False", "AdminHostsRequired", operator
+        )
+        assert obj["status"]["phase"] == "Failed"
+        assert write_pg.password.encode() not in fake.received
+        assert fake.received == b""
+
+
+async def test_deletion_sends_each_database_its_own_login(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """Two databases of one name on two servers: the tenant's server (its own labelled Secret)
+    never receives the login of the platform's server, at provisioning nor at deletion."""
+    async with FakeServer(pg_asking_cleartext) as fake:
+        await create_secret(
+            kube_api,
+            namespace,
+            admin_metadata("mine3", f"127.0.0.1:{fake.port}"),
+            {"username": "tenant", "password": "TenantsOwnPassword_0123456789"},
+        )
+        manifest = stack_manifest("twins", fresh_names, write_pg, read_pg, redis_server.url)
+        databases = manifest["spec"]["databases"]
+        databases["write"].update(port=fake.port, adminSecret="mine3")
+        databases["write"]["database"] = databases["read"]["database"] = f"same_{fresh_names}"
+        manifest["spec"]["deletionPolicy"] = "Delete"
+        await stacks.create(manifest)
+        await stacks.wait_condition("twins", "DatabasesReady", "False", None, operator)
+        await stacks.delete("twins")
+        await stacks.wait_gone("twins", operator)  # CQRS_OPERATOR_DELETE_TIMEOUT: 10 s
+        assert b"TenantsOwnPassword" in fake.received  # the fake was asked, with mine3's
+        assert read_pg.password.encode() not in fake.received
+        assert write_pg.password.encode() not in fake.received
+
+
+# ------------------------------------------------------------------- Redis logical databases
+
+
+async def redis_admin_secret(api: client.ApiClient, namespace: str) -> None:
+    """The test Redis's admin login (default user, no password) for 127.0.0.1."""
+    await create_secret(
+        api, namespace, admin_metadata("redis-admin", "127.0.0.1", "redis"), {"password": ""}
+    )
+
+
+async def test_an_isolated_stack_cannot_reach_another_logical_database(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """ACL key patterns hold in every logical database: a stack at /1 naming the victim's
+    stream (in /0) is refused, and no stack's ACL user may SELECT."""
+    await redis_admin_secret(kube_api, namespace)
+    victim = stack_manifest("victim", fresh_names, write_pg, read_pg, redis_server.url)
+    victim["spec"]["redis"]["adminSecret"] = "redis-admin"
+    await stacks.create(victim)
+    await stacks.wait_ready("victim", operator)
+    stream = f"{namespace}.victim-events"
+    url = redis_server.url.removesuffix("/0") + "/1"
+    attacker = stack_manifest("other-db", f"{fresh_names}_o", write_pg, read_pg, url)
+    attacker["spec"]["redis"]["adminSecret"] = "redis-admin"
+    attacker["spec"]["stream"] = {"name": stream}
+    await stacks.create(attacker)
+    await stacks.wait_condition(
+        "other-db", "StreamReady", "False", "RedisDatabaseNotZero", operator
+    )
+    admin = Redis.from_url(redis_server.url)
+    pods = Redis.from_url(
+        (await secret_data(kube_api, namespace, "victim-credentials"))["REDIS_URL"]
+    )
+    try:
+        assert await admin.acl_getuser(f"cqrs.{namespace}.other-db") is None
+        with pytest.raises(NoPermissionError):
+            await pods.execute_command("SELECT", "1")
+        assert await pods.xlen(stream) >= 0  # its own stream, in database 0
+    finally:
+        await admin.aclose()
+        await pods.aclose()
+
+
+# ------------------------------------------------------------------- squatting future names
+
+
+async def test_a_refused_stack_gets_no_urls_nor_workloads(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """A default database already marked by another stack (squatted before names were
+    reserved): the stack is refused and no Secret or Deployment points at that database."""
+    future = names(namespace, "future")
+    admin = await asyncpg.connect(write_pg.url())
+    try:
+        await admin.execute(f'CREATE DATABASE "{future.write_db}"')
+        await admin.execute(
+            f"COMMENT ON DATABASE \"{future.write_db}\" IS 'cqrs.dev/stack=squatter;origin=created'"
+        )
+        manifest = stack_manifest("future", fresh_names, write_pg, read_pg, redis_server.url)
+        del manifest["spec"]["databases"]["write"]["database"]
+        await stacks.create(manifest)
+        obj = await stacks.wait_condition(
+            "future", "WorkloadsReady", "False", "OwnedByAnotherStack", operator
+        )
+        assert obj["status"]["phase"] == "Failed"
+        creds = await secret_data(kube_api, namespace, "future-credentials")
+        assert set(creds) == {"username", "password"}  # kept for the role, no URL
+        apps = client.AppsV1Api(kube_api)
+        for component in ("write-api", "read-api", "projector"):
+            with pytest.raises(ApiException) as missing:
+                await apps.read_namespaced_deployment(f"future-{component}", namespace)
+            assert missing.value.status == 404
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{future.write_db}"')
+        await admin.close()
+
+
+async def test_an_explicit_name_shaped_like_a_default_is_refused(
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """Default names are predictable: tenant-b naming tenant-a/future's database or stream."""
+    other = names("tenant-a", "future")
+    manifest = stack_manifest("atk4", fresh_names, write_pg, read_pg, redis_server.url)
+    manifest["spec"]["databases"]["write"]["database"] = other.write_db
+    await stacks.create(manifest)
+    obj = await stacks.wait_condition("atk4", "DatabasesReady", "False", "ReservedName", operator)
+    assert obj["status"]["phase"] == "Failed"
+    assert not await database_exists(write_pg, other.write_db)
+    manifest = stack_manifest("atk4s", f"{fresh_names}_s", write_pg, read_pg, redis_server.url)
+    manifest["spec"]["stream"] = {"name": other.stream}
+    await stacks.create(manifest)
+    await stacks.wait_condition("atk4s", "StreamReady", "False", "ReservedName", operator)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        assert not await redis.exists(other.stream, f"{other.stream}:owner")
+    finally:
+        await redis.aclose()
+
+
+async def test_a_dead_letter_stream_cannot_be_squatted(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """A stream named "<future's stream>:dead" is refused (reserved suffix) and loses the ACL
+    user an older operator gave it; a "<stream>:dead" another stack marked refuses future."""
+    await redis_admin_secret(kube_api, namespace)
+    dead = f"{namespace}.future-events:dead"
+    admin = Redis.from_url(redis_server.url)
+    try:
+        user = f"cqrs.{namespace}.atk5"
+        await admin.execute_command("ACL", "SETUSER", user, "on", "nopass", f"~{dead}", "+@all")
+        await admin.set(f"{dead}:owner", "cqrs.dev/stack=squatter;origin=created")
+        manifest = stack_manifest("atk5", fresh_names, write_pg, read_pg, redis_server.url)
+        manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
+        manifest["spec"]["stream"] = {"name": dead}
+        await stacks.create(manifest)
+        await stacks.wait_condition("atk5", "StreamReady", "False", "ReservedName", operator)
+        assert await admin.acl_getuser(user) is None
+        manifest = stack_manifest("future", f"{fresh_names}_f", write_pg, read_pg, redis_server.url)
+        manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
+        await stacks.create(manifest)
+        await stacks.wait_condition(
+            "future", "StreamReady", "False", "OwnedByAnotherStack", operator
+        )
+        assert await admin.acl_getuser(f"cqrs.{namespace}.future") is None
+    finally:
+        await admin.aclose()
+
+
+# ------------------------------------------------------------------- hosts and identity
+
+
+@pytest.mark.parametrize("host", ["a" * 70 + ".example", "ü" * 80])
+async def test_a_host_that_is_no_dns_name_is_refused_by_the_api_server(
+    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str, host: str
+) -> None:
+    manifest = stack_manifest("idna", fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
+    manifest["spec"]["databases"]["write"]["host"] = host
+    with pytest.raises(ApiException) as refused:
+        await stacks.create(manifest)
+    assert refused.value.status == 422
+
+
+async def test_a_redis_url_secret_with_a_bad_host_fails_and_deletion_ends(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    fresh_names: str,
+) -> None:
+    """A host IDNA cannot encode (a label of 70 characters) in an opted-in URL Secret: a
+    status naming it, not an endless UnicodeError; deletion still releases the finalizer."""
+    await create_secret(
+        kube_api,
+        namespace,
+        {"name": "redis-url", "labels": {"cqrs.dev/stack-secret": "true"}},
+        {"url": f"redis://{'a' * 70}.example:6379/0"},
+    )
+    manifest = stack_manifest("badhost", fresh_names, write_pg, read_pg, "x")
+    manifest["spec"]["redis"] = {"urlSecret": {"name": "redis-url", "key": "url"}}
+    manifest["spec"]["deletionPolicy"] = "Delete"
+    await stacks.create(manifest)
+    await stacks.wait_condition("badhost", "StreamReady", "False", "RedisUrlInvalid", operator)
+    await stacks.delete("badhost")
+    await stacks.wait_gone("badhost", operator, timeout=40)  # DELETE_TIMEOUT is 10 s here
+
+
+async def test_the_redis_url_is_immutable_once_provisioned(
+    stacks: Stacks,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """/0 to /2 would orphan the stream: refused by the API server like the other identity."""
+    await stacks.create(stack_manifest("fixed", fresh_names, write_pg, read_pg, redis_server.url))
+    await stacks.wait_ready("fixed", operator)
+    moved = redis_server.url.removesuffix("/0") + "/2"
+    with pytest.raises(ApiException) as refused:
+        await stacks.patch("fixed", {"spec": {"redis": {"url": moved}}})
+    assert refused.value.status == 422
+    assert "spec.redis.url is immutable" in refused.value.body

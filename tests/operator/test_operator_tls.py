@@ -24,7 +24,13 @@ import pytest
 from kubernetes_asyncio import client
 
 from cqrs_stack.localservers import PostgresServer, free_port
-from tests.operator.fixtures_operator import Operator, Stacks, stack_manifest, wait_until
+from tests.operator.fixtures_operator import (
+    Operator,
+    Stacks,
+    admin_metadata,
+    stack_manifest,
+    wait_until,
+)
 from tests.operator.test_operator_workloads import local_command, resolved_env
 
 
@@ -106,7 +112,7 @@ async def test_the_operator_and_the_pods_use_tls_verified_by_the_stacks_ca(
     await core.create_namespaced_secret(
         namespace,
         {
-            "metadata": {"name": "pg-tls-admin", "labels": {"cqrs.dev/admin-credentials": "true"}},
+            "metadata": admin_metadata("pg-tls-admin", "127.0.0.1,localhost"),
             "stringData": {"username": "postgres", "password": server.password},
         },
     )
@@ -178,7 +184,7 @@ async def test_a_server_not_signed_by_the_stacks_ca_is_refused(
     await core.create_namespaced_secret(
         namespace,
         {
-            "metadata": {"name": "pg-tls-admin", "labels": {"cqrs.dev/admin-credentials": "true"}},
+            "metadata": admin_metadata("pg-tls-admin", "127.0.0.1,localhost"),
             "stringData": {"username": "postgres", "password": server.password},
         },
     )

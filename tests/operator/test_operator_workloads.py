@@ -16,7 +16,13 @@ import pytest
 from kubernetes_asyncio import client
 
 from cqrs_stack.localservers import free_port
-from tests.operator.fixtures_operator import Operator, Stacks, stack_manifest, wait_until
+from tests.operator.fixtures_operator import (
+    Operator,
+    Stacks,
+    admin_metadata,
+    stack_manifest,
+    wait_until,
+)
 
 
 async def resolved_env(api: client.ApiClient, namespace: str, container: Any) -> dict[str, str]:
@@ -64,10 +70,7 @@ async def test_rendered_workloads_serve_a_write_then_a_read(
         await client.CoreV1Api(kube_api).create_namespaced_secret(
             namespace,
             {
-                "metadata": {
-                    "name": "redis-admin",
-                    "labels": {"cqrs.dev/admin-credentials": "true"},
-                },
+                "metadata": admin_metadata("redis-admin", "127.0.0.1", "redis"),
                 "stringData": {"password": ""},  # the test Redis: default user, nopass
             },
         )

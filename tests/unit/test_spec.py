@@ -230,3 +230,61 @@ def test_target_lag_one_past_the_bound_is_refused() -> None:
 def test_adopt_is_off_unless_said() -> None:
     assert parse_spec(minimal(), namespace="ns", name="n").adopt is False
     assert parse_spec(minimal() | {"adopt": True}, namespace="ns", name="n").adopt is True
+
+
+LONG_LABEL_HOST = "a" * 70 + ".example"  # IDNA refuses a label over 63 characters
+UMLAUT_HOST = "ü" * 80
+
+
+@pytest.mark.parametrize("host", [LONG_LABEL_HOST, UMLAUT_HOST, "a" * 64, "pg db", "-pg.db"])
+def test_a_host_that_is_no_dns_name_nor_ip_is_refused(host: str) -> None:
+    for mutate in (
+        lambda s: s["databases"]["write"].update(host=host),
+        lambda s: s.update(redis={"url": f"redis://{host}:6379/0"}),
+    ):
+        spec = minimal()
+        mutate(spec)
+        with pytest.raises(SpecError, match="DNS name"):
+            parse_spec(spec, namespace="shop", name="orders")
+
+
+@pytest.mark.parametrize("host", ["a" * 63 + ".example", "127.0.0.1", "::1", "pg.db.svc."])
+def test_a_dns_name_at_the_label_limit_or_an_ip_is_accepted(host: str) -> None:
+    spec = minimal()
+    spec["databases"]["write"]["host"] = host
+    assert parse_spec(spec, namespace="shop", name="orders").write_db.host == host
+
+
+def test_the_crd_host_pattern_agrees_with_the_operator() -> None:
+    import re
+
+    pattern = re.compile(schema_at("databases.write.host")["pattern"])
+    for host in ("a" * 63 + ".example", "127.0.0.1", "::1", "pg.db.svc."):
+        assert pattern.match(host)
+    for host in (LONG_LABEL_HOST, UMLAUT_HOST, "a" * 64, "pg db"):
+        assert not pattern.match(host)
+
+
+def test_names_shaped_like_another_stacks_defaults_are_reserved() -> None:
+    theirs = default_names("tenant-a", "future")
+    cases = [
+        ({"databases": {"write": {"database": theirs.write_db}}}, "spec.databases.write"),
+        ({"databases": {"read": {"database": theirs.read_db}}}, "spec.databases.read"),
+        ({"stream": {"name": theirs.stream}}, "tenant-a"),
+        ({"stream": {"name": f"{theirs.stream}:dead"}}, ":dead"),
+        ({"stream": {"name": "orders:owner"}}, ":owner"),
+    ]
+    for change, why in cases:
+        spec = minimal()
+        for section, values in change.items():
+            for key, value in values.items():
+                target = spec.setdefault(section, {})
+                target[key] = {**target.get(key, {}), **value} if isinstance(value, dict) else value
+        stack = parse_spec(spec, namespace="tenant-b", name="atk")
+        assert why in stack.reserved, change
+    own = default_names("tenant-b", "atk")
+    spec = minimal()
+    spec["databases"]["write"]["database"] = own.write_db  # its own default: fine
+    spec["stream"] = {"name": "tenant-b.other-events"}  # its own namespace: fine
+    assert parse_spec(spec, namespace="tenant-b", name="atk").reserved == ""
+    assert parse_spec(minimal(), namespace="tenant-b", name="atk").reserved == ""
