@@ -194,7 +194,10 @@ class ReadCounter:
 
     def count(self, key: str) -> bool:
         """Count one read of ``key``; False if it was dropped because memory is full."""
-        if key not in self._pending and len(self._pending) + len(self._in_flight) >= self._max_keys:
+        # A key already held (waiting, or in the flush under way) always counts; a new one only
+        # while fewer than max_keys are held (a key in both is counted twice: never over).
+        held = key in self._pending or key in self._in_flight
+        if not held and len(self._pending) + len(self._in_flight) >= self._max_keys:
             self._dropped += 1
             return False
         self._pending[key] += 1
