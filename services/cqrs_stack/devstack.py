@@ -171,7 +171,7 @@ def run_dev_stack(args: argparse.Namespace, offset: int) -> int:
             without_redis = {"redis", "stream-consumer"} if redis_problem else set()
             _wait_ready(children[-1], stop, without_redis, 60)
         print(_banner(data_dir, offset, env["REDIS_URL"], redis_problem), flush=True)
-        return _watch(children, stop)
+        return _watch(children, servers, stop)
     except Stopped:
         return 0
     except ServerError as exc:
@@ -221,20 +221,28 @@ def _migrate(env: dict[str, str], stop: threading.Event) -> None:
         raise Stopped
 
 
-def _watch(children: list[Child], stop: threading.Event) -> int:
-    """Wait for Ctrl-C/SIGTERM (0) or for a child to exit on its own (EXIT_CRASHED)."""
+def _watch(
+    children: list[Child], servers: list[PostgresServer | RedisServer], stop: threading.Event
+) -> int:
+    """Wait for Ctrl-C/SIGTERM (0), or for a child or a server of the stack's own to exit on
+    its own (EXIT_CRASHED, naming it)."""
     while not stop.wait(0.5):
         for child in children:
             code = child.process.poll()
             if code is not None:
-                how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
-                print(
-                    f"cqrs-stack dev: {child.role} (pid {child.process.pid}, port {child.port}) "
-                    f"{how}; stopping the stack",
-                    file=sys.stderr,
-                )
-                return EXIT_CRASHED
+                return _crashed(f"{child.role} (pid {child.process.pid}, port {child.port})", code)
+        for server in servers:
+            code = server.process.poll() if server.process is not None else None
+            if code is not None and server.process is not None:
+                name = "Redis" if isinstance(server, RedisServer) else "PostgreSQL"
+                return _crashed(f"{name} (pid {server.process.pid}, port {server.port})", code)
     return 0
+
+
+def _crashed(what: str, code: int) -> int:
+    how = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+    print(f"cqrs-stack dev: {what} {how}; stopping the stack", file=sys.stderr)
+    return EXIT_CRASHED
 
 
 def _stop_all(children: list[Child], servers: list[PostgresServer | RedisServer]) -> None:

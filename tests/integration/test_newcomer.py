@@ -332,6 +332,23 @@ async def test_dev_names_a_crashed_child_and_exits_non_zero(
     assert f"write-api (pid {victim.pid}" in err and "killed by signal 9" in err
 
 
+async def test_dev_names_a_dead_server_of_its_own_and_exits_non_zero(
+    tmp_path: Path, dev_stacks: list[DevStack], request: pytest.FixtureRequest
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.endswith("_URL") and k != "LOG_LEVEL"}
+    offset = _free_offset()
+    home = Path(tempfile.mkdtemp(prefix="cqrs-dev-home-"))
+    request.addfinalizer(lambda: shutil.rmtree(home, ignore_errors=True))
+    dev = DevStack(clean, tmp_path, offset, inherit=False, data_dir=home / "data")
+    dev_stacks.append(dev)
+    await dev.wait_running(120)
+    victim = next(c for c in dev.children() if any("redis-server" in part for part in c.cmdline()))
+    victim.kill()
+    code, err = dev.finish()
+    assert code == EXIT_CRASHED, err
+    assert f"Redis (pid {victim.pid}, port {6384 + offset}) killed by signal 9" in err
+
+
 async def test_dev_with_redis_unreachable_says_so(
     stack: Stack, tmp_path: Path, dev_stacks: list[DevStack]
 ) -> None:
