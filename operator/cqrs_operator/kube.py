@@ -92,27 +92,15 @@ async def read_config_map(
     api: client.ApiClient, namespace: str, name: str
 ) -> dict[str, str] | None:
     """The data of ConfigMap ``namespace/name``, or None when it does not exist."""
-    try:
-        cm = await client.CoreV1Api(api).read_namespaced_config_map(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return dict(cm.data or {})
+    live = await read_object(api, "ConfigMap", namespace, name)
+    return None if live is None else dict(live.get("data") or {})
 
 
 async def read_deployment(
     api: client.ApiClient, namespace: str, name: str
 ) -> dict[str, Any] | None:
     """Deployment ``namespace/name`` as a dict (spec and status), or None when absent."""
-    try:
-        live = await client.AppsV1Api(api).read_namespaced_deployment(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    result: dict[str, Any] = api.sanitize_for_serialization(live)
-    return result
+    return await read_object(api, "Deployment", namespace, name)
 
 
 async def list_pods(
