@@ -11,6 +11,7 @@ before any role uses it, so a reconcile killed anywhere finds it again on the ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import ssl
@@ -50,16 +51,12 @@ STACK_SECRET_LABEL = "cqrs.dev/stack-secret"
 
 @dataclass
 class Outcome:
-    """What a reconcile found: a condition per part, the changes made, the first error."""
+    """What a reconcile found: a condition per part, the changes made, the errors."""
 
     conditions: list[status.Condition] = field(default_factory=list)
     errors: list[ProvisioningError] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
-
-    @property
-    def error(self) -> ProvisioningError | None:
-        return self.errors[0] if self.errors else None
 
     def ok(self, kind: str, reason: str, message: str) -> None:
         self.conditions.append(status.Condition(kind, True, reason, message))
@@ -310,7 +307,6 @@ async def _apply(
     try:
         return await kube.apply(api, manifest)
     except ApiException as exc:
-        kind, name = manifest["kind"], manifest["metadata"]["name"]
         raise ProvisioningError(
             "ApplyFailed", f"applying {kind} {name} failed: HTTP {exc.status} {exc.reason}"
         ) from exc
@@ -591,6 +587,7 @@ async def _databases(
     }
 
 
+@functools.cache
 def expected_schema_versions() -> dict[str, int]:
     """The newest migration of each database that this operator carries (and applies)."""
     return {

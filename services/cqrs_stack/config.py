@@ -91,10 +91,11 @@ def describe_invalid(exc: ValidationError) -> str:
     which would print a password, so only the location and message are kept.
     """
     lines = []
+    secrets = known_secrets()
     for error in exc.errors(include_input=False, include_url=False):
         name = ".".join(str(part) for part in error["loc"]).upper() or "configuration"
         message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {name}: {redact_text(message, known_secrets())}")
+        lines.append(f"  {name}: {redact_text(message, secrets)}")
     return "\n".join(lines)
 
 
@@ -172,7 +173,7 @@ class Settings(BaseSettings):
     # While Redis is failing, the write path queues events without waiting on it and probes it
     # this often in the background.
     redis_probe_interval: float = Field(default=1.0, gt=0, le=60)
-    # Bytes of values per page of queued events (a page holds at least one event).
+    # Bytes of keys and values per page of queued events (a page holds at least one event).
     publisher_batch_max_bytes: int = Field(default=16_777_216, ge=1, le=1_073_741_824)
     log_level: str = "info"
     # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request

@@ -11,7 +11,6 @@ the fast path, the write DB the guarantee.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -32,7 +31,7 @@ from .db import driver_connection
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
 from .outages import is_refusal, sqlstate
 from .projection import apply_commands_alone
-from .supervision import Backoff, RoundFailed, Supervisor
+from .supervision import Backoff, RoundFailed, Supervisor, wait_or_stop
 from .sweep import (
     AFTER_CURSOR,
     CLEAR_PENDING,
@@ -299,7 +298,7 @@ class Projector:
         Only a refusal of the entries themselves (outages.is_refusal) returns False, so only
         that counts towards the dead letter; any other failure is retried with back-off.
         """
-        backoff = 0.1
+        backoff = Backoff(maximum=self.settings.task_retry_max_delay)
         while True:
             try:
                 await self.apply(commands, source="stream")
@@ -311,14 +310,14 @@ class Projector:
                     return False
                 if stopping.is_set():
                     raise
+                delay = backoff.next_delay()
                 log.warning(
                     "read DB unavailable, retrying in %.1fs sqlstate=%s error=%s",
-                    backoff,
+                    delay,
                     sqlstate(exc),
                     cause,
                 )
-            await _wait(stopping, backoff)
-            backoff = min(backoff * 2, 5.0)
+                await wait_or_stop(stopping, delay)
 
     async def apply(self, commands: Sequence[events.Command], source: str) -> int:
         """Apply commands in one read-DB transaction; return how many were new."""
@@ -493,8 +492,3 @@ async def _save_state(rconn: AsyncConnection, state: SweepState) -> None:
 def _entry_bytes(entry: stream.Entry) -> int:
     """What an entry weighs in memory and in a statement: its field names and values."""
     return sum(len(k) + len(v) for k, v in entry.fields.items())
-
-
-async def _wait(stopping: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), seconds)
