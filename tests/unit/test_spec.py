@@ -314,3 +314,37 @@ def test_names_shaped_like_another_stacks_defaults_are_reserved() -> None:
     spec["stream"] = {"name": "tenant-b.other-events"}  # its own namespace: fine
     assert parse_spec(spec, namespace="tenant-b", name="atk").reserved == ""
     assert parse_spec(minimal(), namespace="tenant-b", name="atk").reserved == ""
+
+
+@pytest.mark.parametrize(
+    ("models", "accepted"),
+    [
+        (["records"], True),
+        (["records", "history"], True),
+        (["history"], True),
+        ([], False),
+        (["records", "records"], False),
+        (["ledger"], False),
+    ],
+)
+def test_read_models_are_named_once_from_the_known_ones(models: list, accepted: bool) -> None:
+    spec = minimal() | {"readModels": models}
+    if accepted:
+        assert parse_spec(spec, namespace="ns", name="n").read_models == tuple(models)
+    else:
+        with pytest.raises(SpecError, match=r"spec\.readModels"):
+            parse_spec(spec, namespace="ns", name="n")
+
+
+def test_read_models_default_to_records() -> None:
+    assert parse_spec(minimal(), namespace="ns", name="n").read_models == ("records",)
+
+
+def test_pool_sizes_are_set_by_the_spec_and_checked() -> None:
+    spec = minimal()
+    spec["databases"]["pool"] = {"minSize": 2, "maxSize": 2}
+    stack = parse_spec(spec, namespace="ns", name="n")
+    assert (stack.db_pool_min_size, stack.db_pool_max_size) == (2, 2)
+    spec["databases"]["pool"] = {"minSize": 3, "maxSize": 2}
+    with pytest.raises(SpecError, match=r"spec\.databases\.pool"):
+        parse_spec(spec, namespace="ns", name="n")
