@@ -607,24 +607,28 @@ def projector_scale(
     return scaling.scale(auto, lag, current, samples, time.time())
 
 
-def applied_replicas(spec: StackSpec, live: list[dict[str, Any]]) -> dict[str, int | str]:
-    """Each component's replicas as applied, or the autoscaler that owns them."""
+def applied_replicas(spec: StackSpec, live: list[dict[str, Any]]) -> dict[str, int]:
+    """Each component's replicas as the applied Deployments say (an autoscaler's too)."""
     counts = {
         o["metadata"]["name"]: (o.get("spec") or {}).get("replicas")
         for o in live
         if o.get("kind") == "Deployment"
     }
-    owners = {
-        "write-api": "hpa" if spec.write_api.hpa else None,
-        "read-api": "hpa" if spec.read_api.hpa else None,
-        "projector": "keda" if manifests.uses_keda(spec) else None,
-    }
-    out: dict[str, int | str] = {}
+    out: dict[str, int] = {}
     for component in manifests.COMPONENTS:
         count = counts.get(manifests.child_name(spec, component))
-        owner = owners[component]
-        out[component] = f"{owner}:{count}" if owner else (count if isinstance(count, int) else 0)
+        out[component] = count if isinstance(count, int) else 0
     return out
+
+
+def describe_replicas(spec: StackSpec, counts: Mapping[str, int]) -> str:
+    """``write-api=2 read-api=hpa:3 projector=keda:1``: the counts, and who owns them."""
+    owners = {
+        "write-api": "hpa:" if spec.write_api.hpa else "",
+        "read-api": "hpa:" if spec.read_api.hpa else "",
+        "projector": "keda:" if manifests.uses_keda(spec) else "",
+    }
+    return " ".join(f"{c}={owners[c]}{n}" for c, n in counts.items())
 
 
 async def reconcile(
@@ -682,12 +686,11 @@ async def reconcile(
             out.ok(
                 status.WORKLOADS,
                 "Applied",
-                f"image {spec.image}: " + " ".join(f"{c}={n}" for c, n in applied.items()),
+                f"image {spec.image}: {describe_replicas(spec, applied)}",
             )
             lag_part = {"lag": lag} if lag is not None else {}
-            projector = applied["projector"]
             out.extra["projector"] = {
-                **({"replicas": projector} if isinstance(projector, int) else {}),
+                "replicas": applied["projector"],
                 **lag_part,
                 **({"recommendations": scaling.as_status(samples)} if samples else {}),
             }
