@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from cqrs_operator import scaling
 from cqrs_stack.stack_spec import ProjectorAutoscaling
 
@@ -31,7 +33,7 @@ def run(config: ProjectorAutoscaling, lags: list[int | None], start: int = 1) ->
 
 
 def changes(counts: list[int]) -> int:
-    return sum(1 for a, b in zip(counts, counts[1:], strict=False) if a != b)
+    return sum(1 for a, b in itertools.pairwise(counts) if a != b)
 
 
 def test_a_spike_shorter_than_the_scale_up_window_scales_nothing() -> None:
