@@ -500,6 +500,15 @@ def autoscalers(spec: StackSpec, redis_url: str) -> list[Manifest]:
     return out
 
 
+def initial_replicas(spec: StackSpec, component: str) -> int:
+    """The count a Deployment an autoscaler owns is created with: the autoscaler's minimum
+    (the autoscaler takes it from there; the operator never applies it again)."""
+    hpa = {"write-api": spec.write_api.hpa, "read-api": spec.read_api.hpa}.get(component)
+    if hpa is not None:
+        return hpa.min_replicas
+    return spec.projector.autoscaling.min_replicas
+
+
 def workloads(spec: StackSpec, config_digest: str, projector_count: int | None) -> list[Manifest]:
     """The three Deployments, two Services and the APIs' disruption budgets, in apply order.
 

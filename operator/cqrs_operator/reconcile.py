@@ -469,7 +469,10 @@ async def _apply_deployment(
     if replicas is not None and not new:
         await _apply_replicas(api, spec, name, replicas)
     live = await _apply(api, spec, body, adopt)
-    if replicas is not None and new:
+    if new:
+        if replicas is None:  # an autoscaler's: start at its minimum, never applied again
+            component = body["metadata"]["labels"]["app.kubernetes.io/component"]
+            replicas = manifests.initial_replicas(spec, component)
         await _apply_replicas(api, spec, name, replicas)
         live["spec"]["replicas"] = replicas
     return live

@@ -54,6 +54,7 @@ async def test_an_hpa_owns_the_api_replicas_and_the_operator_does_not_fight_it(
     assert hpa.spec.scale_target_ref.name == "hpa-write-api"
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (2, 6)
     assert hpa.metadata.owner_references[0].kind == "CqrsStack"
+    assert await replicas(kube_api, namespace, "hpa-write-api") == 2  # created at the minimum
 
     # The HPA scales write-api to 5 through the scale subresource, as its controller does;
     # read-api (no HPA) is scaled by hand, which the operator repairs.
