@@ -630,8 +630,17 @@ class Pool(Model):
 class Databases(Model):
     """Where the write DB and the read DB live."""
 
-    write: Database = Field(description="the write DB (the commands: the source of truth)")
-    read: Database = Field(description="the read DB (the read models)")
+    write: Database = Field(
+        description=(
+            "the write DB (the commands: the source of truth); host, port and database are "
+            "immutable once provisioned"
+        )
+    )
+    read: Database = Field(
+        description=(
+            "the read DB (the read models); host, port and database are immutable once provisioned"
+        )
+    )
     tls: DatabaseTls | None = Field(
         default=None,
         description=(
@@ -883,6 +892,11 @@ class SchemaVersions(Model):
     read: int | None = Field(default=None, description="read database schema version")
 
 
+class ExpectedSchemaVersions(Model):
+    write: int | None = Field(default=None, description="newest write database migration")
+    read: int | None = Field(default=None, description="newest read database migration")
+
+
 class DatabasesStatus(Model):
     """The names the stack was provisioned with (kept across upgrades)."""
 
@@ -892,7 +906,7 @@ class DatabasesStatus(Model):
     schema_versions: SchemaVersions | None = Field(
         default=None, description="migration version of each database"
     )
-    expected_schema_versions: SchemaVersions | None = Field(
+    expected_schema_versions: ExpectedSchemaVersions | None = Field(
         default=None,
         description=(
             "the newest migration of each database that the operator's own version carries (the "
