@@ -134,6 +134,10 @@ cluster-down: install ## stop the local cluster; remove its pods, mounts, bridge
 e2e-local: install ## end to end on the local cluster: cluster up, images imported, tests/e2e, cluster down
 	PYTHON=$(BIN)/python bash tests/cluster/cluster.sh e2e $(PYTEST_ARGS)
 
+.PHONY: generate
+generate: $(VENV)/.test-installed ## write the CRD, values.schema.json's stack part and docs/cqrsstack-spec.md from the spec models
+	$(BIN)/python -m cqrs_operator.schema write
+
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .

@@ -18,6 +18,14 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 FIELD_MANAGER = "cqrs-stack-operator"
+# Replica counts are applied by a field manager of their own: the main apply never sets them,
+# so a Deployment an autoscaler owns keeps the count the autoscaler gave it (see reconcile).
+REPLICAS_FIELD_MANAGER = "cqrs-stack-operator-replicas"
+# Children that are custom resources: kind -> (group, version, plural).
+CUSTOM_KINDS = {
+    "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
+    "TriggerAuthentication": ("keda.sh", "v1alpha1", "triggerauthentications"),
+}
 APPLY = "application/apply-patch+yaml"
 
 
@@ -70,6 +78,8 @@ async def read_object(
     api: client.ApiClient, kind: str, namespace: str, name: str
 ) -> dict[str, Any] | None:
     """A child of kind ``kind`` as a dict, or None when it does not exist."""
+    if kind in CUSTOM_KINDS:
+        return await _read_custom(api, kind, namespace, name)
     core, apps, policy = client.CoreV1Api(api), client.AppsV1Api(api), client.PolicyV1Api(api)
     read = {
         "ConfigMap": core.read_namespaced_config_map,
@@ -77,6 +87,9 @@ async def read_object(
         "Service": core.read_namespaced_service,
         "Deployment": apps.read_namespaced_deployment,
         "PodDisruptionBudget": policy.read_namespaced_pod_disruption_budget,
+        "HorizontalPodAutoscaler": client.AutoscalingV2Api(
+            api
+        ).read_namespaced_horizontal_pod_autoscaler,
     }[kind]
     try:
         live = await read(name, namespace)
@@ -121,12 +134,86 @@ def _patcher(api: client.ApiClient, kind: str) -> Callable[..., Awaitable[Any]]:
         "Service": core.patch_namespaced_service,
         "Deployment": apps.patch_namespaced_deployment,
         "PodDisruptionBudget": policy.patch_namespaced_pod_disruption_budget,
+        "HorizontalPodAutoscaler": client.AutoscalingV2Api(
+            api
+        ).patch_namespaced_horizontal_pod_autoscaler,
     }[kind]
+
+
+async def _read_custom(
+    api: client.ApiClient, kind: str, namespace: str, name: str
+) -> dict[str, Any] | None:
+    """A custom-resource child, or None when it (or its resource type) does not exist."""
+    group, version, plural = CUSTOM_KINDS[kind]
+    try:
+        found: dict[str, Any] = await client.CustomObjectsApi(api).get_namespaced_custom_object(
+            group, version, namespace, plural, name
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return found
+
+
+async def delete_object(api: client.ApiClient, kind: str, namespace: str, name: str) -> None:
+    """Delete an autoscaler the spec no longer asks for (404: already gone)."""
+    try:
+        if kind in CUSTOM_KINDS:
+            group, version, plural = CUSTOM_KINDS[kind]
+            await client.CustomObjectsApi(api).delete_namespaced_custom_object(
+                group, version, namespace, plural, name
+            )
+        elif kind == "HorizontalPodAutoscaler":
+            await client.AutoscalingV2Api(api).delete_namespaced_horizontal_pod_autoscaler(
+                name, namespace
+            )
+        else:
+            raise ValueError(f"the operator deletes no {kind}")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+async def apply_replicas(api: client.ApiClient, namespace: str, name: str, replicas: int) -> None:
+    """Server-side apply only ``spec.replicas`` of Deployment ``name``, by its own manager."""
+    body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"replicas": replicas},
+    }
+    patch: Callable[..., Awaitable[Any]] = client.AppsV1Api(api).patch_namespaced_deployment
+    await patch(
+        name,
+        namespace,
+        body,
+        field_manager=REPLICAS_FIELD_MANAGER,
+        force=True,
+        _content_type=APPLY,
+    )
 
 
 async def apply(api: client.ApiClient, manifest: dict[str, Any]) -> dict[str, Any]:
     """Server-side apply ``manifest`` (taking ownership of its fields); return the live object."""
     meta = manifest["metadata"]
+    if manifest["kind"] in CUSTOM_KINDS:
+        group, version, plural = CUSTOM_KINDS[manifest["kind"]]
+        patch: Callable[..., Awaitable[Any]] = client.CustomObjectsApi(
+            api
+        ).patch_namespaced_custom_object
+        applied: dict[str, Any] = await patch(
+            group,
+            version,
+            meta["namespace"],
+            plural,
+            meta["name"],
+            manifest,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+        return applied
     live = await _patcher(api, manifest["kind"])(
         meta["name"],
         meta["namespace"],

@@ -12,7 +12,11 @@ import hashlib
 import json
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
+from cqrs_stack.stack_spec import ApiAutoscaling, PodControls
+
+from . import scaling
 from .spec import CaBundle, Component, StackSpec
 
 PORT = 8000
@@ -22,6 +26,12 @@ MANAGED_BY = "cqrs-stack-operator"
 COMPONENTS = ("write-api", "read-api", "projector")
 SERVED_COMPONENTS = ("write-api", "read-api")
 SECRET_URL_KEYS = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")
+# The default spread of every component's replicas: over nodes, as a preference (a cluster of
+# one node still runs every replica).
+HOSTNAME_TOPOLOGY = "kubernetes.io/hostname"
+KEDA_API = "keda.sh/v1alpha1"
+# Keys of the credentials Secret that KEDA's TriggerAuthentication reads (engine keda only).
+KEDA_REDIS_KEYS = ("REDIS_USERNAME", "REDIS_PASSWORD")
 POSTGRES_CA_DIR = "/etc/cqrs-stack/postgresql-ca"
 REDIS_CA_DIR = "/etc/cqrs-stack/redis-ca"
 
@@ -70,6 +80,7 @@ def config_data(spec: StackSpec) -> dict[str, str]:
         "DB_POOL_MIN_SIZE": str(spec.db_pool_min_size),
         "DB_POOL_MAX_SIZE": str(spec.db_pool_max_size),
         "LOG_LEVEL": spec.log_level,
+        "READ_MODELS": ",".join(spec.read_models),
     }
 
 
@@ -98,7 +109,24 @@ def credentials_data(spec: StackSpec, password: str, redis_url: str) -> dict[str
             spec.read_db.host, spec.read_db.port, spec.read_db.name, spec.role, password
         ),
         "REDIS_URL": redis_url,
+        **(keda_redis_login(redis_url) if uses_keda(spec) else {}),
     }
+
+
+def uses_keda(spec: StackSpec) -> bool:
+    auto = spec.projector.autoscaling
+    return auto.enabled and auto.engine == "keda"
+
+
+def keda_redis_login(redis_url: str) -> dict[str, str]:
+    """The Redis login of the pods' URL as separate keys, for KEDA's TriggerAuthentication."""
+    parts = urlsplit(redis_url)
+    out = {}
+    if parts.username:
+        out["REDIS_USERNAME"] = unquote(parts.username)
+    if parts.password:
+        out["REDIS_PASSWORD"] = unquote(parts.password)
+    return out
 
 
 def credentials_secret(spec: StackSpec, password: str, redis_url: str) -> Manifest:
@@ -212,40 +240,110 @@ def _volumes(spec: StackSpec) -> list[dict[str, Any]]:
     return volumes
 
 
-def deployment(spec: StackSpec, component: str, replicas: int, config_digest: str) -> Manifest:
-    """The Deployment of ``component``; ``config_digest`` in the pod template rolls it."""
-    settings: Component = {
+def default_spread(selector: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Replicas spread over nodes as a preference (ScheduleAnyway: never unschedulable)."""
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": HOSTNAME_TOPOLOGY,
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": dict(selector)},
+        }
+    ]
+
+
+def apply_pod_controls(
+    template: Manifest,
+    controls: PodControls,
+    selector: Mapping[str, str],
+    *,
+    spread: bool = True,
+) -> Manifest:
+    """``template`` (a pod template: metadata and spec) with ``controls`` applied.
+
+    The operator's own labels, annotations and environment win over the spec's: extra
+    labels never change what a Deployment selects, and extra ``envFrom`` comes before the
+    stack's ConfigMap (later sources win). ``spread``: without topologySpreadConstraints in
+    the spec, the replicas spread over nodes (off for a Job's single pod).
+    """
+    meta = dict(template.get("metadata") or {})
+    pod = dict(template["spec"])
+    meta["labels"] = {**controls.pod_labels, **(meta.get("labels") or {})}
+    annotations = {**controls.pod_annotations, **(meta.get("annotations") or {})}
+    if annotations:
+        meta["annotations"] = annotations
+    if controls.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": ref.name} for ref in controls.image_pull_secrets]
+    if controls.node_selector:
+        pod["nodeSelector"] = dict(controls.node_selector)
+    if controls.affinity:
+        pod["affinity"] = dict(controls.affinity)
+    if controls.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_defaults=True) for t in controls.tolerations
+        ]
+    constraints = controls.topology_spread_constraints
+    if constraints is None and spread:
+        pod["topologySpreadConstraints"] = default_spread(selector)
+    elif constraints:
+        pod["topologySpreadConstraints"] = [
+            {"labelSelector": {"matchLabels": dict(selector)}, **c} for c in constraints
+        ]
+    if controls.priority_class_name:
+        pod["priorityClassName"] = controls.priority_class_name
+    if controls.env_from:
+        extra = [e.model_dump(by_alias=True, exclude_none=True) for e in controls.env_from]
+        pod["containers"] = [
+            {**c, "envFrom": [*extra, *(c.get("envFrom") or [])]} for c in pod["containers"]
+        ]
+    return {**template, "metadata": meta, "spec": pod}
+
+
+def component_settings(spec: StackSpec, component: str) -> Component:
+    return {
         "write-api": spec.write_api,
         "read-api": spec.read_api,
         "projector": spec.projector,
     }[component]
+
+
+def deployment(
+    spec: StackSpec, component: str, replicas: int | None, config_digest: str
+) -> Manifest:
+    """The Deployment of ``component``; ``config_digest`` in the pod template rolls it.
+
+    ``replicas`` None leaves the count to an autoscaler (HPA or KEDA): the field is not set.
+    """
+    settings = component_settings(spec, component)
+    template = {
+        "metadata": {
+            "labels": labels(spec, component),
+            "annotations": {CONFIG_HASH_ANNOTATION: config_digest},
+        },
+        "spec": {
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "terminationGracePeriodSeconds": 30,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": RUN_AS,
+                "runAsGroup": RUN_AS,
+                "fsGroup": RUN_AS,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [_container(spec, component, settings)],
+            "volumes": _volumes(spec),
+        },
+    }
+    selector = selector_labels(spec, component)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(spec, component, component),
         "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": selector_labels(spec, component)},
-            "template": {
-                "metadata": {
-                    "labels": labels(spec, component),
-                    "annotations": {CONFIG_HASH_ANNOTATION: config_digest},
-                },
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "terminationGracePeriodSeconds": 30,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": RUN_AS,
-                        "runAsGroup": RUN_AS,
-                        "fsGroup": RUN_AS,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [_container(spec, component, settings)],
-                    "volumes": _volumes(spec),
-                },
-            },
+            **({"replicas": replicas} if replicas is not None else {}),
+            "selector": {"matchLabels": selector},
+            "template": apply_pod_controls(template, settings.pods, selector),
         },
     }
 
@@ -282,7 +380,8 @@ def pod_disruption_budget(spec: StackSpec, component: str) -> Manifest:
 
 
 def projector_replicas(spec: StackSpec, lag: int | None, current: int | None) -> int:
-    """Replicas of the projector: the spec's, or with autoscaling ceil(lag/targetLag) bounded.
+    """Replicas of the projector from one lag reading: the spec's, or with autoscaling
+    ceil(lag/targetLag) bounded (the builtin scaler's windows: scaling.scale).
 
     Without a lag reading (Redis unreachable) autoscaling keeps ``current`` (or the minimum).
     """
@@ -291,17 +390,134 @@ def projector_replicas(spec: StackSpec, lag: int | None, current: int | None) ->
         return spec.projector.replicas
     if lag is None:
         wanted = current if current is not None else auto.min_replicas
-    else:
-        wanted = -(-lag // auto.target_lag)
-    return max(auto.min_replicas, min(auto.max_replicas, wanted))
+        return max(auto.min_replicas, min(auto.max_replicas, wanted))
+    return scaling.wanted(auto, lag)
 
 
-def workloads(spec: StackSpec, config_digest: str, projector_count: int) -> list[Manifest]:
-    """The three Deployments, two Services and the APIs' disruption budgets, in apply order."""
+def horizontal_pod_autoscaler(spec: StackSpec, component: str, hpa: ApiAutoscaling) -> Manifest:
+    """A CPU HorizontalPodAutoscaler (autoscaling/v2) for an API's Deployment."""
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(spec, component, component),
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": child_name(spec, component),
+            },
+            "minReplicas": hpa.min_replicas,
+            "maxReplicas": hpa.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {
+                            "type": "Utilization",
+                            "averageUtilization": hpa.target_cpu_utilization,
+                        },
+                    },
+                }
+            ],
+        },
+    }
+
+
+def scaled_object(spec: StackSpec, redis_url: str) -> Manifest:
+    """A KEDA ScaledObject scaling the projector on the consumer group's lag.
+
+    The trigger reads the stack's stream and group at the pods' Redis (host and port only:
+    the login comes from the TriggerAuthentication, never from this object).
+    """
+    auto = spec.projector.autoscaling
+    parts = urlsplit(redis_url)
+    database = (parts.path or "/0").lstrip("/") or "0"
+    trigger: dict[str, Any] = {
+        "type": "redis-streams",
+        "metadata": {
+            "address": f"{parts.hostname}:{parts.port or 6379}",
+            "stream": spec.stream_name,
+            "consumerGroup": spec.consumer_group,
+            "lagCount": str(auto.target_lag),
+            "databaseIndex": database,
+            "enableTLS": "true" if parts.scheme == "rediss" else "false",
+        },
+    }
+    if keda_redis_login(redis_url):
+        trigger["authenticationRef"] = {"name": child_name(spec, "projector")}
+    return {
+        "apiVersion": KEDA_API,
+        "kind": "ScaledObject",
+        "metadata": _metadata(spec, "projector", "projector"),
+        "spec": {
+            "scaleTargetRef": {"name": child_name(spec, "projector")},
+            "minReplicaCount": auto.min_replicas,
+            "maxReplicaCount": auto.max_replicas,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "behavior": {
+                        "scaleUp": {"stabilizationWindowSeconds": auto.scale_up_window_seconds},
+                        "scaleDown": {"stabilizationWindowSeconds": auto.scale_down_window_seconds},
+                    }
+                }
+            },
+            "triggers": [trigger],
+        },
+    }
+
+
+def trigger_authentication(spec: StackSpec, redis_url: str) -> Manifest:
+    """KEDA's Redis login: keys of the stack's credentials Secret (never the values)."""
+    keys = {"REDIS_USERNAME": "username", "REDIS_PASSWORD": "password"}
+    present = keda_redis_login(redis_url)
+    secret = child_name(spec, "credentials")
+    return {
+        "apiVersion": KEDA_API,
+        "kind": "TriggerAuthentication",
+        "metadata": _metadata(spec, "projector", "projector"),
+        "spec": {
+            "secretTargetRef": [
+                {"parameter": keys[k], "name": secret, "key": k}
+                for k in KEDA_REDIS_KEYS
+                if k in present
+            ]
+        },
+    }
+
+
+def autoscalers(spec: StackSpec, redis_url: str) -> list[Manifest]:
+    """The HPAs of the APIs that autoscale and, with engine keda, the projector's ScaledObject."""
+    out = [
+        horizontal_pod_autoscaler(spec, c, hpa)
+        for c, hpa in (("write-api", spec.write_api.hpa), ("read-api", spec.read_api.hpa))
+        if hpa is not None
+    ]
+    if uses_keda(spec):
+        if keda_redis_login(redis_url):
+            out.append(trigger_authentication(spec, redis_url))
+        out.append(scaled_object(spec, redis_url))
+    return out
+
+
+def initial_replicas(spec: StackSpec, component: str) -> int:
+    """The count a Deployment an autoscaler owns is created with: the autoscaler's minimum
+    (the autoscaler takes it from there; the operator never applies it again)."""
+    hpa = {"write-api": spec.write_api.hpa, "read-api": spec.read_api.hpa}.get(component)
+    if hpa is not None:
+        return hpa.min_replicas
+    return spec.projector.autoscaling.min_replicas
+
+
+def workloads(spec: StackSpec, config_digest: str, projector_count: int | None) -> list[Manifest]:
+    """The three Deployments, two Services and the APIs' disruption budgets, in apply order.
+
+    A component an autoscaler owns gets no replicas (None): the operator leaves them to it.
+    """
     replicas = {
-        "write-api": spec.write_api.replicas,
-        "read-api": spec.read_api.replicas,
-        "projector": projector_count,
+        "write-api": None if spec.write_api.hpa else spec.write_api.replicas,
+        "read-api": None if spec.read_api.hpa else spec.read_api.replicas,
+        "projector": None if uses_keda(spec) else projector_count,
     }
     out = [deployment(spec, c, replicas[c], config_digest) for c in COMPONENTS]
     out += [service(spec, c) for c in SERVED_COMPONENTS]

@@ -15,6 +15,7 @@ import functools
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +26,7 @@ from redis.connection import parse_url
 
 from cqrs_stack.migrations import load_migrations
 
-from . import __version__, kube, manifests, provisioning, status
+from . import __version__, kube, manifests, provisioning, scaling, status
 from .errors import PermanentProvisioningError, ProvisioningError
 from .ownership import OwnershipRefused
 from .provisioning import AdminLogin, Change, Owner
@@ -158,6 +159,30 @@ async def check_token_secret(api: client.ApiClient, spec: StackSpec) -> None:
         return
     secret = await _secret(api, spec.namespace, ref.name)
     check_stack_secret(secret, f"{spec.namespace}/{ref.name}", "spec.writeApi.auth.tokenSecret")
+
+
+async def check_env_secrets(api: client.ApiClient, spec: StackSpec) -> None:
+    """Every Secret a component's envFrom names must have opted in, as every Secret handed to
+    the pods (an optional one may be absent)."""
+    for section, pods in (
+        ("writeApi", spec.write_api.pods),
+        ("readApi", spec.read_api.pods),
+        ("projector", spec.projector.pods),
+        ("migrationJob", spec.migration_job),
+    ):
+        for i, source in enumerate(pods.env_from):
+            ref = source.secret_ref
+            if ref is None:
+                continue
+            found = await _maybe_secret(api, spec.namespace, ref.name)
+            if found is None and ref.optional:
+                continue
+            if found is None:
+                raise ProvisioningError(
+                    "SecretNotFound", f"Secret {spec.namespace}/{ref.name} does not exist"
+                )
+            where = f"{spec.namespace}/{ref.name}"
+            check_stack_secret(found, where, f"spec.{section}.envFrom[{i}].secretRef")
 
 
 async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> AdminLogin:
@@ -405,22 +430,107 @@ async def apply_workloads(
     spec: StackSpec,
     password: str,
     url: str,
-    projector_count: int,
+    projector_count: int | None,
     adopt: Adopt,
 ) -> tuple[list[dict[str, Any]], list[Change]]:
-    """Apply the ConfigMap, Deployments and Services; return the live objects and rollouts."""
+    """Apply the ConfigMap, Deployments, Services and autoscalers; return the live objects
+    and rollouts."""
     config = manifests.config_data(spec)
     digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url))
     live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
     changes: list[Change] = []
     for manifest in manifests.workloads(spec, digest, projector_count):
-        if manifest["kind"] == "Deployment":
-            before = await _read_deployment(api, spec.namespace, manifest["metadata"]["name"])
-            if before is not None and _template_changed(before, manifest):
-                name = manifest["metadata"]["name"]
-                changes.append(Change("RolloutStarted", f"rolling Deployment {name}"))
-        live.append(await _apply(api, spec, manifest, adopt))
+        if manifest["kind"] != "Deployment":
+            live.append(await _apply(api, spec, manifest, adopt))
+            continue
+        name = manifest["metadata"]["name"]
+        before = await _read_deployment(api, spec.namespace, name)
+        if before is not None and _template_changed(before, manifest):
+            changes.append(Change("RolloutStarted", f"rolling Deployment {name}"))
+        live.append(await _apply_deployment(api, spec, manifest, before is None, adopt))
+    live += await apply_autoscalers(api, spec, url, adopt)
     return live, changes
+
+
+async def _apply_deployment(
+    api: client.ApiClient, spec: StackSpec, manifest: dict[str, Any], new: bool, adopt: Adopt
+) -> dict[str, Any]:
+    """Apply a Deployment with its replica count owned by a field manager of its own.
+
+    The main apply never carries ``spec.replicas``: when an autoscaler takes a component
+    over, the operator stops applying its count and the count the autoscaler sets stays
+    (a forced apply of the field every interval would reset it). The count is applied
+    before the main apply of an existing Deployment, so that the field never loses its
+    last owner (a Deployment applied by an older operator), and after creating one.
+    """
+    body = {**manifest, "spec": dict(manifest["spec"])}
+    replicas = body["spec"].pop("replicas", None)
+    name = body["metadata"]["name"]
+    if replicas is not None and not new:
+        await _apply_replicas(api, spec, name, replicas)
+    live = await _apply(api, spec, body, adopt)
+    if new:
+        if replicas is None:  # an autoscaler's: start at its minimum, never applied again
+            component = body["metadata"]["labels"]["app.kubernetes.io/component"]
+            replicas = manifests.initial_replicas(spec, component)
+        await _apply_replicas(api, spec, name, replicas)
+        live["spec"]["replicas"] = replicas
+    return live
+
+
+async def _apply_replicas(api: client.ApiClient, spec: StackSpec, name: str, count: int) -> None:
+    try:
+        await kube.apply_replicas(api, spec.namespace, name, count)
+    except ApiException as exc:
+        raise ProvisioningError(
+            "ApplyFailed", f"scaling Deployment {name} failed: HTTP {exc.status} {exc.reason}"
+        ) from exc
+
+
+AUTOSCALER_KINDS = (
+    ("HorizontalPodAutoscaler", "write-api"),
+    ("HorizontalPodAutoscaler", "read-api"),
+    ("TriggerAuthentication", "projector"),
+    ("ScaledObject", "projector"),
+)
+
+
+async def apply_autoscalers(
+    api: client.ApiClient, spec: StackSpec, url: str, adopt: Adopt
+) -> list[dict[str, Any]]:
+    """Apply the HPAs and KEDA objects the spec asks for; delete this stack's others."""
+    wanted = manifests.autoscalers(spec, url)
+    keep = {(m["kind"], m["metadata"]["name"]) for m in wanted}
+    for kind, component in AUTOSCALER_KINDS:
+        name = manifests.child_name(spec, component)
+        if (kind, name) not in keep:
+            await _delete_autoscaler(api, spec, kind, name)
+    live = []
+    for manifest in wanted:
+        try:
+            live.append(await _apply(api, spec, manifest, adopt))
+        except ProvisioningError as exc:
+            if manifest["kind"] in kube.CUSTOM_KINDS and "HTTP 404" in exc.message:
+                raise PermanentProvisioningError(
+                    "KedaNotInstalled",
+                    "spec.projector.autoscaling.engine is keda but the API server serves no "
+                    f"{manifest['kind']} ({manifests.KEDA_API}): install KEDA, or use engine "
+                    "builtin",
+                ) from exc
+            raise
+    return live
+
+
+async def _delete_autoscaler(api: client.ApiClient, spec: StackSpec, kind: str, name: str) -> None:
+    """An autoscaler the spec dropped would keep scaling: this stack's own is deleted."""
+    try:
+        existing = await kube.read_object(api, kind, spec.namespace, name)
+        if existing is not None and kube.controller_uid(existing) == spec.uid:
+            await kube.delete_object(api, kind, spec.namespace, name)
+    except ApiException as exc:
+        raise ProvisioningError(
+            "AutoscalerCleanupFailed", f"cannot remove {kind} {name}: HTTP {exc.status}"
+        ) from exc
 
 
 def _template_changed(live: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
@@ -486,6 +596,44 @@ def current_projector_replicas(current_status: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def projector_scale(
+    spec: StackSpec, lag: int | None, current_status: Mapping[str, Any]
+) -> tuple[int | None, list[scaling.Sample]]:
+    """The projector's replicas (None: KEDA owns them) and the builtin scaler's samples."""
+    auto = spec.projector.autoscaling
+    current = current_projector_replicas(current_status)
+    if not auto.enabled:
+        return spec.projector.replicas, []
+    if auto.engine == "keda":
+        return None, []
+    samples = scaling.recorded_samples(current_status)
+    return scaling.scale(auto, lag, current, samples, time.time())
+
+
+def applied_replicas(spec: StackSpec, live: list[dict[str, Any]]) -> dict[str, int]:
+    """Each component's replicas as the applied Deployments say (an autoscaler's too)."""
+    counts = {
+        o["metadata"]["name"]: (o.get("spec") or {}).get("replicas")
+        for o in live
+        if o.get("kind") == "Deployment"
+    }
+    out: dict[str, int] = {}
+    for component in manifests.COMPONENTS:
+        count = counts.get(manifests.child_name(spec, component))
+        out[component] = count if isinstance(count, int) else 0
+    return out
+
+
+def describe_replicas(spec: StackSpec, counts: Mapping[str, int]) -> str:
+    """``write-api=2 read-api=hpa:3 projector=keda:1``: the counts, and who owns them."""
+    owners = {
+        "write-api": "hpa:" if spec.write_api.hpa else "",
+        "read-api": "hpa:" if spec.read_api.hpa else "",
+        "projector": "keda:" if manifests.uses_keda(spec) else "",
+    }
+    return " ".join(f"{c}={owners[c]}{n}" for c, n in counts.items())
+
+
 async def reconcile(
     api: client.ApiClient, spec: StackSpec, current_status: Mapping[str, Any], adopt: Adopt
 ) -> Outcome:
@@ -509,7 +657,7 @@ async def reconcile(
         await _databases(out, api, spec, password, owner)
         lag = await _stream(out, redis, spec, password, owner)
     refusal = next((e for e in out.errors if isinstance(e, OwnershipRefused)), None)
-    count = manifests.projector_replicas(spec, lag, current_projector_replicas(current_status))
+    count, samples = projector_scale(spec, lag, current_status)
     if refusal is not None:
         # A database or stream of another stack: no URL to it is handed to any pod.
         out.fail(
@@ -533,17 +681,22 @@ async def reconcile(
     else:
         try:
             await check_token_secret(api, spec)
+            await check_env_secrets(api, spec)
             await apply_credentials(api, spec, password, redis, adopt)
-            _, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
+            live, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
             out.changes += changes
+            applied = applied_replicas(spec, live)
             out.ok(
                 status.WORKLOADS,
                 "Applied",
-                f"image {spec.image}: write-api={spec.write_api.replicas} "
-                f"read-api={spec.read_api.replicas} projector={count}",
+                f"image {spec.image}: {describe_replicas(spec, applied)}",
             )
             lag_part = {"lag": lag} if lag is not None else {}
-            out.extra["projector"] = {"replicas": count, **lag_part}
+            out.extra["projector"] = {
+                "replicas": applied["projector"],
+                **lag_part,
+                **({"recommendations": scaling.as_status(samples)} if samples else {}),
+            }
         except ProvisioningError as exc:
             out.fail(status.WORKLOADS, exc)
     try:

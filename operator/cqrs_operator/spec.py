@@ -1,8 +1,9 @@
 """A CqrsStack's spec as typed values, with the defaults and derived names filled in.
 
-The API server's schema already validates and defaults the spec; this module repeats the
-defaults (so that an object created before a default existed still works) and derives what
-the schema cannot: database, role and stream names from the stack's namespace and name.
+The spec is validated by the same models the CRD's schema is generated from
+(``cqrs_stack.stack_spec``): their defaults fill in what an object created before a default
+existed lacks. This module derives what the schema cannot: database, role and stream names
+from the stack's namespace and name.
 
 Default names are unique per (namespace, name): a readable prefix plus a short hash of the
 full identity, so that ``a-b``/``c`` and ``a``/``b-c`` never meet on a shared server. Names a
@@ -19,27 +20,30 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import ValidationError
 from redis.connection import parse_url
 
-from cqrs_stack.config import redact_url
+from cqrs_stack import stack_spec as models
+from cqrs_stack.stack_spec import DNS_SUBDOMAIN as DNS_SUBDOMAIN
+from cqrs_stack.stack_spec import IDENTIFIER as IDENTIFIER
+from cqrs_stack.stack_spec import MAX_STACK_NAME as MAX_STACK_NAME
+from cqrs_stack.stack_spec import SYSTEM_DATABASES as SYSTEM_DATABASES
+from cqrs_stack.stack_spec import (
+    ApiAutoscaling,
+    CqrsStackSpec,
+    MigrationJob,
+    PodControls,
+    ProjectorAutoscaling,
+    Resources,
+)
 
 from . import __version__
+from .schema import GROUP as GROUP
+from .schema import KIND as KIND
+from .schema import PLURAL as PLURAL
+from .schema import VERSION as VERSION
 
-GROUP = "cqrs.dev"
-VERSION = "v1alpha1"
-PLURAL = "cqrsstacks"
-KIND = "CqrsStack"
-
-IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-# A host is a DNS name (ASCII labels of 1..63 characters, 253 in all) or an IP address: a name
-# that IDNA cannot encode would fail in getaddrinfo (UnicodeError) on every reconcile.
-HOST_NAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
-    r"(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*\.?$"
-)
-HOST_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
 # Keys the operator keeps next to a stream: never a stack's stream name (see provisioning).
 RESERVED_STREAM_SUFFIXES = (":dead", ":owner")
 # The shape of a default database name: <readable>_<8 hex>_write|read (unique_identifier).
@@ -48,23 +52,8 @@ DEFAULT_DATABASE_SHAPE = re.compile(r"^.*_[0-9a-f]{8}_(write|read)$")
 DEFAULT_STREAM_SHAPE = re.compile(r"^(?P<namespace>[a-z0-9]([-a-z0-9]*[a-z0-9])?)\..*-events$")
 DELETION_POLICIES = ("Retain", "Delete")
 NAME_HASH_LENGTH = 8
-SYSTEM_DATABASES = ("postgres", "template0", "template1")
-
-# (default, minimum, maximum) of every bounded integer of the spec, by its path under spec.
-# The CRD states the same bounds; tests/unit/test_spec.py fails when the two disagree.
-BOUNDS: dict[str, tuple[int, int, int]] = {
-    "writeApi.replicas": (2, 0, 50),
-    "readApi.replicas": (2, 0, 50),
-    "projector.replicas": (1, 0, 50),
-    "projector.batchSize": (500, 1, 100_000),
-    "projector.maxDeliveries": (5, 1, 1000),
-    "projector.autoscaling.minReplicas": (1, 0, 50),
-    "projector.autoscaling.maxReplicas": (10, 0, 50),
-    "projector.autoscaling.targetLag": (1000, 1, 10**9),
-    "stream.maxLength": (1_000_000, 0, 10**12),
-    "databases.write.port": (5432, 1, 65535),
-    "databases.read.port": (5432, 1, 65535),
-}
+# Bounds, defaults and enums live in the models (cqrs_stack.stack_spec), nowhere else.
+Autoscaling = ProjectorAutoscaling
 
 
 class SpecError(ValueError):
@@ -72,37 +61,21 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True)
-class Resources:
-    """Container resource requests and limits, as Kubernetes writes them."""
-
-    requests: Mapping[str, str] = field(default_factory=dict)
-    limits: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Autoscaling:
-    """Lag-based projector scaling: replicas = ceil(lag / targetLag), within min..max."""
-
-    enabled: bool = False
-    min_replicas: int = 1
-    max_replicas: int = 10
-    target_lag: int = 1000
-
-
-@dataclass(frozen=True)
 class Component:
-    """One Deployment of the stack."""
+    """One Deployment of the stack: replicas, container resources, pod controls, its HPA."""
 
     replicas: int
     resources: Resources = field(default_factory=Resources)
+    pods: PodControls = field(default_factory=PodControls)
+    hpa: ApiAutoscaling | None = None  # set: a HorizontalPodAutoscaler owns replicas
 
 
 @dataclass(frozen=True)
 class Projector(Component):
-    batch_size: int = 500
-    poll_interval: float = 0.1
-    max_deliveries: int = 5
-    autoscaling: Autoscaling = field(default_factory=Autoscaling)
+    batch_size: int = models.DEFAULT_BATCH_SIZE
+    poll_interval: float = models.DEFAULT_POLL_INTERVAL
+    max_deliveries: int = models.DEFAULT_MAX_DELIVERIES
+    autoscaling: ProjectorAutoscaling = field(default_factory=ProjectorAutoscaling)
 
 
 @dataclass(frozen=True)
@@ -141,10 +114,6 @@ class DatabaseTls:
     ca: CaBundle | None = None
 
 
-# Children are named <name>-write-api, <name>-credentials...: they must stay DNS labels.
-MAX_STACK_NAME = 50
-
-
 @dataclass(frozen=True)
 class StackSpec:
     """Everything the operator needs to render and provision one stack."""
@@ -172,9 +141,11 @@ class StackSpec:
     adopt: bool = False
     uid: str = ""
     write_token_secret: SecretKeyRef | None = None
-    db_pool_min_size: int = 1
-    db_pool_max_size: int = 10
+    db_pool_min_size: int = models.Pool().min_size
+    db_pool_max_size: int = models.Pool().max_size
     log_level: str = "info"
+    read_models: tuple[str, ...] = ("records",)
+    migration_job: MigrationJob = field(default_factory=MigrationJob)
     reserved: str = ""  # why a name the spec chose is another stack's (reserved_names)
 
     @property
@@ -240,29 +211,6 @@ def check_identifier(value: str, field_path: str) -> str:
     return value
 
 
-def _int(section: Mapping[str, Any], key: str, path: str) -> int:
-    """The integer ``spec.<path>.<key>`` within its BOUNDS, or its default when absent."""
-    default, lo, hi = BOUNDS[f"{path.removeprefix('spec.')}.{key}"]
-    value = section.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise SpecError(f"{path}.{key}={value!r} must be an integer in {lo}..{hi}")
-    return value
-
-
-def _resources(section: Mapping[str, Any]) -> Resources:
-    raw = section.get("resources") or {}
-    return Resources(requests=dict(raw.get("requests") or {}), limits=dict(raw.get("limits") or {}))
-
-
-def check_host(host: object, field_path: str) -> str:
-    """Return ``host`` if it is a DNS name or an IP address, else raise naming the field."""
-    if not isinstance(host, str) or not host:
-        raise SpecError(f"{field_path} is required")
-    if not HOST_NAME.match(host) and not (":" in host and HOST_IPV6.match(host)):
-        raise SpecError(f"{field_path}={host[:80]!r} must be a DNS name (ASCII) or an IP address")
-    return host
-
-
 def reserved_names(spec: Mapping[str, Any], namespace: str, defaults: DefaultNames) -> str:
     """Why a name the spec chose is reserved for another stack ("" when none is).
 
@@ -302,92 +250,6 @@ def reserved_names(spec: Mapping[str, Any], namespace: str, defaults: DefaultNam
     return ""
 
 
-def _database(raw: Mapping[str, Any], default_name: str, path: str) -> Database:
-    host = check_host(raw.get("host"), f"{path}.host")
-    secret = raw.get("adminSecret")
-    if not isinstance(secret, str) or not DNS_SUBDOMAIN.match(secret):
-        raise SpecError(f"{path}.adminSecret={secret!r} must name a Secret (DNS-1123)")
-    name = raw.get("database") or default_name
-    if name in SYSTEM_DATABASES:
-        raise SpecError(f"{path}.database={name!r} is a system database of PostgreSQL")
-    return Database(
-        host=host,
-        port=_int(raw, "port", path),
-        admin_secret=secret,
-        name=check_identifier(name, f"{path}.database"),
-    )
-
-
-def _projector(raw: Mapping[str, Any]) -> Projector:
-    path = "spec.projector"
-    auto = raw.get("autoscaling") or {}
-    autoscaling = Autoscaling(
-        enabled=bool(auto.get("enabled", False)),
-        min_replicas=_int(auto, "minReplicas", f"{path}.autoscaling"),
-        max_replicas=_int(auto, "maxReplicas", f"{path}.autoscaling"),
-        target_lag=_int(auto, "targetLag", f"{path}.autoscaling"),
-    )
-    if autoscaling.min_replicas > autoscaling.max_replicas:
-        raise SpecError(f"{path}.autoscaling.minReplicas must be <= maxReplicas")
-    poll = raw.get("pollInterval", 0.1)
-    if not isinstance(poll, int | float) or not 0 < poll <= 60:
-        raise SpecError(f"{path}.pollInterval={poll!r} must be in (0, 60]")
-    return Projector(
-        replicas=_int(raw, "replicas", path),
-        resources=_resources(raw),
-        batch_size=_int(raw, "batchSize", path),
-        poll_interval=float(poll),
-        max_deliveries=_int(raw, "maxDeliveries", path),
-        autoscaling=autoscaling,
-    )
-
-
-def _database_tls(raw: Mapping[str, Any] | None) -> DatabaseTls | None:
-    if not raw:
-        return None
-    path = "spec.databases.tls"
-    mode = raw.get("mode") or "verify-full"
-    if mode not in TLS_MODES:
-        raise SpecError(f"{path}.mode={mode!r} must be one of {TLS_MODES}")
-    return DatabaseTls(mode, _ca_bundle(raw, path))
-
-
-def _ca_bundle(raw: Mapping[str, Any], path: str) -> CaBundle | None:
-    refs = [(k, raw[f"ca{k}"]) for k in ("ConfigMap", "Secret") if raw.get(f"ca{k}")]
-    if len(refs) > 1:
-        raise SpecError(f"{path} takes one of caConfigMap or caSecret")
-    if not refs:
-        return None
-    kind, ref = refs[0]
-    if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))):
-        raise SpecError(f"{path}.ca{kind}.name must name a {kind} (DNS-1123)")
-    return CaBundle(kind, ref["name"], ref.get("key") or "ca.crt")
-
-
-def _redis_admin(raw: Mapping[str, Any]) -> str | None:
-    secret = raw.get("adminSecret") or None
-    if secret is not None and not DNS_SUBDOMAIN.match(str(secret)):
-        raise SpecError(f"spec.redis.adminSecret={secret!r} must name a Secret (DNS-1123)")
-    return secret
-
-
-def _redis(raw: Mapping[str, Any]) -> tuple[str | None, SecretKeyRef | None]:
-    url = raw.get("url") or None
-    ref = raw.get("urlSecret") or None
-    if bool(url) == bool(ref):
-        raise SpecError("spec.redis needs exactly one of url or urlSecret")
-    if url and not str(url).startswith(("redis://", "rediss://")):
-        shown = redact_url(str(url))  # a URL may carry a password: never echo it
-        raise SpecError(f"spec.redis.url must start with redis:// or rediss://, got {shown!r}")
-    if url:
-        check_redis_url(str(url), "spec.redis.url")
-    if ref:
-        if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))) or not ref.get("key"):
-            raise SpecError("spec.redis.urlSecret needs a Secret name (DNS-1123) and a key")
-        return None, SecretKeyRef(name=ref["name"], key=ref["key"])
-    return str(url), None
-
-
 def check_redis_url(url: str, field_path: str) -> str:
     """Return ``url`` if its host is a DNS name or an IP address, else raise (no password shown)."""
     try:
@@ -399,15 +261,6 @@ def check_redis_url(url: str, field_path: str) -> str:
     return url
 
 
-def _write_token(raw: Mapping[str, Any]) -> SecretKeyRef | None:
-    ref = (raw.get("auth") or {}).get("tokenSecret") or None
-    if ref is None:
-        return None
-    if not DNS_SUBDOMAIN.match(str(ref.get("name", ""))):
-        raise SpecError("spec.writeApi.auth.tokenSecret.name must name a Secret (DNS-1123)")
-    return SecretKeyRef(name=ref["name"], key=ref.get("key") or "token")
-
-
 def recorded_names(status: Mapping[str, Any] | None) -> dict[str, str]:
     """Names the stack was provisioned with, as its status recorded them (may be empty)."""
     status = status or {}
@@ -417,6 +270,80 @@ def recorded_names(status: Mapping[str, Any] | None) -> dict[str, str]:
     if isinstance(stream, str) and stream:
         out["stream"] = stream
     return out
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One clause per invalid field, named by its path under spec; the input is never shown
+    (a Redis URL may carry a password)."""
+    parts = []
+    for error in exc.errors(include_input=False, include_url=False):
+        path = ".".join(["spec", *(str(p) for p in error["loc"])])
+        parts.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def check_host(host: object, field_path: str) -> str:
+    """Return ``host`` if it is a DNS name or an IP address, else raise naming the field."""
+    if not isinstance(host, str) or not host:
+        raise SpecError(f"{field_path} is required")
+    try:
+        return models.check_host(host)
+    except ValueError:
+        raise SpecError(
+            f"{field_path}={host[:80]!r} must be a DNS name (ASCII) or an IP address"
+        ) from None
+
+
+def _database(raw: models.Database, name: str, path: str) -> Database:
+    return Database(
+        host=raw.host,
+        port=raw.port,
+        admin_secret=raw.admin_secret,
+        name=check_identifier(name, f"{path}.database"),
+    )
+
+
+def _component(raw: models.WriteApi | models.ReadApi) -> Component:
+    return Component(
+        raw.replicas,
+        resources=raw.resources,
+        pods=raw,
+        hpa=raw.autoscaling if raw.autoscaling.enabled else None,
+    )
+
+
+def _projector(raw: models.Projector) -> Projector:
+    return Projector(
+        replicas=raw.replicas,
+        resources=raw.resources,
+        pods=raw,
+        batch_size=raw.batch_size,
+        poll_interval=raw.poll_interval,
+        max_deliveries=raw.max_deliveries,
+        autoscaling=raw.autoscaling or ProjectorAutoscaling(),
+    )
+
+
+def _ca(config_map: Any, secret: Any) -> CaBundle | None:
+    if config_map is not None:
+        return CaBundle("ConfigMap", config_map.name, config_map.key)
+    if secret is not None:
+        return CaBundle("Secret", secret.name, secret.key)
+    return None
+
+
+def _database_tls(raw: models.DatabaseTls | None) -> DatabaseTls | None:
+    if raw is None:
+        return None
+    return DatabaseTls(raw.mode, _ca(raw.ca_config_map, raw.ca_secret))
+
+
+def validate(spec: Mapping[str, Any]) -> CqrsStackSpec:
+    """The spec checked against the models (bounds, enums, shapes); SpecError naming fields."""
+    try:
+        return CqrsStackSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise SpecError(describe_invalid(exc)) from None
 
 
 def parse_spec(
@@ -433,49 +360,52 @@ def parse_spec(
     """
     if len(name) > MAX_STACK_NAME:
         raise SpecError(f"metadata.name must be at most {MAX_STACK_NAME} characters: {name!r}")
-    image = spec.get("image") or {}
-    stream = spec.get("stream") or {}
-    databases = spec.get("databases") or {}
-    redis_url, redis_secret = _redis(spec.get("redis") or {})
-    policy = spec.get("deletionPolicy", "Retain")
-    if policy not in DELETION_POLICIES:
-        raise SpecError(f"spec.deletionPolicy={policy!r} must be one of {DELETION_POLICIES}")
-    write_api = spec.get("writeApi") or {}
-    read_api = spec.get("readApi") or {}
+    model = validate(spec)
+    if model.redis.url is not None:
+        check_redis_url(model.redis.url, "spec.redis.url")
     defaults = default_names(namespace, name)
     recorded = recorded_names(status)
+    token = model.write_api.auth.token_secret
     return StackSpec(
         namespace=namespace,
         name=name,
-        image_repository=image.get("repository") or "cqrs-stack",
-        image_tag=str(image.get("tag") or __version__),
-        image_pull_policy=image.get("pullPolicy") or "IfNotPresent",
-        write_api=Component(_int(write_api, "replicas", "spec.writeApi"), _resources(write_api)),
-        read_api=Component(_int(read_api, "replicas", "spec.readApi"), _resources(read_api)),
-        projector=_projector(spec.get("projector") or {}),
-        stream_name=stream.get("name") or recorded.get("stream") or defaults.stream,
-        consumer_group=stream.get("consumerGroup") or "projectors",
-        stream_max_length=_int(stream, "maxLength", "spec.stream"),
+        image_repository=model.image.repository,
+        image_tag=model.image.tag or __version__,
+        image_pull_policy=model.image.pull_policy,
+        write_api=_component(model.write_api),
+        read_api=_component(model.read_api),
+        projector=_projector(model.projector),
+        stream_name=model.stream.name or recorded.get("stream") or defaults.stream,
+        consumer_group=model.stream.consumer_group,
+        stream_max_length=model.stream.max_length,
         write_db=_database(
-            databases.get("write") or {},
-            recorded.get("write") or defaults.write_db,
+            model.databases.write,
+            model.databases.write.database or recorded.get("write") or defaults.write_db,
             "spec.databases.write",
         ),
         read_db=_database(
-            databases.get("read") or {},
-            recorded.get("read") or defaults.read_db,
+            model.databases.read,
+            model.databases.read.database or recorded.get("read") or defaults.read_db,
             "spec.databases.read",
         ),
-        redis_url=redis_url,
-        redis_url_secret=redis_secret,
-        deletion_policy=policy,
-        redis_admin_secret=_redis_admin(spec.get("redis") or {}),
-        database_tls=_database_tls(databases.get("tls")),
-        redis_ca=_ca_bundle(spec.get("redis") or {}, "spec.redis"),
+        redis_url=model.redis.url,
+        redis_url_secret=(
+            SecretKeyRef(model.redis.url_secret.name, model.redis.url_secret.key)
+            if model.redis.url_secret
+            else None
+        ),
+        deletion_policy=model.deletion_policy,
+        redis_admin_secret=model.redis.admin_secret,
+        database_tls=_database_tls(model.databases.tls),
+        redis_ca=_ca(model.redis.ca_config_map, model.redis.ca_secret),
         role_name=check_identifier(recorded.get("role") or defaults.role, "status.databases.role"),
-        adopt=spec.get("adopt") is True,
+        adopt=model.adopt,
         uid=uid,
-        write_token_secret=_write_token(write_api),
-        log_level=spec.get("logLevel") or "info",
+        write_token_secret=SecretKeyRef(token.name, token.key) if token else None,
+        db_pool_min_size=model.databases.pool.min_size,
+        db_pool_max_size=model.databases.pool.max_size,
+        log_level=model.log_level,
+        read_models=tuple(model.read_models),
+        migration_job=model.migration_job,
         reserved=reserved_names(spec, namespace, defaults),
     )

@@ -10,6 +10,8 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from . import stack_spec as spec
+
 # The local stack's highest port is 8007 (the API): an offset must keep every port under 65536.
 MAX_PORT_OFFSET = 57_000
 
@@ -120,16 +122,18 @@ class Settings(BaseSettings):
     write_db_url: str = "postgresql://cqrs:cqrs@127.0.0.1:5447/cqrs_write"
     read_db_url: str = "postgresql://cqrs:cqrs@127.0.0.1:5448/cqrs_read"
     redis_url: str = "redis://127.0.0.1:6384/0"
-    db_pool_min_size: int = Field(default=5, ge=1, le=1000)
-    db_pool_max_size: int = Field(default=20, ge=1, le=1000)
-    event_stream_name: str = Field(default="cqrs-events", min_length=1, max_length=200)
-    projector_batch_size: int = Field(default=500, ge=1, le=100_000)
-    projector_poll_interval: float = Field(default=0.1, gt=0, le=60)
+    # Bounds shared with the CqrsStack spec (stack_spec.py): one definition for both. The local
+    # pools are larger than a stack's default (spec.databases.pool): one process, not N replicas.
+    db_pool_min_size: spec.PoolSize = 5
+    db_pool_max_size: spec.PoolSize = 20
+    event_stream_name: spec.StreamName = Field(default="cqrs-events", min_length=1)
+    projector_batch_size: spec.BatchSize = spec.DEFAULT_BATCH_SIZE
+    projector_poll_interval: spec.PollInterval = spec.DEFAULT_POLL_INTERVAL
 
-    consumer_group: str = Field(default="projectors", min_length=1, max_length=200)
+    consumer_group: spec.ConsumerGroup = spec.DEFAULT_CONSUMER_GROUP
     consumer_name: str = ""  # empty: hostname + pid, unique per process
-    stream_max_length: int = Field(default=1_000_000, ge=0)  # 0: never trim
-    projector_max_deliveries: int = Field(default=5, ge=1)
+    stream_max_length: spec.StreamMaxLength = spec.DEFAULT_STREAM_MAX_LENGTH  # 0: never trim
+    projector_max_deliveries: spec.MaxDeliveries = spec.DEFAULT_MAX_DELIVERIES
     projector_claim_idle_ms: int = Field(default=30_000, ge=100)
     projector_catchup_interval: float = Field(default=2.0, gt=0)
     # Rebuild: command bytes (keys and values) held in memory at once, whether piped by COPY or
@@ -175,7 +179,7 @@ class Settings(BaseSettings):
     redis_probe_interval: float = Field(default=1.0, gt=0, le=60)
     # Bytes of keys and values per page of queued events (a page holds at least one event).
     publisher_batch_max_bytes: int = Field(default=16_777_216, ge=1, le=1_073_741_824)
-    log_level: str = "info"
+    log_level: str = "info"  # the spec's LogLevel names, any case
     # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request
     # goes through the framework, e.g. for FastAPI's own OpenTelemetry spans on every call.
     hot_paths: bool = True

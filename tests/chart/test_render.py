@@ -255,3 +255,38 @@ def test_ingress_routes_to_the_services_the_operator_renders() -> None:
 def test_no_ingress_network_policy_by_default() -> None:
     kinds = {d["kind"] for d in render()}
     assert "Ingress" not in kinds and "NetworkPolicy" not in kinds
+
+
+def test_pod_controls_and_autoscaling_values_reach_the_operators_deployments() -> None:
+    """The chart hands the stack values to the spec key for key: what the operator renders
+    from the release's CqrsStack carries them."""
+    docs = render(
+        None,
+        "stack.writeApi.nodeSelector.pool=cqrs",
+        "stack.writeApi.priorityClassName=cqrs-high",
+        "stack.writeApi.imagePullSecrets[0].name=regcred",
+        "stack.writeApi.autoscaling.enabled=true",
+        "stack.readApi.tolerations[0].key=dedicated",
+        "stack.readApi.tolerations[0].operator=Exists",
+        "stack.projector.envFrom[0].configMapRef.name=extra",
+        "stack.readModels={records,history}",
+        "stack.databases.pool.maxSize=4",
+    )
+    stack = one(docs, "CqrsStack")
+    spec = parse_spec(stack["spec"], namespace=NAMESPACE, name=stack["metadata"]["name"])
+    assert spec.read_models == ("records", "history")
+    assert manifests.config_data(spec)["DB_POOL_MAX_SIZE"] == "4"
+    objs = {
+        (o["kind"], o["metadata"]["name"].removeprefix(f"{spec.name}-")): o
+        for o in manifests.workloads(spec, "d", 1) + manifests.autoscalers(spec, "redis://r:1/0")
+    }
+    write = objs[("Deployment", "write-api")]
+    assert "replicas" not in write["spec"]  # the HPA's
+    assert ("HorizontalPodAutoscaler", "write-api") in objs
+    pod = write["spec"]["template"]["spec"]
+    assert (pod["nodeSelector"], pod["priorityClassName"]) == ({"pool": "cqrs"}, "cqrs-high")
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    read = objs[("Deployment", "read-api")]["spec"]["template"]["spec"]
+    assert read["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
+    projector = objs[("Deployment", "projector")]["spec"]["template"]["spec"]
+    assert projector["containers"][0]["envFrom"][0]["configMapRef"]["name"] == "extra"

@@ -42,6 +42,14 @@ def test_schema_is_draft_07_and_closed() -> None:
         ("ingress.host=Bad_Host", ["/ingress/host"]),
         ("operator.resources.requests=null", ["/operator/resources"]),
         ("devDatabases.redis.maxMemory=all", ["/devDatabases/redis/maxMemory"]),
+        # The stack part is generated from the spec models: their bounds and enums hold here.
+        ("stack.readModels={records,records}", ["/stack/readModels"]),
+        ("stack.readModels={ledger}", ["/stack/readModels/0"]),
+        ("stack.projector.autoscaling.engine=hpa", ["/stack/projector/autoscaling/engine"]),
+        ("stack.writeApi.autoscaling.minReplicas=0", ["/stack/writeApi/autoscaling/minReplicas"]),
+        ("stack.databases.pool.maxSize=1001", ["/stack/databases/pool/maxSize", "maximum"]),
+        ("stack.stream.maxLength=1000000000001", ["/stack/stream/maxLength", "maximum"]),
+        ("stack.readApi.tolerations[0].effect=Sometimes", ["/stack/readApi/tolerations/0"]),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(value: str, expected: list[str]) -> None:

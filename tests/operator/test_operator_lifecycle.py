@@ -312,12 +312,11 @@ async def test_defaults_are_filled_by_the_api_server(
         manifest["spec"].pop(key)
     created = await stacks.create(manifest)
     spec = created["spec"]
-    assert spec["image"] == {
-        "repository": "cqrs-stack",
-        "tag": "0.1.0",
-        "pullPolicy": "IfNotPresent",
-    }
+    # No tag: a stack that pins none runs the operator's version.
+    assert spec["image"] == {"repository": "cqrs-stack", "pullPolicy": "IfNotPresent"}
     assert spec["projector"]["batchSize"] == 500
+    assert spec["readModels"] == ["records"]
+    assert spec["databases"]["pool"] == {"minSize": 1, "maxSize": 10}
     assert spec["stream"]["consumerGroup"] == "projectors"
     assert spec["deletionPolicy"] == "Retain"
     await stacks.delete("defaults")  # no operator watches here: no finalizer to wait for
@@ -474,7 +473,15 @@ async def test_projector_scales_with_stream_lag(
     fresh_names: str,
 ) -> None:
     """Autoscaling on a real stream: a backlog scales the projector up, a drained one down."""
-    auto = {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "targetLag": 10}
+    auto = {
+        "enabled": True,
+        "minReplicas": 1,
+        "maxReplicas": 3,
+        "targetLag": 10,
+        # No stabilisation: every reading is followed (the windows have their own test).
+        "scaleUpWindowSeconds": 0,
+        "scaleDownWindowSeconds": 0,
+    }
     manifest = stack_manifest(
         "scaled",
         fresh_names,

@@ -188,3 +188,214 @@ def test_database_tls_reaches_the_pods_as_libpq_variables_and_a_mounted_ca() -> 
         "secretName": "pg-ca",
         "items": [{"key": "root.pem", "path": "root.pem"}],
     }
+
+
+# ------------------------------------------------------------------ spec fields reach the pods
+
+
+def test_read_models_and_pool_sizes_reach_the_config_map() -> None:
+    data = manifests.config_data(stack())
+    assert (data["READ_MODELS"], data["DB_POOL_MIN_SIZE"], data["DB_POOL_MAX_SIZE"]) == (
+        "records",
+        "1",
+        "10",
+    )
+    spec = stack(readModels=["records", "history"])
+    spec_dict = {
+        "databases": {
+            "write": {"host": "pg", "adminSecret": "a"},
+            "read": {"host": "pg", "adminSecret": "a"},
+            "pool": {"minSize": 3, "maxSize": 30},
+        },
+        "redis": {"url": "redis://r:6379/0"},
+    }
+    pooled = parse_spec(spec_dict, namespace="shop", name="orders")
+    assert manifests.config_data(spec)["READ_MODELS"] == "records,history"
+    assert manifests.config_data(pooled)["DB_POOL_MAX_SIZE"] == "30"
+
+
+POD_CONTROLS = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "nodeSelector": {"pool": "cqrs"},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}
+                ]
+            }
+        }
+    },
+    "tolerations": [
+        {"key": "dedicated", "operator": "Equal", "value": "cqrs", "effect": "NoSchedule"}
+    ],
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 2,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "DoNotSchedule",
+        }
+    ],
+    "priorityClassName": "cqrs-high",
+    "podAnnotations": {"example.com/scrape": "true"},
+    "podLabels": {"team": "orders", "app.kubernetes.io/name": "not-ours"},
+    "envFrom": [
+        {"configMapRef": {"name": "extra"}},
+        {"secretRef": {"name": "vault"}, "prefix": "X_"},
+    ],
+}
+
+
+def test_pod_controls_reach_every_deployment_and_ours_win() -> None:
+    spec = stack(
+        writeApi={"replicas": 1, **POD_CONTROLS},
+        readApi={"replicas": 1, **POD_CONTROLS},
+        projector={"replicas": 1, **POD_CONTROLS},
+    )
+    for component in manifests.COMPONENTS:
+        dep = manifests.deployment(spec, component, 1, "d")
+        pod = dep["spec"]["template"]
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["spec"]["nodeSelector"] == {"pool": "cqrs"}
+        assert pod["spec"]["affinity"] == POD_CONTROLS["affinity"]
+        assert pod["spec"]["tolerations"] == [
+            {"key": "dedicated", "value": "cqrs", "effect": "NoSchedule"}
+        ]
+        (spread,) = pod["spec"]["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+        assert spread["labelSelector"] == {"matchLabels": dep["spec"]["selector"]["matchLabels"]}
+        assert pod["spec"]["priorityClassName"] == "cqrs-high"
+        assert pod["metadata"]["annotations"]["example.com/scrape"] == "true"
+        assert pod["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION] == "d"
+        assert pod["metadata"]["labels"]["team"] == "orders"
+        # The selector's labels are the operator's: an extra label never changes them.
+        assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "cqrs-stack"
+        env_from = pod["spec"]["containers"][0]["envFrom"]
+        # The stack's ConfigMap comes last: later sources win, so its settings hold.
+        assert env_from == [
+            {"configMapRef": {"name": "extra", "optional": False}, "prefix": ""},
+            {"secretRef": {"name": "vault", "optional": False}, "prefix": "X_"},
+            {"configMapRef": {"name": "orders-config"}},
+        ]
+
+
+def test_replicas_spread_over_nodes_by_default_and_not_when_told() -> None:
+    dep = manifests.deployment(stack(), "read-api", 3, "d")
+    (spread,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread == {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": manifests.selector_labels(stack(), "read-api")},
+    }
+    bare = manifests.deployment(
+        stack(readApi={"replicas": 3, "topologySpreadConstraints": []}), "read-api", 3, "d"
+    )
+    assert "topologySpreadConstraints" not in bare["spec"]["template"]["spec"]
+
+
+def test_apply_pod_controls_serves_a_job_template_too() -> None:
+    """The migration Job's pod: the same controls, no default spread for one pod."""
+    spec = stack(migrationJob={"nodeSelector": {"pool": "jobs"}, "priorityClassName": "batch"})
+    template = {"metadata": {"labels": {"job": "migrate"}}, "spec": {"containers": [{"name": "m"}]}}
+    pod = manifests.apply_pod_controls(
+        template, spec.migration_job, {"job": "migrate"}, spread=False
+    )
+    assert pod["spec"]["nodeSelector"] == {"pool": "jobs"}
+    assert pod["spec"]["priorityClassName"] == "batch"
+    assert "topologySpreadConstraints" not in pod["spec"]
+    assert template["spec"] == {"containers": [{"name": "m"}]}  # the input is not changed
+
+
+def test_an_envfrom_entry_takes_one_source() -> None:
+    import pytest
+
+    from cqrs_operator.spec import SpecError
+
+    for bad in ({}, {"configMapRef": {"name": "a"}, "secretRef": {"name": "b"}}):
+        with pytest.raises(SpecError, match=r"spec\.writeApi\.envFrom\.0"):
+            stack(writeApi={"envFrom": [bad]})
+
+
+# ------------------------------------------------------------------ autoscalers
+
+
+def test_an_autoscaled_api_gets_an_hpa_and_no_replicas() -> None:
+    auto = {"enabled": True, "minReplicas": 3, "maxReplicas": 12, "targetCpuUtilization": 60}
+    spec = stack(writeApi={"replicas": 2, "autoscaling": auto})
+    objs = by_name(
+        manifests.workloads(spec, "d", 1) + manifests.autoscalers(spec, "redis://r:6379/0")
+    )
+    assert "replicas" not in objs[("Deployment", "orders-write-api")]["spec"]
+    assert objs[("Deployment", "orders-read-api")]["spec"]["replicas"] == 3
+    hpa = objs[("HorizontalPodAutoscaler", "orders-write-api")]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "orders-write-api",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"] == {
+        "name": "cpu",
+        "target": {"type": "Utilization", "averageUtilization": 60},
+    }
+    assert ("HorizontalPodAutoscaler", "orders-read-api") not in objs
+
+
+KEDA = {
+    "enabled": True,
+    "engine": "keda",
+    "minReplicas": 1,
+    "maxReplicas": 8,
+    "targetLag": 200,
+    "scaleUpWindowSeconds": 15,
+    "scaleDownWindowSeconds": 120,
+}
+
+
+def test_engine_keda_renders_a_scaled_object_on_the_stacks_stream() -> None:
+    spec = stack(projector={"replicas": 1, "autoscaling": KEDA})
+    url = "rediss://cqrs.shop.orders:s3cret@redis.db:6380/0?ssl_ca_certs=/etc/ca.crt"
+    objs = by_name(manifests.workloads(spec, "d", None) + manifests.autoscalers(spec, url))
+    assert "replicas" not in objs[("Deployment", "orders-projector")]["spec"]
+    scaled = objs[("ScaledObject", "orders-projector")]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"] == {"name": "orders-projector"}
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 8)
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 15
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 120
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "redis-streams"
+    assert trigger["metadata"] == {
+        "address": "redis.db:6380",
+        "stream": "shop.orders-events",
+        "consumerGroup": "projectors",
+        "lagCount": "200",
+        "databaseIndex": "0",
+        "enableTLS": "true",
+    }
+    assert trigger["authenticationRef"] == {"name": "orders-projector"}
+    # The password is in the credentials Secret only, never in a KEDA object.
+    auth = objs[("TriggerAuthentication", "orders-projector")]
+    assert "s3cret" not in repr(scaled) + repr(auth)
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "username", "name": "orders-credentials", "key": "REDIS_USERNAME"},
+        {"parameter": "password", "name": "orders-credentials", "key": "REDIS_PASSWORD"},
+    ]
+    data = manifests.credentials_data(spec, "pw", url)
+    assert (data["REDIS_USERNAME"], data["REDIS_PASSWORD"]) == ("cqrs.shop.orders", "s3cret")
+
+
+def test_without_a_redis_login_keda_gets_no_trigger_authentication() -> None:
+    spec = stack(projector={"replicas": 1, "autoscaling": KEDA})
+    objs = by_name(manifests.autoscalers(spec, "redis://redis.db:6379/2"))
+    assert set(objs) == {("ScaledObject", "orders-projector")}
+    trigger = objs[("ScaledObject", "orders-projector")]["spec"]["triggers"][0]
+    assert "authenticationRef" not in trigger
+    assert trigger["metadata"]["databaseIndex"] == "2"
+    assert trigger["metadata"]["enableTLS"] == "false"
+    # The builtin engine and no autoscaling: no extra Secret keys (no rollout of old stacks).
+    assert "REDIS_PASSWORD" not in manifests.credentials_data(stack(), "pw", "redis://:x@r:1/0")

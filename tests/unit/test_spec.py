@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cqrs_operator.spec import (
-    BOUNDS,
     IDENTIFIER,
     SpecError,
     default_names,
@@ -126,7 +126,7 @@ def test_explicit_values_win() -> None:
         (lambda s: s.update(redis={}), "spec.redis"),
         (
             lambda s: s.update(projector={"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}),
-            "spec.projector.autoscaling.minReplicas",
+            "spec.projector.autoscaling.maxReplicas",
         ),
     ],
 )
@@ -177,25 +177,53 @@ def schema_at(path: str) -> dict:
     return node
 
 
-@pytest.mark.parametrize("path", sorted(BOUNDS))
-def test_crd_and_operator_bounds_agree(path: str) -> None:
-    """One bound, one default: a spec the API server admits is one the operator accepts."""
-    default, lo, hi = BOUNDS[path]
-    node = schema_at(path)
-    assert (node.get("default"), node.get("minimum"), node.get("maximum")) == (default, lo, hi)
-
-
-def test_every_integer_of_the_crd_has_its_bounds_in_the_operator() -> None:
-    found: list[str] = []
+def bounded_integers() -> list[tuple[str, int, int]]:
+    """(path under spec, minimum, maximum) of every integer field of the CRD's spec."""
+    found: list[tuple[str, int, int]] = []
 
     def walk(node: dict, path: str) -> None:
         if node.get("type") == "integer":
-            found.append(path)
+            found.append((path, node.get("minimum"), node.get("maximum")))
         for key, child in (node.get("properties") or {}).items():
             walk(child, f"{path}.{key}" if path else key)
 
     walk(crd_spec_schema(), "")
-    assert sorted(found) == sorted(BOUNDS)
+    return found
+
+
+def with_value(path: str, value: int) -> dict:
+    """The minimal spec with ``path`` set to ``value`` (a min*/max* field's sibling at its
+    own maximum/minimum, so that min <= max holds)."""
+    spec = minimal()
+    *parents, key = path.split(".")
+    node = spec
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[key] = value
+    siblings = schema_at(".".join(parents))["properties"] if parents else {}
+    for mine, theirs, bound in (("min", "max", "maximum"), ("max", "min", "minimum")):
+        sibling = theirs + key.removeprefix(mine)
+        if key.startswith(mine) and sibling in siblings:
+            node[sibling] = siblings[sibling][bound]
+    return spec
+
+
+def test_every_integer_of_the_crd_is_bounded() -> None:
+    missing = [path for path, lo, hi in bounded_integers() if lo is None or hi is None]
+    assert missing == []
+
+
+@pytest.mark.parametrize(("path", "lo", "hi"), bounded_integers(), ids=lambda v: str(v))
+def test_the_operator_accepts_what_the_crd_admits_and_refuses_one_past(
+    path: str, lo: int, hi: int
+) -> None:
+    """The CRD is generated from the models the operator validates with: at both bounds a
+    spec is accepted, one past either is refused naming the field."""
+    for value in (lo, hi):
+        parse_spec(with_value(path, value), namespace="ns", name="n")
+    for value in (lo - 1, hi + 1):
+        with pytest.raises(SpecError, match=re.escape(f"spec.{path}")):
+            parse_spec(with_value(path, value), namespace="ns", name="n")
 
 
 def test_every_crd_field_has_a_description() -> None:
@@ -256,8 +284,6 @@ def test_a_dns_name_at_the_label_limit_or_an_ip_is_accepted(host: str) -> None:
 
 
 def test_the_crd_host_pattern_agrees_with_the_operator() -> None:
-    import re
-
     pattern = re.compile(schema_at("databases.write.host")["pattern"])
     for host in ("a" * 63 + ".example", "127.0.0.1", "::1", "pg.db.svc."):
         assert pattern.match(host)
@@ -288,3 +314,37 @@ def test_names_shaped_like_another_stacks_defaults_are_reserved() -> None:
     spec["stream"] = {"name": "tenant-b.other-events"}  # its own namespace: fine
     assert parse_spec(spec, namespace="tenant-b", name="atk").reserved == ""
     assert parse_spec(minimal(), namespace="tenant-b", name="atk").reserved == ""
+
+
+@pytest.mark.parametrize(
+    ("models", "accepted"),
+    [
+        (["records"], True),
+        (["records", "history"], True),
+        (["history"], True),
+        ([], False),
+        (["records", "records"], False),
+        (["ledger"], False),
+    ],
+)
+def test_read_models_are_named_once_from_the_known_ones(models: list, accepted: bool) -> None:
+    spec = minimal() | {"readModels": models}
+    if accepted:
+        assert parse_spec(spec, namespace="ns", name="n").read_models == tuple(models)
+    else:
+        with pytest.raises(SpecError, match=r"spec\.readModels"):
+            parse_spec(spec, namespace="ns", name="n")
+
+
+def test_read_models_default_to_records() -> None:
+    assert parse_spec(minimal(), namespace="ns", name="n").read_models == ("records",)
+
+
+def test_pool_sizes_are_set_by_the_spec_and_checked() -> None:
+    spec = minimal()
+    spec["databases"]["pool"] = {"minSize": 2, "maxSize": 2}
+    stack = parse_spec(spec, namespace="ns", name="n")
+    assert (stack.db_pool_min_size, stack.db_pool_max_size) == (2, 2)
+    spec["databases"]["pool"] = {"minSize": 3, "maxSize": 2}
+    with pytest.raises(SpecError, match=r"spec\.databases\.pool"):
+        parse_spec(spec, namespace="ns", name="n")

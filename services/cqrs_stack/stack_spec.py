@@ -1,0 +1,961 @@
+"""The CqrsStack spec, defined once: typed models with a description, bounds and a default on
+every field, and the API server's CEL rules attached to the models they guard.
+
+Everything else is derived from these definitions:
+- the CRD's ``openAPIV3Schema`` and the ``stack`` part of the chart's ``values.schema.json``
+  and the configuration reference (``make generate``, ``cqrs_operator.schema``);
+- the operator's parsing of a stack (``cqrs_operator.spec.parse_spec`` validates with them);
+- the services' settings, whose bounds for the same values are the types below
+  (``cqrs_stack.config.Settings``).
+
+Field names are the spec's (camelCase aliases); the Python attributes are snake_case. The
+models ignore unknown fields: the API server prunes them anyway, and an operator older than
+its CRD must still read a stack.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+from pydantic.json_schema import WithJsonSchema
+
+# ------------------------------------------------------------------ shared bounds and names
+
+# One bound for the spec and the services' Settings alike (config.py uses these types).
+Replicas = Annotated[int, Field(ge=0, le=50)]
+BatchSize = Annotated[int, Field(ge=1, le=100_000)]
+PollInterval = Annotated[float, Field(gt=0, le=60)]
+MaxDeliveries = Annotated[int, Field(ge=1, le=1000)]
+StreamMaxLength = Annotated[int, Field(ge=0, le=10**12)]
+PoolSize = Annotated[int, Field(ge=1, le=1000)]
+StreamName = Annotated[str, Field(max_length=200, pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.:-]*)?$")]
+ConsumerGroup = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.:-]*$")
+]
+LogLevel = Literal["debug", "info", "warning", "error"]
+# The read models a stack can serve (the services read READ_MODELS, comma-separated).
+ReadModel = Literal["records", "history"]
+READ_MODEL_NAMES: tuple[str, ...] = ("records", "history")
+
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_POLL_INTERVAL = 0.1
+DEFAULT_MAX_DELIVERIES = 5
+DEFAULT_STREAM_MAX_LENGTH = 1_000_000
+DEFAULT_CONSUMER_GROUP = "projectors"
+
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+# A host is a DNS name (ASCII labels of 1..63 characters, 253 in all) or an IP address: a name
+# that IDNA cannot encode would fail in getaddrinfo (UnicodeError) on every reconcile.
+HOST_NAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+HOST_IPV6 = re.compile(r"^[0-9A-Fa-f:.]{2,45}$")
+# What the API server checks of a host (its regex dialect has no look-ahead for the 253 total).
+HOST_SCHEMA_PATTERN = (
+    r"^(([A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}"
+    r"[A-Za-z0-9])?)*\.?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$"
+)
+SYSTEM_DATABASES = ("postgres", "template0", "template1")
+# Children are named <name>-write-api, <name>-credentials...: they must stay DNS labels.
+MAX_STACK_NAME = 50
+
+# A Kubernetes quantity ("500m", "1Gi" or a plain number), as the API server types it.
+Quantity = Annotated[
+    int | str,
+    WithJsonSchema(
+        {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]}
+    ),
+]
+# Kubernetes types the API server validates when the operator applies the Deployment; the
+# CRD keeps them as given (a wrong one shows as condition WorkloadsReady=False, ApplyFailed).
+KubeObject = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One x-kubernetes-validations entry: a CEL rule the API server enforces."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def rules(*entries: dict[str, str]) -> dict[str, Any]:
+    """The model_config extra that attaches CEL rules to a model's schema."""
+    return {"x-kubernetes-validations": list(entries)}
+
+
+class Model(BaseModel):
+    """Spec models: camelCase field names, unknown fields ignored, values immutable."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True
+    )
+
+
+def _default(value: Any) -> Any:
+    """A field schema's ``default``: the API server fills a nested object in with it."""
+    return {"default": value}
+
+
+# ------------------------------------------------------------------ references
+
+
+class SecretKeyRef(Model):
+    """A key of a Secret in the stack's namespace."""
+
+    name: str = Field(
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Secret name in the stack's namespace",
+    )
+    key: str = Field(
+        min_length=1, max_length=253, pattern=SECRET_KEY_PATTERN, description="key in that Secret"
+    )
+
+
+class TokenSecretRef(SecretKeyRef):
+    key: str = Field(
+        default="token",
+        min_length=1,
+        max_length=253,
+        pattern=SECRET_KEY_PATTERN,
+        description="key in that Secret",
+    )
+
+
+class ConfigMapCa(Model):
+    """A ConfigMap key holding a PEM CA bundle."""
+
+    name: str = Field(
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="ConfigMap name in the stack's namespace",
+    )
+    key: str = Field(
+        default="ca.crt",
+        min_length=1,
+        max_length=253,
+        pattern=SECRET_KEY_PATTERN,
+        description="key in that ConfigMap",
+    )
+
+
+class SecretCa(Model):
+    """A Secret key holding a PEM CA bundle."""
+
+    name: str = Field(
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Secret name in the stack's namespace",
+    )
+    key: str = Field(
+        default="ca.crt",
+        min_length=1,
+        max_length=253,
+        pattern=SECRET_KEY_PATTERN,
+        description="key in that Secret",
+    )
+
+
+# ------------------------------------------------------------------ pods
+
+
+class Resources(Model):
+    """Container resources (requests/limits), as in a Pod."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="resource requests (cpu and memory)"
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict, description="resource limits (cpu and memory)"
+    )
+
+
+class LocalObjectReference(Model):
+    name: str = Field(
+        max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="name in the stack's namespace"
+    )
+
+
+class EnvSourceRef(Model):
+    name: str = Field(
+        max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="name in the stack's namespace"
+    )
+    optional: bool = Field(default=False, description="start the pods even if it does not exist")
+
+
+class EnvFromSource(Model):
+    """Environment variables from every key of one ConfigMap or one opted-in Secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.configMapRef) != has(self.secretRef)",
+                "an envFrom entry takes exactly one of configMapRef or secretRef",
+            )
+        )
+    )
+
+    config_map_ref: EnvSourceRef | None = Field(
+        default=None, description="a ConfigMap whose keys become environment variables"
+    )
+    secret_ref: EnvSourceRef | None = Field(
+        default=None,
+        description=(
+            "a Secret whose keys become environment variables; it must carry the label "
+            'cqrs.dev/stack-secret: "true"'
+        ),
+    )
+    prefix: str = Field(
+        default="",
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]*$",
+        description="prefix of every variable name",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvFromSource:
+        if (self.config_map_ref is None) == (self.secret_ref is None):
+            raise ValueError("an envFrom entry takes exactly one of configMapRef or secretRef")
+        return self
+
+
+class Toleration(Model):
+    """A taint the pods tolerate (as in a Pod's tolerations)."""
+
+    key: str = Field(
+        default="", max_length=316, description="taint key; empty with operator Exists: every taint"
+    )
+    operator: Literal["Equal", "Exists"] = Field(default="Equal", description="Equal or Exists")
+    value: str = Field(default="", max_length=63, description="taint value (operator Equal)")
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = Field(
+        default="", description="taint effect; empty: every effect"
+    )
+    toleration_seconds: Annotated[int, Field(ge=0, le=10**9)] | None = Field(
+        default=None, description="NoExecute only: seconds the pod stays bound after the taint"
+    )
+
+
+class PodControls(Model):
+    """Where and how the pods of one component run (the pod template's scheduling fields)."""
+
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Secrets for pulling the image (a private registry)",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="labels a node must carry to run the pods"
+    )
+    affinity: KubeObject | None = Field(
+        default=None, description="node and pod (anti-)affinity, as in a Pod"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=50, description="taints the pods tolerate"
+    )
+    topology_spread_constraints: list[KubeObject] | None = Field(
+        default=None,
+        max_length=20,
+        description=(
+            "how the replicas spread over topology domains, as in a Pod (labelSelector may "
+            "be left out: the component's pods); unset: spread over nodes "
+            "(kubernetes.io/hostname, maxSkew 1, ScheduleAnyway); [] for none"
+        ),
+    )
+    priority_class_name: str = Field(
+        default="",
+        max_length=253,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
+        description="PriorityClass of the pods; empty: the cluster's default",
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="extra annotations on the pods"
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "extra labels on the pods (the app.kubernetes.io/* labels the operator sets win)"
+        ),
+    )
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list,
+        max_length=20,
+        description=(
+            "extra environment from ConfigMaps or opted-in Secrets (the operator's own variables "
+            "win)"
+        ),
+    )
+
+
+class Pods(PodControls):
+    """A component's pods: scheduling plus container resources."""
+
+    resources: Resources = Field(
+        default_factory=Resources,
+        description=(
+            "container resources (requests/limits), as in a Pod; empty: the operator's defaults"
+        ),
+    )
+
+
+# ------------------------------------------------------------------ components
+
+
+def _min_le_max(section: str) -> dict[str, Any]:
+    return rules(
+        cel(
+            (
+                "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= "
+                "self.maxReplicas"
+            ),
+            f"{section}.minReplicas must be <= maxReplicas",
+            ".minReplicas",
+        )
+    )
+
+
+class ApiAutoscaling(Model):
+    """A HorizontalPodAutoscaler on CPU for an API; the operator then leaves replicas to it."""
+
+    model_config = ConfigDict(json_schema_extra=_min_le_max("autoscaling"))
+
+    enabled: bool = Field(
+        default=False, description="render a HorizontalPodAutoscaler (autoscaling/v2)"
+    )
+    min_replicas: Annotated[int, Field(ge=1, le=50)] = Field(
+        default=2, description="fewest replicas"
+    )
+    max_replicas: Annotated[int, Field(ge=1, le=50)] = Field(
+        default=10, description="most replicas"
+    )
+    target_cpu_utilization: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=75,
+        description="average CPU use, in percent of the containers' CPU request, the HPA keeps",
+    )
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info: Any) -> int:
+        if value < info.data.get("min_replicas", 0):
+            raise ValueError("minReplicas must be <= maxReplicas")
+        return value
+
+
+class WriteAuth(Model):
+    """Bearer-token authentication of writes."""
+
+    token_secret: TokenSecretRef | None = Field(
+        default=None,
+        description=(
+            "the Secret key holding the token (the Secret must carry the label "
+            'cqrs.dev/stack-secret: "true"); writes then need "Authorization Bearer <token>"'
+        ),
+    )
+
+
+class WriteApi(Pods):
+    """The write API Deployment."""
+
+    replicas: Replicas = Field(
+        default=2, description="write-api replicas (ignored while autoscaling is enabled)"
+    )
+    auth: WriteAuth = Field(
+        default_factory=WriteAuth,
+        description="optional bearer-token authentication of writes (off by default)",
+    )
+    autoscaling: ApiAutoscaling = Field(
+        default_factory=ApiAutoscaling, description="CPU-based scaling by a HorizontalPodAutoscaler"
+    )
+
+
+class ReadApi(Pods):
+    """The read API Deployment."""
+
+    replicas: Replicas = Field(
+        default=2, description="read-api replicas (ignored while autoscaling is enabled)"
+    )
+    autoscaling: ApiAutoscaling = Field(
+        default_factory=ApiAutoscaling, description="CPU-based scaling by a HorizontalPodAutoscaler"
+    )
+
+
+Window = Annotated[int, Field(ge=0, le=3600)]
+
+
+class ProjectorAutoscaling(Model):
+    """Scale the projector on stream lag, with stabilisation windows as an HPA's behavior."""
+
+    model_config = ConfigDict(json_schema_extra=_min_le_max("spec.projector.autoscaling"))
+
+    enabled: bool = Field(default=False, description="turn lag-based scaling on")
+    engine: Literal["builtin", "keda"] = Field(
+        default="builtin",
+        description=(
+            "builtin: the operator sets replicas = ceil(lag / targetLag) within the windows; "
+            "keda: a KEDA ScaledObject (redis-streams trigger) scales it (KEDA must be installed)"
+        ),
+    )
+    min_replicas: Replicas = Field(default=1, description="fewest projector replicas")
+    max_replicas: Replicas = Field(default=10, description="most projector replicas")
+    target_lag: Annotated[int, Field(ge=1, le=10**9)] = Field(
+        default=1000, description="pending events one replica is expected to keep up with"
+    )
+    scale_up_window_seconds: Window = Field(
+        default=30,
+        description=(
+            "a scale-up takes the lowest replica count wanted over this many seconds (a shorter "
+            "lag spike scales nothing)"
+        ),
+    )
+    scale_down_window_seconds: Window = Field(
+        default=300,
+        description="a scale-down takes the highest replica count wanted over this many seconds",
+    )
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info: Any) -> int:
+        if value < info.data.get("min_replicas", 0):
+            raise ValueError("minReplicas must be <= maxReplicas")
+        return value
+
+
+class Projector(Pods):
+    """The projector Deployment (stream to read DB)."""
+
+    replicas: Replicas = Field(
+        default=1, description="projector replicas (ignored while autoscaling is enabled)"
+    )
+    batch_size: BatchSize = Field(
+        default=DEFAULT_BATCH_SIZE,
+        description="stream entries per read and per read-DB transaction",
+    )
+    poll_interval: PollInterval = Field(
+        default=DEFAULT_POLL_INTERVAL,
+        description="seconds a projector blocks waiting for new entries",
+    )
+    max_deliveries: MaxDeliveries = Field(
+        default=DEFAULT_MAX_DELIVERIES,
+        description="deliveries before an entry goes to the dead-letter stream",
+    )
+    autoscaling: ProjectorAutoscaling | None = Field(
+        default=None, description="scale the projector on stream lag"
+    )
+
+
+class MigrationJob(PodControls):
+    """The Job that migrates the stack's databases with its own image."""
+
+    resources: Resources = Field(
+        default_factory=Resources,
+        description=(
+            "container resources (requests/limits), as in a Pod; empty: the operator's defaults"
+        ),
+    )
+
+
+# ------------------------------------------------------------------ stream, databases, Redis
+
+
+class Image(Model):
+    """The services' image (write-api, read-api, projector, migrate)."""
+
+    repository: str = Field(
+        default="cqrs-stack", min_length=1, max_length=255, description="image repository"
+    )
+    # No default: a stack that does not pin a tag runs the operator's own version.
+    tag: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
+        description="image tag; unset: the operator's version (moves with operator upgrades)",
+    )
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="the containers' imagePullPolicy"
+    )
+
+
+class Stream(Model):
+    """The Redis stream the write API publishes to and the projectors read."""
+
+    name: StreamName = Field(
+        default="",
+        description=(
+            "Redis stream (immutable once provisioned); empty means <namespace>.<stack name>-events"
+        ),
+    )
+    consumer_group: ConsumerGroup = Field(
+        default=DEFAULT_CONSUMER_GROUP,
+        description="the projectors' consumer group (immutable once provisioned)",
+    )
+    max_length: StreamMaxLength = Field(
+        default=DEFAULT_STREAM_MAX_LENGTH,
+        description="approximate stream length cap; 0 never trims",
+    )
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is a DNS name (ASCII) or an IP address, else ValueError."""
+    if not HOST_NAME.match(host) and not (":" in host and HOST_IPV6.match(host)):
+        raise ValueError("must be a DNS name (ASCII) or an IP address")
+    return host
+
+
+class Database(Model):
+    """One PostgreSQL database of the stack (host, port and database are immutable once provisioned)."""  # noqa: E501
+
+    host: str = Field(
+        min_length=1,
+        max_length=253,
+        json_schema_extra={"pattern": HOST_SCHEMA_PATTERN},
+        description=(
+            "PostgreSQL host: a DNS name (ASCII labels of at most 63 characters) or an IP address"
+        ),
+    )
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=5432, description="PostgreSQL port")
+    admin_secret: str = Field(
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description=(
+            "Secret in the stack's namespace with keys username and password of a PostgreSQL role"
+            " that may create roles and databases; it must carry the label "
+            'cqrs.dev/admin-credentials: "true" (and may restrict hosts with the annotation '
+            "cqrs.dev/admin-hosts)"
+        ),
+    )
+    database: str | None = Field(
+        default=None,
+        pattern=IDENTIFIER.pattern,
+        json_schema_extra=rules(
+            cel(
+                "!(self in ['postgres', 'template0', 'template1'])",
+                "a system database of PostgreSQL cannot be a stack's database",
+            )
+        ),
+        description="database name; empty means <namespace>_<name>_<hash>_write / _read",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value)
+
+    @field_validator("database")
+    @classmethod
+    def _not_a_system_database(cls, value: str | None) -> str | None:
+        if value in SYSTEM_DATABASES:
+            raise ValueError(f"{value!r} is a system database of PostgreSQL")
+        return value
+
+
+class DatabaseTls(Model):
+    """TLS to both PostgreSQL servers."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!(has(self.caConfigMap) && has(self.caSecret))",
+                "spec.databases.tls takes one of caConfigMap or caSecret",
+            )
+        )
+    )
+
+    mode: Literal["disable", "require", "verify-ca", "verify-full"] = Field(
+        default="verify-full",
+        description=(
+            "libpq's sslmode: verify-full checks the CA and the host name, verify-ca the CA only, "
+            "require encrypts without checking"
+        ),
+    )
+    ca_config_map: ConfigMapCa | None = Field(
+        default=None,
+        description=(
+            "a ConfigMap key holding the PEM CA bundle (mounted into the pods as PGSSLROOTCERT)"
+        ),
+    )
+    ca_secret: SecretCa | None = Field(
+        default=None,
+        description=(
+            "a Secret key holding the PEM CA bundle; the Secret must carry the label "
+            'cqrs.dev/stack-secret: "true"'
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_ca(self) -> DatabaseTls:
+        if self.ca_config_map is not None and self.ca_secret is not None:
+            raise ValueError("takes one of caConfigMap or caSecret")
+        return self
+
+
+class Pool(Model):
+    """Each pod's connection pool to each database (DB_POOL_MIN_SIZE / DB_POOL_MAX_SIZE)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.minSize) || !has(self.maxSize) || self.minSize <= self.maxSize",
+                "spec.databases.pool.minSize must be <= maxSize",
+                ".minSize",
+            )
+        )
+    )
+
+    # Smaller than a single machine's defaults: replicas x pools share the servers' connections.
+    min_size: PoolSize = Field(
+        default=1, description="connections each pod keeps open to each database"
+    )
+    max_size: PoolSize = Field(
+        default=10, description="most connections each pod opens to each database"
+    )
+
+    @field_validator("max_size")
+    @classmethod
+    def _max_not_below_min(cls, value: int, info: Any) -> int:
+        if value < info.data.get("min_size", 0):
+            raise ValueError("minSize must be <= maxSize")
+        return value
+
+
+class Databases(Model):
+    """Where the write DB and the read DB live."""
+
+    write: Database = Field(
+        description=(
+            "the write DB (the commands: the source of truth); host, port and database are "
+            "immutable once provisioned"
+        )
+    )
+    read: Database = Field(
+        description=(
+            "the read DB (the read models); host, port and database are immutable once provisioned"
+        )
+    )
+    tls: DatabaseTls | None = Field(
+        default=None,
+        description=(
+            "TLS to both PostgreSQL servers, for the operator and the pods (recommended: mode "
+            "verify-full with the servers' CA); unset means libpq's default, prefer (TLS when "
+            "offered, unverified)"
+        ),
+    )
+    pool: Pool = Field(
+        default_factory=Pool,
+        json_schema_extra=_default({}),
+        description="each pod's connection pools",
+    )
+
+
+class Redis(Model):
+    """Exactly one of url or urlSecret."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "has(self.url) != has(self.urlSecret)",
+                "spec.redis needs exactly one of url or urlSecret",
+            )
+        )
+    )
+
+    url: str | None = Field(
+        default=None,
+        pattern=r"^rediss?://.+",
+        description="redis:// or rediss:// URL without a password",
+    )
+    admin_secret: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description=(
+            "optional Secret with the Redis admin login (keys password and optionally username), "
+            'labelled cqrs.dev/admin-credentials: "true"; with it the pods log in as a Redis ACL '
+            "user of their own, limited to the stack's stream (condition RedisIsolation)"
+        ),
+    )
+    url_secret: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "a Secret key holding the Redis URL (for URLs with a password); the Secret must carry "
+            'the label cqrs.dev/stack-secret: "true"'
+        ),
+    )
+    ca_config_map: ConfigMapCa | None = Field(
+        default=None,
+        description=(
+            "a ConfigMap key holding the PEM CA bundle of a rediss:// server (the operator "
+            "verifies by it; the pods get it mounted)"
+        ),
+    )
+    ca_secret: SecretCa | None = Field(
+        default=None,
+        description=(
+            "a Secret key holding the PEM CA bundle of a rediss:// server; the Secret must carry "
+            'the label cqrs.dev/stack-secret: "true"'
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Redis:
+        if (self.url is None) == (self.url_secret is None):
+            raise ValueError("needs exactly one of url or urlSecret")
+        if self.ca_config_map is not None and self.ca_secret is not None:
+            raise ValueError("takes one of caConfigMap or caSecret")
+        return self
+
+
+# ------------------------------------------------------------------ the spec
+
+_IDENTITY = (
+    "!has(oldSelf.status) || !has(oldSelf.status.databases) || ("
+    "self.spec.databases.{k}.host == oldSelf.spec.databases.{k}.host && "
+    "self.spec.databases.{k}.port == oldSelf.spec.databases.{k}.port && "
+    "has(self.spec.databases.{k}.database) == has(oldSelf.spec.databases.{k}.database) && "
+    "(!has(self.spec.databases.{k}.database) || "
+    "self.spec.databases.{k}.database == oldSelf.spec.databases.{k}.database))"
+)
+
+# The rules on the whole object: they compare with oldSelf.status (set once provisioned).
+ROOT_RULES: list[dict[str, str]] = [
+    cel(
+        f"self.metadata.name.size() <= {MAX_STACK_NAME}",
+        (
+            f"metadata.name must be at most {MAX_STACK_NAME} characters (child objects are named "
+            f"<name>-write-api)"
+        ),
+    ),
+    *(
+        cel(
+            _IDENTITY.format(k=k),
+            (
+                f"spec.databases.{k} host, port and database are immutable once provisioned (a "
+                f"change would orphan the data); to move a stack, create a new CqrsStack and copy "
+                f"the data (pg_dump/pg_restore)"
+            ),
+            f".spec.databases.{k}",
+        )
+        for k in ("write", "read")
+    ),
+    cel(
+        (
+            "!has(oldSelf.status) || !has(oldSelf.status.stream) || (self.spec.stream.name == "
+            "oldSelf.spec.stream.name && self.spec.stream.consumerGroup == "
+            "oldSelf.spec.stream.consumerGroup)"
+        ),
+        (
+            "spec.stream name and consumerGroup are immutable once provisioned (a change would "
+            "orphan the stream); to move a stack, create a new CqrsStack (its read model is "
+            "rebuilt from the write DB)"
+        ),
+        ".spec.stream",
+    ),
+    # The stream lives at the URL (host, port and logical database): a change orphans it.
+    cel(
+        (
+            "!has(oldSelf.status) || !has(oldSelf.status.stream) || (has(self.spec.redis.url) == "
+            "has(oldSelf.spec.redis.url) && (!has(self.spec.redis.url) || self.spec.redis.url == "
+            "oldSelf.spec.redis.url))"
+        ),
+        (
+            "spec.redis.url is immutable once provisioned (a change would orphan the stream); to "
+            "move a stack, create a new CqrsStack"
+        ),
+        ".spec.redis",
+    ),
+]
+
+
+class CqrsStackSpec(Model):
+    """The desired stack. Database names and hosts, the stream name and the consumer group are immutable once set."""  # noqa: E501
+
+    adopt: bool = Field(
+        default=False,
+        description=(
+            "Use existing databases, role or stream that carry no CqrsStack owner marker (they are"
+            " marked as adopted and never dropped by this stack). Objects of another stack are "
+            "never adopted."
+        ),
+    )
+    image: Image = Field(
+        default_factory=Image,
+        json_schema_extra=_default({}),
+        description="The services' image (write-api, read-api, projector, migrate)",
+    )
+    write_api: WriteApi = Field(
+        default_factory=WriteApi,
+        json_schema_extra=_default({}),
+        description="The write API Deployment",
+    )
+    read_api: ReadApi = Field(
+        default_factory=ReadApi,
+        json_schema_extra=_default({}),
+        description="The read API Deployment",
+    )
+    projector: Projector = Field(
+        default_factory=Projector,
+        json_schema_extra=_default({}),
+        description="The projector Deployment (stream to read DB)",
+    )
+    migration_job: MigrationJob = Field(
+        default_factory=MigrationJob,
+        json_schema_extra=_default({}),
+        description="The Job that migrates the databases with the stack's image",
+    )
+    read_models: list[ReadModel] = Field(
+        default_factory=lambda: list[ReadModel](["records"]),
+        min_length=1,
+        max_length=len(READ_MODEL_NAMES),
+        json_schema_extra={"default": ["records"], "x-kubernetes-list-type": "set"},
+        description=(
+            "the read models the projector keeps and the read API serves (READ_MODELS): records "
+            "(GET /read/{key}), history (GET /read/{key}/history)"
+        ),
+    )
+    stream: Stream = Field(
+        default_factory=Stream,
+        json_schema_extra=_default({}),
+        description="The Redis stream the write API publishes to and the projectors read",
+    )
+    databases: Databases = Field(description="Where the write DB and the read DB live")
+    redis: Redis = Field(description="exactly one of url or urlSecret")
+    log_level: LogLevel = Field(default="info", description="the services' log level")
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        default="Retain",
+        description=(
+            "Delete drops the databases, the role and the stream this stack created (never adopted"
+            " ones or another stack's); Retain keeps them"
+        ),
+    )
+
+    @field_validator("read_models")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names a read model twice")
+        return value
+
+
+# ------------------------------------------------------------------ status (the operator writes it)
+
+
+class Condition(Model):
+    """One condition."""
+
+    type: str = Field(description="condition type")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
+    reason: str | None = Field(default=None, description="one CamelCase word for machines and grep")
+    message: str | None = Field(default=None, description="what a person needs to know")
+    last_transition_time: str | None = Field(
+        default=None,
+        json_schema_extra={"format": "date-time"},
+        description="when status last changed",
+    )
+    observed_generation: int | None = Field(
+        default=None,
+        json_schema_extra={"format": "int64"},
+        description="the generation this condition is about",
+    )
+
+
+class ScaleSample(Model):
+    """One replica count the lag asked for, and when."""
+
+    time: float = Field(description="seconds since the epoch")
+    replicas: int = Field(description="replicas ceil(lag / targetLag) asked for, within min..max")
+
+
+class ProjectorStatus(Model):
+    """The projector's replicas and lag."""
+
+    replicas: int | None = Field(default=None, description="projector replicas applied")
+    lag: int | None = Field(
+        default=None, json_schema_extra={"format": "int64"}, description="events not yet projected"
+    )
+    recommendations: list[ScaleSample] | None = Field(
+        default=None,
+        description="the builtin scaler's recent replica counts (its stabilisation windows)",
+    )
+
+
+class SchemaVersions(Model):
+    write: int | None = Field(default=None, description="write database schema version")
+    read: int | None = Field(default=None, description="read database schema version")
+
+
+class ExpectedSchemaVersions(Model):
+    write: int | None = Field(default=None, description="newest write database migration")
+    read: int | None = Field(default=None, description="newest read database migration")
+
+
+class DatabasesStatus(Model):
+    """The names the stack was provisioned with (kept across upgrades)."""
+
+    write: str | None = Field(default=None, description="write database")
+    read: str | None = Field(default=None, description="read database")
+    role: str | None = Field(default=None, description="the stack's PostgreSQL role")
+    schema_versions: SchemaVersions | None = Field(
+        default=None, description="migration version of each database"
+    )
+    expected_schema_versions: ExpectedSchemaVersions | None = Field(
+        default=None,
+        description=(
+            "the newest migration of each database that the operator's own version carries (the "
+            "migrations it runs)"
+        ),
+    )
+    migrated_by: str | None = Field(
+        default=None,
+        description=(
+            "the operator version whose migrations were applied; the stack's image should be of "
+            "the same version"
+        ),
+    )
+
+
+class StreamStatus(Model):
+    """The stream the stack was provisioned with."""
+
+    name: str | None = Field(default=None, description="stream name")
+    consumer_group: str | None = Field(default=None, description="consumer group")
+
+
+class CqrsStackStatus(Model):
+    """What the operator observed (written by the operator only)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+
+    phase: str | None = Field(
+        default=None,
+        description=(
+            "Provisioning, Ready, Degraded (transient trouble), Failed (needs a change) or Deleting"
+        ),
+    )
+    observed_generation: int | None = Field(
+        default=None,
+        json_schema_extra={"format": "int64"},
+        description="the generation of the spec last reconciled",
+    )
+    conditions: list[Condition] | None = Field(
+        default=None,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="DatabasesReady, StreamReady, WorkloadsReady, WorkloadsAvailable and Ready",
+    )
+    projector: ProjectorStatus | None = Field(
+        default=None, description="the projector's replicas and lag"
+    )
+    databases: DatabasesStatus | None = Field(
+        default=None, description="the names the stack was provisioned with (kept across upgrades)"
+    )
+    stream: StreamStatus | None = Field(
+        default=None, description="the stream the stack was provisioned with"
+    )
