@@ -10,6 +10,7 @@ for; tests that must see a stack not Ready simply do not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
@@ -397,3 +398,68 @@ async def role_exists(server: Any, name: str) -> bool:
         return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
     finally:
         await conn.close()
+
+
+# ------------------------------------------------------------------- Secrets, Events, children
+
+
+async def secret_data(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
+    """The decoded data of Secret ``namespace/name``."""
+    secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+async def create_secret(
+    api: client.ApiClient, namespace: str, metadata: dict[str, Any], data: dict[str, str]
+) -> None:
+    """As the tenant may: create (never read) a Secret."""
+    await client.CoreV1Api(api).create_namespaced_secret(
+        namespace, {"metadata": metadata, "stringData": data}
+    )
+
+
+async def redis_admin_secret(api: client.ApiClient, namespace: str) -> None:
+    """Secret ``redis-admin``: the test Redis's admin login (default user, no password) for
+    127.0.0.1, so that stacks naming it get their own ACL user."""
+    await create_secret(
+        api, namespace, admin_metadata("redis-admin", "127.0.0.1", "redis"), {"password": ""}
+    )
+
+
+async def allow_adoption(api: client.ApiClient, namespace: str) -> None:
+    """The platform's consent: the admin Secrets allow stacks to adopt unmarked objects."""
+    for secret in ADMIN_SECRETS:
+        await client.CoreV1Api(api).patch_namespaced_secret(
+            secret, namespace, {"metadata": {"annotations": {"cqrs.dev/allow-adopt": "true"}}}
+        )
+
+
+async def events(api: client.ApiClient, namespace: str, name: str) -> list[Any]:
+    """The Events about object ``name``."""
+    listed = await client.CoreV1Api(api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return list(listed.items)
+
+
+async def wait_event(
+    api: client.ApiClient, namespace: str, name: str, reason: str, operator: Operator
+) -> Any:
+    """Wait for an Event with ``reason`` about ``name``; return it."""
+
+    async def found() -> Any:
+        return next((e for e in await events(api, namespace, name) if e.reason == reason), None)
+
+    return await wait_until(
+        found, timeout=30, what=f"Event {reason} on {name}", alive=operator.exit_reason
+    )
+
+
+async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> set[str]:
+    """The config hashes of the stack's three Deployments (one value: one rollout state)."""
+    apps = client.AppsV1Api(api)
+    out = set()
+    for component in COMPONENTS:
+        dep = await apps.read_namespaced_deployment(f"{name}-{component}", namespace)
+        out.add(dep.spec.template.metadata.annotations["cqrs.dev/config-hash"])
+    return out

@@ -8,7 +8,6 @@ a Deployment is available only when a test marks it so (``Stacks.mark_available`
 from __future__ import annotations
 
 import asyncio
-import base64
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -26,54 +25,18 @@ from tests.operator.fixtures_operator import (
     ROOT,
     Operator,
     Stacks,
-    admin_metadata,
+    allow_adoption,
+    config_hashes,
     database_exists,
     names,
+    redis_admin_secret,
+    secret_data,
     stack_manifest,
+    wait_event,
     wait_until,
 )
 
 KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
-
-
-async def allow_adoption(api: client.ApiClient, namespace: str) -> None:
-    """The platform's consent: the admin Secrets allow stacks to adopt unmarked objects."""
-    for secret in ADMIN_SECRETS:
-        await client.CoreV1Api(api).patch_namespaced_secret(
-            secret, namespace, {"metadata": {"annotations": {"cqrs.dev/allow-adopt": "true"}}}
-        )
-
-
-async def events(api: client.ApiClient, namespace: str, name: str) -> list[Any]:
-    listed = await client.CoreV1Api(api).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name}"
-    )
-    return list(listed.items)
-
-
-async def wait_event(
-    api: client.ApiClient, namespace: str, name: str, reason: str, operator: Operator
-) -> Any:
-    async def found() -> Any:
-        return next((e for e in await events(api, namespace, name) if e.reason == reason), None)
-
-    return await wait_until(
-        found, timeout=30, what=f"Event {reason} on {name}", alive=operator.exit_reason
-    )
-
-
-async def secret_data(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
-    secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-
-
-async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> set[str]:
-    apps = client.AppsV1Api(api)
-    out = set()
-    for component in ("write-api", "read-api", "projector"):
-        dep = await apps.read_namespaced_deployment(f"{name}-{component}", namespace)
-        out.add(dep.spec.template.metadata.annotations["cqrs.dev/config-hash"])
-    return out
 
 
 async def test_an_intruder_pointed_at_another_stacks_objects_is_refused_and_its_deletion_keeps_them(
@@ -548,13 +511,7 @@ async def test_with_redis_admin_credentials_a_stack_cannot_touch_another_stacks_
 ) -> None:
     """Each stack's pods log in as their own ACL user: stack A cannot read, trim or delete
     stack B's stream, with the very credentials A's pods get."""
-    await client.CoreV1Api(kube_api).create_namespaced_secret(
-        namespace,
-        {
-            "metadata": admin_metadata("redis-admin", "127.0.0.1", "redis"),
-            "stringData": {"username": "default", "password": ""},  # the test Redis: nopass
-        },
-    )
+    await redis_admin_secret(kube_api, namespace)
     for name in ("tenant-a", "tenant-b"):
         manifest = stack_manifest(name, f"{fresh_names}_{name[-1]}", write_pg, read_pg, "x")
         manifest["spec"]["redis"] = {"url": redis_server.url, "adminSecret": "redis-admin"}

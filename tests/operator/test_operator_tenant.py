@@ -24,11 +24,14 @@ from tests.operator.fixtures_operator import (
     Operator,
     Stacks,
     admin_metadata,
+    allow_adoption,
+    create_secret,
     database_exists,
     names,
+    redis_admin_secret,
+    secret_data,
     stack_manifest,
 )
-from tests.operator.test_operator_sharing import allow_adoption, secret_data
 
 
 async def test_a_token_secret_naming_the_admin_secret_is_not_handed_to_the_pods(
@@ -274,15 +277,6 @@ def pg_asking_cleartext(packet: bytes) -> bytes:
     return b"R" + struct.pack("!ii", 8, 3)  # AuthenticationCleartextPassword
 
 
-async def create_secret(
-    api: client.ApiClient, namespace: str, metadata: dict[str, Any], data: dict[str, str]
-) -> None:
-    """As the tenant may: create (never read) a Secret."""
-    await client.CoreV1Api(api).create_namespaced_secret(
-        namespace, {"metadata": metadata, "stringData": data}
-    )
-
-
 async def test_the_postgresql_admin_login_is_never_sent_to_redis(
     kube_api: client.ApiClient,
     stacks: Stacks,
@@ -385,13 +379,6 @@ async def test_deletion_sends_each_database_its_own_login(
 
 
 # ------------------------------------------------------------------- Redis logical databases
-
-
-async def redis_admin_secret(api: client.ApiClient, namespace: str) -> None:
-    """The test Redis's admin login (default user, no password) for 127.0.0.1."""
-    await create_secret(
-        api, namespace, admin_metadata("redis-admin", "127.0.0.1", "redis"), {"password": ""}
-    )
 
 
 async def test_an_isolated_stack_cannot_reach_another_logical_database(

