@@ -247,6 +247,7 @@ async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
     await stacks.create(stack_manifest("creds", fresh_names, write_pg, read_pg, redis_server.url))
     await stacks.wait_ready("creds", operator)
     before = await config_hashes(kube_api, namespace, "creds")
+    before_login = (await secret_data(kube_api, namespace, "creds-credentials"))["username"]
     core = client.CoreV1Api(kube_api)
     await core.delete_namespaced_secret("creds-credentials", namespace)
 
@@ -263,9 +264,12 @@ async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
     data = await wait_until(
         recreated, timeout=30, what="credentials Secret recreated", alive=operator.exit_reason
     )
-    # The reconcile that recreated it sets the new password on the role (then reports it).
-    await wait_event(kube_api, namespace, "creds", "RolePasswordSet", operator)
+    # The running pods hold the deleted Secret's login: the new password goes to the other
+    # login slot (a rotation), and the old login is revoked once the rollout is done.
+    await wait_event(kube_api, namespace, "creds", "RotationStarted", operator)
+    assert data["username"] != before_login
     await stacks.wait_ready("creds", operator)
+    await stacks.wait_condition("creds", "CredentialsCurrent", "True", "Current", operator)
     for url in (data["WRITE_DB_URL"], data["READ_DB_URL"]):
         conn = await asyncpg.connect(url)
         await conn.close()
@@ -579,7 +583,28 @@ async def test_a_stack_provisioned_before_markers_keeps_its_names_on_upgrade(
         await redis.xgroup_create("legacy-events", "projectors", id="0", mkstream=True)
     finally:
         await redis.aclose()
-    await stacks.create(stack_manifest("legacy", fresh_names, write_pg, read_pg, redis_server.url))
+    stack = await stacks.create(
+        stack_manifest("legacy", fresh_names, write_pg, read_pg, redis_server.url)
+    )
+    # The older operator's credentials Secret, controlled by the stack: kept as it is.
+    await client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {
+                "name": "legacy-credentials",
+                "ownerReferences": [
+                    {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": "CqrsStack",
+                        "name": "legacy",
+                        "uid": stack["metadata"]["uid"],
+                        "controller": True,
+                    }
+                ],
+            },
+            "stringData": {"username": old_role, "password": "old-password-0123456"},
+        },
+    )
     recorded = {
         "databases": {"write": f"w_{fresh_names}", "read": f"r_{fresh_names}", "role": old_role},
         "stream": {"name": "legacy-events", "consumerGroup": "projectors"},
@@ -596,7 +621,9 @@ async def test_a_stack_provisioned_before_markers_keeps_its_names_on_upgrade(
     operator = operator_factory(kube_apiserver.kubeconfig, namespace)
     await stacks.wait_ready("legacy", operator)
     creds = await secret_data(kube_api, namespace, "legacy-credentials")
-    assert creds["username"] == old_role
+    assert creds["username"] == old_role and creds["password"] == "old-password-0123456"
+    conn = await asyncpg.connect(creds["WRITE_DB_URL"])  # its login is unchanged
+    await conn.close()
     config = await client.CoreV1Api(kube_api).read_namespaced_config_map("legacy-config", namespace)
     assert config.data["EVENT_STREAM_NAME"] == "legacy-events"
     admin = await asyncpg.connect(write_pg.url())
