@@ -89,6 +89,10 @@ def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert "namespaces" not in resources and "customresourcedefinitions" not in resources
     assert not any("delete" in rule["verbs"] or "*" in rule["verbs"] for rule in role["rules"])
+    verbs = {r: set(rule["verbs"]) for rule in role["rules"] for r in rule["resources"]}
+    # Read by name only (kube.read_object, kube.list_pods): no list/watch of Deployments.
+    assert verbs["deployments"] == {"get", "create", "patch"}
+    assert verbs["pods"] == {"list"}
 
 
 def test_the_operator_runs_in_its_own_namespace_and_may_finalize_stacks_anywhere() -> None:
