@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import PERMANENT_REASONS
+
 DATABASES = "DatabasesReady"
 STREAM = "StreamReady"
 WORKLOADS = "WorkloadsReady"
@@ -44,31 +46,6 @@ PENDING_REASONS = (
     "WaitingForStream",
     "RotationPreparing",
     "RotationRollingOut",
-)
-# Reasons that need a change of the spec or of what it names; everything else is transient.
-PERMANENT_REASONS = (
-    "InvalidSpec",
-    "OwnedByAnotherStack",
-    "NotOwned",
-    "AdoptionNotAllowed",
-    "ChildNotOwned",
-    "SecretNotOptedIn",
-    "CaInvalid",
-    "RedisTlsMismatch",
-    "AdminSecretNotOptedIn",
-    "AdminSecretInvalid",
-    "AdminHostNotAllowed",
-    "AdminHostsRequired",
-    "AdminSecretWrongKind",
-    "ReservedName",
-    "RedisDatabaseNotZero",
-    "RedisUrlInvalid",
-    "RedisSecretInvalid",
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "ErrImageNeverPull",
-    "InvalidImageName",
-    "CreateContainerConfigError",
 )
 # Container waiting reasons that explain an unavailable Deployment, most telling first.
 POD_REASONS = (

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -463,3 +464,48 @@ async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> set
         dep = await apps.read_namespaced_deployment(f"{name}-{component}", namespace)
         out.add(dep.spec.template.metadata.annotations["cqrs.dev/config-hash"])
     return out
+
+
+# ------------------------------------------------------------------- one test's world
+
+
+@dataclass(frozen=True)
+class Env:
+    """What most operator tests need: the API, a namespace with the admin Secrets, its
+    stacks, the operator watching it, both PostgreSQL servers, Redis and fresh names."""
+
+    api: client.ApiClient
+    namespace: str
+    stacks: Stacks
+    operator: Operator
+    write_pg: Any
+    read_pg: Any
+    redis: Any
+    fresh: str
+
+    def manifest(
+        self, name: str, fresh: str | None = None, redis_url: str | None = None, **spec: Any
+    ) -> dict[str, Any]:
+        """A CqrsStack on the test servers (databases named after ``fresh``)."""
+        return stack_manifest(
+            name,
+            self.fresh if fresh is None else fresh,
+            self.write_pg,
+            self.read_pg,
+            self.redis.url if redis_url is None else redis_url,
+            **spec,
+        )
+
+
+@pytest.fixture
+def env(
+    kube_api: client.ApiClient,
+    namespace: str,
+    stacks: Stacks,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> Env:
+    return Env(kube_api, namespace, stacks, operator, write_pg, read_pg, redis_server, fresh_names)

@@ -23,14 +23,15 @@ from redis.exceptions import AuthenticationError, ResponseError
 from cqrs_operator.rotation import ROTATE_ANNOTATION, logins
 from cqrs_stack.localservers import RedisServer, free_port
 from tests.operator.fixtures_operator import (
+    Env,
     Operator,
     Stacks,
     config_hashes,
     events,
     names,
     redis_admin_secret,
+    role_exists,
     secret_data,
-    stack_manifest,
     wait_until,
 )
 
@@ -121,24 +122,14 @@ async def acl_passwords(redis_url: str, user: str) -> int:
         await admin.aclose()
 
 
-async def isolated_stack(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis: Any,
-    fresh: str,
-    name: str,
-) -> dict[str, str]:
-    """A Ready stack whose pods log in as their own Redis ACL user; its credentials."""
-    await redis_admin_secret(kube_api, namespace)
-    manifest = stack_manifest(name, fresh, write_pg, read_pg, redis.url)
+async def isolated_stack(env: Env, redis: Any, name: str) -> dict[str, str]:
+    """A Ready stack on ``redis`` whose pods log in as their own ACL user; its credentials."""
+    await redis_admin_secret(env.api, env.namespace)
+    manifest = env.manifest(name, redis_url=redis.url)
     manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
-    await stacks.create(manifest)
-    await stacks.wait_ready(name, operator)
-    return await secret_data(kube_api, namespace, f"{name}-credentials")
+    await env.stacks.create(manifest)
+    await env.stacks.wait_ready(name, env.operator)
+    return await secret_data(env.api, env.namespace, f"{name}-credentials")
 
 
 async def rotate(stacks: Stacks, name: str, value: str) -> None:
@@ -146,58 +137,56 @@ async def rotate(stacks: Stacks, name: str, value: str) -> None:
 
 
 async def test_a_rotation_keeps_both_credentials_until_the_rollout_then_revokes_the_old(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
+    env: Env,
     any_redis: Any,
-    fresh_names: str,
 ) -> None:
-    old = await isolated_stack(
-        kube_api, stacks, namespace, operator, write_pg, read_pg, any_redis, fresh_names, "rot"
-    )
-    role = names(namespace, "rot").role
+    old = await isolated_stack(env, any_redis, "rot")
+    role = names(env.namespace, "rot").role
     first, second = logins(role)
     assert old["username"] == first  # a stack starts (and an upgraded one stays) on its role
-    hashes = await config_hashes(kube_api, namespace, "rot")
+    hashes = await config_hashes(env.api, env.namespace, "rot")
     held = await asyncpg.connect(old["WRITE_DB_URL"])  # an old pod's open session
     try:
-        await rotate(stacks, "rot", "2026-12-01")
-        obj = await wait_phase(stacks, "rot", "RotationRollingOut", operator)
-        new = await secret_data(kube_api, namespace, "rot-credentials")
+        await rotate(env.stacks, "rot", "2026-12-01")
+        obj = await wait_phase(env.stacks, "rot", "RotationRollingOut", env.operator)
+        new = await secret_data(env.api, env.namespace, "rot-credentials")
         assert new["username"] == second and new["password"] != old["password"]
-        assert await config_hashes(kube_api, namespace, "rot") != hashes  # the rolling restart
+        assert await config_hashes(env.api, env.namespace, "rot") != hashes  # the rolling restart
         current = {c["type"]: c for c in obj["status"]["conditions"]}["CredentialsCurrent"]
         assert (current["status"], current["reason"]) == ("False", "RotationRollingOut")
         # Mid-rotation both the pods not yet rolled and the new ones log in, everywhere,
         # and reconciles in between change nothing of that.
         assert await logs_in(old) == (True, True, True)
         assert await logs_in(new) == (True, True, True)
-        await wait_reconciles(operator, 2)
+        await wait_reconciles(env.operator, 2)
         assert await logs_in(old) == (True, True, True)
         assert await logs_in(new) == (True, True, True)
-        assert await acl_passwords(any_redis.url, f"cqrs.{namespace}.rot") == 2
+        assert await acl_passwords(any_redis.url, f"cqrs.{env.namespace}.rot") == 2
         # The new login's sessions run as the role: what migrations create stays the role's.
         conn = await asyncpg.connect(new["WRITE_DB_URL"])
         try:
             assert await conn.fetchrow("SELECT current_user, session_user") == (role, second)
+            await conn.execute("CREATE TABLE rotation_probe (id int)")
+            owners = await conn.fetch(
+                "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'"
+            )
+            assert [r["tableowner"] for r in owners] == [role]  # old tables and the new one
+            await conn.execute("DROP TABLE rotation_probe")
         finally:
             await conn.close()
         assert await held.fetchval("SELECT 1") == 1
 
-        await stacks.mark_available("rot")  # every Deployment has rolled out
-        await wait_phase(stacks, "rot", "Current", operator)
+        await env.stacks.mark_available("rot")  # every Deployment has rolled out
+        await wait_phase(env.stacks, "rot", "Current", env.operator)
         assert await logs_in(old) == (False, False, False)
         assert await logs_in(new) == (True, True, True)
-        assert await acl_passwords(any_redis.url, f"cqrs.{namespace}.rot") == 1
+        assert await acl_passwords(any_redis.url, f"cqrs.{env.namespace}.rot") == 1
         with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
             await held.fetchval("SELECT 1")  # the revoked login's sessions were ended
     finally:
         with contextlib.suppress(Exception):
             await held.close()
-    reasons = {e.reason for e in await events(kube_api, namespace, "rot")}
+    reasons = {e.reason for e in await events(env.api, env.namespace, "rot")}
     assert {
         "RotationStarted",
         "CredentialsSwitched",
@@ -208,43 +197,41 @@ async def test_a_rotation_keeps_both_credentials_until_the_rollout_then_revokes_
     assert "RotationRollingOut" not in reasons  # a rotation under way is no Warning
 
     # The same value again rotates nothing; a new one moves back to the first slot.
-    settled = await config_hashes(kube_api, namespace, "rot")
-    await wait_reconciles(operator, 2)
-    assert await config_hashes(kube_api, namespace, "rot") == settled
-    await rotate(stacks, "rot", "2026-12-02")
-    await wait_phase(stacks, "rot", "RotationRollingOut", operator)
-    third = await secret_data(kube_api, namespace, "rot-credentials")
+    settled = await config_hashes(env.api, env.namespace, "rot")
+    await wait_reconciles(env.operator, 2)
+    assert await config_hashes(env.api, env.namespace, "rot") == settled
+    await rotate(env.stacks, "rot", "2026-12-02")
+    await wait_phase(env.stacks, "rot", "RotationRollingOut", env.operator)
+    third = await secret_data(env.api, env.namespace, "rot-credentials")
     assert third["username"] == first and third["password"] != old["password"]
     assert await logs_in(new) == (True, True, True)
-    await stacks.mark_available("rot")
-    await wait_phase(stacks, "rot", "Current", operator)
+    await env.stacks.mark_available("rot")
+    await wait_phase(env.stacks, "rot", "Current", env.operator)
     assert await logs_in(third) == (True, True, True)
     assert await logs_in(new) == (False, False, False)
     assert await logs_in(old) == (False, False, False)
-    await stacks.wait_ready("rot", operator)
+    await env.stacks.wait_ready("rot", env.operator)
+    # deletionPolicy Delete drops both login slots (the member first, then the owner).
+    await env.stacks.patch("rot", {"spec": {"deletionPolicy": "Delete"}})
+    await env.stacks.wait_ready("rot", env.operator)
+    await env.stacks.delete("rot")
+    await env.stacks.wait_gone("rot", env.operator)
+    for server in (env.write_pg, env.read_pg):
+        assert not await role_exists(server, first) and not await role_exists(server, second)
 
 
 async def test_a_credentials_secret_deleted_mid_rotation_converges(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await isolated_stack(
-        kube_api, stacks, namespace, operator, write_pg, read_pg, redis_server, fresh_names, "del"
-    )
-    await rotate(stacks, "del", "one")
-    await wait_phase(stacks, "del", "RotationRollingOut", operator)
-    switched = await secret_data(kube_api, namespace, "del-credentials")
-    await client.CoreV1Api(kube_api).delete_namespaced_secret("del-credentials", namespace)
+    await isolated_stack(env, env.redis, "del")
+    await rotate(env.stacks, "del", "one")
+    await wait_phase(env.stacks, "del", "RotationRollingOut", env.operator)
+    switched = await secret_data(env.api, env.namespace, "del-credentials")
+    await client.CoreV1Api(env.api).delete_namespaced_secret("del-credentials", env.namespace)
 
     async def recreated() -> dict[str, str] | None:
         try:
-            data = await secret_data(kube_api, namespace, "del-credentials")
+            data = await secret_data(env.api, env.namespace, "del-credentials")
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -252,19 +239,19 @@ async def test_a_credentials_secret_deleted_mid_rotation_converges(
         return data if "WRITE_DB_URL" in data else None
 
     data = await wait_until(
-        recreated, timeout=30, what="credentials Secret recreated", alive=operator.exit_reason
+        recreated, timeout=30, what="credentials Secret recreated", alive=env.operator.exit_reason
     )
     # The pods that rolled out onto the deleted Secret's login keep working until the next
     # rollout is done; the recreated Secret's login works at once.
     assert data["username"] != switched["username"]
     assert await logs_in(data) == (True, True, True)
     assert await logs_in(switched) == (True, True, True)
-    hashes = await config_hashes(kube_api, namespace, "del")
+    hashes = await config_hashes(env.api, env.namespace, "del")
     assert len(hashes) == 1
-    await stacks.wait_ready("del", operator)  # marks the Deployments rolled out
-    await wait_phase(stacks, "del", "Current", operator)
+    await env.stacks.wait_ready("del", env.operator)  # marks the Deployments rolled out
+    await wait_phase(env.stacks, "del", "Current", env.operator)
     assert await logs_in(data) == (True, True, True)
     assert await logs_in(switched) == (False, False, False)
-    await wait_reconciles(operator, 2)
-    assert await config_hashes(kube_api, namespace, "del") == hashes  # converged: no more rolls
-    assert await secret_data(kube_api, namespace, "del-credentials") == data
+    await wait_reconciles(env.operator, 2)
+    assert await config_hashes(env.api, env.namespace, "del") == hashes  # converged: no more rolls
+    assert await secret_data(env.api, env.namespace, "del-credentials") == data
