@@ -148,17 +148,7 @@ async def reverify_stack(
 
 
 @kopf.on.delete(*RESOURCE)
-async def delete_stack(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    meta: kopf.Meta,
-    status: kopf.Status,
-    retry: int,
-    runtime: datetime.timedelta,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    **_: Any,
-) -> None:
+async def delete_stack(meta: kopf.Meta, **kwargs: Any) -> None:
     """deletionPolicy Delete drops the databases, role and stream this stack created (never
     adopted ones, never another stack's); Retain keeps them. A teardown that keeps failing
     is retried with back-off for CQRS_OPERATOR_DELETE_TIMEOUT seconds, then the finalizer is
@@ -166,7 +156,7 @@ async def delete_stack(
     # The lock is taken, not only dropped: a timer's reconcile still running would otherwise
     # overlap the teardown (and recreate what it drops). Dropped once the stack is gone.
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
-        await _delete(body, spec, meta, status, retry, runtime, memo, logger)
+        await _delete(meta=meta, **kwargs)
     _LOCKS.pop(meta["uid"], None)
 
 
@@ -179,6 +169,7 @@ async def _delete(
     runtime: datetime.timedelta,
     memo: kopf.Memo,
     logger: kopf.Logger,
+    **_: Any,
 ) -> None:
     try:
         stack = _parse(spec, meta, status)

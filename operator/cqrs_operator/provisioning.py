@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
 import re
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -165,6 +167,22 @@ async def _admin_connect(db: Database, admin: AdminLogin, tls: Tls = None) -> as
             "DatabaseLoginFailed",
             f"admin login to {db.host}:{db.port} as {admin.username!r} failed: {exc}",
         ) from exc
+
+
+@contextlib.asynccontextmanager
+async def _admin_session(
+    db: Database, admin: AdminLogin, tls: Tls, doing: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """An admin connection to ``db``'s server; a PostgreSQL error becomes ours."""
+    conn = await _admin_connect(db, admin, tls)
+    try:
+        yield conn
+    except asyncpg.PostgresError as exc:
+        raise ProvisioningError(
+            "DatabaseProvisioningFailed", f"{doing} on {db.host}: {exc}"
+        ) from exc
+    finally:
+        await conn.close()
 
 
 async def _set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
@@ -342,8 +360,7 @@ async def ensure_database(
     then make sure each ``accepted`` login logs in with its password (set as a SCRAM verifier
     if not). ``exact`` (no rotation under way): the stack's other login slot is revoked."""
     where = f"{db.host}:{db.port}"
-    conn = await _admin_connect(db, admin, tls)
-    try:
+    async with _admin_session(db, admin, tls, f"provisioning {db.name}") as conn:
         own = next((login.password for login in accepted if login.user == role), None)
         changes = await _ensure_role(conn, role, own, owner, where)
         for login in accepted:
@@ -358,12 +375,6 @@ async def ensure_database(
         if exact:
             keep = {login.user for login in accepted}
             changes += await _revoke_other_logins(conn, role, keep, owner.uid, where)
-    except asyncpg.PostgresError as exc:
-        raise ProvisioningError(
-            "DatabaseProvisioningFailed", f"provisioning {db.name} on {db.host}: {exc}"
-        ) from exc
-    finally:
-        await conn.close()
     return changes
 
 
@@ -371,15 +382,8 @@ async def revoke_other_logins(
     db: Database, admin: AdminLogin, role: str, keep: Login, uid: str, tls: Tls = None
 ) -> list[Change]:
     """A rotation's last step on one server: only ``keep`` logs in from now on."""
-    conn = await _admin_connect(db, admin, tls)
-    try:
+    async with _admin_session(db, admin, tls, f"revoking logins of {role}") as conn:
         return await _revoke_other_logins(conn, role, {keep.user}, uid, f"{db.host}:{db.port}")
-    except asyncpg.PostgresError as exc:
-        raise ProvisioningError(
-            "DatabaseProvisioningFailed", f"revoking logins of {role} on {db.host}: {exc}"
-        ) from exc
-    finally:
-        await conn.close()
 
 
 async def role_logs_in(db: Database, role: str, password: str, tls: Tls = None) -> bool:

@@ -670,15 +670,7 @@ async def _complete_rotation(
         out.changes += await provisioning.revoke_other_logins(
             db, login, spec.role, creds.active, spec.uid, tls
         )
-    if redis.admin is not None:
-        out.changes += await provisioning.ensure_acl_user(
-            redis.base_url,
-            redis.admin,
-            spec.redis_user,
-            spec.stream_name,
-            [creds.active.password],
-            redis.ca_pem,
-        )
+    out.changes += await _acl_user(redis, spec, creds.completed())
     done = creds.completed()
     await apply_credentials(api, spec, done, redis, adopt)
     out.changes.append(
@@ -765,15 +757,7 @@ async def _stream(
             url, spec.stream_name, spec.consumer_group, owner, redis.ca_pem
         )
         if redis.admin is not None:
-            out.changes += await provisioning.ensure_acl_user(
-                redis.base_url,
-                redis.admin,
-                spec.redis_user,
-                spec.stream_name,
-                [login.password for login in creds.accepted],
-                redis.ca_pem,
-                exact=not creds.rotating,
-            )
+            out.changes += await _acl_user(redis, spec, creds)
             out.ok(
                 status.REDIS_ISOLATION,
                 "AclUser",
@@ -805,6 +789,22 @@ async def _stream(
     )
     out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
     return lag
+
+
+async def _acl_user(redis: RedisAccess, spec: StackSpec, creds: Credentials) -> list[Change]:
+    """The stack's ACL user accepts the logins of ``creds`` (and, during a rotation, keeps
+    the passwords it has: the pods not yet rolled out use them)."""
+    if redis.admin is None:
+        return []
+    return await provisioning.ensure_acl_user(
+        redis.base_url,
+        redis.admin,
+        spec.redis_user,
+        spec.stream_name,
+        [login.password for login in creds.accepted],
+        redis.ca_pem,
+        exact=not creds.rotating,
+    )
 
 
 async def _remove_acl_user(out: Outcome, redis: RedisAccess, spec: StackSpec) -> None:

@@ -410,6 +410,27 @@ async def secret_data(api: client.ApiClient, namespace: str, name: str) -> dict[
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
+async def wait_credentials(
+    api: client.ApiClient, namespace: str, stack: str, operator: Operator
+) -> dict[str, str]:
+    """Wait until the stack's credentials Secret exists with the pods' URLs; its data. (A new
+    password is stored alone first; the URLs follow once the servers accept it.)"""
+
+    async def recreated() -> dict[str, str] | None:
+        try:
+            data = await secret_data(api, namespace, f"{stack}-credentials")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return data if "WRITE_DB_URL" in data else None
+
+    result: dict[str, str] = await wait_until(
+        recreated, timeout=30, what="credentials Secret with URLs", alive=operator.exit_reason
+    )
+    return result
+
+
 async def create_secret(
     api: client.ApiClient, namespace: str, metadata: dict[str, Any], data: dict[str, str]
 ) -> None:

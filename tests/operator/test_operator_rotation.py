@@ -16,7 +16,6 @@ from typing import Any
 import asyncpg
 import pytest
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 
@@ -32,6 +31,7 @@ from tests.operator.fixtures_operator import (
     redis_admin_secret,
     role_exists,
     secret_data,
+    wait_credentials,
     wait_until,
 )
 
@@ -227,27 +227,23 @@ async def test_a_credentials_secret_deleted_mid_rotation_converges(
     await rotate(env.stacks, "del", "one")
     await wait_phase(env.stacks, "del", "RotationRollingOut", env.operator)
     switched = await secret_data(env.api, env.namespace, "del-credentials")
+    rolling = await config_hashes(env.api, env.namespace, "del")
     await client.CoreV1Api(env.api).delete_namespaced_secret("del-credentials", env.namespace)
 
-    async def recreated() -> dict[str, str] | None:
-        try:
-            data = await secret_data(env.api, env.namespace, "del-credentials")
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return data if "WRITE_DB_URL" in data else None
-
-    data = await wait_until(
-        recreated, timeout=30, what="credentials Secret recreated", alive=env.operator.exit_reason
-    )
+    data = await wait_credentials(env.api, env.namespace, "del", env.operator)
     # The pods that rolled out onto the deleted Secret's login keep working until the next
     # rollout is done; the recreated Secret's login works at once.
     assert data["username"] != switched["username"]
     assert await logs_in(data) == (True, True, True)
     assert await logs_in(switched) == (True, True, True)
-    hashes = await config_hashes(env.api, env.namespace, "del")
-    assert len(hashes) == 1
+
+    async def rolled_once() -> set[str] | None:  # all three Deployments on one new template
+        hashes = await config_hashes(env.api, env.namespace, "del")
+        return hashes if len(hashes) == 1 and hashes != rolling else None
+
+    hashes = await wait_until(
+        rolled_once, timeout=30, what="one rollout", alive=env.operator.exit_reason
+    )
     await env.stacks.wait_ready("del", env.operator)  # marks the Deployments rolled out
     await wait_phase(env.stacks, "del", "Current", env.operator)
     assert await logs_in(data) == (True, True, True)

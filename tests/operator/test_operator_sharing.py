@@ -32,6 +32,7 @@ from tests.operator.fixtures_operator import (
     redis_admin_secret,
     secret_data,
     stack_manifest,
+    wait_credentials,
     wait_event,
     wait_until,
 )
@@ -210,19 +211,7 @@ async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
     core = client.CoreV1Api(env.api)
     await core.delete_namespaced_secret("creds-credentials", env.namespace)
 
-    async def recreated() -> dict[str, str] | None:
-        try:
-            data = await secret_data(env.api, env.namespace, "creds-credentials")
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        # The new password is stored alone first; the URLs follow once the databases answer.
-        return data if "WRITE_DB_URL" in data else None
-
-    data = await wait_until(
-        recreated, timeout=30, what="credentials Secret recreated", alive=env.operator.exit_reason
-    )
+    data = await wait_credentials(env.api, env.namespace, "creds", env.operator)
     # The running pods hold the deleted Secret's login: the new password goes to the other
     # login slot (a rotation), and the old login is revoked once the rollout is done.
     await wait_event(env.api, env.namespace, "creds", "RotationStarted", env.operator)
