@@ -48,9 +48,7 @@ _PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,200}$")
 
 
 @dataclass(frozen=True)
-class AdminLogin:
-    username: str
-    password: str
+class AdminLogin(Login):
     may_adopt: bool = False  # the platform's consent (annotation on the admin Secret)
 
 
@@ -284,7 +282,7 @@ async def _ensure_member_login(
 ) -> list[Change]:
     """The second login slot: a role marked as this stack's, member of ``role``, whose
     sessions run as ``role`` (so what its migrations create is owned by ``role``)."""
-    name = login.user
+    name = login.username
     exists, found = await _role_marker(conn, name)
     what = f"role {name} on {where}"
     if exists:
@@ -361,19 +359,21 @@ async def ensure_database(
     if not). ``exact`` (no rotation under way): the stack's other login slot is revoked."""
     where = f"{db.host}:{db.port}"
     async with _admin_session(db, admin, tls, f"provisioning {db.name}") as conn:
-        own = next((login.password for login in accepted if login.user == role), None)
+        own = next((login.password for login in accepted if login.username == role), None)
         changes = await _ensure_role(conn, role, own, owner, where)
         for login in accepted:
-            if login.user != role:
+            if login.username != role:
                 changes += await _ensure_member_login(conn, login, role, owner, where)
         changes += await _ensure_database(conn, db.name, role, owner, where)
         for login in accepted:
-            if not await role_logs_in(db, login.user, login.password, tls):
-                await _set_password(conn, login.user, login.password)
-                changes.append(Change("RolePasswordSet", f"set the password of role {login.user}"))
-                log.info("role password set role=%s server=%s", login.user, where)
+            if not await role_logs_in(db, login.username, login.password, tls):
+                await _set_password(conn, login.username, login.password)
+                changes.append(
+                    Change("RolePasswordSet", f"set the password of role {login.username}")
+                )
+                log.info("role password set role=%s server=%s", login.username, where)
         if exact:
-            keep = {login.user for login in accepted}
+            keep = {login.username for login in accepted}
             changes += await _revoke_other_logins(conn, role, keep, owner.uid, where)
     return changes
 
@@ -383,7 +383,7 @@ async def revoke_other_logins(
 ) -> list[Change]:
     """A rotation's last step on one server: only ``keep`` logs in from now on."""
     async with _admin_session(db, admin, tls, f"revoking logins of {role}") as conn:
-        return await _revoke_other_logins(conn, role, {keep.user}, uid, f"{db.host}:{db.port}")
+        return await _revoke_other_logins(conn, role, {keep.username}, uid, f"{db.host}:{db.port}")
 
 
 async def role_logs_in(db: Database, role: str, password: str, tls: Tls = None) -> bool:

@@ -303,23 +303,25 @@ def plan_credentials(
         if last is None:
             creds = Credentials(active=fresh, token=handled)
             return creds, [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
-        nxt = replace(fresh, user=rotation.other_login(spec.role, last))
+        nxt = replace(fresh, username=rotation.other_login(spec.role, last))
         creds = Credentials(active=None, next=nxt, retiring=last, token=requested or handled)
         return creds, [
             Change(
                 "RotationStarted",
-                f"Secret {name} was missing or unusable: new password for login {nxt.user}; "
+                f"Secret {name} was missing or unusable: new password for login {nxt.username}; "
                 f"login {last} is revoked once every Deployment has rolled out",
             )
         ]
     if requested and requested != handled and not found.rotating and found.active is not None:
-        nxt = Login(rotation.other_login(spec.role, found.active.user), secrets.token_urlsafe(32))
-        creds = replace(found, next=nxt, retiring=found.active.user, token=requested)
+        nxt = Login(
+            rotation.other_login(spec.role, found.active.username), secrets.token_urlsafe(32)
+        )
+        creds = replace(found, next=nxt, retiring=found.active.username, token=requested)
         return creds, [
             Change(
                 "RotationStarted",
-                f"rotation {requested!r}: new password for login {nxt.user}; login "
-                f"{found.active.user} is revoked once every Deployment has rolled out",
+                f"rotation {requested!r}: new password for login {nxt.username}; login "
+                f"{found.active.username} is revoked once every Deployment has rolled out",
             )
         ]
     return found, []
@@ -443,7 +445,7 @@ async def provision_databases(
             db, login, spec.role, creds.accepted, on_server, tls, exact=not creds.rotating
         )
         versions[kind], applied = await provisioning.migrate_database(
-            db, me.user, me.password, kind, tls
+            db, me.username, me.password, kind, tls
         )
         changes += applied
     return versions, changes
@@ -605,7 +607,7 @@ async def reconcile(
                 redis.pods_url(active.password),
                 count,
                 adopt,
-                login=active.user,
+                login=active.username,
             )
             out.changes += changes
             creds = await _complete_rotation(out, api, spec, creds, redis, adopt)
@@ -636,7 +638,7 @@ def _switch(out: Outcome, spec: StackSpec, creds: Credentials) -> Credentials:
     out.changes.append(
         Change(
             "CredentialsSwitched",
-            f"the pods now get login {creds.next.user} (new password): rolling restart",
+            f"the pods now get login {creds.next.username} (new password): rolling restart",
         )
     )
     return switched
@@ -676,7 +678,7 @@ async def _complete_rotation(
     out.changes.append(
         Change(
             "RotationCompleted",
-            f"every Deployment rolled out; only login {creds.active.user} is accepted",
+            f"every Deployment rolled out; only login {creds.active.username} is accepted",
         )
     )
     return done
@@ -687,15 +689,15 @@ def _report_rotation(out: Outcome, creds: Credentials) -> None:
     waiting = out.extra.pop("rotation_waiting", "")
     if creds.phase == rotation.PREPARING:
         assert creds.next is not None
-        message = f"setting login {creds.next.user} on the servers; the pods keep their login"
+        message = f"setting login {creds.next.username} on the servers; the pods keep their login"
     elif creds.phase == rotation.ROLLING_OUT:
         assert creds.active is not None
         message = (
-            f"pods move to login {creds.active.user}; login {creds.retiring} is still "
+            f"pods move to login {creds.active.username}; login {creds.retiring} is still "
             f"accepted until every Deployment has rolled out" + (f" ({waiting})" if waiting else "")
         )
     else:
-        who = creds.active.user if creds.active else "?"
+        who = creds.active.username if creds.active else "?"
         message = f"the pods' login {who} is the only one accepted"
     out.conditions.append(
         status.Condition(status.CREDENTIALS, creds.phase == rotation.CURRENT, creds.phase, message)

@@ -55,7 +55,9 @@ def other_login(role: str, login: str) -> str:
 
 @dataclass(frozen=True)
 class Login:
-    user: str
+    """A PostgreSQL or Redis login."""
+
+    username: str
     password: str
 
 
@@ -94,7 +96,7 @@ class Credentials:
     def switched(self) -> Credentials:
         """Step 2: the pods move to the next login; the old one is retired after the rollout."""
         assert self.next is not None
-        retiring = self.retiring or (self.active.user if self.active else None)
+        retiring = self.retiring or (self.active.username if self.active else None)
         return replace(self, active=self.next, next=None, retiring=retiring, has_urls=True)
 
     def completed(self) -> Credentials:
@@ -151,12 +153,12 @@ def secret_manifest(
     if creds.active is not None:
         if pods_redis_url is not None:
             data = manifests.credentials_data(
-                spec, creds.active.password, pods_redis_url, login=creds.active.user
+                spec, creds.active.password, pods_redis_url, login=creds.active.username
             )
         else:
-            data = {"username": creds.active.user, "password": creds.active.password}
+            data = {"username": creds.active.username, "password": creds.active.password}
     if creds.next is not None:
-        data[NEXT_USERNAME], data[NEXT_PASSWORD] = creds.next.user, creds.next.password
+        data[NEXT_USERNAME], data[NEXT_PASSWORD] = creds.next.username, creds.next.password
     manifest = manifests.credentials_secret(spec, "", "", login="")
     manifest["data"] = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     annotations = {ROTATION_ANNOTATION: creds.token} if creds.token else {}
@@ -172,5 +174,5 @@ def status_of(creds: Credentials, message: str) -> dict[str, Any]:
     out: dict[str, Any] = {"rotation": {"token": creds.token, "phase": creds.phase}}
     out["rotation"]["message"] = message
     if creds.active is not None:
-        out["login"] = creds.active.user
+        out["login"] = creds.active.username
     return out
