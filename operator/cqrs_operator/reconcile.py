@@ -301,7 +301,8 @@ def plan_credentials(
         last = rotation.recorded_login(spec.role, current_status)
         fresh = Login(spec.role if last is None else "", secrets.token_urlsafe(32))
         if last is None:
-            creds = Credentials(active=fresh, token=handled)
+            # A value the stack was created with asks for nothing: its first password is new.
+            creds = Credentials(active=fresh, token=requested or handled)
             return creds, [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
         nxt = replace(fresh, username=rotation.other_login(spec.role, last))
         creds = Credentials(active=None, next=nxt, retiring=last, token=requested or handled)

@@ -70,3 +70,31 @@ def test_one_list_decides_what_is_permanent() -> None:
     assert not ProvisioningError("DatabaseUnreachable", "").permanent
     with pytest.raises(ValueError):
         PermanentProvisioningError("DatabaseUnreachable", "")
+
+
+def test_what_starts_a_rotation() -> None:
+    from cqrs_operator.reconcile import plan_credentials
+    from tests.unit.test_manifests import stack
+
+    spec = stack()
+    role, second = logins(spec.role)
+    # A new stack gets its role; a value it was created with asks for no rotation.
+    fresh, changes = plan_credentials(spec, Credentials(active=None), {}, "v1")
+    assert fresh.active is not None and fresh.active.username == role
+    assert (fresh.token, fresh.rotating, [c.reason for c in changes]) == (
+        "v1",
+        False,
+        ["CredentialsCreated"],
+    )
+    same, changes = plan_credentials(spec, fresh, {}, "v1")
+    assert same == fresh and changes == []
+    rotating, changes = plan_credentials(spec, fresh, {}, "v2")
+    assert rotating.next is not None and rotating.next.username == second
+    assert rotating.retiring == role and [c.reason for c in changes] == ["RotationStarted"]
+    assert plan_credentials(spec, rotating, {}, "v3")[0] == rotating  # one at a time
+    # The Secret lost after provisioning: a rotation away from the login the pods hold.
+    provisioned = {"credentials": {"login": second}, "databases": {"role": role}}
+    lost, changes = plan_credentials(spec, Credentials(active=None), provisioned, "")
+    assert lost.next is not None and (lost.next.username, lost.retiring) == (role, second)
+    legacy, _ = plan_credentials(spec, Credentials(active=None), {"databases": {"role": role}}, "")
+    assert legacy.next is not None and legacy.next.username == second
