@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from cqrs_stack.stream import ensure_group, group_info
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
 from .ownership import CREATED, Marker, OwnershipRefused, claim, may_drop, parse_marker
-from .rotation import Login, logins
+from .rotation import Login, check_password, logins
 from .spec import RESERVED_STREAM_SUFFIXES, Database, DatabaseTls, check_identifier
 
 Tls = ssl.SSLContext | bool | None
@@ -44,7 +43,6 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
-_PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,200}$")
 
 
 @dataclass(frozen=True)
@@ -91,13 +89,6 @@ def quote_ident(name: str) -> str:
     """Quote an identifier already checked by ``check_identifier``."""
     check_identifier(name, "identifier")
     return '"' + name.replace('"', '""') + '"'
-
-
-def check_password(password: str) -> str:
-    """Return a generated password (URL-safe alphabet only, 16..200 characters) or raise."""
-    if not _PASSWORD.match(password):
-        raise ValueError("password must be 16..200 URL-safe characters")
-    return password
 
 
 def scram_verifier(password: str, salt: bytes | None = None) -> str:

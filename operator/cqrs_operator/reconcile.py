@@ -594,7 +594,7 @@ async def reconcile(
     else:
         try:
             await check_token_secret(api, spec)
-            creds = _switch(out, spec, creds)
+            creds = _switch(out, creds)
             await apply_credentials(api, spec, creds, redis, adopt)
             active = creds.active
             if active is None:  # a lost Secret's new login, not yet accepted by the servers
@@ -630,7 +630,7 @@ async def reconcile(
     return out
 
 
-def _switch(out: Outcome, spec: StackSpec, creds: Credentials) -> Credentials:
+def _switch(out: Outcome, creds: Credentials) -> Credentials:
     """A rotation's step 2, once both servers accept the next login: the pods move to it."""
     ok = {c.type for c in out.conditions if c.status}
     if creds.next is None or not {status.DATABASES, status.STREAM} <= ok:

@@ -25,6 +25,7 @@ one; during a rotation passwords are only ever added, so no reconcile drops one 
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,6 +42,14 @@ NEXT_USERNAME, NEXT_PASSWORD = "next-username", "next-password"
 SECOND_LOGIN_SUFFIX = "_b"
 
 PREPARING, ROLLING_OUT, CURRENT = "RotationPreparing", "RotationRollingOut", "Current"
+_PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,200}$")
+
+
+def check_password(password: str) -> str:
+    """Return a generated password (URL-safe alphabet only, 16..200 characters) or raise."""
+    if not _PASSWORD.match(password):
+        raise ValueError("password must be 16..200 URL-safe characters")
+    return password
 
 
 def logins(role: str) -> tuple[str, str]:
@@ -107,8 +116,6 @@ def parse(
     role: str, data: Mapping[str, str] | None, annotations: Mapping[str, str] | None
 ) -> Credentials:
     """The Secret's record; a login outside the two slots or a bad password counts as none."""
-    from .provisioning import check_password  # avoid an import cycle at module load
-
     data, annotations = data or {}, annotations or {}
     slots = logins(role)
 
