@@ -7,19 +7,54 @@ retried with back-off.
 
 from __future__ import annotations
 
+# Reasons that need a change of the spec or of what it names (a Secret, another stack's
+# object, the image): phase Failed, and no retry with back-off. The one list: an error is
+# permanent when its reason is here, and a condition's reason makes the phase Failed.
+PERMANENT_REASONS = frozenset(
+    {
+        "InvalidSpec",
+        "OwnedByAnotherStack",
+        "NotOwned",
+        "AdoptionNotAllowed",
+        "ChildNotOwned",
+        "SecretNotOptedIn",
+        "CaInvalid",
+        "RedisTlsMismatch",
+        "AdminSecretNotOptedIn",
+        "AdminSecretInvalid",
+        "AdminHostNotAllowed",
+        "AdminHostsRequired",
+        "AdminSecretWrongKind",
+        "ReservedName",
+        "RedisDatabaseNotZero",
+        "RedisUrlInvalid",
+        "RedisSecretInvalid",
+        "ImagePullBackOff",
+        "ErrImagePull",
+        "ErrImageNeverPull",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+    }
+)
+
 
 class ProvisioningError(Exception):
     """A step failed for a reason outside the operator (unreachable server, refused login)."""
-
-    permanent = False
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
 
+    @property
+    def permanent(self) -> bool:
+        return self.reason in PERMANENT_REASONS
+
 
 class PermanentProvisioningError(ProvisioningError):
-    """A failure that retrying alone will not fix."""
+    """A failure that retrying alone will not fix; its reason is one of PERMANENT_REASONS."""
 
-    permanent = True
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in PERMANENT_REASONS:
+            raise ValueError(f"{reason} is not listed in PERMANENT_REASONS")
+        super().__init__(reason, message)

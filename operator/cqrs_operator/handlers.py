@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, reconcile
+from . import kube, reconcile, rotation
 from . import status as stack_status
 from .errors import ProvisioningError
 from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
@@ -68,9 +68,11 @@ def _report(body: kopf.Body, status: Mapping[str, Any], outcome: reconcile.Outco
     before = {c.get("type"): c for c in status.get("conditions") or []}
     for cond in outcome.conditions:
         old = before.get(cond.type, {})
-        if cond.status is False and (old.get("status"), old.get("reason")) != (
-            "False",
-            cond.reason,
+        # A part on its way (a rollout, a rotation) is no failure: no Warning for it.
+        if (
+            cond.status is False
+            and cond.reason not in stack_status.PENDING_REASONS
+            and (old.get("status"), old.get("reason")) != ("False", cond.reason)
         ):
             kopf.warn(body, reason=cond.reason, message=f"{cond.type}: {cond.message}")
 
@@ -93,7 +95,11 @@ async def _reconcile(
         return None
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
         outcome = await reconcile.reconcile(
-            memo.api, stack, status, adopt=lambda manifest: kopf.adopt(manifest, owner=body)
+            memo.api,
+            stack,
+            status,
+            adopt=lambda manifest: kopf.adopt(manifest, owner=body),
+            rotate=(meta.get("annotations") or {}).get(rotation.ROTATE_ANNOTATION, ""),
         )
     _report(body, status, outcome)
     patch.status.update(stack_status.summary(status, outcome.conditions, generation))
@@ -142,7 +148,19 @@ async def reverify_stack(
 
 
 @kopf.on.delete(*RESOURCE)
-async def delete_stack(
+async def delete_stack(meta: kopf.Meta, **kwargs: Any) -> None:
+    """deletionPolicy Delete drops the databases, role and stream this stack created (never
+    adopted ones, never another stack's); Retain keeps them. A teardown that keeps failing
+    is retried with back-off for CQRS_OPERATOR_DELETE_TIMEOUT seconds, then the finalizer is
+    released with a Warning Event naming what was left behind."""
+    # The lock is taken, not only dropped: a timer's reconcile still running would otherwise
+    # overlap the teardown (and recreate what it drops). Dropped once the stack is gone.
+    async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
+        await _delete(meta=meta, **kwargs)
+    _LOCKS.pop(meta["uid"], None)
+
+
+async def _delete(
     body: kopf.Body,
     spec: kopf.Spec,
     meta: kopf.Meta,
@@ -153,11 +171,6 @@ async def delete_stack(
     logger: kopf.Logger,
     **_: Any,
 ) -> None:
-    """deletionPolicy Delete drops the databases, role and stream this stack created (never
-    adopted ones, never another stack's); Retain keeps them. A teardown that keeps failing
-    is retried with back-off for CQRS_OPERATOR_DELETE_TIMEOUT seconds, then the finalizer is
-    released with a Warning Event naming what was left behind."""
-    _LOCKS.pop(meta["uid"], None)
     try:
         stack = _parse(spec, meta, status)
     except SpecError as exc:

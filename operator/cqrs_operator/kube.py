@@ -29,6 +29,24 @@ CUSTOM_KINDS = {
 APPLY = "application/apply-patch+yaml"
 
 
+# The children's kinds: the API class and the resource part of its method names.
+_KINDS: dict[str, tuple[Any, str]] = {
+    "ConfigMap": (client.CoreV1Api, "config_map"),
+    "Secret": (client.CoreV1Api, "secret"),
+    "Service": (client.CoreV1Api, "service"),
+    "Deployment": (client.AppsV1Api, "deployment"),
+    "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
+    "HorizontalPodAutoscaler": (client.AutoscalingV2Api, "horizontal_pod_autoscaler"),
+}
+
+
+def _method(api: client.ApiClient, verb: str, kind: str) -> Callable[..., Awaitable[Any]]:
+    """``<verb>_namespaced_<resource>`` of the API that serves ``kind`` (read, patch)."""
+    cls, resource = _KINDS[kind]
+    method: Callable[..., Awaitable[Any]] = getattr(cls(api), f"{verb}_namespaced_{resource}")
+    return method
+
+
 @dataclass(frozen=True)
 class SecretData:
     """A Secret's decoded data with its labels and annotations (the opt-in marks)."""
@@ -80,19 +98,8 @@ async def read_object(
     """A child of kind ``kind`` as a dict, or None when it does not exist."""
     if kind in CUSTOM_KINDS:
         return await _read_custom(api, kind, namespace, name)
-    core, apps, policy = client.CoreV1Api(api), client.AppsV1Api(api), client.PolicyV1Api(api)
-    read = {
-        "ConfigMap": core.read_namespaced_config_map,
-        "Secret": core.read_namespaced_secret,
-        "Service": core.read_namespaced_service,
-        "Deployment": apps.read_namespaced_deployment,
-        "PodDisruptionBudget": policy.read_namespaced_pod_disruption_budget,
-        "HorizontalPodAutoscaler": client.AutoscalingV2Api(
-            api
-        ).read_namespaced_horizontal_pod_autoscaler,
-    }[kind]
     try:
-        live = await read(name, namespace)
+        live = await _method(api, "read", kind)(name, namespace)
     except ApiException as exc:
         if exc.status == 404:
             return None
@@ -126,20 +133,6 @@ async def list_pods(
     return result
 
 
-def _patcher(api: client.ApiClient, kind: str) -> Callable[..., Awaitable[Any]]:
-    core, apps, policy = client.CoreV1Api(api), client.AppsV1Api(api), client.PolicyV1Api(api)
-    return {
-        "ConfigMap": core.patch_namespaced_config_map,
-        "Secret": core.patch_namespaced_secret,
-        "Service": core.patch_namespaced_service,
-        "Deployment": apps.patch_namespaced_deployment,
-        "PodDisruptionBudget": policy.patch_namespaced_pod_disruption_budget,
-        "HorizontalPodAutoscaler": client.AutoscalingV2Api(
-            api
-        ).patch_namespaced_horizontal_pod_autoscaler,
-    }[kind]
-
-
 async def _read_custom(
     api: client.ApiClient, kind: str, namespace: str, name: str
 ) -> dict[str, Any] | None:
@@ -165,9 +158,7 @@ async def delete_object(api: client.ApiClient, kind: str, namespace: str, name: 
                 group, version, namespace, plural, name
             )
         elif kind == "HorizontalPodAutoscaler":
-            await client.AutoscalingV2Api(api).delete_namespaced_horizontal_pod_autoscaler(
-                name, namespace
-            )
+            await _method(api, "delete", kind)(name, namespace)
         else:
             raise ValueError(f"the operator deletes no {kind}")
     except ApiException as exc:
@@ -214,7 +205,7 @@ async def apply(api: client.ApiClient, manifest: dict[str, Any]) -> dict[str, An
             _content_type=APPLY,
         )
         return applied
-    live = await _patcher(api, manifest["kind"])(
+    live = await _method(api, "patch", manifest["kind"])(
         meta["name"],
         meta["namespace"],
         manifest,

@@ -97,16 +97,20 @@ def database_url(host: str, port: int, database: str, user: str, password: str) 
     return f"postgresql://{user}:{password}@{host}:{port}/{database}"
 
 
-def credentials_data(spec: StackSpec, password: str, redis_url: str) -> dict[str, str]:
-    """The secret settings: the stack role's password and the URLs built with it."""
+def credentials_data(
+    spec: StackSpec, password: str, redis_url: str, login: str | None = None
+) -> dict[str, str]:
+    """The secret settings: the login (the stack's role or its second login slot, see
+    rotation.py), its password and the URLs built with them."""
+    user = login or spec.role
     return {
-        "username": spec.role,
+        "username": user,
         "password": password,
         "WRITE_DB_URL": database_url(
-            spec.write_db.host, spec.write_db.port, spec.write_db.name, spec.role, password
+            spec.write_db.host, spec.write_db.port, spec.write_db.name, user, password
         ),
         "READ_DB_URL": database_url(
-            spec.read_db.host, spec.read_db.port, spec.read_db.name, spec.role, password
+            spec.read_db.host, spec.read_db.port, spec.read_db.name, user, password
         ),
         "REDIS_URL": redis_url,
         **(keda_redis_login(redis_url) if uses_keda(spec) else {}),
@@ -129,8 +133,10 @@ def keda_redis_login(redis_url: str) -> dict[str, str]:
     return out
 
 
-def credentials_secret(spec: StackSpec, password: str, redis_url: str) -> Manifest:
-    data = credentials_data(spec, password, redis_url)
+def credentials_secret(
+    spec: StackSpec, password: str, redis_url: str, login: str | None = None
+) -> Manifest:
+    data = credentials_data(spec, password, redis_url, login)
     return {
         "apiVersion": "v1",
         "kind": "Secret",

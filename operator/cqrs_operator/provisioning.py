@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
 import os
-import re
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -31,6 +32,7 @@ from cqrs_stack.stream import ensure_group, group_info
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
 from .ownership import CREATED, Marker, OwnershipRefused, claim, may_drop, parse_marker
+from .rotation import Login, check_password, logins
 from .spec import RESERVED_STREAM_SUFFIXES, Database, DatabaseTls, check_identifier
 
 Tls = ssl.SSLContext | bool | None
@@ -41,13 +43,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 SCRAM_ITERATIONS = 4096  # PostgreSQL's default scram_iterations
-_PASSWORD = re.compile(r"^[A-Za-z0-9_-]{16,200}$")
 
 
 @dataclass(frozen=True)
-class AdminLogin:
-    username: str
-    password: str
+class AdminLogin(Login):
     may_adopt: bool = False  # the platform's consent (annotation on the admin Secret)
 
 
@@ -90,13 +89,6 @@ def quote_ident(name: str) -> str:
     """Quote an identifier already checked by ``check_identifier``."""
     check_identifier(name, "identifier")
     return '"' + name.replace('"', '""') + '"'
-
-
-def check_password(password: str) -> str:
-    """Return a generated password (URL-safe alphabet only, 16..200 characters) or raise."""
-    if not _PASSWORD.match(password):
-        raise ValueError("password must be 16..200 URL-safe characters")
-    return password
 
 
 def scram_verifier(password: str, salt: bytes | None = None) -> str:
@@ -166,35 +158,63 @@ async def _admin_connect(db: Database, admin: AdminLogin, tls: Tls = None) -> as
         ) from exc
 
 
+@contextlib.asynccontextmanager
+async def _admin_session(
+    db: Database, admin: AdminLogin, tls: Tls, doing: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """An admin connection to ``db``'s server; a PostgreSQL error becomes ours."""
+    conn = await _admin_connect(db, admin, tls)
+    try:
+        yield conn
+    except asyncpg.PostgresError as exc:
+        raise ProvisioningError(
+            "DatabaseProvisioningFailed", f"{doing} on {db.host}: {exc}"
+        ) from exc
+    finally:
+        await conn.close()
+
+
 async def _set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
     verifier = await asyncio.to_thread(scram_verifier, password)
     await conn.execute(f"ALTER ROLE {quote_ident(role)} WITH LOGIN PASSWORD {_literal(verifier)}")
 
 
-async def _ensure_role(
-    conn: asyncpg.Connection, role: str, password: str, owner: Owner, where: str
-) -> list[Change]:
-    """Create ``role`` marked as this stack's, or check the marker of the existing one."""
+async def _role_marker(conn: asyncpg.Connection, role: str) -> tuple[bool, Marker | None]:
+    """Whether ``role`` exists, and its owner marker."""
     row = await conn.fetchrow(
         "SELECT shobj_description(oid, 'pg_authid') AS comment FROM pg_roles WHERE rolname = $1",
         role,
     )
+    return row is not None, parse_marker(row["comment"]) if row is not None else None
+
+
+async def _ensure_role(
+    conn: asyncpg.Connection, role: str, password: str | None, owner: Owner, where: str
+) -> list[Change]:
+    """Create ``role`` marked as this stack's, or check the marker of the existing one.
+
+    ``password`` None: the role is not a login slot now (the pods log in as its member), so
+    a new one is created NOLOGIN.
+    """
+    exists, found = await _role_marker(conn, role)
     what = f"role {role} on {where}"
-    if row is not None:
-        wanted = owner.claim(what, role, parse_marker(row["comment"]))
+    if exists:
+        wanted = owner.claim(what, role, found)
         if wanted is None:
             return []
         await conn.execute(f"COMMENT ON ROLE {quote_ident(role)} IS {_literal(wanted.text())}")
-        await _set_password(conn, role, password)
+        if password is not None:
+            await _set_password(conn, role, password)
         log.info("role adopted role=%s server=%s", role, where)
         return [Change("RoleAdopted", f"adopted {what} (never dropped by this stack)")]
-    verifier = await asyncio.to_thread(scram_verifier, password)
+    login = "NOLOGIN"
+    if password is not None:
+        verifier = await asyncio.to_thread(scram_verifier, password)
+        login = f"LOGIN PASSWORD {_literal(verifier)}"
     marker = Marker(owner.uid, CREATED).text()
     try:
         async with conn.transaction():  # the role and its marker exist together or not at all
-            await conn.execute(
-                f"CREATE ROLE {quote_ident(role)} WITH LOGIN PASSWORD {_literal(verifier)}"
-            )
+            await conn.execute(f"CREATE ROLE {quote_ident(role)} WITH {login}")
             await conn.execute(f"COMMENT ON ROLE {quote_ident(role)} IS {_literal(marker)}")
     except asyncpg.DuplicateObjectError:
         return await _ensure_role(conn, role, password, owner, where)  # a concurrent create
@@ -233,12 +253,7 @@ async def _ensure_database(
         log.info("database created database=%s owner=%s server=%s", name, role, where)
         return [Change("DatabaseCreated", f"created {what} owned by {role}")]
     if marker is None and db_owner == role:
-        role_marker = parse_marker(
-            await conn.fetchval(
-                "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
-                role,
-            )
-        )
+        _, role_marker = await _role_marker(conn, role)
         if role_marker == Marker(owner.uid, CREATED):
             await conn.execute(f"COMMENT ON DATABASE {quote_ident(name)} IS {_literal(created)}")
             return []
@@ -253,32 +268,113 @@ async def _ensure_database(
     return changes
 
 
+async def _ensure_member_login(
+    conn: asyncpg.Connection, login: Login, role: str, owner: Owner, where: str
+) -> list[Change]:
+    """The second login slot: a role marked as this stack's, member of ``role``, whose
+    sessions run as ``role`` (so what its migrations create is owned by ``role``)."""
+    name = login.username
+    exists, found = await _role_marker(conn, name)
+    what = f"role {name} on {where}"
+    if exists:
+        claim(what, found, owner.uid, False)  # never adopted: it is always this stack's own
+    else:
+        verifier = await asyncio.to_thread(scram_verifier, login.password)
+        marker = Marker(owner.uid, CREATED).text()
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    f"CREATE ROLE {quote_ident(name)} WITH LOGIN PASSWORD {_literal(verifier)}"
+                )
+                await conn.execute(f"COMMENT ON ROLE {quote_ident(name)} IS {_literal(marker)}")
+        except asyncpg.DuplicateObjectError:
+            return await _ensure_member_login(conn, login, role, owner, where)
+        log.info("role created role=%s server=%s", name, where)
+    member = await conn.fetchval(
+        "SELECT 1 FROM pg_auth_members WHERE roleid = $1::regrole AND member = $2::regrole",
+        role,
+        name,
+    )
+    setting = f"role={role}"
+    configured = await conn.fetchval(
+        "SELECT $2 = ANY(setconfig) FROM pg_db_role_setting "
+        "WHERE setrole = $1::regrole AND setdatabase = 0",
+        name,
+        setting,
+    )
+    if not member:
+        await conn.execute(f"GRANT {quote_ident(role)} TO {quote_ident(name)}")
+    if not configured:
+        await conn.execute(f"ALTER ROLE {quote_ident(name)} SET role = {_literal(role)}")
+    return [] if exists else [Change("RoleCreated", f"created {what}, a login of role {role}")]
+
+
+async def _revoke_other_logins(
+    conn: asyncpg.Connection, role: str, keep: set[str], uid: str, where: str
+) -> list[Change]:
+    """The login slots of ``role`` not in ``keep`` may not log in: no password, NOLOGIN,
+    their sessions ended. Only slots marked with this stack's UID are touched."""
+    changes: list[Change] = []
+    for name in logins(role):
+        _, found = await _role_marker(conn, name)
+        if name in keep or found is None or found.uid != uid:
+            continue
+        can_login = await conn.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", name)
+        if not can_login:
+            continue
+        await conn.execute(f"ALTER ROLE {quote_ident(name)} WITH NOLOGIN PASSWORD NULL")
+        try:
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE usename = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+        except asyncpg.PostgresError as exc:  # no right to signal: new logins fail anyway
+            log.warning("sessions of revoked role %s on %s not ended: %s", name, where, exc)
+        log.info("role login revoked role=%s server=%s", name, where)
+        changes.append(Change("CredentialsRevoked", f"revoked the login of role {name} on {where}"))
+    return changes
+
+
 async def ensure_database(
     db: Database,
     admin: AdminLogin,
     role: str,
-    password: str,
+    accepted: list[Login],
     owner: Owner,
     tls: Tls = None,
+    exact: bool = True,
 ) -> list[Change]:
     """Create ``role`` and the database ``db.name`` it owns, or check they are this stack's;
-    then make sure the role logs in with ``password`` (set as a SCRAM verifier if not)."""
+    then make sure each ``accepted`` login logs in with its password (set as a SCRAM verifier
+    if not). ``exact`` (no rotation under way): the stack's other login slot is revoked."""
     where = f"{db.host}:{db.port}"
-    conn = await _admin_connect(db, admin, tls)
-    try:
-        changes = await _ensure_role(conn, role, password, owner, where)
+    async with _admin_session(db, admin, tls, f"provisioning {db.name}") as conn:
+        own = next((login.password for login in accepted if login.username == role), None)
+        changes = await _ensure_role(conn, role, own, owner, where)
+        for login in accepted:
+            if login.username != role:
+                changes += await _ensure_member_login(conn, login, role, owner, where)
         changes += await _ensure_database(conn, db.name, role, owner, where)
-        if not await role_logs_in(db, role, password, tls):
-            await _set_password(conn, role, password)
-            changes.append(Change("RolePasswordSet", f"set the password of role {role}"))
-            log.info("role password set role=%s server=%s", role, where)
-    except asyncpg.PostgresError as exc:
-        raise ProvisioningError(
-            "DatabaseProvisioningFailed", f"provisioning {db.name} on {db.host}: {exc}"
-        ) from exc
-    finally:
-        await conn.close()
+        for login in accepted:
+            if not await role_logs_in(db, login.username, login.password, tls):
+                await _set_password(conn, login.username, login.password)
+                changes.append(
+                    Change("RolePasswordSet", f"set the password of role {login.username}")
+                )
+                log.info("role password set role=%s server=%s", login.username, where)
+        if exact:
+            keep = {login.username for login in accepted}
+            changes += await _revoke_other_logins(conn, role, keep, owner.uid, where)
     return changes
+
+
+async def revoke_other_logins(
+    db: Database, admin: AdminLogin, role: str, keep: Login, uid: str, tls: Tls = None
+) -> list[Change]:
+    """A rotation's last step on one server: only ``keep`` logs in from now on."""
+    async with _admin_session(db, admin, tls, f"revoking logins of {role}") as conn:
+        return await _revoke_other_logins(conn, role, {keep.username}, uid, f"{db.host}:{db.port}")
 
 
 async def role_logs_in(db: Database, role: str, password: str, tls: Tls = None) -> bool:
@@ -352,22 +448,19 @@ async def drop_owned(
     for db, login in servers.values():
         conn = await _admin_connect(db, login, tls)
         try:
-            row = await conn.fetchrow(
-                "SELECT shobj_description(oid, 'pg_authid') AS comment FROM pg_roles "
-                "WHERE rolname = $1",
-                role,
-            )
-            if row is None:
-                continue
-            if not may_drop(parse_marker(row["comment"]), uid):
-                left.append(f"role {role} on {db.host} (not created by this stack)")
-                continue
-            try:
-                await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
-                dropped.append(f"role {role} on {db.host}")
-                log.info("role dropped role=%s host=%s", role, db.host)
-            except asyncpg.DependentObjectsStillExistError:
-                left.append(f"role {role} on {db.host} (still owns objects)")
+            for name in reversed(logins(role)):  # the member login first, then the owner
+                exists, found = await _role_marker(conn, name)
+                if not exists:
+                    continue
+                if not may_drop(found, uid):
+                    left.append(f"role {name} on {db.host} (not created by this stack)")
+                    continue
+                try:
+                    await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(name)}")
+                    dropped.append(f"role {name} on {db.host}")
+                    log.info("role dropped role=%s host=%s", name, db.host)
+                except asyncpg.DependentObjectsStillExistError:
+                    left.append(f"role {name} on {db.host} (still owns objects)")
         finally:
             await conn.close()
     return dropped, left
@@ -378,11 +471,14 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _redis(url: str, ca_pem: str | None = None) -> Redis:
-    """A short-lived client; ``ca_pem`` verifies a rediss:// server against that CA."""
-    tls: dict[str, Any] = {} if ca_pem is None else {"ssl_ca_data": ca_pem}
+def _redis(url: str, ca_pem: str | None = None, admin: AdminLogin | None = None) -> Redis:
+    """A short-lived client; ``ca_pem`` verifies a rediss:// server against that CA;
+    ``admin`` logs in with the admin Secret's login instead of the URL's."""
+    extra: dict[str, Any] = {} if ca_pem is None else {"ssl_ca_data": ca_pem}
+    if admin is not None:
+        extra.update(username=admin.username or "default", password=admin.password)
     return Redis.from_url(
-        url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT, **tls
+        url, socket_timeout=CONNECT_TIMEOUT, socket_connect_timeout=CONNECT_TIMEOUT, **extra
     )
 
 
@@ -405,17 +501,29 @@ REDIS_COMMANDS = (
 )
 
 
-def acl_rules(stream: str, password: str) -> list[str]:
-    """ACL SETUSER rules: the stack's stream and dead-letter stream, the services' commands.
+def password_hash(password: str) -> str:
+    """The SHA-256 hex Redis stores for a password (``#<hex>`` in ACL SETUSER)."""
+    return hashlib.sha256(check_password(password).encode()).hexdigest()
 
-    The password goes as its SHA-256 (``#<hex>``), so the clear text is not in the command.
-    The owner key ``<stream>:owner`` is outside the user's keys: pods cannot rewrite it.
+
+def acl_rules(stream: str, passwords: list[str], existing: set[str], exact: bool) -> list[str]:
+    """ACL SETUSER rules: the stack's stream and dead-letter stream, the services' commands,
+    and the passwords (as their SHA-256, ``#<hex>``: the clear text is not in the command).
+
+    Keys and commands are reset to exactly these each time; passwords are not: ``exact``
+    (no rotation under way) leaves only ``passwords``, else the missing ones are added and
+    those already there are kept (the pods not yet rolled out log in with them). The owner
+    key ``<stream>:owner`` is outside the user's keys: pods cannot rewrite it.
     """
-    digest = hashlib.sha256(check_password(password).encode()).hexdigest()
+    wanted = [password_hash(p) for p in passwords]
+    if exact and existing != set(wanted):
+        secrets_rules = ["resetpass", *(f"#{h}" for h in wanted)]
+    else:
+        secrets_rules = [f"#{h}" for h in wanted if h not in existing]
     return [
-        "reset",
         "on",
-        f"#{digest}",
+        *secrets_rules,
+        "resetkeys",
         f"~{stream}",
         f"~{stream}:dead",
         "resetchannels",
@@ -424,42 +532,47 @@ def acl_rules(stream: str, password: str) -> list[str]:
     ]
 
 
-def _admin_redis(url: str, admin: AdminLogin, ca_pem: str | None = None) -> Redis:
-    tls: dict[str, Any] = {} if ca_pem is None else {"ssl_ca_data": ca_pem}
-    return Redis.from_url(
-        url,
-        username=admin.username or "default",
-        password=admin.password,
-        socket_timeout=CONNECT_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        **tls,
-    )
-
-
 async def ensure_acl_user(
-    url: str, admin: AdminLogin, user: str, stream: str, password: str, ca_pem: str | None = None
+    url: str,
+    admin: AdminLogin,
+    user: str,
+    stream: str,
+    passwords: list[str],
+    ca_pem: str | None = None,
+    exact: bool = True,
 ) -> list[Change]:
-    """Create or reset the stack's ACL user (idempotent); a Change when it is new."""
-    redis = _admin_redis(url, admin, ca_pem)
+    """Create the stack's ACL user or bring its keys, commands and passwords to the wanted
+    ones (see ``acl_rules``); a Change when it is new or loses a password."""
+    redis = _redis(url, ca_pem, admin)
     try:
-        existed = await redis.acl_getuser(user) is not None
-        await redis.execute_command("ACL", "SETUSER", user, *acl_rules(stream, password))
+        found: dict[str, Any] | None = await redis.acl_getuser(user)
+        existing = {str(h) for h in (found or {}).get("passwords") or []}
+        flags = {str(f) for f in (found or {}).get("flags") or []}
+        if "nopass" in flags:
+            existing.add("nopass")  # never equal to the wanted set: resetpass clears it
+        rules = acl_rules(stream, passwords, existing, exact)
+        await redis.execute_command("ACL", "SETUSER", user, *rules)
     except (RedisError, OSError) as exc:
         raise ProvisioningError(
             "RedisAclFailed", f"cannot set ACL user {user} at {redact_url(url)}: {_first_line(exc)}"
         ) from exc
     finally:
         await redis.aclose()
-    if existed:
-        return []
-    log.info("redis acl user created user=%s", user)
-    return [Change("AclUserCreated", f"created Redis ACL user {user} limited to {stream}")]
+    if found is None:
+        log.info("redis acl user created user=%s", user)
+        return [Change("AclUserCreated", f"created Redis ACL user {user} limited to {stream}")]
+    if "resetpass" in rules and existing - {password_hash(p) for p in passwords}:
+        log.info("redis acl user passwords revoked user=%s", user)
+        return [
+            Change("CredentialsRevoked", f"Redis ACL user {user} accepts only the new password")
+        ]
+    return []
 
 
 async def delete_acl_user(
     url: str, admin: AdminLogin, user: str, ca_pem: str | None = None
 ) -> bool:
-    redis = _admin_redis(url, admin, ca_pem)
+    redis = _redis(url, ca_pem, admin)
     try:
         return bool(await redis.acl_deluser(user))
     except (RedisError, OSError) as exc:

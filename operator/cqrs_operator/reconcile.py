@@ -26,10 +26,11 @@ from redis.connection import parse_url
 
 from cqrs_stack.migrations import load_migrations
 
-from . import __version__, kube, manifests, provisioning, scaling, status
+from . import __version__, kube, manifests, provisioning, rotation, scaling, status
 from .errors import PermanentProvisioningError, ProvisioningError
 from .ownership import OwnershipRefused
 from .provisioning import AdminLogin, Change, Owner
+from .rotation import Credentials, Login
 from .spec import CaBundle, Database, SpecError, StackSpec, check_redis_url, recorded_names
 
 log = logging.getLogger(__name__)
@@ -225,18 +226,27 @@ class RedisAccess:
     """How the operator and the pods reach Redis; ``admin`` is None without isolation."""
 
     operator_url: str
-    pods_url: str
     base_url: str
     admin: AdminLogin | None
     ca_pem: str | None = None
+    user: str | None = None  # the stack's ACL user (with admin)
+    ca_query: str = ""  # appended to the pods' URL: where the CA is mounted
+
+    def pods_url(self, password: str) -> str:
+        """The pods' REDIS_URL: as the stack's ACL user with ``password`` when isolated."""
+        url = self.base_url
+        if self.user is not None:
+            url = provisioning.with_credentials(url, self.user, password)
+        if self.ca_query:
+            url += ("&" if "?" in url else "?") + self.ca_query
+        return url
 
 
-async def redis_access(api: client.ApiClient, spec: StackSpec, password: str) -> RedisAccess:
+async def redis_access(api: client.ApiClient, spec: StackSpec) -> RedisAccess:
     """With a Redis admin Secret the pods log in as the stack's own ACL user; with a CA the
     operator verifies a rediss:// server by it and the pods' URL names the mounted bundle."""
     url = await redis_url(api, spec)
     ca_pem = None
-    pods_url = url
     if spec.redis_ca is not None:
         if not url.startswith("rediss://"):
             raise PermanentProvisioningError(
@@ -249,18 +259,18 @@ async def redis_access(api: client.ApiClient, spec: StackSpec, password: str) ->
         secret = await _secret(api, spec.namespace, name)
         admin = check_redis_admin_secret(secret, f"{spec.namespace}/{name}", url)
         check_isolated_database(url)
-        pods_url = provisioning.with_credentials(url, spec.redis_user, password)
+    ca_query = ""
     if spec.redis_ca is not None:
-        sep = "&" if "?" in pods_url else "?"
-        pods_url += f"{sep}ssl_ca_certs={manifests.REDIS_CA_DIR}/{spec.redis_ca.key}"
+        ca_query = f"ssl_ca_certs={manifests.REDIS_CA_DIR}/{spec.redis_ca.key}"
     return RedisAccess(
         operator_url=(
             provisioning.with_credentials(url, admin.username, admin.password) if admin else url
         ),
-        pods_url=pods_url,
         base_url=url,
         admin=admin,
         ca_pem=ca_pem,
+        user=spec.redis_user if admin else None,
+        ca_query=ca_query,
     )
 
 
@@ -288,22 +298,59 @@ async def _redis_url(api: client.ApiClient, spec: StackSpec) -> str:
     return data[ref.key]
 
 
-async def stack_password(api: client.ApiClient, spec: StackSpec) -> tuple[str, bool]:
-    """The role's password kept in ``<stack>-credentials``; (a new one, True) if none is.
-
-    A new password is applied to the role by the next database step (it logs in as the
-    role and sets the password only when the login is refused), so deleting the Secret
-    converges to one new password and one rollout.
-    """
+async def read_credentials(api: client.ApiClient, spec: StackSpec) -> Credentials:
+    """What ``<stack>-credentials`` records (its login, a rotation's state); empty if absent."""
     name = manifests.child_name(spec, "credentials")
     existing = await _maybe_secret(api, spec.namespace, name)
     if existing is not None and existing.controller_uid != spec.uid:
         raise _not_ours("Secret", name, spec)  # never read, let alone hand out, its data
-    password = (existing.data if existing else {}).get("password", "")
-    try:
-        return provisioning.check_password(password), False
-    except ValueError:
-        return secrets.token_urlsafe(32), True
+    if existing is None:
+        return Credentials(active=None)
+    return rotation.parse(spec.role, existing.data, existing.annotations)
+
+
+def plan_credentials(
+    spec: StackSpec, found: Credentials, current_status: Mapping[str, Any], requested: str
+) -> tuple[Credentials, list[Change]]:
+    """The credentials to store before anything uses them, and why they changed.
+
+    - A stack never provisioned gets its role and a new password.
+    - A Secret deleted or emptied (after provisioning) starts a rotation: the pods still
+      running hold the last login, so the new password goes to the other login slot and
+      the last login is revoked only after the rollout (one rollout).
+    - A new value of the annotation cqrs.dev/rotate-credentials starts a rotation.
+    """
+    name = manifests.child_name(spec, "credentials")
+    handled = rotation.handled_token(found, current_status)
+    if found.active is None and found.next is None:
+        last = rotation.recorded_login(spec.role, current_status)
+        fresh = Login(spec.role if last is None else "", secrets.token_urlsafe(32))
+        if last is None:
+            # A value the stack was created with asks for nothing: its first password is new.
+            creds = Credentials(active=fresh, token=requested or handled)
+            return creds, [Change("CredentialsCreated", f"stored a new password in Secret {name}")]
+        nxt = replace(fresh, username=rotation.other_login(spec.role, last))
+        creds = Credentials(active=None, next=nxt, retiring=last, token=requested or handled)
+        return creds, [
+            Change(
+                "RotationStarted",
+                f"Secret {name} was missing or unusable: new password for login {nxt.username}; "
+                f"login {last} is revoked once every Deployment has rolled out",
+            )
+        ]
+    if requested and requested != handled and not found.rotating and found.active is not None:
+        nxt = Login(
+            rotation.other_login(spec.role, found.active.username), secrets.token_urlsafe(32)
+        )
+        creds = replace(found, next=nxt, retiring=found.active.username, token=requested)
+        return creds, [
+            Change(
+                "RotationStarted",
+                f"rotation {requested!r}: new password for login {nxt.username}; login "
+                f"{found.active.username} is revoked once every Deployment has rolled out",
+            )
+        ]
+    return found, []
 
 
 def _not_ours(kind: str, name: str, spec: StackSpec) -> PermanentProvisioningError:
@@ -338,30 +385,30 @@ async def _apply(
 
 
 async def ensure_credentials(
-    api: client.ApiClient, spec: StackSpec, adopt: Adopt
-) -> tuple[str, RedisAccess, list[Change]]:
-    """A new password is stored (alone) before any role uses it; the URLs built with it are
-    added by ``apply_credentials`` only once the databases and stream are the stack's."""
-    password, new = await stack_password(api, spec)
-    redis = await redis_access(api, spec, password)
-    if not new:
-        return password, redis, []
-    manifest = manifests.credentials_secret(spec, password, redis.pods_url)
-    manifest["data"] = {k: v for k, v in manifest["data"].items() if k in ("username", "password")}
-    await _apply(api, spec, manifest, adopt)
-    name = manifests.child_name(spec, "credentials")
-    return (
-        password,
-        redis,
-        [Change("CredentialsCreated", f"stored a new password in Secret {name}")],
-    )
+    api: client.ApiClient,
+    spec: StackSpec,
+    adopt: Adopt,
+    current_status: Mapping[str, Any],
+    requested: str = "",
+) -> tuple[Credentials, RedisAccess, list[Change]]:
+    """A new password is stored before any role uses it (a rotation's under ``next-*``);
+    the URLs built with it are added by ``apply_credentials`` only once the databases and
+    stream are the stack's."""
+    found = await read_credentials(api, spec)
+    creds, changes = plan_credentials(spec, found, current_status, requested)
+    redis = await redis_access(api, spec)
+    if changes:
+        url = redis.pods_url(creds.active.password) if creds.active and found.has_urls else None
+        await _apply(api, spec, rotation.secret_manifest(spec, creds, url), adopt)
+    return creds, redis, changes
 
 
 async def apply_credentials(
-    api: client.ApiClient, spec: StackSpec, password: str, redis: RedisAccess, adopt: Adopt
+    api: client.ApiClient, spec: StackSpec, creds: Credentials, redis: RedisAccess, adopt: Adopt
 ) -> None:
     """The credentials Secret with the URLs the pods use (and drift of it repaired)."""
-    await _apply(api, spec, manifests.credentials_secret(spec, password, redis.pods_url), adopt)
+    url = redis.pods_url(creds.active.password) if creds.active else None
+    await _apply(api, spec, rotation.secret_manifest(spec, creds, url), adopt)
 
 
 def owner_of(spec: StackSpec, current_status: Mapping[str, Any]) -> Owner:
@@ -406,20 +453,25 @@ async def database_tls(api: client.ApiClient, spec: StackSpec) -> provisioning.T
 
 
 async def provision_databases(
-    api: client.ApiClient, spec: StackSpec, password: str, owner: Owner
+    api: client.ApiClient, spec: StackSpec, creds: Credentials, owner: Owner
 ) -> tuple[dict[str, int], list[Change]]:
-    """Role, databases and migrations on both servers; returns the schema versions."""
+    """Role, databases and migrations on both servers; returns the schema versions.
+
+    Every login of ``creds.accepted`` logs in afterwards; outside a rotation the other
+    login slot is revoked. Migrations run as the current login (as the role: see rotation).
+    """
     versions: dict[str, int] = {}
     changes: list[Change] = []
     tls = await database_tls(api, spec)
+    me = creds.current
     for db, kind in ((spec.write_db, "write"), (spec.read_db, "read")):
         login = await admin_login(api, spec, db)
         on_server = replace(owner, adopt_allowed=login.may_adopt)
         changes += await provisioning.ensure_database(
-            db, login, spec.role, password, on_server, tls
+            db, login, spec.role, creds.accepted, on_server, tls, exact=not creds.rotating
         )
         versions[kind], applied = await provisioning.migrate_database(
-            db, spec.role, password, kind, tls
+            db, me.username, me.password, kind, tls
         )
         changes += applied
     return versions, changes
@@ -432,11 +484,12 @@ async def apply_workloads(
     url: str,
     projector_count: int | None,
     adopt: Adopt,
+    login: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[Change]]:
     """Apply the ConfigMap, Deployments, Services and autoscalers; return the live objects
     and rollouts."""
     config = manifests.config_data(spec)
-    digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url))
+    digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url, login))
     live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
     changes: list[Change] = []
     for manifest in manifests.workloads(spec, digest, projector_count):
@@ -635,12 +688,20 @@ def describe_replicas(spec: StackSpec, counts: Mapping[str, int]) -> str:
 
 
 async def reconcile(
-    api: client.ApiClient, spec: StackSpec, current_status: Mapping[str, Any], adopt: Adopt
+    api: client.ApiClient,
+    spec: StackSpec,
+    current_status: Mapping[str, Any],
+    adopt: Adopt,
+    rotate: str = "",
 ) -> Outcome:
-    """Check and repair every part of the stack; each part reports in its own condition."""
+    """Check and repair every part of the stack; each part reports in its own condition.
+
+    ``rotate``: the value of the stack's annotation cqrs.dev/rotate-credentials; a value
+    not handled yet starts a rotation (see rotation.py).
+    """
     out = Outcome()
     try:
-        password, redis, changes = await ensure_credentials(api, spec, adopt)
+        creds, redis, changes = await ensure_credentials(api, spec, adopt, current_status, rotate)
         out.changes += changes
     except ProvisioningError as exc:
         for kind in (status.DATABASES, status.STREAM, status.WORKLOADS):
@@ -654,8 +715,8 @@ async def reconcile(
         await _remove_acl_user(out, redis, spec)
         lag = None
     else:
-        await _databases(out, api, spec, password, owner)
-        lag = await _stream(out, redis, spec, password, owner)
+        await _databases(out, api, spec, creds, owner)
+        lag = await _stream(out, redis, spec, creds, owner)
     refusal = next((e for e in out.errors if isinstance(e, OwnershipRefused)), None)
     count, samples = projector_scale(spec, lag, current_status)
     if refusal is not None:
@@ -682,10 +743,25 @@ async def reconcile(
         try:
             await check_token_secret(api, spec)
             await check_env_secrets(api, spec)
-            await apply_credentials(api, spec, password, redis, adopt)
-            live, changes = await apply_workloads(api, spec, password, redis.pods_url, count, adopt)
+            creds = _switch(out, creds)
+            await apply_credentials(api, spec, creds, redis, adopt)
+            active = creds.active
+            if active is None:  # a lost Secret's new login, not yet accepted by the servers
+                raise ProvisioningError(
+                    "CredentialsPending", "the new login is not yet accepted by the servers"
+                )
+            live, changes = await apply_workloads(
+                api,
+                spec,
+                active.password,
+                redis.pods_url(active.password),
+                count,
+                adopt,
+                login=active.username,
+            )
             out.changes += changes
             applied = applied_replicas(spec, live)
+            creds = await _complete_rotation(out, api, spec, creds, redis, adopt)
             out.ok(
                 status.WORKLOADS,
                 "Applied",
@@ -703,7 +779,84 @@ async def reconcile(
         out.conditions.append(await check_available(api, spec))
     except ProvisioningError as exc:
         out.fail(status.AVAILABLE, exc)
+    _report_rotation(out, creds)
     return out
+
+
+def _switch(out: Outcome, creds: Credentials) -> Credentials:
+    """A rotation's step 2, once both servers accept the next login: the pods move to it."""
+    ok = {c.type for c in out.conditions if c.status}
+    if creds.next is None or not {status.DATABASES, status.STREAM} <= ok:
+        return creds
+    switched = creds.switched()
+    out.changes.append(
+        Change(
+            "CredentialsSwitched",
+            f"the pods now get login {creds.next.username} (new password): rolling restart",
+        )
+    )
+    return switched
+
+
+async def _complete_rotation(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    creds: Credentials,
+    redis: RedisAccess,
+    adopt: Adopt,
+) -> Credentials:
+    """A rotation's step 3: once every Deployment runs only pods of the current template
+    (which carry the new credentials), the old login and Redis password are revoked."""
+    if creds.next is not None or creds.retiring is None or creds.active is None:
+        return creds
+    waiting = []
+    for component in manifests.COMPONENTS:
+        name = manifests.child_name(spec, component)
+        deployment = await _read_deployment(api, spec.namespace, name)
+        why = f"{name}: absent" if deployment is None else status.rolled_out(deployment)
+        if why is not None:
+            waiting.append(why)
+    if waiting:
+        out.extra["rotation_waiting"] = "; ".join(waiting)
+        return creds
+    tls = await database_tls(api, spec)
+    for db in (spec.write_db, spec.read_db):
+        login = await admin_login(api, spec, db)
+        out.changes += await provisioning.revoke_other_logins(
+            db, login, spec.role, creds.active, spec.uid, tls
+        )
+    out.changes += await _acl_user(redis, spec, creds.completed())
+    done = creds.completed()
+    await apply_credentials(api, spec, done, redis, adopt)
+    out.changes.append(
+        Change(
+            "RotationCompleted",
+            f"every Deployment rolled out; only login {creds.active.username} is accepted",
+        )
+    )
+    return done
+
+
+def _report_rotation(out: Outcome, creds: Credentials) -> None:
+    """Condition CredentialsCurrent and status.credentials: the rotation's progress."""
+    waiting = out.extra.pop("rotation_waiting", "")
+    if creds.phase == rotation.PREPARING:
+        assert creds.next is not None
+        message = f"setting login {creds.next.username} on the servers; the pods keep their login"
+    elif creds.phase == rotation.ROLLING_OUT:
+        assert creds.active is not None
+        message = (
+            f"pods move to login {creds.active.username}; login {creds.retiring} is still "
+            f"accepted until every Deployment has rolled out" + (f" ({waiting})" if waiting else "")
+        )
+    else:
+        who = creds.active.username if creds.active else "?"
+        message = f"the pods' login {who} is the only one accepted"
+    out.conditions.append(
+        status.Condition(status.CREDENTIALS, creds.phase == rotation.CURRENT, creds.phase, message)
+    )
+    out.extra["credentials"] = rotation.status_of(creds, message)
 
 
 def _stream_provisioned(out: Outcome, current_status: Mapping[str, Any]) -> bool:
@@ -714,10 +867,10 @@ def _stream_provisioned(out: Outcome, current_status: Mapping[str, Any]) -> bool
 
 
 async def _databases(
-    out: Outcome, api: client.ApiClient, spec: StackSpec, password: str, owner: Owner
+    out: Outcome, api: client.ApiClient, spec: StackSpec, creds: Credentials, owner: Owner
 ) -> None:
     try:
-        versions, changes = await provision_databases(api, spec, password, owner)
+        versions, changes = await provision_databases(api, spec, creds, owner)
     except ProvisioningError as exc:
         out.fail(status.DATABASES, exc)
         return
@@ -750,7 +903,7 @@ def expected_schema_versions() -> dict[str, int]:
 
 
 async def _stream(
-    out: Outcome, redis: RedisAccess, spec: StackSpec, password: str, owner: Owner
+    out: Outcome, redis: RedisAccess, spec: StackSpec, creds: Credentials, owner: Owner
 ) -> int | None:
     url = redis.operator_url
     # Without a Redis admin Secret the pods reach all of Redis anyway: adopting adds nothing.
@@ -760,14 +913,7 @@ async def _stream(
             url, spec.stream_name, spec.consumer_group, owner, redis.ca_pem
         )
         if redis.admin is not None:
-            out.changes += await provisioning.ensure_acl_user(
-                redis.base_url,
-                redis.admin,
-                spec.redis_user,
-                spec.stream_name,
-                password,
-                redis.ca_pem,
-            )
+            out.changes += await _acl_user(redis, spec, creds)
             out.ok(
                 status.REDIS_ISOLATION,
                 "AclUser",
@@ -801,6 +947,22 @@ async def _stream(
     return lag
 
 
+async def _acl_user(redis: RedisAccess, spec: StackSpec, creds: Credentials) -> list[Change]:
+    """The stack's ACL user accepts the logins of ``creds`` (and, during a rotation, keeps
+    the passwords it has: the pods not yet rolled out use them)."""
+    if redis.admin is None:
+        return []
+    return await provisioning.ensure_acl_user(
+        redis.base_url,
+        redis.admin,
+        spec.redis_user,
+        spec.stream_name,
+        [login.password for login in creds.accepted],
+        redis.ca_pem,
+        exact=not creds.rotating,
+    )
+
+
 async def _remove_acl_user(out: Outcome, redis: RedisAccess, spec: StackSpec) -> None:
     """A refused stack keeps no Redis ACL user: it may hold the keys of the stream that the
     refusal protects (a pre-squatted ``<stream>:dead``)."""
@@ -823,8 +985,7 @@ async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], l
     logins = [(db, await admin_login(api, spec, db)) for db in (spec.write_db, spec.read_db)]
     tls = await database_tls(api, spec)
     dropped, left = await provisioning.drop_owned(logins, spec.role, spec.uid, tls)
-    password, _ = await stack_password(api, spec)
-    redis = await redis_access(api, spec, password)
+    redis = await redis_access(api, spec)
     if await provisioning.delete_owned_stream(
         redis.operator_url, spec.stream_name, spec.uid, redis.ca_pem
     ):

@@ -10,6 +10,9 @@ Conditions of a stack:
   replicas updated and available; when not, the reason comes from its pods
   (``ImagePullBackOff``, ``CrashLoopBackOff``, ...) or is ``RolloutInProgress``.
 - ``RedisIsolation``: whether the stack's pods use a Redis ACL user of their own.
+- ``CredentialsCurrent``: False while a credential rotation is under way (reasons
+  ``RotationPreparing``, ``RotationRollingOut``), True (``Current``) when the pods' login is
+  the only one accepted. Not part of Ready: a rotation does not interrupt serving.
 - ``Ready``: all of DatabasesReady, StreamReady, WorkloadsReady and WorkloadsAvailable.
 
 Phase: ``Ready``; ``Failed`` when a part cannot succeed without a change of the spec (or of
@@ -24,39 +27,25 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import PERMANENT_REASONS
+
 DATABASES = "DatabasesReady"
 STREAM = "StreamReady"
 WORKLOADS = "WorkloadsReady"
 AVAILABLE = "WorkloadsAvailable"
 REDIS_ISOLATION = "RedisIsolation"
+CREDENTIALS = "CredentialsCurrent"
 READY = "Ready"
 READY_PARTS = (DATABASES, STREAM, WORKLOADS, AVAILABLE)
 # Reasons of a part that is on its way, not failing.
-PENDING_REASONS = ("", "Pending", "Provisioning", "RolloutInProgress", "WaitingForStream")
-# Reasons that need a change of the spec or of what it names; everything else is transient.
-PERMANENT_REASONS = (
-    "InvalidSpec",
-    "OwnedByAnotherStack",
-    "NotOwned",
-    "AdoptionNotAllowed",
-    "ChildNotOwned",
-    "SecretNotOptedIn",
-    "CaInvalid",
-    "RedisTlsMismatch",
-    "AdminSecretNotOptedIn",
-    "AdminSecretInvalid",
-    "AdminHostNotAllowed",
-    "AdminHostsRequired",
-    "AdminSecretWrongKind",
-    "ReservedName",
-    "RedisDatabaseNotZero",
-    "RedisUrlInvalid",
-    "RedisSecretInvalid",
-    "ImagePullBackOff",
-    "ErrImagePull",
-    "ErrImageNeverPull",
-    "InvalidImageName",
-    "CreateContainerConfigError",
+PENDING_REASONS = (
+    "",
+    "Pending",
+    "Provisioning",
+    "RolloutInProgress",
+    "WaitingForStream",
+    "RotationPreparing",
+    "RotationRollingOut",
 )
 # Container waiting reasons that explain an unavailable Deployment, most telling first.
 POD_REASONS = (
@@ -113,7 +102,7 @@ def merge_conditions(
 
 
 def _order(kind: str) -> tuple[int, str]:
-    known = (*READY_PARTS, REDIS_ISOLATION, READY)
+    known = (*READY_PARTS, REDIS_ISOLATION, CREDENTIALS, READY)
     return (known.index(kind) if kind in known else len(known), kind)
 
 
@@ -168,6 +157,19 @@ def deployment_unavailable(deployment: Mapping[str, Any]) -> str | None:
     updated, available = st.get("updatedReplicas") or 0, st.get("availableReplicas") or 0
     if updated < wanted or available < wanted:
         return f"{name}: {available}/{wanted} available, {updated}/{wanted} updated"
+    return None
+
+
+def rolled_out(deployment: Mapping[str, Any]) -> str | None:
+    """Why ``deployment`` still runs pods of an older template, or None when every pod it
+    has is of the current one, and available (a credential rotation may then revoke)."""
+    why = deployment_unavailable(deployment)
+    if why is not None:
+        return why
+    st = deployment.get("status") or {}
+    total, updated = st.get("replicas") or 0, st.get("updatedReplicas") or 0
+    if total > updated:
+        return f"{deployment['metadata']['name']}: {total - updated} pods of an older template"
     return None
 
 

@@ -10,12 +10,14 @@ for; tests that must see a stack not Ready simply do not.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -397,3 +399,134 @@ async def role_exists(server: Any, name: str) -> bool:
         return bool(await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name))
     finally:
         await conn.close()
+
+
+# ------------------------------------------------------------------- Secrets, Events, children
+
+
+async def secret_data(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
+    """The decoded data of Secret ``namespace/name``."""
+    secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+async def wait_credentials(
+    api: client.ApiClient, namespace: str, stack: str, operator: Operator
+) -> dict[str, str]:
+    """Wait until the stack's credentials Secret exists with the pods' URLs; its data. (A new
+    password is stored alone first; the URLs follow once the servers accept it.)"""
+
+    async def recreated() -> dict[str, str] | None:
+        try:
+            data = await secret_data(api, namespace, f"{stack}-credentials")
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return data if "WRITE_DB_URL" in data else None
+
+    result: dict[str, str] = await wait_until(
+        recreated, timeout=30, what="credentials Secret with URLs", alive=operator.exit_reason
+    )
+    return result
+
+
+async def create_secret(
+    api: client.ApiClient, namespace: str, metadata: dict[str, Any], data: dict[str, str]
+) -> None:
+    """As the tenant may: create (never read) a Secret."""
+    await client.CoreV1Api(api).create_namespaced_secret(
+        namespace, {"metadata": metadata, "stringData": data}
+    )
+
+
+async def redis_admin_secret(api: client.ApiClient, namespace: str) -> None:
+    """Secret ``redis-admin``: the test Redis's admin login (default user, no password) for
+    127.0.0.1, so that stacks naming it get their own ACL user."""
+    await create_secret(
+        api, namespace, admin_metadata("redis-admin", "127.0.0.1", "redis"), {"password": ""}
+    )
+
+
+async def allow_adoption(api: client.ApiClient, namespace: str) -> None:
+    """The platform's consent: the admin Secrets allow stacks to adopt unmarked objects."""
+    for secret in ADMIN_SECRETS:
+        await client.CoreV1Api(api).patch_namespaced_secret(
+            secret, namespace, {"metadata": {"annotations": {"cqrs.dev/allow-adopt": "true"}}}
+        )
+
+
+async def events(api: client.ApiClient, namespace: str, name: str) -> list[Any]:
+    """The Events about object ``name``."""
+    listed = await client.CoreV1Api(api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return list(listed.items)
+
+
+async def wait_event(
+    api: client.ApiClient, namespace: str, name: str, reason: str, operator: Operator
+) -> Any:
+    """Wait for an Event with ``reason`` about ``name``; return it."""
+
+    async def found() -> Any:
+        return next((e for e in await events(api, namespace, name) if e.reason == reason), None)
+
+    return await wait_until(
+        found, timeout=30, what=f"Event {reason} on {name}", alive=operator.exit_reason
+    )
+
+
+async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> set[str]:
+    """The config hashes of the stack's three Deployments (one value: one rollout state)."""
+    apps = client.AppsV1Api(api)
+    out = set()
+    for component in COMPONENTS:
+        dep = await apps.read_namespaced_deployment(f"{name}-{component}", namespace)
+        out.add(dep.spec.template.metadata.annotations["cqrs.dev/config-hash"])
+    return out
+
+
+# ------------------------------------------------------------------- one test's world
+
+
+@dataclass(frozen=True)
+class Env:
+    """What most operator tests need: the API, a namespace with the admin Secrets, its
+    stacks, the operator watching it, both PostgreSQL servers, Redis and fresh names."""
+
+    api: client.ApiClient
+    namespace: str
+    stacks: Stacks
+    operator: Operator
+    write_pg: Any
+    read_pg: Any
+    redis: Any
+    fresh: str
+
+    def manifest(
+        self, name: str, fresh: str | None = None, redis_url: str | None = None, **spec: Any
+    ) -> dict[str, Any]:
+        """A CqrsStack on the test servers (databases named after ``fresh``)."""
+        return stack_manifest(
+            name,
+            self.fresh if fresh is None else fresh,
+            self.write_pg,
+            self.read_pg,
+            self.redis.url if redis_url is None else redis_url,
+            **spec,
+        )
+
+
+@pytest.fixture
+def env(
+    kube_api: client.ApiClient,
+    namespace: str,
+    stacks: Stacks,
+    operator: Operator,
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> Env:
+    return Env(kube_api, namespace, stacks, operator, write_pg, read_pg, redis_server, fresh_names)

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from tests.operator.fixtures_operator import (
     ADMIN_SECRETS,
-    Operator,
+    Env,
     Stacks,
     database_exists,
     names,
@@ -57,17 +57,10 @@ def conditions(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 async def test_create_provisions_databases_stream_and_children(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("orders", fresh_names, write_pg, read_pg, redis_server.url))
-    stack = await stacks.wait_ready("orders", operator)
+    await env.stacks.create(env.manifest("orders"))
+    stack = await env.stacks.wait_ready("orders", env.operator)
     status = stack["status"]
     assert status["phase"] == "Ready"
     assert status["observedGeneration"] == stack["metadata"]["generation"]
@@ -76,7 +69,7 @@ async def test_create_provisions_databases_stream_and_children(
         assert conds[kind]["status"] == "True", conds[kind]
         assert conds[kind]["lastTransitionTime"]
 
-    objs = await children(kube_api, namespace, "orders")
+    objs = await children(env.api, env.namespace, "orders")
     for key, obj in objs.items():
         refs = obj["metadata"]["ownerReferences"]
         assert [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in refs] == [
@@ -86,8 +79,8 @@ async def test_create_provisions_databases_stream_and_children(
     # The role logs in with the Secret's password; both schemas are migrated.
     creds = secret_data(objs["Secret/orders-credentials"])
     role, password = creds["username"], creds["password"]
-    assert role == names(namespace, "orders").role
-    for server, db in ((write_pg, f"w_{fresh_names}"), (read_pg, f"r_{fresh_names}")):
+    assert role == names(env.namespace, "orders").role
+    for server, db in ((env.write_pg, f"w_{env.fresh}"), (env.read_pg, f"r_{env.fresh}")):
         conn = await asyncpg.connect(server.url(db, role, password))
         try:
             assert await conn.fetchval("SELECT max(version) FROM schema_migrations") >= 1
@@ -104,12 +97,12 @@ async def test_create_provisions_databases_stream_and_children(
     assert recorded["migratedBy"] == "cqrs-stack-operator 0.1.0"
     assert recorded["expectedSchemaVersions"] == recorded["schemaVersions"], recorded
     assert min(recorded["expectedSchemaVersions"].values()) >= 1, recorded
-    assert creds["WRITE_DB_URL"] == write_pg.url(f"w_{fresh_names}", role, password)
-    assert creds["READ_DB_URL"] == read_pg.url(f"r_{fresh_names}", role, password)
+    assert creds["WRITE_DB_URL"] == env.write_pg.url(f"w_{env.fresh}", role, password)
+    assert creds["READ_DB_URL"] == env.read_pg.url(f"r_{env.fresh}", role, password)
 
-    redis = Redis.from_url(redis_server.url)
+    redis = Redis.from_url(env.redis.url)
     try:
-        groups = await redis.xinfo_groups(f"{namespace}.orders-events")
+        groups = await redis.xinfo_groups(f"{env.namespace}.orders-events")
         assert [g["name"] for g in groups] == [b"projectors"]
     finally:
         await redis.aclose()
@@ -123,7 +116,8 @@ async def test_create_provisions_databases_stream_and_children(
         assert container["args"][0] == comp
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert (
-        objs["ConfigMap/orders-config"]["data"]["EVENT_STREAM_NAME"] == f"{namespace}.orders-events"
+        objs["ConfigMap/orders-config"]["data"]["EVENT_STREAM_NAME"]
+        == f"{env.namespace}.orders-events"
     )
     assert (
         objs["Service/orders-read-api"]["spec"]["selector"]["app.kubernetes.io/component"]
@@ -131,36 +125,29 @@ async def test_create_provisions_databases_stream_and_children(
     )
 
     # The password is nowhere but in the Secret: not in status, annotations, config, events.
-    events = await client.CoreV1Api(kube_api).list_namespaced_event(namespace)
+    events = await client.CoreV1Api(env.api).list_namespaced_event(env.namespace)
     visible = json.dumps(
-        [stack, objs["ConfigMap/orders-config"], kube_api.sanitize_for_serialization(events)]
+        [stack, objs["ConfigMap/orders-config"], env.api.sanitize_for_serialization(events)]
     )
     assert password not in visible
-    assert password not in operator.log_text()
+    assert password not in env.operator.log_text()
 
     # Lag is reported by the timer.
     async def lag_reported() -> bool:
-        obj = await stacks.get("orders")
+        obj = await env.stacks.get("orders")
         return obj is not None and (obj["status"].get("projector") or {}).get("lag") == 0
 
     await wait_until(lag_reported, timeout=20, what="status.projector.lag")
 
 
 async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("shop", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("shop", operator)
-    before = await children(kube_api, namespace, "shop")
+    await env.stacks.create(env.manifest("shop"))
+    await env.stacks.wait_ready("shop", env.operator)
+    before = await children(env.api, env.namespace, "shop")
 
-    await stacks.patch(
+    await env.stacks.patch(
         "shop",
         {
             "spec": {
@@ -171,8 +158,8 @@ async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
             }
         },
     )
-    await stacks.wait_ready("shop", operator)
-    after = await children(kube_api, namespace, "shop")
+    await env.stacks.wait_ready("shop", env.operator)
+    after = await children(env.api, env.namespace, "shop")
     for comp, replicas in (("write-api", 3), ("read-api", 4), ("projector", 2)):
         old, new = before[f"Deployment/shop-{comp}"], after[f"Deployment/shop-{comp}"]
         assert new["spec"]["replicas"] == replicas
@@ -189,10 +176,10 @@ async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
 
     # Trigger another reconcile with a change that renders nothing new: children untouched.
     versions = {k: v["metadata"]["resourceVersion"] for k, v in after.items()}
-    await stacks.patch("shop", {"metadata": {"annotations": {"example.com/touch": "1"}}})
+    await env.stacks.patch("shop", {"metadata": {"annotations": {"example.com/touch": "1"}}})
 
     async def handled() -> bool:
-        obj = await stacks.get("shop")
+        obj = await env.stacks.get("shop")
         base = (
             (obj or {})
             .get("metadata", {})
@@ -202,33 +189,31 @@ async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
         return "example.com/touch" in base
 
     await wait_until(
-        handled, timeout=30, what="reconcile of the annotation change", alive=operator.exit_reason
+        handled,
+        timeout=30,
+        what="reconcile of the annotation change",
+        alive=env.operator.exit_reason,
     )
-    again = await children(kube_api, namespace, "shop")
+    again = await children(env.api, env.namespace, "shop")
     assert {k: v["metadata"]["resourceVersion"] for k, v in again.items()} == versions
 
 
 async def test_drifted_replicas_are_restored(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("drift", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("drift", operator)
-    apps = client.AppsV1Api(kube_api)
-    await apps.patch_namespaced_deployment("drift-read-api", namespace, {"spec": {"replicas": 7}})
+    await env.stacks.create(env.manifest("drift"))
+    await env.stacks.wait_ready("drift", env.operator)
+    apps = client.AppsV1Api(env.api)
+    await apps.patch_namespaced_deployment(
+        "drift-read-api", env.namespace, {"spec": {"replicas": 7}}
+    )
 
     async def restored() -> bool:
-        dep = await apps.read_namespaced_deployment("drift-read-api", namespace)
+        dep = await apps.read_namespaced_deployment("drift-read-api", env.namespace)
         return dep.spec.replicas == 2
 
     await wait_until(
-        restored, timeout=30, what="read-api replicas back to 2", alive=operator.exit_reason
+        restored, timeout=30, what="read-api replicas back to 2", alive=env.operator.exit_reason
     )
 
 
@@ -324,68 +309,53 @@ async def test_defaults_are_filled_by_the_api_server(
 
 @pytest.mark.parametrize("policy", ["Delete", "Retain"])
 async def test_delete_honours_the_deletion_policy(
-    stacks: Stacks,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
     policy: str,
-    namespace: str,
 ) -> None:
-    await stacks.create(
-        stack_manifest(
-            "gone", fresh_names, write_pg, read_pg, redis_server.url, deletionPolicy=policy
-        )
-    )
-    stack = await stacks.wait_ready("gone", operator)
+    await env.stacks.create(env.manifest("gone", deletionPolicy=policy))
+    stack = await env.stacks.wait_ready("gone", env.operator)
     assert "cqrs.dev/finalizer" in stack["metadata"]["finalizers"]
-    role = names(namespace, "gone").role
-    await stacks.delete("gone")
-    await stacks.wait_gone("gone", operator)
+    role = names(env.namespace, "gone").role
+    await env.stacks.delete("gone")
+    await env.stacks.wait_gone("gone", env.operator)
 
     kept = policy == "Retain"
-    assert await database_exists(write_pg, f"w_{fresh_names}") is kept
-    assert await database_exists(read_pg, f"r_{fresh_names}") is kept
-    assert await role_exists(write_pg, role) is kept
-    assert await role_exists(read_pg, role) is kept
-    redis = Redis.from_url(redis_server.url)
+    assert await database_exists(env.write_pg, f"w_{env.fresh}") is kept
+    assert await database_exists(env.read_pg, f"r_{env.fresh}") is kept
+    assert await role_exists(env.write_pg, role) is kept
+    assert await role_exists(env.read_pg, role) is kept
+    redis = Redis.from_url(env.redis.url)
     try:
-        assert bool(await redis.exists(f"{namespace}.gone-events")) is kept
+        assert bool(await redis.exists(f"{env.namespace}.gone-events")) is kept
     finally:
         await redis.aclose()
 
 
 async def test_unreachable_database_is_reported_and_retried(
-    stacks: Stacks,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     from cqrs_stack.localservers import free_port
 
-    manifest = stack_manifest("later", fresh_names, write_pg, read_pg, redis_server.url)
+    manifest = env.manifest("later")
     manifest["spec"]["databases"]["write"]["port"] = free_port()  # nothing listens there
-    await stacks.create(manifest)
+    await env.stacks.create(manifest)
 
     async def reported() -> dict[str, Any] | None:
-        obj = await stacks.get("later")
+        obj = await env.stacks.get("later")
         conds = {c["type"]: c for c in (obj or {}).get("status", {}).get("conditions") or []}
         db = conds.get("DatabasesReady", {})
         return obj if db.get("reason") == "DatabaseUnreachable" else None
 
     obj = await wait_until(
-        reported, timeout=30, what="DatabasesReady=False", alive=operator.exit_reason
+        reported, timeout=30, what="DatabasesReady=False", alive=env.operator.exit_reason
     )
     assert obj["status"]["phase"] == "Degraded"  # transient: retried, not Failed
     assert conditions(obj)["Ready"]["status"] == "False"
     assert "cannot reach PostgreSQL" in conditions(obj)["DatabasesReady"]["message"]
 
-    await stacks.patch("later", {"spec": {"databases": {"write": {"port": write_pg.port}}}})
-    await stacks.wait_ready("later", operator)
-    assert operator.exit_reason() is None
+    await env.stacks.patch("later", {"spec": {"databases": {"write": {"port": env.write_pg.port}}}})
+    await env.stacks.wait_ready("later", env.operator)
+    assert env.operator.exit_reason() is None
 
 
 async def test_restart_in_the_middle_of_provisioning_converges(
@@ -463,14 +433,7 @@ async def test_restart_in_the_middle_of_provisioning_converges(
 
 
 async def test_projector_scales_with_stream_lag(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """Autoscaling on a real stream: a backlog scales the projector up, a drained one down."""
     auto = {
@@ -482,85 +445,80 @@ async def test_projector_scales_with_stream_lag(
         "scaleUpWindowSeconds": 0,
         "scaleDownWindowSeconds": 0,
     }
-    manifest = stack_manifest(
+    manifest = env.manifest(
         "scaled",
-        fresh_names,
-        write_pg,
-        read_pg,
-        redis_server.url,
         projector={"replicas": 1, "batchSize": 100, "autoscaling": auto},
     )
-    await stacks.create(manifest)
-    await stacks.wait_ready("scaled", operator)
-    apps = client.AppsV1Api(kube_api)
-    redis = Redis.from_url(redis_server.url)
-    stream = f"{namespace}.scaled-events"
+    await env.stacks.create(manifest)
+    await env.stacks.wait_ready("scaled", env.operator)
+    apps = client.AppsV1Api(env.api)
+    redis = Redis.from_url(env.redis.url)
+    stream = f"{env.namespace}.scaled-events"
     try:
         for i in range(25):  # no projector pod runs here: the entries stay undelivered
             await redis.xadd(stream, {"type": "RecordCreated", "position": str(i + 1)})
 
         async def replicas(wanted: int) -> bool:
-            deployment = await apps.read_namespaced_deployment("scaled-projector", namespace)
+            deployment = await apps.read_namespaced_deployment("scaled-projector", env.namespace)
             return deployment.spec.replicas == wanted
 
         await wait_until(
             lambda: replicas(3),
             timeout=30,
             what="3 projectors for a lag of 25",
-            alive=operator.exit_reason,
+            alive=env.operator.exit_reason,
         )
 
         async def lag_reported() -> bool:
             # The status patch lands after the Deployment is applied: wait for it too.
-            stack = await stacks.get("scaled")
+            stack = await env.stacks.get("scaled")
             projector = ((stack or {}).get("status") or {}).get("projector") or {}
             return int(projector.get("lag") or 0) >= 25
 
         await wait_until(
-            lag_reported, timeout=30, what="status.projector.lag >= 25", alive=operator.exit_reason
+            lag_reported,
+            timeout=30,
+            what="status.projector.lag >= 25",
+            alive=env.operator.exit_reason,
         )
         await redis.xgroup_setid(stream, "projectors", "$")  # the backlog is consumed
         await wait_until(
             lambda: replicas(1),
             timeout=30,
             what="back to 1 projector at no lag",
-            alive=operator.exit_reason,
+            alive=env.operator.exit_reason,
         )
     finally:
         await redis.aclose()
 
 
 async def test_the_first_deployments_wait_for_the_stream(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
+    env: Env,
     redis_factory: Any,
-    fresh_names: str,
 ) -> None:
     """Pods create the stream themselves at start: had they started before the operator
     marked it (Redis not up yet), the stack would find it unmarked and refuse it for good."""
     redis = redis_factory()
     redis.stop()
-    await stacks.create(stack_manifest("late", fresh_names, write_pg, read_pg, redis.url))
-    obj = await stacks.wait_condition("late", "StreamReady", "False", "RedisUnreachable", operator)
+    await env.stacks.create(env.manifest("late", redis_url=redis.url))
+    obj = await env.stacks.wait_condition(
+        "late", "StreamReady", "False", "RedisUnreachable", env.operator
+    )
     conds = conditions(obj)
     assert conds["WorkloadsReady"]["reason"] == "WaitingForStream", conds
     assert obj["status"]["phase"] == "Degraded", obj["status"]  # transient: retried
-    apps = client.AppsV1Api(kube_api)
+    apps = client.AppsV1Api(env.api)
     for component in DEPLOYMENTS:
         with pytest.raises(ApiException) as missing:
-            await apps.read_namespaced_deployment(f"late-{component}", namespace)
+            await apps.read_namespaced_deployment(f"late-{component}", env.namespace)
         assert missing.value.status == 404
 
     redis.start()
-    ready = await stacks.wait_ready("late", operator)
+    ready = await env.stacks.wait_ready("late", env.operator)
     owner = Redis.from_url(redis.url)
     try:
-        marker = await owner.get(f"{namespace}.late-events:owner")
+        marker = await owner.get(f"{env.namespace}.late-events:owner")
     finally:
         await owner.aclose()
     assert marker is not None and ready["metadata"]["uid"].encode() in marker
-    await apps.read_namespaced_deployment("late-write-api", namespace)
+    await apps.read_namespaced_deployment("late-write-api", env.namespace)

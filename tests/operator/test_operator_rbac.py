@@ -94,6 +94,10 @@ def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
         r for rule in role["rules"] if "delete" in rule["verbs"] for r in rule["resources"]
     }
     assert deletable == {"horizontalpodautoscalers", "scaledobjects", "triggerauthentications"}
+    verbs = {r: set(rule["verbs"]) for rule in role["rules"] for r in rule["resources"]}
+    # Read by name only (kube.read_object, kube.list_pods): no list/watch of Deployments.
+    assert verbs["deployments"] == {"get", "create", "patch"}
+    assert verbs["pods"] == {"list"}
 
 
 def test_the_operator_runs_in_its_own_namespace_and_may_finalize_stacks_anywhere() -> None:

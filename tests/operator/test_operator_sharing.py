@@ -8,7 +8,6 @@ a Deployment is available only when a test marks it so (``Stacks.mark_available`
 from __future__ import annotations
 
 import asyncio
-import base64
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,112 +23,68 @@ from cqrs_operator.spec import GROUP, PLURAL, VERSION
 from tests.operator.fixtures_operator import (
     ADMIN_SECRETS,
     ROOT,
-    Operator,
+    Env,
     Stacks,
-    admin_metadata,
+    allow_adoption,
+    config_hashes,
     database_exists,
     names,
+    redis_admin_secret,
+    secret_data,
     stack_manifest,
+    wait_credentials,
+    wait_event,
     wait_until,
 )
 
 KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
 
 
-async def allow_adoption(api: client.ApiClient, namespace: str) -> None:
-    """The platform's consent: the admin Secrets allow stacks to adopt unmarked objects."""
-    for secret in ADMIN_SECRETS:
-        await client.CoreV1Api(api).patch_namespaced_secret(
-            secret, namespace, {"metadata": {"annotations": {"cqrs.dev/allow-adopt": "true"}}}
-        )
-
-
-async def events(api: client.ApiClient, namespace: str, name: str) -> list[Any]:
-    listed = await client.CoreV1Api(api).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name}"
-    )
-    return list(listed.items)
-
-
-async def wait_event(
-    api: client.ApiClient, namespace: str, name: str, reason: str, operator: Operator
-) -> Any:
-    async def found() -> Any:
-        return next((e for e in await events(api, namespace, name) if e.reason == reason), None)
-
-    return await wait_until(
-        found, timeout=30, what=f"Event {reason} on {name}", alive=operator.exit_reason
-    )
-
-
-async def secret_data(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
-    secret = await client.CoreV1Api(api).read_namespaced_secret(name, namespace)
-    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-
-
-async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> set[str]:
-    apps = client.AppsV1Api(api)
-    out = set()
-    for component in ("write-api", "read-api", "projector"):
-        dep = await apps.read_namespaced_deployment(f"{name}-{component}", namespace)
-        out.add(dep.spec.template.metadata.annotations["cqrs.dev/config-hash"])
-    return out
-
-
 async def test_an_intruder_pointed_at_another_stacks_objects_is_refused_and_its_deletion_keeps_them(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("owner", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("owner", operator)
+    await env.stacks.create(env.manifest("owner"))
+    await env.stacks.wait_ready("owner", env.operator)
     for reason in ("RoleCreated", "DatabaseCreated", "MigrationsApplied", "StreamCreated"):
-        await wait_event(kube_api, namespace, "owner", reason, operator)
-    creds = await secret_data(kube_api, namespace, "owner-credentials")
+        await wait_event(env.api, env.namespace, "owner", reason, env.operator)
+    creds = await secret_data(env.api, env.namespace, "owner-credentials")
     conn = await asyncpg.connect(creds["WRITE_DB_URL"])
     try:
         await conn.execute("CREATE TABLE precious (v text); INSERT INTO precious VALUES ('x')")
     finally:
         await conn.close()
-    stream = f"{namespace}.owner-events"
-    redis = Redis.from_url(redis_server.url)
+    stream = f"{env.namespace}.owner-events"
+    redis = Redis.from_url(env.redis.url)
     try:
         await redis.xadd(stream, {"type": "RecordCreated", "position": "1"})
 
         # Same databases and stream, deletionPolicy Delete: the intruder gets nothing.
-        intruder = stack_manifest(
+        intruder = env.manifest(
             "intruder",
-            fresh_names,
-            write_pg,
-            read_pg,
-            redis_server.url,
             deletionPolicy="Delete",
             stream={"name": stream},
             adopt=True,  # adopt never takes another stack's objects
         )
-        await stacks.create(intruder)
-        refused = await stacks.wait_condition(
-            "intruder", "DatabasesReady", "False", "OwnedByAnotherStack", operator
+        await env.stacks.create(intruder)
+        refused = await env.stacks.wait_condition(
+            "intruder", "DatabasesReady", "False", "OwnedByAnotherStack", env.operator
         )
         message = {c["type"]: c for c in refused["status"]["conditions"]}["DatabasesReady"][
             "message"
         ]
-        assert f"w_{fresh_names}" in message
-        await stacks.wait_condition(
-            "intruder", "StreamReady", "False", "OwnedByAnotherStack", operator
+        assert f"w_{env.fresh}" in message
+        await env.stacks.wait_condition(
+            "intruder", "StreamReady", "False", "OwnedByAnotherStack", env.operator
         )
-        obj = await stacks.wait_condition("intruder", "Ready", "False", None, operator)
+        obj = await env.stacks.wait_condition("intruder", "Ready", "False", None, env.operator)
         assert obj["status"]["phase"] == "Failed"
-        warning = await wait_event(kube_api, namespace, "intruder", "OwnedByAnotherStack", operator)
+        warning = await wait_event(
+            env.api, env.namespace, "intruder", "OwnedByAnotherStack", env.operator
+        )
         assert warning.type == "Warning"
 
-        await stacks.delete("intruder")
-        await stacks.wait_gone("intruder", operator)
+        await env.stacks.delete("intruder")
+        await env.stacks.wait_gone("intruder", env.operator)
 
         # The owner's data, role password, database ownership and stream are intact.
         conn = await asyncpg.connect(creds["WRITE_DB_URL"])
@@ -144,85 +99,69 @@ async def test_an_intruder_pointed_at_another_stacks_objects_is_refused_and_its_
             )
         finally:
             await conn.close()
-        assert await database_exists(read_pg, f"r_{fresh_names}")
+        assert await database_exists(env.read_pg, f"r_{env.fresh}")
         assert await redis.xlen(stream) == 1
         assert [g["name"] for g in await redis.xinfo_groups(stream)] == [b"projectors"]
     finally:
         await redis.aclose()
-    await stacks.wait_ready("owner", operator)
+    await env.stacks.wait_ready("owner", env.operator)
 
 
 async def test_an_unmarked_database_is_used_only_with_adopt_and_never_dropped(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    admin = await asyncpg.connect(write_pg.url())
+    admin = await asyncpg.connect(env.write_pg.url())
     try:
-        await admin.execute(f"CREATE DATABASE w_{fresh_names}")
+        await admin.execute(f"CREATE DATABASE w_{env.fresh}")
     finally:
         await admin.close()
-    await stacks.create(
-        stack_manifest(
-            "adopter", fresh_names, write_pg, read_pg, redis_server.url, deletionPolicy="Delete"
-        )
+    await env.stacks.create(env.manifest("adopter", deletionPolicy="Delete"))
+    obj = await env.stacks.wait_condition(
+        "adopter", "DatabasesReady", "False", "NotOwned", env.operator
     )
-    obj = await stacks.wait_condition("adopter", "DatabasesReady", "False", "NotOwned", operator)
     assert obj["status"]["phase"] == "Failed"
-    await wait_event(kube_api, namespace, "adopter", "NotOwned", operator)
+    await wait_event(env.api, env.namespace, "adopter", "NotOwned", env.operator)
 
     # The tenant's word alone is not enough: the platform allows adoption on the server.
-    await stacks.patch("adopter", {"spec": {"adopt": True}})
-    await stacks.wait_condition(
-        "adopter", "DatabasesReady", "False", "AdoptionNotAllowed", operator
+    await env.stacks.patch("adopter", {"spec": {"adopt": True}})
+    await env.stacks.wait_condition(
+        "adopter", "DatabasesReady", "False", "AdoptionNotAllowed", env.operator
     )
-    await allow_adoption(kube_api, namespace)
-    await stacks.wait_ready("adopter", operator)
-    await wait_event(kube_api, namespace, "adopter", "DatabaseAdopted", operator)
-    await stacks.delete("adopter")
-    await stacks.wait_gone("adopter", operator)
-    assert await database_exists(write_pg, f"w_{fresh_names}")  # adopted: kept
-    assert not await database_exists(read_pg, f"r_{fresh_names}")  # created: dropped
-    left = await wait_event(kube_api, namespace, "adopter", "LeftBehind", operator)
-    assert f"w_{fresh_names}" in left.message
+    await allow_adoption(env.api, env.namespace)
+    await env.stacks.wait_ready("adopter", env.operator)
+    await wait_event(env.api, env.namespace, "adopter", "DatabaseAdopted", env.operator)
+    await env.stacks.delete("adopter")
+    await env.stacks.wait_gone("adopter", env.operator)
+    assert await database_exists(env.write_pg, f"w_{env.fresh}")  # adopted: kept
+    assert not await database_exists(env.read_pg, f"r_{env.fresh}")  # created: dropped
+    left = await wait_event(env.api, env.namespace, "adopter", "LeftBehind", env.operator)
+    assert f"w_{env.fresh}" in left.message
 
 
 async def test_an_admin_secret_must_opt_in_by_label_and_may_pin_hosts(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    core = client.CoreV1Api(kube_api)
+    core = client.CoreV1Api(env.api)
     await core.create_namespaced_secret(
-        namespace,
+        env.namespace,
         {
             "metadata": {"name": "app-db-login"},  # some Secret, never meant for the operator
-            "stringData": {"username": "postgres", "password": write_pg.password},
+            "stringData": {"username": "postgres", "password": env.write_pg.password},
         },
     )
-    manifest = stack_manifest("deputy", fresh_names, write_pg, read_pg, redis_server.url)
+    manifest = env.manifest("deputy")
     manifest["spec"]["databases"]["write"]["adminSecret"] = "app-db-login"
-    await stacks.create(manifest)
-    obj = await stacks.wait_condition(
-        "deputy", "DatabasesReady", "False", "AdminSecretNotOptedIn", operator
+    await env.stacks.create(manifest)
+    obj = await env.stacks.wait_condition(
+        "deputy", "DatabasesReady", "False", "AdminSecretNotOptedIn", env.operator
     )
     assert obj["status"]["phase"] == "Failed"
-    assert not await database_exists(write_pg, f"w_{fresh_names}")
+    assert not await database_exists(env.write_pg, f"w_{env.fresh}")
 
     # Labelled, but pinned to another host: still refused.
     await core.patch_namespaced_secret(
         "app-db-login",
-        namespace,
+        env.namespace,
         {
             "metadata": {
                 "labels": {"cqrs.dev/admin-credentials": "true"},
@@ -230,123 +169,92 @@ async def test_an_admin_secret_must_opt_in_by_label_and_may_pin_hosts(
             }
         },
     )
-    await stacks.wait_condition(
-        "deputy", "DatabasesReady", "False", "AdminHostNotAllowed", operator
+    await env.stacks.wait_condition(
+        "deputy", "DatabasesReady", "False", "AdminHostNotAllowed", env.operator
     )
     await core.patch_namespaced_secret(
         "app-db-login",
-        namespace,
-        {"metadata": {"annotations": {"cqrs.dev/admin-hosts": f"127.0.0.1:{write_pg.port}"}}},
+        env.namespace,
+        {"metadata": {"annotations": {"cqrs.dev/admin-hosts": f"127.0.0.1:{env.write_pg.port}"}}},
     )
-    await stacks.wait_ready("deputy", operator)
+    await env.stacks.wait_ready("deputy", env.operator)
 
 
 async def test_role_passwords_travel_as_scram_verifiers_not_in_sql_text(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    log = Path(write_pg.data_dir) / "server.log"
-    write_pg.psql("ALTER SYSTEM SET log_statement = 'ddl'")
-    write_pg.psql("SELECT pg_reload_conf()")
+    log = Path(env.write_pg.data_dir) / "server.log"
+    env.write_pg.psql("ALTER SYSTEM SET log_statement = 'ddl'")
+    env.write_pg.psql("SELECT pg_reload_conf()")
     try:
         start = log.stat().st_size
-        await stacks.create(
-            stack_manifest("scram", fresh_names, write_pg, read_pg, redis_server.url)
-        )
-        await stacks.wait_condition("scram", "DatabasesReady", "True", None, operator)
-        password = (await secret_data(kube_api, namespace, "scram-credentials"))["password"]
+        await env.stacks.create(env.manifest("scram"))
+        await env.stacks.wait_condition("scram", "DatabasesReady", "True", None, env.operator)
+        password = (await secret_data(env.api, env.namespace, "scram-credentials"))["password"]
         with log.open("rb") as f:
             f.seek(start)
             logged = f.read().decode(errors="replace")
         assert "CREATE ROLE" in logged and "SCRAM-SHA-256$4096:" in logged  # DDL was logged
         assert password not in logged
     finally:
-        write_pg.psql("ALTER SYSTEM RESET log_statement")
-        write_pg.psql("SELECT pg_reload_conf()")
+        env.write_pg.psql("ALTER SYSTEM RESET log_statement")
+        env.write_pg.psql("SELECT pg_reload_conf()")
 
 
 async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("creds", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("creds", operator)
-    before = await config_hashes(kube_api, namespace, "creds")
-    core = client.CoreV1Api(kube_api)
-    await core.delete_namespaced_secret("creds-credentials", namespace)
+    await env.stacks.create(env.manifest("creds"))
+    await env.stacks.wait_ready("creds", env.operator)
+    before = await config_hashes(env.api, env.namespace, "creds")
+    before_login = (await secret_data(env.api, env.namespace, "creds-credentials"))["username"]
+    core = client.CoreV1Api(env.api)
+    await core.delete_namespaced_secret("creds-credentials", env.namespace)
 
-    async def recreated() -> dict[str, str] | None:
-        try:
-            data = await secret_data(kube_api, namespace, "creds-credentials")
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        # The new password is stored alone first; the URLs follow once the databases answer.
-        return data if "WRITE_DB_URL" in data else None
-
-    data = await wait_until(
-        recreated, timeout=30, what="credentials Secret recreated", alive=operator.exit_reason
-    )
-    # The reconcile that recreated it sets the new password on the role (then reports it).
-    await wait_event(kube_api, namespace, "creds", "RolePasswordSet", operator)
-    await stacks.wait_ready("creds", operator)
+    data = await wait_credentials(env.api, env.namespace, "creds", env.operator)
+    # The running pods hold the deleted Secret's login: the new password goes to the other
+    # login slot (a rotation), and the old login is revoked once the rollout is done.
+    await wait_event(env.api, env.namespace, "creds", "RotationStarted", env.operator)
+    assert data["username"] != before_login
+    await env.stacks.wait_ready("creds", env.operator)
+    await env.stacks.wait_condition("creds", "CredentialsCurrent", "True", "Current", env.operator)
     for url in (data["WRITE_DB_URL"], data["READ_DB_URL"]):
         conn = await asyncpg.connect(url)
         await conn.close()
-    after = await config_hashes(kube_api, namespace, "creds")
+    after = await config_hashes(env.api, env.namespace, "creds")
     assert len(after) == 1 and after != before  # one new hash: one rollout
-    await wait_event(kube_api, namespace, "creds", "RolloutStarted", operator)
+    await wait_event(env.api, env.namespace, "creds", "RolloutStarted", env.operator)
     # Several reconcile intervals (2 s here) later nothing has rolled again. A wait for a
     # condition cannot show that nothing happens: this is a bounded observation window.
     await asyncio.sleep(7)
-    assert await config_hashes(kube_api, namespace, "creds") == after
-    assert (await secret_data(kube_api, namespace, "creds-credentials")) == data
+    assert await config_hashes(env.api, env.namespace, "creds") == after
+    assert (await secret_data(env.api, env.namespace, "creds-credentials")) == data
 
 
 async def test_ready_means_serving_and_reasons_come_from_the_pods(
-    kube_api: client.ApiClient,
+    env: Env,
     kube_apiserver: Any,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
 ) -> None:
-    await stacks.create(stack_manifest("serving", fresh_names, write_pg, read_pg, redis_server.url))
+    await env.stacks.create(env.manifest("serving"))
     for part in ("DatabasesReady", "StreamReady", "WorkloadsReady"):
-        await stacks.wait_condition("serving", part, "True", None, operator)
+        await env.stacks.wait_condition("serving", part, "True", None, env.operator)
     # No kubelet: no Deployment becomes available, so the stack is not Ready.
-    obj = await stacks.wait_condition(
-        "serving", "WorkloadsAvailable", "False", "RolloutInProgress", operator
+    obj = await env.stacks.wait_condition(
+        "serving", "WorkloadsAvailable", "False", "RolloutInProgress", env.operator
     )
     conds = {c["type"]: c for c in obj["status"]["conditions"]}
     assert conds["Ready"]["status"] == "False"
     assert obj["status"]["phase"] == "Provisioning"
 
     # A pod of the read API that cannot pull its image: the reason reaches the stack.
-    core = client.CoreV1Api(kube_api)
+    core = client.CoreV1Api(env.api)
     labels = {
         "app.kubernetes.io/name": "cqrs-stack",
         "app.kubernetes.io/instance": "serving",
         "app.kubernetes.io/component": "read-api",
     }
     await core.create_namespaced_pod(
-        namespace,
+        env.namespace,
         {
             "metadata": {"name": "serving-read-api-x", "labels": labels},
             "spec": {"containers": [{"name": "read-api", "image": "cqrs-stack:no-such-tag"}]},
@@ -355,7 +263,7 @@ async def test_ready_means_serving_and_reasons_come_from_the_pods(
     waiting = {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}
     await core.patch_namespaced_pod_status(
         "serving-read-api-x",
-        namespace,
+        env.namespace,
         {
             "status": {
                 "containerStatuses": [
@@ -371,8 +279,8 @@ async def test_ready_means_serving_and_reasons_come_from_the_pods(
             }
         },
     )
-    obj = await stacks.wait_condition(
-        "serving", "WorkloadsAvailable", "False", "ImagePullBackOff", operator
+    obj = await env.stacks.wait_condition(
+        "serving", "WorkloadsAvailable", "False", "ImagePullBackOff", env.operator
     )
     assert obj["status"]["phase"] == "Failed"
     assert (
@@ -388,7 +296,7 @@ async def test_ready_means_serving_and_reasons_come_from_the_pods(
             "cqrs",
             "serving",
             "-n",
-            namespace,
+            env.namespace,
         ],
         capture_output=True,
         text=True,
@@ -397,49 +305,47 @@ async def test_ready_means_serving_and_reasons_come_from_the_pods(
     ).stdout
     assert "REASON" in table.splitlines()[0] and "ImagePullBackOff" in table
 
-    await core.delete_namespaced_pod("serving-read-api-x", namespace, grace_period_seconds=0)
-    await stacks.wait_ready("serving", operator)  # available: Ready
+    await core.delete_namespaced_pod("serving-read-api-x", env.namespace, grace_period_seconds=0)
+    await env.stacks.wait_ready("serving", env.operator)  # available: Ready
 
 
 async def test_reverification_repairs_a_dropped_database_and_drift_without_redis(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
+    env: Env,
     redis_factory: Any,
-    fresh_names: str,
 ) -> None:
     redis = redis_factory()
-    await stacks.create(stack_manifest("verify", fresh_names, write_pg, read_pg, redis.url))
-    await stacks.wait_ready("verify", operator)
+    await env.stacks.create(env.manifest("verify", redis_url=redis.url))
+    await env.stacks.wait_ready("verify", env.operator)
 
-    admin = await asyncpg.connect(read_pg.url())
+    admin = await asyncpg.connect(env.read_pg.url())
     try:
-        await admin.execute(f"DROP DATABASE r_{fresh_names} WITH (FORCE)")
+        await admin.execute(f"DROP DATABASE r_{env.fresh} WITH (FORCE)")
     finally:
         await admin.close()
 
     async def recreated() -> bool:
-        return await database_exists(read_pg, f"r_{fresh_names}")
+        return await database_exists(env.read_pg, f"r_{env.fresh}")
 
-    await wait_until(recreated, timeout=30, what="read DB recreated", alive=operator.exit_reason)
-    await stacks.wait_ready("verify", operator)
+    await wait_until(
+        recreated, timeout=30, what="read DB recreated", alive=env.operator.exit_reason
+    )
+    await env.stacks.wait_ready("verify", env.operator)
 
     redis.stop()
-    obj = await stacks.wait_condition(
-        "verify", "StreamReady", "False", "RedisUnreachable", operator
+    obj = await env.stacks.wait_condition(
+        "verify", "StreamReady", "False", "RedisUnreachable", env.operator
     )
     assert obj["status"]["phase"] == "Degraded"
-    apps = client.AppsV1Api(kube_api)
-    await apps.patch_namespaced_deployment("verify-read-api", namespace, {"spec": {"replicas": 7}})
+    apps = client.AppsV1Api(env.api)
+    await apps.patch_namespaced_deployment(
+        "verify-read-api", env.namespace, {"spec": {"replicas": 7}}
+    )
 
     async def restored() -> bool:
-        dep = await apps.read_namespaced_deployment("verify-read-api", namespace)
+        dep = await apps.read_namespaced_deployment("verify-read-api", env.namespace)
         return dep.spec.replicas == 2
 
-    await wait_until(restored, timeout=30, what="drift corrected", alive=operator.exit_reason)
+    await wait_until(restored, timeout=30, what="drift corrected", alive=env.operator.exit_reason)
 
 
 @pytest.mark.parametrize(
@@ -509,73 +415,47 @@ async def test_values_past_the_operators_bounds_are_refused_by_the_api_server(
 
 
 async def test_a_teardown_that_keeps_failing_releases_the_finalizer_with_a_warning(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(
-        stack_manifest(
-            "stuck", fresh_names, write_pg, read_pg, redis_server.url, deletionPolicy="Delete"
-        )
-    )
-    await stacks.wait_ready("stuck", operator)
-    await client.CoreV1Api(kube_api).delete_namespaced_secret(ADMIN_SECRETS[0], namespace)
-    await stacks.delete("stuck")
+    await env.stacks.create(env.manifest("stuck", deletionPolicy="Delete"))
+    await env.stacks.wait_ready("stuck", env.operator)
+    await client.CoreV1Api(env.api).delete_namespaced_secret(ADMIN_SECRETS[0], env.namespace)
+    await env.stacks.delete("stuck")
     # CQRS_OPERATOR_DELETE_TIMEOUT is 10 s in the tests: released well within 40 s.
-    await stacks.wait_gone("stuck", operator, timeout=40)
-    warning = await wait_event(kube_api, namespace, "stuck", "CleanupAbandoned", operator)
-    assert warning.type == "Warning" and f"w_{fresh_names}" in warning.message
+    await env.stacks.wait_gone("stuck", env.operator, timeout=40)
+    warning = await wait_event(env.api, env.namespace, "stuck", "CleanupAbandoned", env.operator)
+    assert warning.type == "Warning" and f"w_{env.fresh}" in warning.message
     # Logged too: a namespace being deleted accepts no Event, the log still names what is left.
-    logged = [line for line in operator.log_text().splitlines() if "CleanupAbandoned" in line]
-    assert any(f"w_{fresh_names}" in line for line in logged), operator.log_tail()
-    assert await database_exists(write_pg, f"w_{fresh_names}")  # the documented outcome: kept
+    logged = [line for line in env.operator.log_text().splitlines() if "CleanupAbandoned" in line]
+    assert any(f"w_{env.fresh}" in line for line in logged), env.operator.log_tail()
+    assert await database_exists(env.write_pg, f"w_{env.fresh}")  # the documented outcome: kept
 
 
 async def test_with_redis_admin_credentials_a_stack_cannot_touch_another_stacks_stream(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """Each stack's pods log in as their own ACL user: stack A cannot read, trim or delete
     stack B's stream, with the very credentials A's pods get."""
-    await client.CoreV1Api(kube_api).create_namespaced_secret(
-        namespace,
-        {
-            "metadata": admin_metadata("redis-admin", "127.0.0.1", "redis"),
-            "stringData": {"username": "default", "password": ""},  # the test Redis: nopass
-        },
-    )
+    await redis_admin_secret(env.api, env.namespace)
     for name in ("tenant-a", "tenant-b"):
-        manifest = stack_manifest(name, f"{fresh_names}_{name[-1]}", write_pg, read_pg, "x")
-        manifest["spec"]["redis"] = {"url": redis_server.url, "adminSecret": "redis-admin"}
-        await stacks.create(manifest)
-    await stacks.create(
-        stack_manifest("tenant-c", f"{fresh_names}_c", write_pg, read_pg, redis_server.url)
-    )
+        manifest = env.manifest(name, f"{env.fresh}_{name[-1]}", "x")
+        manifest["spec"]["redis"] = {"url": env.redis.url, "adminSecret": "redis-admin"}
+        await env.stacks.create(manifest)
+    await env.stacks.create(env.manifest("tenant-c", f"{env.fresh}_c"))
     for name in ("tenant-a", "tenant-b"):
-        obj = await stacks.wait_ready(name, operator)
+        obj = await env.stacks.wait_ready(name, env.operator)
         isolation = {c["type"]: c for c in obj["status"]["conditions"]}["RedisIsolation"]
         assert isolation["status"] == "True"
-        await wait_event(kube_api, namespace, name, "AclUserCreated", operator)
-    await stacks.wait_condition(
-        "tenant-c", "RedisIsolation", "False", "NoAdminCredentials", operator
+        await wait_event(env.api, env.namespace, name, "AclUserCreated", env.operator)
+    await env.stacks.wait_condition(
+        "tenant-c", "RedisIsolation", "False", "NoAdminCredentials", env.operator
     )
 
-    a_url = (await secret_data(kube_api, namespace, "tenant-a-credentials"))["REDIS_URL"]
-    assert a_url.startswith(f"redis://cqrs.{namespace}.tenant-a:")
-    own, other = f"{namespace}.tenant-a-events", f"{namespace}.tenant-b-events"
+    a_url = (await secret_data(env.api, env.namespace, "tenant-a-credentials"))["REDIS_URL"]
+    assert a_url.startswith(f"redis://cqrs.{env.namespace}.tenant-a:")
+    own, other = f"{env.namespace}.tenant-a-events", f"{env.namespace}.tenant-b-events"
     pods = Redis.from_url(a_url)
-    admin = Redis.from_url(redis_server.url)
+    admin = Redis.from_url(env.redis.url)
     try:
         await admin.xadd(other, {"type": "RecordCreated", "position": "1"})
         await pods.xadd(own, {"type": "RecordCreated", "position": "1"})  # its own: allowed
@@ -622,7 +502,28 @@ async def test_a_stack_provisioned_before_markers_keeps_its_names_on_upgrade(
         await redis.xgroup_create("legacy-events", "projectors", id="0", mkstream=True)
     finally:
         await redis.aclose()
-    await stacks.create(stack_manifest("legacy", fresh_names, write_pg, read_pg, redis_server.url))
+    stack = await stacks.create(
+        stack_manifest("legacy", fresh_names, write_pg, read_pg, redis_server.url)
+    )
+    # The older operator's credentials Secret, controlled by the stack: kept as it is.
+    await client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {
+                "name": "legacy-credentials",
+                "ownerReferences": [
+                    {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": "CqrsStack",
+                        "name": "legacy",
+                        "uid": stack["metadata"]["uid"],
+                        "controller": True,
+                    }
+                ],
+            },
+            "stringData": {"username": old_role, "password": "old-password-0123456"},
+        },
+    )
     recorded = {
         "databases": {"write": f"w_{fresh_names}", "read": f"r_{fresh_names}", "role": old_role},
         "stream": {"name": "legacy-events", "consumerGroup": "projectors"},
@@ -639,7 +540,9 @@ async def test_a_stack_provisioned_before_markers_keeps_its_names_on_upgrade(
     operator = operator_factory(kube_apiserver.kubeconfig, namespace)
     await stacks.wait_ready("legacy", operator)
     creds = await secret_data(kube_api, namespace, "legacy-credentials")
-    assert creds["username"] == old_role
+    assert creds["username"] == old_role and creds["password"] == "old-password-0123456"
+    conn = await asyncpg.connect(creds["WRITE_DB_URL"])  # its login is unchanged
+    await conn.close()
     config = await client.CoreV1Api(kube_api).read_namespaced_config_map("legacy-config", namespace)
     assert config.data["EVENT_STREAM_NAME"] == "legacy-events"
     admin = await asyncpg.connect(write_pg.url())

@@ -21,82 +21,67 @@ from redis.exceptions import NoPermissionError
 
 from tests.operator.fixtures_operator import (
     ADMIN_SECRETS,
-    Operator,
+    Env,
     Stacks,
     admin_metadata,
+    allow_adoption,
+    create_secret,
     database_exists,
     names,
+    redis_admin_secret,
+    secret_data,
     stack_manifest,
 )
-from tests.operator.test_operator_sharing import allow_adoption, secret_data
 
 
 async def test_a_token_secret_naming_the_admin_secret_is_not_handed_to_the_pods(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """The pods run the tenant's image: WRITE_API_TOKEN from the admin Secret would leak it."""
-    manifest = stack_manifest("thief", fresh_names, write_pg, read_pg, redis_server.url)
+    manifest = env.manifest("thief")
     manifest["spec"]["writeApi"]["auth"] = {
         "tokenSecret": {"name": ADMIN_SECRETS[0], "key": "password"}
     }
-    await stacks.create(manifest)
-    obj = await stacks.wait_condition(
-        "thief", "WorkloadsReady", "False", "SecretNotOptedIn", operator
+    await env.stacks.create(manifest)
+    obj = await env.stacks.wait_condition(
+        "thief", "WorkloadsReady", "False", "SecretNotOptedIn", env.operator
     )
     assert obj["status"]["phase"] == "Failed"
-    apps = client.AppsV1Api(kube_api)
+    apps = client.AppsV1Api(env.api)
     with pytest.raises(ApiException) as missing:
-        await apps.read_namespaced_deployment("thief-write-api", namespace)
+        await apps.read_namespaced_deployment("thief-write-api", env.namespace)
     assert missing.value.status == 404
 
 
 async def test_a_redis_url_secret_that_did_not_opt_in_is_refused(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    core = client.CoreV1Api(kube_api)
+    core = client.CoreV1Api(env.api)
     await core.create_namespaced_secret(
-        namespace,
+        env.namespace,
         {"metadata": {"name": "someone-elses"}, "stringData": {"token": "s3cr3t-value-xyz"}},
     )
-    manifest = stack_manifest("url-thief", fresh_names, write_pg, read_pg, "x")
+    manifest = env.manifest("url-thief", redis_url="x")
     manifest["spec"]["redis"] = {"urlSecret": {"name": "someone-elses", "key": "token"}}
-    await stacks.create(manifest)
-    await stacks.wait_condition("url-thief", "StreamReady", "False", "SecretNotOptedIn", operator)
+    await env.stacks.create(manifest)
+    await env.stacks.wait_condition(
+        "url-thief", "StreamReady", "False", "SecretNotOptedIn", env.operator
+    )
     with pytest.raises(ApiException) as missing:  # nothing was copied anywhere
-        await core.read_namespaced_secret("url-thief-credentials", namespace)
+        await core.read_namespaced_secret("url-thief-credentials", env.namespace)
     assert missing.value.status == 404
 
 
 async def test_adopt_alone_does_not_take_an_unmarked_database_of_the_server(
-    stacks: Stacks,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """An application's database on the shared server, unknown to any stack."""
-    admin = await asyncpg.connect(write_pg.url())
+    admin = await asyncpg.connect(env.write_pg.url())
     try:
-        await admin.execute(f"CREATE DATABASE w_{fresh_names}")
-        await stacks.create(
-            stack_manifest("taker", fresh_names, write_pg, read_pg, redis_server.url, adopt=True)
-        )
-        obj = await stacks.wait_condition(
-            "taker", "DatabasesReady", "False", "AdoptionNotAllowed", operator
+        await admin.execute(f"CREATE DATABASE w_{env.fresh}")
+        await env.stacks.create(env.manifest("taker", adopt=True))
+        obj = await env.stacks.wait_condition(
+            "taker", "DatabasesReady", "False", "AdoptionNotAllowed", env.operator
         )
         assert (
             "cqrs.dev/allow-adopt"
@@ -104,7 +89,7 @@ async def test_adopt_alone_does_not_take_an_unmarked_database_of_the_server(
         )
         owner = await admin.fetchval(
             "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1",
-            f"w_{fresh_names}",
+            f"w_{env.fresh}",
         )
         assert owner == "postgres"
     finally:
@@ -125,34 +110,26 @@ async def test_a_system_database_is_refused_by_the_api_server(
 
 
 async def test_a_stream_named_after_another_stacks_dead_letters_is_refused(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("victim", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("victim", operator)
-    dead = f"{namespace}.victim-events:dead"
-    redis = Redis.from_url(redis_server.url)
+    await env.stacks.create(env.manifest("victim"))
+    await env.stacks.wait_ready("victim", env.operator)
+    dead = f"{env.namespace}.victim-events:dead"
+    redis = Redis.from_url(env.redis.url)
     try:
         await redis.xadd(dead, {"type": "RecordCreated", "position": "7", "value": "private"})
-        await allow_adoption(kube_api, namespace)  # even where the platform allows adoption
-        await stacks.create(
-            stack_manifest(
+        await allow_adoption(env.api, env.namespace)  # even where the platform allows adoption
+        await env.stacks.create(
+            env.manifest(
                 "snoop",
-                f"{fresh_names}_s",
-                write_pg,
-                read_pg,
-                redis_server.url,
+                f"{env.fresh}_s",
                 adopt=True,
                 stream={"name": dead},
             )
         )
-        obj = await stacks.wait_condition("snoop", "StreamReady", "False", "ReservedName", operator)
+        obj = await env.stacks.wait_condition(
+            "snoop", "StreamReady", "False", "ReservedName", env.operator
+        )
         assert obj["status"]["phase"] == "Failed"
         assert await redis.get(f"{dead}:owner") is None  # not marked as the snoop's
         assert await redis.xinfo_groups(dead) == []  # no group of the snoop's on it
@@ -161,33 +138,28 @@ async def test_a_stream_named_after_another_stacks_dead_letters_is_refused(
 
 
 async def test_a_stack_named_after_another_applications_objects_takes_nothing_over(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """Stack "loot" would own loot-credentials and loot-write-api: another application's
     Secret and Deployment of those names are neither read, handed to pods, nor overwritten."""
-    core, apps = client.CoreV1Api(kube_api), client.AppsV1Api(kube_api)
+    core, apps = client.CoreV1Api(env.api), client.AppsV1Api(env.api)
     their_password = "TheirPassword_0123456789abcdef"
     await core.create_namespaced_secret(
-        namespace,
+        env.namespace,
         {"metadata": {"name": "loot-credentials"}, "stringData": {"password": their_password}},
     )
-    await stacks.create(stack_manifest("loot", fresh_names, write_pg, read_pg, redis_server.url))
-    obj = await stacks.wait_condition("loot", "WorkloadsReady", "False", "ChildNotOwned", operator)
+    await env.stacks.create(env.manifest("loot"))
+    obj = await env.stacks.wait_condition(
+        "loot", "WorkloadsReady", "False", "ChildNotOwned", env.operator
+    )
     assert obj["status"]["phase"] == "Failed"
-    secret = await core.read_namespaced_secret("loot-credentials", namespace)
+    secret = await core.read_namespaced_secret("loot-credentials", env.namespace)
     assert set(secret.data) == {"password"} and not secret.metadata.owner_references
-    assert not await role_logs_in_anywhere(write_pg, their_password)
+    assert not await role_logs_in_anywhere(env.write_pg, their_password)
 
-    await core.delete_namespaced_secret("loot-credentials", namespace)
+    await core.delete_namespaced_secret("loot-credentials", env.namespace)
     await apps.create_namespaced_deployment(
-        namespace,
+        env.namespace,
         {
             "metadata": {"name": "loot-write-api"},
             "spec": {
@@ -199,8 +171,10 @@ async def test_a_stack_named_after_another_applications_objects_takes_nothing_ov
             },
         },
     )
-    await stacks.wait_condition("loot", "WorkloadsReady", "False", "ChildNotOwned", operator)
-    theirs = await apps.read_namespaced_deployment("loot-write-api", namespace)
+    await env.stacks.wait_condition(
+        "loot", "WorkloadsReady", "False", "ChildNotOwned", env.operator
+    )
+    theirs = await apps.read_namespaced_deployment("loot-write-api", env.namespace)
     assert theirs.spec.template.spec.containers[0].image == "their-app:1"
     assert not theirs.metadata.owner_references
 
@@ -274,158 +248,115 @@ def pg_asking_cleartext(packet: bytes) -> bytes:
     return b"R" + struct.pack("!ii", 8, 3)  # AuthenticationCleartextPassword
 
 
-async def create_secret(
-    api: client.ApiClient, namespace: str, metadata: dict[str, Any], data: dict[str, str]
-) -> None:
-    """As the tenant may: create (never read) a Secret."""
-    await client.CoreV1Api(api).create_namespaced_secret(
-        namespace, {"metadata": metadata, "stringData": data}
-    )
-
-
 async def test_the_postgresql_admin_login_is_never_sent_to_redis(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """spec.redis.adminSecret naming the PostgreSQL admin Secret, at a Redis of the tenant's:
     refused before a byte is sent (AdminSecretWrongKind); a Redis admin Secret goes only to
     the hosts its cqrs.dev/admin-hosts names (AdminHostNotAllowed)."""
     async with FakeServer() as fake:
         url = f"redis://127.0.0.1:{fake.port}/0"
-        manifest = stack_manifest("redis-thief", fresh_names, write_pg, read_pg, url)
+        manifest = env.manifest("redis-thief", redis_url=url)
         manifest["spec"]["redis"]["adminSecret"] = ADMIN_SECRETS[0]
-        await stacks.create(manifest)
-        await stacks.wait_condition("redis-thief", "StreamReady", "False", None, operator)
-        assert write_pg.password.encode() not in fake.received
-        await stacks.wait_condition(
-            "redis-thief", "StreamReady", "False", "AdminSecretWrongKind", operator
+        await env.stacks.create(manifest)
+        await env.stacks.wait_condition("redis-thief", "StreamReady", "False", None, env.operator)
+        assert env.write_pg.password.encode() not in fake.received
+        await env.stacks.wait_condition(
+            "redis-thief", "StreamReady", "False", "AdminSecretWrongKind", env.operator
         )
         await create_secret(
-            kube_api,
-            namespace,
+            env.api,
+            env.namespace,
             admin_metadata("redis-admin", "127.0.0.1:6379", "redis"),
             {"password": "RedisAdminPassword_0123456789"},
         )
-        await stacks.patch("redis-thief", {"spec": {"redis": {"adminSecret": "redis-admin"}}})
-        await stacks.wait_condition(
-            "redis-thief", "StreamReady", "False", "AdminHostNotAllowed", operator
+        await env.stacks.patch("redis-thief", {"spec": {"redis": {"adminSecret": "redis-admin"}}})
+        await env.stacks.wait_condition(
+            "redis-thief", "StreamReady", "False", "AdminHostNotAllowed", env.operator
         )
-        assert write_pg.password.encode() not in fake.received
+        assert env.write_pg.password.encode() not in fake.received
         assert b"RedisAdminPassword" not in fake.received
 
 
 async def test_an_admin_secret_without_admin_hosts_is_sent_nowhere(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """A server may ask for the password in clear (asyncpg answers): the superuser's login of
     a Secret that names no hosts never goes out (AdminHostsRequired)."""
     await create_secret(
-        kube_api,
-        namespace,
+        env.api,
+        env.namespace,
         {"name": "pg-admin", "labels": {"cqrs.dev/admin-credentials": "true"}},
-        {"username": "postgres", "password": write_pg.password},
+        {"username": "postgres", "password": env.write_pg.password},
     )
     async with FakeServer(pg_asking_cleartext) as fake:
-        manifest = stack_manifest("clear", fresh_names, write_pg, read_pg, redis_server.url)
+        manifest = env.manifest("clear")
         manifest["spec"]["databases"]["write"].update(port=fake.port, adminSecret="pg-admin")
-        await stacks.create(manifest)
-        await stacks.wait_condition("clear", "DatabasesReady", "False", None, operator)
-        assert write_pg.password.encode() not in fake.received
-        obj = await stacks.wait_condition(
-            "clear", "DatabasesReady", "False", "AdminHostsRequired", operator
+        await env.stacks.create(manifest)
+        await env.stacks.wait_condition("clear", "DatabasesReady", "False", None, env.operator)
+        assert env.write_pg.password.encode() not in fake.received
+        obj = await env.stacks.wait_condition(
+            "clear", "DatabasesReady", "False", "AdminHostsRequired", env.operator
         )
         assert obj["status"]["phase"] == "Failed"
-        assert write_pg.password.encode() not in fake.received
+        assert env.write_pg.password.encode() not in fake.received
         assert fake.received == b""
 
 
 async def test_deletion_sends_each_database_its_own_login(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """Two databases of one name on two servers: the tenant's server (its own labelled Secret)
     never receives the login of the platform's server, at provisioning nor at deletion."""
     async with FakeServer(pg_asking_cleartext) as fake:
         await create_secret(
-            kube_api,
-            namespace,
+            env.api,
+            env.namespace,
             admin_metadata("mine3", f"127.0.0.1:{fake.port}"),
             {"username": "tenant", "password": "TenantsOwnPassword_0123456789"},
         )
-        manifest = stack_manifest("twins", fresh_names, write_pg, read_pg, redis_server.url)
+        manifest = env.manifest("twins")
         databases = manifest["spec"]["databases"]
         databases["write"].update(port=fake.port, adminSecret="mine3")
-        databases["write"]["database"] = databases["read"]["database"] = f"same_{fresh_names}"
+        databases["write"]["database"] = databases["read"]["database"] = f"same_{env.fresh}"
         manifest["spec"]["deletionPolicy"] = "Delete"
-        await stacks.create(manifest)
-        await stacks.wait_condition("twins", "DatabasesReady", "False", None, operator)
-        await stacks.delete("twins")
-        await stacks.wait_gone("twins", operator)  # CQRS_OPERATOR_DELETE_TIMEOUT: 10 s
+        await env.stacks.create(manifest)
+        await env.stacks.wait_condition("twins", "DatabasesReady", "False", None, env.operator)
+        await env.stacks.delete("twins")
+        await env.stacks.wait_gone("twins", env.operator)  # CQRS_OPERATOR_DELETE_TIMEOUT: 10 s
         assert b"TenantsOwnPassword" in fake.received  # the fake was asked, with mine3's
-        assert read_pg.password.encode() not in fake.received
-        assert write_pg.password.encode() not in fake.received
+        assert env.read_pg.password.encode() not in fake.received
+        assert env.write_pg.password.encode() not in fake.received
 
 
 # ------------------------------------------------------------------- Redis logical databases
 
 
-async def redis_admin_secret(api: client.ApiClient, namespace: str) -> None:
-    """The test Redis's admin login (default user, no password) for 127.0.0.1."""
-    await create_secret(
-        api, namespace, admin_metadata("redis-admin", "127.0.0.1", "redis"), {"password": ""}
-    )
-
-
 async def test_an_isolated_stack_cannot_reach_another_logical_database(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """ACL key patterns hold in every logical database: a stack at /1 naming the victim's
     stream (in /0) is refused, and no stack's ACL user may SELECT."""
-    await redis_admin_secret(kube_api, namespace)
-    victim = stack_manifest("victim", fresh_names, write_pg, read_pg, redis_server.url)
+    await redis_admin_secret(env.api, env.namespace)
+    victim = env.manifest("victim")
     victim["spec"]["redis"]["adminSecret"] = "redis-admin"
-    await stacks.create(victim)
-    await stacks.wait_ready("victim", operator)
-    stream = f"{namespace}.victim-events"
-    url = redis_server.url.removesuffix("/0") + "/1"
-    attacker = stack_manifest("other-db", f"{fresh_names}_o", write_pg, read_pg, url)
+    await env.stacks.create(victim)
+    await env.stacks.wait_ready("victim", env.operator)
+    stream = f"{env.namespace}.victim-events"
+    url = env.redis.url.removesuffix("/0") + "/1"
+    attacker = env.manifest("other-db", f"{env.fresh}_o", url)
     attacker["spec"]["redis"]["adminSecret"] = "redis-admin"
     attacker["spec"]["stream"] = {"name": stream}
-    await stacks.create(attacker)
-    await stacks.wait_condition(
-        "other-db", "StreamReady", "False", "RedisDatabaseNotZero", operator
+    await env.stacks.create(attacker)
+    await env.stacks.wait_condition(
+        "other-db", "StreamReady", "False", "RedisDatabaseNotZero", env.operator
     )
-    admin = Redis.from_url(redis_server.url)
+    admin = Redis.from_url(env.redis.url)
     pods = Redis.from_url(
-        (await secret_data(kube_api, namespace, "victim-credentials"))["REDIS_URL"]
+        (await secret_data(env.api, env.namespace, "victim-credentials"))["REDIS_URL"]
     )
     try:
-        assert await admin.acl_getuser(f"cqrs.{namespace}.other-db") is None
+        assert await admin.acl_getuser(f"cqrs.{env.namespace}.other-db") is None
         with pytest.raises(NoPermissionError):
             await pods.execute_command("SELECT", "1")
         assert await pods.xlen(stream) >= 0  # its own stream, in database 0
@@ -438,37 +369,30 @@ async def test_an_isolated_stack_cannot_reach_another_logical_database(
 
 
 async def test_a_refused_stack_gets_no_urls_nor_workloads(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """A default database already marked by another stack (squatted before names were
     reserved): the stack is refused and no Secret or Deployment points at that database."""
-    future = names(namespace, "future")
-    admin = await asyncpg.connect(write_pg.url())
+    future = names(env.namespace, "future")
+    admin = await asyncpg.connect(env.write_pg.url())
     try:
         await admin.execute(f'CREATE DATABASE "{future.write_db}"')
         await admin.execute(
             f"COMMENT ON DATABASE \"{future.write_db}\" IS 'cqrs.dev/stack=squatter;origin=created'"
         )
-        manifest = stack_manifest("future", fresh_names, write_pg, read_pg, redis_server.url)
+        manifest = env.manifest("future")
         del manifest["spec"]["databases"]["write"]["database"]
-        await stacks.create(manifest)
-        obj = await stacks.wait_condition(
-            "future", "WorkloadsReady", "False", "OwnedByAnotherStack", operator
+        await env.stacks.create(manifest)
+        obj = await env.stacks.wait_condition(
+            "future", "WorkloadsReady", "False", "OwnedByAnotherStack", env.operator
         )
         assert obj["status"]["phase"] == "Failed"
-        creds = await secret_data(kube_api, namespace, "future-credentials")
+        creds = await secret_data(env.api, env.namespace, "future-credentials")
         assert set(creds) == {"username", "password"}  # kept for the role, no URL
-        apps = client.AppsV1Api(kube_api)
+        apps = client.AppsV1Api(env.api)
         for component in ("write-api", "read-api", "projector"):
             with pytest.raises(ApiException) as missing:
-                await apps.read_namespaced_deployment(f"future-{component}", namespace)
+                await apps.read_namespaced_deployment(f"future-{component}", env.namespace)
             assert missing.value.status == 404
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{future.write_db}"')
@@ -476,27 +400,23 @@ async def test_a_refused_stack_gets_no_urls_nor_workloads(
 
 
 async def test_an_explicit_name_shaped_like_a_default_is_refused(
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """Default names are predictable: tenant-b naming tenant-a/future's database or stream."""
     other = names("tenant-a", "future")
-    manifest = stack_manifest("atk4", fresh_names, write_pg, read_pg, redis_server.url)
+    manifest = env.manifest("atk4")
     manifest["spec"]["databases"]["write"]["database"] = other.write_db
-    await stacks.create(manifest)
-    obj = await stacks.wait_condition("atk4", "DatabasesReady", "False", "ReservedName", operator)
+    await env.stacks.create(manifest)
+    obj = await env.stacks.wait_condition(
+        "atk4", "DatabasesReady", "False", "ReservedName", env.operator
+    )
     assert obj["status"]["phase"] == "Failed"
-    assert not await database_exists(write_pg, other.write_db)
-    manifest = stack_manifest("atk4s", f"{fresh_names}_s", write_pg, read_pg, redis_server.url)
+    assert not await database_exists(env.write_pg, other.write_db)
+    manifest = env.manifest("atk4s", f"{env.fresh}_s")
     manifest["spec"]["stream"] = {"name": other.stream}
-    await stacks.create(manifest)
-    await stacks.wait_condition("atk4s", "StreamReady", "False", "ReservedName", operator)
-    redis = Redis.from_url(redis_server.url)
+    await env.stacks.create(manifest)
+    await env.stacks.wait_condition("atk4s", "StreamReady", "False", "ReservedName", env.operator)
+    redis = Redis.from_url(env.redis.url)
     try:
         assert not await redis.exists(other.stream, f"{other.stream}:owner")
     finally:
@@ -504,37 +424,32 @@ async def test_an_explicit_name_shaped_like_a_default_is_refused(
 
 
 async def test_a_dead_letter_stream_cannot_be_squatted(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """A stream named "<future's stream>:dead" is refused (reserved suffix) and loses the ACL
     user an older operator gave it; a "<stream>:dead" another stack marked refuses future."""
-    await redis_admin_secret(kube_api, namespace)
-    dead = f"{namespace}.future-events:dead"
-    admin = Redis.from_url(redis_server.url)
+    await redis_admin_secret(env.api, env.namespace)
+    dead = f"{env.namespace}.future-events:dead"
+    admin = Redis.from_url(env.redis.url)
     try:
-        user = f"cqrs.{namespace}.atk5"
+        user = f"cqrs.{env.namespace}.atk5"
         await admin.execute_command("ACL", "SETUSER", user, "on", "nopass", f"~{dead}", "+@all")
         await admin.set(f"{dead}:owner", "cqrs.dev/stack=squatter;origin=created")
-        manifest = stack_manifest("atk5", fresh_names, write_pg, read_pg, redis_server.url)
+        manifest = env.manifest("atk5")
         manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
         manifest["spec"]["stream"] = {"name": dead}
-        await stacks.create(manifest)
-        await stacks.wait_condition("atk5", "StreamReady", "False", "ReservedName", operator)
-        assert await admin.acl_getuser(user) is None
-        manifest = stack_manifest("future", f"{fresh_names}_f", write_pg, read_pg, redis_server.url)
-        manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
-        await stacks.create(manifest)
-        await stacks.wait_condition(
-            "future", "StreamReady", "False", "OwnedByAnotherStack", operator
+        await env.stacks.create(manifest)
+        await env.stacks.wait_condition(
+            "atk5", "StreamReady", "False", "ReservedName", env.operator
         )
-        assert await admin.acl_getuser(f"cqrs.{namespace}.future") is None
+        assert await admin.acl_getuser(user) is None
+        manifest = env.manifest("future", f"{env.fresh}_f")
+        manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
+        await env.stacks.create(manifest)
+        await env.stacks.wait_condition(
+            "future", "StreamReady", "False", "OwnedByAnotherStack", env.operator
+        )
+        assert await admin.acl_getuser(f"cqrs.{env.namespace}.future") is None
     finally:
         await admin.aclose()
 
@@ -554,44 +469,35 @@ async def test_a_host_that_is_no_dns_name_is_refused_by_the_api_server(
 
 
 async def test_a_redis_url_secret_with_a_bad_host_fails_and_deletion_ends(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """A host IDNA cannot encode (a label of 70 characters) in an opted-in URL Secret: a
     status naming it, not an endless UnicodeError; deletion still releases the finalizer."""
     await create_secret(
-        kube_api,
-        namespace,
+        env.api,
+        env.namespace,
         {"name": "redis-url", "labels": {"cqrs.dev/stack-secret": "true"}},
         {"url": f"redis://{'a' * 70}.example:6379/0"},
     )
-    manifest = stack_manifest("badhost", fresh_names, write_pg, read_pg, "x")
+    manifest = env.manifest("badhost", redis_url="x")
     manifest["spec"]["redis"] = {"urlSecret": {"name": "redis-url", "key": "url"}}
     manifest["spec"]["deletionPolicy"] = "Delete"
-    await stacks.create(manifest)
-    await stacks.wait_condition("badhost", "StreamReady", "False", "RedisUrlInvalid", operator)
-    await stacks.delete("badhost")
-    await stacks.wait_gone("badhost", operator, timeout=40)  # DELETE_TIMEOUT is 10 s here
+    await env.stacks.create(manifest)
+    await env.stacks.wait_condition(
+        "badhost", "StreamReady", "False", "RedisUrlInvalid", env.operator
+    )
+    await env.stacks.delete("badhost")
+    await env.stacks.wait_gone("badhost", env.operator, timeout=40)  # DELETE_TIMEOUT is 10 s here
 
 
 async def test_the_redis_url_is_immutable_once_provisioned(
-    stacks: Stacks,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """/0 to /2 would orphan the stream: refused by the API server like the other identity."""
-    await stacks.create(stack_manifest("fixed", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("fixed", operator)
-    moved = redis_server.url.removesuffix("/0") + "/2"
+    await env.stacks.create(env.manifest("fixed"))
+    await env.stacks.wait_ready("fixed", env.operator)
+    moved = env.redis.url.removesuffix("/0") + "/2"
     with pytest.raises(ApiException) as refused:
-        await stacks.patch("fixed", {"spec": {"redis": {"url": moved}}})
+        await env.stacks.patch("fixed", {"spec": {"redis": {"url": moved}}})
     assert refused.value.status == 422
     assert "spec.redis.url is immutable" in refused.value.body
