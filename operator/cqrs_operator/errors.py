@@ -34,6 +34,7 @@ PERMANENT_REASONS = frozenset(
         "ErrImageNeverPull",
         "InvalidImageName",
         "CreateContainerConfigError",
+        "KedaNotInstalled",
     }
 )
 

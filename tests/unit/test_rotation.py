@@ -98,3 +98,16 @@ def test_what_starts_a_rotation() -> None:
     assert lost.next is not None and (lost.next.username, lost.retiring) == (role, second)
     legacy, _ = plan_credentials(spec, Credentials(active=None), {"databases": {"role": role}}, "")
     assert legacy.next is not None and legacy.next.username == second
+
+
+def test_every_permanent_error_raised_names_a_listed_reason() -> None:
+    """A reason raised as permanent but missing from the list raises ValueError at runtime
+    (found when the KEDA refusal and the one list met): every literal one is listed."""
+    import re
+    from pathlib import Path
+
+    from cqrs_operator.errors import PERMANENT_REASONS
+
+    source = "".join(p.read_text() for p in Path("operator/cqrs_operator").glob("*.py"))
+    raised = set(re.findall(r'PermanentProvisioningError\(\s*"(\w+)"', source))
+    assert raised and raised <= PERMANENT_REASONS, raised - PERMANENT_REASONS
