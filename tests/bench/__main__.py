@@ -108,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="commands seeded for the large-data phase (full: 10,000,000; keys a tenth)",
     )
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="length of each write and read phase"
+    )
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.seconds is not None:
+        plan = dataclasses.replace(plan, write_seconds=args.seconds, read_seconds=args.seconds)
     if args.large_commands is not None:
         plan = dataclasses.replace(plan, large_commands=args.large_commands)
     phases = tuple(p for p in args.phases.split(",") if p) or plan.phases

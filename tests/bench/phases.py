@@ -59,6 +59,12 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
+def cpu_per_request(used: dict[str, float], result: LoadResult) -> float:
+    """Microseconds of the API process's CPU per request answered in a phase."""
+    answered = max(1, result.requests - result.errors)
+    return round(used.get("api", 0.0) / answered * 1e6, 1)
+
+
 def summary(result: LoadResult) -> dict[str, Any]:
     """Rate, counts and latency percentiles of a load phase, and which client measured it."""
     quantiles: list[float]
@@ -174,9 +180,11 @@ class Bench:
 
     async def framework_ceiling(self) -> None:
         """GET /health at 64 clients: one API process's HTTP ceiling (no database, no route)."""
+        self.monitor.mark("before-ceiling")
         result = await self._load(64, max(2.0, self.plan.read_seconds / 3), "health")
-        self.monitor.mark("ceiling")
+        used = self.monitor.mark("ceiling")
         self.results["api_ceiling"] = summary(result)
+        self.results["api_ceiling"]["api_cpu_us_per_request"] = cpu_per_request(used, result)
         print(f"bench: /health ceiling c=64: {self.results['api_ceiling']}", file=sys.stderr)
 
     async def writes(self, clients_list: tuple[int, ...] = (1, 16, 64), label: str = "") -> None:
@@ -196,9 +204,11 @@ class Bench:
                     ],
                     stdout=subprocess.PIPE,
                 )
+            self.monitor.mark(f"before-writes{label}-{clients}")
             result = await self._load(clients, self.plan.write_seconds, "writes")
+            used = self.monitor.mark(f"writes{label}-{clients}")
             figures[clients] = summary(result)
-            self.monitor.mark(f"writes{label}-{clients}")
+            figures[clients]["api_cpu_us_per_request"] = cpu_per_request(used, result)
             if probe is not None:
                 out, _ = probe.communicate(timeout=60)
                 health = json.loads(out or b"[]")
@@ -239,8 +249,11 @@ class Bench:
         figures: dict[str, Any] = {}
         cases = [("spread", paths)] + ([("hot", [f"/read/{hot_key}"])] if hot else [])
         for name, chosen in cases:
-            rate = summary(await self._load(64, self.plan.read_seconds, "reads", chosen))
-            self.monitor.mark(f"reads{label}-{name}")
+            self.monitor.mark(f"before-reads{label}-{name}")
+            loaded = await self._load(64, self.plan.read_seconds, "reads", chosen)
+            used = self.monitor.mark(f"reads{label}-{name}")
+            rate = summary(loaded)
+            rate["api_cpu_us_per_request"] = cpu_per_request(used, loaded)
             await asyncio.sleep(0.5)  # let the API flush earlier read counts
             before_total = await self.read_conn.fetchval(
                 "SELECT sum(read_count) FROM records WHERE key = ANY($1)", keys

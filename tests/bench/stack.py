@@ -223,9 +223,11 @@ class ProcessMonitor:
                 self.peak_rss_mb[name] = max(self.peak_rss_mb[name], rss)
                 self._phase_peak[name] = max(self._phase_peak[name], rss)
 
-    def mark(self, phase: str) -> None:
-        """Record CPU use per process (share of one core) since the previous mark."""
+    def mark(self, phase: str) -> dict[str, float]:
+        """Record CPU use per process (share of one core) since the previous mark; return the
+        CPU seconds each used in that time."""
         now_cpu, now = self._cpu_now(), time.perf_counter()
+        used = {name: now_cpu[name] - self._last_cpu.get(name, 0.0) for name in now_cpu}
         wall = max(now - self._last_at, 1e-9)
         self.cpu[phase] = {
             name: round((now_cpu[name] - self._last_cpu.get(name, 0.0)) / wall, 3)
@@ -238,3 +240,4 @@ class ProcessMonitor:
             if name not in ("write-pg", "read-pg")
         }
         self._phase_peak = dict.fromkeys(self._phase_peak, 0.0)
+        return used
