@@ -205,10 +205,16 @@ class Bench:
                     stdout=subprocess.PIPE,
                 )
             self.monitor.mark(f"before-writes{label}-{clients}")
+            batches_before = await self.batch_counts()
             result = await self._load(clients, self.plan.write_seconds, "writes")
             used = self.monitor.mark(f"writes{label}-{clients}")
+            batches_after = await self.batch_counts()
             figures[clients] = summary(result)
             figures[clients]["api_cpu_us_per_request"] = cpu_per_request(used, result)
+            batches = batches_after[0] - batches_before[0]
+            figures[clients]["mean_batch"] = round(
+                (batches_after[1] - batches_before[1]) / max(batches, 1), 1
+            )
             if probe is not None:
                 out, _ = probe.communicate(timeout=60)
                 health = json.loads(out or b"[]")
@@ -220,6 +226,17 @@ class Bench:
                 }
             print(f"bench: writes{label} c={clients}: {figures[clients]}", file=sys.stderr)
         self.results[f"writes{label}"] = figures
+
+    async def batch_counts(self) -> tuple[float, float]:
+        """The API's group-commit batches so far and the commands in them (from /metrics)."""
+        count = total = 0.0
+        async with httpx.AsyncClient(base_url=self.api.url, timeout=30) as client:
+            for line in (await client.get("/metrics")).text.splitlines():
+                if line.startswith("cqrs_write_batch_size_count "):
+                    count = float(line.split()[1])
+                elif line.startswith("cqrs_write_batch_size_sum "):
+                    total = float(line.split()[1])
+        return count, total
 
     async def record_keys(self, limit: int) -> list[str]:
         """Up to ``limit`` keys of the read model, spread over it (a random sample)."""
