@@ -18,9 +18,13 @@ _COMMANDS = """
 _RECORDS = """
     INSERT INTO records (key, value, created_at, updated_at, write_count, first_command_id,
                          last_command_id)
-    SELECT 'size:' || g, 'v', now(), now(), 1, g, g FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) g
+    SELECT 'size:' || g, 'v', now(), now(), 1, g, g
+    FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) g
 """
-_LEDGER = "INSERT INTO applied_commands SELECT g FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) g"
+_LEDGER = """
+    INSERT INTO applied_commands
+    SELECT g FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) g
+"""
 
 
 async def run(engine: AsyncEngine, *statements: tuple[str, dict[str, int]]) -> None:
