@@ -497,28 +497,35 @@ class Bench:
         }
         n = self.plan.large_commands
         keys = max(1, n // 10)
+        seeded = keys * 10
+        # The seeded commands' events count as published and projected: the read model holds
+        # their keys and ledger rows before the commands exist, so that a sweep that meets them
+        # finds nothing missing; then the sweep's cursor is moved past them, as after a sweep
+        # (its state row is locked by a running sweep: the UPDATE waits for it, then wins).
+        first = int(
+            await self.write_conn.fetchval(
+                "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
+                " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
+                seeded - 1,
+            )
+        )
+        last = first + seeded - 1
         started = time.perf_counter()
-        await self.write_conn.execute(_SEED_COMMANDS, n, keys)
+        await self.read_conn.execute(_SEED_RECORDS, first, keys)
+        await self.read_conn.execute(_SEED_LEDGER, first, last)
+        seeded_read = time.perf_counter() - started
+        started = time.perf_counter()
+        async with self.write_conn.transaction():  # one transaction, one txid, like a bulk load
+            await self.write_conn.execute(_SEED_COMMANDS, first, keys)
+            seed_txid = await self.write_conn.fetchval("SELECT pg_current_xact_id()::text")
         seeded_write = time.perf_counter() - started
-        self.seeded = int(
-            await self.write_conn.fetchval("SELECT count(*) FROM commands WHERE key LIKE 'seed:%'")
-        )
-        # The seeded commands' events are "in the stream" and projected: the read model holds
-        # their keys and ledger rows, and the sweep's cursor is past them, as after a sweep.
-        seed_txid, first, last = await self.write_conn.fetchrow(
-            "SELECT txid::text, min(id), max(id) FROM commands WHERE key LIKE 'seed:%'"
-            " GROUP BY txid"
-        )
-        started = time.perf_counter()
-        await self.read_conn.execute(_SEED_RECORDS, int(first), keys)
-        await self.read_conn.execute(_SEED_LEDGER, int(first), int(last))
         await self.read_conn.execute(
             "UPDATE projector_catchup SET cursor_txid = $1::text::xid8, cursor_id = $2"
             " WHERE (cursor_txid, cursor_id) < ($1::text::xid8, $2)",
             seed_txid,
-            int(last),
+            last,
         )
-        seeded_read = time.perf_counter() - started
+        self.seeded = seeded
         started = time.perf_counter()
         await self.write_conn.execute("ANALYZE commands")
         await self.read_conn.execute("ANALYZE records; ANALYZE applied_commands")
@@ -568,11 +575,10 @@ class Bench:
 # Seeding, in SQL: ten commands per key, keys in index order (zero-padded), so that the key
 # index is built at its right edge; one transaction, like a bulk load.
 _SEED_COMMANDS = """
-    INSERT INTO commands (key, value, event_type, published)
-    SELECT 'seed:' || lpad(((g - 1) / 10)::text, 8, '0'), repeat('v', 64),
-           CASE WHEN (g - 1) % 10 = 0 THEN 'RecordCreated' ELSE 'RecordUpdated' END, true
-    FROM generate_series(1, $1::bigint) AS g
-    WHERE (g - 1) / 10 < $2
+    INSERT INTO commands (id, key, value, event_type, published)
+    SELECT $1 + g, 'seed:' || lpad((g / 10)::text, 8, '0'), repeat('v', 64),
+           CASE WHEN g % 10 = 0 THEN 'RecordCreated' ELSE 'RecordUpdated' END, true
+    FROM generate_series(0, $2::bigint * 10 - 1) AS g
 """
 _SEED_RECORDS = """
     INSERT INTO records (key, value, created_at, updated_at, read_count, write_count,
