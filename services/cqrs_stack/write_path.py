@@ -1,8 +1,8 @@
 """Accepting commands: group commit into the write DB, then publishing their events.
 
 Guarantee 1 lives here and in the projector's catch-up. A command is acknowledged only after
-its transaction commits; its event is then published in one pipelined XADD for the whole
-batch. If Redis is down or hung, the command stays marked unpublished and ``publish_pending``
+its transaction commits; its event is then published in one Redis round trip for the whole
+batch (``stream.publish``), while the next batch commits. If Redis is down or hung, the command stays marked unpublished and ``publish_pending``
 sends it once Redis is back; a crash between commit and XADD leaves the same trace.
 """
 
@@ -51,7 +51,7 @@ class _Pending:
 
 
 class CommandWriter:
-    """Batches concurrent writes: one transaction and one pipelined XADD per batch.
+    """Batches concurrent writes: one transaction and one publishing round trip per batch.
 
     Under load, requests that arrive while a batch is committing form the next batch, so
     throughput grows with concurrency while a lone request still commits at once. A batch
