@@ -3,7 +3,8 @@
 Guarantee 1 lives here and in the projector's catch-up. A command is acknowledged only after
 its transaction commits; its event is then published in one Redis round trip for the whole
 batch (``stream.publish``), while the next batch commits. If Redis is down or hung, the
-command stays marked unpublished and ``publish_pending`` sends it once Redis is back; a crash between commit and XADD leaves the same trace.
+command stays marked unpublished and ``publish_pending`` sends it once Redis is back; a crash
+between commit and XADD leaves the same trace.
 """
 
 from __future__ import annotations
