@@ -187,9 +187,15 @@ class CommandWriter:
         if commands is None:
             self._release(batch)
             return
+        try:
+            answering = list(zip(batch, commands, strict=True))
+        except ValueError as exc:  # the INSERT returned another count: the loop's error
+            _fail(batch, exc)
+            self._release(batch)
+            raise
         if self._publishing is not None:
             await asyncio.wait([self._publishing])  # its own errors are its writers' answers
-        self._publishing = asyncio.create_task(self._publish_and_answer(batch, commands))
+        self._publishing = asyncio.create_task(self._publish_and_answer(answering))
 
     def _release(self, batch: list[_Pending]) -> None:
         """The batch is answered: it is no longer in hand."""
@@ -212,9 +218,11 @@ class CommandWriter:
             _fail(batch, exc)
             return None
 
-    async def _publish_and_answer(self, batch: list[_Pending], commands: list[Command]) -> None:
+    async def _publish_and_answer(self, answering: list[tuple[_Pending, Command]]) -> None:
         """Publish a committed batch's events, then answer its writers."""
-        self._answering = list(zip(batch, commands, strict=True))
+        self._answering = answering
+        batch = [pending for pending, _ in answering]
+        commands = [command for _, command in answering]
         try:
             event_ids = await self._publish(commands)
             for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
