@@ -179,6 +179,9 @@ class Settings(BaseSettings):
     redis_probe_interval: float = Field(default=1.0, gt=0, le=60)
     # Bytes of keys and values per page of queued events (a page holds at least one event).
     publisher_batch_max_bytes: int = Field(default=16_777_216, ge=1, le=1_073_741_824)
+    # /stats counts a table's rows exactly up to this many, and estimates them above (an exact
+    # count reads every row: seconds at 10 million).
+    stats_exact_count_max: int = Field(default=100_000, ge=0, le=100_000_000)
     log_level: str = "info"  # the spec's LogLevel names, any case
     # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request
     # goes through the framework, e.g. for FastAPI's own OpenTelemetry spans on every call.

@@ -23,8 +23,8 @@ async def stack_figures(
     write_engine: AsyncEngine, read_engine: AsyncEngine, redis: Redis, settings: Settings
 ) -> dict[str, Any]:
     """Return the figures of the original /stats plus lag; Redis being down is reported."""
-    written = await write_db.counts(write_engine)
-    projected = await read_db.projector_figures(read_engine)
+    written = await write_db.counts(write_engine, settings.stats_exact_count_max)
+    projected = await read_db.projector_figures(read_engine, settings.stats_exact_count_max)
     try:
         # Bounded: a hung Redis (accepts, never answers) is reported as unavailable, not waited
         # on for a socket timeout.
@@ -36,7 +36,16 @@ async def stack_figures(
         redis_up = True
     except (RedisError, OSError):  # TimeoutError is an OSError
         group, dead, redis_up = {"pending": 0, "undelivered": 0, "length": 0}, 0, False
-    lag_events = max(0, written["commands"] - projected["applied_commands"])
+    estimated = bool(
+        written["commands_estimated"]
+        or projected["records_estimated"]
+        or projected["applied_commands_estimated"]
+    )
+    if written["commands_estimated"] or projected["applied_commands_estimated"]:
+        # Two estimates differ by more than the lag: positions say how far projection is.
+        lag_events = max(0, written["max_position"] - projected["last_projected_position"])
+    else:
+        lag_events = max(0, written["commands"] - projected["applied_commands"])
     last_at = projected["last_projected_event_at"]
     lag_seconds = 0.0
     if lag_events and last_at is not None:
@@ -58,4 +67,5 @@ async def stack_figures(
         "undelivered_entries": group["undelivered"],
         "dead_letters": int(dead),
         "redis_available": redis_up,
+        "counts_estimated": estimated,
     }

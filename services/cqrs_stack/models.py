@@ -284,3 +284,8 @@ class StatsResponse(BaseModel):
     pending_entries: int
     dead_letters: int
     redis_available: bool
+    counts_estimated: bool = Field(
+        default=False,
+        description="True when a table held more than STATS_EXACT_COUNT_MAX rows: the record"
+        " counts, events_published and lag_events are then the planner's estimates",
+    )

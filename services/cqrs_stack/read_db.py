@@ -13,7 +13,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .db import driver_connection
+from .db import driver_connection, row_count_sql
 from .metrics import READ_COUNTS_DROPPED, READ_COUNTS_FLUSHED
 from .supervision import Backoff
 
@@ -297,24 +297,33 @@ class ReadCounter:
             )
 
 
-async def projector_figures(engine: AsyncEngine) -> dict[str, Any]:
-    """Return the read model's size and the projector's progress across all consumers."""
+async def projector_figures(engine: AsyncEngine, exact_max: int) -> dict[str, Any]:
+    """Return the read model's size and the projector's progress across all consumers.
+
+    The records and ledger rows are counted exactly up to ``exact_max`` rows and estimated
+    above (``db.row_count_sql``): an exact count of millions of rows is not free.
+    """
     async with engine.connect() as conn:
         row = (
             await conn.execute(
                 text(
-                    "SELECT (SELECT count(*) FROM records),"
+                    "SELECT records.n, records.estimated,"
                     " (SELECT coalesce(max(command_id), 0) FROM applied_commands),"
-                    " (SELECT count(*) FROM applied_commands),"
+                    " applied.n, applied.estimated,"
                     " (SELECT coalesce(sum(events_projected), 0) FROM projector_consumers),"
                     " (SELECT max(last_event_at) FROM projector_consumers)"
-                )
+                    f" FROM ({row_count_sql('records')}) AS records,"
+                    f" ({row_count_sql('applied_commands')}) AS applied"
+                ),
+                {"exact_max": exact_max},
             )
         ).one()
     return {
         "records": int(row[0]),
-        "last_projected_position": int(row[1]),
-        "applied_commands": int(row[2]),
-        "events_projected": int(row[3]),
-        "last_projected_event_at": row[4],
+        "records_estimated": bool(row[1]),
+        "last_projected_position": int(row[2]),
+        "applied_commands": int(row[3]),
+        "applied_commands_estimated": bool(row[4]),
+        "events_projected": int(row[5]),
+        "last_projected_event_at": row[6],
     }

@@ -130,8 +130,12 @@ _CANDIDATE_COLUMNS = (
     " octet_length(key) + octet_length(value) FROM commands"
 )
 
+# Ordered by the column, qualified: a bare "txid" names the output column (txid::text), and
+# text order is not transaction order ('100000' < '99999'), and a sort of every row past the
+# cursor comes before the LIMIT; the index gives the order and stops at the limit.
 AFTER_CURSOR = text(
-    f"{_CANDIDATE_COLUMNS} WHERE (txid, id) > (:txid, :position) ORDER BY txid, id LIMIT :limit"
+    f"{_CANDIDATE_COLUMNS} WHERE (txid, id) > (:txid, :position)"
+    " ORDER BY commands.txid, commands.id LIMIT :limit"
 )
 
 OF_TRANSACTION = text(

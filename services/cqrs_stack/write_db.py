@@ -15,7 +15,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .db import driver_connection
+from .db import driver_connection, row_count_sql
 from .errors import RetryLater
 from .events import Command
 
@@ -207,16 +207,25 @@ async def commands_on(conn: AsyncConnection, positions: Sequence[int]) -> list[C
     return [_command(row) for row in rows]
 
 
-async def counts(engine: AsyncEngine) -> dict[str, int]:
-    """Return the number of commands and of commands whose event is still unpublished."""
+async def counts(engine: AsyncEngine, exact_max: int) -> dict[str, int | bool]:
+    """Return the number of commands (estimated above ``exact_max``, see
+    ``db.row_count_sql``), of commands whose event is still unpublished (exact: the partial
+    index holds only those), and the last position."""
     async with engine.connect() as conn:
         row = (
             await conn.execute(
                 text(
-                    "SELECT (SELECT count(*) FROM commands),"
+                    f"SELECT rows.n, rows.estimated,"
                     " (SELECT count(*) FROM commands WHERE NOT published),"
                     " (SELECT coalesce(max(id), 0) FROM commands)"
-                )
+                    f" FROM ({row_count_sql('commands')}) AS rows"
+                ),
+                {"exact_max": exact_max},
             )
         ).one()
-    return {"commands": int(row[0]), "unpublished": int(row[1]), "max_position": int(row[2])}
+    return {
+        "commands": int(row[0]),
+        "commands_estimated": bool(row[1]),
+        "unpublished": int(row[2]),
+        "max_position": int(row[3]),
+    }

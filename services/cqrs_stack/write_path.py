@@ -1,9 +1,10 @@
 """Accepting commands: group commit into the write DB, then publishing their events.
 
 Guarantee 1 lives here and in the projector's catch-up. A command is acknowledged only after
-its transaction commits; its event is then published in one pipelined XADD for the whole
-batch. If Redis is down or hung, the command stays marked unpublished and ``publish_pending``
-sends it once Redis is back; a crash between commit and XADD leaves the same trace.
+its transaction commits; its event is then published in one Redis round trip for the whole
+batch (``stream.publish``), while the next batch commits. If Redis is down or hung, the
+command stays marked unpublished and ``publish_pending`` sends it once Redis is back; a crash
+between commit and XADD leaves the same trace.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class _Pending:
 
 
 class CommandWriter:
-    """Batches concurrent writes: one transaction and one pipelined XADD per batch.
+    """Batches concurrent writes: one transaction and one publishing round trip per batch.
 
     Under load, requests that arrive while a batch is committing form the next batch, so
     throughput grows with concurrency while a lone request still commits at once. A batch
@@ -76,6 +77,9 @@ class CommandWriter:
         # qsize(): a write the loop has taken but not yet put in a batch is still in hand.
         self._in_hand = 0
         self._batch: list[_Pending] = []  # the batch committing (its statement may be sent)
+        # The committed batch whose events are being published, and the task doing it.
+        self._answering: list[tuple[_Pending, Command]] = []
+        self._publishing: asyncio.Task[None] | None = None
         self._give_up: asyncio.TimerHandle | None = None  # set once a stop has begun
         self._refusing = False  # the stop's bound passed: writes are answered at once
         self._breaker = CircuitBreaker(
@@ -100,6 +104,7 @@ class CommandWriter:
     def _answer_all(self) -> None:
         """The stop's bound passed: answer every write in hand; none waits for the write DB."""
         self._refusing = True
+        self._answer_queued()  # committed: stored, its events sent by the publisher later
         for pending in self._batch:  # its statement may be sent: it may be stored
             if not pending.done.done():
                 pending.done.set_exception(CommitOutcomeUnknown())
@@ -123,6 +128,8 @@ class CommandWriter:
             self._answer_all()
             self._closed.set()
             await self._supervisor.stop([_LOOP_NAME], max(0.0, deadline - loop.time()))
+        if self._publishing is not None:  # answered already if the bound passed
+            await asyncio.wait([self._publishing], timeout=max(0.0, deadline - loop.time()))
         await self._breaker.close()
 
     @property
@@ -151,7 +158,12 @@ class CommandWriter:
         return await done
 
     async def _write_round(self) -> None:
-        """Commit and publish one batch; an idle round just returns."""
+        """Commit one batch and hand it to publishing; an idle round just returns.
+
+        The batch's XADD and answers run while the next batch commits (at most one batch
+        publishes while one commits), so a batch's fsync wait overlaps the previous batch's
+        publishing. Batches publish in commit order, one after the other.
+        """
         if self._queue.empty():
             try:
                 # Bounded, so that the loop sees ``_closed`` while no request comes.
@@ -165,37 +177,70 @@ class CommandWriter:
             batch.append(self._queue.get_nowait())
         self._batch = batch
         try:
-            await self._commit_and_publish(batch)
+            commands = await self._commit(batch)
         except Exception as exc:  # unforeseen: the batch's writers learn of it, never hang
-            for pending in batch:
-                if not pending.done.done():
-                    pending.done.set_exception(exc)
+            _fail(batch, exc)
+            self._release(batch)
             raise
         finally:
-            self._in_hand -= len(batch)
             self._batch = []
-            WRITE_QUEUE_DEPTH.set(self.in_hand)
-            for _ in batch:
-                self._queue.task_done()
+        if commands is None:
+            self._release(batch)
+            return
+        try:
+            answering = list(zip(batch, commands, strict=True))
+        except ValueError as exc:  # the INSERT returned another count: the loop's error
+            _fail(batch, exc)
+            self._release(batch)
+            raise
+        if self._publishing is not None:
+            await asyncio.wait([self._publishing])  # its own errors are its writers' answers
+        self._publishing = asyncio.create_task(self._publish_and_answer(answering))
 
-    async def _commit_and_publish(self, batch: list[_Pending]) -> None:
+    def _release(self, batch: list[_Pending]) -> None:
+        """The batch is answered: it is no longer in hand."""
+        self._in_hand -= len(batch)
+        WRITE_QUEUE_DEPTH.set(self.in_hand)
+        for _ in batch:
+            self._queue.task_done()
+
+    async def _commit(self, batch: list[_Pending]) -> list[Command] | None:
+        """The batch's commands, committed; None when the write DB failed (writers told)."""
         WRITE_BATCH_SIZE.observe(len(batch))
         try:
-            commands = await write_db.insert_commands(
+            return await write_db.insert_commands(
                 self._pool,
                 [(p.key, p.value, p.event_type) for p in batch],
                 write_db.new_batch_token(),
                 self._settings.write_outcome_timeout,
             )
         except Exception as exc:  # every waiter must learn of the failure
-            for pending in batch:
+            _fail(batch, exc)
+            return None
+
+    async def _publish_and_answer(self, answering: list[tuple[_Pending, Command]]) -> None:
+        """Publish a committed batch's events, then answer its writers."""
+        self._answering = answering
+        batch = [pending for pending, _ in answering]
+        commands = [command for _, command in answering]
+        try:
+            event_ids = await self._publish(commands)
+            for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
                 if not pending.done.done():
-                    pending.done.set_exception(exc)
-            return
-        event_ids = await self._publish(commands)
-        for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
+                    pending.done.set_result(WriteResult(command, event_id))
+        except Exception as exc:  # unforeseen: committed, so answered queued; logged, not raised
+            log.exception("publishing a committed batch failed count=%d", len(batch))
+            self._answer_queued()
+            _fail(batch, exc)  # any not answered yet
+        finally:
+            self._answering = []
+            self._release(batch)
+
+    def _answer_queued(self) -> None:
+        """Answer the batch publishing as committed and queued (the publisher sends later)."""
+        for pending, command in self._answering:
             if not pending.done.done():
-                pending.done.set_result(WriteResult(command, event_id))
+                pending.done.set_result(WriteResult(command, None))
 
     async def _publish(self, commands: list[Command]) -> list[str | None]:
         """XADD the batch's events and mark them published; all None when they stay queued."""
@@ -225,6 +270,12 @@ class CommandWriter:
         except Exception as exc:  # the events are in the stream: the answer stands
             log.warning("marking published failed count=%d error=%r", len(commands), exc)
         return event_ids
+
+
+def _fail(batch: list[_Pending], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.done.done():
+            pending.done.set_exception(exc)
 
 
 def _stopping() -> RetryLater:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -12,9 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import httpx
 
+from cqrs_stack import sweep
 from cqrs_stack.config import plain_database_url
+from cqrs_stack.projector import CATCHUP_GRACE_SECONDS
 
+from . import wrk
 from .load import LoadResult, closed_loop, open_loop_writes, percentile
 from .stack import BenchStack, ProcessMonitor
 
@@ -31,12 +37,21 @@ class Plan:
     burst_writes: int
     lag_seconds: float
     key_space: int
+    hung_seconds: float
+    large_commands: int  # the large-data phase seeds this many commands, a tenth as many keys
+    phases: tuple[str, ...]
 
 
-FULL = Plan("full", 10, 200_000, 15, 15, 50_000, 20, 20_000)
-QUICK = Plan("quick", 2, 20_000, 2, 2, 1_500, 3, 1_000)
+_ALL = ("references", "ceiling", "writes", "reads", "hung-redis", "projection", "lag", "rebuild")
+FULL = Plan("full", 10, 200_000, 15, 15, 50_000, 20, 20_000, 10, 10_000_000, (*_ALL, "large"))
+# The large-data phase is not part of the quick run (CI): seeding takes minutes.
+QUICK = Plan("quick", 2, 20_000, 2, 2, 1_500, 3, 1_000, 3, 100_000, _ALL)
 
 VALUE = "v" * 64
+# Seconds after the large phase's load before the sweep's plan is read (its interval is 2 s).
+CATCHUP_SETTLE_SECONDS = 3.0
+# New commands behind the cursor whose sweep page is timed, at both sizes.
+SWEEP_NEW_COMMANDS = 5_000
 
 
 def ms(seconds: float) -> float:
@@ -44,24 +59,39 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
+def cpu_per_request(used: dict[str, float], result: LoadResult) -> float:
+    """Microseconds of the API process's CPU per request answered in a phase."""
+    answered = max(1, result.requests - result.errors)
+    return round(used.get("api", 0.0) / answered * 1e6, 1)
+
+
 def summary(result: LoadResult) -> dict[str, Any]:
-    """Rate, counts and latency percentiles of a load phase."""
+    """Rate, counts and latency percentiles of a load phase, and which client measured it."""
+    quantiles: list[float]
+    if isinstance(result, wrk.WrkResult):
+        quantiles = [result.p50, result.p90, result.p99, result.max]
+    else:
+        quantiles = [percentile(result.latencies, q) for q in (50, 90, 99)]
+        quantiles.append(max(result.latencies, default=0.0))
     return {
         "rate": round(result.rate, 1),
         "requests": result.requests,
         "errors": result.errors,
         "seconds": round(result.seconds, 2),
-        "p50_ms": ms(percentile(result.latencies, 50)),
-        "p90_ms": ms(percentile(result.latencies, 90)),
-        "p99_ms": ms(percentile(result.latencies, 99)),
-        "max_ms": ms(max(result.latencies, default=0.0)),
+        "p50_ms": ms(quantiles[0]),
+        "p90_ms": ms(quantiles[1]),
+        "p99_ms": ms(quantiles[2]),
+        "max_ms": ms(quantiles[3]),
+        "client": "wrk" if isinstance(result, wrk.WrkResult) else "asyncio",
     }
 
 
 class Bench:
     """Runs the phases of ``plan`` against ``stack`` and collects the figures."""
 
-    def __init__(self, stack: BenchStack, plan: Plan, monitor: ProcessMonitor) -> None:
+    def __init__(
+        self, stack: BenchStack, plan: Plan, monitor: ProcessMonitor, client: str = "asyncio"
+    ) -> None:
         self.stack = stack
         self.plan = plan
         self.monitor = monitor
@@ -71,6 +101,8 @@ class Bench:
         self.rng = random.Random(5)
         self.write_conn: asyncpg.Connection | None = None
         self.read_conn: asyncpg.Connection | None = None
+        self.client = client
+        self.seeded = 0  # commands put in both databases by SQL, not through the API
 
     async def connect(self) -> None:
         """Direct connections to both databases, for counts and polling."""
@@ -95,7 +127,8 @@ class Bench:
 
     async def projected(self) -> int:
         assert self.read_conn is not None
-        return int(
+        # Seeded commands (large-data phase) are in the read model without a projector.
+        return self.seeded + int(
             await self.read_conn.fetchval(
                 "SELECT coalesce(sum(events_projected), 0) FROM projector_consumers"
             )
@@ -113,22 +146,51 @@ class Bench:
 
     # -- phases --------------------------------------------------------------------------
 
+    async def _load(
+        self, clients: int, seconds: float, kind: str, paths: list[str] | None = None
+    ) -> LoadResult:
+        """One closed-loop phase by the reference client: wrk where installed, else ours.
+
+        ``kind``: "health", "writes" or "reads" (a random path of ``paths``).
+        """
+        if self.client == "wrk":
+            port = self.api.port
+            if kind == "health":
+                return await asyncio.to_thread(wrk.get, port, clients, seconds, "/health")
+            if kind == "writes":
+                return await asyncio.to_thread(
+                    wrk.writes, port, clients, seconds, self.plan.key_space
+                )
+            assert paths is not None
+            keys = [p[len("/read/") :] for p in paths]
+            return await asyncio.to_thread(wrk.reads, port, clients, seconds, keys)
+        if kind == "health":
+            return await closed_loop(
+                self.api.port, clients, seconds, lambda c, i: ("GET", "/health", b"")
+            )
+        if kind == "writes":
+            return await closed_loop(self.api.port, clients, seconds, self.write_request)
+        assert paths is not None
+        return await closed_loop(
+            self.api.port,
+            clients,
+            seconds,
+            lambda c, i: ("GET", paths[self.rng.randrange(len(paths))], b""),
+        )
+
     async def framework_ceiling(self) -> None:
         """GET /health at 64 clients: one API process's HTTP ceiling (no database, no route)."""
-        result = await closed_loop(
-            self.api.port,
-            64,
-            max(2.0, self.plan.read_seconds / 3),
-            lambda c, i: ("GET", "/health", b""),
-        )
-        self.monitor.mark("ceiling")
+        self.monitor.mark("before-ceiling")
+        result = await self._load(64, max(2.0, self.plan.read_seconds / 3), "health")
+        used = self.monitor.mark("ceiling")
         self.results["api_ceiling"] = summary(result)
+        self.results["api_ceiling"]["api_cpu_us_per_request"] = cpu_per_request(used, result)
         print(f"bench: /health ceiling c=64: {self.results['api_ceiling']}", file=sys.stderr)
 
-    async def writes(self) -> None:
+    async def writes(self, clients_list: tuple[int, ...] = (1, 16, 64), label: str = "") -> None:
         """Closed-loop writes at 1, 16 and 64 clients; /health probed during 64."""
         figures = {}
-        for clients in (1, 16, 64):
+        for clients in clients_list:
             probe = None
             if clients == 64:
                 probe = subprocess.Popen(
@@ -142,58 +204,98 @@ class Bench:
                     ],
                     stdout=subprocess.PIPE,
                 )
-            result = await closed_loop(
-                self.api.port, clients, self.plan.write_seconds, self.write_request
-            )
+            self.monitor.mark(f"before-writes{label}-{clients}")
+            batches_before = await self.batch_counts()
+            result = await self._load(clients, self.plan.write_seconds, "writes")
+            used = self.monitor.mark(f"writes{label}-{clients}")
+            batches_after = await self.batch_counts()
             figures[clients] = summary(result)
-            self.monitor.mark(f"writes-{clients}")
+            figures[clients]["api_cpu_us_per_request"] = cpu_per_request(used, result)
+            batches = batches_after[0] - batches_before[0]
+            figures[clients]["mean_batch"] = round(
+                (batches_after[1] - batches_before[1]) / max(batches, 1), 1
+            )
             if probe is not None:
                 out, _ = probe.communicate(timeout=60)
                 health = json.loads(out or b"[]")
-                self.results["health_during_writes"] = {
+                self.results[f"health_during_writes{label}"] = {
                     "samples": len(health),
                     "p50_ms": ms(percentile(health, 50)),
                     "p99_ms": ms(percentile(health, 99)),
                     "max_ms": ms(max(health, default=0.0)),
                 }
-            print(f"bench: writes c={clients}: {figures[clients]}", file=sys.stderr)
-        self.results["writes"] = figures
+            print(f"bench: writes{label} c={clients}: {figures[clients]}", file=sys.stderr)
+        self.results[f"writes{label}"] = figures
 
-    async def reads(self) -> None:
-        """Reads of existing keys (spread) and of one hot key at 64 clients; counts exact?"""
+    async def batch_counts(self) -> tuple[float, float]:
+        """The API's group-commit batches so far and the commands in them (from /metrics)."""
+        count = total = 0.0
+        async with httpx.AsyncClient(base_url=self.api.url, timeout=30) as client:
+            for line in (await client.get("/metrics")).text.splitlines():
+                if line.startswith("cqrs_write_batch_size_count "):
+                    count = float(line.split()[1])
+                elif line.startswith("cqrs_write_batch_size_sum "):
+                    total = float(line.split()[1])
+        return count, total
+
+    async def record_keys(self, limit: int) -> list[str]:
+        """Up to ``limit`` keys of the read model, spread over it (a random sample)."""
+        assert self.read_conn is not None
+        total = await self.read_conn.fetchval("SELECT count(*) FROM records")
+        if total <= limit:
+            rows = await self.read_conn.fetch("SELECT key FROM records")
+        else:
+            share = min(100.0, 100.0 * limit * 1.5 / total)
+            rows = await self.read_conn.fetch(
+                f"SELECT key FROM records TABLESAMPLE SYSTEM ({share:.4f}) LIMIT $1", limit
+            )
+        return [r["key"] for r in rows]
+
+    async def reads(self, label: str = "", hot: bool = True) -> None:
+        """Reads of existing keys (spread) and of one hot key at 64 clients; counts exact?
+
+        The rate is the reference client's; ``read_count`` is checked on a run of our own
+        client (it finishes every request it sends, wrk does not: see wrk.py).
+        """
         assert self.read_conn is not None
         await self.wait_projected(await self.commands(), 120)
-        keys = [r["key"] for r in await self.read_conn.fetch("SELECT key FROM records")]
-        hot = keys[0]
+        keys = await self.record_keys(100_000)
+        hot_key = keys[0]
         paths = [f"/read/{k}" for k in keys]
         found = lambda status, body: status == 200 and b'"success":true' in body  # noqa: E731
         figures: dict[str, Any] = {}
-        for name, make in (
-            ("spread", lambda c, i: ("GET", paths[self.rng.randrange(len(paths))], b"")),
-            ("hot", lambda c, i: ("GET", f"/read/{hot}", b"")),
-        ):
+        cases = [("spread", paths)] + ([("hot", [f"/read/{hot_key}"])] if hot else [])
+        for name, chosen in cases:
+            self.monitor.mark(f"before-reads{label}-{name}")
+            loaded = await self._load(64, self.plan.read_seconds, "reads", chosen)
+            used = self.monitor.mark(f"reads{label}-{name}")
+            rate = summary(loaded)
+            rate["api_cpu_us_per_request"] = cpu_per_request(used, loaded)
             await asyncio.sleep(0.5)  # let the API flush earlier read counts
-            before_total = await self.read_conn.fetchval("SELECT sum(read_count) FROM records")
-            before_hot = await self.read_conn.fetchval(
-                "SELECT read_count FROM records WHERE key = $1", hot
+            before_total = await self.read_conn.fetchval(
+                "SELECT sum(read_count) FROM records WHERE key = ANY($1)", keys
             )
-            result = await closed_loop(self.api.port, 64, self.plan.read_seconds, make, ok=found)
-            self.monitor.mark(f"reads-{name}")
+            check_seconds = max(2.0, self.plan.read_seconds / 3)
+
+            def pick(c: int, i: int, chosen: list[str] = chosen) -> tuple[str, str, bytes]:
+                return "GET", chosen[self.rng.randrange(len(chosen))], b""
+
+            result = await closed_loop(self.api.port, 64, check_seconds, pick, ok=found)
             await asyncio.sleep(1.0)  # READ_COUNT_FLUSH_INTERVAL is 0.2 s
-            after_total = await self.read_conn.fetchval("SELECT sum(read_count) FROM records")
-            after_hot = await self.read_conn.fetchval(
-                "SELECT read_count FROM records WHERE key = $1", hot
+            after_total = await self.read_conn.fetchval(
+                "SELECT sum(read_count) FROM records WHERE key = ANY($1)", keys
             )
-            counted = after_hot - before_hot if name == "hot" else after_total - before_total
+            counted = int(after_total - before_total)
             answered = result.requests - result.errors
             figures[name] = {
-                **summary(result),
-                "read_count_added": int(counted),
+                **rate,
+                "read_count_added": counted,
                 "reads_answered": answered,
-                "read_count_exact": int(counted) == answered,
+                "read_count_exact": counted == answered,
+                "check_client_rate": round(result.rate, 1),
             }
-            print(f"bench: reads {name}: {figures[name]}", file=sys.stderr)
-        self.results["reads"] = figures
+            print(f"bench: reads{label} {name}: {figures[name]}", file=sys.stderr)
+        self.results[f"reads{label}"] = figures
 
     async def projection_drain(self) -> None:
         """Pause the projector (SIGSTOP), write a burst, resume (SIGCONT), time the drain."""
@@ -307,3 +409,184 @@ class Bench:
         except subprocess.CalledProcessError:
             return False
         return True
+
+    async def hung_redis(self) -> None:
+        """Writes at 64 clients while the stack's Redis is SIGSTOPped (hung: it accepts, never
+        answers), then SIGCONT; the rate against the normal one, and the time until every
+        queued event is published."""
+        assert self.write_conn is not None
+        redis = self.stack.redis.process
+        assert redis is not None
+        os.kill(redis.pid, signal.SIGSTOP)
+        try:
+            result = await self._load(64, self.plan.hung_seconds, "writes")
+        finally:
+            os.kill(redis.pid, signal.SIGCONT)
+        self.monitor.mark("hung-redis")
+        started = time.perf_counter()
+        deadline = started + 120
+        query = "SELECT count(*) FROM commands WHERE NOT published"
+        queued = int(await self.write_conn.fetchval(query))
+        while await self.write_conn.fetchval(query):
+            if time.perf_counter() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        figures = summary(result)
+        normal = self.results.get("writes", {}).get(64, {}).get("rate")
+        self.results["hung_redis"] = {
+            **figures,
+            "normal_rate": normal,
+            "ratio": round(figures["rate"] / normal, 3) if normal else None,
+            "queued_at_resume": queued,
+            "published_after_resume_seconds": round(time.perf_counter() - started, 2),
+        }
+        print(f"bench: hung redis: {self.results['hung_redis']}", file=sys.stderr)
+
+    async def sweep_plan(self, new: int = SWEEP_NEW_COMMANDS) -> dict[str, Any]:
+        """EXPLAIN ANALYZE of the catch-up sweep's page query from a cursor ``new`` commands
+        behind the last one: what a sweep tick reads when that many commands are new."""
+        assert self.write_conn is not None
+        row = await self.write_conn.fetchrow(
+            "SELECT txid::text AS txid, id AS cursor_id FROM commands"
+            " ORDER BY id DESC OFFSET $1 LIMIT 1",
+            new,
+        )
+        sql = (
+            str(sweep.AFTER_CURSOR)
+            .replace(":grace", str(float(CATCHUP_GRACE_SECONDS)))
+            .replace(":txid", f"'{int(row['txid'])}'::xid8")
+            .replace(":position", str(int(row["cursor_id"])))
+            .replace(":limit", str(max(50_000, 4 * 256)))
+        )
+        lines = [r[0] for r in await self.write_conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")]
+        executed = next((x for x in lines if x.startswith("Execution Time")), "")
+        rows = await self.write_conn.fetchval(f"SELECT count(*) FROM ({sql}) AS page")
+        return {
+            "plan": lines,
+            "uses_index": any("commands_txid_id_idx" in x for x in lines),
+            "execution_ms": float(executed.split(":")[1].split()[0]) if executed else None,
+            "candidates": int(rows),
+        }
+
+    async def stats_timing(self, samples: int = 5) -> dict[str, Any]:
+        """GET /stats a few times: its latency and whether its counts were estimated."""
+        times: list[float] = []
+        body: dict[str, Any] = {}
+        async with httpx.AsyncClient(base_url=self.api.url, timeout=30) as client:
+            for _ in range(samples):
+                started = time.perf_counter()
+                answer = await client.get("/stats")
+                times.append(time.perf_counter() - started)
+                body = answer.json()
+        return {
+            "p50_ms": ms(percentile(times, 50)),
+            "max_ms": ms(max(times)),
+            "counts_estimated": body.get("counts_estimated"),
+            "write_db_records": body.get("write_db_records"),
+            "read_db_records": body.get("read_db_records"),
+        }
+
+    async def large_data(self) -> None:
+        """Seed the write DB with ``large_commands`` commands and the read model with a tenth
+        as many keys (SQL, not the API), then run the write and read phases again: the same
+        figures as with the small data set, /stats in bounds, the sweep's cost unchanged."""
+        assert self.write_conn is not None and self.read_conn is not None
+        small = {
+            "sweep": await self.sweep_plan(),
+            "stats": await self.stats_timing(),
+        }
+        n = self.plan.large_commands
+        keys = max(1, n // 10)
+        seeded = keys * 10
+        # The seeded commands' events count as published and projected: the read model holds
+        # their keys and ledger rows before the commands exist, so that a sweep that meets them
+        # finds nothing missing; then the sweep's cursor is moved past them, as after a sweep
+        # (its state row is locked by a running sweep: the UPDATE waits for it, then wins).
+        first = int(
+            await self.write_conn.fetchval(
+                "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
+                " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
+                seeded - 1,
+            )
+        )
+        last = first + seeded - 1
+        started = time.perf_counter()
+        await self.read_conn.execute(_SEED_RECORDS, first, keys)
+        await self.read_conn.execute(_SEED_LEDGER, first, last)
+        seeded_read = time.perf_counter() - started
+        started = time.perf_counter()
+        async with self.write_conn.transaction():  # one transaction, one txid, like a bulk load
+            await self.write_conn.execute(_SEED_COMMANDS, first, keys)
+            seed_txid = await self.write_conn.fetchval("SELECT pg_current_xact_id()::text")
+        seeded_write = time.perf_counter() - started
+        await self.read_conn.execute(
+            "UPDATE projector_catchup SET cursor_txid = $1::text::xid8, cursor_id = $2"
+            " WHERE (cursor_txid, cursor_id) < ($1::text::xid8, $2)",
+            seed_txid,
+            last,
+        )
+        self.seeded = seeded
+        started = time.perf_counter()
+        await self.write_conn.execute("ANALYZE commands")
+        await self.read_conn.execute("ANALYZE records; ANALYZE applied_commands")
+        analyzed = time.perf_counter() - started
+        self.monitor.mark("large-seed")
+        print(
+            f"bench: seeded {n} commands in {seeded_write:.1f} s, {keys} keys and {n} ledger"
+            f" rows in {seeded_read:.1f} s (ANALYZE {analyzed:.1f} s)",
+            file=sys.stderr,
+        )
+        await self.writes((64,), label="-large")
+        await self.reads(label="-large", hot=False)
+        await asyncio.sleep(CATCHUP_SETTLE_SECONDS)  # a sweep tick or two at the new size
+        large = {"sweep": await self.sweep_plan(), "stats": await self.stats_timing()}
+        small_w, large_w = self.results["writes"][64], self.results["writes-large"][64]
+        small_r, large_r = self.results["reads"]["spread"], self.results["reads-large"]["spread"]
+        self.results["large"] = {
+            "commands": n,
+            "keys": keys,
+            "seed_write_db_seconds": round(seeded_write, 1),
+            "seed_read_db_seconds": round(seeded_read, 1),
+            "analyze_seconds": round(analyzed, 1),
+            "small": small,
+            "large": large,
+            "write_rate_ratio": round(large_w["rate"] / small_w["rate"], 3),
+            "write_p99_ratio": round(large_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3),
+            "read_rate_ratio": round(large_r["rate"] / small_r["rate"], 3),
+            "read_p99_ratio": round(large_r["p99_ms"] / max(small_r["p99_ms"], 1e-3), 3),
+        }
+        print(
+            "bench: large data: "
+            + json.dumps(
+                {k: v for k, v in self.results["large"].items() if k not in ("small", "large")}
+            ),
+            file=sys.stderr,
+        )
+        for size in ("small", "large"):
+            sweep_figures = self.results["large"][size]["sweep"]
+            print(
+                f"bench: sweep at {size}: index={sweep_figures['uses_index']}"
+                f" {sweep_figures['execution_ms']} ms for {sweep_figures['candidates']}"
+                f" candidates; /stats {self.results['large'][size]['stats']}",
+                file=sys.stderr,
+            )
+
+
+# Seeding, in SQL: ten commands per key, keys in index order (zero-padded), so that the key
+# index is built at its right edge; one transaction, like a bulk load.
+_SEED_COMMANDS = """
+    INSERT INTO commands (id, key, value, event_type, published)
+    SELECT $1 + g, 'seed:' || lpad((g / 10)::text, 8, '0'), repeat('v', 64),
+           CASE WHEN g % 10 = 0 THEN 'RecordCreated' ELSE 'RecordUpdated' END, true
+    FROM generate_series(0, $2::bigint * 10 - 1) AS g
+"""
+_SEED_RECORDS = """
+    INSERT INTO records (key, value, created_at, updated_at, read_count, write_count,
+                         first_command_id, last_command_id)
+    SELECT 'seed:' || lpad(k::text, 8, '0'), repeat('v', 64), now(), now(), 0, 10,
+           $1 + k * 10, $1 + k * 10 + 9
+    FROM generate_series(0, $2 - 1) AS k
+"""
+_SEED_LEDGER = """
+    INSERT INTO applied_commands (command_id) SELECT g FROM generate_series($1::bigint, $2) g
+"""

@@ -8,9 +8,12 @@ from typing import Any
 
 # (figure, target, higher is better)
 TARGETS = {
-    "writes/s c=64": (3600, True),
-    "reads/s spread c=64": (5500, True),
-    "reads/s hot c=64": (5500, True),
+    "writes c=64 / ceiling": (0.35, True),
+    "reads spread c=64 / ceiling": (0.6, True),
+    "writes hung Redis / normal": (0.5, True),
+    "large: writes c=64 / small": (0.85, True),
+    "large: reads spread / small": (0.85, True),
+    "large: /stats ms": (50, False),
     "projection events/s": (15000, True),
     "visibility lag p99 ms": (50, False),
     "rebuild commands/s": (50000, True),
@@ -42,7 +45,7 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         table.append(
             {
                 "figure": name,
-                "value": round(value, 1),
+                "value": round(value, 3) if abs(value) < 10 else round(value, 1),
                 "reference": ref_name,
                 "reference_value": round(ref, 1) if ref else None,
                 "ratio": round(value / ref, 3) if ref else None,
@@ -136,6 +139,80 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         extra=f"{reb['commands']} commands, {reb['wall_seconds']} s incl. "
         f"{reb['interpreter_start_seconds']} s start; {reb['rate_excluding_start']}/s without",
     )
+    ceiling_rate = ceiling["rate"]
+    w64 = results["writes"].get(64) or results["writes"].get("64")
+    add(
+        "writes c=64 / ceiling",
+        w64["rate"] / ceiling_rate,
+        f"/health c=64 ({ceiling_rate:.0f}/s)",
+        None,
+        w64["p50_ms"],
+        w64["p99_ms"],
+        f"{w64.get('api_cpu_us_per_request')} µs API CPU per write vs "
+        f"{ceiling.get('api_cpu_us_per_request')} per /health; batch {w64.get('mean_batch')}",
+    )
+    spread = results["reads"]["spread"]
+    add(
+        "reads spread c=64 / ceiling",
+        spread["rate"] / ceiling_rate,
+        f"/health c=64 ({ceiling_rate:.0f}/s)",
+        None,
+        spread["p50_ms"],
+        spread["p99_ms"],
+        f"{spread.get('api_cpu_us_per_request')} µs API CPU per read",
+    )
+    hung = results.get("hung_redis")
+    if hung:
+        add(
+            "writes hung Redis / normal",
+            hung["ratio"] or 0.0,
+            f"writes c=64 ({hung['normal_rate']}/s)",
+            None,
+            hung["p50_ms"],
+            hung["p99_ms"],
+            f"{hung['rate']}/s while SIGSTOPped; {hung['queued_at_resume']} queued, published"
+            f" {hung['published_after_resume_seconds']} s after SIGCONT",
+        )
+    large = results.get("large")
+    if large:
+        lw, lr = results["writes-large"][64], results["reads-large"]["spread"]
+        add(
+            "large: writes c=64 / small",
+            large["write_rate_ratio"],
+            f"writes c=64 ({w64['rate']}/s)",
+            None,
+            lw["p50_ms"],
+            lw["p99_ms"],
+            f"{large['commands']:,} commands; p99 x{large['write_p99_ratio']}",
+        )
+        add(
+            "large: reads spread / small",
+            large["read_rate_ratio"],
+            f"reads spread ({spread['rate']}/s)",
+            None,
+            lr["p50_ms"],
+            lr["p99_ms"],
+            f"{large['keys']:,} keys; p99 x{large['read_p99_ratio']}",
+        )
+        for size in ("small", "large"):
+            sw = large[size]["sweep"]
+            st = large[size]["stats"]
+            add(
+                f"{size}: sweep page ms ({sw['candidates']} new)",
+                sw["execution_ms"] or 0.0,
+                "-",
+                None,
+                extra=f"index scan: {sw['uses_index']}",
+            )
+            add(
+                f"{size}: /stats ms",
+                st["p50_ms"],
+                "-",
+                None,
+                st["p50_ms"],
+                st["max_ms"],
+                f"counts_estimated {st['counts_estimated']}",
+            )
     health = results["health_during_writes"]
     add(
         "/health p99 ms (writes c=64)",
@@ -187,6 +264,14 @@ def render_table(table: list[dict[str, Any]], processes: dict[str, Any]) -> str:
         out.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
         if n == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out.append("")
+    by_phase = processes.get("peak_rss_mb_by_phase", {})
+    phases = [p for p in by_phase if not p.startswith("before-")]
+    out.append("| peak RSS MB per phase | " + " | ".join(phases) + " |")
+    out.append("|---" * (len(phases) + 1) + "|")
+    for name in ("api", "projector", "redis"):
+        peaks = [str(by_phase[p].get(name, "")) for p in phases]
+        out.append(f"| {name} | " + " | ".join(peaks) + " |")
     out.append("")
     out.append("| process | peak RSS MB | CPU (cores) writes c=64 | reads spread | drain |")
     out.append("|---|---|---|---|---|")

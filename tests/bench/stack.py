@@ -171,6 +171,9 @@ class ProcessMonitor:
         self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
         self._interval = interval
         self.peak_rss_mb: dict[str, float] = dict.fromkeys(pids, 0.0)
+        # Peak RSS of each process within each phase (between two marks).
+        self.phase_rss_mb: dict[str, dict[str, float]] = {}
+        self._phase_peak: dict[str, float] = dict.fromkeys(pids, 0.0)
         self.cpu: dict[str, dict[str, float]] = {}
         self._last_cpu = self._cpu_now()
         self._last_at = time.perf_counter()
@@ -218,13 +221,23 @@ class ProcessMonitor:
                 except psutil.Error:
                     continue
                 self.peak_rss_mb[name] = max(self.peak_rss_mb[name], rss)
+                self._phase_peak[name] = max(self._phase_peak[name], rss)
 
-    def mark(self, phase: str) -> None:
-        """Record CPU use per process (share of one core) since the previous mark."""
+    def mark(self, phase: str) -> dict[str, float]:
+        """Record CPU use per process (share of one core) since the previous mark; return the
+        CPU seconds each used in that time."""
         now_cpu, now = self._cpu_now(), time.perf_counter()
+        used = {name: now_cpu[name] - self._last_cpu.get(name, 0.0) for name in now_cpu}
         wall = max(now - self._last_at, 1e-9)
         self.cpu[phase] = {
             name: round((now_cpu[name] - self._last_cpu.get(name, 0.0)) / wall, 3)
             for name in now_cpu
         }
         self._last_cpu, self._last_at = now_cpu, now
+        self.phase_rss_mb[phase] = {
+            name: round(rss, 1)
+            for name, rss in self._phase_peak.items()
+            if name not in ("write-pg", "read-pg")
+        }
+        self._phase_peak = dict.fromkeys(self._phase_peak, 0.0)
+        return used

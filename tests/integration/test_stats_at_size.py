@@ -1,0 +1,89 @@
+"""/stats at size: exact counts up to STATS_EXACT_COUNT_MAX rows, the planner's estimate one
+past it (an exact count of millions of rows takes seconds), flagged as such."""
+
+from __future__ import annotations
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tests.fixtures.stack import Stack
+
+BOUND = 1000
+
+_COMMANDS = """
+    INSERT INTO commands (key, value, event_type, published)
+    SELECT 'size:' || g, 'v', 'RecordCreated', true FROM generate_series(1, CAST(:n AS bigint)) g
+"""
+_RECORDS = """
+    INSERT INTO records (key, value, created_at, updated_at, write_count, first_command_id,
+                         last_command_id)
+    SELECT 'size:' || g, 'v', now(), now(), 1, g, g
+    FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) g
+"""
+_LEDGER = """
+    INSERT INTO applied_commands
+    SELECT g FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) g
+"""
+
+
+async def run(engine: AsyncEngine, *statements: tuple[str, dict[str, int]]) -> None:
+    async with engine.begin() as conn:
+        for sql, params in statements:
+            await conn.execute(text(sql), params)
+
+
+async def analyze(stack: Stack) -> None:
+    # ANALYZE records rows per page; autovacuum does the same in production, later.
+    for engine, tables in (
+        (stack.write_engine, ("commands",)),
+        (stack.read_engine, ("records", "applied_commands")),
+    ):
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in tables:
+                await conn.execute(text(f"ANALYZE {table}"))
+
+
+async def test_counts_exact_at_the_bound_and_estimated_past_it(stack: Stack) -> None:
+    api = await stack.launch("api", STATS_EXACT_COUNT_MAX=str(BOUND))
+    await run(stack.write_engine, (_COMMANDS, {"n": BOUND}))
+    await run(
+        stack.read_engine,
+        (_RECORDS, {"first": 1, "last": BOUND}),
+        (_LEDGER, {"first": 1, "last": BOUND}),
+    )
+    await analyze(stack)
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        at_bound = (await client.get("/stats")).json()
+        assert at_bound["counts_estimated"] is False
+        assert at_bound["write_db_records"] == BOUND
+        assert at_bound["read_db_records"] == BOUND
+        assert at_bound["events_published"] == BOUND
+        assert at_bound["lag_events"] == 0
+
+        # Ten times the bound: the estimate, from rows per page times pages, flagged.
+        more = 10 * BOUND
+        await run(stack.write_engine, (_COMMANDS, {"n": more - BOUND}))
+        await run(
+            stack.read_engine,
+            (_RECORDS, {"first": BOUND + 1, "last": more}),
+            (_LEDGER, {"first": BOUND + 1, "last": more}),
+        )
+        await analyze(stack)
+        past = (await client.get("/stats")).json()
+    assert past["counts_estimated"] is True
+    for field in ("write_db_records", "read_db_records", "events_published"):
+        assert abs(past[field] - more) <= more // 10, (field, past[field])
+    # Two estimates would differ by more than the lag: it comes from positions then.
+    assert past["lag_events"] == past["last_written_position"] - past["last_projected_position"]
+    assert past["lag_events"] == 0
+
+
+async def test_a_table_never_analyzed_is_counted_exactly(stack: Stack) -> None:
+    """No rows-per-page figure yet: counting is the only answer (and right)."""
+    api = await stack.launch("api", STATS_EXACT_COUNT_MAX="10")
+    await run(stack.write_engine, (_COMMANDS, {"n": 50}))
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        stats = (await client.get("/stats")).json()
+    assert stats["write_db_records"] == 50
