@@ -485,6 +485,8 @@ def _redis(url: str, ca_pem: str | None = None, admin: AdminLogin | None = None)
 # What the services send to Redis (cqrs_stack.stream and the health checks), nothing more.
 # MULTI/EXEC: redis-py's transactional pipelines. No SELECT: key patterns hold in every
 # logical database, so an isolated stack stays in database 0 (reconcile.check_isolated_database).
+# No EVAL: a script runs to completion on the shared server (a loop blocks every stack's
+# Redis until someone runs SCRIPT KILL), so isolated stacks publish with pipelined XADDs.
 REDIS_COMMANDS = (
     "ping",
     "multi",
