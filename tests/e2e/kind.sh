@@ -7,7 +7,7 @@
 #   kind.sh load   load our images (and the dev database images, if Docker has them)
 #   kind.sh down   delete the cluster
 #   kind.sh e2e    build the images, up, load, run tests/e2e, down (whatever happened)
-#   kind.sh dev    up, then `skaffold dev --profile kind --port-forward`
+#   kind.sh dev    up, then `skaffold dev --profile kind --port-forward` (tests/e2e/dev.sh)
 #
 # Docker: a reachable engine, else the private one of tests/images/docker-engine.sh (started
 # here if needed; `e2e` stops it again if it started it, `up` and `dev` leave it running).
@@ -123,7 +123,8 @@ e2e() {
 
 dev() {
   up
-  skaffold dev --profile kind --port-forward "$@"
+  # skaffold dev with the cleanup that leaves nothing behind on Ctrl-C (dev.sh).
+  bash "$REPO/tests/e2e/dev.sh" dev kind --port-forward "$@"
 }
 
 case ${1:-} in
