@@ -2,13 +2,13 @@
 # Build what a kind node adds to the local cluster's binaries, from Go sources through the
 # module proxy, cached in $REPO/.cache/bin with stamps (build-k8s-tools.sh's technique):
 #   kubeadm   k8s.io/kubernetes/cmd/kubeadm, same version as the other Kubernetes binaries
-#   crictl    github.com/kubernetes-sigs/cri-tools (what kind's images/base installs)
+#   crictl    sigs.k8s.io/cri-tools (what kind's images/base installs)
 set -euo pipefail
 # shellcheck source=../../tools/build-k8s-tools.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../../tools/build-k8s-tools.sh"
 
 # kind v0.33's base image installs crictl v1.36; v1.34 is the release of our Kubernetes.
-CRICTL_MODULE=github.com/kubernetes-sigs/cri-tools
+CRICTL_MODULE=sigs.k8s.io/cri-tools
 CRICTL_VERSION=v1.34.0
 
 if is_cached kubeadm "kubeadm $K8S_MODULE $K8S_VERSION"; then
