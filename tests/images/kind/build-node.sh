@@ -41,6 +41,14 @@ LPP_TAG=v20260820-69b56db7
 LPH_TAG=v20260131-7181c60a
 
 say() { echo "kind-node: $*" >&2; }
+
+# quiet_build ARGS...: the classic builder (no buildx, never resolves FROM in a registry),
+# --network host for apt-get; its output only when it fails.
+quiet_build() {
+  local log=$STATE/build.log
+  DOCKER_BUILDKIT=0 docker build -q --network host "$@" >"$log" 2>&1 \
+    || { tail -30 "$log" >&2; say "docker build $* failed"; exit 1; }
+}
 started=$SECONDS
 
 docker_engine_up || { say "no Docker engine"; exit 1; }
@@ -72,8 +80,7 @@ cp -r "$kind_src/images/base/files" "$STATE/base/files"
 chmod -R u+w "$STATE/base/files"
 cp "$BIN/crictl" "$STATE/base/crictl"
 t0=$SECONDS
-DOCKER_BUILDKIT=0 docker build -q --network host -f "$HERE/node-base.Dockerfile" -t "$NODE_BASE" \
-  "$STATE/base" >/dev/null
+quiet_build -f "$HERE/node-base.Dockerfile" -t "$NODE_BASE" "$STATE/base"
 say "$NODE_BASE built in $((SECONDS - t0)) s"
 
 # ---- the images the node preloads ------------------------------------------------------
@@ -90,10 +97,10 @@ image() {  # image TAG VERSION FROM BINARY... -- ENTRYPOINT-JSON: build one comp
     [[ $from == scratch ]] && echo "ENV PATH=/usr/local/bin:/usr/bin:/bin"
     printf '%s' "$copies"
     [[ -n ${EXTRA_RUN:-} ]] && echo "RUN $EXTRA_RUN"
-    echo "LABEL org.opencontainers.image.version=$version"
+    echo "LABEL org.opencontainers.image.version=\"$version\""
     echo "ENTRYPOINT $1"
   } >"$dir/Dockerfile"
-  DOCKER_BUILDKIT=0 docker build -q --network host -t "$tag" "$dir" >/dev/null
+  quiet_build -t "$tag" "$dir"
   say "image $tag ($version)"
 }
 
@@ -146,6 +153,25 @@ docker save -o "$bin/kube-proxy.tar" "$k8s/kube-proxy:$K8S_VERSION" "$k8s/etcd:$
   "$k8s/coredns/coredns:$COREDNS_TAG" "$k8s/pause:$PAUSE_TAG" \
   "docker.io/kindest/kindnetd:$KINDNETD_TAG" "docker.io/kindest/local-path-provisioner:$LPP_TAG" \
   "docker.io/kindest/local-path-helper:$LPH_TAG"
+# kind reads an archive's tags from its first metadata entry: of manifest.json only the first
+# image, of `repositories` all of them. So `repositories` goes first, with docker.io/ spelled
+# out as kind's manifests spell it (Docker writes kindest/kindnetd for docker.io/kindest/...).
+python3 - "$bin/kube-proxy.tar" <<'PY'
+import io, json, sys, tarfile
+path = sys.argv[1]
+with tarfile.open(path) as src:
+    members = [(m, src.extractfile(m).read() if m.isfile() else None) for m in src.getmembers()]
+out = io.BytesIO()
+with tarfile.open(fileobj=out, mode="w") as dst:
+    for m, data in sorted(members, key=lambda item: item[0].name != "repositories"):
+        if m.name == "repositories":
+            repos = json.loads(data)
+            data = json.dumps({(r if "." in r.split("/")[0] else f"docker.io/{r}"): t for r, t in repos.items()}).encode()
+            m.size = len(data)
+        dst.addfile(m, io.BytesIO(data) if data is not None else None)
+with open(path, "wb") as f:
+    f.write(out.getvalue())
+PY
 tar -C "$STATE/tarball" -czf "$STATE/kubernetes-server-linux-amd64.tar.gz" kubernetes
 rm -rf "$STATE/tarball" "$STATE/img"
 
@@ -153,7 +179,7 @@ t0=$SECONDS
 kind build node-image --type file "$STATE/kubernetes-server-linux-amd64.tar.gz" \
   --base-image "$NODE_BASE" --image "$NODE_IMAGE.build" >&2
 # The inputs' hash as a label: the cache key of the next run.
-echo "FROM $NODE_IMAGE.build" | docker build -q --label "$HASH_LABEL=$inputs" -t "$NODE_IMAGE" - >/dev/null
+echo "FROM $NODE_IMAGE.build" | quiet_build --label "$HASH_LABEL=$inputs" -t "$NODE_IMAGE" -
 docker rmi "$NODE_IMAGE.build" >/dev/null
 rm -f "$STATE/kubernetes-server-linux-amd64.tar.gz"
 say "$NODE_IMAGE built in $((SECONDS - t0)) s (all of it: $((SECONDS - started)) s)"

@@ -36,7 +36,11 @@ RUN chmod 0755 /usr/local/bin/* /kind /kind/bin /kind/bin/* \
       /lib/systemd/system/sockets.target.wants/*initctl* /lib/systemd/system/basic.target.wants/* \
  && echo "ReadKMsg=no" >> /etc/systemd/journald.conf \
  && ln -sf /usr/bin/containerd /usr/local/bin/containerd \
- && ln -sf /usr/bin/ctr /usr/local/bin/ctr \
+ && printf '%s\n' '#!/bin/sh' \
+      '# containerd 1.6 ctr has no "info" (1.7+), which kind runs to see containerd ready.' \
+      'if [ "${1:-}" = info ]; then exec /usr/bin/ctr version; fi' \
+      'exec /usr/bin/ctr "$@"' >/usr/local/bin/ctr \
+ && chmod 0755 /usr/local/bin/ctr \
  && ln -sf /usr/bin/containerd-shim-runc-v2 /usr/local/bin/containerd-shim-runc-v2 \
  && mkdir -p /opt/cni/bin \
  && cp /usr/lib/cni/host-local /usr/lib/cni/loopback /usr/lib/cni/ptp /usr/lib/cni/portmap /opt/cni/bin/ \
