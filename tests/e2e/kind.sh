@@ -76,6 +76,12 @@ up() {
       grep -E '^ERROR|Error response' "$STATE/create.log" | tail -n 2 \
         | sed -e 's/^ERROR: //; s/: command "[^"]*" failed with error: exit status [0-9]*//' \
           -e 's/^Command Output: //' | paste -sd ' ' >"$STATE/unavailable"
+      if grep -q 'unable to apply caps' "$STATE/create.log"; then
+        # An engine without tests/images/runc-bounded, on a machine whose root lacks a
+        # capability (tests/e2e/README.md): privileged containers cannot start there.
+        echo " (the Docker engine must run containers with tests/images/runc-bounded:" \
+          "stop it; docker-engine.sh starts one that does)" >>"$STATE/unavailable"
+      fi
       say "kind could not create cluster $NAME (log: $STATE/create.log)"
       return 1
     fi
