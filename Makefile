@@ -93,6 +93,14 @@ e2e: install k8s-tools dev-tools ## end to end on kind: cluster up, images built
 dev: k8s-tools dev-tools ## skaffold dev loop on kind: rebuild on save, APIs on localhost:8001/8002
 	bash tests/e2e/kind.sh dev
 
+.PHONY: dev-local
+dev-local: k8s-tools dev-tools ## the same dev loop on the local cluster (make cluster-up first); Ctrl-C cleans up
+	bash tests/e2e/dev.sh dev local --port-forward
+
+.PHONY: skaffold-local
+skaffold-local: install k8s-tools dev-tools ## the dev loop for real on the local cluster: skaffold run, dev with an edit, cleanup
+	PYTHON=$(BIN)/python bash tests/skaffold/local.sh $(PYTEST_ARGS)
+
 .PHONY: chart
 chart: install k8s-tools ## helm lint (--strict) the chart and run its tests against a real kube-apiserver
 	.cache/bin/helm lint --strict charts/cqrs-stack

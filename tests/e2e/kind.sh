@@ -7,18 +7,20 @@
 #   kind.sh load   load our images (and the dev database images, if Docker has them)
 #   kind.sh down   delete the cluster
 #   kind.sh e2e    build the images, up, load, run tests/e2e, down (whatever happened)
-#   kind.sh dev    up, then `skaffold dev --profile kind --port-forward`
+#   kind.sh dev    up, then `skaffold dev --profile kind --port-forward` (tests/e2e/dev.sh)
 #
 # Docker: a reachable engine, else the private one of tests/images/docker-engine.sh (started
 # here if needed; `e2e` stops it again if it started it, `up` and `dev` leave it running).
 #
 # Environment:
 #   KIND_CLUSTER_NAME   cluster name (default: cqrs)
-#   KIND_NODE_IMAGE     node image (default: kind's own, kindest/node, which must be pulled
-#                       unless Docker already has it)
+#   KIND_NODE_IMAGE     node image (default: our offline one, cqrs-kind-node:v1.34.4, built
+#                       and cached by tests/images/kind/build-node.sh; kindest/node:<version>
+#                       picks kind's own where it can be pulled)
 #   E2E_IMAGES          images to load (default: cqrs-stack:0.1.0 cqrs-stack-operator:0.1.0)
 #   E2E_EXTRA_IMAGES    more images to load when Docker has them (default: the chart's dev
-#                       PostgreSQL and Redis images)
+#                       PostgreSQL and Redis images; with the offline node image, ours from
+#                       tests/cluster/images, built here, selected by values-local.yaml)
 #   E2E_KEEP_CLUSTER    1: `e2e` leaves the cluster up
 #   E2E_REQUIRE_CLUSTER 1: `e2e` fails when no cluster can be made (default: the suite
 #                       runs and skips, saying why)
@@ -31,7 +33,14 @@ STATE=$REPO/.cache/kind
 KUBECONFIG_FILE=$STATE/$NAME.kubeconfig
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 IMAGES=${E2E_IMAGES:-cqrs-stack:0.1.0 cqrs-stack-operator:0.1.0}
-EXTRA_IMAGES=${E2E_EXTRA_IMAGES:-postgres:16 redis:7.2-alpine}
+OFFLINE=0
+if [[ -z ${KIND_NODE_IMAGE:-} ]]; then OFFLINE=1; fi
+if ((OFFLINE)); then
+  EXTRA_IMAGES=${E2E_EXTRA_IMAGES:-cqrs-stack-postgresql:15 cqrs-stack-redis:7}
+  export E2E_HELM_ARGS="-f $REPO/tests/cluster/values-local.yaml ${E2E_HELM_ARGS:-}"
+else
+  EXTRA_IMAGES=${E2E_EXTRA_IMAGES:-postgres:16 redis:7.2-alpine}
+fi
 export PATH=$REPO/.cache/bin:$PATH
 # shellcheck source=tests/images/docker-engine.sh
 source "$REPO/tests/images/docker-engine.sh"
@@ -57,13 +66,22 @@ up() {
   if exists; then
     say "cluster $NAME exists; using it"
   else
-    local args=(create cluster --name "$NAME" --wait 180s)
-    [[ -n ${KIND_NODE_IMAGE:-} ]] && args+=(--image "$KIND_NODE_IMAGE")
+    if [[ -z ${KIND_NODE_IMAGE:-} ]]; then
+      # Our node image, built offline once per machine (cached by its inputs' hash).
+      KIND_NODE_IMAGE=$(bash "$REPO/tests/images/kind/build-node.sh" | tail -n 1)
+    fi
+    local args=(create cluster --name "$NAME" --wait 180s --image "$KIND_NODE_IMAGE")
     if ! kind "${args[@]}" 2>&1 | tee "$STATE/create.log"; then
       # kind's error, without the command it ran, and the daemon's answer.
       grep -E '^ERROR|Error response' "$STATE/create.log" | tail -n 2 \
         | sed -e 's/^ERROR: //; s/: command "[^"]*" failed with error: exit status [0-9]*//' \
           -e 's/^Command Output: //' | paste -sd ' ' >"$STATE/unavailable"
+      if grep -q 'unable to apply caps' "$STATE/create.log"; then
+        # An engine without tests/images/runc-bounded, on a machine whose root lacks a
+        # capability (tests/e2e/README.md): privileged containers cannot start there.
+        echo " (the Docker engine must run containers with tests/images/runc-bounded:" \
+          "stop it; docker-engine.sh starts one that does)" >>"$STATE/unavailable"
+      fi
       say "kind could not create cluster $NAME (log: $STATE/create.log)"
       return 1
     fi
@@ -101,11 +119,21 @@ finish() {
   docker_engine_down
 }
 
+# dev_db_images: the dev databases' images of tests/cluster/images (offline base + Debian).
+dev_db_images() {
+  local base=${BASE_IMAGE:-cqrs-stack-base:bookworm} which
+  for which in postgresql:15 redis:7; do
+    DOCKER_BUILDKIT=0 docker build -q --network host -f "$REPO/tests/cluster/images/${which%%:*}.Dockerfile" \
+      -t "cqrs-stack-$which" --build-arg BASE_IMAGE="$base" "$REPO/tests/cluster/images" >/dev/null
+  done
+}
+
 e2e() {
   need_tools
   # The engine is ours (or the caller's) for the whole run: `make images` uses it too.
   trap docker_engine_down EXIT
   "${MAKE:-make}" -C "$REPO" images
+  if ((OFFLINE)); then dev_db_images; fi
   if ! up; then
     local reason
     reason="kind create cluster failed: $(cat "$STATE/unavailable" 2>/dev/null)"
@@ -123,7 +151,8 @@ e2e() {
 
 dev() {
   up
-  skaffold dev --profile kind --port-forward "$@"
+  # skaffold dev with the cleanup that leaves nothing behind on Ctrl-C (dev.sh).
+  bash "$REPO/tests/e2e/dev.sh" dev kind --port-forward "$@"
 }
 
 case ${1:-} in

@@ -52,16 +52,25 @@ def home(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "kind"]], ids=["default", "kind"])
+PROFILES = [[], ["--profile", "kind"], ["--profile", "local"]]
+PROFILE_IDS = ["default", "kind", "local"]
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=PROFILE_IDS)
 def test_diagnose_accepts_the_config(home: Path, profile: list[str]):
     config = yaml.safe_load(skaffold("diagnose", "--yaml-only", *profile, home=home))
     images = {artifact["image"] for artifact in config["build"]["artifacts"]}
     assert images == {"cqrs-stack", "cqrs-stack-operator"}
     assert config["build"]["local"]["push"] is False
     if profile:
-        assert config["deploy"]["kubeContext"] == "kind-cqrs"
-        # The profile changes the context only: the Helm release is the same.
+        context = {"kind": "kind-cqrs", "local": "cqrs-local"}[profile[1]]
+        assert config["deploy"]["kubeContext"] == context
+        # The profiles change the context and how images get in: the Helm release is the same.
         assert config["deploy"]["helm"]["releases"][0]["chartPath"].endswith("charts/cqrs-stack")
+    if profile == ["--profile", "local"]:
+        # No registry, no kind: each image is imported into the local cluster's containerd.
+        for artifact in config["build"]["artifacts"]:
+            assert artifact["custom"]["buildCommand"] == "bash tests/images/skaffold-build.sh"
 
 
 def rendered(home: Path, *extra: str) -> list[dict[str, Any]]:
@@ -69,7 +78,7 @@ def rendered(home: Path, *extra: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
-@pytest.mark.parametrize("profile", [[], ["--profile", "kind"]], ids=["default", "kind"])
+@pytest.mark.parametrize("profile", PROFILES, ids=PROFILE_IDS)
 def test_render_injects_the_built_images(home: Path, profile: list[str]):
     objects = rendered(home, *profile)
     by_kind: dict[str, list[dict[str, Any]]] = {}

@@ -43,9 +43,14 @@ docker_engine_up() {
         return 1
     fi
     mkdir -p "$CQRS_DOCKER_ROOT" "$CQRS_DOCKER_RUN"
+    # runc-bounded: runc that never asks for a capability outside this machine's bounding
+    # set, so that privileged containers (kind's nodes) start where root lacks one.
+    local runtime
+    runtime="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/runc-bounded"
     dockerd --host "unix://$CQRS_DOCKER_SOCK" --data-root "$CQRS_DOCKER_ROOT" \
         --exec-root "$CQRS_DOCKER_RUN/exec" --pidfile "$CQRS_DOCKER_RUN/dockerd.pid" \
         --iptables=false --ip6tables=false --bridge=none \
+        --add-runtime "runc-bounded=$runtime" --default-runtime runc-bounded \
         >"$CQRS_DOCKERD_LOG" 2>&1 &
     local pid=$! waited=0
     while ! docker_engine_reachable; do
