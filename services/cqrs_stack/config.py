@@ -175,6 +175,12 @@ class Settings(BaseSettings):
     redis_probe_interval: float = Field(default=1.0, gt=0, le=60)
     # Bytes of keys and values per page of queued events (a page holds at least one event).
     publisher_batch_max_bytes: int = Field(default=16_777_216, ge=1, le=1_073_741_824)
+    # A write's Idempotency-Key (and its original answer) is kept at least this long, then
+    # removed by a background task every IDEMPOTENCY_EXPIRY_INTERVAL seconds, in batches of
+    # IDEMPOTENCY_EXPIRY_BATCH keys (one short transaction each).
+    idempotency_retention: float = Field(default=86_400.0, ge=1, le=30 * 86_400)
+    idempotency_expiry_interval: float = Field(default=60.0, gt=0, le=3600)
+    idempotency_expiry_batch: int = Field(default=1000, ge=1, le=100_000)
     log_level: str = "info"
     # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request
     # goes through the framework, e.g. for FastAPI's own OpenTelemetry spans on every call.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -21,11 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import stream, write_db
 from .breaker import CircuitBreaker
 from .config import Settings
-from .errors import RetryLater
+from .errors import IdempotencyKeyReused, RequestRefused, RetryLater
 from .events import Command
 from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE, WRITE_QUEUE_DEPTH
 from .supervision import Supervisor
-from .write_db import CommitOutcomeUnknown
+from .write_db import CommitOutcomeUnknown, NewCommand, Precondition, Stored
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +41,15 @@ class WriteResult:
 
     command: Command
     event_id: str | None
+    # The key's version after this command (None: unknown, after a lost connection).
+    version: int | None = None
+    # Stored by an earlier write with the same Idempotency-Key: this answer is its answer.
+    replayed: bool = False
 
 
 @dataclass(slots=True)
 class _Pending:
-    key: str
-    value: str
-    event_type: str
+    item: NewCommand
     done: asyncio.Future[WriteResult]
 
 
@@ -130,11 +133,24 @@ class CommandWriter:
         """Writes accepted and not answered yet (queued or in the batch committing)."""
         return self._in_hand
 
-    async def write(self, key: str, value: str, event_type: str) -> WriteResult:
+    async def write(
+        self,
+        key: str,
+        value: str,
+        event_type: str,
+        *,
+        idempotency_key: str | None = None,
+        digest: bytes = b"",
+        precondition: Precondition | None = None,
+    ) -> WriteResult:
         """Store one command; return once it is committed (and published, if Redis is up).
 
-        Raises ``RetryLater`` at once, storing nothing, when ``write_queue_max`` writes are
-        already in hand, or once a stop has answered the writes in hand.
+        With ``idempotency_key`` (and the ``digest`` of the write), a write that used it
+        before is answered instead (``replayed``), or refused (``IdempotencyKeyReused``) if
+        its digest differs; with ``precondition``, ``PreconditionFailed`` unless the key's
+        version satisfies it. Raises ``RetryLater`` at once, storing nothing, when
+        ``write_queue_max`` writes are already in hand, or once a stop has answered the
+        writes in hand.
         """
         if self._refusing:
             raise _stopping()
@@ -145,7 +161,8 @@ class CommandWriter:
                 "(WRITE_QUEUE_MAX); nothing was stored, retry later",
             )
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(key, value, event_type, done))
+        item = NewCommand(key, value, event_type, idempotency_key, digest, precondition)
+        self._queue.put_nowait(_Pending(item, done))
         self._in_hand += 1
         WRITE_QUEUE_DEPTH.set(self.in_hand)
         return await done
@@ -180,10 +197,11 @@ class CommandWriter:
 
     async def _commit_and_publish(self, batch: list[_Pending]) -> None:
         WRITE_BATCH_SIZE.observe(len(batch))
+        group, retries = _first_of_each_key(batch)
         try:
-            commands = await write_db.insert_commands(
+            outcomes = await write_db.store_commands(
                 self._pool,
-                [(p.key, p.value, p.event_type) for p in batch],
+                [p.item for p in group],
                 write_db.new_batch_token(),
                 self._settings.write_outcome_timeout,
             )
@@ -192,13 +210,52 @@ class CommandWriter:
                 if not pending.done.done():
                     pending.done.set_exception(exc)
             return
-        event_ids = await self._publish(commands)
-        for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
-            if not pending.done.done():
-                pending.done.set_result(WriteResult(command, event_id))
+        fresh = [
+            (pending, outcome)
+            for pending, outcome in zip(group, outcomes, strict=True)
+            if isinstance(outcome, Stored) and not outcome.replayed
+        ]
+        event_ids = await self._publish([outcome.command for _, outcome in fresh])
+        answers: list[WriteResult | RequestRefused] = []
+        published = iter(event_ids)
+        for outcome in outcomes:
+            if isinstance(outcome, RequestRefused):
+                answers.append(outcome)
+            elif outcome.replayed:
+                answers.append(
+                    WriteResult(outcome.command, outcome.event_id, outcome.version, replayed=True)
+                )
+            else:
+                answers.append(WriteResult(outcome.command, next(published), outcome.version))
+        await self._record_event_ids(group, answers)
+        for pending, answer in zip(group, answers, strict=True):
+            _settle(pending, answer)
+        for pending, first in retries:
+            _settle(pending, _retry_answer(pending, group[first], answers[first]))
+
+    async def _record_event_ids(
+        self, group: list[_Pending], answers: list[WriteResult | RequestRefused]
+    ) -> None:
+        """Keep the stream ids of the group's new keyed commands for their replays."""
+        keyed = [
+            (pending.item.idempotency_key, answer.event_id)
+            for pending, answer in zip(group, answers, strict=True)
+            if pending.item.idempotency_key is not None
+            and isinstance(answer, WriteResult)
+            and not answer.replayed
+            and answer.event_id is not None
+        ]
+        if not keyed:
+            return
+        try:
+            await write_db.record_event_ids(self._pool, keyed)  # type: ignore[arg-type]
+        except Exception as exc:  # the answer stands; a replay will say queued
+            log.warning("recording event ids failed count=%d error=%r", len(keyed), exc)
 
     async def _publish(self, commands: list[Command]) -> list[str | None]:
         """XADD the batch's events and mark them published; all None when they stay queued."""
+        if not commands:
+            return []
         if not self._breaker.allows():
             return [None] * len(commands)
         try:
@@ -225,6 +282,45 @@ class CommandWriter:
         except Exception as exc:  # the events are in the stream: the answer stands
             log.warning("marking published failed count=%d error=%r", len(commands), exc)
         return event_ids
+
+
+def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[tuple[_Pending, int]]]:
+    """The writes to store, and the retries: a later write of a batch with an Idempotency-Key
+    already in it, with the index in the first list of the write it repeats."""
+    if all(p.item.idempotency_key is None for p in batch):
+        return batch, []
+    group: list[_Pending] = []
+    retries: list[tuple[_Pending, int]] = []
+    first: dict[str, int] = {}
+    for pending in batch:
+        key = pending.item.idempotency_key
+        if key is not None and key in first:
+            retries.append((pending, first[key]))
+            continue
+        if key is not None:
+            first[key] = len(group)
+        group.append(pending)
+    return group, retries
+
+
+def _retry_answer(
+    retry: _Pending, first: _Pending, answer: WriteResult | RequestRefused
+) -> WriteResult | RequestRefused:
+    """The answer to a retry in the batch of the write it repeats: that write's answer."""
+    if retry.item.digest != first.item.digest:
+        return IdempotencyKeyReused()
+    if isinstance(answer, WriteResult):
+        return dataclasses.replace(answer, replayed=True)
+    return answer
+
+
+def _settle(pending: _Pending, answer: WriteResult | RequestRefused) -> None:
+    if pending.done.done():
+        return
+    if isinstance(answer, RequestRefused):
+        pending.done.set_exception(answer)
+    else:
+        pending.done.set_result(answer)
 
 
 def _stopping() -> RetryLater:
@@ -268,3 +364,27 @@ async def publish_queued(engine: AsyncEngine, redis: Redis, settings: Settings) 
             pass
     except (RedisError, OSError) as exc:
         log.debug("publisher waiting for redis error=%s", exc)
+
+
+# Batches of expired idempotency keys removed per round at most: a round stays short, and a
+# backlog is removed over the next rounds.
+_EXPIRY_BATCHES_PER_ROUND = 100
+
+
+async def expire_idempotency_keys(pool: asyncpg.Pool, settings: Settings) -> float | None:
+    """One supervised expiry round: remove idempotency keys older than IDEMPOTENCY_RETENTION,
+    in batches of IDEMPOTENCY_EXPIRY_BATCH, each its own short transaction. Returns 0 (the
+    next round at once) when the round stopped at its bound with keys left, else None."""
+    removed = 0
+    left = False
+    for _ in range(_EXPIRY_BATCHES_PER_ROUND):
+        count = await write_db.expire_idempotency_keys(
+            pool, settings.idempotency_retention, settings.idempotency_expiry_batch
+        )
+        removed += count
+        left = count == settings.idempotency_expiry_batch
+        if not left:
+            break
+    if removed:
+        log.info("expired idempotency keys removed count=%d", removed)
+    return 0.0 if left else None
