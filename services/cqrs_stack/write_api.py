@@ -194,7 +194,8 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     200: {
         "headers": {
             "ETag": {
-                "description": "The key's version after this write",
+                "description": "The key's version after this write (for writes with "
+                "Idempotency-Key, If-Match or If-None-Match)",
                 "schema": {"type": "string"},
             },
             REPLAYED_HEADER: {

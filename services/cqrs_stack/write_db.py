@@ -27,8 +27,7 @@ log = logging.getLogger(__name__)
 # group's token ($4) goes on its first row only: the others share that row's txid. Each key's
 # version row (its number of commands) is incremented first, in key order (two groups lock
 # their common keys in one order: no deadlock); the sort by n then takes every lock before any
-# command gets its id, so per key positions grow in the order of versions. The last column is
-# the key's version after the group.
+# command gets its id, so per key positions grow in the order of versions.
 _INSERT_COMMANDS = """
     WITH items AS MATERIALIZED (
         SELECT k, v, t, n
@@ -38,15 +37,12 @@ _INSERT_COMMANDS = """
         SELECT k, count(*) FROM items GROUP BY k ORDER BY k
         ON CONFLICT (key) DO UPDATE SET version = kv.version + excluded.version
         RETURNING kv.key, kv.version
-    ), stored AS (
-        INSERT INTO commands (key, value, event_type, batch)
-        SELECT i.k, i.v, i.t, CASE WHEN i.n = 1 THEN $4::uuid END
-        FROM items AS i JOIN counted AS c ON c.key = i.k
-        ORDER BY i.n
-        RETURNING id, key, value, event_type, created_at
     )
-    SELECT s.id, s.key, s.value, s.event_type, s.created_at, c.version
-    FROM stored AS s JOIN counted AS c ON c.key = s.key
+    INSERT INTO commands (key, value, event_type, batch)
+    SELECT i.k, i.v, i.t, CASE WHEN i.n = 1 THEN $4::uuid END
+    FROM items AS i JOIN counted AS c ON c.key = i.k
+    ORDER BY i.n
+    RETURNING id, key, value, event_type, created_at
 """
 
 # Writes with an Idempotency-Key or a precondition run in a transaction of a few statements
@@ -74,6 +70,8 @@ _LOCK_VERSIONS = """
     ON CONFLICT (key) DO UPDATE SET version = kv.version
     RETURNING kv.key, kv.version
 """
+# The group's keys' versions after it, in its transaction (whose locks hold them).
+_VERSIONS = "SELECT key, version FROM key_versions WHERE key = ANY($1::text[])"
 _RECORD_CLAIMS = """
     UPDATE idempotency_keys AS i SET command_id = u.id, version = u.version
     FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(key, id, version)
@@ -195,8 +193,10 @@ class Stored:
     """A stored command and its key's version after it (None: not known, see below).
 
     ``replayed``: stored by an earlier write with the same Idempotency-Key; ``event_id`` is
-    then that write's stream id (None: it was answered queued). A group recovered after a
-    lost connection (``find_group``) does not know its versions.
+    then that write's stream id (None: it was answered queued). The version is known for
+    writes with an Idempotency-Key or a precondition only: a plain group's statement returns
+    no versions (they would cost it a look-up), nor does a group recovered after a lost
+    connection (``find_group``).
     """
 
     command: Command
@@ -237,22 +237,21 @@ async def insert_commands(
         stored = await find_group(pool, token, session, outcome_timeout)
         if stored is None:
             raise
-        return [Stored(command, None) for command in _in_order(stored)]
-    return _with_versions(rows)
+        rows = stored
+    return [Stored(command, None) for command in _in_order(rows)]
 
 
 def _in_order(rows: Sequence[Sequence[object]]) -> list[Command]:
     return sorted((Command(*row[:5]) for row in rows), key=lambda c: c.position)  # type: ignore[arg-type]
 
 
-def _with_versions(rows: Sequence[Sequence[object]]) -> list[Stored]:
+def _with_versions(rows: Sequence[Sequence[object]], after: dict[str, int]) -> list[Stored]:
     """The group's commands in position order, each with its key's version after it.
 
-    A row carries its key's version after the whole group; within the group the key's
+    ``after`` holds each key's version after the whole group; within the group the key's
     commands took the versions below it in position order.
     """
     commands = _in_order(rows)
-    after = {str(row[1]): int(row[5]) for row in rows}  # type: ignore[call-overload]
     left = Counter(command.key for command in commands)  # the key's commands still to number
     stored = []
     for command in commands:
@@ -305,7 +304,8 @@ async def store_commands(
                     )
                     keys, values, types = (list(column) for column in columns)
                     rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types, token)
-                    for i, stored in zip(to_store, _with_versions(rows), strict=True):
+                    after = dict(await conn.fetch(_VERSIONS, sorted(set(keys))))
+                    for i, stored in zip(to_store, _with_versions(rows, after), strict=True):
                         outcomes[i] = stored
                     await _record_claims(conn, items, to_store, outcomes)
     except (DBAPIError, TimeoutError) as exc:  # OperationalError is a DBAPIError

@@ -226,7 +226,9 @@ async def test_two_writers_with_one_if_match_exactly_one_wins(stack: Stack) -> N
     first = await stack.launch("write-api", HOT_PATHS="true")
     second = await stack.launch("write-api", HOT_PATHS="false")
     async with httpx.AsyncClient(timeout=10) as client:
-        seed = await client.post(f"{first.url}/write", json={"key": "race", "value": "0"})
+        seed = await client.post(
+            f"{first.url}/write", json={"key": "race", "value": "0"}, headers={"If-None-Match": "*"}
+        )
         assert seed.headers["etag"] == '"1"'
 
     def conditional(n: int) -> dict[str, Any]:
@@ -331,3 +333,20 @@ async def test_a_queued_answer_is_replayed_as_queued(
         later = await client.post("/write", json=body, headers=keyed("q"))
     assert later.content == original.content  # the original answer, as it was given
     assert await commands_of(stack, "queued") == 1
+
+
+async def test_plain_writes_count_in_the_version(stack: Stack) -> None:
+    api = await stack.launch("write-api")
+    body = {"key": "plain", "value": "v"}
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        plain = await asyncio.gather(*(client.put("/write", json=body) for _ in range(5)))
+        assert [a.status_code for a in plain] == [200] * 5
+        assert "etag" not in plain[0].headers  # no version look-up without the headers
+        stale = await client.put("/write", json=body, headers={"If-Match": '"4"'})
+        assert stale.status_code == 412 and stale.json()["current_version"] == 5
+        fresh = await client.put("/write", json=body, headers={"If-Match": '"5"'})
+        assert fresh.status_code == 200 and fresh.headers["etag"] == '"6"'
+    positions = await stack.scalar(
+        stack.write_engine, "SELECT max(id) = :p FROM commands", p=fresh.json()["position"]
+    )
+    assert positions is True
