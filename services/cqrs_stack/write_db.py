@@ -26,22 +26,20 @@ log = logging.getLogger(__name__)
 # One statement, hence one round trip and one commit (autocommit) per group of commands. The
 # group's token ($4) goes on its first row only: the others share that row's txid. Each key's
 # version row (its number of commands) is incremented first, in key order (two groups lock
-# their common keys in one order: no deadlock); the sort by n then takes every lock before any
-# command gets its id, so per key positions grow in the order of versions.
+# their common keys in one order: no deadlock); the count(*) over those increments is an
+# initplan, run once before the first command is produced, so every lock is taken before any
+# command gets its id: per key, positions grow in the order of versions.
 _INSERT_COMMANDS = """
-    WITH items AS MATERIALIZED (
-        SELECT k, v, t, n
-        FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, v, t, n)
-    ), counted AS (
+    WITH counted AS (
         INSERT INTO key_versions AS kv (key, version)
-        SELECT k, count(*) FROM items GROUP BY k ORDER BY k
+        SELECT k, count(*) FROM unnest($1::text[]) AS u(k) GROUP BY k ORDER BY k
         ON CONFLICT (key) DO UPDATE SET version = kv.version + excluded.version
-        RETURNING kv.key, kv.version
+        RETURNING kv.key
     )
     INSERT INTO commands (key, value, event_type, batch)
-    SELECT i.k, i.v, i.t, CASE WHEN i.n = 1 THEN $4::uuid END
-    FROM items AS i JOIN counted AS c ON c.key = i.k
-    ORDER BY i.n
+    SELECT k, v, t, CASE WHEN n = 1 THEN $4::uuid END
+    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, v, t, n)
+    WHERE (SELECT count(*) FROM counted) > 0
     RETURNING id, key, value, event_type, created_at
 """
 

@@ -231,7 +231,20 @@ class CommandWriter:
         for pending, answer in zip(group, answers, strict=True):
             _settle(pending, answer)
         for pending, first in retries:
-            _settle(pending, _retry_answer(pending, group[first], answers[first]))
+            answer = answers[first]
+            if isinstance(answer, WriteResult) or pending.item.digest == group[first].item.digest:
+                _settle(pending, _retry_answer(pending, group[first], answer))
+            else:  # the key may be free, or hold this body: the write DB must settle it
+                self._requeue(pending)
+
+    def _requeue(self, pending: _Pending) -> None:
+        """Queue a write of this batch again, for the next one."""
+        if self._refusing:
+            if not pending.done.done():
+                pending.done.set_exception(_stopping())
+            return
+        self._queue.put_nowait(pending)
+        self._in_hand += 1
 
     async def _record_event_ids(
         self, group: list[_Pending], answers: list[WriteResult | RequestRefused]
@@ -306,7 +319,8 @@ def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[tupl
 def _retry_answer(
     retry: _Pending, first: _Pending, answer: WriteResult | RequestRefused
 ) -> WriteResult | RequestRefused:
-    """The answer to a retry in the batch of the write it repeats: that write's answer."""
+    """The answer to a later write of a batch with the Idempotency-Key of an earlier one that
+    was stored (or whose body it repeats): that write's answer, or 422 for another body."""
     if retry.item.digest != first.item.digest:
         return IdempotencyKeyReused()
     if isinstance(answer, WriteResult):
