@@ -41,7 +41,8 @@ class WriteResult:
 
     command: Command
     event_id: str | None
-    # The key's version after this command (None: unknown, after a lost connection).
+    # The key's version after this command; None for a plain write (not looked up) and after
+    # a lost connection (not known).
     version: int | None = None
     # Stored by an earlier write with the same Idempotency-Key: this answer is its answer.
     replayed: bool = False

@@ -350,3 +350,23 @@ async def test_plain_writes_count_in_the_version(stack: Stack) -> None:
         stack.write_engine, "SELECT max(id) = :p FROM commands", p=fresh.json()["position"]
     )
     assert positions is True
+
+
+async def test_one_key_sent_to_two_processes_at_once_stores_one_command(stack: Stack) -> None:
+    # Across processes the claim decides: the second waits for the first's transaction.
+    first = await stack.launch("write-api", HOT_PATHS="true")
+    second = await stack.launch("write-api", HOT_PATHS="false")
+    rounds = 20
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n in range(rounds):
+            body = {"key": f"twice{n}", "value": "v"}
+            answers = await asyncio.gather(
+                *(
+                    client.post(f"{api.url}/write", json=body, headers=keyed(f"r{n}"))
+                    for api in (first, second)
+                )
+            )
+            assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+            assert answers[0].content == answers[1].content
+            assert sorted(a.headers.get(REPLAYED, "") for a in answers) == ["", "true"]
+    assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == rounds
