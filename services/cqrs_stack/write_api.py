@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -22,7 +23,7 @@ from .models import (
     parse_write_request,
 )
 from .resources import Resources
-from .write_db import Precondition
+from .write_db import Precondition, original_event_id
 from .write_path import WriteResult
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
@@ -271,6 +272,12 @@ async def write_answer(
         digest=b"" if key is None else write_digest(_METHODS[event_type], key, body),
         precondition=headers.precondition,
     )
+    if not result.settled and key is not None:
+        # Found committed before its writer (another process) recorded its answer.
+        settings = resources.settings
+        within = settings.redis_timeout + settings.write_outcome_timeout
+        event_id = await original_event_id(resources.write_pool, key, within)
+        result = dataclasses.replace(result, event_id=event_id, settled=True)
     answer_headers = {}
     if result.version is not None:
         answer_headers["ETag"] = f'"{result.version}"'

@@ -77,7 +77,8 @@ _RECORD_CLAIMS = """
 """
 # A claim whose write was refused (its precondition failed) stores nothing: it is given back.
 _RELEASE_CLAIMS = "DELETE FROM idempotency_keys WHERE key = ANY($1::text[])"
-# The write path's stream ids, so that a replay answers the original event_id.
+# The write path's answers, so that a replay answers as the original did: its stream id, or
+# '' when it answered queued. NULL: not answered yet (or the process died before recording).
 _RECORD_EVENT_IDS = """
     UPDATE idempotency_keys AS i SET event_id = u.event_id
     FROM unnest($1::text[], $2::text[]) AS u(key, event_id)
@@ -201,6 +202,8 @@ class Stored:
     version: int | None
     replayed: bool = False
     event_id: str | None = None
+    # False: a replay whose original answer is not recorded yet (see ``original_event_id``).
+    settled: bool = True
 
 
 Outcome = Stored | RequestRefused
@@ -336,7 +339,14 @@ async def _settle_claims(
             if bytes(row[1]) != items[i].digest:
                 outcomes[i] = IdempotencyKeyReused()
             else:
-                outcomes[i] = Stored(Command(*row[4:]), row[3], replayed=True, event_id=row[2])
+                event_id = row[2]
+                outcomes[i] = Stored(
+                    Command(*row[4:]),
+                    row[3],
+                    replayed=True,
+                    event_id=event_id or None,  # '': answered queued
+                    settled=event_id is not None,
+                )
         # What is left was removed (expired) between the claim and the look-up: claim again.
     raise RetryLater("idempotency_key_busy", "the Idempotency-Key is being expired; retry")
 
@@ -386,11 +396,40 @@ async def _record_claims(
 
 
 async def record_event_ids(pool: asyncpg.Pool, keyed: Sequence[tuple[str, str]]) -> None:
-    """Record the stream ids of published commands in their idempotency keys' rows."""
+    """Record the answers of keyed writes in their idempotency keys' rows: the stream id of
+    each command's event, or '' for one answered queued."""
     if keyed:
         keys, event_ids = (list(column) for column in zip(*keyed, strict=True))
         async with driver_connection(pool) as conn:
             await conn.execute(_RECORD_EVENT_IDS, keys, event_ids)
+
+
+# The original's answer, and whether its write may still be recording it (a young row).
+_ORIGINAL_ANSWER = """
+    SELECT event_id, created_at > clock_timestamp() - make_interval(secs => $2)
+    FROM idempotency_keys WHERE key = $1
+"""
+
+
+async def original_event_id(pool: asyncpg.Pool, key: str, within: float) -> str | None:
+    """The event_id the first write with Idempotency-Key ``key`` answered (None: queued).
+
+    A replay can find the key committed before that write's process has published its event
+    and recorded its answer (another process, a few milliseconds). So while the key is younger
+    than ``within`` seconds and its answer unrecorded, this looks again (bounded by
+    ``within``); past that, the original answered queued or its process died before recording
+    it, and the answer is queued.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    delay = 0.005
+    while True:
+        async with driver_connection(pool) as conn:
+            row = await conn.fetchrow(_ORIGINAL_ANSWER, key, within)
+        if row is None or row[0] is not None or not row[1] or loop.time() >= deadline:
+            return (row[0] or None) if row is not None else None
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        delay = min(delay * 2, 0.1)
 
 
 async def expire_idempotency_keys(pool: asyncpg.Pool, retention: float, batch: int) -> int:

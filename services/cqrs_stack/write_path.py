@@ -46,6 +46,8 @@ class WriteResult:
     version: int | None = None
     # Stored by an earlier write with the same Idempotency-Key: this answer is its answer.
     replayed: bool = False
+    # False: a replay whose original answer (event_id) is not recorded yet.
+    settled: bool = True
 
 
 @dataclass(slots=True)
@@ -224,7 +226,13 @@ class CommandWriter:
                 answers.append(outcome)
             elif outcome.replayed:
                 answers.append(
-                    WriteResult(outcome.command, outcome.event_id, outcome.version, replayed=True)
+                    WriteResult(
+                        outcome.command,
+                        outcome.event_id,
+                        outcome.version,
+                        replayed=True,
+                        settled=outcome.settled,
+                    )
                 )
             else:
                 answers.append(WriteResult(outcome.command, next(published), outcome.version))
@@ -250,14 +258,14 @@ class CommandWriter:
     async def _record_event_ids(
         self, group: list[_Pending], answers: list[WriteResult | RequestRefused]
     ) -> None:
-        """Keep the stream ids of the group's new keyed commands for their replays."""
+        """Keep the answers of the group's new keyed commands for their replays: the stream
+        id, or '' for a command answered queued."""
         keyed = [
-            (pending.item.idempotency_key, answer.event_id)
+            (pending.item.idempotency_key, answer.event_id or "")
             for pending, answer in zip(group, answers, strict=True)
             if pending.item.idempotency_key is not None
             and isinstance(answer, WriteResult)
             and not answer.replayed
-            and answer.event_id is not None
         ]
         if not keyed:
             return
