@@ -179,7 +179,7 @@ _SAFE_WRITE_HEADERS: list[dict[str, Any]] = [
         "required": False,
         "description": "Write only if the key's version (its number of commands) is this one, "
         'as a read\'s ETag gives it ("3"); * : only if the key has a command. Else 412.',
-        "schema": {"type": "string", "pattern": '^(\\*|"(0|[1-9][0-9]{0,18})")$'},
+        "schema": {"type": "string", "pattern": '^(\\*|"0"|"[1-9][0-9]{0,18}")$'},
     },
     {
         "name": "If-None-Match",
