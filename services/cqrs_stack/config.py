@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     # /stats counts a table's rows exactly up to this many, and estimates them above (an exact
     # count reads every row: seconds at 10 million).
     stats_exact_count_max: int = Field(default=100_000, ge=0, le=100_000_000)
+    # A write's Idempotency-Key (and its original answer) is kept at least this long, then
+    # removed by a background task every IDEMPOTENCY_EXPIRY_INTERVAL seconds, in batches of
+    # IDEMPOTENCY_EXPIRY_BATCH keys (one short transaction each).
+    idempotency_retention: float = Field(default=86_400.0, ge=1, le=30 * 86_400)
+    idempotency_expiry_interval: float = Field(default=60.0, gt=0, le=3600)
+    idempotency_expiry_batch: int = Field(default=1000, ge=1, le=100_000)
     log_level: str = "info"  # the spec's LogLevel names, any case
     # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request
     # goes through the framework, e.g. for FastAPI's own OpenTelemetry spans on every call.

@@ -90,6 +90,73 @@ class InvalidRequest(RequestRefused):
     error = "invalid_request"
 
 
+class InvalidIdempotencyKey(RequestRefused):
+    """The Idempotency-Key header is empty, too long or not visible ASCII."""
+
+    error = "invalid_idempotency_key"
+
+
+class InvalidPrecondition(RequestRefused):
+    """An If-Match or If-None-Match header this API does not read (malformed, or both sent)."""
+
+    error = "invalid_precondition"
+
+
+class IdempotencyKeyReused(RequestRefused):
+    """The Idempotency-Key was used before by a write with another method or body."""
+
+    status = 422
+    error = "idempotency_key_reused"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this Idempotency-Key was used by a write with another method or body;"
+            " send a new key for a new write"
+        )
+
+
+class PreconditionFailed(RequestRefused):
+    """The key's version is not what If-Match or If-None-Match requires: nothing stored.
+
+    The answer carries the key's current version (``current_version`` and ``ETag``), so that
+    a client can read again and retry.
+    """
+
+    status = 412
+    error = "precondition_failed"
+
+    def __init__(self, header: str, version: int | None, key: str, current_version: int) -> None:
+        """``header`` required ``version`` (None: any but 0) of ``key``, at ``current_version``."""
+        required = (
+            "no command yet"
+            if version == 0
+            else "a command"
+            if version is None
+            else f"version {version}"
+        )
+        super().__init__(
+            f"{header} requires {required} but the key is at version"
+            f" {current_version}: nothing was stored"
+        )
+        self.key = key
+        self.current_version = current_version
+
+    def response(self) -> JSONResponse:
+        """The ``PreconditionFailedResponse`` answer, with the current version as ETag."""
+        return JSONResponse(
+            {
+                "success": False,
+                "error": self.error,
+                "message": self.message,
+                "detail": None,
+                "key": self.key,
+                "current_version": self.current_version,
+            },
+            status_code=self.status,
+            headers={"ETag": f'"{self.current_version}"'},
+        )
+
+
 def describe_errors(errors: list[dict[str, Any]]) -> str:
     """One line for the first validation errors: ``field: what is wrong; ...``."""
     parts = []

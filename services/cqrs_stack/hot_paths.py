@@ -27,7 +27,7 @@ from .middleware import no_body, read_body, replay, single_headers
 from .models import MAX_KEY_LENGTH, WriteRequest, parse_write_request
 from .read_api import read_answer
 from .resources import Resources
-from .write_api import token_accepted, write_answer
+from .write_api import parse_write_headers, token_accepted, write_answer
 
 _READ_PREFIX = "/read/"
 _EVENT_TYPES = {"POST": RECORD_CREATED, "PUT": RECORD_UPDATED}
@@ -105,10 +105,10 @@ class HotPaths:
     async def _read(self, key: str, scope: Scope, send: Send) -> int:
         resources: Resources = self.app.state.resources
         try:
-            answer = await read_answer(resources, key)
+            answer, version = await read_answer(resources, key)
         except Exception as exc:
             return await _dependency_down(exc, scope, send)
-        await _send_json(send, answer)
+        await _send_json(send, answer, _etag(version))
         return 200
 
     async def _write(
@@ -128,12 +128,20 @@ class HotPaths:
         if body is None:  # the route refuses it, with the same parser
             return replay([raw], None)
         try:
-            answer = await write_answer(resources, body, _EVENT_TYPES[scope["method"]])
+            safe = parse_write_headers(headers)
+        except RequestRefused:  # the route refuses it, with the same parser
+            return replay([raw], None)
+        try:
+            answer = await write_answer(resources, body, _EVENT_TYPES[scope["method"]], safe)
         except HTTPException:  # a refusal before anything was stored (value too large)
             return replay([raw], None)
+        except RequestRefused as refused:  # settled by the write DB (412, 422): answered here
+            await refused.response()(scope, no_body, send)
+            return refused.status
         except Exception as exc:
             return await _dependency_down(exc, scope, send)
-        await _send_json(send, answer.model_dump_json().encode())
+        extra = [(name.encode(), value.encode()) for name, value in answer.headers.items()]
+        await _send_json(send, answer.body.model_dump_json().encode(), extra)
         return 200
 
     def _length_in_bounds(self, headers: dict[bytes, bytes]) -> bool:
@@ -171,12 +179,15 @@ async def _dependency_down(exc: Exception, scope: Scope, send: Send) -> int:
     return answer.status_code
 
 
-async def _send_json(send: Send, body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-length", str(len(body)).encode()), _JSON_HEADERS],
-        }
-    )
+def _etag(version: int | None) -> list[tuple[bytes, bytes]]:
+    return [] if version is None else [(b"etag", b'"%d"' % version)]
+
+
+async def _send_json(
+    send: Send, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [(b"content-length", str(len(body)).encode()), _JSON_HEADERS]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})

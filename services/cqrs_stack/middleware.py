@@ -11,7 +11,16 @@ from .errors import DuplicateHeader, RequestRefused, TooLarge
 
 _BODY_METHODS = ("POST", "PUT", "PATCH")
 # Headers whose copies could be read differently by two layers (first or last wins).
-_SINGLE_HEADERS = frozenset({b"authorization", b"content-type", b"content-length"})
+_SINGLE_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"content-type",
+        b"content-length",
+        b"idempotency-key",
+        b"if-match",
+        b"if-none-match",
+    }
+)
 
 
 class RequestGuard:

@@ -249,6 +249,13 @@ class ErrorResponse(BaseModel):
     detail: list[dict[str, object]] | None = None
 
 
+class PreconditionFailedResponse(ErrorResponse):
+    """412: the key's version is not what If-Match or If-None-Match requires."""
+
+    key: str
+    current_version: int = Field(description="The key's number of commands in the write DB")
+
+
 class HealthResponse(BaseModel):
     """Liveness: the process answers."""
 

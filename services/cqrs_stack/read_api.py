@@ -16,7 +16,19 @@ router = APIRouter(tags=["read"])
 @router.get(
     "/read/{key:key}",  # any character, newlines too (see KeyConvertor)
     response_model=RecordResponse | NotFoundResponse,
-    responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={
+        200: {
+            "headers": {
+                "ETag": {
+                    "description": "The key's version as the read model has it (its number "
+                    "of commands applied): send it as If-Match to write only over this state",
+                    "schema": {"type": "string"},
+                }
+            }
+        },
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
 )
 async def read_record(
     request: Request,
@@ -40,8 +52,9 @@ async def read_record(
     answer's ``position_reached`` says whether it was, so a stale answer is never silent.
     """
     resources: Resources = request.app.state.resources
-    answer = await read_answer(resources, key, position, wait_seconds=timeout)
-    return Response(answer, media_type="application/json")
+    answer, version = await read_answer(resources, key, position, wait_seconds=timeout)
+    headers = None if version is None else {"ETag": f'"{version}"'}
+    return Response(answer, media_type="application/json", headers=headers)
 
 
 async def read_answer(
@@ -49,8 +62,10 @@ async def read_answer(
     key: str,
     position: int | None = None,
     wait_seconds: float | None = None,
-) -> bytes:
-    """The JSON answer to a read of ``key`` (already validated), counting the read.
+) -> tuple[bytes, int | None]:
+    """The JSON answer to a read of ``key`` (already validated), counting the read, and the
+    key's version as the read model has it (its ``write_count``: the number of its commands
+    applied), for the answer's ETag; None when the key is not found.
 
     The fields come from the read DB's typed columns, so the answer is serialised once,
     without FastAPI validating it again (``response_model`` still documents it).
@@ -72,12 +87,9 @@ async def read_answer(
         within = max(deadline - loop.time(), settings.read_wait_grace)
     record = await records.get(key, within)
     if record is None:
-        return (
-            NotFoundResponse.model_construct(
-                key=key, message=f"Key not found in read model: {key}", position_reached=reached
-            )
-            .model_dump_json()
-            .encode()
+        missing = NotFoundResponse.model_construct(
+            key=key, message=f"Key not found in read model: {key}", position_reached=reached
         )
+        return missing.model_dump_json().encode(), None
     found = RecordResponse.model_construct(**record, position_reached=reached)
-    return found.model_dump_json().encode()
+    return found.model_dump_json().encode(), int(record["write_count"])

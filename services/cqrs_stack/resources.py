@@ -22,7 +22,7 @@ from .config import Settings
 from .projector import Projector
 from .read_db import ReadCounter, RecordReader
 from .supervision import Supervisor
-from .write_path import CommandWriter, publish_queued
+from .write_path import CommandWriter, expire_idempotency_keys, publish_queued
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,13 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             until=resources.stopping,
             interval=settings.publisher_interval,
             essential=False,  # writes are answered without it (their events queue)
+        )
+        supervisor.run(
+            "idempotency-expiry",
+            lambda: expire_idempotency_keys(resources.write_pool, settings),
+            until=resources.stopping,
+            interval=settings.idempotency_expiry_interval,
+            essential=False,  # writes are answered without it (expired keys wait longer)
         )
     if resources.reads:
         counter = ReadCounter(

@@ -2,17 +2,106 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from .config import Settings
+from .errors import InvalidIdempotencyKey, InvalidPrecondition
 from .events import RECORD_CREATED, RECORD_UPDATED
-from .models import ErrorResponse, WriteRequest, WriteResponse, parse_write_request
+from .models import (
+    ErrorResponse,
+    PreconditionFailedResponse,
+    WriteRequest,
+    WriteResponse,
+    parse_write_request,
+)
 from .resources import Resources
+from .write_db import Precondition, original_event_id
 from .write_path import WriteResult
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+# Visible ASCII (RFC 5234 VCHAR), 1 to 255 of them: no space, no control, no 8-bit byte that
+# two layers could decode differently.
+_IDEMPOTENCY_KEY = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_IDEMPOTENCY_KEY_LENGTH)
+# One strong entity tag holding a version: a number that fits a bigint, no leading zero.
+_VERSION_TAG = re.compile(rb'"(0|[1-9][0-9]{0,18})"')
+_MAX_VERSION = 2**63 - 1
+# The answer's header saying it repeats the answer of the write that used the key first.
+REPLAYED_HEADER = "Idempotency-Replayed"
+
+
+@dataclass(frozen=True, slots=True)
+class WriteHeaders:
+    """What a write's Idempotency-Key, If-Match and If-None-Match headers ask for."""
+
+    idempotency_key: str | None = None
+    precondition: Precondition | None = None
+
+
+NO_HEADERS = WriteHeaders()
+
+
+def parse_write_headers(headers: Mapping[bytes, bytes]) -> WriteHeaders:
+    """Read a write's safe-write headers, on the hot path and the routes alike.
+
+    ``Idempotency-Key``: 1 to 255 visible ASCII characters, opaque. ``If-Match``: ``*`` or one
+    strong tag ``"<version>"``; ``If-None-Match``: ``*`` only; not both. Anything else is
+    refused (400 ``invalid_idempotency_key`` / ``invalid_precondition``), nothing stored.
+    """
+    raw_key = headers.get(b"idempotency-key")
+    if_match = headers.get(b"if-match")
+    if_none_match = headers.get(b"if-none-match")
+    if raw_key is None and if_match is None and if_none_match is None:
+        return NO_HEADERS
+    key = None
+    if raw_key is not None:
+        if not _IDEMPOTENCY_KEY.fullmatch(raw_key):
+            raise InvalidIdempotencyKey(
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} visible ASCII"
+                f" characters (no spaces); got {len(raw_key)} bytes"
+            )
+        key = raw_key.decode("ascii")
+    return WriteHeaders(key, _precondition(if_match, if_none_match))
+
+
+def _precondition(if_match: bytes | None, if_none_match: bytes | None) -> Precondition | None:
+    if if_match is not None and if_none_match is not None:
+        raise InvalidPrecondition("send If-Match or If-None-Match, not both")
+    if if_none_match is not None:
+        if if_none_match != b"*":
+            raise InvalidPrecondition(
+                "If-None-Match takes only * (create only if the key has no command yet)"
+            )
+        return Precondition("If-None-Match", 0)
+    if if_match is None:
+        return None
+    if if_match == b"*":
+        return Precondition("If-Match", None)
+    tag = _VERSION_TAG.fullmatch(if_match)
+    if tag is None or int(tag[1]) > _MAX_VERSION:
+        raise InvalidPrecondition(
+            'If-Match takes * or one version in double quotes, as an ETag: If-Match: "3"'
+        )
+    return Precondition("If-Match", int(tag[1]))
+
+
+def write_digest(method: str, idempotency_key: str, body: WriteRequest) -> bytes:
+    """SHA-256 of the write's method, Idempotency-Key and body (its key and value): what
+    tells a retry (same digest) from another write reusing the key. Each part is prefixed
+    with its length, so that no two writes have the same input."""
+    digest = hashlib.sha256()
+    for part in (method, idempotency_key, body.key, body.value):
+        encoded = part.encode()
+        digest.update(len(encoded).to_bytes(8, "big"))
+        digest.update(encoded)
+    return digest.digest()
 
 
 def token_accepted(settings: Settings, authorization: bytes) -> bool:
@@ -72,9 +161,57 @@ _REQUEST_BODY: dict[str, Any] = {
     }
 }
 
+# The safe-write headers, documented as parameters (read by parse_write_headers).
+_SAFE_WRITE_HEADERS: list[dict[str, Any]] = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Opaque, 1 to 255 visible ASCII characters. A retry with the same key "
+        "and body answers the original answer (header Idempotency-Replayed: true) instead of "
+        "writing again; the same key with another body answers 422 idempotency_key_reused. "
+        "Kept IDEMPOTENCY_RETENTION seconds.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+    },
+    {
+        "name": "If-Match",
+        "in": "header",
+        "required": False,
+        "description": "Write only if the key's version (its number of commands) is this one, "
+        'as a read\'s ETag gives it ("3"); * : only if the key has a command. Else 412.',
+        "schema": {"type": "string", "pattern": '^(\\*|"0"|"[1-9][0-9]{0,18}")$'},
+    },
+    {
+        "name": "If-None-Match",
+        "in": "header",
+        "required": False,
+        "description": "* : write only if the key has no command yet. Else 412.",
+        "schema": {"type": "string", "enum": ["*"]},
+    },
+]
+_REQUEST_BODY["parameters"] = _SAFE_WRITE_HEADERS
+
 _ERRORS: dict[int | str, dict[str, object]] = {
+    200: {
+        "headers": {
+            "ETag": {
+                "description": "The key's version after this write (for writes with "
+                "Idempotency-Key, If-Match or If-None-Match)",
+                "schema": {"type": "string"},
+            },
+            REPLAYED_HEADER: {
+                "description": "true: this repeats the answer of the write that used this "
+                "Idempotency-Key first (nothing was written again)",
+                "schema": {"type": "string", "enum": ["true"]},
+            },
+        }
+    },
     400: {"model": ErrorResponse},
     401: {"model": ErrorResponse, "description": "WRITE_API_TOKEN is set and not given"},
+    412: {
+        "model": PreconditionFailedResponse,
+        "description": "If-Match or If-None-Match does not hold; nothing stored",
+    },
     413: {"model": ErrorResponse},
     415: {"model": ErrorResponse},
     422: {"model": ErrorResponse},
@@ -102,20 +239,69 @@ def _answer(result: WriteResult) -> WriteResponse:
     )
 
 
-async def write_answer(resources: Resources, body: WriteRequest, event_type: str) -> WriteResponse:
-    """Store a validated write and return its answer; a too large value raises HTTP 413."""
+@dataclass(frozen=True, slots=True)
+class WriteAnswer:
+    """A write's answer: its body and its headers (ETag, Idempotency-Replayed)."""
+
+    body: WriteResponse
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+_METHODS = {RECORD_CREATED: "POST", RECORD_UPDATED: "PUT"}
+
+
+async def write_answer(
+    resources: Resources,
+    body: WriteRequest,
+    event_type: str,
+    headers: WriteHeaders = NO_HEADERS,
+) -> WriteAnswer:
+    """Store a validated write and return its answer; a too large value raises HTTP 413.
+
+    A retry of a write with the same Idempotency-Key answers as that write did; a failed
+    precondition raises ``PreconditionFailed`` (412), a reused key ``IdempotencyKeyReused``.
+    """
     resources.check_value_size(body.value)
     assert resources.writer is not None
-    return _answer(await resources.writer.write(body.key, body.value, event_type))
+    key = headers.idempotency_key
+    result = await resources.writer.write(
+        body.key,
+        body.value,
+        event_type,
+        idempotency_key=key,
+        digest=b"" if key is None else write_digest(_METHODS[event_type], key, body),
+        precondition=headers.precondition,
+    )
+    if not result.settled and key is not None:
+        # Found committed before its writer (another process) recorded its answer.
+        settings = resources.settings
+        within = settings.redis_timeout + settings.write_outcome_timeout
+        event_id = await original_event_id(resources.write_pool, key, within)
+        result = dataclasses.replace(result, event_id=event_id, settled=True)
+    answer_headers = {}
+    if result.version is not None:
+        answer_headers["ETag"] = f'"{result.version}"'
+    if result.replayed:
+        answer_headers[REPLAYED_HEADER] = "true"
+    return WriteAnswer(_answer(result), answer_headers)
+
+
+async def _write(
+    request: Request, response: Response, body: WriteRequest, event_type: str
+) -> WriteResponse:
+    headers = parse_write_headers(dict(request.scope["headers"]))
+    answer = await write_answer(request.app.state.resources, body, event_type, headers)
+    response.headers.update(answer.headers)
+    return answer.body
 
 
 @router.post("/write", response_model=WriteResponse, responses=_ERRORS, openapi_extra=_REQUEST_BODY)
-async def create_record(request: Request, body: WriteBody) -> WriteResponse:
+async def create_record(request: Request, response: Response, body: WriteBody) -> WriteResponse:
     """Store a command and publish a RecordCreated event."""
-    return await write_answer(request.app.state.resources, body, RECORD_CREATED)
+    return await _write(request, response, body, RECORD_CREATED)
 
 
 @router.put("/write", response_model=WriteResponse, responses=_ERRORS, openapi_extra=_REQUEST_BODY)
-async def update_record(request: Request, body: WriteBody) -> WriteResponse:
+async def update_record(request: Request, response: Response, body: WriteBody) -> WriteResponse:
     """Store a command and publish a RecordUpdated event."""
-    return await write_answer(request.app.state.resources, body, RECORD_UPDATED)
+    return await _write(request, response, body, RECORD_UPDATED)

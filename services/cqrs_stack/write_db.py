@@ -7,7 +7,9 @@ import logging
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import asyncpg
 from sqlalchemy import BigInteger, bindparam, text
@@ -16,19 +18,84 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .db import driver_connection, row_count_sql
-from .errors import RetryLater
+from .errors import IdempotencyKeyReused, PreconditionFailed, RequestRefused, RetryLater
 from .events import Command
 
 log = logging.getLogger(__name__)
 
 # One statement, hence one round trip and one commit (autocommit) per group of commands. The
-# group's token ($4) goes on its first row only: the others share that row's txid.
+# group's token ($4) goes on its first row only: the others share that row's txid. Each key's
+# version row (its number of commands) is incremented first, in key order (two groups lock
+# their common keys in one order: no deadlock); the count(*) over those increments is an
+# initplan, run once before the first command is produced, so every lock is taken before any
+# command gets its id: per key, positions grow in the order of versions.
 _INSERT_COMMANDS = """
+    WITH counted AS (
+        INSERT INTO key_versions AS kv (key, version)
+        SELECT k, count(*) FROM unnest($1::text[]) AS u(k) GROUP BY k ORDER BY k
+        ON CONFLICT (key) DO UPDATE SET version = kv.version + excluded.version
+        RETURNING kv.key
+    )
     INSERT INTO commands (key, value, event_type, batch)
     SELECT k, v, t, CASE WHEN n = 1 THEN $4::uuid END
     FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, v, t, n)
+    WHERE (SELECT count(*) FROM counted) > 0
     RETURNING id, key, value, event_type, created_at
 """
+
+# Writes with an Idempotency-Key or a precondition run in a transaction of a few statements
+# (writes without them never do). Its locks are taken in one order, idempotency keys (sorted)
+# then key versions (sorted), as every other group takes them: no deadlock.
+# Claim the keys not yet used; a key claimed by a transaction still open waits for its end.
+_CLAIM_KEYS = """
+    INSERT INTO idempotency_keys (key, digest)
+    SELECT k, d FROM unnest($1::text[], $2::bytea[]) AS u(k, d) ORDER BY k
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+"""
+# The keys claimed before (committed: the claim above waited), with their command.
+_CLAIMED_BEFORE = """
+    SELECT i.key, i.digest, i.event_id, i.version,
+           c.id, c.key, c.value, c.event_type, c.created_at
+    FROM idempotency_keys AS i JOIN commands AS c ON c.id = i.command_id
+    WHERE i.key = ANY($1::text[])
+"""
+# Lock the version rows of the group's keys (created at 0 if none) and read them, as
+# committed: the upsert reads the row's latest version, whatever the statement's snapshot.
+_LOCK_VERSIONS = """
+    INSERT INTO key_versions AS kv (key, version)
+    SELECT k, 0 FROM unnest($1::text[]) AS u(k) ORDER BY k
+    ON CONFLICT (key) DO UPDATE SET version = kv.version
+    RETURNING kv.key, kv.version
+"""
+# The group's keys' versions after it, in its transaction (whose locks hold them).
+_VERSIONS = "SELECT key, version FROM key_versions WHERE key = ANY($1::text[])"
+_RECORD_CLAIMS = """
+    UPDATE idempotency_keys AS i SET command_id = u.id, version = u.version
+    FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(key, id, version)
+    WHERE i.key = u.key
+"""
+# A claim whose write was refused (its precondition failed) stores nothing: it is given back.
+_RELEASE_CLAIMS = "DELETE FROM idempotency_keys WHERE key = ANY($1::text[])"
+# The write path's answers, so that a replay answers as the original did: its stream id, or
+# '' when it answered queued. NULL: not answered yet (or the process died before recording).
+_RECORD_EVENT_IDS = """
+    UPDATE idempotency_keys AS i SET event_id = u.event_id
+    FROM unnest($1::text[], $2::text[]) AS u(key, event_id)
+    WHERE i.key = u.key
+"""
+# Expiry: one small batch of the oldest keys past the retention, each batch its own short
+# transaction; SKIP LOCKED never waits on a key a write holds.
+_EXPIRE_KEYS = """
+    DELETE FROM idempotency_keys WHERE key IN (
+        SELECT key FROM idempotency_keys
+        WHERE created_at < clock_timestamp() - make_interval(secs => $1)
+        ORDER BY created_at LIMIT $2
+        FOR UPDATE SKIP LOCKED)
+"""
+# A claim that vanished between the claim and the look-up (expired in between) is claimed
+# again, at most this many times.
+_CLAIM_TRIES = 3
 
 # The write path marks a group right after its XADD, before answering, so that /stats counts
 # what an answer calls published. The commit does not wait for its WAL flush: a mark lost in a
@@ -92,12 +159,62 @@ def new_batch_token() -> uuid.UUID:
     return uuid.UUID(int=(time.time_ns() // 1_000_000) << 80 | secrets.randbits(80))
 
 
+@dataclass(frozen=True, slots=True)
+class Precondition:
+    """What a conditional write requires of its key's version (its number of commands).
+
+    ``If-Match: "<n>"`` is version n, ``If-None-Match: *`` version 0, ``If-Match: *`` None
+    (any version but 0: the key has a command).
+    """
+
+    header: str
+    version: int | None
+
+    def holds(self, current: int) -> bool:
+        """Does the key's ``current`` version satisfy it?"""
+        return current >= 1 if self.version is None else current == self.version
+
+
+@dataclass(frozen=True, slots=True)
+class NewCommand:
+    """A command to store, with the write's Idempotency-Key (and its digest) and precondition."""
+
+    key: str
+    value: str
+    event_type: str
+    idempotency_key: str | None = None
+    digest: bytes = b""
+    precondition: Precondition | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A stored command and its key's version after it (None: not known, see below).
+
+    ``replayed``: stored by an earlier write with the same Idempotency-Key; ``event_id`` is
+    then that write's stream id (None: it was answered queued). The version is known for
+    writes with an Idempotency-Key or a precondition only: a plain group's statement returns
+    no versions (they would cost it a look-up), nor does a group recovered after a lost
+    connection (``find_group``).
+    """
+
+    command: Command
+    version: int | None
+    replayed: bool = False
+    event_id: str | None = None
+    # False: a replay whose original answer is not recorded yet (see ``original_event_id``).
+    settled: bool = True
+
+
+Outcome = Stored | RequestRefused
+
+
 async def insert_commands(
     pool: asyncpg.Pool,
     items: Sequence[tuple[str, str, str]],
     token: uuid.UUID,
     outcome_timeout: float,
-) -> list[Command]:
+) -> list[Stored]:
     """Store (key, value, event_type) items in one transaction; return them with positions.
 
     One statement on the asyncpg connection, its own transaction. The result is in the order
@@ -122,7 +239,204 @@ async def insert_commands(
         if stored is None:
             raise
         rows = stored
-    return sorted((Command(*row) for row in rows), key=lambda c: c.position)
+    return [Stored(command, None) for command in _in_order(rows)]
+
+
+def _in_order(rows: Sequence[Sequence[object]]) -> list[Command]:
+    return sorted((Command(*row[:5]) for row in rows), key=lambda c: c.position)  # type: ignore[arg-type]
+
+
+def _with_versions(rows: Sequence[Sequence[object]], after: dict[str, int]) -> list[Stored]:
+    """The group's commands in position order, each with its key's version after it.
+
+    ``after`` holds each key's version after the whole group; within the group the key's
+    commands took the versions below it in position order.
+    """
+    commands = _in_order(rows)
+    left = Counter(command.key for command in commands)  # the key's commands still to number
+    stored = []
+    for command in commands:
+        left[command.key] -= 1
+        stored.append(Stored(command, after[command.key] - left[command.key]))
+    return stored
+
+
+async def store_commands(
+    pool: asyncpg.Pool,
+    items: Sequence[NewCommand],
+    token: uuid.UUID,
+    outcome_timeout: float,
+) -> list[Outcome]:
+    """Store a group of writes; return each one's outcome, in the order of ``items``.
+
+    A write without Idempotency-Key or precondition is stored as ``insert_commands`` stores
+    it (one statement). With them, one transaction: the group's idempotency keys are claimed
+    (a key used before answers its original command, ``replayed``, or 422 when the body
+    differs); then the preconditions are checked against the version rows, locked; then the
+    commands are stored and the claims record them. Two writes with one Idempotency-Key must
+    not be in one group (the caller keeps the first). A lost connection is handled as in
+    ``insert_commands``.
+    """
+    if all(item.idempotency_key is None and item.precondition is None for item in items):
+        plain = [(item.key, item.value, item.event_type) for item in items]
+        return list(await insert_commands(pool, plain, token, outcome_timeout))
+    outcomes: dict[int, Outcome] = {}
+    to_store: list[int] = []
+    session: int | None = None
+    try:
+        async with driver_connection(pool) as conn:
+            session = conn.get_server_pid()
+            async with conn.transaction():
+                await _settle_claims(conn, items, outcomes)
+                await _check_preconditions(conn, items, outcomes)
+                to_store = [i for i in range(len(items)) if i not in outcomes]
+                released = [
+                    key
+                    for i, outcome in outcomes.items()
+                    if isinstance(outcome, PreconditionFailed)
+                    and (key := items[i].idempotency_key) is not None
+                ]
+                if released:
+                    await conn.execute(_RELEASE_CLAIMS, released)
+                if to_store:
+                    columns = zip(
+                        *((items[i].key, items[i].value, items[i].event_type) for i in to_store),
+                        strict=True,
+                    )
+                    keys, values, types = (list(column) for column in columns)
+                    rows = await conn.fetch(_INSERT_COMMANDS, keys, values, types, token)
+                    after = dict(await conn.fetch(_VERSIONS, sorted(set(keys))))
+                    for i, stored in zip(to_store, _with_versions(rows, after), strict=True):
+                        outcomes[i] = stored
+                    await _record_claims(conn, items, to_store, outcomes)
+    except (DBAPIError, TimeoutError) as exc:  # OperationalError is a DBAPIError
+        if not to_store or session is None or not _may_have_committed(exc):
+            raise
+        found = await find_group(pool, token, session, outcome_timeout)
+        if found is None:
+            raise
+        for i, command in zip(to_store, _in_order(found), strict=True):
+            outcomes[i] = Stored(command, None)
+    return [outcomes[i] for i in range(len(items))]
+
+
+async def _settle_claims(
+    conn: asyncpg.Connection, items: Sequence[NewCommand], outcomes: dict[int, Outcome]
+) -> None:
+    """Claim the group's idempotency keys; a key used before settles its write's outcome."""
+    keyed = {item.idempotency_key: i for i, item in enumerate(items) if item.idempotency_key}
+    for _ in range(_CLAIM_TRIES):
+        if not keyed:
+            return
+        digests = [items[i].digest for i in keyed.values()]
+        claimed = {row[0] for row in await conn.fetch(_CLAIM_KEYS, list(keyed), digests)}
+        for key in claimed:
+            del keyed[key]
+        if not keyed:
+            return
+        for row in await conn.fetch(_CLAIMED_BEFORE, list(keyed)):
+            i = keyed.pop(row[0])
+            if bytes(row[1]) != items[i].digest:
+                outcomes[i] = IdempotencyKeyReused()
+            else:
+                event_id = row[2]
+                outcomes[i] = Stored(
+                    Command(*row[4:]),
+                    row[3],
+                    replayed=True,
+                    event_id=event_id or None,  # '': answered queued
+                    settled=event_id is not None,
+                )
+        # What is left was removed (expired) between the claim and the look-up: claim again.
+    raise RetryLater("idempotency_key_busy", "the Idempotency-Key is being expired; retry")
+
+
+async def _check_preconditions(
+    conn: asyncpg.Connection, items: Sequence[NewCommand], outcomes: dict[int, Outcome]
+) -> None:
+    """Lock the version rows of the group's keys and refuse the writes whose precondition
+    fails, in the group's order (a write that passes counts for the next one of its key)."""
+    pending = [i for i in range(len(items)) if i not in outcomes]
+    if not any(items[i].precondition is not None for i in pending):
+        return
+    # Every key of the group is locked here, in key order, not only the conditional ones:
+    # the insert that follows then takes no lock out of that order.
+    keys = sorted({items[i].key for i in pending})
+    versions = {row[0]: int(row[1]) for row in await conn.fetch(_LOCK_VERSIONS, keys)}
+    for i in pending:
+        item = items[i]
+        current = versions[item.key]
+        if item.precondition is not None and not item.precondition.holds(current):
+            outcomes[i] = PreconditionFailed(
+                item.precondition.header, item.precondition.version, item.key, current
+            )
+        else:
+            versions[item.key] = current + 1
+
+
+async def _record_claims(
+    conn: asyncpg.Connection,
+    items: Sequence[NewCommand],
+    stored: Sequence[int],
+    outcomes: dict[int, Outcome],
+) -> None:
+    """Record in each claim of the group the command it stored."""
+    keys: list[str] = []
+    positions: list[int] = []
+    versions: list[int | None] = []
+    for i in stored:
+        key = items[i].idempotency_key
+        outcome = outcomes[i]
+        if key is not None and isinstance(outcome, Stored):
+            keys.append(key)
+            positions.append(outcome.command.position)
+            versions.append(outcome.version)
+    if keys:
+        await conn.execute(_RECORD_CLAIMS, keys, positions, versions)
+
+
+async def record_event_ids(pool: asyncpg.Pool, keyed: Sequence[tuple[str, str]]) -> None:
+    """Record the answers of keyed writes in their idempotency keys' rows: the stream id of
+    each command's event, or '' for one answered queued."""
+    if keyed:
+        keys, event_ids = (list(column) for column in zip(*keyed, strict=True))
+        async with driver_connection(pool) as conn:
+            await conn.execute(_RECORD_EVENT_IDS, keys, event_ids)
+
+
+# The original's answer, and whether its write may still be recording it (a young row).
+_ORIGINAL_ANSWER = """
+    SELECT event_id, created_at > clock_timestamp() - make_interval(secs => $2)
+    FROM idempotency_keys WHERE key = $1
+"""
+
+
+async def original_event_id(pool: asyncpg.Pool, key: str, within: float) -> str | None:
+    """The event_id the first write with Idempotency-Key ``key`` answered (None: queued).
+
+    A replay can find the key committed before that write's process has published its event
+    and recorded its answer (another process, a few milliseconds). So while the key is younger
+    than ``within`` seconds and its answer unrecorded, this looks again (bounded by
+    ``within``); past that, the original answered queued or its process died before recording
+    it, and the answer is queued.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    delay = 0.005
+    while True:
+        async with driver_connection(pool) as conn:
+            row = await conn.fetchrow(_ORIGINAL_ANSWER, key, within)
+        if row is None or row[0] is not None or not row[1] or loop.time() >= deadline:
+            return (row[0] or None) if row is not None else None
+        await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+        delay = min(delay * 2, 0.1)
+
+
+async def expire_idempotency_keys(pool: asyncpg.Pool, retention: float, batch: int) -> int:
+    """Remove one batch of idempotency keys older than ``retention`` seconds; return how many."""
+    async with driver_connection(pool) as conn:
+        status = await conn.execute(_EXPIRE_KEYS, retention, batch)
+    return int(status.split()[-1])
 
 
 def _may_have_committed(exc: BaseException) -> bool:

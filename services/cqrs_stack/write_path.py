@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -22,11 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import stream, write_db
 from .breaker import CircuitBreaker
 from .config import Settings
-from .errors import RetryLater
+from .errors import IdempotencyKeyReused, RequestRefused, RetryLater
 from .events import Command
 from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE, WRITE_QUEUE_DEPTH
 from .supervision import Supervisor
-from .write_db import CommitOutcomeUnknown
+from .write_db import CommitOutcomeUnknown, NewCommand, Precondition, Stored
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,18 @@ class WriteResult:
 
     command: Command
     event_id: str | None
+    # The key's version after this command; None for a plain write (not looked up) and after
+    # a lost connection (not known).
+    version: int | None = None
+    # Stored by an earlier write with the same Idempotency-Key: this answer is its answer.
+    replayed: bool = False
+    # False: a replay whose original answer (event_id) is not recorded yet.
+    settled: bool = True
 
 
 @dataclass(slots=True)
 class _Pending:
-    key: str
-    value: str
-    event_type: str
+    item: NewCommand
     done: asyncio.Future[WriteResult]
 
 
@@ -137,11 +143,24 @@ class CommandWriter:
         """Writes accepted and not answered yet (queued or in the batch committing)."""
         return self._in_hand
 
-    async def write(self, key: str, value: str, event_type: str) -> WriteResult:
+    async def write(
+        self,
+        key: str,
+        value: str,
+        event_type: str,
+        *,
+        idempotency_key: str | None = None,
+        digest: bytes = b"",
+        precondition: Precondition | None = None,
+    ) -> WriteResult:
         """Store one command; return once it is committed (and published, if Redis is up).
 
-        Raises ``RetryLater`` at once, storing nothing, when ``write_queue_max`` writes are
-        already in hand, or once a stop has answered the writes in hand.
+        With ``idempotency_key`` (and the ``digest`` of the write), a write that used it
+        before is answered instead (``replayed``), or refused (``IdempotencyKeyReused``) if
+        its digest differs; with ``precondition``, ``PreconditionFailed`` unless the key's
+        version satisfies it. Raises ``RetryLater`` at once, storing nothing, when
+        ``write_queue_max`` writes are already in hand, or once a stop has answered the
+        writes in hand.
         """
         if self._refusing:
             raise _stopping()
@@ -152,7 +171,8 @@ class CommandWriter:
                 "(WRITE_QUEUE_MAX); nothing was stored, retry later",
             )
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(key, value, event_type, done))
+        item = NewCommand(key, value, event_type, idempotency_key, digest, precondition)
+        self._queue.put_nowait(_Pending(item, done))
         self._in_hand += 1
         WRITE_QUEUE_DEPTH.set(self.in_hand)
         return await done
@@ -176,26 +196,28 @@ class CommandWriter:
         while len(batch) < self._settings.write_batch_max and not self._queue.empty():
             batch.append(self._queue.get_nowait())
         self._batch = batch
+        group, retries = _first_of_each_key(batch)
         try:
-            commands = await self._commit(batch)
+            outcomes = await self._commit(batch, group)
         except Exception as exc:  # unforeseen: the batch's writers learn of it, never hang
             _fail(batch, exc)
             self._release(batch)
             raise
         finally:
             self._batch = []
-        if commands is None:
+        if outcomes is None:
             self._release(batch)
             return
-        try:
-            answering = list(zip(batch, commands, strict=True))
-        except ValueError as exc:  # the INSERT returned another count: the loop's error
-            _fail(batch, exc)
+        if len(outcomes) != len(group):  # the statement returned another count: the loop's error
+            miscount = RuntimeError(f"{len(outcomes)} outcomes for {len(group)} writes")
+            _fail(batch, miscount)
             self._release(batch)
-            raise
+            raise miscount
         if self._publishing is not None:
             await asyncio.wait([self._publishing])  # its own errors are its writers' answers
-        self._publishing = asyncio.create_task(self._publish_and_answer(answering))
+        self._publishing = asyncio.create_task(
+            self._publish_and_answer(batch, group, retries, outcomes)
+        )
 
     def _release(self, batch: list[_Pending]) -> None:
         """The batch is answered: it is no longer in hand."""
@@ -204,13 +226,16 @@ class CommandWriter:
         for _ in batch:
             self._queue.task_done()
 
-    async def _commit(self, batch: list[_Pending]) -> list[Command] | None:
-        """The batch's commands, committed; None when the write DB failed (writers told)."""
+    async def _commit(
+        self, batch: list[_Pending], group: list[_Pending]
+    ) -> list[Stored | RequestRefused] | None:
+        """The outcome of each write of ``group`` (the batch without its repeated keys),
+        committed; None when the write DB failed (the batch's writers told)."""
         WRITE_BATCH_SIZE.observe(len(batch))
         try:
-            return await write_db.insert_commands(
+            return await write_db.store_commands(
                 self._pool,
-                [(p.key, p.value, p.event_type) for p in batch],
+                [p.item for p in group],
                 write_db.new_batch_token(),
                 self._settings.write_outcome_timeout,
             )
@@ -218,16 +243,52 @@ class CommandWriter:
             _fail(batch, exc)
             return None
 
-    async def _publish_and_answer(self, answering: list[tuple[_Pending, Command]]) -> None:
-        """Publish a committed batch's events, then answer its writers."""
-        self._answering = answering
-        batch = [pending for pending, _ in answering]
-        commands = [command for _, command in answering]
+    async def _publish_and_answer(
+        self,
+        batch: list[_Pending],
+        group: list[_Pending],
+        retries: list[tuple[_Pending, int]],
+        outcomes: list[Stored | RequestRefused],
+    ) -> None:
+        """Publish a committed batch's new events, then answer its writers (refusals and
+        replays need no publishing; a later write of a key in the batch gets its answer)."""
+        fresh = [
+            (pending, outcome.command)
+            for pending, outcome in zip(group, outcomes, strict=True)
+            if isinstance(outcome, Stored) and not outcome.replayed
+        ]
+        self._answering = fresh
         try:
-            event_ids = await self._publish(commands)
-            for pending, command, event_id in zip(batch, commands, event_ids, strict=True):
-                if not pending.done.done():
-                    pending.done.set_result(WriteResult(command, event_id))
+            event_ids = await self._publish([command for _, command in fresh])
+            answers: list[WriteResult | RequestRefused] = []
+            published = iter(event_ids)
+            for outcome in outcomes:
+                if isinstance(outcome, RequestRefused):
+                    answers.append(outcome)
+                elif outcome.replayed:
+                    answers.append(
+                        WriteResult(
+                            outcome.command,
+                            outcome.event_id,
+                            outcome.version,
+                            replayed=True,
+                            settled=outcome.settled,
+                        )
+                    )
+                else:
+                    answers.append(WriteResult(outcome.command, next(published), outcome.version))
+            await self._record_event_ids(group, answers)
+            for pending, answer in zip(group, answers, strict=True):
+                _settle(pending, answer)
+            for pending, first in retries:
+                answer = answers[first]
+                if (
+                    isinstance(answer, WriteResult)
+                    or pending.item.digest == group[first].item.digest
+                ):
+                    _settle(pending, _retry_answer(pending, group[first], answer))
+                else:  # the key may be free, or hold this body: the write DB must settle it
+                    self._requeue(pending)
         except Exception as exc:  # unforeseen: committed, so answered queued; logged, not raised
             log.exception("publishing a committed batch failed count=%d", len(batch))
             self._answer_queued()
@@ -242,8 +303,38 @@ class CommandWriter:
             if not pending.done.done():
                 pending.done.set_result(WriteResult(command, None))
 
+    def _requeue(self, pending: _Pending) -> None:
+        """Queue a write of this batch again, for the next one."""
+        if self._refusing:
+            if not pending.done.done():
+                pending.done.set_exception(_stopping())
+            return
+        self._queue.put_nowait(pending)
+        self._in_hand += 1
+
+    async def _record_event_ids(
+        self, group: list[_Pending], answers: list[WriteResult | RequestRefused]
+    ) -> None:
+        """Keep the answers of the group's new keyed commands for their replays: the stream
+        id, or '' for a command answered queued."""
+        keyed = [
+            (pending.item.idempotency_key, answer.event_id or "")
+            for pending, answer in zip(group, answers, strict=True)
+            if pending.item.idempotency_key is not None
+            and isinstance(answer, WriteResult)
+            and not answer.replayed
+        ]
+        if not keyed:
+            return
+        try:
+            await write_db.record_event_ids(self._pool, keyed)  # type: ignore[arg-type]
+        except Exception as exc:  # the answer stands; a replay will say queued
+            log.warning("recording event ids failed count=%d error=%r", len(keyed), exc)
+
     async def _publish(self, commands: list[Command]) -> list[str | None]:
         """XADD the batch's events and mark them published; all None when they stay queued."""
+        if not commands:
+            return []
         if not self._breaker.allows():
             return [None] * len(commands)
         try:
@@ -276,6 +367,46 @@ def _fail(batch: list[_Pending], exc: BaseException) -> None:
     for pending in batch:
         if not pending.done.done():
             pending.done.set_exception(exc)
+
+
+def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[tuple[_Pending, int]]]:
+    """The writes to store, and the retries: a later write of a batch with an Idempotency-Key
+    already in it, with the index in the first list of the write it repeats."""
+    if all(p.item.idempotency_key is None for p in batch):
+        return batch, []
+    group: list[_Pending] = []
+    retries: list[tuple[_Pending, int]] = []
+    first: dict[str, int] = {}
+    for pending in batch:
+        key = pending.item.idempotency_key
+        if key is not None and key in first:
+            retries.append((pending, first[key]))
+            continue
+        if key is not None:
+            first[key] = len(group)
+        group.append(pending)
+    return group, retries
+
+
+def _retry_answer(
+    retry: _Pending, first: _Pending, answer: WriteResult | RequestRefused
+) -> WriteResult | RequestRefused:
+    """The answer to a later write of a batch with the Idempotency-Key of an earlier one that
+    was stored (or whose body it repeats): that write's answer, or 422 for another body."""
+    if retry.item.digest != first.item.digest:
+        return IdempotencyKeyReused()
+    if isinstance(answer, WriteResult):
+        return dataclasses.replace(answer, replayed=True)
+    return answer
+
+
+def _settle(pending: _Pending, answer: WriteResult | RequestRefused) -> None:
+    if pending.done.done():
+        return
+    if isinstance(answer, RequestRefused):
+        pending.done.set_exception(answer)
+    else:
+        pending.done.set_result(answer)
 
 
 def _stopping() -> RetryLater:
@@ -319,3 +450,27 @@ async def publish_queued(engine: AsyncEngine, redis: Redis, settings: Settings) 
             pass
     except (RedisError, OSError) as exc:
         log.debug("publisher waiting for redis error=%s", exc)
+
+
+# Batches of expired idempotency keys removed per round at most: a round stays short, and a
+# backlog is removed over the next rounds.
+_EXPIRY_BATCHES_PER_ROUND = 100
+
+
+async def expire_idempotency_keys(pool: asyncpg.Pool, settings: Settings) -> float | None:
+    """One supervised expiry round: remove idempotency keys older than IDEMPOTENCY_RETENTION,
+    in batches of IDEMPOTENCY_EXPIRY_BATCH, each its own short transaction. Returns 0 (the
+    next round at once) when the round stopped at its bound with keys left, else None."""
+    removed = 0
+    left = False
+    for _ in range(_EXPIRY_BATCHES_PER_ROUND):
+        count = await write_db.expire_idempotency_keys(
+            pool, settings.idempotency_retention, settings.idempotency_expiry_batch
+        )
+        removed += count
+        left = count == settings.idempotency_expiry_batch
+        if not left:
+            break
+    if removed:
+        log.info("expired idempotency keys removed count=%d", removed)
+    return 0.0 if left else None

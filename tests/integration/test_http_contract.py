@@ -60,6 +60,7 @@ async def test_readiness_checks_databases_and_redis(api: httpx.AsyncClient) -> N
         "redis": "ok",
         "command-writer": "ok",
         "publisher": "ok",
+        "idempotency-expiry": "ok",
         "read-counter": "ok",
     }
 

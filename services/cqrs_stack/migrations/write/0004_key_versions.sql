@@ -1,0 +1,12 @@
+-- Each key's version: its number of commands. Conditional writes (If-Match, If-None-Match)
+-- check it, and every write increments it in the statement that stores its commands, taking
+-- the row's lock before the commands get their ids; so per key, versions and positions grow
+-- in the same order, and writers of one key queue on this row, writers of other keys do not.
+CREATE TABLE key_versions (
+    key      text    PRIMARY KEY,
+    version  bigint  NOT NULL
+) WITH (fillfactor = 80);  -- room for HOT updates: an increment touches no index
+
+-- The commands already stored, counted while writers wait (SHARE blocks INSERTs, not reads).
+LOCK TABLE commands IN SHARE MODE;
+INSERT INTO key_versions (key, version) SELECT key, count(*) FROM commands GROUP BY key;
