@@ -18,7 +18,7 @@ import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 from redis.asyncio import Redis
@@ -587,9 +587,13 @@ async def delete_acl_user(
 
 def with_credentials(url: str, user: str, password: str) -> str:
     """``url`` with its user and password replaced by the stack's ACL user's."""
-    scheme, _, rest = url.partition("://")
-    host = rest.rpartition("@")[2]
-    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    # The host as every URL parser reads it (urlsplit, redis-py): the netloc after its last
+    # "@", never a "@" of the path, query or fragment (a host checked against admin-hosts
+    # must be the host the login is sent to).
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    login = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=login, fragment=""))
 
 
 async def _check_related_keys(redis: Redis, stream: str, owner: Owner) -> None:

@@ -186,6 +186,49 @@ async def check_env_secrets(api: client.ApiClient, spec: StackSpec) -> None:
             check_stack_secret(found, where, f"spec.{section}.envFrom[{i}].secretRef")
 
 
+def pod_secret_refs(template: Mapping[str, Any]) -> set[str]:
+    """Every Secret a pod template reads: secret and projected volumes, envFrom, env."""
+    pod = template.get("spec") or {}
+    names: set[str] = set()
+    for volume in pod.get("volumes") or []:
+        if "secret" in volume:
+            names.add(volume["secret"].get("secretName", ""))
+        for source in (volume.get("projected") or {}).get("sources") or []:
+            if "secret" in source:
+                names.add(source["secret"].get("name", ""))
+    for container in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
+        for ref in container.get("envFrom") or []:
+            if "secretRef" in ref:
+                names.add(ref["secretRef"].get("name", ""))
+        for env in container.get("env") or []:
+            key_ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+            if key_ref:
+                names.add(key_ref.get("name", ""))
+    return names
+
+
+async def check_pod_secrets(
+    api: client.ApiClient, spec: StackSpec, rendered: list[dict[str, Any]]
+) -> None:
+    """No pod is given a Secret that did not opt in, whatever part of the spec named it.
+
+    The single gate before any pod template is applied: each spec field that reaches a pod
+    (a CA, the token, envFrom) is also checked where it is used, but a field whose own check
+    did not run (its part of the reconcile failed first) must not slip through here.
+    """
+    own = manifests.child_name(spec, "credentials")
+    for manifest in rendered:
+        template = (manifest.get("spec") or {}).get("template")
+        if not template:
+            continue
+        for name in sorted(pod_secret_refs(template) - {own}):
+            where = f"{spec.namespace}/{name}"
+            found = await kube.read_secret(api, spec.namespace, name)
+            if found is None:
+                raise ProvisioningError("SecretNotFound", f"Secret {where} does not exist")
+            check_stack_secret(found, where, f"{manifest['kind']} {manifest['metadata']['name']}")
+
+
 async def admin_login(api: client.ApiClient, spec: StackSpec, db: Database) -> AdminLogin:
     secret = await _secret(api, spec.namespace, db.admin_secret)
     return check_admin_secret(secret, f"{spec.namespace}/{db.admin_secret}", db)
@@ -490,9 +533,11 @@ async def apply_workloads(
     and rollouts."""
     config = manifests.config_data(spec)
     digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url, login))
+    rendered = manifests.workloads(spec, digest, projector_count)
+    await check_pod_secrets(api, spec, rendered)
     live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
     changes: list[Change] = []
-    for manifest in manifests.workloads(spec, digest, projector_count):
+    for manifest in rendered:
         if manifest["kind"] != "Deployment":
             live.append(await _apply(api, spec, manifest, adopt))
             continue

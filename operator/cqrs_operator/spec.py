@@ -254,9 +254,13 @@ def check_redis_url(url: str, field_path: str) -> str:
     """Return ``url`` if its host is a DNS name or an IP address, else raise (no password shown)."""
     try:
         parse_url(url)
-        host = urlsplit(url).hostname or ""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
     except ValueError as exc:  # the message may quote the URL: name the field only
         raise SpecError(f"{field_path} is not a valid Redis URL") from exc
+    if parts.fragment or "#" in url or "@" in f"{parts.path}?{parts.query}":
+        # A "#" or a "@" past the host makes URL parsers disagree about the host.
+        raise SpecError(f"{field_path} must not hold '#', or '@' after the host")
     check_host(host, f"{field_path} host")
     return url
 

@@ -501,3 +501,87 @@ async def test_the_redis_url_is_immutable_once_provisioned(
         await env.stacks.patch("fixed", {"spec": {"redis": {"url": moved}}})
     assert refused.value.status == 422
     assert "spec.redis.url is immutable" in refused.value.body
+
+
+async def test_a_ca_secret_naming_the_admin_secret_reaches_no_pod(env: Env) -> None:
+    """A tenant names the platform's admin Secret as its databases' CA: DatabasesReady is
+    refused, and although the stream provisions in the same reconcile no Deployment is
+    applied with that Secret mounted (found by an attack: the CA was checked only on the
+    databases' path, and the workloads were applied anyway)."""
+    m = env.manifest("thief")
+    m["spec"]["databases"]["tls"] = {
+        "mode": "disable",
+        "caSecret": {"name": ADMIN_SECRETS[0], "key": "password"},
+    }
+    await env.stacks.create(m)
+    await env.stacks.wait_condition(
+        "thief", "DatabasesReady", "False", "SecretNotOptedIn", env.operator
+    )
+    await env.stacks.wait_condition("thief", "StreamReady", "True", operator=env.operator)
+    await env.stacks.wait_condition(
+        "thief", "WorkloadsReady", "False", "SecretNotOptedIn", env.operator
+    )
+    apps = client.AppsV1Api(env.api)
+    found = await apps.list_namespaced_deployment(env.namespace)
+    mounted = [
+        d.metadata.name
+        for d in found.items
+        for v in d.spec.template.spec.volumes or []
+        if v.secret is not None and v.secret.secret_name in ADMIN_SECRETS
+    ]
+    assert mounted == []
+
+
+@pytest.mark.parametrize("trick", ["#@127.0.0.1:{port}", "/0?x=@127.0.0.1:{port}"])
+async def test_a_redis_url_cannot_send_the_admin_login_to_another_host(
+    env: Env, trick: str
+) -> None:
+    """``redis://<allowed host>#@<tenant's host>``: the host checked against admin-hosts must
+    be the host the admin login goes to. Such a URL is refused, and a listener of the
+    tenant's receives nothing (found by an attack: the login went to the "@" past the host)."""
+    await create_secret(
+        env.api,
+        env.namespace,
+        admin_metadata("redis-admin-x", "127.0.0.1", "redis"),
+        {"password": "platform-redis-admin-pw"},
+    )
+    got: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            got.append(await asyncio.wait_for(reader.read(4096), 3))
+        except TimeoutError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        url = env.redis.url.rstrip("/") + trick.format(port=port)
+        m = env.manifest("exfil", redis_url=url)
+        m["spec"]["redis"]["adminSecret"] = "redis-admin-x"
+        await env.stacks.create(m)
+        await env.stacks.wait_condition(
+            "exfil", "WorkloadsReady", "False", "InvalidSpec", env.operator
+        )
+        # The same URL from the stack's own opted-in Secret (spec.redis.urlSecret).
+        await create_secret(
+            env.api,
+            env.namespace,
+            {"name": "exfil-url", "labels": {"cqrs.dev/stack-secret": "true"}},
+            {"url": url},
+        )
+        m = env.manifest("exfil2", fresh=env.fresh + "x")
+        m["spec"]["redis"] = {
+            "urlSecret": {"name": "exfil-url", "key": "url"},
+            "adminSecret": "redis-admin-x",
+        }
+        await env.stacks.create(m)
+        await env.stacks.wait_condition(
+            "exfil2", "StreamReady", "False", "RedisUrlInvalid", env.operator
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert got == []

@@ -111,3 +111,12 @@ def test_every_permanent_error_raised_names_a_listed_reason() -> None:
     source = "".join(p.read_text() for p in Path("operator/cqrs_operator").glob("*.py"))
     raised = set(re.findall(r'PermanentProvisioningError\(\s*"(\w+)"', source))
     assert raised and raised <= PERMANENT_REASONS, raised - PERMANENT_REASONS
+
+
+def test_with_credentials_keeps_the_host_every_parser_reads() -> None:
+    """The login goes to the URL's host, never to a "@" in its query or fragment."""
+    from cqrs_operator.provisioning import with_credentials
+
+    url = with_credentials("redis://old:pw@db.example:6380/0?ssl_cert_reqs=none", "u", "p@ss")
+    assert url == "redis://u:p%40ss@db.example:6380/0?ssl_cert_reqs=none"
+    assert with_credentials("redis://r.example:6379#@evil:1", "u", "p").endswith("@r.example:6379")
