@@ -90,6 +90,13 @@ class InvalidRequest(RequestRefused):
     error = "invalid_request"
 
 
+class ReadModelNotEnabled(RequestRefused):
+    """A route of a read model this stack does not keep (READ_MODELS)."""
+
+    status = 404
+    error = "read_model_not_enabled"
+
+
 def describe_errors(errors: list[dict[str, Any]]) -> str:
     """One line for the first validation errors: ``field: what is wrong; ...``."""
     parts = []
