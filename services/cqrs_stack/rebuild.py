@@ -265,7 +265,7 @@ async def _load(
             )
             if PROGRESS_TABLE in model.tables:
                 await rconn.execute(
-                    f"INSERT INTO {PROGRESS_TABLE}"
+                    f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
                     " (consumer, events_projected, last_position, last_event_at)"
                     " VALUES ($1, $2, $3, $4)",
                     REBUILD_CONSUMER,
