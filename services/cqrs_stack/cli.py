@@ -260,7 +260,8 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
             raise CommandError(str(exc), EXIT_CONFIG) from None
         if args.model not in names:
             raise CommandError(
-                f"the read model {args.model!r} is not enabled (READ_MODELS={settings.read_models})",
+                f"the read model {args.model!r} is not enabled"
+                f" (READ_MODELS={settings.read_models})",
                 EXIT_CONFIG,
             )
         names = (args.model,)

@@ -85,6 +85,7 @@ _STILL_HERE = text("SELECT 1")
 # Stream fields besides key and value: type, position, created_at and their names.
 _ENTRY_OVERHEAD_BYTES = 256
 
+
 def default_consumer_name() -> str:
     """A consumer name unique to this process: host (the pod name in Kubernetes) and pid."""
     return f"{socket.gethostname()}-{os.getpid()}"

@@ -30,7 +30,11 @@ router = APIRouter(tags=["read"])
 @router.get(
     "/read/{key:key}/history",
     response_model=HistoryResponse,
-    responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={
+        404: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
 )
 async def read_history(
     request: Request,

@@ -27,8 +27,9 @@ rebuild of one model or several:
 4. **retires** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap) by dropping it.
 
 At the swap each shadow ledger holds every command the live model applied (ledger rows and
-watermark) and the projection of exactly its ledger, so nothing is lost or applied twice (guarantee 2); commands the snapshot
-had and the live projectors had not reached yet are skipped by them later, as duplicates.
+watermark) and the projection of exactly its ledger, so nothing is lost or applied twice
+(guarantee 2); commands the snapshot had and the live projectors had not reached yet are
+skipped by them later, as duplicates.
 A rebuild that fails before the swap leaves the live version untouched.
 """
 
@@ -260,9 +261,7 @@ async def _load(
                 f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
                 timeout=_BULK_TIMEOUT,
             )
-            await rconn.execute(
-                model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
-            )
+            await rconn.execute(model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT)
             if PROGRESS_TABLE in model.tables:
                 await rconn.execute(
                     f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"

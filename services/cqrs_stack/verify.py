@@ -52,5 +52,7 @@ async def differences(
     commands = await write_db_commands(write_engine)
     found: list[str] = []
     for model in models:
-        found += compare(model.name, model.expected(commands), await actual_model(read_engine, model))
+        found += compare(
+            model.name, model.expected(commands), await actual_model(read_engine, model)
+        )
     return found

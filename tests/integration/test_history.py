@@ -145,12 +145,10 @@ async def test_the_projector_prunes_its_ledgers_while_duplicates_arrive(stack: S
     async def pruned_to_the_top() -> bool:
         top = await stack.scalar(stack.write_engine, "SELECT max(id) FROM commands")
         for ledger in ("applied_commands", "history_applied"):
-            mark, rows = (
-                await stack.scalar(
-                    stack.read_engine,
-                    f"SELECT ARRAY[(SELECT position FROM {ledger}_watermark),"
-                    f" (SELECT count(*) FROM {ledger})]",
-                )
+            mark, rows = await stack.scalar(
+                stack.read_engine,
+                f"SELECT ARRAY[(SELECT position FROM {ledger}_watermark),"
+                f" (SELECT count(*) FROM {ledger})]",
             )
             if (mark, rows) != (top, 0):
                 return False

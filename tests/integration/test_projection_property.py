@@ -12,11 +12,10 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from cqrs_stack.config import Settings
-from cqrs_stack.db import create_engine
+from cqrs_stack.db import create_engine, driver_of
 from cqrs_stack.events import RECORD_CREATED, RECORD_UPDATED, Command
 from cqrs_stack.localservers import PostgresServer
 from cqrs_stack.migrations import migrate
-from cqrs_stack.db import driver_of
 from cqrs_stack.projections import apply_batch
 from cqrs_stack.projections.records import Records
 from cqrs_stack.verify import actual_model

@@ -48,7 +48,7 @@ async def pool(stack: Stack) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def seed(stack: Stack, count: int, keys: int, prefix: str = "k") -> list[Command]:
-    """``count`` commands over ``keys`` keys, inserted with SQL; returned as the write DB has them."""
+    """``count`` commands over ``keys`` keys, inserted with SQL, as the write DB has them."""
     async with stack.write_engine.begin() as conn:
         rows = await conn.execute(
             text(
@@ -191,7 +191,10 @@ async def test_the_watermark_never_passes_a_command_that_may_still_commit(
     early = await seed(stack, 50, 5, "early")
     async with stack.write_engine.connect() as slow:
         await slow.execute(
-            text("INSERT INTO commands (key, value, event_type) VALUES ('late', 'v', 'RecordCreated')")
+            text(
+                "INSERT INTO commands (key, value, event_type)"
+                " VALUES ('late', 'v', 'RecordCreated')"
+            )
         )
         late_id = int(await slow.scalar(text("SELECT currval('commands_id_seq')")))
         later = await seed(stack, 50, 5, "later")
@@ -226,11 +229,15 @@ async def test_a_rebuild_restores_it_alone(
     async with stack.read_engine.begin() as conn:
         for each in MODELS:
             table = each.tables[0]
-            await conn.execute(text(f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} LIMIT 3)"))
+            await conn.execute(
+                text(f"DELETE FROM {table} WHERE ctid IN (SELECT ctid FROM {table} LIMIT 3)")
+            )
     others = [m for m in MODELS if m is not model]
     damaged = {m.name: await model_differences(stack, m) for m in others}
     assert await model_differences(stack, model) != []
-    assert await rebuild(stack.write_engine, stack.read_engine, stack.settings, models=[model]) == 500
+    assert (
+        await rebuild(stack.write_engine, stack.read_engine, stack.settings, models=[model]) == 500
+    )
     assert await model_differences(stack, model) == []
     assert await ledger(pool, model) == (0, 500)  # the rebuilt ledger: every command, no watermark
     for other in others:
@@ -249,7 +256,10 @@ async def test_verify_finds_a_missing_and_an_unexpected_entry(
     assert await model_differences(stack, model) == []
     async with stack.write_engine.begin() as conn:
         await conn.execute(
-            text("INSERT INTO commands (key, value, event_type) VALUES ('unseen', 'v', 'RecordCreated')")
+            text(
+                "INSERT INTO commands (key, value, event_type)"
+                " VALUES ('unseen', 'v', 'RecordCreated')"
+            )
         )
     found = await model_differences(stack, model)
     assert found and all(line.startswith(f"{model.name}: missing") for line in found), found

@@ -122,7 +122,8 @@ def _apply_ctes(projection: type[Projection]) -> str:
         RETURNING command_id
     ),
     {name}__new AS (
-        SELECT incoming.* FROM incoming JOIN {name}__fresh ON {name}__fresh.command_id = incoming.position
+        SELECT incoming.* FROM incoming
+        JOIN {name}__fresh ON {name}__fresh.command_id = incoming.position
     ),
     {name}__effect AS ({projection.effect_over(f"{name}__new", _BATCH_VALUES)})"""
 

@@ -43,16 +43,13 @@ class History(Projection):
     def expected(cls, commands: Iterable[Command]) -> dict[tuple[str, int], HistoryEntry]:
         """Every command once, by (key, position)."""
         return {
-            (c.key, c.position): HistoryEntry(c.event_type, c.value, c.created_at)
-            for c in commands
+            (c.key, c.position): HistoryEntry(c.event_type, c.value, c.created_at) for c in commands
         }
 
     @classmethod
     async def actual(cls, conn: asyncpg.Connection) -> dict[tuple[str, int], HistoryEntry]:
         """The history rows the read DB holds."""
-        rows = await conn.fetch(
-            "SELECT key, position, event_type, value, created_at FROM history"
-        )
+        rows = await conn.fetch("SELECT key, position, event_type, value, created_at FROM history")
         return {(r[0], int(r[1])): HistoryEntry(r[2], r[3], r[4]) for r in rows}
 
 

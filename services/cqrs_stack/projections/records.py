@@ -72,9 +72,7 @@ class Records(Projection):
         model = {}
         for key, unique in by_key.items():
             first, newest = unique[min(unique)], unique[max(unique)]
-            model[key] = RecordState(
-                newest.value, first.created_at, newest.created_at, len(unique)
-            )
+            model[key] = RecordState(newest.value, first.created_at, newest.created_at, len(unique))
         return model
 
     @classmethod
