@@ -156,7 +156,9 @@ def apply_statement(projections: tuple[type[Projection], ...], progress: bool) -
     WITH incoming AS (
         SELECT * FROM unnest($1::bigint[], $2::text[], $4::text[], $5::timestamptz[])
             AS t(position, key, event_type, created_at)
-    ){ctes}
+    ),
+    -- Never read: types the values for a statement whose models do not need them.
+    typed AS (SELECT $3::text[]){ctes}
     SELECT {counts}
     """
 
