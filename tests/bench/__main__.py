@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import reference, report
+from . import ledger, reference, report
 from .phases import FULL, QUICK, Bench, Plan
 from .stack import READ_DB, WRITE_DB, BenchStack, ProcessMonitor
 
@@ -56,6 +56,7 @@ async def run_phases(bench: Bench) -> None:
         await bench.projection_drain()
         await bench.visibility_lag()
         await bench.rebuild()
+        await ledger.ledger_phase(bench)
     finally:
         await bench.close()
 
