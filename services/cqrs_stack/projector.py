@@ -147,12 +147,16 @@ class Projector:
         )
         supervisor.run(
             "ledger-pruner",
-            self.pruner.prune_round,
+            self._prune_round,
             until=stopping,
             interval=self.settings.ledger_prune_interval,
             first_after=self.settings.ledger_prune_interval,
             essential=False,  # projection goes on without it; the ledger only grows meanwhile
         )
+
+    async def _prune_round(self) -> float | None:
+        await self.pruner.prune_round()
+        return 0 if self.pruner.behind else None  # a backlog: on at once, from the same fence
 
     async def _sweep_round(self) -> None:
         applied = await self.catch_up()

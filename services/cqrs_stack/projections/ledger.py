@@ -45,6 +45,9 @@ _WRITERS_LEFT = text(
     " AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY(CAST(:writers AS text[]))"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
+# Steps of one model in one round at most: a round stays short (a stop waits for it), and a
+# backlog is worked off round after round from the same fence.
+_STEPS_PER_ROUND = 20
 _IDS_IN = text("SELECT id FROM commands WHERE id > :low AND id <= :high ORDER BY id")
 
 
@@ -79,12 +82,16 @@ class LedgerPruner:
         self.projections = tuple(projections)
         self.step = step
         self._fence: Fence | None = None
+        # True after a round that left work for the next one (the fence not reached yet).
+        self.behind = False
 
     async def prune_round(self) -> int:
-        """One round: take a fence, or, once it is closed, raise every watermark up to it.
+        """One round: take a fence, or, once it is closed, raise every watermark towards it
+        (at most _STEPS_PER_ROUND steps each; ``behind`` says whether work is left).
 
         Returns how many ledger rows were pruned.
         """
+        self.behind = False
         if self._fence is None:
             self._fence = await self._take_fence()
         if not await self._closed(self._fence):
@@ -92,7 +99,10 @@ class LedgerPruner:
         fence, self._fence = self._fence, None
         pruned = 0
         for projection in self.projections:
-            pruned += await self._raise(projection, fence.position)
+            rows, done = await self._raise(projection, fence.position)
+            pruned += rows
+            if not done:
+                self._fence, self.behind = fence, True  # closed already: go on from it
         if pruned:
             log.info("ledger pruned rows=%d up_to=%d", pruned, fence.position)
         return pruned
@@ -111,20 +121,22 @@ class LedgerPruner:
             left = await conn.scalar(_WRITERS_LEFT, {"writers": list(fence.writers)})
         return not left
 
-    async def _raise(self, projection: type[Projection], fence: int) -> int:
-        """Raise ``projection``'s watermark towards ``fence`` step by step; rows pruned."""
+    async def _raise(self, projection: type[Projection], fence: int) -> tuple[int, bool]:
+        """Raise ``projection``'s watermark towards ``fence`` step by step: rows pruned, and
+        whether it is done with this fence (reached, or held by a command not applied)."""
         pruned = 0
-        while True:
+        for _ in range(_STEPS_PER_ROUND):
             async with driver_connection(self.read_pool) as conn:
                 low = int(
                     await conn.fetchval(f"SELECT position FROM {projection.watermark()}") or 0
                 )
             if low >= fence:
-                return pruned
+                return pruned, True
             step = await self.prune_step(projection, low, min(fence, low + self.step))
             if step is None:
-                return pruned  # a command not applied yet, or another pruner moved it
+                return pruned, True  # a command not applied yet, or another pruner moved it
             pruned += step
+        return pruned, False
 
     async def prune_step(self, projection: type[Projection], low: int, high: int) -> int | None:
         """Raise the watermark from ``low`` towards ``high`` (a closed fence at most) in one
