@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
+from cqrs_stack.config import plain_database_url
 from cqrs_stack.db import create_pool
 from cqrs_stack.events import Command
 from cqrs_stack.projections import Projection, apply_batch, registered
@@ -134,17 +135,19 @@ async def test_a_crash_mid_batch_leaves_no_trace_and_a_restart_converges(
 ) -> None:
     commands = await seed(stack, 300, 10)
     await deliver(pool, [model], commands[:100], seed_=3)
-    # A batch applied in a transaction whose session dies before it commits (kill -9).
-    victim = await pool.acquire()
-    transaction = victim.transaction()
-    await transaction.start()
-    await apply_batch(victim, [model], commands[100:200], "crashed")
-    pid = victim.get_server_pid()
-    async with pool.acquire() as other:
-        assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
-    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
-        await transaction.commit()
-    await pool.release(victim)
+    # A batch applied in a transaction whose session dies before it commits (kill -9): its
+    # own connection, outside the pool, cut by the server; every wait on it bounded.
+    victim = await asyncpg.connect(plain_database_url(stack.settings.read_db_url))
+    try:
+        await victim.execute("BEGIN")
+        await apply_batch(victim, [model], commands[100:200], "crashed")
+        async with pool.acquire() as other:
+            terminated = "SELECT pg_terminate_backend($1, 5000)"
+            assert await other.fetchval(terminated, victim.get_server_pid())
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await victim.execute("COMMIT", timeout=5)
+    finally:
+        victim.terminate()
     assert await applied(pool, model) == 100
     # A new process: a fresh pool, and every command delivered again.
     await pool.expire_connections()
