@@ -249,19 +249,35 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from .projections import by_name, enabled
     from .rebuild import RebuildError, rebuild
 
+    names = settings.read_model_names
+    if args.model is not None:
+        try:
+            by_name(args.model)
+        except ValueError as exc:
+            raise CommandError(str(exc), EXIT_CONFIG) from None
+        if args.model not in names:
+            raise CommandError(
+                f"the read model {args.model!r} is not enabled"
+                f" (READ_MODELS={settings.read_models})",
+                EXIT_CONFIG,
+            )
+        names = (args.model,)
+    models = enabled(names)
     bar = ProgressBar(sys.stderr)
 
     async def work(write_engine: Any, read_engine: Any) -> int:
         try:
-            count = await rebuild(write_engine, read_engine, settings, bar.update)
+            count = await rebuild(write_engine, read_engine, settings, bar.update, models)
         except RebuildError as exc:
             bar.close()
             print(f"rebuild failed: {exc}", file=sys.stderr)
             return 1
         bar.close()
-        print(f"read model rebuilt from {count} commands")
+        which = ", ".join(model.name for model in models)
+        print(f"read model rebuilt from {count} commands ({which})")
         return 0
 
     return asyncio.run(_with_engines(settings, work))
@@ -270,6 +286,8 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     from . import stream
     from .figures import stack_figures
+    from .projections import enabled
+    from .read_db import model_figures
 
     async def work(write_engine: Any, read_engine: Any) -> int:
         redis = stream.connect(settings)
@@ -277,6 +295,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             figures = await stack_figures(write_engine, read_engine, redis, settings)
         finally:
             await redis.aclose()
+        models = enabled(settings.read_model_names)
+        figures["read_models"] = await model_figures(read_engine, models)
         if args.json:
             print(json.dumps(figures, default=str, indent=2))
         else:
@@ -295,16 +315,19 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from .projections import enabled
     from .verify import differences
 
+    models = enabled(settings.read_model_names)
+
     async def work(write_engine: Any, read_engine: Any) -> int:
-        found = await differences(write_engine, read_engine)
+        found = await differences(write_engine, read_engine, models)
         for line in found[:50]:
             print(line)
         if found:
             print(f"read model differs from the write DB in {len(found)} ways", file=sys.stderr)
             return EXIT_DIFFERS
-        print("read model matches the write DB")
+        print(f"read model matches the write DB ({', '.join(m.name for m in models)})")
         return 0
 
     return asyncio.run(_with_engines(settings, work))
@@ -387,12 +410,19 @@ def build_parser() -> argparse.ArgumentParser:
         server.add_argument("--access-log", action="store_true", help="log every request")
         server.set_defaults(handler=lambda a, s, r=role: _serve(r, a, s))
     command("migrate", "create or upgrade both schemas (idempotent)").set_defaults(handler=_migrate)
-    command("rebuild", "rebuild the read model from the write DB").set_defaults(handler=_rebuild)
+    rebuild = command("rebuild", "rebuild the read models from the write DB")
+    rebuild.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="rebuild only this read model (default: every one in READ_MODELS)",
+    )
+    rebuild.set_defaults(handler=_rebuild)
     status = command("status", "lag, counts, pending entries, dead letters")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(handler=_status)
     command(
-        "verify", "check that the read model equals the projection of the write DB"
+        "verify", "check that every read model equals the projection of the write DB"
     ).set_defaults(handler=_verify)
     dev = command(
         "dev", "run the whole stack locally on embedded PostgreSQL and Redis (Ctrl-C stops)"

@@ -197,6 +197,14 @@ class Settings(BaseSettings):
     write_api_token: SecretStr = SecretStr("")
     # cqrs-stack dev: added to every port of the local stack (--port-offset overrides it).
     dev_port_offset: int = Field(default=0, ge=0, le=MAX_PORT_OFFSET)
+    # The read models this stack keeps, comma-separated (records always: GET /read/{key}).
+    read_models: str = "records"
+    # Entries per page of GET /read/{key}/history at most (and by default).
+    history_page_max: int = Field(default=100, ge=1, le=10_000)
+    # Seconds between steps of the ledger's pruning (rows below each model's watermark).
+    ledger_prune_interval: float = Field(default=30.0, gt=0, le=3600)
+    # Positions one pruning step looks at (and ledger rows it deletes) at most.
+    ledger_prune_step: int = Field(default=50_000, ge=100, le=1_000_000)
 
     @field_validator("write_db_url", "read_db_url")
     @classmethod
@@ -214,6 +222,25 @@ class Settings(BaseSettings):
             )
         _check_url(value)
         return value
+
+    @field_validator("read_models")
+    @classmethod
+    def _read_models(cls, value: str) -> str:
+        from .projections import REQUIRED, by_name
+
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        for name in names:
+            by_name(name)  # raises naming the known models
+        if REQUIRED not in names:
+            raise ValueError(f"must include {REQUIRED!r} (GET /read/{{key}} serves it)")
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def read_model_names(self) -> tuple[str, ...]:
+        """The read models this stack keeps (READ_MODELS), records first."""
+        from .projections import enabled
+
+        return tuple(p.name for p in enabled(self.read_models.split(",")))
 
     @property
     def dead_letter_stream(self) -> str:

@@ -9,7 +9,7 @@ from ssl import SSLContext
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .config import Settings, async_database_url, plain_database_url
 
@@ -146,3 +146,9 @@ def row_count_sql(table: str) -> str:
         f" ELSE (SELECT count(*) FROM {table}) END AS n,"
         f" e.n >= 0 AND e.n > :exact_max AS estimated FROM ({estimate}) AS e"
     )
+
+
+async def driver_of(conn: AsyncConnection) -> asyncpg.Connection:
+    """The asyncpg connection under a SQLAlchemy one (the same session and transaction)."""
+    raw = await conn.get_raw_connection()
+    return raw.driver_connection  # type: ignore[return-value]

@@ -157,6 +157,13 @@ class PreconditionFailed(RequestRefused):
         )
 
 
+class ReadModelNotEnabled(RequestRefused):
+    """A route of a read model this stack does not keep (READ_MODELS)."""
+
+    status = 404
+    error = "read_model_not_enabled"
+
+
 def describe_errors(errors: list[dict[str, Any]]) -> str:
     """One line for the first validation errors: ``field: what is wrong; ...``."""
     parts = []

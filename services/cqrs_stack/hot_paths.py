@@ -30,6 +30,7 @@ from .resources import Resources
 from .write_api import parse_write_headers, token_accepted, write_answer
 
 _READ_PREFIX = "/read/"
+_HISTORY_SUFFIX = "/history"
 _EVENT_TYPES = {"POST": RECORD_CREATED, "PUT": RECORD_UPDATED}
 _JSON_HEADERS = (b"content-type", b"application/json")
 # Route templates, as the app's request metrics label them.
@@ -71,7 +72,9 @@ class HotPaths:
                 metrics.observe_request(_HEALTH_ROUTE, method, 200, started)
                 return True
             key = path[len(_READ_PREFIX) :]
-            if self.reads and path.startswith(_READ_PREFIX) and _valid_key(key):
+            # GET /read/{key}/history is the app's (the history read model's route).
+            history = path.endswith(_HISTORY_SUFFIX)
+            if self.reads and path.startswith(_READ_PREFIX) and _valid_key(key) and not history:
                 await self._counted(_READ_ROUTE, method, started, self._read(key, scope, send))
                 return True
         elif path == "/write" and method in _EVENT_TYPES and self.writes:

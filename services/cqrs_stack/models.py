@@ -240,6 +240,30 @@ class NotFoundResponse(BaseModel):
     position_reached: bool | None = None
 
 
+class HistoryEntry(BaseModel):
+    """One command of a key, as its history shows it."""
+
+    position: int
+    event_type: str
+    value: str
+    created_at: datetime
+
+
+class HistoryResponse(BaseModel):
+    """A page of a key's history, newest first; ``next_before`` fetches the next (older) page."""
+
+    success: bool = True
+    key: str
+    entries: list[HistoryEntry]
+    next_before: int | None = Field(
+        default=None, description="Pass as `before` for the next page; null on the last page"
+    )
+    from_read_db: bool = True
+    position_reached: bool | None = Field(
+        default=None, description="Set when the read asked for a position"
+    )
+
+
 class ErrorResponse(BaseModel):
     """Every 4xx/5xx body: what is wrong, in words and per field."""
 

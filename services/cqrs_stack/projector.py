@@ -20,17 +20,18 @@ from collections.abc import Sequence
 import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
-from sqlalchemy import BigInteger, TextClause, bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import events, stream, write_db
 from .config import Settings
-from .db import driver_connection
+from .db import driver_connection, driver_of
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
 from .outages import is_refusal, sqlstate
-from .projection import apply_commands_alone
+from .projections import apply_batch, enabled
+from .projections.base import not_applied
+from .projections.ledger import LedgerPruner
 from .supervision import Backoff, RoundFailed, Supervisor, wait_or_stop
 from .sweep import (
     AFTER_CURSOR,
@@ -84,11 +85,6 @@ _STILL_HERE = text("SELECT 1")
 # Stream fields besides key and value: type, position, created_at and their names.
 _ENTRY_OVERHEAD_BYTES = 256
 
-_NOT_APPLIED = text(
-    "SELECT p FROM unnest(:positions) AS p"
-    " WHERE NOT EXISTS (SELECT 1 FROM applied_commands a WHERE a.command_id = p)"
-).bindparams(bindparam("positions", type_=ARRAY(BigInteger)))
-
 
 def default_consumer_name() -> str:
     """A consumer name unique to this process: host (the pod name in Kubernetes) and pid."""
@@ -112,6 +108,11 @@ class Projector:
         self.read_pool = read_pool
         self.redis = redis
         self.consumer = settings.consumer_name or default_consumer_name()
+        # The read models this stack keeps: each batch is applied to all of them at once.
+        self.projections = enabled(settings.read_model_names)
+        self.pruner = LedgerPruner(
+            write_engine, read_pool, self.projections, settings.ledger_prune_step
+        )
         self._claim_every = max(0.05, min(settings.projector_claim_idle_ms / 2000, 5.0))
         self._next_claim = 0.0
         self._group_ready = False
@@ -144,6 +145,18 @@ class Projector:
             interval=interval,
             first_after=interval,
         )
+        supervisor.run(
+            "ledger-pruner",
+            self._prune_round,
+            until=stopping,
+            interval=self.settings.ledger_prune_interval,
+            first_after=self.settings.ledger_prune_interval,
+            essential=False,  # projection goes on without it; the ledger only grows meanwhile
+        )
+
+    async def _prune_round(self) -> float | None:
+        await self.pruner.prune_round()
+        return 0 if self.pruner.behind else None  # a backlog: on at once, from the same fence
 
     async def _sweep_round(self) -> None:
         applied = await self.catch_up()
@@ -320,10 +333,12 @@ class Projector:
                 await wait_or_stop(stopping, delay)
 
     async def apply(self, commands: Sequence[events.Command], source: str) -> int:
-        """Apply commands in one read-DB transaction; return how many were new."""
+        """Apply commands to every read model in one read-DB transaction; return how many
+        were new to ``records``."""
         started = time.perf_counter()
         async with driver_connection(self.read_pool) as conn:
-            applied = await apply_commands_alone(conn, commands, self.consumer)
+            counts = await apply_batch(conn, self.projections, commands, self.consumer)
+        applied = counts[self.projections[0].name]
         PROJECTION_BATCH_SECONDS.observe(time.perf_counter() - started)
         EVENTS_PROJECTED.labels(source).inc(applied)
         DUPLICATES_SKIPPED.inc(len(commands) - applied)
@@ -432,14 +447,14 @@ class Projector:
         return found, SweepState(cursor, pending)
 
     async def _missing(self, settled: Sequence[Candidate]) -> list[Candidate]:
-        """The candidates that the read model's ledger lacks (in a transaction of its own)."""
+        """The candidates that a read model lacks (in a transaction of its own)."""
         if not settled:
             return []
         by_position = {c.position: c for c in settled}
         async with self.read_engine.begin() as conn:
             await self._bound_session(conn)
-            rows = await conn.execute(_NOT_APPLIED, {"positions": list(by_position)})
-            return [by_position[p] for p in sorted(rows.scalars())]
+            lacking = await not_applied(await driver_of(conn), self.projections, list(by_position))
+            return [by_position[p] for p in lacking]
 
     async def _apply_missing(
         self, rconn: AsyncConnection, wconn: AsyncConnection, missing: Sequence[Candidate]

@@ -1,16 +1,116 @@
-"""The read API: GET /read/{key}, optionally waiting for a position (read-your-writes)."""
+"""The read API: GET /read/{key} and GET /read/{key}/history, optionally waiting for a
+position (read-your-writes)."""
 
 from __future__ import annotations
 
 import asyncio
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from sqlalchemy.exc import OperationalError
 
 from . import read_db
-from .models import MAX_KEY_LENGTH, ErrorResponse, NotFoundResponse, RecordResponse
+from .errors import InvalidRequest, ReadModelNotEnabled
+from .models import (
+    MAX_KEY_LENGTH,
+    ErrorResponse,
+    HistoryEntry,
+    HistoryResponse,
+    NotFoundResponse,
+    RecordResponse,
+)
+from .projections import Projection
+from .projections.history import History
+from .projections.records import Records
 from .resources import Resources
 
 router = APIRouter(tags=["read"])
+
+
+# Before GET /read/{key}: a key's path may hold any character, so this route must match first.
+@router.get(
+    "/read/{key:key}/history",
+    response_model=HistoryResponse,
+    responses={
+        404: {"model": ErrorResponse},
+        422: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
+)
+async def read_history(
+    request: Request,
+    key: str = Path(min_length=1, max_length=MAX_KEY_LENGTH, pattern=r"^[^\x00]+$"),
+    limit: int | None = Query(
+        default=None, ge=1, description="Entries per page (default and at most HISTORY_PAGE_MAX)"
+    ),
+    before: int | None = Query(
+        default=None,
+        ge=1,
+        le=2**63 - 1,
+        description="Only commands below this position: the previous answer's `next_before`",
+    ),
+    position: int | None = Query(
+        default=None,
+        ge=1,
+        le=2**63 - 1,
+        description="Wait until the write at this position is in the history",
+    ),
+    timeout: float | None = Query(  # noqa: ASYNC109 - a query parameter, not an API
+        default=None,
+        ge=0,
+        le=60,
+        description="Longest wait for `position`, in seconds (default READ_WAIT_TIMEOUT)",
+    ),
+) -> Response:
+    """The commands of ``key`` newest first (position, event type, value, time), a page at a
+    time, from the history read model (READ_MODELS must include ``history``)."""
+    resources: Resources = request.app.state.resources
+    settings = resources.settings
+    if History.name not in settings.read_model_names:
+        raise ReadModelNotEnabled(
+            f"the read model {History.name!r} is not enabled on this stack"
+            f" (READ_MODELS={settings.read_models}); add it to READ_MODELS to serve this route"
+        )
+    page_max = settings.history_page_max
+    if limit is not None and limit > page_max:
+        raise InvalidRequest(
+            f"limit: at most {page_max} (HISTORY_PAGE_MAX), not {limit}",
+            [{"type": "less_than_equal", "loc": ["query", "limit"], "msg": f"at most {page_max}"}],
+        )
+    reached, within = await _wait(resources, History, position, timeout)
+    page = read_db.history_page(resources.read_pool, key, before, limit or page_max)
+    try:
+        # Bounded as a record's read: the answer comes within the wait plus READ_WAIT_GRACE.
+        async with asyncio.timeout(within):
+            rows, next_before = await page
+    except TimeoutError as exc:
+        raise OperationalError("read", None, exc) from exc
+    answer = HistoryResponse(
+        key=key,
+        entries=[HistoryEntry.model_construct(**dict(row)) for row in rows],
+        next_before=next_before,
+        position_reached=reached,
+    )
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+async def _wait(
+    resources: Resources,
+    model: type[Projection],
+    position: int | None,
+    wait_seconds: float | None,
+) -> tuple[bool | None, float | None]:
+    """Wait (bounded) until ``model`` applied ``position``: whether it did (None when no
+    position was asked), and the time left for the final read (None: unbounded)."""
+    if position is None:
+        return None, None
+    settings = resources.settings
+    wait = settings.read_wait_timeout if wait_seconds is None else wait_seconds
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    reached = await read_db.wait_for_position(
+        resources.read_pool, position, deadline, settings.read_wait_grace, model
+    )
+    return reached, max(deadline - loop.time(), settings.read_wait_grace)
 
 
 @router.get(
@@ -82,7 +182,7 @@ async def read_answer(
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         reached = await read_db.wait_for_position(
-            resources.read_pool, position, deadline, settings.read_wait_grace
+            resources.read_pool, position, deadline, settings.read_wait_grace, Records
         )
         within = max(deadline - loop.time(), settings.read_wait_grace)
     record = await records.get(key, within)

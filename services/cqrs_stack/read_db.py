@@ -1,10 +1,11 @@
-"""The read DB: serving records, counting reads, and the projector's progress figures."""
+"""The read DB: serving records and histories, counting reads, and the projector's figures."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -13,8 +14,12 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .db import driver_connection, row_count_sql
+from .db import driver_connection, driver_of, row_count_sql
 from .metrics import READ_COUNTS_DROPPED, READ_COUNTS_FLUSHED
+from .projections import Projection
+from .projections import base as projection
+from .projections.history import PAGE as _HISTORY_PAGE
+from .projections.records import Records
 from .supervision import Backoff
 
 log = logging.getLogger(__name__)
@@ -133,19 +138,22 @@ def _flatten(batch: dict[str, list[_Answer]]) -> list[_Answer]:
     return [answer for answers in batch.values() for answer in answers]
 
 
-async def position_applied(pool: asyncpg.Pool, position: int) -> bool:
-    """Has the command at ``position`` been applied to the read model?"""
+async def position_applied(
+    pool: asyncpg.Pool, position: int, model: type[Projection] = Records
+) -> bool:
+    """Has ``model`` applied the command at ``position``?"""
     async with driver_connection(pool) as conn:
-        found = await conn.fetchval(
-            "SELECT 1 FROM applied_commands WHERE command_id = $1", position
-        )
-    return found is not None
+        return await projection.position_applied(conn, model, position)
 
 
 async def wait_for_position(
-    pool: asyncpg.Pool, position: int, deadline: float, floor: float
+    pool: asyncpg.Pool,
+    position: int,
+    deadline: float,
+    floor: float,
+    model: type[Projection] = Records,
 ) -> bool:
-    """Wait until ``position`` is applied, at most until ``deadline`` (the loop's clock).
+    """Wait until ``model`` applied ``position``, at most until ``deadline`` (the loop's clock).
 
     Every query is bounded by the time left, so one stuck behind a lock ends at the deadline
     and the answer is "not reached". The first query gets at least ``floor`` seconds, so that
@@ -157,7 +165,7 @@ async def wait_for_position(
     while True:
         try:
             async with asyncio.timeout(bound):
-                if await position_applied(pool, position):
+                if await position_applied(pool, position, model):
                     return True
         except TimeoutError:
             return False
@@ -300,30 +308,64 @@ class ReadCounter:
 async def projector_figures(engine: AsyncEngine, exact_max: int) -> dict[str, Any]:
     """Return the read model's size and the projector's progress across all consumers.
 
-    The records and ledger rows are counted exactly up to ``exact_max`` rows and estimated
-    above (``db.row_count_sql``): an exact count of millions of rows is not free.
+    The records are counted exactly up to ``exact_max`` rows and estimated above
+    (``db.row_count_sql``): an exact count of millions of rows is not free. The ledger is
+    counted exactly: below its watermark it is pruned to one row.
     """
     async with engine.connect() as conn:
         row = (
             await conn.execute(
                 text(
                     "SELECT records.n, records.estimated,"
-                    " (SELECT coalesce(max(command_id), 0) FROM applied_commands),"
-                    " applied.n, applied.estimated,"
                     " (SELECT coalesce(sum(events_projected), 0) FROM projector_consumers),"
                     " (SELECT max(last_event_at) FROM projector_consumers)"
-                    f" FROM ({row_count_sql('records')}) AS records,"
-                    f" ({row_count_sql('applied_commands')}) AS applied"
+                    f" FROM ({row_count_sql('records')}) AS records"
                 ),
                 {"exact_max": exact_max},
             )
         ).one()
+        driver = await driver_of(conn)
+        last = await projection.last_applied(driver, Records)
+        applied = await projection.applied_count(driver, Records)
     return {
         "records": int(row[0]),
         "records_estimated": bool(row[1]),
-        "last_projected_position": int(row[2]),
-        "applied_commands": int(row[3]),
-        "applied_commands_estimated": bool(row[4]),
-        "events_projected": int(row[5]),
-        "last_projected_event_at": row[6],
+        "last_projected_position": last,
+        # Exact: the ledger holds only the rows above the pruned watermark.
+        "applied_commands": applied,
+        "applied_commands_estimated": False,
+        "events_projected": int(row[2]),
+        "last_projected_event_at": row[3],
     }
+
+
+async def model_figures(engine: AsyncEngine, models: Sequence[type[Projection]]) -> dict[str, Any]:
+    """Per read model: commands applied, the highest applied, the watermark, ledger rows."""
+    found: dict[str, Any] = {}
+    async with engine.connect() as conn:
+        driver = await driver_of(conn)
+        for model in models:
+            watermark, rows = await driver.fetchrow(
+                f"SELECT (SELECT position FROM {model.watermark()}),"
+                f" (SELECT count(*) FROM {model.ledger})"
+            )
+            found[model.name] = {
+                "applied": await projection.applied_count(driver, model),
+                "last_position": await projection.last_applied(driver, model),
+                "watermark": int(watermark or 0),
+                "ledger_rows": int(rows),
+            }
+    return found
+
+
+async def history_page(
+    pool: asyncpg.Pool, key: str, before: int | None, limit: int
+) -> tuple[list[asyncpg.Record], int | None]:
+    """Up to ``limit`` commands of ``key`` below position ``before``, newest first, and the
+    cursor of the next page (None when this is the last). One index range read."""
+    below = 2**63 - 1 if before is None else before
+    async with driver_connection(pool) as conn:
+        rows: list[asyncpg.Record] = await conn.fetch(_HISTORY_PAGE, key, below, limit + 1)
+    if len(rows) > limit:
+        return rows[:limit], int(rows[limit - 1]["position"])
+    return rows, None

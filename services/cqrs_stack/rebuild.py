@@ -1,19 +1,21 @@
-"""Rebuilding the read model from the write DB, beside the live one, then swapping it in.
+"""Rebuilding read models from the write DB, beside the live ones, then swapping them in.
 
-A version of the read model is the set of the projection's tables (``PROJECTION_TABLES``); the
-version in the live schema serves reads and is projected into throughout. A rebuild:
+A version of a read model is its tables (``Projection.version_tables``: model, ledger,
+watermark); the version in the live schema serves reads and is projected into throughout. A
+rebuild of one model or several:
 
-1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the ledger (every command id) and
-   the projected records, by binary COPY from one write-DB snapshot, piped with a bounded
-   number of bytes in memory;
+1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the commands of one write-DB
+   snapshot, by binary COPY piped with a bounded number of bytes in memory, into a staging
+   table there, then each model's own ``effect`` (the statement the projectors run) over all
+   of them at once, and a ledger row for each;
 2. **catches up**: applies to the shadow, through the same set-based projection as the
-   projectors (``apply_commands_alone``, the shadow first on the ``search_path``), every command
+   projectors (``apply_batch``, the shadow first on the ``search_path``), every command
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
    bytes, outside any lock, until what is left is small. Only a command the snapshot did not
    see can be one, so they are found through the write DB's txid index: the cost follows the
    writes made during the rebuild, not the size of the model. Each page also copies the live
-   read counts of its keys (a key first written during the load had no shadow row when every
-   read count was copied);
+   read counts of its keys (``Projection.carried``: a key first written during the load had no
+   shadow row when every read count was copied);
 3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
    of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
@@ -24,9 +26,10 @@ version in the live schema serves reads and is projected into throughout. A rebu
    table names again once the swap commits, so it reads and writes the new version;
 4. **retires** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap) by dropping it.
 
-At the swap the shadow's ledger holds every command of the live ledger and the projection of
-exactly its ledger, so nothing is lost or applied twice (guarantee 2); commands the snapshot
-had and the live projectors had not reached yet are skipped by them later, as duplicates.
+At the swap each shadow ledger holds every command the live model applied (ledger rows and
+watermark) and the projection of exactly its ledger, so nothing is lost or applied twice
+(guarantee 2); commands the snapshot had and the live projectors had not reached yet are
+skipped by them later, as duplicates.
 A rebuild that fails before the swap leaves the live version untouched.
 """
 
@@ -45,14 +48,16 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .config import Settings
+from .db import driver_of
 from .events import Command
-from .projection import apply_commands_alone
+from .projections import Projection, apply_batch
+from .projections.base import PROGRESS_TABLE, Carried
+from .projections.records import Records
 
 log = logging.getLogger(__name__)
 
-# The tables that make one version of the read model (projector_catchup is the sweep's
-# progress through the write DB, the same for every version, and stays).
-PROJECTION_TABLES = ("records", "applied_commands", "projector_consumers")
+# projector_catchup (the sweep's progress through the write DB, the same for every version) is
+# no model's and stays.
 SHADOW_SCHEMA = "cqrs_rebuild"
 PREVIOUS_SCHEMA = "cqrs_previous"
 # The consumer name under which the rebuild's projected commands are counted.
@@ -72,26 +77,11 @@ _BULK_TIMEOUT = 6 * 3600.0
 # A database refusing or gone, or a statement over its timeout.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
-# The read model that the commands define (projection.project), set-based in the write DB:
-# value and updated_at from each key's newest command, created_at from its oldest. Only the
-# newest value of each key leaves the write DB.
-_PROJECTED_RECORDS = """
-    SELECT p.key, newest.value, oldest.created_at, newest.created_at, p.commands,
-           p.first_id, p.last_id
-    FROM (SELECT key, count(*) AS commands, min(id) AS first_id, max(id) AS last_id
-          FROM commands GROUP BY key) p
-    JOIN commands oldest ON oldest.id = p.first_id
-    JOIN commands newest ON newest.id = p.last_id
-"""
-_RECORD_COLUMNS = [
-    "key",
-    "value",
-    "created_at",
-    "updated_at",
-    "write_count",
-    "first_command_id",
-    "last_command_id",
-]
+# The commands of the load's snapshot, staged in the shadow (unlogged: it lives one rebuild)
+# for the models' effects to read as the projectors' batches read theirs.
+_STAGED = f"{SHADOW_SCHEMA}.staged_commands"
+_STAGE_COLUMNS = ["position", "key", "value", "event_type", "created_at"]
+_STAGED_APPLIED = f"(SELECT position, key, event_type, created_at FROM {_STAGED})"
 
 
 class RebuildError(RuntimeError):
@@ -103,11 +93,12 @@ async def rebuild(
     read_engine: AsyncEngine,
     settings: Settings,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    models: Sequence[type[Projection]] = (Records,),
 ) -> int:
-    """Replace the read model with the projection of every command; return the command count.
+    """Replace ``models`` with the projection of every command; return the command count.
 
-    Readers are served from the live version throughout and projectors keep projecting into
-    it; the new version is swapped in atomically at the end, with the read counts. See the
+    Readers are served from the live versions throughout and projectors keep projecting into
+    them; the new versions are swapped in atomically at the end, with the read counts. See the
     module's docstring for the steps and their locks.
     """
     async with read_engine.connect() as rsession, write_engine.connect() as wsession:
@@ -116,7 +107,7 @@ async def rebuild(
             raise RebuildError("another rebuild of this read DB is running")
         try:
             try:
-                done = await _build_and_swap(wconn, rconn, settings, progress)
+                done = await _build_and_swap(wconn, rconn, settings, progress, tuple(models))
             except BaseException:
                 with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
                     await _drop_versions(rconn)
@@ -134,12 +125,13 @@ async def _build_and_swap(
     rconn: asyncpg.Connection,
     settings: Settings,
     progress: Callable[[int, int], None],
+    models: tuple[type[Projection], ...],
 ) -> int:
     """Load, catch up and swap; return the commands the new live version holds."""
     live = await _live_schema(rconn)
-    await _create_shadow(rconn, live)
-    loaded = await _load(wconn, rconn, settings, progress)
-    loaded.read_counts_at = await _copy_all_read_counts(rconn, live)
+    await _create_shadow(rconn, live, models)
+    loaded = await _load(wconn, rconn, settings, progress, models)
+    loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
     await _catch_up(wconn, rconn, live, loaded, settings)
     caught_up = len(loaded.caught_up)
     swapped = await _swap(wconn, rconn, live, loaded, settings)
@@ -155,8 +147,7 @@ async def _build_and_swap(
 
 
 async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
-    raw = await conn.get_raw_connection()
-    return raw.driver_connection  # type: ignore[return-value]
+    return await driver_of(conn)
 
 
 def _ident(name: str) -> str:
@@ -165,7 +156,7 @@ def _ident(name: str) -> str:
 
 
 async def _live_schema(rconn: asyncpg.Connection) -> str:
-    """The schema of the live version: where ``records`` resolves on the search_path."""
+    """The schema of the live versions: where ``records`` resolves on the search_path."""
     schema = await rconn.fetchval(
         "SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
         " WHERE c.oid = to_regclass('records')"
@@ -175,13 +166,23 @@ async def _live_schema(rconn: asyncpg.Connection) -> str:
     return _ident(str(schema))
 
 
-async def _create_shadow(rconn: asyncpg.Connection, live: str) -> None:
-    """Empty shadow tables shaped as the live ones (columns, defaults, keys, indexes)."""
+def _tables(models: Sequence[type[Projection]]) -> list[str]:
+    return [table for model in models for table in model.version_tables()]
+
+
+async def _create_shadow(
+    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]] = (Records,)
+) -> None:
+    """Empty shadow tables shaped as the live ones (columns, defaults, keys, indexes), each
+    watermark at 0 (the shadow's ledgers hold every command they apply)."""
     await _drop_versions(rconn)  # what a rebuild that died left behind
     statements = [f"CREATE SCHEMA {SHADOW_SCHEMA}", f"CREATE SCHEMA {PREVIOUS_SCHEMA}"]
     statements += [
         f"CREATE TABLE {SHADOW_SCHEMA}.{table} (LIKE {live}.{table} INCLUDING ALL)"
-        for table in PROJECTION_TABLES
+        for table in _tables(models)
+    ]
+    statements += [
+        f"INSERT INTO {SHADOW_SCHEMA}.{model.watermark()} DEFAULT VALUES" for model in models
     ]
     async with rconn.transaction():
         for statement in statements:
@@ -218,6 +219,7 @@ class _Loaded:
 
     commands: int
     snapshot: str  # pg_snapshot text: what the load saw of the write DB
+    models: tuple[type[Projection], ...] = (Records,)
     # Commands beyond the snapshot that are in the shadow by now (applied by catch-up).
     caught_up: set[int] = field(default_factory=set)
     # The read-DB xmin as of which the live read counts were copied.
@@ -229,8 +231,13 @@ async def _load(
     rconn: asyncpg.Connection,
     settings: Settings,
     progress: Callable[[int, int], None],
+    models: tuple[type[Projection], ...] = (Records,),
 ) -> _Loaded:
-    """COPY one write-DB snapshot's ledger and projected records into the shadow."""
+    """COPY one write-DB snapshot's commands into the shadow, and project them there."""
+    await rconn.execute(
+        f"CREATE UNLOGGED TABLE {_STAGED} (position bigint, key text, value text,"
+        " event_type text, created_at timestamptz)"
+    )
     async with wconn.transaction(isolation="repeatable_read", readonly=True):
         total, last_id, last_at, snapshot = await wconn.fetchrow(
             "SELECT count(*), coalesce(max(id), 0), max(created_at), pg_current_snapshot()::text"
@@ -238,19 +245,36 @@ async def _load(
         )
         progress(0, total)
         await _pipe(
-            wconn, "SELECT id FROM commands", rconn, "applied_commands", ["command_id"], settings
+            wconn,
+            "SELECT id, key, value, event_type, created_at FROM commands",
+            rconn,
+            "staged_commands",
+            _STAGE_COLUMNS,
+            settings,
         )
-        await _pipe(wconn, _PROJECTED_RECORDS, rconn, "records", _RECORD_COLUMNS, settings)
-    await rconn.execute(
-        f"INSERT INTO {SHADOW_SCHEMA}.projector_consumers"
-        " (consumer, events_projected, last_position, last_event_at) VALUES ($1, $2, $3, $4)",
-        REBUILD_CONSUMER,
-        total,
-        last_id,
-        last_at,
-    )
+    live = await _live_schema(rconn)
+    for model in models:
+        async with rconn.transaction():
+            # The model's own statement, pointed at the shadow for this transaction only.
+            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+            await rconn.execute(
+                f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
+                timeout=_BULK_TIMEOUT,
+            )
+            await rconn.execute(model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT)
+            if PROGRESS_TABLE in model.tables:
+                await rconn.execute(
+                    f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
+                    " (consumer, events_projected, last_position, last_event_at)"
+                    " VALUES ($1, $2, $3, $4)",
+                    REBUILD_CONSUMER,
+                    total,
+                    last_id,
+                    last_at,
+                )
+    await rconn.execute(f"DROP TABLE {_STAGED}")
     progress(total, total)
-    return _Loaded(int(total), str(snapshot))
+    return _Loaded(int(total), str(snapshot), models)
 
 
 async def _pipe(
@@ -328,8 +352,15 @@ class _ChunkQueue:
             return chunk
 
 
-async def _copy_read_counts(rconn: asyncpg.Connection, live: str, since: str | None) -> None:
-    """Give the shadow's records the live read counts, in the caller's transaction.
+def _carried(models: Sequence[type[Projection]]) -> list[Carried]:
+    return [model.carried for model in models if model.carried is not None]
+
+
+async def _copy_read_counts(
+    rconn: asyncpg.Connection, live: str, since: str | None, models: Sequence[type[Projection]]
+) -> None:
+    """Give the shadow's rows the live carried columns (read counts), in the caller's
+    transaction.
 
     With ``since`` (a read-DB snapshot's xmin), only the live rows written since are looked at:
     a row version that snapshot did not see was written by a transaction at least as new as
@@ -337,27 +368,30 @@ async def _copy_read_counts(rconn: asyncpg.Connection, live: str, since: str | N
     merely compared again).
     """
     newer = "" if since is None else " AND age(l.xmin) <= age($1::text::xid8::xid)"
-    await rconn.execute(
-        f"UPDATE {SHADOW_SCHEMA}.records s SET read_count = l.read_count"
-        f" FROM {live}.records l"
-        f" WHERE s.key = l.key AND s.read_count IS DISTINCT FROM l.read_count{newer}",
-        *([] if since is None else [since]),
-        timeout=_BULK_TIMEOUT,
-    )
+    for c in _carried(models):
+        await rconn.execute(
+            f"UPDATE {SHADOW_SCHEMA}.{c.table} s SET {c.column} = l.{c.column}"
+            f" FROM {live}.{c.table} l"
+            f" WHERE s.{c.key} = l.{c.key} AND s.{c.column} IS DISTINCT FROM l.{c.column}{newer}",
+            *([] if since is None else [since]),
+            timeout=_BULK_TIMEOUT,
+        )
 
 
-async def _copy_all_read_counts(rconn: asyncpg.Connection, live: str) -> str:
-    """Copy every live read count; return the xmin of the snapshot it copied from."""
+async def _copy_all_read_counts(
+    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]] = (Records,)
+) -> str:
+    """Copy every live carried column; return the xmin of the snapshot it copied from."""
     async with rconn.transaction(isolation="repeatable_read"):
         xmin = await rconn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        await _copy_read_counts(rconn, live, None)
+        await _copy_read_counts(rconn, live, None, models)
     return str(xmin)
 
 
 async def _missing_in_shadow(
     wconn: asyncpg.Connection, rconn: asyncpg.Connection, live: str, loaded: _Loaded
 ) -> list[int]:
-    """Command ids that the live ledger has and the shadow's lacks.
+    """Command ids that a live model has applied and its shadow has not.
 
     Only a command the load's snapshot did not see can be one: its transaction id is at
     least the snapshot's xmin, so the write DB's txid index finds them, and the cost grows
@@ -371,12 +405,12 @@ async def _missing_in_shadow(
     candidates = [row[0] for row in beyond if row[0] not in loaded.caught_up]
     if not candidates:
         return []
+    lacking = " OR ".join(
+        f"({m.applied_test('c', live)} AND NOT {m.applied_test('c', SHADOW_SCHEMA)})"
+        for m in loaded.models
+    )
     rows = await rconn.fetch(
-        f"SELECT c FROM unnest($1::bigint[]) AS c WHERE"
-        f" EXISTS (SELECT 1 FROM {live}.applied_commands l WHERE l.command_id = c)"
-        f" AND NOT EXISTS (SELECT 1 FROM {SHADOW_SCHEMA}.applied_commands s"
-        " WHERE s.command_id = c) ORDER BY c",
-        candidates,
+        f"SELECT c FROM unnest($1::bigint[]) AS c WHERE {lacking} ORDER BY c", candidates
     )
     return [row[0] for row in rows]
 
@@ -393,7 +427,7 @@ async def _catch_up(
         missing = await _missing_in_shadow(wconn, rconn, live, loaded)
         for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
             async with rconn.transaction():
-                await _apply_to_shadow(wconn, rconn, live, page)
+                await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
             loaded.caught_up.update(page)
         if len(missing) <= _SWAP_REMAINDER:
             return
@@ -430,7 +464,11 @@ def _split(sizes: Iterator[tuple[int, int]], max_count: int, max_bytes: int) -> 
 
 
 async def _apply_to_shadow(
-    wconn: asyncpg.Connection, rconn: asyncpg.Connection, live: str, ids: list[int]
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    ids: list[int],
+    models: tuple[type[Projection], ...],
 ) -> int:
     """Apply the commands ``ids`` to the shadow, in the caller's read-DB transaction."""
     rows = await wconn.fetch(
@@ -440,18 +478,20 @@ async def _apply_to_shadow(
     )
     # The projectors' own statement, pointed at the shadow for this transaction only.
     await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-    applied = await apply_commands_alone(rconn, [Command(*row) for row in rows], REBUILD_CONSUMER)
+    consumer = REBUILD_CONSUMER if PROGRESS_TABLE in models[0].tables else None
+    counts = await apply_batch(rconn, models, [Command(*row) for row in rows], consumer)
     # A key first written during the load got its shadow row just now, after the copy of
     # every read count, and with 0; a flush of its reads that committed before that copy is
     # not among the rows the swap copies again (those written since). So the live counts of
     # the keys applied here are copied here, from the same transaction: any later flush is.
-    await rconn.execute(
-        f"UPDATE {SHADOW_SCHEMA}.records s SET read_count = l.read_count"
-        f" FROM {live}.records l WHERE s.key = ANY($1::text[]) AND l.key = s.key"
-        " AND s.read_count IS DISTINCT FROM l.read_count",
-        list({row[1] for row in rows}),
-    )
-    return applied
+    for c in _carried(models):
+        await rconn.execute(
+            f"UPDATE {SHADOW_SCHEMA}.{c.table} s SET {c.column} = l.{c.column}"
+            f" FROM {live}.{c.table} l WHERE s.{c.key} = ANY($1::text[]) AND l.{c.key} = s.{c.key}"
+            f" AND s.{c.column} IS DISTINCT FROM l.{c.column}",
+            list({row[1] for row in rows}),
+        )
+    return max(counts.values(), default=0)
 
 
 async def _swap(
@@ -490,19 +530,19 @@ async def _swap_once(
     # transaction like any other: it waits for the EXCLUSIVE lock below and then applies into
     # whichever version is live, where the ledger decides (the shadow holds every command of
     # the live ledger at the swap, so what the sweep found applied stays applied).
-    tables = ", ".join(f"{live}.{table}" for table in PROJECTION_TABLES)
+    tables = ", ".join(f"{live}.{table}" for table in _tables(loaded.models))
     # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
     await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
     writers_held = time.monotonic()
     applied = 0
     missing = await _missing_in_shadow(wconn, rconn, live, loaded)
     for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
-        applied += await _apply_to_shadow(wconn, rconn, live, page)
-    await _copy_read_counts(rconn, live, loaded.read_counts_at)
+        applied += await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
+    await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
     # The only moment readers wait: the moves themselves, at most lock_timeout to get in.
     await rconn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
     readers_held = time.monotonic()
-    for table in PROJECTION_TABLES:
+    for table in _tables(loaded.models):
         await rconn.execute(f"ALTER TABLE {live}.{table} SET SCHEMA {PREVIOUS_SCHEMA}")
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
     moved = time.monotonic()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import reference, report, wrk
+from . import ledger, reference, report, wrk
 from .phases import _ALL, FULL, QUICK, Bench, Plan
 from .stack import READ_DB, WRITE_DB, BenchStack, ProcessMonitor
 
@@ -57,6 +57,7 @@ PHASES = (
     "lag",
     "rebuild",
     "large",
+    "ledger",
 )
 
 
@@ -82,6 +83,8 @@ async def run_phases(bench: Bench, phases: tuple[str, ...]) -> None:
             await bench.rebuild()
         if "large" in phases:
             await bench.large_data()
+        if "ledger" in phases:
+            await ledger.ledger_phase(bench)
     finally:
         await bench.close()
 

@@ -43,7 +43,9 @@ class Plan:
 
 
 _ALL = ("references", "ceiling", "writes", "reads", "hung-redis", "projection", "lag", "rebuild")
-FULL = Plan("full", 10, 200_000, 15, 15, 50_000, 20, 20_000, 10, 10_000_000, (*_ALL, "large"))
+FULL = Plan(
+    "full", 10, 200_000, 15, 15, 50_000, 20, 20_000, 10, 10_000_000, (*_ALL, "large", "ledger")
+)
 # The large-data phase is not part of the quick run (CI): seeding takes minutes.
 QUICK = Plan("quick", 2, 20_000, 2, 2, 1_500, 3, 1_000, 3, 100_000, _ALL)
 

@@ -12,12 +12,15 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from cqrs_stack.config import Settings
-from cqrs_stack.db import create_engine
+from cqrs_stack.db import create_engine, driver_of
 from cqrs_stack.events import RECORD_CREATED, RECORD_UPDATED, Command
 from cqrs_stack.localservers import PostgresServer
 from cqrs_stack.migrations import migrate
-from cqrs_stack.projection import apply_commands, project
+from cqrs_stack.projections import apply_batch
+from cqrs_stack.projections.records import Records
 from cqrs_stack.verify import actual_model
+
+project = Records.expected
 
 EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -58,6 +61,7 @@ def test_any_delivery_order_projects_to_the_pure_function(
             await migrate(engine, "read")
             async with engine.begin() as conn:
                 await conn.execute(text("TRUNCATE records, applied_commands, projector_consumers"))
+                await conn.execute(text("UPDATE applied_commands_watermark SET position = 0"))
             chooser = random.Random(seed)
             deliveries = commands + chooser.choices(commands, k=len(commands))
             chooser.shuffle(deliveries)
@@ -65,8 +69,10 @@ def test_any_delivery_order_projects_to_the_pure_function(
                 size = chooser.randint(1, 10)
                 batch, deliveries = deliveries[:size], deliveries[size:]
                 async with engine.begin() as conn:
-                    await apply_commands(conn, batch, consumer=f"c{chooser.randint(1, 3)}")
-            return await actual_model(engine)
+                    driver = await driver_of(conn)
+                    consumer = f"c{chooser.randint(1, 3)}"
+                    await apply_batch(driver, [Records], batch, consumer)
+            return dict(await actual_model(engine, Records))
         finally:
             await engine.dispose()
 
