@@ -426,10 +426,12 @@ def parse_spec(
     name: str,
     uid: str = "",
     status: Mapping[str, Any] | None = None,
+    default_tag: str | None = None,
 ) -> StackSpec:
     """Return the typed spec of stack ``namespace/name``; raise SpecError naming a bad field.
 
-    ``status`` supplies the names recorded at provisioning, which win over the defaults.
+    ``status`` supplies the names recorded at provisioning, which win over the defaults;
+    ``default_tag`` is the image tag of a stack that pins none (default: this version).
     """
     if len(name) > MAX_STACK_NAME:
         raise SpecError(f"metadata.name must be at most {MAX_STACK_NAME} characters: {name!r}")
@@ -448,7 +450,7 @@ def parse_spec(
         namespace=namespace,
         name=name,
         image_repository=image.get("repository") or "cqrs-stack",
-        image_tag=str(image.get("tag") or __version__),
+        image_tag=str(image.get("tag") or default_tag or __version__),
         image_pull_policy=image.get("pullPolicy") or "IfNotPresent",
         write_api=Component(_int(write_api, "replicas", "spec.writeApi"), _resources(write_api)),
         read_api=Component(_int(read_api, "replicas", "spec.readApi"), _resources(read_api)),

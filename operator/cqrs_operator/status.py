@@ -3,6 +3,9 @@
 Conditions of a stack:
 
 - ``DatabasesReady``: both databases and the stack's role exist and the schema is migrated.
+- ``MigrationsApplied``: the migration Job of the stack's image succeeded and both databases
+  are at the schema versions that image expects (``MigrationJobRunning``,
+  ``MigrationJobFailed`` with the pod's reason, ``SchemaMismatch``).
 - ``StreamReady``: the Redis stream and its consumer group exist.
 - ``WorkloadsReady``: the ConfigMap, Secret, Deployments and Services are applied and match
   the spec (what the operator controls).
@@ -10,7 +13,8 @@ Conditions of a stack:
   replicas updated and available; when not, the reason comes from its pods
   (``ImagePullBackOff``, ``CrashLoopBackOff``, ...) or is ``RolloutInProgress``.
 - ``RedisIsolation``: whether the stack's pods use a Redis ACL user of their own.
-- ``Ready``: all of DatabasesReady, StreamReady, WorkloadsReady and WorkloadsAvailable.
+- ``Ready``: all of DatabasesReady, MigrationsApplied, StreamReady, WorkloadsReady and
+  WorkloadsAvailable.
 
 Phase: ``Ready``; ``Failed`` when a part cannot succeed without a change of the spec (or of
 what it names: a Secret, another stack's object); ``Degraded`` for transient trouble (a
@@ -25,17 +29,27 @@ from dataclasses import dataclass
 from typing import Any
 
 DATABASES = "DatabasesReady"
+MIGRATIONS = "MigrationsApplied"
 STREAM = "StreamReady"
 WORKLOADS = "WorkloadsReady"
 AVAILABLE = "WorkloadsAvailable"
 REDIS_ISOLATION = "RedisIsolation"
 READY = "Ready"
-READY_PARTS = (DATABASES, STREAM, WORKLOADS, AVAILABLE)
+READY_PARTS = (DATABASES, MIGRATIONS, STREAM, WORKLOADS, AVAILABLE)
 # Reasons of a part that is on its way, not failing.
-PENDING_REASONS = ("", "Pending", "Provisioning", "RolloutInProgress", "WaitingForStream")
+PENDING_REASONS = (
+    "",
+    "Pending",
+    "Provisioning",
+    "RolloutInProgress",
+    "WaitingForStream",
+    "MigrationJobRunning",
+    "WaitingForMigrations",
+)
 # Reasons that need a change of the spec or of what it names; everything else is transient.
 PERMANENT_REASONS = (
     "InvalidSpec",
+    "MigrationJobFailed",  # retried once the Job is deleted (by hand, or by its TTL)
     "OwnedByAnotherStack",
     "NotOwned",
     "AdoptionNotAllowed",

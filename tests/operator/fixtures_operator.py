@@ -27,6 +27,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from cqrs_operator.spec import GROUP, PLURAL, VERSION, DefaultNames, default_names
+from tests.operator.kubelet_standin import run_migration_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "charts" / "cqrs-stack" / "crds" / "cqrsstacks.cqrs.dev.yaml"
@@ -261,11 +262,13 @@ class Stacks:
     ) -> dict[str, Any]:
         """Wait until Ready is True for the current generation; return the object.
 
-        With ``available`` (the default) the Deployments are marked available on the way.
+        With ``available`` (the default) the migration Jobs are run (kubelet_standin) and the
+        Deployments marked available on the way.
         """
 
         async def ready() -> dict[str, Any] | None:
             if available:
+                await run_migration_jobs(self.api, self.namespace, name)
                 await self.mark_available(name)
             obj = await self.get(name)
             if obj is None:
