@@ -616,6 +616,17 @@ async def _migrations(
     """
     image, expected = schema.recorded_migration(current_status)
     versions = (out.extra.get("databases") or {}).get("schemaVersions")
+    if versions is None:  # the databases failed in this reconcile: no Job can succeed now
+        out.conditions.append(
+            status.Condition(
+                status.MIGRATIONS,
+                None if image == spec.image else False,
+                "WaitingForDatabases",
+                "the schema versions are checked (and the migration Job run) once the "
+                "databases answer as the stack's role",
+            )
+        )
+        return spec if image == spec.image else await _serving_spec(api, spec, image)
     if image == spec.image and expected is not None and versions == expected:
         out.ok(
             status.MIGRATIONS,

@@ -45,6 +45,7 @@ PENDING_REASONS = (
     "WaitingForStream",
     "MigrationJobRunning",
     "WaitingForMigrations",
+    "WaitingForDatabases",
 )
 # Reasons that need a change of the spec or of what it names; everything else is transient.
 PERMANENT_REASONS = (

@@ -209,3 +209,14 @@ async def fail_migration_job(
     for job in jobs:
         await _record(api, namespace, job, exit_code, message)
     return len(jobs)
+
+
+async def run_migration_job_when_created(
+    api: client.ApiClient, namespace: str, stack: str, timeout: float = 30.0
+) -> None:
+    """Wait (bounded) for the operator to create the stack's migration Job, then run it."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await run_migration_jobs(api, namespace, stack):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no migration Job of stack {stack} within {timeout:.0f} s")
+        await asyncio.sleep(0.2)

@@ -32,6 +32,7 @@ from tests.operator.fixtures_operator import (
     stack_manifest,
     wait_until,
 )
+from tests.operator.kubelet_standin import run_migration_job_when_created
 
 KUBECTL = ROOT / ".cache" / "bin" / "kubectl"
 
@@ -67,12 +68,13 @@ async def secret_data(api: client.ApiClient, namespace: str, name: str) -> dict[
     return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
 
 
-async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> set[str]:
+async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
+    """The config hash of each Deployment (one per component: each hashes what it reads)."""
     apps = client.AppsV1Api(api)
-    out = set()
+    out = {}
     for component in ("write-api", "read-api", "projector"):
         dep = await apps.read_namespaced_deployment(f"{name}-{component}", namespace)
-        out.add(dep.spec.template.metadata.annotations["cqrs.dev/config-hash"])
+        out[component] = dep.spec.template.metadata.annotations["cqrs.dev/config-hash"]
     return out
 
 
@@ -307,7 +309,8 @@ async def test_a_deleted_credentials_secret_converges_in_at_most_one_rollout(
         conn = await asyncpg.connect(url)
         await conn.close()
     after = await config_hashes(kube_api, namespace, "creds")
-    assert len(after) == 1 and after != before  # one new hash: one rollout
+    # The password is read by all: every Deployment has a new hash (one rollout each).
+    assert all(after[c] != before[c] for c in after), (before, after)
     await wait_event(kube_api, namespace, "creds", "RolloutStarted", operator)
     # Several reconcile intervals (2 s here) later nothing has rolled again. A wait for a
     # condition cannot show that nothing happens: this is a bounded observation window.
@@ -328,7 +331,8 @@ async def test_ready_means_serving_and_reasons_come_from_the_pods(
     fresh_names: str,
 ) -> None:
     await stacks.create(stack_manifest("serving", fresh_names, write_pg, read_pg, redis_server.url))
-    for part in ("DatabasesReady", "StreamReady", "WorkloadsReady"):
+    await run_migration_job_when_created(kube_api, namespace, "serving")
+    for part in ("DatabasesReady", "MigrationsApplied", "StreamReady", "WorkloadsReady"):
         await stacks.wait_condition("serving", part, "True", None, operator)
     # No kubelet: no Deployment becomes available, so the stack is not Ready.
     obj = await stacks.wait_condition(

@@ -26,7 +26,11 @@ from tests.operator.fixtures_operator import (
     stack_manifest,
     wait_until,
 )
-from tests.operator.kubelet_standin import fail_migration_job, run_migration_jobs
+from tests.operator.kubelet_standin import (
+    fail_migration_job,
+    run_migration_job_when_created,
+    run_migration_jobs,
+)
 from tests.operator.test_operator_rbac import (
     CHART,
     PERMISSION_DENIED,
@@ -243,8 +247,16 @@ async def test_a_stack_without_a_tag_runs_the_operators_version_and_moves_with_i
 
     first.stop()  # the operator is upgraded
     second = operator_factory(kube_apiserver.kubeconfig, namespace, "--image-tag", "0.4.0")
-    ready = await stacks.wait_ready("follow", second)
-    assert ready["status"]["databases"]["migratedImage"] == "cqrs-stack:0.4.0"
+    # The stack is still Ready on 0.3.0 (its spec did not change): wait for the new version.
+    await run_migration_job_when_created(kube_api, namespace, "follow")
+
+    async def moved() -> bool:
+        obj = await stacks.get("follow") or {}
+        migrated = (obj.get("status") or {}).get("databases", {}).get("migratedImage")
+        return migrated == "cqrs-stack:0.4.0"
+
+    await wait_until(moved, timeout=30, what="migrated to 0.4.0", alive=second.exit_reason)
+    await stacks.wait_ready("follow", second)
     assert await images(kube_api, namespace, "follow") == {"cqrs-stack:0.4.0"}
     assert len(await jobs(kube_api, namespace)) == 2  # each version migrated by its own image
 
