@@ -8,7 +8,6 @@ No kubelet runs here: ``kubelet_standin`` runs a Job's container command (this t
 
 from __future__ import annotations
 
-import subprocess
 from typing import Any
 
 import asyncpg
@@ -18,7 +17,6 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from cqrs_operator import manifests
-from tests.fixtures.helm import helm_binary
 from tests.operator.fixtures_operator import (
     CRD_FILE,
     Operator,
@@ -32,9 +30,7 @@ from tests.operator.kubelet_standin import (
     run_migration_jobs,
 )
 from tests.operator.test_operator_rbac import (
-    CHART,
     PERMISSION_DENIED,
-    RELEASE,
     apply_rendered,
     render_operator_rbac,
     service_account,
@@ -261,29 +257,6 @@ async def test_a_stack_without_a_tag_runs_the_operators_version_and_moves_with_i
     assert len(await jobs(kube_api, namespace)) == 2  # each version migrated by its own image
 
 
-def render_crd_access(namespace: str) -> list[dict[str, Any]]:
-    """The chart's ServiceAccount, RBAC and the CRD's ClusterRole (the ConfigMap left out)."""
-    done = subprocess.run(
-        [
-            str(helm_binary()),
-            "template",
-            RELEASE,
-            str(CHART),
-            "--namespace",
-            namespace,
-            "--show-only",
-            "templates/operator-crd.yaml",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    docs = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] != "ConfigMap"]
-    return render_operator_rbac(namespace) + docs
-
-
 async def test_the_operator_applies_its_crd_at_start_and_may_touch_no_other(
     kube_api: client.ApiClient,
     kube_apiserver: Any,
@@ -298,7 +271,7 @@ async def test_the_operator_applies_its_crd_at_start_and_may_touch_no_other(
         [{"op": "replace", "path": path, "value": "an older CRD"}],
         _content_type="application/json-patch+json",
     )
-    docs = render_crd_access(namespace)
+    docs = render_operator_rbac(namespace)
     await apply_rendered(kube_api, docs)
     token = kube_apiserver.create_token(*service_account(docs))
     kubeconfig = kube_apiserver.kubeconfig_for_token(token)
