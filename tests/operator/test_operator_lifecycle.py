@@ -314,11 +314,8 @@ async def test_defaults_are_filled_by_the_api_server(
         manifest["spec"].pop(key)
     created = await stacks.create(manifest)
     spec = created["spec"]
-    assert spec["image"] == {
-        "repository": "cqrs-stack",
-        "tag": "0.1.0",
-        "pullPolicy": "IfNotPresent",
-    }
+    # No tag default: a stack that pins none runs the operator's version (moves with it).
+    assert spec["image"] == {"repository": "cqrs-stack", "pullPolicy": "IfNotPresent"}
     assert spec["projector"]["batchSize"] == 500
     assert spec["stream"]["consumerGroup"] == "projectors"
     assert spec["deletionPolicy"] == "Retain"
