@@ -177,7 +177,11 @@ def test_helm_upgrade_from_the_previous_release_loses_nothing(cluster: Cluster) 
                 thread.join(timeout=60)
         upgrade_seconds = time.monotonic() - installed
         # Helm left crds/ alone; the new operator applied this tree's CRD at its start.
-        crd = cluster.get("crd", "cqrsstacks.cqrs.dev", "default") or {}
+        crd = json.loads(
+            cluster.kubectl(
+                "get", "crd", "cqrsstacks.cqrs.dev", "-o", "json", "--show-managed-fields"
+            ).stdout
+        )
         managers = {m.get("manager") for m in crd["metadata"].get("managedFields", [])}
         assert "cqrs-stack" in managers, managers
         image = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
