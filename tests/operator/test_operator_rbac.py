@@ -47,9 +47,9 @@ def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
         "templates/operator-serviceaccount.yaml",
         "--show-only",
         "templates/operator-rbac.yaml",
-        "--show-only",
-        "templates/operator-crd.yaml",
     ]
+    if "operator.manageCrd=false" not in values:  # else it renders nothing (helm refuses)
+        args += ["--show-only", "templates/operator-crd.yaml"]
     for value in values:
         args += ["--set", value]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
