@@ -137,7 +137,9 @@ def test_helm_upgrade_from_the_previous_release_loses_nothing(cluster: Cluster) 
     started = time.monotonic()
     try:
         # Release N's CRD as N installed it (Helm keeps an existing CRD, so set it back).
-        cluster.kubectl("replace", "-f", str(chart / "crds" / "cqrsstacks.cqrs.dev.yaml"))
+        exists = cluster.get("crd", "cqrsstacks.cqrs.dev", "default") is not None
+        crd_file = str(chart / "crds" / "cqrsstacks.cqrs.dev.yaml")
+        cluster.kubectl("replace" if exists else "create", "-f", crd_file)
         install_previous(cluster, namespace, chart, tag)
         wait_for_stack(cluster, STACK, namespace)
         installed = time.monotonic()
