@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     write_api_token: SecretStr = SecretStr("")
     # cqrs-stack dev: added to every port of the local stack (--port-offset overrides it).
     dev_port_offset: int = Field(default=0, ge=0, le=MAX_PORT_OFFSET)
+    # cqrs-stack migrate: also write the JSON report to this file (the migration Job's
+    # termination message, which the operator reads); empty: stdout only.
+    migrate_report_file: str = Field(default="", max_length=4096)
 
     @field_validator("write_db_url", "read_db_url")
     @classmethod
