@@ -587,7 +587,8 @@ def migration_job(spec: StackSpec) -> Manifest:
     """
     name = migration_job_name(spec)
     secret = child_name(spec, "credentials")
-    container = _container(spec, MIGRATE, spec.write_api)
+    job = spec.migration_job
+    container = _container(spec, MIGRATE, Component(replicas=1, resources=job.resources))
     for probe in ("livenessProbe", "readinessProbe", "startupProbe", "ports"):
         del container[probe]
     container["args"] = [MIGRATE]
@@ -601,6 +602,17 @@ def migration_job(spec: StackSpec) -> Manifest:
     # A failure without a report (an image that writes none) shows its last log lines.
     container["terminationMessagePolicy"] = "FallbackToLogsOnError"
     pod_labels = {**labels(spec, MIGRATE), "cqrs.dev/migration-job": name}
+    template = {
+        "metadata": {"labels": pod_labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": _pod_security_context(),
+            "containers": [container],
+            "volumes": _volumes(spec),
+        },
+    }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -613,16 +625,9 @@ def migration_job(spec: StackSpec) -> Manifest:
             "backoffLimit": MIGRATION_BACKOFF_LIMIT,
             "activeDeadlineSeconds": MIGRATION_DEADLINE_SECONDS,
             "ttlSecondsAfterFinished": MIGRATION_TTL_SECONDS,
-            "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": _pod_security_context(),
-                    "containers": [container],
-                    "volumes": _volumes(spec),
-                },
-            },
+            # spec.migrationJob's pod controls; one pod: no default spread over nodes.
+            "template": apply_pod_controls(
+                template, job, {"cqrs.dev/migration-job": name}, spread=False
+            ),
         },
     }

@@ -449,3 +449,34 @@ def stack_spec() -> dict:
         },
         "redis": {"url": "redis://redis.db:6379/0"},
     }
+
+
+def test_migration_job_gets_the_pod_controls_and_resources_of_spec_migration_job() -> None:
+    spec = stack(
+        migrationJob={
+            **POD_CONTROLS,
+            "resources": {"requests": {"cpu": "200m"}, "limits": {"memory": "1Gi"}},
+        }
+    )
+    job = manifests.migration_job(spec)
+    pod = job["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "cqrs"}
+    assert pod["spec"]["priorityClassName"] == "cqrs-high"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["labelSelector"] == {
+        "matchLabels": {"cqrs.dev/migration-job": job["metadata"]["name"]}
+    }
+    # The operator's labels win: the Job's pods stay findable by their report's reader.
+    assert pod["metadata"]["labels"]["cqrs.dev/migration-job"] == job["metadata"]["name"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "cqrs-stack"
+    [container] = pod["spec"]["containers"]
+    assert container["resources"] == {"requests": {"cpu": "200m"}, "limits": {"memory": "1Gi"}}
+    assert container["envFrom"][0] == {
+        "configMapRef": {"name": "extra", "optional": False},
+        "prefix": "",
+    }
+    # One pod: no default spread, and still only the database URLs from the stack.
+    plain = manifests.migration_job(stack())["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in plain
+    assert plain["containers"][0]["envFrom"] == []
