@@ -19,7 +19,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from cqrs_operator import manifests
 from tests.operator.fixtures_operator import (
     CRD_FILE,
-    Operator,
+    Env,
     Stacks,
     stack_manifest,
     wait_until,
@@ -59,52 +59,40 @@ async def jobs(api: client.ApiClient, namespace: str) -> dict[str, Any]:
 
 
 async def test_projector_only_setting_rolls_only_the_projector(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("batch", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("batch", operator)
-    before = {c: await template(kube_api, namespace, f"batch-{c}") for c in manifests.COMPONENTS}
+    await env.stacks.create(env.manifest("batch"))
+    await env.stacks.wait_ready("batch", env.operator)
+    before = {c: await template(env.api, env.namespace, f"batch-{c}") for c in manifests.COMPONENTS}
 
-    await stacks.patch("batch", {"spec": {"projector": {"batchSize": 100}}})
+    await env.stacks.patch("batch", {"spec": {"projector": {"batchSize": 100}}})
 
     async def projector_rolled() -> bool:
-        tpl = await template(kube_api, namespace, "batch-projector")
+        tpl = await template(env.api, env.namespace, "batch-projector")
         return tpl != before["projector"]
 
     await wait_until(
-        projector_rolled, timeout=30, what="projector template", alive=operator.exit_reason
+        projector_rolled, timeout=30, what="projector template", alive=env.operator.exit_reason
     )
-    await stacks.wait_ready("batch", operator)
+    await env.stacks.wait_ready("batch", env.operator)
     for component in APIS:
-        assert await template(kube_api, namespace, f"batch-{component}") == before[component]
+        assert await template(env.api, env.namespace, f"batch-{component}") == before[component]
 
 
 async def test_new_image_runs_after_its_migration_job_the_old_one_serves_meanwhile(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    manifest = stack_manifest("up", fresh_names, write_pg, read_pg, redis_server.url)
-    created = await stacks.create(manifest)
+    manifest = env.manifest("up")
+    created = await env.stacks.create(manifest)
     # A new stack: no Deployment before its image's migrations succeeded.
-    await stacks.wait_condition("up", "MigrationsApplied", "False", "MigrationJobRunning", operator)
-    obj = await stacks.wait_condition("up", "WorkloadsReady", "False", "WaitingForMigrations")
+    await env.stacks.wait_condition(
+        "up", "MigrationsApplied", "False", "MigrationJobRunning", env.operator
+    )
+    obj = await env.stacks.wait_condition("up", "WorkloadsReady", "False", "WaitingForMigrations")
     assert obj["status"]["phase"] == "Provisioning"
-    apps = client.AppsV1Api(kube_api)
-    assert not (await apps.list_namespaced_deployment(namespace)).items
-    first = await jobs(kube_api, namespace)
+    apps = client.AppsV1Api(env.api)
+    assert not (await apps.list_namespaced_deployment(env.namespace)).items
+    first = await jobs(env.api, env.namespace)
     [(name, job)] = first.items()
     assert name.startswith("up-migrate-") and len(name) <= 63
     assert job.spec.backoff_limit == manifests.MIGRATION_BACKOFF_LIMIT
@@ -117,27 +105,29 @@ async def test_new_image_runs_after_its_migration_job_the_old_one_serves_meanwhi
     assert {e.name for e in container.env} >= {"WRITE_DB_URL", "READ_DB_URL"}
     assert "REDIS_URL" not in {e.name for e in container.env}  # the Job needs no Redis
 
-    ready = await stacks.wait_ready("up", operator)
+    ready = await env.stacks.wait_ready("up", env.operator)
     dbs = ready["status"]["databases"]
     assert dbs["migratedImage"] == "cqrs-stack:0.1.0"
     assert dbs["schemaVersions"] == dbs["expectedSchemaVersions"], dbs
     assert min(dbs["schemaVersions"].values()) >= 1
-    assert await images(kube_api, namespace, "up") == {"cqrs-stack:0.1.0"}
+    assert await images(env.api, env.namespace, "up") == {"cqrs-stack:0.1.0"}
 
     # A new image: its Job runs first; the Deployments keep the old image meanwhile.
-    await stacks.patch("up", {"spec": {"image": {"tag": "0.2.0"}}})
-    await stacks.wait_condition("up", "MigrationsApplied", "False", "MigrationJobRunning", operator)
+    await env.stacks.patch("up", {"spec": {"image": {"tag": "0.2.0"}}})
+    await env.stacks.wait_condition(
+        "up", "MigrationsApplied", "False", "MigrationJobRunning", env.operator
+    )
 
     async def second_job() -> bool:
-        return len(await jobs(kube_api, namespace)) == 2
+        return len(await jobs(env.api, env.namespace)) == 2
 
-    await wait_until(second_job, timeout=30, what="the 0.2.0 Job", alive=operator.exit_reason)
+    await wait_until(second_job, timeout=30, what="the 0.2.0 Job", alive=env.operator.exit_reason)
     # The reconcile of the new generation applied the old image (and keeps doing so).
-    patched = await stacks.get("up")
+    patched = await env.stacks.get("up")
     assert patched is not None
 
     async def old_image_applied() -> bool:
-        cond = (await stacks.conditions("up")).get("WorkloadsReady", {})
+        cond = (await env.stacks.conditions("up")).get("WorkloadsReady", {})
         return (
             cond.get("observedGeneration") == patched["metadata"]["generation"]
             and "image cqrs-stack:0.1.0" in cond.get("message", "")
@@ -145,39 +135,32 @@ async def test_new_image_runs_after_its_migration_job_the_old_one_serves_meanwhi
         )
 
     await wait_until(old_image_applied, timeout=30, what="the old image applied")
-    assert await images(kube_api, namespace, "up") == {"cqrs-stack:0.1.0"}
-    now = await jobs(kube_api, namespace)
+    assert await images(env.api, env.namespace, "up") == {"cqrs-stack:0.1.0"}
+    now = await jobs(env.api, env.namespace)
     assert now[name].metadata.uid == first[name].metadata.uid  # one Job per image, kept
-    events = await client.CoreV1Api(kube_api).list_namespaced_event(namespace)
+    events = await client.CoreV1Api(env.api).list_namespaced_event(env.namespace)
     created_jobs = [e for e in events.items if e.reason == "MigrationJobCreated"]
     assert len(created_jobs) == 2, [e.message for e in created_jobs]
 
-    assert await run_migration_jobs(kube_api, namespace, "up") == 1
-    ready = await stacks.wait_ready("up", operator)
+    assert await run_migration_jobs(env.api, env.namespace, "up") == 1
+    ready = await env.stacks.wait_ready("up", env.operator)
     assert ready["status"]["databases"]["migratedImage"] == "cqrs-stack:0.2.0"
-    assert await images(kube_api, namespace, "up") == {"cqrs-stack:0.2.0"}
+    assert await images(env.api, env.namespace, "up") == {"cqrs-stack:0.2.0"}
 
 
 async def test_failed_migration_job_says_why_and_keeps_the_old_image(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
-    await stacks.create(stack_manifest("bad", fresh_names, write_pg, read_pg, redis_server.url))
-    await stacks.wait_ready("bad", operator)
-    await stacks.patch("bad", {"spec": {"image": {"tag": "0.9.0"}}})
-    await stacks.wait_condition(
-        "bad", "MigrationsApplied", "False", "MigrationJobRunning", operator
+    await env.stacks.create(env.manifest("bad"))
+    await env.stacks.wait_ready("bad", env.operator)
+    await env.stacks.patch("bad", {"spec": {"image": {"tag": "0.9.0"}}})
+    await env.stacks.wait_condition(
+        "bad", "MigrationsApplied", "False", "MigrationJobRunning", env.operator
     )
     failure = 'migration write/0009_x failed: relation "commands" already exists'
-    assert await fail_migration_job(kube_api, namespace, "bad", failure) == 1
+    assert await fail_migration_job(env.api, env.namespace, "bad", failure) == 1
 
-    obj = await stacks.wait_condition("bad", "MigrationsApplied", "False", "MigrationJobFailed")
+    obj = await env.stacks.wait_condition("bad", "MigrationsApplied", "False", "MigrationJobFailed")
     cond = {c["type"]: c for c in obj["status"]["conditions"]}
     message = cond["MigrationsApplied"]["message"]
     assert "BackoffLimitExceeded" in message and "Error, exit code 1" in message, message
@@ -186,36 +169,29 @@ async def test_failed_migration_job_says_why_and_keeps_the_old_image(
     assert cond["Ready"]["reason"] == "MigrationJobFailed"
     assert obj["status"]["phase"] == "Failed"
     assert obj["status"]["databases"]["migratedImage"] == "cqrs-stack:0.1.0"
-    assert await images(kube_api, namespace, "bad") == {"cqrs-stack:0.1.0"}
+    assert await images(env.api, env.namespace, "bad") == {"cqrs-stack:0.1.0"}
 
     async def warned() -> bool:
-        events = await client.CoreV1Api(kube_api).list_namespaced_event(namespace)
+        events = await client.CoreV1Api(env.api).list_namespaced_event(env.namespace)
         return any(e.reason == "MigrationJobFailed" and e.type == "Warning" for e in events.items)
 
     await wait_until(warned, timeout=30, what="Warning Event MigrationJobFailed")
 
 
 async def test_schema_behind_the_image_is_not_ready(
-    kube_api: client.ApiClient,
-    stacks: Stacks,
-    namespace: str,
-    operator: Operator,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    env: Env,
 ) -> None:
     """A database restored from before the last migration is behind the image: not Ready."""
-    await stacks.create(stack_manifest("behind", fresh_names, write_pg, read_pg, redis_server.url))
-    ready = await stacks.wait_ready("behind", operator)
+    await env.stacks.create(env.manifest("behind"))
+    ready = await env.stacks.wait_ready("behind", env.operator)
     head = ready["status"]["databases"]["expectedSchemaVersions"]["write"]
-    conn = await asyncpg.connect(write_pg.url(f"w_{fresh_names}"))
+    conn = await asyncpg.connect(env.write_pg.url(f"w_{env.fresh}"))
     try:
         await conn.execute("DELETE FROM schema_migrations WHERE version = $1", head)
     finally:
         await conn.close()
 
-    obj = await stacks.wait_condition("behind", "MigrationsApplied", "False", "SchemaMismatch")
+    obj = await env.stacks.wait_condition("behind", "MigrationsApplied", "False", "SchemaMismatch")
     cond = {c["type"]: c for c in obj["status"]["conditions"]}
     assert f"databases at write={head - 1} " in cond["MigrationsApplied"]["message"]
     assert cond["Ready"]["status"] == "False"
