@@ -6,6 +6,12 @@ CQRS_OPERATOR_STATUS_INTERVAL (seconds between two full reconciles of a stack, d
 CQRS_OPERATOR_RETRY_DELAY (first back-off after a failure, default 5),
 CQRS_OPERATOR_DELETE_TIMEOUT (seconds a failing teardown is retried before the finalizer is
 released, default 300), LOG_LEVEL.
+
+Upgrades: ``--image-tag`` (or $CQRS_OPERATOR_IMAGE_TAG; default the operator's own version)
+is the tag of every stack that pins no ``spec.image.tag``: such stacks move with the
+operator. ``--crd FILE`` (or $CQRS_OPERATOR_CRD) applies that CustomResourceDefinition at
+start with server-side apply, so that a ``helm upgrade`` brings a new CRD (Helm never
+upgrades ``crds/``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import os
 import sys
 
 import kopf
+
+from . import __version__
 
 LOG_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
 
@@ -50,6 +58,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
     )
+    parser.add_argument(
+        "--image-tag",
+        default=os.environ.get("CQRS_OPERATOR_IMAGE_TAG") or __version__,
+        help="image tag of stacks that pin none (default: the operator's version)",
+    )
+    parser.add_argument(
+        "--crd",
+        default=os.environ.get("CQRS_OPERATOR_CRD") or None,
+        metavar="FILE",
+        help="apply this CustomResourceDefinition (YAML) at start, server-side",
+    )
     args = parser.parse_args(argv)
     if not args.namespace and not args.all_namespaces:
         env = os.environ.get("WATCH_NAMESPACE", "").strip()
@@ -69,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers  # noqa: F401  (registers the handlers)
 
     logging.getLogger(__name__).info(
-        "operator starting namespaces=%s all_namespaces=%s",
+        "operator starting version=%s image_tag=%s namespaces=%s all_namespaces=%s crd=%s",
+        __version__,
+        args.image_tag,
         ",".join(args.namespace) or "-",
         args.all_namespaces,
+        args.crd or "-",
     )
     kopf.run(
+        memo=kopf.Memo(image_tag=args.image_tag, crd_file=args.crd),
         standalone=True,
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,

@@ -13,6 +13,7 @@ from __future__ import annotations
 PERMANENT_REASONS = frozenset(
     {
         "InvalidSpec",
+        "MigrationJobFailed",  # retried once the Job is deleted (by hand, or by its TTL)
         "OwnedByAnotherStack",
         "NotOwned",
         "AdoptionNotAllowed",

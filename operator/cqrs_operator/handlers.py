@@ -45,6 +45,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     settings.scanning.disabled = True  # no CRD/namespace watching: no RBAC for them needed
     memo.api = await kube.connect()
+    if getattr(memo, "crd_file", None):
+        await kube.apply_crd(memo.api, memo.crd_file)
 
 
 @kopf.on.cleanup()
@@ -54,10 +56,19 @@ async def disconnect(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _parse(
-    spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str, Any]
+    spec: Mapping[str, Any],
+    meta: Mapping[str, Any],
+    status: Mapping[str, Any],
+    memo: kopf.Memo | None = None,
 ) -> StackSpec:
     return parse_spec(
-        spec, namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], status=status
+        spec,
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta["uid"],
+        status=status,
+        # A stack that pins no tag runs the operator's (it moves with operator upgrades).
+        default_tag=getattr(memo, "image_tag", None),
     )
 
 
@@ -88,7 +99,7 @@ async def _reconcile(
     """One full reconcile of the stack, serialised with any other for the same stack."""
     generation = meta.get("generation")
     try:
-        stack = _parse(spec, meta, status)
+        stack = _parse(spec, meta, status, memo)
     except SpecError as exc:
         invalid = stack_status.Condition(stack_status.WORKLOADS, False, "InvalidSpec", str(exc))
         patch.status.update(stack_status.summary(status, [invalid], generation))
@@ -172,7 +183,7 @@ async def _delete(
     **_: Any,
 ) -> None:
     try:
-        stack = _parse(spec, meta, status)
+        stack = _parse(spec, meta, status, memo)
     except SpecError as exc:
         kopf.warn(body, reason="CleanupSkipped", message=f"spec unreadable, nothing removed: {exc}")
         return

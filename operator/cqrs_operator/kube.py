@@ -7,13 +7,16 @@ not written again (its resourceVersion stays), and fields set by others are left
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -26,7 +29,12 @@ CUSTOM_KINDS = {
     "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
     "TriggerAuthentication": ("keda.sh", "v1alpha1", "triggerauthentications"),
 }
+# The field manager of the CRD the operator applies at start: the product's name, so that
+# `kubectl get crd -o yaml --show-managed-fields` says who wrote it.
+CRD_FIELD_MANAGER = "cqrs-stack"
 APPLY = "application/apply-patch+yaml"
+
+log = logging.getLogger(__name__)
 
 
 # The children's kinds: the API class and the resource part of its method names.
@@ -37,6 +45,7 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "Deployment": (client.AppsV1Api, "deployment"),
     "PodDisruptionBudget": (client.PolicyV1Api, "pod_disruption_budget"),
     "HorizontalPodAutoscaler": (client.AutoscalingV2Api, "horizontal_pod_autoscaler"),
+    "Job": (client.BatchV1Api, "job"),
 }
 
 
@@ -215,3 +224,26 @@ async def apply(api: client.ApiClient, manifest: dict[str, Any]) -> dict[str, An
     )
     result: dict[str, Any] = api.sanitize_for_serialization(live)
     return result
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    with open(path) as source:
+        loaded: dict[str, Any] = yaml.safe_load(source)
+    return loaded
+
+
+async def apply_crd(api: client.ApiClient, path: str) -> None:
+    """Server-side apply the CustomResourceDefinition in YAML file ``path`` (forced: the
+    fields Helm wrote at install become this manager's, so an upgrade may change them)."""
+    crd = await asyncio.to_thread(_read_yaml, path)
+    name = crd["metadata"]["name"]
+    patch: Callable[..., Awaitable[Any]] = client.ApiextensionsV1Api(
+        api
+    ).patch_custom_resource_definition
+    try:
+        await patch(name, crd, field_manager=CRD_FIELD_MANAGER, force=True, _content_type=APPLY)
+    except ApiException as exc:
+        # Not fatal: the CRD installed with the chart keeps working, the new fields wait.
+        log.warning("CRD not applied name=%s status=%s reason=%s", name, exc.status, exc.reason)
+        return
+    log.info("CRD applied name=%s file=%s field_manager=%s", name, path, CRD_FIELD_MANAGER)

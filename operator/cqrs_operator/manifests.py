@@ -24,6 +24,22 @@ RUN_AS = 10001
 CONFIG_HASH_ANNOTATION = "cqrs.dev/config-hash"
 MANAGED_BY = "cqrs-stack-operator"
 COMPONENTS = ("write-api", "read-api", "projector")
+# Settings that only one component reads: a change of them rolls that component alone (a
+# projector batch size never restarts the APIs). Every other key is read by all.
+COMPONENT_ONLY_KEYS: Mapping[str, str] = {
+    "PROJECTOR_BATCH_SIZE": "projector",
+    "PROJECTOR_MAX_DELIVERIES": "projector",
+}
+MIGRATE = "migrate"
+IMAGE_ANNOTATION = "cqrs.dev/image"
+# The migration Job's bounds: a few retries, ten minutes in all, removed an hour after it
+# finished (the operator records its outcome in the stack's status long before).
+MIGRATION_BACKOFF_LIMIT = 2
+MIGRATION_DEADLINE_SECONDS = 600
+MIGRATION_TTL_SECONDS = 3600
+# Where the Job's container writes its report: the kubelet makes it the container's
+# termination message, which the operator reads from the pod's status.
+MIGRATION_REPORT_PATH = "/dev/termination-log"
 SERVED_COMPONENTS = ("write-api", "read-api")
 SECRET_URL_KEYS = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL")
 # The default spread of every component's replicas: over nodes, as a preference (a cluster of
@@ -150,6 +166,16 @@ def config_hash(config: Mapping[str, str], secret: Mapping[str, str]) -> str:
     """A digest of everything the pods read at start: a change of it rolls the Deployments."""
     blob = json.dumps({"config": dict(config), "secret": dict(secret)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def component_config(config: Mapping[str, str], component: str) -> dict[str, str]:
+    """The part of the ConfigMap that ``component`` reads (COMPONENT_ONLY_KEYS of others out)."""
+    return {k: v for k, v in config.items() if COMPONENT_ONLY_KEYS.get(k, component) == component}
+
+
+def component_hashes(config: Mapping[str, str], secret: Mapping[str, str]) -> dict[str, str]:
+    """The config hash of each Deployment, from what that component reads only."""
+    return {c: config_hash(component_config(config, c), secret) for c in COMPONENTS}
 
 
 def _resources(component: Component) -> dict[str, Any]:
@@ -305,6 +331,16 @@ def apply_pod_controls(
     return {**template, "metadata": meta, "spec": pod}
 
 
+def _pod_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "fsGroup": RUN_AS,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def component_settings(spec: StackSpec, component: str) -> Component:
     return {
         "write-api": spec.write_api,
@@ -330,13 +366,7 @@ def deployment(
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
             "terminationGracePeriodSeconds": 30,
-            "securityContext": {
-                "runAsNonRoot": True,
-                "runAsUser": RUN_AS,
-                "runAsGroup": RUN_AS,
-                "fsGroup": RUN_AS,
-                "seccompProfile": {"type": "RuntimeDefault"},
-            },
+            "securityContext": _pod_security_context(),
             "containers": [_container(spec, component, settings)],
             "volumes": _volumes(spec),
         },
@@ -515,8 +545,12 @@ def initial_replicas(spec: StackSpec, component: str) -> int:
     return spec.projector.autoscaling.min_replicas
 
 
-def workloads(spec: StackSpec, config_digest: str, projector_count: int | None) -> list[Manifest]:
+def workloads(
+    spec: StackSpec, config_digests: str | Mapping[str, str], projector_count: int | None
+) -> list[Manifest]:
     """The three Deployments, two Services and the APIs' disruption budgets, in apply order.
+
+    ``config_digests``: one digest for all, or one per component (``component_hashes``).
 
     A component an autoscaler owns gets no replicas (None): the operator leaves them to it.
     """
@@ -525,7 +559,75 @@ def workloads(spec: StackSpec, config_digest: str, projector_count: int | None) 
         "read-api": None if spec.read_api.hpa else spec.read_api.replicas,
         "projector": None if uses_keda(spec) else projector_count,
     }
-    out = [deployment(spec, c, replicas[c], config_digest) for c in COMPONENTS]
+    digests = (
+        dict.fromkeys(COMPONENTS, config_digests)
+        if isinstance(config_digests, str)
+        else config_digests
+    )
+    out = [deployment(spec, c, replicas[c], digests[c]) for c in COMPONENTS]
     out += [service(spec, c) for c in SERVED_COMPONENTS]
     out += [pod_disruption_budget(spec, c) for c in SERVED_COMPONENTS]
     return out
+
+
+def migration_job_name(spec: StackSpec) -> str:
+    """``<stack>-migrate-<digest of the image>``: one Job per image version, idempotent
+    across reconciles; the digest is cut so that the name stays a DNS label (63)."""
+    digest = hashlib.sha256(spec.image.encode()).hexdigest()
+    stem = child_name(spec, MIGRATE) + "-"
+    return stem + digest[: max(4, min(10, 63 - len(stem)))]
+
+
+def migration_job(spec: StackSpec) -> Manifest:
+    """The Job that runs ``cqrs-stack migrate`` of the stack's own image, as the stack's role.
+
+    It gets the database URLs only (no Redis), writes its JSON report to the termination
+    message, and is bounded: MIGRATION_BACKOFF_LIMIT retries within
+    MIGRATION_DEADLINE_SECONDS, then removed after MIGRATION_TTL_SECONDS.
+    """
+    name = migration_job_name(spec)
+    secret = child_name(spec, "credentials")
+    job = spec.migration_job
+    container = _container(spec, MIGRATE, Component(replicas=1, resources=job.resources))
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe", "ports"):
+        del container[probe]
+    container["args"] = [MIGRATE]
+    container["envFrom"] = []
+    wanted = ("WRITE_DB_URL", "READ_DB_URL", "PGSSLMODE", "PGSSLROOTCERT")
+    container["env"] = [e for e in _env(spec, MIGRATE, secret) if e["name"] in wanted] + [
+        {"name": "LOG_LEVEL", "value": spec.log_level},
+        {"name": "MIGRATE_REPORT_FILE", "value": MIGRATION_REPORT_PATH},
+    ]
+    container["terminationMessagePath"] = MIGRATION_REPORT_PATH
+    # A failure without a report (an image that writes none) shows its last log lines.
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    pod_labels = {**labels(spec, MIGRATE), "cqrs.dev/migration-job": name}
+    template = {
+        "metadata": {"labels": pod_labels},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+            "securityContext": _pod_security_context(),
+            "containers": [container],
+            "volumes": _volumes(spec),
+        },
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            **_metadata(spec, MIGRATE, MIGRATE),
+            "name": name,
+            "annotations": {IMAGE_ANNOTATION: spec.image},
+        },
+        "spec": {
+            "backoffLimit": MIGRATION_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": MIGRATION_DEADLINE_SECONDS,
+            "ttlSecondsAfterFinished": MIGRATION_TTL_SECONDS,
+            # spec.migrationJob's pod controls; one pod: no default spread over nodes.
+            "template": apply_pod_controls(
+                template, job, {"cqrs.dev/migration-job": name}, spread=False
+            ),
+        },
+    }

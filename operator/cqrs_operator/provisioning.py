@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from cqrs_stack.config import Settings, redact_url
 from cqrs_stack.db import create_engine
-from cqrs_stack.migrations import migrate, schema_version
+from cqrs_stack.migrations import schema_version
 from cqrs_stack.stream import ensure_group, group_info
 
 from .errors import PermanentProvisioningError, ProvisioningError
@@ -392,32 +392,26 @@ async def role_logs_in(db: Database, role: str, password: str, tls: Tls = None) 
     return True
 
 
-async def migrate_database(
-    db: Database, role: str, password: str, kind: str, tls: Tls = None
-) -> tuple[int, list[Change]]:
-    """Run the ``kind`` ("write"/"read") migrations as the stack's role; return the version."""
+async def read_schema_version(db: Database, role: str, password: str, tls: Tls = None) -> int:
+    """The newest migration applied to ``db``, read as the stack's role (0 for none).
+
+    The operator never migrates: the stack's own image does, in the migration Job.
+    """
     settings = Settings(db_pool_min_size=1, db_pool_max_size=2)
     url = database_url(db.host, db.port, db.name, role, password)
     engine = create_engine(url, settings, application_name="cqrs-stack-operator", ssl=tls)
     try:
-        applied = await migrate(engine, kind)
-        version = await schema_version(engine)
+        return await schema_version(engine)
     except (TimeoutError, OSError) as exc:
         raise ProvisioningError(
             "DatabaseUnreachable", f"cannot reach PostgreSQL at {db.host}:{db.port}: {exc}"
         ) from exc
     except Exception as exc:  # SQLAlchemy wraps asyncpg errors in many types
         raise ProvisioningError(
-            "MigrationFailed", f"migrating {kind} database {db.name}: {_first_line(exc)}"
+            "SchemaUnreadable", f"reading the schema version of {db.name}: {_first_line(exc)}"
         ) from exc
     finally:
         await engine.dispose()
-    if not applied:
-        return version, []
-    log.info("migrations applied database=%s count=%d version=%d", db.name, len(applied), version)
-    return version, [
-        Change("MigrationsApplied", f"migrated {kind} database {db.name} to version {version}")
-    ]
 
 
 async def drop_owned(

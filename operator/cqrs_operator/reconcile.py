@@ -11,7 +11,6 @@ before any role uses it, so a reconcile killed anywhere finds it again on the ne
 
 from __future__ import annotations
 
-import functools
 import logging
 import secrets
 import ssl
@@ -24,10 +23,8 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.connection import parse_url
 
-from cqrs_stack.migrations import load_migrations
-
-from . import __version__, kube, manifests, provisioning, rotation, scaling, status
-from .errors import PermanentProvisioningError, ProvisioningError
+from . import kube, manifests, migration_job, provisioning, rotation, scaling, status
+from .errors import PERMANENT_REASONS, PermanentProvisioningError, ProvisioningError
 from .ownership import OwnershipRefused
 from .provisioning import AdminLogin, Change, Owner
 from .rotation import Credentials, Login
@@ -498,10 +495,11 @@ async def database_tls(api: client.ApiClient, spec: StackSpec) -> provisioning.T
 async def provision_databases(
     api: client.ApiClient, spec: StackSpec, creds: Credentials, owner: Owner
 ) -> tuple[dict[str, int], list[Change]]:
-    """Role, databases and migrations on both servers; returns the schema versions.
+    """Role and databases on both servers; returns the schema versions.
 
     Every login of ``creds.accepted`` logs in afterwards; outside a rotation the other
-    login slot is revoked. Migrations run as the current login (as the role: see rotation).
+    login slot is revoked. The versions are read as the current login (as the role: see
+    rotation); the migration Job of the stack's image migrates.
     """
     versions: dict[str, int] = {}
     changes: list[Change] = []
@@ -513,11 +511,17 @@ async def provision_databases(
         changes += await provisioning.ensure_database(
             db, login, spec.role, creds.accepted, on_server, tls, exact=not creds.rotating
         )
-        versions[kind], applied = await provisioning.migrate_database(
-            db, me.username, me.password, kind, tls
-        )
-        changes += applied
+        versions[kind] = await provisioning.read_schema_version(db, me.username, me.password, tls)
     return versions, changes
+
+
+async def read_schema_versions(api: client.ApiClient, spec: StackSpec, me: Login) -> dict[str, int]:
+    """Both databases' schema versions, read as ``me`` (a login of the stack's role)."""
+    tls = await database_tls(api, spec)
+    return {
+        kind: await provisioning.read_schema_version(db, me.username, me.password, tls)
+        for db, kind in ((spec.write_db, "write"), (spec.read_db, "read"))
+    }
 
 
 async def apply_workloads(
@@ -532,8 +536,10 @@ async def apply_workloads(
     """Apply the ConfigMap, Deployments, Services and autoscalers; return the live objects
     and rollouts."""
     config = manifests.config_data(spec)
-    digest = manifests.config_hash(config, manifests.credentials_data(spec, password, url, login))
-    rendered = manifests.workloads(spec, digest, projector_count)
+    digests = manifests.component_hashes(
+        config, manifests.credentials_data(spec, password, url, login)
+    )
+    rendered = manifests.workloads(spec, digests, projector_count)
     await check_pod_secrets(api, spec, rendered)
     live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
     changes: list[Change] = []
@@ -773,6 +779,11 @@ async def reconcile(
             ),
         )
     elif not _stream_provisioned(out, current_status):
+        out.conditions.append(
+            status.Condition(
+                status.MIGRATIONS, False, "WaitingForStream", "the migration Job waits too"
+            )
+        )
         # The pods create the stream and group themselves at start (XGROUP ... MKSTREAM): if
         # they started first, the stream would exist without this stack's owner marker and
         # be refused as NotOwned for good. So the first Deployments wait for the stream.
@@ -795,9 +806,15 @@ async def reconcile(
                 raise ProvisioningError(
                     "CredentialsPending", "the new login is not yet accepted by the servers"
                 )
+            serving = await _migrations(out, api, spec, active, current_status, adopt)
+            if serving is None:
+                raise ProvisioningError(
+                    "WaitingForMigrations",
+                    f"the Deployments are created once the migrations of {spec.image} succeeded",
+                )
             live, changes = await apply_workloads(
                 api,
-                spec,
+                serving,
                 active.password,
                 redis.pods_url(active.password),
                 count,
@@ -810,7 +827,7 @@ async def reconcile(
             out.ok(
                 status.WORKLOADS,
                 "Applied",
-                f"image {spec.image}: {describe_replicas(spec, applied)}",
+                f"image {serving.image}: {describe_replicas(spec, applied)}",
             )
             lag_part = {"lag": lag} if lag is not None else {}
             out.extra["projector"] = {
@@ -931,20 +948,155 @@ async def _databases(
         "read": spec.read_db.name,
         "role": spec.role,
         "schemaVersions": versions,
-        # The migrations run are the operator's own (its cqrs_stack package), not the
-        # image's: say which, so a stack whose image is of another version can be spotted.
-        "expectedSchemaVersions": expected_schema_versions(),
-        "migratedBy": f"cqrs-stack-operator {__version__}",
+        "migratedBy": None,  # written by operators that ran their own copy of the migrations
     }
 
 
-@functools.cache
-def expected_schema_versions() -> dict[str, int]:
-    """The newest migration of each database that this operator carries (and applies)."""
-    return {
-        kind: max((m.version for m in load_migrations(kind)), default=0)
-        for kind in ("write", "read")
-    }
+async def _migrations(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    me: Login,
+    current_status: Mapping[str, Any],
+    adopt: Adopt,
+) -> StackSpec | None:
+    """MigrationsApplied, running the migration Job of the stack's image when it is due.
+
+    Returns the spec the Deployments are rendered from: the stack's own once its image's
+    migrations succeeded, else the image they already run (kept serving meanwhile), or None
+    when none ever ran.
+    """
+    image, expected = migration_job.recorded_migration(current_status)
+    versions = (out.extra.get("databases") or {}).get("schemaVersions")
+    if versions is None:  # the databases failed in this reconcile: no Job can succeed now
+        out.conditions.append(
+            status.Condition(
+                status.MIGRATIONS,
+                None if image == spec.image else False,
+                "WaitingForDatabases",
+                "the schema versions are checked (and the migration Job run) once the "
+                "databases answer as the stack's role",
+            )
+        )
+        return spec if image == spec.image else await _serving_spec(api, spec, image)
+    if image == spec.image and expected is not None and versions == expected:
+        out.ok(
+            status.MIGRATIONS,
+            "SchemaCurrent",
+            f"schema write={expected['write']} read={expected['read']}, as {image} expects",
+        )
+        return spec
+    try:
+        outcome = await migration_job_outcome(out, api, spec, adopt)
+        if outcome.phase == migration_job.SUCCEEDED:
+            if await _record_migration(out, api, spec, me, outcome):
+                return spec
+        elif outcome.reason:  # its pod cannot start (a bad image): say why, as for a Deployment
+            error_type = (
+                PermanentProvisioningError
+                if outcome.reason in PERMANENT_REASONS
+                else ProvisioningError
+            )
+            out.fail(status.MIGRATIONS, error_type(outcome.reason, outcome.message))
+        elif outcome.phase == migration_job.FAILED:
+            out.fail(
+                status.MIGRATIONS, PermanentProvisioningError("MigrationJobFailed", outcome.message)
+            )
+        else:
+            out.conditions.append(
+                status.Condition(status.MIGRATIONS, False, "MigrationJobRunning", outcome.message)
+            )
+    except ProvisioningError as exc:
+        out.fail(status.MIGRATIONS, exc)
+    return await _serving_spec(api, spec, image)
+
+
+async def migration_job_outcome(
+    out: Outcome, api: client.ApiClient, spec: StackSpec, adopt: Adopt
+) -> migration_job.JobOutcome:
+    """The outcome of the migration Job of ``spec.image``; created when there is none."""
+    name = manifests.migration_job_name(spec)
+    try:
+        job = await kube.read_object(api, "Job", spec.namespace, name)
+        if job is not None and kube.controller_uid(job) != spec.uid:
+            raise _not_ours("Job", name, spec)
+        annotations = (job or {}).get("metadata", {}).get("annotations") or {}
+        if job is not None and annotations.get(manifests.IMAGE_ANNOTATION) != spec.image:
+            # A digest cut short and shared by two images: never read the other's outcome.
+            raise ProvisioningError(
+                "MigrationJobConflict",
+                f"Job {name} migrated image {annotations.get(manifests.IMAGE_ANNOTATION)}, "
+                f"not {spec.image}: it is removed by its TTL, or delete it",
+            )
+        if job is None:
+            rendered = manifests.migration_job(spec)
+            await check_pod_secrets(api, spec, [rendered])
+            await _apply(api, spec, rendered, adopt)
+            out.changes.append(
+                Change("MigrationJobCreated", f"migrating with image {spec.image} in Job {name}")
+            )
+            return migration_job.JobOutcome(migration_job.RUNNING, f"Job {name} created")
+        pods = await kube.list_pods(api, spec.namespace, {"cqrs.dev/migration-job": name})
+    except ApiException as exc:
+        raise ProvisioningError(
+            "MigrationJobUnreadable", f"cannot read Job {name} or its pods: HTTP {exc.status}"
+        ) from exc
+    return migration_job.job_outcome(job, pods)
+
+
+async def _record_migration(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    me: Login,
+    outcome: migration_job.JobOutcome,
+) -> bool:
+    """After a successful Job: record the image and the versions in the status; True when
+    the databases are at the versions the image expects."""
+    versions = await read_schema_versions(api, spec, me)
+    # Without a report (an image older than it) the Job's success means every migration the
+    # image carries is applied: it expects what it left.
+    expected = outcome.expected or versions
+    databases = out.extra.setdefault("databases", {})
+    databases.update(
+        schemaVersions=versions, migratedImage=spec.image, expectedSchemaVersions=expected
+    )
+    if versions != expected:
+        out.conditions.append(
+            status.Condition(
+                status.MIGRATIONS,
+                False,
+                "SchemaMismatch",
+                f"databases at write={versions['write']} read={versions['read']}, image "
+                f"{spec.image} expects write={expected['write']} read={expected['read']}",
+            )
+        )
+        return False
+    out.changes.append(
+        Change(
+            "MigrationsApplied",
+            f"image {spec.image} migrated write to {versions['write']}, read to {versions['read']}",
+        )
+    )
+    out.ok(status.MIGRATIONS, "SchemaCurrent", f"{outcome.message}; schema as {spec.image} expects")
+    return True
+
+
+async def _serving_spec(
+    api: client.ApiClient, spec: StackSpec, migrated_image: str | None
+) -> StackSpec | None:
+    """The spec with the image the Deployments run until the new one is migrated: the last
+    migrated image, else the image of the live write-api (a stack migrated by an operator
+    that ran migrations itself), else None (a new stack waits)."""
+    image = migrated_image
+    if image is None:
+        live = await _read_deployment(api, spec.namespace, manifests.child_name(spec, "write-api"))
+        containers = ((live or {}).get("spec") or {}).get("template", {}).get("spec", {})
+        image = next((c.get("image") for c in containers.get("containers") or []), None)
+    if not image:
+        return None
+    repository, tag = migration_job.split_image(image)
+    return replace(spec, image_repository=repository, image_tag=tag)
 
 
 async def _stream(

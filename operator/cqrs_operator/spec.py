@@ -357,10 +357,12 @@ def parse_spec(
     name: str,
     uid: str = "",
     status: Mapping[str, Any] | None = None,
+    default_tag: str | None = None,
 ) -> StackSpec:
     """Return the typed spec of stack ``namespace/name``; raise SpecError naming a bad field.
 
-    ``status`` supplies the names recorded at provisioning, which win over the defaults.
+    ``status`` supplies the names recorded at provisioning, which win over the defaults;
+    ``default_tag`` is the image tag of a stack that pins none (default: this version).
     """
     if len(name) > MAX_STACK_NAME:
         raise SpecError(f"metadata.name must be at most {MAX_STACK_NAME} characters: {name!r}")
@@ -374,7 +376,7 @@ def parse_spec(
         namespace=namespace,
         name=name,
         image_repository=model.image.repository,
-        image_tag=model.image.tag or __version__,
+        image_tag=model.image.tag or default_tag or __version__,
         image_pull_policy=model.image.pull_policy,
         write_api=_component(model.write_api),
         read_api=_component(model.read_api),

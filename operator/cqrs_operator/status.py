@@ -3,6 +3,9 @@
 Conditions of a stack:
 
 - ``DatabasesReady``: both databases and the stack's role exist and the schema is migrated.
+- ``MigrationsApplied``: the migration Job of the stack's image succeeded and both databases
+  are at the schema versions that image expects (``MigrationJobRunning``,
+  ``MigrationJobFailed`` with the pod's reason, ``SchemaMismatch``).
 - ``StreamReady``: the Redis stream and its consumer group exist.
 - ``WorkloadsReady``: the ConfigMap, Secret, Deployments and Services are applied and match
   the spec (what the operator controls).
@@ -13,7 +16,8 @@ Conditions of a stack:
 - ``CredentialsCurrent``: False while a credential rotation is under way (reasons
   ``RotationPreparing``, ``RotationRollingOut``), True (``Current``) when the pods' login is
   the only one accepted. Not part of Ready: a rotation does not interrupt serving.
-- ``Ready``: all of DatabasesReady, StreamReady, WorkloadsReady and WorkloadsAvailable.
+- ``Ready``: all of DatabasesReady, MigrationsApplied, StreamReady, WorkloadsReady and
+  WorkloadsAvailable.
 
 Phase: ``Ready``; ``Failed`` when a part cannot succeed without a change of the spec (or of
 what it names: a Secret, another stack's object); ``Degraded`` for transient trouble (a
@@ -30,13 +34,14 @@ from typing import Any
 from .errors import PERMANENT_REASONS
 
 DATABASES = "DatabasesReady"
+MIGRATIONS = "MigrationsApplied"
 STREAM = "StreamReady"
 WORKLOADS = "WorkloadsReady"
 AVAILABLE = "WorkloadsAvailable"
 REDIS_ISOLATION = "RedisIsolation"
 CREDENTIALS = "CredentialsCurrent"
 READY = "Ready"
-READY_PARTS = (DATABASES, STREAM, WORKLOADS, AVAILABLE)
+READY_PARTS = (DATABASES, MIGRATIONS, STREAM, WORKLOADS, AVAILABLE)
 # Reasons of a part that is on its way, not failing.
 PENDING_REASONS = (
     "",
@@ -46,6 +51,9 @@ PENDING_REASONS = (
     "WaitingForStream",
     "RotationPreparing",
     "RotationRollingOut",
+    "MigrationJobRunning",
+    "WaitingForMigrations",
+    "WaitingForDatabases",
 )
 # Container waiting reasons that explain an unavailable Deployment, most telling first.
 POD_REASONS = (

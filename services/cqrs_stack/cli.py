@@ -235,17 +235,30 @@ async def _with_engines(settings: Settings, work: Callable[[Any, Any], Awaitable
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    from .migrations import migrate
+    from .migrations import expected_schema_versions, migrate, schema_version
+
+    report: dict[str, Any] = {"version": __version__}
 
     async def work(write_engine: Any, read_engine: Any) -> int:
         applied = await migrate(write_engine, "write") + await migrate(read_engine, "read")
         print("\n".join(f"applied {name}" for name in applied) or "schema up to date")
+        report["applied"] = len(applied)
+        report["schemaVersions"] = {
+            "write": await schema_version(write_engine),
+            "read": await schema_version(read_engine),
+        }
+        report["expectedSchemaVersions"] = expected_schema_versions()
         return 0
 
     # The lines printed are the answer; the migrations' own log lines would repeat them.
     logging.getLogger("cqrs_stack.migrations").setLevel(logging.WARNING)
 
-    return asyncio.run(_with_engines(settings, work))
+    code = asyncio.run(_with_engines(settings, work))
+    if settings.migrate_report_file:
+        # The migration Job's termination message: what the operator records in the status.
+        with open(settings.migrate_report_file, "w") as out:
+            json.dump(report, out, separators=(",", ":"))
+    return code
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:

@@ -205,6 +205,9 @@ class Settings(BaseSettings):
     ledger_prune_interval: float = Field(default=30.0, gt=0, le=3600)
     # Positions one pruning step looks at (and ledger rows it deletes) at most.
     ledger_prune_step: int = Field(default=50_000, ge=100, le=1_000_000)
+    # cqrs-stack migrate: also write the JSON report to this file (the migration Job's
+    # termination message, which the operator reads); empty: stdout only.
+    migrate_report_file: str = Field(default="", max_length=4096)
 
     @field_validator("write_db_url", "read_db_url")
     @classmethod

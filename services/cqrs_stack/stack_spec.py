@@ -893,8 +893,12 @@ class SchemaVersions(Model):
 
 
 class ExpectedSchemaVersions(Model):
-    write: int | None = Field(default=None, description="newest write database migration")
-    read: int | None = Field(default=None, description="newest read database migration")
+    write: int | None = Field(
+        default=None, description="write database schema version the image expects"
+    )
+    read: int | None = Field(
+        default=None, description="read database schema version the image expects"
+    )
 
 
 class DatabasesStatus(Model):
@@ -909,15 +913,14 @@ class DatabasesStatus(Model):
     expected_schema_versions: ExpectedSchemaVersions | None = Field(
         default=None,
         description=(
-            "the newest migration of each database that the operator's own version carries (the "
-            "migrations it runs)"
+            "the schema versions that migratedImage expects (from its migration Job's report)"
         ),
     )
-    migrated_by: str | None = Field(
+    migrated_image: str | None = Field(
         default=None,
         description=(
-            "the operator version whose migrations were applied; the stack's image should be of "
-            "the same version"
+            "the image whose migration Job last succeeded; the Deployments run it until the "
+            "spec's image is migrated"
         ),
     )
 

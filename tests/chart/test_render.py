@@ -104,6 +104,7 @@ def test_default_values_install_operator_stack_and_dev_databases() -> None:
     assert kinds == [
         "ClusterRole",
         "ClusterRoleBinding",
+        "ConfigMap",  # the CRD, for the operator to apply at start (operator.manageCrd)
         "CqrsStack",
         "Deployment",
         "Namespace",
@@ -290,3 +291,31 @@ def test_pod_controls_and_autoscaling_values_reach_the_operators_deployments() -
     assert read["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
     projector = objs[("Deployment", "projector")]["spec"]["template"]["spec"]
     assert projector["containers"][0]["envFrom"][0]["configMapRef"]["name"] == "extra"
+
+
+def test_the_operator_gets_the_charts_crd_and_may_patch_only_that_one() -> None:
+    docs = render()
+    crd = yaml.safe_load((CHART / "crds" / "cqrsstacks.cqrs.dev.yaml").read_text())
+    config = named(docs, "ConfigMap", f"{RELEASE}-cqrs-stack-operator-crd")
+    assert yaml.safe_load(config["data"]["cqrsstacks.cqrs.dev.yaml"]) == crd
+    role = named(docs, "ClusterRole", f"{NAMESPACE}-{RELEASE}-cqrs-stack-operator-crd")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "resourceNames": [crd["metadata"]["name"]],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    operator = named(docs, "Deployment", f"{RELEASE}-cqrs-stack-operator")
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    assert "--crd=/etc/cqrs-stack-operator/crd/cqrsstacks.cqrs.dev.yaml" in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert env["CQRS_OPERATOR_IMAGE_TAG"] == str(chart["appVersion"])
+    off = render(None, "operator.manageCrd=false")
+    assert not [d for d in off if d["metadata"]["name"].endswith("-operator-crd")]
+    container = named(off, "Deployment", f"{RELEASE}-cqrs-stack-operator")["spec"]["template"]
+    assert not any(a.startswith("--crd") for a in container["spec"]["containers"][0]["args"])
+    # The release's stack pins no tag: it runs the operator's version.
+    assert "tag" not in one(docs, "CqrsStack")["spec"]["image"]

@@ -195,6 +195,9 @@ def test_network_policy_admits_only_the_stacks_and_the_operator() -> None:
     spec = parse_spec(stack["spec"], namespace="shop", name=stack["metadata"]["name"])
     for component in manifests.COMPONENTS:
         assert admitted(manifests.labels(spec, component)), component
+    # The migration Job's pods reach the databases too (they run before any other pod).
+    job_pod = manifests.migration_job(spec)["spec"]["template"]["metadata"]["labels"]
+    assert admitted(job_pod)
     operator_labels = labels[f"{RELEASE}-cqrs-stack-operator"]
     assert admitted(operator_labels, f"{NAMESPACE}-operator")  # in its own namespace
     assert not admitted(operator_labels, "elsewhere")

@@ -10,6 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 KUBECONFIG_PATH=${CQRS_CLUSTER_DIR:-/var/lib/cqrs-cluster}/admin.kubeconfig
+# The release the upgrade test starts from (chart and images built from it); move it forward
+# at each release. Empty: no upgrade test.
+export CQRS_PREVIOUS_REF=${CQRS_PREVIOUS_REF-60f5b61}
 
 cluster() { "$PYTHON" -m tests.cluster.local_cluster "$@"; }
 
@@ -27,8 +30,12 @@ e2e() {
     trap 'cluster down' EXIT
     up
     local t0=$SECONDS rc=0
+    local previous=""
+    [[ -n $CQRS_PREVIOUS_REF ]] && previous=$(cat .cache/previous-release.tag)
     E2E_KUBECONFIG=$KUBECONFIG_PATH \
         E2E_HELM_ARGS="-f tests/cluster/values-local.yaml ${E2E_HELM_ARGS:-}" \
+        E2E_PREVIOUS_CHART=${previous:+.cache/previous-release/charts/cqrs-stack} \
+        E2E_PREVIOUS_TAG=$previous \
         "$PYTHON" -m pytest tests/e2e -q -rs -p no:cacheprovider "$@" || rc=$?
     echo "cluster: e2e suite finished in $((SECONDS - t0)) s (exit $rc)"
     return $rc

@@ -2,6 +2,8 @@
 # Build the images the chart runs on the local cluster and import them into its containerd
 # (namespace k8s.io), where the kubelet finds them: nothing is ever pulled.
 #   cqrs-stack:VERSION, cqrs-stack-operator:VERSION  tests/images/build-images.sh (offline base)
+#   cqrs-stack:<v>-<commit>, cqrs-stack-operator:...  the previous release (CQRS_PREVIOUS_REF,
+#       tests/cluster/previous-release.sh), for the upgrade test
 #   cqrs-stack-postgresql:15, cqrs-stack-redis:7      tests/cluster/images/*.Dockerfile: the
 #       offline base plus Debian's postgresql-15 / redis-server, with the interface of the
 #       official images that the chart assumes (values-local.yaml selects them)
@@ -33,6 +35,12 @@ build_db_image() {  # build_db_image <dockerfile> <tag>
 }
 build_db_image postgresql.Dockerfile cqrs-stack-postgresql:15
 build_db_image redis.Dockerfile cqrs-stack-redis:7
+# The previous release's images, for the upgrade test (CQRS_PREVIOUS_REF; empty: none).
+if [[ -n ${CQRS_PREVIOUS_REF:-} ]]; then
+    previous=$(DOCKER="$DOCKER" bash tests/cluster/previous-release.sh)
+    images+=("cqrs-stack:$previous" "cqrs-stack-operator:$previous")
+    echo "$previous" >.cache/previous-release.tag
+fi
 
 t0=$SECONDS
 "$DOCKER" save "${images[@]}" \

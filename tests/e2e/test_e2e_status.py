@@ -2,8 +2,9 @@
 
 Runs on the local cluster after the release is installed (tests/e2e/conftest.py). A third
 stack on the release's servers names an image tag that does not exist: its databases and
-stream are provisioned, but its pods never start, so WorkloadsAvailable (and Ready) stay False
-with the kubelet's reason, and the phase is Failed (it needs a spec change).
+stream are provisioned, but its first pod (the migration Job's, which runs before any
+Deployment) never starts, so MigrationsApplied (and Ready) stay False with the kubelet's
+reason, and the phase is Failed (it needs a spec change).
 """
 
 from __future__ import annotations
@@ -52,11 +53,11 @@ def test_a_stack_with_a_bad_image_tag_is_not_ready(
 
         def refused() -> dict[str, Any] | None:
             stack = cluster.get("cqrsstack", BAD_IMAGE_STACK, namespace.name) or {}
-            available = conditions(stack).get("WorkloadsAvailable", {})
-            return stack if available.get("reason") in IMAGE_REASONS else None
+            migrations = conditions(stack).get("MigrationsApplied", {})
+            return stack if migrations.get("reason") in IMAGE_REASONS else None
 
         wait_until(
-            "WorkloadsAvailable=False with an image reason",
+            "MigrationsApplied=False with an image reason",
             refused,
             STACK_TIMEOUT,
             diagnose=lambda: cluster.diagnostics(namespace.name),
@@ -67,6 +68,11 @@ def test_a_stack_with_a_bad_image_tag_is_not_ready(
         assert conds["Ready"]["status"] == "False", conds
         assert conds["Ready"]["reason"] in IMAGE_REASONS, conds
         assert stack["status"]["phase"] == "Failed", stack["status"]
+        # No pod of an image whose migrations did not run: no Deployment at all.
+        for component in ("write-api", "read-api", "projector"):
+            assert (
+                cluster.get("deployment", f"{BAD_IMAGE_STACK}-{component}", namespace.name) is None
+            )
     finally:
         cluster.kubectl(
             "delete", "cqrsstack", BAD_IMAGE_STACK, "-n", namespace.name, "--wait",

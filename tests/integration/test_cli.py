@@ -29,6 +29,29 @@ async def test_migrate_is_idempotent(stack: Stack) -> None:
     assert done.stdout.strip() == "schema up to date"
 
 
+async def test_migrate_reports_the_versions_reached_and_expected(stack: Stack, tmp_path) -> None:
+    """MIGRATE_REPORT_FILE: what the operator's migration Job hands back (its termination
+    message, at most 4096 bytes)."""
+    from cqrs_stack.migrations import expected_schema_versions
+
+    report = tmp_path / "termination-log"
+    done = subprocess.run(
+        [sys.executable, "-m", "cqrs_stack.cli", "migrate"],
+        env={**stack.env, "PATH": "/usr/bin:/bin", "MIGRATE_REPORT_FILE": str(report)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    written = report.read_text()
+    assert len(written.encode()) <= 4096
+    answer = json.loads(written)
+    assert answer["applied"] == 0
+    assert answer["expectedSchemaVersions"] == expected_schema_versions()
+    assert answer["schemaVersions"] == answer["expectedSchemaVersions"]
+    assert min(answer["schemaVersions"].values()) >= 1
+
+
 async def test_status_reports_lag_counts_and_dead_letters(stack: Stack) -> None:
     api = await stack.launch("api")
     await write_many(api.url, 30, keys=10)

@@ -29,6 +29,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from cqrs_operator.spec import GROUP, PLURAL, VERSION, DefaultNames, default_names
+from tests.operator.kubelet_standin import run_migration_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "charts" / "cqrs-stack" / "crds" / "cqrsstacks.cqrs.dev.yaml"
@@ -263,11 +264,13 @@ class Stacks:
     ) -> dict[str, Any]:
         """Wait until Ready is True for the current generation; return the object.
 
-        With ``available`` (the default) the Deployments are marked available on the way.
+        With ``available`` (the default) the migration Jobs are run (kubelet_standin) and the
+        Deployments marked available on the way.
         """
 
         async def ready() -> dict[str, Any] | None:
             if available:
+                await run_migration_jobs(self.api, self.namespace, name)
                 await self.mark_available(name)
             obj = await self.get(name)
             if obj is None:
@@ -477,13 +480,13 @@ async def wait_event(
     )
 
 
-async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> set[str]:
-    """The config hashes of the stack's three Deployments (one value: one rollout state)."""
+async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> dict[str, str]:
+    """The config hash of each of the stack's Deployments (each hashes what it reads)."""
     apps = client.AppsV1Api(api)
-    out = set()
+    out = {}
     for component in COMPONENTS:
         dep = await apps.read_namespaced_deployment(f"{name}-{component}", namespace)
-        out.add(dep.spec.template.metadata.annotations["cqrs.dev/config-hash"])
+        out[component] = dep.spec.template.metadata.annotations["cqrs.dev/config-hash"]
     return out
 
 

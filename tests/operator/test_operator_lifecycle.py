@@ -65,7 +65,7 @@ async def test_create_provisions_databases_stream_and_children(
     assert status["phase"] == "Ready"
     assert status["observedGeneration"] == stack["metadata"]["generation"]
     conds = conditions(stack)
-    for kind in ("DatabasesReady", "StreamReady", "WorkloadsReady", "Ready"):
+    for kind in ("DatabasesReady", "MigrationsApplied", "StreamReady", "WorkloadsReady", "Ready"):
         assert conds[kind]["status"] == "True", conds[kind]
         assert conds[kind]["lastTransitionTime"]
 
@@ -92,9 +92,10 @@ async def test_create_provisions_databases_stream_and_children(
             )
         finally:
             await conn.close()
-    # Status says which migrations ran (the operator's own) and that both are at their head.
+    # Status says which image migrated them and that both are at what that image expects.
     recorded = status["databases"]
-    assert recorded["migratedBy"] == "cqrs-stack-operator 0.1.0"
+    assert recorded["migratedImage"] == "cqrs-stack:0.1.0"
+    assert "migratedBy" not in recorded
     assert recorded["expectedSchemaVersions"] == recorded["schemaVersions"], recorded
     assert min(recorded["expectedSchemaVersions"].values()) >= 1, recorded
     assert creds["WRITE_DB_URL"] == env.write_pg.url(f"w_{env.fresh}", role, password)
@@ -166,7 +167,8 @@ async def test_update_rolls_children_and_a_second_reconcile_changes_nothing(
         assert new["spec"]["template"]["spec"]["containers"][0]["image"] == "cqrs-stack:0.2.0"
         old_hash = old["spec"]["template"]["metadata"]["annotations"]["cqrs.dev/config-hash"]
         new_hash = new["spec"]["template"]["metadata"]["annotations"]["cqrs.dev/config-hash"]
-        assert old_hash != new_hash  # the batch size changed the config: pods roll
+        # Only the projector reads the batch size: its pods roll for it (the APIs for the image).
+        assert (old_hash != new_hash) == (comp == "projector"), comp
     assert after["ConfigMap/shop-config"]["data"]["PROJECTOR_BATCH_SIZE"] == "100"
     # The password stays the same across reconciles.
     assert (
@@ -297,7 +299,7 @@ async def test_defaults_are_filled_by_the_api_server(
         manifest["spec"].pop(key)
     created = await stacks.create(manifest)
     spec = created["spec"]
-    # No tag: a stack that pins none runs the operator's version.
+    # No tag default: a stack that pins none runs the operator's version (moves with it).
     assert spec["image"] == {"repository": "cqrs-stack", "pullPolicy": "IfNotPresent"}
     assert spec["projector"]["batchSize"] == 500
     assert spec["readModels"] == ["records"]

@@ -34,7 +34,8 @@ PERMISSION_DENIED = re.compile(r"Forbidden|\b(?:code|status)\W{0,4}403\b|\b403 F
 
 
 def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
-    """``helm template`` of the operator's ServiceAccount and RBAC, as the chart ships them."""
+    """``helm template`` of the operator's ServiceAccount and RBAC, as the chart ships them
+    (the CRD's ClusterRole of operator-crd.yaml included, its ConfigMap left out)."""
     args = [
         str(helm_binary()),
         "template",
@@ -47,11 +48,13 @@ def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
         "--show-only",
         "templates/operator-rbac.yaml",
     ]
+    if "operator.manageCrd=false" not in values:  # else it renders nothing (helm refuses)
+        args += ["--show-only", "templates/operator-crd.yaml"]
     for value in values:
         args += ["--set", value]
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc and doc["kind"] != "ConfigMap"]
 
 
 async def apply_rendered(api: client.ApiClient, docs: list[dict[str, Any]]) -> None:
@@ -82,7 +85,7 @@ def service_account(docs: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
-    docs = render_operator_rbac("ops", "rbac.clusterWide=true")
+    docs = render_operator_rbac("ops", "rbac.clusterWide=true", "operator.manageCrd=false")
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
     role = next(d for d in docs if d["kind"] == "ClusterRole")
@@ -102,7 +105,7 @@ def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
 
 def test_the_operator_runs_in_its_own_namespace_and_may_finalize_stacks_anywhere() -> None:
     """Its Role goes with a deleted namespace: the stacks' rules are bound cluster-wide too."""
-    docs = render_operator_rbac("ops")
+    docs = render_operator_rbac("ops", "operator.manageCrd=false")
     assert service_account(docs) == ("ops-operator", f"{RELEASE}-cqrs-stack-operator")
     (finalize,) = [d for d in docs if d["kind"] == "ClusterRole"]
     assert {r for rule in finalize["rules"] for r in rule["resources"]} == {

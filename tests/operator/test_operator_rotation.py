@@ -237,9 +237,9 @@ async def test_a_credentials_secret_deleted_mid_rotation_converges(
     assert await logs_in(data) == (True, True, True)
     assert await logs_in(switched) == (True, True, True)
 
-    async def rolled_once() -> set[str] | None:  # all three Deployments on one new template
+    async def rolled_once() -> dict[str, str] | None:  # every Deployment on a new template
         hashes = await config_hashes(env.api, env.namespace, "del")
-        return hashes if len(hashes) == 1 and hashes != rolling else None
+        return hashes if all(hashes[c] != rolling[c] for c in hashes) else None
 
     hashes = await wait_until(
         rolled_once, timeout=30, what="one rollout", alive=env.operator.exit_reason

@@ -15,6 +15,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from redis.asyncio import Redis
 
 from tests.operator.fixtures_operator import Operator, Stacks, stack_manifest, wait_until
+from tests.operator.kubelet_standin import run_migration_job_when_created
 
 HPA = {"enabled": True, "minReplicas": 2, "maxReplicas": 6, "targetCpuUtilization": 70}
 
@@ -187,6 +188,8 @@ async def test_an_env_secret_that_did_not_opt_in_is_not_handed_to_the_pods(
 
 
 async def test_keda_engine_without_keda_installed_is_a_clear_condition(
+    kube_api: client.ApiClient,
+    namespace: str,
     stacks: Stacks,
     operator: Operator,
     write_pg: Any,
@@ -197,6 +200,8 @@ async def test_keda_engine_without_keda_installed_is_a_clear_condition(
     manifest = stack_manifest("keda", fresh_names, write_pg, read_pg, redis_server.url)
     manifest["spec"]["projector"]["autoscaling"] = {"enabled": True, "engine": "keda"}
     await stacks.create(manifest)
+    # The workloads are applied once the image's migration Job succeeded.
+    await run_migration_job_when_created(kube_api, namespace, "keda")
     obj = await stacks.wait_condition(
         "keda", "WorkloadsReady", "False", "KedaNotInstalled", operator
     )

@@ -31,6 +31,7 @@ from tests.operator.fixtures_operator import (
     stack_manifest,
     wait_until,
 )
+from tests.operator.kubelet_standin import run_migration_job_when_created
 from tests.operator.test_operator_workloads import local_command, resolved_env
 
 
@@ -125,6 +126,9 @@ async def test_the_operator_and_the_pods_use_tls_verified_by_the_stacks_ca(
     manifest["spec"]["databases"]["tls"] = {"mode": "verify-full", "caConfigMap": {"name": "pg-ca"}}
     await stacks.create(manifest)
     await stacks.wait_condition("tls", "DatabasesReady", "True", None, operator)
+    # The migration Job runs over TLS too (the stand-in mounts the CA as the kubelet would).
+    await run_migration_job_when_created(kube_api, namespace, "tls")
+    await stacks.wait_condition("tls", "WorkloadsReady", "True", None, operator)
 
     dep = await client.AppsV1Api(kube_api).read_namespaced_deployment("tls-read-api", namespace)
     pod = dep.spec.template.spec
@@ -268,6 +272,8 @@ async def test_a_rediss_server_is_verified_by_the_stacks_ca_for_operator_and_pod
     manifest["spec"]["redis"]["caConfigMap"] = {"name": "redis-ca"}
     await stacks.create(manifest)
     await stacks.wait_condition("rtls", "StreamReady", "True", None, operator)
+    await run_migration_job_when_created(kube_api, namespace, "rtls")
+    await stacks.wait_condition("rtls", "WorkloadsReady", "True", None, operator)
     secret = await core.read_namespaced_secret("rtls-credentials", namespace)
     pods_url = base64.b64decode(secret.data["REDIS_URL"]).decode()
     assert pods_url == f"{tls_redis}?ssl_ca_certs=/etc/cqrs-stack/redis-ca/ca.crt"

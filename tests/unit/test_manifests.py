@@ -399,3 +399,84 @@ def test_without_a_redis_login_keda_gets_no_trigger_authentication() -> None:
     assert trigger["metadata"]["enableTLS"] == "false"
     # The builtin engine and no autoscaling: no extra Secret keys (no rollout of old stacks).
     assert "REDIS_PASSWORD" not in manifests.credentials_data(stack(), "pw", "redis://:x@r:1/0")
+
+
+def test_a_projector_only_setting_changes_only_the_projector_hash() -> None:
+    secret = {"password": "x"}
+    before = manifests.component_hashes(manifests.config_data(stack()), secret)
+    changed = stack(projector={"replicas": 2, "batchSize": 251, "maxDeliveries": 7})
+    after = manifests.component_hashes(manifests.config_data(changed), secret)
+    assert [c for c in manifests.COMPONENTS if before[c] != after[c]] == ["projector"]
+    # A setting every component reads rolls them all.
+    logged = manifests.component_hashes(manifests.config_data(stack(logLevel="debug")), secret)
+    assert all(before[c] != logged[c] for c in manifests.COMPONENTS)
+
+
+def test_migration_job_is_bounded_named_per_image_and_gets_only_the_database_urls() -> None:
+    job = manifests.migration_job(stack())
+    assert job["kind"] == "Job"
+    assert job["metadata"]["name"] == manifests.migration_job_name(stack())
+    assert manifests.migration_job_name(stack()) != manifests.migration_job_name(
+        stack(image={"tag": "0.2.0"})
+    )
+    longest = parse_spec(
+        {**stack_spec(), "image": {"tag": "9.9.9"}}, namespace="shop", name="n" * 50
+    )
+    assert len(manifests.migration_job_name(longest)) <= 63
+    spec = job["spec"]
+    assert spec["backoffLimit"] == manifests.MIGRATION_BACKOFF_LIMIT
+    assert spec["activeDeadlineSeconds"] == manifests.MIGRATION_DEADLINE_SECONDS
+    assert spec["ttlSecondsAfterFinished"] == manifests.MIGRATION_TTL_SECONDS
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    [container] = pod["containers"]
+    assert (container["image"], container["command"], container["args"]) == (
+        "cqrs-stack:0.1.0",
+        ["cqrs-stack"],
+        ["migrate"],
+    )
+    env = {e["name"]: e for e in container["env"]}
+    assert set(env) == {"WRITE_DB_URL", "READ_DB_URL", "LOG_LEVEL", "MIGRATE_REPORT_FILE"}
+    assert env["MIGRATE_REPORT_FILE"]["value"] == container["terminationMessagePath"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def stack_spec() -> dict:
+    return {
+        "databases": {
+            "write": {"host": "pg-write.db", "adminSecret": "pg-admin"},
+            "read": {"host": "pg-read.db", "adminSecret": "pg-admin"},
+        },
+        "redis": {"url": "redis://redis.db:6379/0"},
+    }
+
+
+def test_migration_job_gets_the_pod_controls_and_resources_of_spec_migration_job() -> None:
+    spec = stack(
+        migrationJob={
+            **POD_CONTROLS,
+            "resources": {"requests": {"cpu": "200m"}, "limits": {"memory": "1Gi"}},
+        }
+    )
+    job = manifests.migration_job(spec)
+    pod = job["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "cqrs"}
+    assert pod["spec"]["priorityClassName"] == "cqrs-high"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    (spread,) = pod["spec"]["topologySpreadConstraints"]
+    assert spread["labelSelector"] == {
+        "matchLabels": {"cqrs.dev/migration-job": job["metadata"]["name"]}
+    }
+    # The operator's labels win: the Job's pods stay findable by their report's reader.
+    assert pod["metadata"]["labels"]["cqrs.dev/migration-job"] == job["metadata"]["name"]
+    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "cqrs-stack"
+    [container] = pod["spec"]["containers"]
+    assert container["resources"] == {"requests": {"cpu": "200m"}, "limits": {"memory": "1Gi"}}
+    assert container["envFrom"][0] == {
+        "configMapRef": {"name": "extra", "optional": False},
+        "prefix": "",
+    }
+    # One pod: no default spread, and still only the database URLs from the stack.
+    plain = manifests.migration_job(stack())["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in plain
+    assert plain["containers"][0]["envFrom"] == []

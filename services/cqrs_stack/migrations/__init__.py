@@ -43,6 +43,14 @@ def load_migrations(database: str) -> list[Migration]:
     return found
 
 
+def expected_schema_versions() -> dict[str, int]:
+    """The newest migration of each database in this package: the schema this version needs."""
+    return {
+        kind: max((m.version for m in load_migrations(kind)), default=0)
+        for kind in ("write", "read")
+    }
+
+
 async def _applied_versions(conn: AsyncConnection) -> set[int]:
     await conn.execute(
         text(
