@@ -518,9 +518,7 @@ async def test_a_ca_secret_naming_the_admin_secret_reaches_no_pod(env: Env) -> N
         "thief", "DatabasesReady", "False", "SecretNotOptedIn", env.operator
     )
     await env.stacks.wait_condition("thief", "StreamReady", "True", operator=env.operator)
-    await env.stacks.wait_condition(
-        "thief", "WorkloadsReady", "False", "SecretNotOptedIn", env.operator
-    )
+    await env.stacks.wait_condition("thief", "WorkloadsReady", "False", operator=env.operator)
     apps = client.AppsV1Api(env.api)
     found = await apps.list_namespaced_deployment(env.namespace)
     mounted = [
