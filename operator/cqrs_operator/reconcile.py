@@ -1134,6 +1134,18 @@ async def _stream(
         return None
     except ProvisioningError as exc:
         out.fail(status.STREAM, exc)
+        if redis.admin is not None and not any(
+            c.type == status.REDIS_ISOLATION for c in out.conditions
+        ):
+            # Not verified in this reconcile: the last True must not stand as if it were.
+            out.conditions.append(
+                status.Condition(
+                    status.REDIS_ISOLATION,
+                    None,
+                    exc.reason,
+                    f"the ACL user could not be checked: {exc.message}",
+                )
+            )
         return None
     out.ok(
         status.STREAM,

@@ -560,3 +560,22 @@ async def test_a_stack_provisioned_before_markers_keeps_its_names_on_upgrade(
         )
     finally:
         await admin.close()
+
+
+async def test_redis_isolation_is_unknown_while_redis_cannot_be_checked(
+    env: Env, redis_factory: Any
+) -> None:
+    """RedisIsolation=True is a claim checked each reconcile: with Redis unreachable it is
+    Unknown, not the last True (found by an attack: it stayed True, AclUser, while down)."""
+    server = redis_factory()
+    await redis_admin_secret(env.api, env.namespace)
+    m = env.manifest("isodown", fresh=env.fresh + "iso", redis_url=server.url)
+    m["spec"]["redis"]["adminSecret"] = "redis-admin"
+    await env.stacks.create(m)
+    await env.stacks.wait_condition("isodown", "RedisIsolation", "True", "AclUser", env.operator)
+    server.stop()
+    await env.stacks.wait_condition(
+        "isodown", "RedisIsolation", "Unknown", "RedisUnreachable", env.operator
+    )
+    server.start()
+    await env.stacks.wait_condition("isodown", "RedisIsolation", "True", "AclUser", env.operator)
