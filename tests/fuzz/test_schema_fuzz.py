@@ -23,6 +23,7 @@ MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "60")
 SEED = os.environ.get("FUZZ_SEED", "20240601")
 MAX_TIME = os.environ.get("FUZZ_MAX_TIME")  # set for a longer, time-boxed run (seconds)
 HOOKS = Path(__file__).with_name("st_hooks.py")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 @pytest.mark.parametrize("role", ["write-api", "read-api"])
@@ -37,6 +38,7 @@ async def test_schema_fuzz(stack: Stack, role: str, tmp_path: Path) -> None:
     assert st.exists(), "schemathesis is missing: pip install 'cqrs-stack[test]' (schemathesis)"
     command = [
         str(st),
+        f"--config-file={CONFIG}",
         "run",
         f"{service.url}/openapi.json",
         "--checks=all",
