@@ -178,14 +178,16 @@ _SAFE_WRITE_HEADERS: list[dict[str, Any]] = [
         "in": "header",
         "required": False,
         "description": "Write only if the key's version (its number of commands) is this one, "
-        'as a read\'s ETag gives it ("3"); * : only if the key has a command. Else 412.',
+        'as a read\'s ETag gives it ("3"); * : only if the key has a command. Else 412. '
+        "Not together with If-None-Match (400 invalid_precondition).",
         "schema": {"type": "string", "pattern": '^(\\*|"0"|"[1-9][0-9]{0,18}")$'},
     },
     {
         "name": "If-None-Match",
         "in": "header",
         "required": False,
-        "description": "* : write only if the key has no command yet. Else 412.",
+        "description": "* : write only if the key has no command yet. Else 412. Not together "
+        "with If-Match (400 invalid_precondition).",
         "schema": {"type": "string", "enum": ["*"]},
     },
 ]
