@@ -189,7 +189,8 @@ class Settings(BaseSettings):
     # count reads every row: seconds at 10 million).
     stats_exact_count_max: int = Field(default=100_000, ge=0, le=100_000_000)
     # A write's Idempotency-Key (and its original answer) is kept at least this long (the
-    # retention of the process that stored it, set in the key's row), then removed by a background task every IDEMPOTENCY_EXPIRY_INTERVAL seconds, in batches of
+    # retention of the process that stored it, set in the key's row), then removed by a
+    # background task every IDEMPOTENCY_EXPIRY_INTERVAL seconds, in batches of
     # IDEMPOTENCY_EXPIRY_BATCH keys (one short transaction each).
     idempotency_retention: float = Field(default=86_400.0, ge=1, le=30 * 86_400)
     idempotency_expiry_interval: float = Field(default=60.0, gt=0, le=3600)

@@ -115,11 +115,10 @@ def write_digest(
     precondition (If-Match / If-None-Match, as parsed): what tells a retry (same digest) from
     another write reusing the key. Each part is prefixed with its length, so that no two
     writes have the same input."""
-    condition = (
-        ""
-        if precondition is None
-        else f"{precondition.header}:{'*' if precondition.version is None else precondition.version}"
-    )
+    condition = ""
+    if precondition is not None:
+        version = "*" if precondition.version is None else str(precondition.version)
+        condition = f"{precondition.header}:{version}"
     digest = hashlib.sha256()
     for part in (method, idempotency_key, body.key, body.value, condition):
         encoded = part.encode()

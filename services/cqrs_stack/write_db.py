@@ -241,7 +241,7 @@ async def insert_commands(
     items: Sequence[tuple[str, str, str]],
     token: uuid.UUID,
     outcome_timeout: float,
-) -> list[Stored]:
+) -> list[Outcome]:
     """Store (key, value, event_type) items in one transaction; return them with positions,
     or ``BUSY`` for those whose key another transaction holds (not stored).
 
@@ -365,7 +365,7 @@ async def _try_lock(
     """Take the group's keys and idempotency keys without waiting; a write whose key or
     idempotency key another transaction holds is ``BUSY``."""
     keys = sorted({item.key for item in items})
-    idempotency_keys = sorted({i for item in items if (i := item.idempotency_key) is not None})
+    idempotency_keys = sorted({k for item in items if (k := item.idempotency_key) is not None})
     row = await conn.fetchrow(_TRY_LOCK_KEYS, keys, idempotency_keys)
     assert row is not None
     busy_keys, busy_idempotency_keys = set(row[0]), set(row[1])
@@ -392,9 +392,7 @@ async def _settle_claims(
         if not keyed:
             return
         digests = [items[i].digest for i in keyed.values()]
-        claimed = {
-            row[0] for row in await conn.fetch(_CLAIM_KEYS, list(keyed), digests, retention)
-        }
+        claimed = {row[0] for row in await conn.fetch(_CLAIM_KEYS, list(keyed), digests, retention)}
         for key in claimed:
             del keyed[key]
         if not keyed:

@@ -335,7 +335,8 @@ class CommandWriter:
             pending.busy_since = now
         left = self._settings.write_key_busy_timeout - (now - pending.busy_since)
         if self._refusing or left <= 0:
-            _settle(pending, _stopping() if self._refusing else self._key_busy())
+            if not pending.done.done():
+                pending.done.set_exception(_stopping() if self._refusing else self._key_busy())
             return
         self._in_hand += 1  # still in hand while it waits
         handle = loop.call_later(min(_BUSY_RETRY_DELAY, left), self._unhold, pending)
@@ -432,7 +433,9 @@ def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[tupl
     return group, retries
 
 
-def _retry_answer(retry: _Pending, first: _Pending, answer: WriteResult) -> WriteResult | RequestRefused:
+def _retry_answer(
+    retry: _Pending, first: _Pending, answer: WriteResult
+) -> WriteResult | RequestRefused:
     """The answer to a later write of a batch with the Idempotency-Key of an earlier one that
     was stored: that write's answer, or 422 for another digest."""
     if retry.item.digest != first.item.digest:
@@ -499,7 +502,8 @@ _EXPIRY_BATCHES_PER_ROUND = 100
 
 async def expire_idempotency_keys(pool: asyncpg.Pool, settings: Settings) -> float | None:
     """One supervised expiry round: remove idempotency keys past their expiry time (set at
-    claim from the IDEMPOTENCY_RETENTION of the process that stored them), in batches of IDEMPOTENCY_EXPIRY_BATCH, each its own short transaction. Returns 0 (the
+    claim from the IDEMPOTENCY_RETENTION of the process that stored them), in batches of
+    IDEMPOTENCY_EXPIRY_BATCH, each its own short transaction. Returns 0 (the
     next round at once) when the round stopped at its bound with keys left, else None."""
     removed = 0
     left = False
