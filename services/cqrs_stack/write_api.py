@@ -314,7 +314,8 @@ async def write_answer(
     answer_headers = {}
     # Only a write that asked for safe writes answers a version: the answer depends on the
     # request alone, not on the writes it shared a batch with.
-    if result.version is not None and headers is not NO_HEADERS:
+    asked = headers.idempotency_key is not None or headers.precondition is not None
+    if result.version is not None and asked:
         answer_headers["ETag"] = f'"{result.version}"'
     if result.replayed:
         answer_headers[REPLAYED_HEADER] = "true"
