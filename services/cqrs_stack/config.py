@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     # How long a write whose connection dropped mid-commit looks for its group before it
     # answers 503 outcome_unknown.
     write_outcome_timeout: float = Field(default=5.0, gt=0, le=60)
+    # A write whose key (or Idempotency-Key) another transaction holds is tried again in later
+    # batches for at most this long, then answered 503 key_busy; no batch waits on the lock.
+    write_key_busy_timeout: float = Field(default=2.0, gt=0, le=60)
+    # The write DB ends a write API session left idle inside a transaction this long (a
+    # process frozen mid-transaction), releasing the keys it holds.
+    write_idle_transaction_timeout: float = Field(default=10.0, ge=1, le=3600)
     redis_timeout: float = Field(default=2.0, gt=0)
     # While Redis is failing, the write path queues events without waiting on it and probes it
     # this often in the background.
@@ -182,8 +188,9 @@ class Settings(BaseSettings):
     # /stats counts a table's rows exactly up to this many, and estimates them above (an exact
     # count reads every row: seconds at 10 million).
     stats_exact_count_max: int = Field(default=100_000, ge=0, le=100_000_000)
-    # A write's Idempotency-Key (and its original answer) is kept at least this long, then
-    # removed by a background task every IDEMPOTENCY_EXPIRY_INTERVAL seconds, in batches of
+    # A write's Idempotency-Key (and its original answer) is kept at least this long (the
+    # retention of the process that stored it, set in the key's row), then removed by a
+    # background task every IDEMPOTENCY_EXPIRY_INTERVAL seconds, in batches of
     # IDEMPOTENCY_EXPIRY_BATCH keys (one short transaction each).
     idempotency_retention: float = Field(default=86_400.0, ge=1, le=30 * 86_400)
     idempotency_expiry_interval: float = Field(default=60.0, gt=0, le=3600)

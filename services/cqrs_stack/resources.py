@@ -146,7 +146,13 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
         write_engine=db.write_engine(settings, role),
         read_engine=db.read_engine(settings, role),
         write_pool=await db.create_pool(
-            settings.write_db_url, settings, application_name=f"cqrs-{role}"
+            settings.write_db_url,
+            settings,
+            application_name=f"cqrs-{role}",
+            # A write API frozen inside a keyed write's transaction must not hold its keys.
+            idle_transaction_timeout=(
+                settings.write_idle_transaction_timeout if serves_writes(role) else None
+            ),
         ),
         read_pool=await db.create_pool(
             settings.read_db_url, settings, application_name=f"cqrs-{role}"

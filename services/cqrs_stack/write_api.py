@@ -33,6 +33,22 @@ _IDEMPOTENCY_KEY = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_IDEMPOTENCY_KEY_LENGTH
 # One strong entity tag holding a version: a number that fits a bigint, no leading zero.
 _VERSION_TAG = re.compile(rb'"(0|[1-9][0-9]{0,18})"')
 _MAX_VERSION = 2**63 - 1
+
+
+def _version_pattern(bound: int) -> str:
+    """A regular expression matching the decimal numbers 0 to ``bound``, no leading zero."""
+    digits = str(bound)
+    shorter = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    same = []  # as many digits as the bound: a prefix of it, then one digit below, then any
+    for i, d in enumerate(digits):
+        low = "1" if i == 0 else "0"
+        if int(d) > int(low):
+            below = f"[{low}-{int(d) - 1}]" if int(d) - 1 > int(low) else f"[{low}]"
+            same.append(f"{digits[:i]}{below}[0-9]{{{len(digits) - i - 1}}}")
+    same.append(digits)
+    return "|".join(["0", *shorter, *same])
+
+
 # The answer's header saying it repeats the answer of the write that used the key first.
 REPLAYED_HEADER = "Idempotency-Replayed"
 
@@ -92,12 +108,19 @@ def _precondition(if_match: bytes | None, if_none_match: bytes | None) -> Precon
     return Precondition("If-Match", int(tag[1]))
 
 
-def write_digest(method: str, idempotency_key: str, body: WriteRequest) -> bytes:
-    """SHA-256 of the write's method, Idempotency-Key and body (its key and value): what
-    tells a retry (same digest) from another write reusing the key. Each part is prefixed
-    with its length, so that no two writes have the same input."""
+def write_digest(
+    method: str, idempotency_key: str, body: WriteRequest, precondition: Precondition | None
+) -> bytes:
+    """SHA-256 of the write's method, Idempotency-Key, body (its key and value) and
+    precondition (If-Match / If-None-Match, as parsed): what tells a retry (same digest) from
+    another write reusing the key. Each part is prefixed with its length, so that no two
+    writes have the same input."""
+    condition = ""
+    if precondition is not None:
+        version = "*" if precondition.version is None else str(precondition.version)
+        condition = f"{precondition.header}:{version}"
     digest = hashlib.sha256()
-    for part in (method, idempotency_key, body.key, body.value):
+    for part in (method, idempotency_key, body.key, body.value, condition):
         encoded = part.encode()
         digest.update(len(encoded).to_bytes(8, "big"))
         digest.update(encoded)
@@ -180,7 +203,7 @@ _SAFE_WRITE_HEADERS: list[dict[str, Any]] = [
         "description": "Write only if the key's version (its number of commands) is this one, "
         'as a read\'s ETag gives it ("3"); * : only if the key has a command. Else 412. '
         "Not together with If-None-Match (400 invalid_precondition).",
-        "schema": {"type": "string", "pattern": '^(\\*|"0"|"[1-9][0-9]{0,18}")$'},
+        "schema": {"type": "string", "pattern": f'^(\\*|"({_version_pattern(_MAX_VERSION)})")$'},
     },
     {
         "name": "If-None-Match",
@@ -213,6 +236,12 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     412: {
         "model": PreconditionFailedResponse,
         "description": "If-Match or If-None-Match does not hold; nothing stored",
+        "headers": {
+            "ETag": {
+                "description": "The key's current version (as current_version)",
+                "schema": {"type": "string"},
+            }
+        },
     },
     413: {"model": ErrorResponse},
     415: {"model": ErrorResponse},
@@ -271,7 +300,11 @@ async def write_answer(
         body.value,
         event_type,
         idempotency_key=key,
-        digest=b"" if key is None else write_digest(_METHODS[event_type], key, body),
+        digest=(
+            b""
+            if key is None
+            else write_digest(_METHODS[event_type], key, body, headers.precondition)
+        ),
         precondition=headers.precondition,
     )
     if not result.settled and key is not None:
@@ -281,7 +314,10 @@ async def write_answer(
         event_id = await original_event_id(resources.write_pool, key, within)
         result = dataclasses.replace(result, event_id=event_id, settled=True)
     answer_headers = {}
-    if result.version is not None:
+    # Only a write that asked for safe writes answers a version: the answer depends on the
+    # request alone, not on the writes it shared a batch with.
+    asked = headers.idempotency_key is not None or headers.precondition is not None
+    if result.version is not None and asked:
         answer_headers["ETag"] = f'"{result.version}"'
     if result.replayed:
         answer_headers[REPLAYED_HEADER] = "true"

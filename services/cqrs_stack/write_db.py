@@ -23,33 +23,55 @@ from .events import Command
 
 log = logging.getLogger(__name__)
 
-# One statement, hence one round trip and one commit (autocommit) per group of commands. The
-# group's token ($4) goes on its first row only: the others share that row's txid. Each key's
-# version row (its number of commands) is incremented first, in key order (two groups lock
-# their common keys in one order: no deadlock); the count(*) over those increments is an
-# initplan, run once before the first command is produced, so every lock is taken before any
-# command gets its id: per key, positions grow in the order of versions.
+# One statement, hence one round trip and one commit (autocommit) per group of commands.
+# No writer ever waits on a lock another session holds: each key of the group is first taken
+# with pg_try_advisory_xact_lock (class _KEY_LOCK), which never waits, and a key another
+# transaction holds (a writer frozen mid-transaction) is left out of the group (``BUSY``:
+# the write path tries it again). Every writer of a key takes that lock before touching the
+# key's rows, so the row locks below are never contended. The group's token ($4) goes on its
+# first stored row only: the others share that row's txid. Each key's version row (its number
+# of commands) is incremented first; the count(*) over those increments is an initplan, run
+# once before the first command is produced, so every lock is taken before any command gets
+# its id: per key, positions grow in the order of versions. ORDER BY n: ids in input order.
 _INSERT_COMMANDS = """
-    WITH counted AS (
+    WITH free AS MATERIALIZED (
+        SELECT k FROM (SELECT DISTINCT k FROM unnest($1::text[]) AS u(k)) AS d
+        WHERE pg_try_advisory_xact_lock(1, hashtext(k))
+    ), todo AS MATERIALIZED (
+        SELECT k, v, t, n
+        FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, v, t, n)
+        WHERE k IN (SELECT k FROM free)
+    ), counted AS (
         INSERT INTO key_versions AS kv (key, version)
-        SELECT k, count(*) FROM unnest($1::text[]) AS u(k) GROUP BY k ORDER BY k
+        SELECT k, count(*) FROM todo GROUP BY k ORDER BY k
         ON CONFLICT (key) DO UPDATE SET version = kv.version + excluded.version
         RETURNING kv.key
     )
     INSERT INTO commands (key, value, event_type, batch)
-    SELECT k, v, t, CASE WHEN n = 1 THEN $4::uuid END
-    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS u(k, v, t, n)
+    SELECT k, v, t, CASE WHEN n = (SELECT min(n) FROM todo) THEN $4::uuid END
+    FROM todo
     WHERE (SELECT count(*) FROM counted) > 0
+    ORDER BY n
     RETURNING id, key, value, event_type, created_at
+"""
+# The same try-locks for a keyed group's transaction, taken first: the record keys (class 1)
+# and the idempotency keys (class 2) another transaction holds. Collisions of the 32-bit hash
+# only make a write wait its turn.
+_TRY_LOCK_KEYS = """
+    SELECT array(SELECT k FROM unnest($1::text[]) AS u(k)
+                 WHERE NOT pg_try_advisory_xact_lock(1, hashtext(k))),
+           array(SELECT k FROM unnest($2::text[]) AS u(k)
+                 WHERE NOT pg_try_advisory_xact_lock(2, hashtext(k)))
 """
 
 # Writes with an Idempotency-Key or a precondition run in a transaction of a few statements
-# (writes without them never do). Its locks are taken in one order, idempotency keys (sorted)
-# then key versions (sorted), as every other group takes them: no deadlock.
-# Claim the keys not yet used; a key claimed by a transaction still open waits for its end.
+# (writes without them never do). Its row locks are taken only on keys whose try-lock it
+# holds (_TRY_LOCK_KEYS), so they never wait on another writer.
+# Claim the keys not yet used, each kept until now + the retention of the process storing it.
 _CLAIM_KEYS = """
-    INSERT INTO idempotency_keys (key, digest)
-    SELECT k, d FROM unnest($1::text[], $2::bytea[]) AS u(k, d) ORDER BY k
+    INSERT INTO idempotency_keys (key, digest, expires_at)
+    SELECT k, d, clock_timestamp() + make_interval(secs => $3)
+    FROM unnest($1::text[], $2::bytea[]) AS u(k, d) ORDER BY k
     ON CONFLICT (key) DO NOTHING
     RETURNING key
 """
@@ -60,14 +82,10 @@ _CLAIMED_BEFORE = """
     FROM idempotency_keys AS i JOIN commands AS c ON c.id = i.command_id
     WHERE i.key = ANY($1::text[])
 """
-# Lock the version rows of the group's keys (created at 0 if none) and read them, as
-# committed: the upsert reads the row's latest version, whatever the statement's snapshot.
-_LOCK_VERSIONS = """
-    INSERT INTO key_versions AS kv (key, version)
-    SELECT k, 0 FROM unnest($1::text[]) AS u(k) ORDER BY k
-    ON CONFLICT (key) DO UPDATE SET version = kv.version
-    RETURNING kv.key, kv.version
-"""
+# The versions of the group's keys (a key without a row is at 0). The group holds each
+# key's try-lock, so no other writer changes or creates these rows until it ends; nothing is
+# written here, so a refused write leaves no row behind.
+_LOCK_VERSIONS = "SELECT key, version FROM key_versions WHERE key = ANY($1::text[]) FOR UPDATE"
 # The group's keys' versions after it, in its transaction (whose locks hold them).
 _VERSIONS = "SELECT key, version FROM key_versions WHERE key = ANY($1::text[])"
 _RECORD_CLAIMS = """
@@ -84,13 +102,14 @@ _RECORD_EVENT_IDS = """
     FROM unnest($1::text[], $2::text[]) AS u(key, event_id)
     WHERE i.key = u.key
 """
-# Expiry: one small batch of the oldest keys past the retention, each batch its own short
-# transaction; SKIP LOCKED never waits on a key a write holds.
+# Expiry: one small batch of the keys past their own expiry time (set at claim by the
+# process that stored them), each batch its own short transaction; SKIP LOCKED never waits
+# on a key a write holds.
 _EXPIRE_KEYS = """
     DELETE FROM idempotency_keys WHERE key IN (
         SELECT key FROM idempotency_keys
-        WHERE created_at < clock_timestamp() - make_interval(secs => $1)
-        ORDER BY created_at LIMIT $2
+        WHERE expires_at < clock_timestamp()
+        ORDER BY expires_at LIMIT $1
         FOR UPDATE SKIP LOCKED)
 """
 # A claim that vanished between the claim and the look-up (expired in between) is claimed
@@ -206,7 +225,15 @@ class Stored:
     settled: bool = True
 
 
-Outcome = Stored | RequestRefused
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """A write left out of its group: another transaction holds its key (or its
+    Idempotency-Key), e.g. a writer frozen mid-transaction. Nothing stored; try it again."""
+
+
+BUSY = Busy()
+
+Outcome = Stored | RequestRefused | Busy
 
 
 async def insert_commands(
@@ -214,12 +241,13 @@ async def insert_commands(
     items: Sequence[tuple[str, str, str]],
     token: uuid.UUID,
     outcome_timeout: float,
-) -> list[Stored]:
-    """Store (key, value, event_type) items in one transaction; return them with positions.
+) -> list[Outcome]:
+    """Store (key, value, event_type) items in one transaction; return them with positions,
+    or ``BUSY`` for those whose key another transaction holds (not stored).
 
     One statement on the asyncpg connection, its own transaction. The result is in the order
-    of ``items``: the sequence hands out ids in the order unnest produces rows, so sorting by
-    id restores the input order whatever RETURNING does.
+    of ``items``: the ids are handed out in input order, so sorting by id restores it
+    whatever RETURNING does.
 
     If the connection is lost (or the statement times out) after the statement was sent, the
     group may have committed: it is looked up by ``token`` (see ``find_group``) and, when
@@ -239,7 +267,15 @@ async def insert_commands(
         if stored is None:
             raise
         rows = stored
-    return [Stored(command, None) for command in _in_order(rows)]
+    return _in_input_order(keys, rows)
+
+
+def _in_input_order(keys: Sequence[str], rows: Sequence[Sequence[object]]) -> list[Outcome]:
+    """Each item's stored command, ``BUSY`` for a key left out (all of a key's items are
+    stored or none is)."""
+    commands = iter(_in_order(rows))
+    stored = {row[1] for row in rows}
+    return [Stored(next(commands), None) if key in stored else BUSY for key in keys]
 
 
 def _in_order(rows: Sequence[Sequence[object]]) -> list[Command]:
@@ -266,20 +302,22 @@ async def store_commands(
     items: Sequence[NewCommand],
     token: uuid.UUID,
     outcome_timeout: float,
+    retention: float,
 ) -> list[Outcome]:
     """Store a group of writes; return each one's outcome, in the order of ``items``.
 
     A write without Idempotency-Key or precondition is stored as ``insert_commands`` stores
-    it (one statement). With them, one transaction: the group's idempotency keys are claimed
-    (a key used before answers its original command, ``replayed``, or 422 when the body
-    differs); then the preconditions are checked against the version rows, locked; then the
-    commands are stored and the claims record them. Two writes with one Idempotency-Key must
-    not be in one group (the caller keeps the first). A lost connection is handled as in
-    ``insert_commands``.
+    it (one statement). With them, one transaction: the group's keys and idempotency keys are
+    try-locked (a write whose key another transaction holds is ``BUSY``, never waited for);
+    its idempotency keys are claimed, kept ``retention`` seconds (a key used before answers
+    its original command, ``replayed``, or 422 when the digest differs); then the
+    preconditions are checked against the version rows; then the commands are stored and the
+    claims record them. Two writes with one Idempotency-Key must not be in one group (the
+    caller keeps the first). A lost connection is handled as in ``insert_commands``.
     """
     if all(item.idempotency_key is None and item.precondition is None for item in items):
         plain = [(item.key, item.value, item.event_type) for item in items]
-        return list(await insert_commands(pool, plain, token, outcome_timeout))
+        return await insert_commands(pool, plain, token, outcome_timeout)
     outcomes: dict[int, Outcome] = {}
     to_store: list[int] = []
     session: int | None = None
@@ -287,7 +325,8 @@ async def store_commands(
         async with driver_connection(pool) as conn:
             session = conn.get_server_pid()
             async with conn.transaction():
-                await _settle_claims(conn, items, outcomes)
+                await _try_lock(conn, items, outcomes)
+                await _settle_claims(conn, items, outcomes, retention)
                 await _check_preconditions(conn, items, outcomes)
                 to_store = [i for i in range(len(items)) if i not in outcomes]
                 released = [
@@ -320,16 +359,40 @@ async def store_commands(
     return [outcomes[i] for i in range(len(items))]
 
 
-async def _settle_claims(
+async def _try_lock(
     conn: asyncpg.Connection, items: Sequence[NewCommand], outcomes: dict[int, Outcome]
 ) -> None:
+    """Take the group's keys and idempotency keys without waiting; a write whose key or
+    idempotency key another transaction holds is ``BUSY``."""
+    keys = sorted({item.key for item in items})
+    idempotency_keys = sorted({k for item in items if (k := item.idempotency_key) is not None})
+    row = await conn.fetchrow(_TRY_LOCK_KEYS, keys, idempotency_keys)
+    assert row is not None
+    busy_keys, busy_idempotency_keys = set(row[0]), set(row[1])
+    if not busy_keys and not busy_idempotency_keys:
+        return
+    for i, item in enumerate(items):
+        if item.key in busy_keys or item.idempotency_key in busy_idempotency_keys:
+            outcomes[i] = BUSY
+
+
+async def _settle_claims(
+    conn: asyncpg.Connection,
+    items: Sequence[NewCommand],
+    outcomes: dict[int, Outcome],
+    retention: float,
+) -> None:
     """Claim the group's idempotency keys; a key used before settles its write's outcome."""
-    keyed = {item.idempotency_key: i for i, item in enumerate(items) if item.idempotency_key}
+    keyed = {
+        item.idempotency_key: i
+        for i, item in enumerate(items)
+        if item.idempotency_key and i not in outcomes
+    }
     for _ in range(_CLAIM_TRIES):
         if not keyed:
             return
         digests = [items[i].digest for i in keyed.values()]
-        claimed = {row[0] for row in await conn.fetch(_CLAIM_KEYS, list(keyed), digests)}
+        claimed = {row[0] for row in await conn.fetch(_CLAIM_KEYS, list(keyed), digests, retention)}
         for key in claimed:
             del keyed[key]
         if not keyed:
@@ -359,13 +422,12 @@ async def _check_preconditions(
     pending = [i for i in range(len(items)) if i not in outcomes]
     if not any(items[i].precondition is not None for i in pending):
         return
-    # Every key of the group is locked here, in key order, not only the conditional ones:
-    # the insert that follows then takes no lock out of that order.
+    # Every key of the group is read here, not only the conditional ones, in key order.
     keys = sorted({items[i].key for i in pending})
     versions = {row[0]: int(row[1]) for row in await conn.fetch(_LOCK_VERSIONS, keys)}
     for i in pending:
         item = items[i]
-        current = versions[item.key]
+        current = versions.get(item.key, 0)
         if item.precondition is not None and not item.precondition.holds(current):
             outcomes[i] = PreconditionFailed(
                 item.precondition.header, item.precondition.version, item.key, current
@@ -432,10 +494,10 @@ async def original_event_id(pool: asyncpg.Pool, key: str, within: float) -> str 
         delay = min(delay * 2, 0.1)
 
 
-async def expire_idempotency_keys(pool: asyncpg.Pool, retention: float, batch: int) -> int:
-    """Remove one batch of idempotency keys older than ``retention`` seconds; return how many."""
+async def expire_idempotency_keys(pool: asyncpg.Pool, batch: int) -> int:
+    """Remove one batch of idempotency keys past their expiry time; return how many."""
     async with driver_connection(pool) as conn:
-        status = await conn.execute(_EXPIRE_KEYS, retention, batch)
+        status = await conn.execute(_EXPIRE_KEYS, batch)
     return int(status.split()[-1])
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import asyncpg
@@ -27,13 +28,16 @@ from .errors import IdempotencyKeyReused, RequestRefused, RetryLater
 from .events import Command
 from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE, WRITE_QUEUE_DEPTH
 from .supervision import Supervisor
-from .write_db import CommitOutcomeUnknown, NewCommand, Precondition, Stored
+from .write_db import Busy, CommitOutcomeUnknown, NewCommand, Outcome, Precondition
 
 log = logging.getLogger(__name__)
 
 # How often an idle batching loop wakes to see whether the process is stopping.
 _IDLE_WAKE = 0.5
 _LOOP_NAME = "command-writer"
+# A write whose key another transaction holds goes back in the queue after this long (or its
+# bound, WRITE_KEY_BUSY_TIMEOUT, whichever is sooner).
+_BUSY_RETRY_DELAY = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,8 @@ class WriteResult:
 class _Pending:
     item: NewCommand
     done: asyncio.Future[WriteResult]
+    # When a batch first found its key held by another transaction (loop time), if it did.
+    busy_since: float | None = None
 
 
 class CommandWriter:
@@ -87,6 +93,8 @@ class CommandWriter:
         self._answering: list[tuple[_Pending, Command]] = []
         self._publishing: asyncio.Task[None] | None = None
         self._give_up: asyncio.TimerHandle | None = None  # set once a stop has begun
+        # Writes whose key another transaction held, waiting to go back in the queue.
+        self._held: list[tuple[_Pending, asyncio.TimerHandle]] = []
         self._refusing = False  # the stop's bound passed: writes are answered at once
         self._breaker = CircuitBreaker(
             "redis",
@@ -111,6 +119,12 @@ class CommandWriter:
         """The stop's bound passed: answer every write in hand; none waits for the write DB."""
         self._refusing = True
         self._answer_queued()  # committed: stored, its events sent by the publisher later
+        for pending, handle in self._held:  # nothing stored
+            handle.cancel()
+            if not pending.done.done():
+                pending.done.set_exception(_stopping())
+            self._in_hand -= 1
+        self._held = []
         for pending in self._batch:  # its statement may be sent: it may be stored
             if not pending.done.done():
                 pending.done.set_exception(CommitOutcomeUnknown())
@@ -226,9 +240,7 @@ class CommandWriter:
         for _ in batch:
             self._queue.task_done()
 
-    async def _commit(
-        self, batch: list[_Pending], group: list[_Pending]
-    ) -> list[Stored | RequestRefused] | None:
+    async def _commit(self, batch: list[_Pending], group: list[_Pending]) -> list[Outcome] | None:
         """The outcome of each write of ``group`` (the batch without its repeated keys),
         committed; None when the write DB failed (the batch's writers told)."""
         WRITE_BATCH_SIZE.observe(len(batch))
@@ -238,6 +250,7 @@ class CommandWriter:
                 [p.item for p in group],
                 write_db.new_batch_token(),
                 self._settings.write_outcome_timeout,
+                self._settings.idempotency_retention,
             )
         except Exception as exc:  # every waiter must learn of the failure
             _fail(batch, exc)
@@ -248,22 +261,23 @@ class CommandWriter:
         batch: list[_Pending],
         group: list[_Pending],
         retries: list[tuple[_Pending, int]],
-        outcomes: list[Stored | RequestRefused],
+        outcomes: list[Outcome],
     ) -> None:
         """Publish a committed batch's new events, then answer its writers (refusals and
-        replays need no publishing; a later write of a key in the batch gets its answer)."""
+        replays need no publishing; a later write of a key in the batch gets its answer if
+        that write was stored, else is settled anew; a write whose key was busy is held)."""
         fresh = [
             (pending, outcome.command)
             for pending, outcome in zip(group, outcomes, strict=True)
-            if isinstance(outcome, Stored) and not outcome.replayed
+            if isinstance(outcome, write_db.Stored) and not outcome.replayed
         ]
         self._answering = fresh
         try:
             event_ids = await self._publish([command for _, command in fresh])
-            answers: list[WriteResult | RequestRefused] = []
+            answers: list[WriteResult | RequestRefused | Busy] = []
             published = iter(event_ids)
             for outcome in outcomes:
-                if isinstance(outcome, RequestRefused):
+                if isinstance(outcome, RequestRefused | Busy):
                     answers.append(outcome)
                 elif outcome.replayed:
                     answers.append(
@@ -279,15 +293,15 @@ class CommandWriter:
                     answers.append(WriteResult(outcome.command, next(published), outcome.version))
             await self._record_event_ids(group, answers)
             for pending, answer in zip(group, answers, strict=True):
-                _settle(pending, answer)
+                if isinstance(answer, Busy):
+                    self._hold(pending)
+                else:
+                    _settle(pending, answer)
             for pending, first in retries:
                 answer = answers[first]
-                if (
-                    isinstance(answer, WriteResult)
-                    or pending.item.digest == group[first].item.digest
-                ):
+                if isinstance(answer, WriteResult):
                     _settle(pending, _retry_answer(pending, group[first], answer))
-                else:  # the key may be free, or hold this body: the write DB must settle it
+                else:  # a refused or busy write claims nothing: the write DB must settle it
                     self._requeue(pending)
         except Exception as exc:  # unforeseen: committed, so answered queued; logged, not raised
             log.exception("publishing a committed batch failed count=%d", len(batch))
@@ -312,8 +326,39 @@ class CommandWriter:
         self._queue.put_nowait(pending)
         self._in_hand += 1
 
+    def _hold(self, pending: _Pending) -> None:
+        """A write whose key another transaction holds: back in the queue shortly, unless it
+        has been busy for WRITE_KEY_BUSY_TIMEOUT (then 503 key_busy, nothing stored)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if pending.busy_since is None:
+            pending.busy_since = now
+        left = self._settings.write_key_busy_timeout - (now - pending.busy_since)
+        if self._refusing or left <= 0:
+            if not pending.done.done():
+                pending.done.set_exception(_stopping() if self._refusing else self._key_busy())
+            return
+        self._in_hand += 1  # still in hand while it waits
+        handle = loop.call_later(min(_BUSY_RETRY_DELAY, left), self._unhold, pending)
+        self._held.append((pending, handle))
+
+    def _unhold(self, pending: _Pending) -> None:
+        self._held = [(p, h) for p, h in self._held if p is not pending]
+        self._in_hand -= 1
+        self._requeue(pending)
+
+    def _key_busy(self) -> RetryLater:
+        # The holder is a session the write DB ends within WRITE_IDLE_TRANSACTION_TIMEOUT.
+        return RetryLater(
+            "key_busy",
+            "another transaction has held this key (or Idempotency-Key) for "
+            f"{self._settings.write_key_busy_timeout:g} s (WRITE_KEY_BUSY_TIMEOUT): "
+            "nothing was stored, retry later",
+            retry_after=max(1, math.ceil(self._settings.write_idle_transaction_timeout)),
+        )
+
     async def _record_event_ids(
-        self, group: list[_Pending], answers: list[WriteResult | RequestRefused]
+        self, group: list[_Pending], answers: list[WriteResult | RequestRefused | Busy]
     ) -> None:
         """Keep the answers of the group's new keyed commands for their replays: the stream
         id, or '' for a command answered queued."""
@@ -389,15 +434,13 @@ def _first_of_each_key(batch: list[_Pending]) -> tuple[list[_Pending], list[tupl
 
 
 def _retry_answer(
-    retry: _Pending, first: _Pending, answer: WriteResult | RequestRefused
+    retry: _Pending, first: _Pending, answer: WriteResult
 ) -> WriteResult | RequestRefused:
     """The answer to a later write of a batch with the Idempotency-Key of an earlier one that
-    was stored (or whose body it repeats): that write's answer, or 422 for another body."""
+    was stored: that write's answer, or 422 for another digest."""
     if retry.item.digest != first.item.digest:
         return IdempotencyKeyReused()
-    if isinstance(answer, WriteResult):
-        return dataclasses.replace(answer, replayed=True)
-    return answer
+    return dataclasses.replace(answer, replayed=True)
 
 
 def _settle(pending: _Pending, answer: WriteResult | RequestRefused) -> None:
@@ -458,15 +501,14 @@ _EXPIRY_BATCHES_PER_ROUND = 100
 
 
 async def expire_idempotency_keys(pool: asyncpg.Pool, settings: Settings) -> float | None:
-    """One supervised expiry round: remove idempotency keys older than IDEMPOTENCY_RETENTION,
-    in batches of IDEMPOTENCY_EXPIRY_BATCH, each its own short transaction. Returns 0 (the
+    """One supervised expiry round: remove idempotency keys past their expiry time (set at
+    claim from the IDEMPOTENCY_RETENTION of the process that stored them), in batches of
+    IDEMPOTENCY_EXPIRY_BATCH, each its own short transaction. Returns 0 (the
     next round at once) when the round stopped at its bound with keys left, else None."""
     removed = 0
     left = False
     for _ in range(_EXPIRY_BATCHES_PER_ROUND):
-        count = await write_db.expire_idempotency_keys(
-            pool, settings.idempotency_retention, settings.idempotency_expiry_batch
-        )
+        count = await write_db.expire_idempotency_keys(pool, settings.idempotency_expiry_batch)
         removed += count
         left = count == settings.idempotency_expiry_batch
         if not left:

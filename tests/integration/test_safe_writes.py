@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -370,3 +373,235 @@ async def test_one_key_sent_to_two_processes_at_once_stores_one_command(stack: S
             assert answers[0].content == answers[1].content
             assert sorted(a.headers.get(REPLAYED, "") for a in answers) == ["", "true"]
     assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == rounds
+
+
+async def queue_depth(api: ServiceProcess) -> float:
+    async with httpx.AsyncClient(base_url=api.url, timeout=5) as client:
+        text = (await client.get("/metrics")).text
+    line = next(x for x in text.splitlines() if x.startswith("cqrs_write_queue_depth "))
+    return float(line.split()[1])
+
+
+async def waiting_on_a_lock(conn: asyncpg.Connection) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()"
+        )
+    )
+
+
+async def one_batch(
+    stack: Stack, api: ServiceProcess, client: httpx.AsyncClient, sends: list[Any]
+) -> list[httpx.Response]:
+    """Send the writes of ``sends`` (callables returning the request's coroutine) so that
+    they form one batch, in that order: a first write's batch is held on a table lock while
+    the others queue, one by one, then the lock is released."""
+    conn = await asyncpg.connect(stack.env["WRITE_DB_URL"])
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("LOCK TABLE commands IN SHARE MODE")  # blocks INSERTs only
+        filler = asyncio.create_task(client.post("/write", json={"key": "filler", "value": "f"}))
+
+        async def filler_waits() -> bool:
+            return await waiting_on_a_lock(conn)
+
+        await wait_until(filler_waits, 10, "the first batch to wait on the table lock")
+        tasks = []
+        for n, send in enumerate(sends, start=2):
+            tasks.append(asyncio.create_task(send()))
+
+            async def queued(n: int = n) -> bool:
+                return await queue_depth(api) >= n
+
+            await wait_until(queued, 10, f"{n} writes in hand")
+        await tx.rollback()
+        assert (await filler).status_code == 200
+        return list(await asyncio.gather(*tasks))
+    finally:
+        await conn.close()
+
+
+@PATHS
+async def test_a_refused_write_repeated_in_its_batch_is_settled_anew(
+    stack: Stack, hot_paths: str
+) -> None:
+    # One batch: a write refused 412, then the same key and body without the precondition.
+    api = await stack.launch("write-api", HOT_PATHS=hot_paths)
+    body = {"key": "ib", "value": "v"}
+    async with httpx.AsyncClient(base_url=api.url, timeout=20) as client:
+        assert (await client.post("/write", json={"key": "ib", "value": "0"})).status_code == 200
+        refused, stored = await one_batch(
+            stack,
+            api,
+            client,
+            [
+                lambda: client.post(
+                    "/write", json=body, headers=keyed("ib1", **{"If-None-Match": "*"})
+                ),
+                lambda: client.post("/write", json=body, headers=keyed("ib1")),
+            ],
+        )
+        assert refused.status_code == 412, refused.text
+        assert stored.status_code == 200, stored.text
+        assert REPLAYED not in stored.headers and stored.headers["etag"] == '"2"'
+        retry = await client.post("/write", json=body, headers=keyed("ib1"))
+        assert retry.headers[REPLAYED] == "true" and retry.content == stored.content
+    assert await commands_of(stack, "ib") == 2
+
+
+async def test_a_plain_write_batched_with_keyed_writes_has_no_etag(stack: Stack) -> None:
+    api = await stack.launch("write-api")
+    async with httpx.AsyncClient(base_url=api.url, timeout=20) as client:
+        keyed_write, plain = await one_batch(
+            stack,
+            api,
+            client,
+            [
+                lambda: client.post(
+                    "/write", json={"key": "mx1", "value": "v"}, headers=keyed("mx")
+                ),
+                lambda: client.post("/write", json={"key": "mx2", "value": "v"}),
+            ],
+        )
+    assert keyed_write.status_code == 200 and keyed_write.headers["etag"] == '"1"'
+    assert plain.status_code == 200 and "etag" not in plain.headers
+
+
+@PATHS
+async def test_the_precondition_is_part_of_the_idempotency_digest(
+    stack: Stack, hot_paths: str
+) -> None:
+    api = await stack.launch("write-api", HOT_PATHS=hot_paths)
+    body = {"key": "pd", "value": "v"}
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        first = await client.post(
+            "/write", json=body, headers=keyed("pd", **{"If-None-Match": "*"})
+        )
+        assert first.status_code == 200 and first.headers["etag"] == '"1"'
+        # The same request again: its answer, although the key is no longer at version 0.
+        again = await client.post(
+            "/write", json=body, headers=keyed("pd", **{"If-None-Match": "*"})
+        )
+        assert again.headers[REPLAYED] == "true" and again.content == first.content
+        for other in ({}, {"If-Match": '"0"'}, {"If-Match": "*"}):
+            reused = await client.post("/write", json=body, headers=keyed("pd", **other))
+            assert reused.status_code == 422, (other, reused.text)
+            assert reused.json()["error"] == "idempotency_key_reused"
+    assert await commands_of(stack, "pd") == 1
+
+
+async def test_a_refused_write_stores_nothing(stack: Stack) -> None:
+    api = await stack.launch("write-api")
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        for n, headers in enumerate(({"If-Match": '"3"'}, {"If-Match": "*"})):
+            refused = await client.put(
+                "/write", json={"key": f"no{n}", "value": "v"}, headers=keyed(f"no{n}", **headers)
+            )
+            assert refused.status_code == 412 and refused.headers["etag"] == '"0"'
+    assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM key_versions") == 0
+    assert await idempotency_rows(stack) == 0
+    assert await stack.scalar(stack.write_engine, "SELECT count(*) FROM commands") == 0
+
+
+async def test_each_key_expires_by_the_retention_of_the_process_that_stored_it(
+    stack: Stack,
+) -> None:
+    fast = dict(IDEMPOTENCY_EXPIRY_INTERVAL="0.2")
+    short = await stack.launch("write-api", IDEMPOTENCY_RETENTION="1", **fast)
+    long = await stack.launch("write-api", IDEMPOTENCY_RETENTION="3600", **fast)
+    async with httpx.AsyncClient(timeout=10) as client:
+        for api, key in ((long, "kept"), (short, "gone")):
+            answer = await client.post(
+                f"{api.url}/write", json={"key": key, "value": "v"}, headers=keyed(key)
+            )
+            assert answer.status_code == 200
+
+    async def short_one_expired() -> bool:
+        return await idempotency_rows(stack) == 1
+
+    await wait_until(short_one_expired, 10, "the key stored with a 1 s retention to expire")
+    await asyncio.sleep(0.5)  # more rounds of both expiry tasks (0.2 s each)
+    left = await stack.scalar(
+        stack.write_engine,
+        "SELECT key || ':' || (expires_at > clock_timestamp() + interval '3500 s')"
+        " FROM idempotency_keys",
+    )
+    assert left == "kept:true"
+
+
+async def test_a_frozen_write_api_holding_a_key_stalls_no_other_writer(stack: Stack) -> None:
+    # A second write API frozen (SIGSTOP) inside a keyed write's transaction, holding the
+    # key, its Idempotency-Key and their rows; the server ends it after its idle bound.
+    frozen = await stack.launch("write-api", WRITE_IDLE_TRANSACTION_TIMEOUT="3")
+    api = await stack.launch("write-api", WRITE_KEY_BUSY_TIMEOUT="1")
+    conn = await asyncpg.connect(stack.env["WRITE_DB_URL"])
+    body = {"key": "held", "value": "v"}
+    try:
+        async with httpx.AsyncClient(timeout=20) as client:
+            assert (await client.post(f"{api.url}/write", json=body)).status_code == 200
+            tx = conn.transaction()
+            await tx.start()
+            # Hold the key's version row so that the keyed write waits in its INSERT, then
+            # freeze its process and let the INSERT finish: its transaction stays open.
+            await conn.execute("SELECT 1 FROM key_versions WHERE key = 'held' FOR UPDATE")
+            stuck = asyncio.create_task(
+                client.post(f"{frozen.url}/write", json=body, headers=keyed("held"))
+            )
+
+            async def frozen_waits() -> bool:
+                return await waiting_on_a_lock(conn)
+
+            await wait_until(frozen_waits, 10, "the keyed write to wait on the row lock")
+            frozen.process.send_signal(signal.SIGSTOP)
+            await tx.rollback()  # its INSERT completes; its transaction stays open, frozen
+
+            async def idle_in_transaction() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE state = 'idle in transaction' AND datname = current_database()"
+                    )
+                )
+
+            await wait_until(idle_in_transaction, 10, "the frozen transaction to be idle")
+
+            async def timed(coro: Any) -> tuple[httpx.Response, float]:
+                start = time.monotonic()
+                answer = await coro
+                return answer, time.monotonic() - start
+
+            same_key, *others = await asyncio.gather(
+                timed(client.post(f"{api.url}/write", json=body, headers=keyed("held"))),
+                *(
+                    timed(client.post(f"{api.url}/write", json={"key": f"o{i}", "value": "v"}, **h))
+                    for i, h in enumerate(
+                        [{}] * 8 + [{"headers": keyed(f"ok{i}")} for i in range(8)]
+                    )
+                ),
+                timed(client.put(f"{api.url}/write", json=body)),  # a plain write of that key
+            )
+            plain_same = others.pop()
+            for answer, took in others:
+                assert answer.status_code == 200 and took < 1.0, (answer.text, took)
+            for answer, took in (same_key, plain_same):
+                assert answer.status_code == 503 and answer.json()["error"] == "key_busy"
+                assert answer.headers["retry-after"] == "10" and 1.0 <= took < 2.5, took
+            # The write DB ends the frozen session (3 s idle): the key writes anew.
+            await wait_until(
+                lambda: _not(idle_in_transaction), 10, "the frozen session to be ended"
+            )
+            anew = await client.post(f"{api.url}/write", json=body, headers=keyed("held"))
+            assert anew.status_code == 200 and REPLAYED not in anew.headers, anew.text
+            assert anew.headers["etag"] == '"2"'
+            frozen.process.send_signal(signal.SIGCONT)
+            assert (await stuck).status_code == 503  # its transaction was rolled back
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+        await conn.close()
+    assert await commands_of(stack, "held") == 2
+
+
+async def _not(condition: Callable[[], Any]) -> bool:
+    return not await condition()
