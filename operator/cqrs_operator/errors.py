@@ -36,6 +36,7 @@ PERMANENT_REASONS = frozenset(
         "InvalidImageName",
         "CreateContainerConfigError",
         "KedaNotInstalled",
+        "MigrationJobNotOurs",
     }
 )
 

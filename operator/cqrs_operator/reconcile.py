@@ -1028,8 +1028,16 @@ async def migration_job_outcome(
                 f"Job {name} migrated image {annotations.get(manifests.IMAGE_ANNOTATION)}, "
                 f"not {spec.image}: it is removed by its TTL, or delete it",
             )
+        rendered = manifests.migration_job(spec)
+        if job is not None and not _runs_as_rendered(job, rendered):
+            # The owner uid and the annotation can be copied by anyone who may create Jobs:
+            # only a Job that runs what the operator would run counts as the migration.
+            raise PermanentProvisioningError(
+                "MigrationJobNotOurs",
+                f"Job {name} does not run the stack's migration (image, command, environment "
+                "differ from the operator's): delete it",
+            )
         if job is None:
-            rendered = manifests.migration_job(spec)
             await check_pod_secrets(api, spec, [rendered])
             await _apply(api, spec, rendered, adopt)
             out.changes.append(
@@ -1042,6 +1050,34 @@ async def migration_job_outcome(
             "MigrationJobUnreadable", f"cannot read Job {name} or its pods: HTTP {exc.status}"
         ) from exc
     return migration_job.job_outcome(job, pods)
+
+
+_JOB_CONTAINER_FIELDS = ("image", "command", "args", "env", "envFrom", "volumeMounts")
+
+
+def _runs_as_rendered(live: Mapping[str, Any], rendered: Mapping[str, Any]) -> bool:
+    """Whether a live Job's containers run what ``rendered`` would (the fields we set; the
+    API server's defaults aside)."""
+
+    def containers(job: Mapping[str, Any]) -> list[dict[str, Any]]:
+        pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+        return [
+            {f: c.get(f) or None for f in _JOB_CONTAINER_FIELDS}
+            for c in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]
+        ]
+
+    def volumes(job: Mapping[str, Any]) -> list[Any]:
+        pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+        return sorted(
+            (
+                str(v.get("name")),
+                str((v.get("secret") or {}).get("secretName")),
+                str((v.get("configMap") or {}).get("name")),
+            )
+            for v in pod.get("volumes") or []
+        )
+
+    return containers(live) == containers(rendered) and volumes(live) == volumes(rendered)
 
 
 async def _record_migration(
@@ -1058,9 +1094,12 @@ async def _record_migration(
     # image carries is applied: it expects what it left.
     expected = outcome.expected or versions
     databases = out.extra.setdefault("databases", {})
-    databases.update(
-        schemaVersions=versions, migratedImage=spec.image, expectedSchemaVersions=expected
-    )
+    databases.update(schemaVersions=versions)
+    if versions == expected:
+        # Recorded only when the schema is what the image expects: the Deployments roll to
+        # the migrated image (a rollback below the schema, or a Job that left the schema
+        # behind, keeps them on the image they run).
+        databases.update(migratedImage=spec.image, expectedSchemaVersions=expected)
     if versions != expected:
         out.conditions.append(
             status.Condition(

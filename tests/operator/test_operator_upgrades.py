@@ -8,6 +8,7 @@ No kubelet runs here: ``kubelet_standin`` runs a Job's container command (this t
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -282,3 +283,95 @@ async def test_the_operator_applies_its_crd_at_start_and_may_touch_no_other(
 def api_dict(api: client.ApiClient, obj: Any) -> dict[str, Any]:
     result: dict[str, Any] = api.sanitize_for_serialization(obj)
     return result
+
+
+async def _write_api_image(env: Env, stack: str) -> str:
+    dep = await client.AppsV1Api(env.api).read_namespaced_deployment(
+        f"{stack}-write-api", env.namespace
+    )
+    image: str = dep.spec.template.spec.containers[0].image
+    return image
+
+
+async def test_a_rollback_below_the_schema_never_rolls_the_deployments(env: Env) -> None:
+    """An older image whose Job succeeds but expects a lower schema: SchemaMismatch, and the
+    Deployments stay on the image they run, in this reconcile and the next ones (found by an
+    attack: the second reconcile rolled them to the older image over the newer schema)."""
+    import json
+
+    from tests.operator.kubelet_standin import _record, pending_jobs
+
+    await env.stacks.create(
+        env.manifest("back", image={"repository": "cqrs-stack", "tag": "2.0.0"})
+    )
+    obj = await env.stacks.wait_ready("back", env.operator)
+    have = obj["status"]["databases"]["schemaVersions"]
+    older = {"expectedSchemaVersions": {"write": have["write"] - 1, "read": have["read"] - 1}}
+    await env.stacks.patch("back", {"spec": {"image": {"tag": "1.0.0"}}})
+    jobs = await wait_until(
+        lambda: pending_jobs(env.api, env.namespace, "back"), timeout=30, what="the Job"
+    )
+    await _record(env.api, env.namespace, jobs[0], 0, json.dumps(older))
+    await env.stacks.wait_condition(
+        "back", "MigrationsApplied", "False", "SchemaMismatch", env.operator
+    )
+    for _ in range(6):  # several reconciles (bounded): the choice holds
+        await env.stacks.mark_available("back")
+        assert (await _write_api_image(env, "back")).endswith(":2.0.0")
+        await asyncio.sleep(1)
+    status = (await env.stacks.get("back"))["status"]
+    assert status["databases"].get("migratedImage", "").endswith(":2.0.0")
+
+
+async def test_a_planted_job_of_the_operators_name_is_not_taken_for_the_migration(
+    env: Env,
+) -> None:
+    """A tenant who may create Jobs plants the next image's migration Job (the operator's
+    name, owner reference, annotation) running `true`: refused as MigrationJobNotOurs, and no
+    Deployment runs that image (found by an attack)."""
+    from cqrs_operator import spec as stack_spec
+    from tests.operator.kubelet_standin import _record
+
+    m = env.manifest("planted")
+    await env.stacks.create(m)
+    obj = await env.stacks.wait_ready("planted", env.operator)
+    uid = obj["metadata"]["uid"]
+    nxt = {**m["spec"], "image": {"repository": "cqrs-stack", "tag": "9.9.9"}}
+    typed = stack_spec.parse_spec(
+        nxt, namespace=env.namespace, name="planted", uid=uid, status=obj.get("status")
+    )
+    rendered = manifests.migration_job(typed)
+    forged = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": manifests.migration_job_name(typed),
+            "labels": rendered["metadata"]["labels"],
+            "annotations": rendered["metadata"].get("annotations"),
+            "ownerReferences": [
+                {
+                    "apiVersion": "cqrs.dev/v1alpha1",
+                    "kind": "CqrsStack",
+                    "name": "planted",
+                    "uid": uid,
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {
+            "template": {
+                "metadata": {"labels": rendered["spec"]["template"]["metadata"]["labels"]},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "migrate", "image": "busybox", "command": ["true"]}],
+                },
+            }
+        },
+    }
+    job = await client.BatchV1Api(env.api).create_namespaced_job(env.namespace, forged)
+    await _record(env.api, env.namespace, job, 0, "")
+    await env.stacks.patch("planted", {"spec": {"image": {"tag": "9.9.9"}}})
+    await env.stacks.wait_condition(
+        "planted", "MigrationsApplied", "False", "MigrationJobNotOurs", env.operator
+    )
+    assert not (await _write_api_image(env, "planted")).endswith(":9.9.9")
