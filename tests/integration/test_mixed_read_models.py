@@ -4,6 +4,13 @@ model repairs what a replica without it acknowledged from the stream."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
 from sqlalchemy import text
 
 from cqrs_stack.db import driver_of
@@ -54,6 +61,24 @@ async def test_a_replica_keeping_history_repairs_what_a_records_only_one_acknowl
         "the records-only replica's warning",
     )
     assert "models=history" in narrow.log()
+    narrow_status = await asyncio.to_thread(status, stack, "records")
+    assert narrow_status["read_models_not_enabled_here"] == ["history"]
+    assert (await asyncio.to_thread(status, stack, "records,history"))[
+        "read_models_not_enabled_here"
+    ] == []
+
+
+def status(stack: Stack, read_models: str) -> dict[str, Any]:
+    """``cqrs-stack status --json`` of a process with ``read_models``."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cqrs_stack.cli", "status", "--json"],
+        env={**os.environ, **stack.env, "READ_MODELS": read_models},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
 
 
 async def _logged(log: str, line: str) -> bool:
