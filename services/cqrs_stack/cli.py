@@ -300,7 +300,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     from . import stream
     from .figures import stack_figures
     from .projections import enabled
-    from .read_db import model_figures
+    from .read_db import model_figures, models_kept_elsewhere
 
     async def work(write_engine: Any, read_engine: Any) -> int:
         redis = stream.connect(settings)
@@ -310,6 +310,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             await redis.aclose()
         models = enabled(settings.read_model_names)
         figures["read_models"] = await model_figures(read_engine, models)
+        # Swept by a replica whose READ_MODELS has them, absent from this READ_MODELS.
+        figures["read_models_not_enabled_here"] = await models_kept_elsewhere(read_engine, models)
         if args.json:
             print(json.dumps(figures, default=str, indent=2))
         else:

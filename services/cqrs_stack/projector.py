@@ -29,19 +29,21 @@ from .config import Settings
 from .db import driver_connection, driver_of
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
 from .outages import is_refusal, sqlstate
-from .projections import apply_batch, enabled
+from .projections import REQUIRED, Projection, apply_batch, enabled
 from .projections.base import not_applied
 from .projections.ledger import LedgerPruner
 from .supervision import Backoff, RoundFailed, Supervisor, wait_or_stop
 from .sweep import (
     AFTER_CURSOR,
     CLEAR_PENDING,
+    ENSURE_STATES,
     LOAD_PENDING,
     LOAD_STATE,
     OF_TRANSACTION,
     SAVE_PENDING,
     SAVE_STATE,
     SNAPSHOT,
+    SWEPT_MODELS,
     Candidate,
     Cursor,
     Snapshot,
@@ -116,6 +118,8 @@ class Projector:
         self._claim_every = max(0.05, min(settings.projector_claim_idle_ms / 2000, 5.0))
         self._next_claim = 0.0
         self._group_ready = False
+        # Models another replica sweeps that this one does not keep (warned of once).
+        self._other_models: tuple[str, ...] = ()
         self._redis_backoff = Backoff(maximum=settings.task_retry_max_delay)
         # The most a stream entry can weigh: a key of 255 characters, a value of MAX_VALUE_BYTES.
         self._largest_entry = settings.max_value_bytes + 4 * 255 + _ENTRY_OVERHEAD_BYTES
@@ -332,26 +336,38 @@ class Projector:
                 )
                 await wait_or_stop(stopping, delay)
 
-    async def apply(self, commands: Sequence[events.Command], source: str) -> int:
-        """Apply commands to every read model in one read-DB transaction; return how many
-        were new to ``records``."""
+    async def apply(
+        self,
+        commands: Sequence[events.Command],
+        source: str,
+        models: Sequence[type[Projection]] | None = None,
+    ) -> int:
+        """Apply commands to every read model (or to ``models``) in one read-DB transaction;
+        return how many were new to the first of them (``records`` unless ``models`` lacks
+        it: then progress and the projection metrics are not counted, they count records)."""
+        chosen = tuple(models) if models is not None else self.projections
+        counted = chosen[0].name == REQUIRED
         started = time.perf_counter()
         async with driver_connection(self.read_pool) as conn:
-            counts = await apply_batch(conn, self.projections, commands, self.consumer)
-        applied = counts[self.projections[0].name]
-        PROJECTION_BATCH_SECONDS.observe(time.perf_counter() - started)
-        EVENTS_PROJECTED.labels(source).inc(applied)
-        DUPLICATES_SKIPPED.inc(len(commands) - applied)
+            counts = await apply_batch(conn, chosen, commands, self.consumer if counted else None)
+        applied = counts[chosen[0].name]
+        if counted:
+            PROJECTION_BATCH_SECONDS.observe(time.perf_counter() - started)
+            EVENTS_PROJECTED.labels(source).inc(applied)
+            DUPLICATES_SKIPPED.inc(len(commands) - applied)
         return applied
 
     async def catch_up(self) -> int:
-        """Apply committed commands that the read model lacks; return how many were applied.
+        """Apply committed commands that a read model lacks; return how many were applied.
 
         One replica at a time (an advisory lock in the read DB, held by a transaction whose
-        statements and idle time the server bounds) reads one page of the write DB from the
-        stored cursor (module ``sweep``), fetches the missing commands' values in pieces of at
+        statements and idle time the server bounds) reads, for each model it keeps, one page
+        of the write DB from that model's stored cursor (module ``sweep``; models at the same
+        cursor share the page), fetches the missing commands' values in pieces of at
         most PROJECTOR_BATCH_MAX_BYTES, applies each piece in its own transaction (the ledger
-        makes a repeat harmless), then moves the cursor.
+        makes a repeat harmless) to the models lacking them, then moves their cursors. A replica
+        keeping fewer models moves only their cursors, so one that keeps a model finds every
+        command of it that the others acknowledged from the stream without applying.
 
         The election transaction touches only the sweep's own state, never the projection's
         tables: it lasts a whole page (up to PROJECTOR_SWEEP_TIMEOUT), and a lock it held on
@@ -359,6 +375,7 @@ class Projector:
         piece applied, in short transactions of their own.
         """
         page_limit = max(50_000, 4 * self.settings.write_batch_max)
+        applied = 0
         async with self.read_engine.begin() as rconn:
             await self._bound_session(rconn)
             if not await rconn.scalar(
@@ -366,14 +383,42 @@ class Projector:
             ):
                 await self._depose_stuck_sweeper(rconn)
                 return 0  # another replica is sweeping
-            state = await _load_state(rconn)
+            names = [p.name for p in self.projections]
+            await rconn.execute(ENSURE_STATES, {"models": names})
+            self._warn_of_other_models(await rconn.scalar(SWEPT_MODELS) or [])
+            # Models at the same position share one scan; one behind (kept by fewer replicas
+            # until now) is swept from its own position, so it gets what it lacks.
+            groups: list[tuple[SweepState, list[type[Projection]]]] = []
+            for projection in self.projections:
+                state = await _load_state(rconn, projection.name)
+                for known, models in groups:
+                    if known == state:
+                        models.append(projection)
+                        break
+                else:
+                    groups.append((state, [projection]))
             async with self.write_engine.connect() as wconn:
                 await wconn.execution_options(isolation_level="REPEATABLE READ")
-                found, state = await self._scan(wconn, state, page_limit)
-                missing = await self._missing([c for c in found if c.settled])
-                applied = await self._apply_missing(rconn, wconn, missing)
-            await _save_state(rconn, state)
+                for state, models in groups:
+                    found, state = await self._scan(wconn, state, page_limit)
+                    missing = await self._missing(models, [c for c in found if c.settled])
+                    applied += await self._apply_missing(rconn, wconn, models, missing)
+                    for projection in models:
+                        await _save_state(rconn, projection.name, state)
         return applied
+
+    def _warn_of_other_models(self, swept: Sequence[str]) -> None:
+        """Warn (once per change) of models another replica keeps and this one does not."""
+        others = tuple(sorted(set(swept) - {p.name for p in self.projections}))
+        if others and others != self._other_models:
+            log.warning(
+                "read models kept by another replica are not enabled here models=%s"
+                " READ_MODELS=%s: every replica should share READ_MODELS; the sweep of a"
+                " replica that keeps them applies what this one acknowledges",
+                ",".join(others),
+                ",".join(p.name for p in self.projections),
+            )
+        self._other_models = others
 
     async def _depose_stuck_sweeper(self, rconn: AsyncConnection) -> None:
         """End the session of a sweeper that has not moved for PROJECTOR_SWEEP_TIMEOUT.
@@ -446,18 +491,24 @@ class Projector:
                 pending.setdefault(txid, 0)
         return found, SweepState(cursor, pending)
 
-    async def _missing(self, settled: Sequence[Candidate]) -> list[Candidate]:
-        """The candidates that a read model lacks (in a transaction of its own)."""
+    async def _missing(
+        self, models: Sequence[type[Projection]], settled: Sequence[Candidate]
+    ) -> list[Candidate]:
+        """The candidates that one of ``models`` lacks (in a transaction of its own)."""
         if not settled:
             return []
         by_position = {c.position: c for c in settled}
         async with self.read_engine.begin() as conn:
             await self._bound_session(conn)
-            lacking = await not_applied(await driver_of(conn), self.projections, list(by_position))
+            lacking = await not_applied(await driver_of(conn), models, list(by_position))
             return [by_position[p] for p in lacking]
 
     async def _apply_missing(
-        self, rconn: AsyncConnection, wconn: AsyncConnection, missing: Sequence[Candidate]
+        self,
+        rconn: AsyncConnection,
+        wconn: AsyncConnection,
+        models: Sequence[type[Projection]],
+        missing: Sequence[Candidate],
     ) -> int:
         """Fetch and apply the missing commands, at most PROJECTOR_BATCH_MAX_BYTES at a time."""
         applied = 0
@@ -468,7 +519,7 @@ class Projector:
                 await self._bound_session(wconn)
                 commands = await write_db.commands_on(wconn, [c.position for c in page])
             await rconn.execute(_STILL_HERE)
-            applied += await self.apply(commands, source="catch-up")
+            applied += await self.apply(commands, source="catch-up", models=models)
             del commands  # the next page's values are fetched only once these are freed
         return applied
 
@@ -480,27 +531,32 @@ async def _candidates(
     return [candidate(row) for row in rows]
 
 
-async def _load_state(rconn: AsyncConnection) -> SweepState:
-    txid, position = (await rconn.execute(LOAD_STATE)).one()
-    pending = {int(t): int(a) for t, a in await rconn.execute(LOAD_PENDING)}
+async def _load_state(rconn: AsyncConnection, model: str) -> SweepState:
+    txid, position = (await rconn.execute(LOAD_STATE, {"model": model})).one()
+    pending = {int(t): int(a) for t, a in await rconn.execute(LOAD_PENDING, {"model": model})}
     return SweepState(Cursor(int(txid), int(position)), pending)
 
 
-async def _save_state(rconn: AsyncConnection, state: SweepState) -> None:
+async def _save_state(rconn: AsyncConnection, model: str, state: SweepState) -> None:
     await rconn.execute(
         SAVE_STATE,
         {
+            "model": model,
             "txid": state.cursor.txid,
             "position": state.cursor.position,
             "watermark": state.watermark,
         },
     )
-    await rconn.execute(CLEAR_PENDING)
+    await rconn.execute(CLEAR_PENDING, {"model": model})
     if state.pending:
         txids = sorted(state.pending)
         await rconn.execute(
             SAVE_PENDING,
-            {"txids": [str(t) for t in txids], "afters": [state.pending[t] for t in txids]},
+            {
+                "model": model,
+                "txids": [str(t) for t in txids],
+                "afters": [state.pending[t] for t in txids],
+            },
         )
 
 

@@ -358,6 +358,16 @@ async def model_figures(engine: AsyncEngine, models: Sequence[type[Projection]])
     return found
 
 
+async def models_kept_elsewhere(
+    engine: AsyncEngine, models: Sequence[type[Projection]]
+) -> list[str]:
+    """The models some replica sweeps (a cursor in the read DB) that ``models`` lack: the
+    replicas' READ_MODELS differ."""
+    async with engine.connect() as conn:
+        swept = await conn.scalar(text("SELECT array_agg(model) FROM projector_catchup"))
+    return sorted(set(swept or ()) - {model.name for model in models})
+
+
 async def history_page(
     pool: asyncpg.Pool, key: str, before: int | None, limit: int
 ) -> tuple[list[asyncpg.Record], int | None]:

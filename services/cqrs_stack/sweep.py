@@ -7,6 +7,10 @@ open when the cursor passes its id may commit later, below the cursor: such tran
 remembered (``pending``) and their commands are swept once they end. A transaction that stays
 open for hours therefore holds back only its own commands, never the sweep of the others.
 
+Each read model has its own cursor and pending transactions: a replica sweeps every model it
+keeps from that model's position (models at the same position share one scan), so a replica
+keeping fewer models never moves the sweep of a model it does not keep.
+
 Everything here is pure; ``Projector.catch_up`` runs the queries and applies the commands.
 """
 
@@ -142,18 +146,29 @@ OF_TRANSACTION = text(
     f"{_CANDIDATE_COLUMNS} WHERE txid = :txid AND id > :position ORDER BY id LIMIT :limit"
 )
 
-LOAD_STATE = text("SELECT cursor_txid::text, cursor_id FROM projector_catchup FOR UPDATE")
-LOAD_PENDING = text("SELECT txid::text, after_id FROM projector_catchup_pending")
+# Each read model's sweep state is its own (read migration 0006): one row per model.
+ENSURE_STATES = text(
+    "INSERT INTO projector_catchup (model) SELECT unnest(CAST(:models AS text[]))"
+    " ON CONFLICT DO NOTHING"
+)
+LOAD_STATE = text(
+    "SELECT cursor_txid::text, cursor_id FROM projector_catchup WHERE model = :model FOR UPDATE"
+)
+LOAD_PENDING = text(
+    "SELECT txid::text, after_id FROM projector_catchup_pending WHERE model = :model"
+)
+# The models some replica sweeps: one not enabled here means the replicas' READ_MODELS differ.
+SWEPT_MODELS = text("SELECT array_agg(model ORDER BY model) FROM projector_catchup")
 
 SAVE_STATE = text(
     "UPDATE projector_catchup SET cursor_txid = :txid, cursor_id = :position,"
-    " watermark = :watermark, swept_at = now()"
+    " watermark = :watermark, swept_at = now() WHERE model = :model"
 )
-CLEAR_PENDING = text("DELETE FROM projector_catchup_pending")
+CLEAR_PENDING = text("DELETE FROM projector_catchup_pending WHERE model = :model")
 SAVE_PENDING = text(
-    "INSERT INTO projector_catchup_pending (txid, after_id)"
-    " SELECT CAST(t AS xid8), a FROM unnest(CAST(:txids AS text[]), CAST(:afters AS bigint[]))"
-    " AS u(t, a)"
+    "INSERT INTO projector_catchup_pending (model, txid, after_id)"
+    " SELECT :model, CAST(t AS xid8), a"
+    " FROM unnest(CAST(:txids AS text[]), CAST(:afters AS bigint[])) AS u(t, a)"
 )
 
 
