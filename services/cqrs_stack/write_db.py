@@ -273,9 +273,20 @@ async def insert_commands(
 def _in_input_order(keys: Sequence[str], rows: Sequence[Sequence[object]]) -> list[Outcome]:
     """Each item's stored command, ``BUSY`` for a key left out (all of a key's items are
     stored or none is)."""
+    stored = Counter(str(row[1]) for row in rows)
+    wanted = Counter(key for key in keys if key in stored)
+    if stored != wanted:  # a key's rows are all stored or none is: anything else is a bug
+        raise WriteAnswerMismatch(
+            f"the write DB returned {len(rows)} rows for {sum(wanted.values())} writes"
+        )
     commands = iter(_in_order(rows))
-    stored = {row[1] for row in rows}
+    # A key left out is one another transaction holds (or, indistinguishably, a row a
+    # trigger dropped): nothing of it is stored, and it is retried, then answered key_busy.
     return [Stored(next(commands), None) if key in stored else BUSY for key in keys]
+
+
+class WriteAnswerMismatch(RuntimeError):
+    """The INSERT's rows do not match the writes sent (never expected; the round fails)."""
 
 
 def _in_order(rows: Sequence[Sequence[object]]) -> list[Command]:

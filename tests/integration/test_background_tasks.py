@@ -203,12 +203,12 @@ async def test_the_command_writer_survives_a_batch_it_cannot_answer(stack: Stack
         " WHEN (NEW.key = 'vanishes') EXECUTE FUNCTION swallow()",
     )
     async with httpx.AsyncClient(timeout=10) as client:
+        # Alone, a dropped row looks like a key another transaction holds: retried, then
+        # answered 503 key_busy, nothing stored.
         answer = await client.post(f"{writer.url}/write", json={"key": "vanishes", "value": "v"})
-        assert answer.status_code >= 500  # answered (not left hanging), and not as a success
+        assert answer.status_code == 503 and answer.json()["error"] == "key_busy", answer.text
         after = await client.post(f"{writer.url}/write", json={"key": "next", "value": "v"})
         assert after.status_code == 200, after.text
-    assert "task=command-writer" in writer.log()
-    await wait_recovered(writer, "command-writer")
 
 
 # --- the mechanism itself, in-process -------------------------------------------------
