@@ -17,7 +17,8 @@ import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from cqrs_operator import manifests
+from cqrs_operator import __version__, kube, manifests
+from cqrs_operator.schema import CRD_VERSION_ANNOTATION
 from tests.operator.fixtures_operator import (
     CRD_FILE,
     Env,
@@ -375,3 +376,55 @@ async def test_a_planted_job_of_the_operators_name_is_not_taken_for_the_migratio
         "planted", "MigrationsApplied", "False", "MigrationJobNotOurs", env.operator
     )
     assert not (await _write_api_image(env, "planted")).endswith(":9.9.9")
+
+
+async def _set_crd_version(api: client.ApiClient, name: str, version: str) -> None:
+    await client.ApiextensionsV1Api(api).patch_custom_resource_definition(
+        name,
+        {"metadata": {"annotations": {CRD_VERSION_ANNOTATION: version}}},
+        _content_type="application/merge-patch+json",
+    )
+
+
+async def test_an_older_operator_leaves_a_newer_crd_and_its_fields_alone(
+    env: Env, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ext = client.ApiextensionsV1Api(env.api)
+    ours = yaml.safe_load(CRD_FILE.read_text())
+    name = ours["metadata"]["name"]
+    assert ours["metadata"]["annotations"][CRD_VERSION_ANNOTATION] == __version__
+    auto = {"enabled": True, "minReplicas": 1, "maxReplicas": 3}
+    await env.stacks.create(env.manifest("newer", writeApi={"replicas": 1, "autoscaling": auto}))
+    # The CRD of an older release: it has no writeApi.autoscaling.
+    older = yaml.safe_load(CRD_FILE.read_text())
+    spec_schema = older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema["properties"]["writeApi"]["properties"].pop("autoscaling")
+    older_file = tmp_path / "older-crd.yaml"
+
+    def write_api_schema(live: Any) -> dict[str, Any]:
+        props = live.spec.versions[0].schema.open_apiv3_schema.properties["spec"].properties
+        return dict(props["writeApi"].properties)
+
+    try:
+        # 0.10.0 > 0.9.1 (not as strings): the live CRD is newer, the older one is skipped.
+        await _set_crd_version(env.api, name, "0.10.0")
+        older["metadata"]["annotations"][CRD_VERSION_ANNOTATION] = "0.9.1"
+        older_file.write_text(yaml.safe_dump(older))
+        with caplog.at_level("WARNING", logger="cqrs_operator.kube"):
+            assert not await kube.apply_crd(env.api, str(older_file))
+        assert "live_version=0.10.0 file_version=0.9.1" in caplog.text
+        assert "newer release" in caplog.text
+        assert "autoscaling" in write_api_schema(await ext.read_custom_resource_definition(name))
+        await env.stacks.patch("newer", {"metadata": {"annotations": {"touch": "1"}}})
+        stored = await env.stacks.get("newer")
+        assert stored is not None and stored["spec"]["writeApi"]["autoscaling"]["enabled"]
+        # Equal or newer than the live one (or a live one from before the annotation): applied.
+        older["metadata"]["annotations"][CRD_VERSION_ANNOTATION] = "0.10.0"
+        older_file.write_text(yaml.safe_dump(older))
+        assert await kube.apply_crd(env.api, str(older_file))
+        live = await ext.read_custom_resource_definition(name)
+        assert "autoscaling" not in write_api_schema(live)
+    finally:
+        await _set_crd_version(env.api, name, __version__)
+        assert await kube.apply_crd(env.api, str(CRD_FILE))
+    assert "autoscaling" in write_api_schema(await ext.read_custom_resource_definition(name))
