@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import logging
 import os
 import re
@@ -126,6 +128,19 @@ async def read_config_map(
     """The data of ConfigMap ``namespace/name``, or None when it does not exist."""
     live = await read_object(api, "ConfigMap", namespace, name)
     return None if live is None else dict(live.get("data") or {})
+
+
+async def data_digest(api: client.ApiClient, kind: str, namespace: str, name: str) -> str:
+    """A digest of the data of Secret or ConfigMap ``namespace/name`` ("absent" when it does
+    not exist, e.g. an optional envFrom source): the operator hashes it, never shows it."""
+    live = await read_object(api, kind, namespace, name)
+    if live is None:
+        return "absent"
+    blob = json.dumps(
+        {"data": live.get("data") or {}, "binaryData": live.get("binaryData") or {}},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 async def read_deployment(

@@ -185,23 +185,7 @@ async def check_env_secrets(api: client.ApiClient, spec: StackSpec) -> None:
 
 def pod_secret_refs(template: Mapping[str, Any]) -> set[str]:
     """Every Secret a pod template reads: secret and projected volumes, envFrom, env."""
-    pod = template.get("spec") or {}
-    names: set[str] = set()
-    for volume in pod.get("volumes") or []:
-        if "secret" in volume:
-            names.add(volume["secret"].get("secretName", ""))
-        for source in (volume.get("projected") or {}).get("sources") or []:
-            if "secret" in source:
-                names.add(source["secret"].get("name", ""))
-    for container in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
-        for ref in container.get("envFrom") or []:
-            if "secretRef" in ref:
-                names.add(ref["secretRef"].get("name", ""))
-        for env in container.get("env") or []:
-            key_ref = (env.get("valueFrom") or {}).get("secretKeyRef")
-            if key_ref:
-                names.add(key_ref.get("name", ""))
-    return names
+    return {name for kind, name in manifests.pod_sources(template) if kind == "Secret"}
 
 
 async def check_pod_secrets(
@@ -524,6 +508,28 @@ async def read_schema_versions(api: client.ApiClient, spec: StackSpec, me: Login
     }
 
 
+async def source_digests(
+    api: client.ApiClient, spec: StackSpec, rendered: list[dict[str, Any]]
+) -> dict[str, str]:
+    """Per component with a Deployment in ``rendered``, the digest of the data of the other
+    Secrets and ConfigMaps its pods read (components that read none are left out)."""
+    components = {manifests.child_name(spec, c): c for c in manifests.COMPONENTS}
+    cache: dict[tuple[str, str], str] = {}
+    out: dict[str, str] = {}
+    for manifest in rendered:
+        component = components.get(manifest["metadata"]["name"])
+        if manifest["kind"] != "Deployment" or component is None:
+            continue
+        read: dict[tuple[str, str], str] = {}
+        for kind, name in manifests.external_sources(spec, manifest["spec"]["template"]):
+            if (kind, name) not in cache:
+                cache[kind, name] = await kube.data_digest(api, kind, spec.namespace, name)
+            read[kind, name] = cache[kind, name]
+        if read:
+            out[component] = manifests.sources_digest(read)
+    return out
+
+
 async def apply_workloads(
     api: client.ApiClient,
     spec: StackSpec,
@@ -536,11 +542,17 @@ async def apply_workloads(
     """Apply the ConfigMap, Deployments, Services and autoscalers; return the live objects
     and rollouts."""
     config = manifests.config_data(spec)
-    digests = manifests.component_hashes(
-        config, manifests.credentials_data(spec, password, url, login)
+    credentials = manifests.credentials_data(spec, password, url, login)
+    rendered = manifests.workloads(
+        spec, manifests.component_hashes(config, credentials), projector_count
     )
-    rendered = manifests.workloads(spec, digests, projector_count)
     await check_pod_secrets(api, spec, rendered)
+    # The hash also covers the data of every other Secret/ConfigMap a component reads (the
+    # write token, envFrom sources, CA bundles): a new token rolls the pods that read it.
+    sources = await source_digests(api, spec, rendered)
+    if sources:
+        digests = manifests.component_hashes(config, credentials, sources)
+        rendered = manifests.workloads(spec, digests, projector_count)
     live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
     changes: list[Change] = []
     for manifest in rendered:

@@ -23,6 +23,7 @@ from tests.operator.fixtures_operator import (
     CRD_FILE,
     Env,
     Stacks,
+    config_hashes,
     stack_manifest,
     wait_until,
 )
@@ -428,3 +429,56 @@ async def test_an_older_operator_leaves_a_newer_crd_and_its_fields_alone(
         await _set_crd_version(env.api, name, __version__)
         assert await kube.apply_crd(env.api, str(CRD_FILE))
     assert "autoscaling" in write_api_schema(await ext.read_custom_resource_definition(name))
+
+
+async def test_a_new_value_in_a_secret_or_config_map_the_pods_read_rolls_their_component(
+    env: Env,
+) -> None:
+    core = client.CoreV1Api(env.api)
+    opted_in = {"cqrs.dev/stack-secret": "true"}
+    old_token, new_token = "old-token-" + "a" * 22, "new-token-" + "b" * 22
+    await core.create_namespaced_secret(
+        env.namespace,
+        {"metadata": {"name": "wtok", "labels": opted_in}, "stringData": {"token": old_token}},
+    )
+    await core.create_namespaced_config_map(
+        env.namespace, {"metadata": {"name": "proj-env"}, "data": {"FEATURE": "on"}}
+    )
+    manifest = env.manifest(
+        "src",
+        writeApi={"replicas": 1, "auth": {"tokenSecret": {"name": "wtok", "key": "token"}}},
+        projector={"replicas": 1, "envFrom": [{"configMapRef": {"name": "proj-env"}}]},
+    )
+    await env.stacks.create(manifest)
+    await env.stacks.wait_ready("src", env.operator)
+    before = await config_hashes(env.api, env.namespace, "src")
+
+    async def rolled(component: str, old: dict[str, str]) -> dict[str, str] | None:
+        now = await config_hashes(env.api, env.namespace, "src")
+        return now if now[component] != old[component] else None
+
+    # The write token: only write-api reads it.
+    await core.patch_namespaced_secret("wtok", env.namespace, {"stringData": {"token": new_token}})
+    after_token = await wait_until(
+        lambda: rolled("write-api", before),
+        timeout=30,
+        what="write-api rolled on a new token",
+        alive=env.operator.exit_reason,
+    )
+    assert {c for c in manifests.COMPONENTS if after_token[c] != before[c]} == {"write-api"}
+    # An envFrom ConfigMap of the projector: the projector alone.
+    await core.patch_namespaced_config_map("proj-env", env.namespace, {"data": {"FEATURE": "off"}})
+    after_env = await wait_until(
+        lambda: rolled("projector", after_token),
+        timeout=30,
+        what="projector rolled on a new envFrom value",
+        alive=env.operator.exit_reason,
+    )
+    assert {c for c in manifests.COMPONENTS if after_env[c] != after_token[c]} == {"projector"}
+    # Values never reach the templates, logs or the stack's status.
+    dep = await client.AppsV1Api(env.api).read_namespaced_deployment("src-write-api", env.namespace)
+    shown = str(env.api.sanitize_for_serialization(dep.spec.template.metadata))
+    stack = await env.stacks.get("src")
+    for value in (old_token, new_token):
+        assert value not in shown and value not in str(stack)
+        assert value not in env.operator.log_text()
