@@ -230,6 +230,15 @@ async def test_drifted_replicas_are_restored(
             {"projector": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
             "spec.projector.autoscaling.minReplicas",
         ),
+        (
+            {"writeApi": {"podLabels": {"cqrs.dev/migration-job": "orders-migrate-1"}}},
+            "spec.writeApi.podLabels",
+        ),
+        ({"projector": {"podLabels": {"pod-template-hash": "x"}}}, "spec.projector.podLabels"),
+        (
+            {"migrationJob": {"podLabels": {"batch.kubernetes.io/job-name": "x"}}},
+            "spec.migrationJob.podLabels",
+        ),
     ],
 )
 async def test_invalid_specs_are_refused_by_the_api_server(
