@@ -130,6 +130,34 @@ async def read_config_map(
     return None if live is None else dict(live.get("data") or {})
 
 
+# Bounds of the API server's refusal carried into a condition message.
+MAX_CAUSES = 5
+MAX_CAUSE_CHARS = 200
+
+
+def refusal_causes(exc: ApiException, *, messages: bool = True) -> str:
+    """Why the API server refused a write, from its Status body: ``field: message`` of each
+    cause (at most MAX_CAUSES), else the Status message. ``messages`` False keeps the field
+    names only: for a Secret, whose refusal may quote the refused value."""
+    try:
+        status = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(status, dict):
+        return ""
+    causes = (status.get("details") or {}).get("causes") or []
+    parts = []
+    for cause in causes[:MAX_CAUSES]:
+        where = str(cause.get("field") or "")
+        text = str(cause.get("message") or "")[:MAX_CAUSE_CHARS] if messages else ""
+        parts.append(": ".join(p for p in (where, text) if p))
+    if len(causes) > MAX_CAUSES:
+        parts.append(f"and {len(causes) - MAX_CAUSES} more")
+    if not any(parts) and messages:
+        return str(status.get("message") or "")[: MAX_CAUSE_CHARS * 2]
+    return "; ".join(p for p in parts if p)
+
+
 async def data_digest(api: client.ApiClient, kind: str, namespace: str, name: str) -> str:
     """A digest of the data of Secret or ConfigMap ``namespace/name`` ("absent" when it does
     not exist, e.g. an optional envFrom source): the operator hashes it, never shows it."""

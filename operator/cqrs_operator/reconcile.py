@@ -403,9 +403,20 @@ async def _apply(
     try:
         return await kube.apply(api, manifest)
     except ApiException as exc:
-        raise ProvisioningError(
-            "ApplyFailed", f"applying {kind} {name} failed: HTTP {exc.status} {exc.reason}"
-        ) from exc
+        raise apply_error(kind, name, exc) from exc
+
+
+def apply_error(kind: str, name: str, exc: ApiException) -> ProvisioningError:
+    """The error of a refused apply, with the API server's causes (field names only for a
+    Secret). A Deployment refused as invalid (422) is built from the spec as it stands: it
+    cannot succeed before the spec changes, so ApplyInvalid is permanent (phase Failed)."""
+    causes = kube.refusal_causes(exc, messages=kind != "Secret")
+    message = f"applying {kind} {name} failed: HTTP {exc.status} {exc.reason}"
+    if causes:
+        message += f": {causes}"
+    if exc.status == 422 and kind == "Deployment":
+        return PermanentProvisioningError("ApplyInvalid", message + " (fix the stack's spec)")
+    return ProvisioningError("ApplyFailed", message)
 
 
 async def ensure_credentials(
