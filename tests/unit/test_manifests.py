@@ -238,7 +238,7 @@ POD_CONTROLS = {
     ],
     "priorityClassName": "cqrs-high",
     "podAnnotations": {"example.com/scrape": "true"},
-    "podLabels": {"team": "orders", "app.kubernetes.io/name": "not-ours"},
+    "podLabels": {"team": "orders"},  # reserved keys are refused (test_spec)
     "envFrom": [
         {"configMapRef": {"name": "extra"}},
         {"secretRef": {"name": "vault"}, "prefix": "X_"},
