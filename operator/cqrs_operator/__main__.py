@@ -11,7 +11,7 @@ Upgrades: ``--image-tag`` (or $CQRS_OPERATOR_IMAGE_TAG; default the operator's o
 is the tag of every stack that pins no ``spec.image.tag``: such stacks move with the
 operator. ``--crd FILE`` (or $CQRS_OPERATOR_CRD) applies that CustomResourceDefinition at
 start with server-side apply, so that a ``helm upgrade`` brings a new CRD (Helm never
-upgrades ``crds/``).
+upgrades ``crds/``), unless the live CRD is of a newer release (``cqrs.dev/operator-version``).
 """
 
 from __future__ import annotations

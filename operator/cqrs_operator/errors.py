@@ -37,6 +37,7 @@ PERMANENT_REASONS = frozenset(
         "CreateContainerConfigError",
         "KedaNotInstalled",
         "MigrationJobNotOurs",
+        "ApplyInvalid",  # a Deployment of the spec refused by the API server (HTTP 422)
     }
 )
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,8 @@ from typing import Any
 import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+
+from .schema import CRD_VERSION_ANNOTATION
 
 FIELD_MANAGER = "cqrs-stack-operator"
 # Replica counts are applied by a field manager of their own: the main apply never sets them,
@@ -123,6 +128,47 @@ async def read_config_map(
     """The data of ConfigMap ``namespace/name``, or None when it does not exist."""
     live = await read_object(api, "ConfigMap", namespace, name)
     return None if live is None else dict(live.get("data") or {})
+
+
+# Bounds of the API server's refusal carried into a condition message.
+MAX_CAUSES = 5
+MAX_CAUSE_CHARS = 200
+
+
+def refusal_causes(exc: ApiException, *, messages: bool = True) -> str:
+    """Why the API server refused a write, from its Status body: ``field: message`` of each
+    cause (at most MAX_CAUSES), else the Status message. ``messages`` False keeps the field
+    names only: for a Secret, whose refusal may quote the refused value."""
+    try:
+        status = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        return ""
+    if not isinstance(status, dict):
+        return ""
+    causes = (status.get("details") or {}).get("causes") or []
+    parts = []
+    for cause in causes[:MAX_CAUSES]:
+        where = str(cause.get("field") or "")
+        text = str(cause.get("message") or "")[:MAX_CAUSE_CHARS] if messages else ""
+        parts.append(": ".join(p for p in (where, text) if p))
+    if len(causes) > MAX_CAUSES:
+        parts.append(f"and {len(causes) - MAX_CAUSES} more")
+    if not any(parts) and messages:
+        return str(status.get("message") or "")[: MAX_CAUSE_CHARS * 2]
+    return "; ".join(p for p in parts if p)
+
+
+async def data_digest(api: client.ApiClient, kind: str, namespace: str, name: str) -> str:
+    """A digest of the data of Secret or ConfigMap ``namespace/name`` ("absent" when it does
+    not exist, e.g. an optional envFrom source): the operator hashes it, never shows it."""
+    live = await read_object(api, kind, namespace, name)
+    if live is None:
+        return "absent"
+    blob = json.dumps(
+        {"data": live.get("data") or {}, "binaryData": live.get("binaryData") or {}},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 async def read_deployment(
@@ -232,18 +278,89 @@ def _read_yaml(path: str) -> dict[str, Any]:
     return loaded
 
 
-async def apply_crd(api: client.ApiClient, path: str) -> None:
+def version_key(version: str) -> tuple[tuple[int, ...], int, tuple[str, ...]] | None:
+    """A sort key for a release version ``1.2.3``, ``v1.2``, ``1.2.3-rc.1`` (a pre-release
+    sorts before its release), or None when ``version`` is not one."""
+    match = _VERSION.fullmatch(version.strip())
+    if match is None:
+        return None
+    release = tuple(int(part) for part in match["release"].split("."))
+    release = release + (0,) * (3 - len(release))  # 1.2 == 1.2.0
+    pre = match["pre"]
+    if pre is None:
+        return release, 1, ()
+    parts = tuple(f"{int(p):020d}" if p.isdigit() else p for p in re.split(r"[.-]", pre))
+    return release, 0, parts
+
+
+_VERSION = re.compile(r"v?(?P<release>\d+(?:\.\d+){0,3})(?:[-.]?(?P<pre>[0-9A-Za-z.-]+))?")
+
+
+def crd_version(crd: Mapping[str, Any]) -> str | None:
+    """The release recorded in a CRD's annotation, None when it carries none."""
+    annotations = (crd.get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(CRD_VERSION_ANNOTATION)
+    return value if isinstance(value, str) else None
+
+
+def crd_is_newer(live: str | None, ours: str | None) -> bool:
+    """Whether a live CRD of release ``live`` must be left alone by an operator whose CRD is of
+    release ``ours``: it is newer, or its version cannot be read (not proven older). A live CRD
+    without the annotation predates it, hence is older."""
+    if live is None:
+        return False
+    live_key = version_key(live)
+    ours_key = version_key(ours) if ours is not None else None
+    if live_key is None or ours_key is None:
+        return True
+    return live_key > ours_key
+
+
+async def apply_crd(api: client.ApiClient, path: str) -> bool:
     """Server-side apply the CustomResourceDefinition in YAML file ``path`` (forced: the
-    fields Helm wrote at install become this manager's, so an upgrade may change them)."""
+    fields Helm wrote at install become this manager's, so an upgrade may change them), unless
+    the live one is of a newer release (annotation ``cqrs.dev/operator-version``): an older
+    operator (a rollback, an older install beside a newer one) would otherwise replace it and
+    the API server would prune the newer fields from the stored stacks. True when applied."""
     crd = await asyncio.to_thread(_read_yaml, path)
     name = crd["metadata"]["name"]
-    patch: Callable[..., Awaitable[Any]] = client.ApiextensionsV1Api(
-        api
-    ).patch_custom_resource_definition
+    ext = client.ApiextensionsV1Api(api)
+    ours = crd_version(crd)
+    try:
+        live = api.sanitize_for_serialization(await ext.read_custom_resource_definition(name))
+    except ApiException as exc:
+        if exc.status != 404:
+            log.warning(
+                "CRD not applied name=%s status=%s reason=%s (its version could not be read)",
+                name,
+                exc.status,
+                exc.reason,
+            )
+            return False
+        live = None
+    if live is not None and crd_is_newer(crd_version(live), ours):
+        log.warning(
+            "CRD not applied name=%s live_version=%s file_version=%s: the installed CRD is of "
+            "a newer release than this operator; it is kept (applying an older one would prune "
+            "newer fields from stored stacks). Upgrade the operator, or apply this CRD by hand "
+            "if the downgrade is meant.",
+            name,
+            crd_version(live),
+            ours or "-",
+        )
+        return False
+    patch: Callable[..., Awaitable[Any]] = ext.patch_custom_resource_definition
     try:
         await patch(name, crd, field_manager=CRD_FIELD_MANAGER, force=True, _content_type=APPLY)
     except ApiException as exc:
         # Not fatal: the CRD installed with the chart keeps working, the new fields wait.
         log.warning("CRD not applied name=%s status=%s reason=%s", name, exc.status, exc.reason)
-        return
-    log.info("CRD applied name=%s file=%s field_manager=%s", name, path, CRD_FIELD_MANAGER)
+        return False
+    log.info(
+        "CRD applied name=%s file=%s version=%s field_manager=%s",
+        name,
+        path,
+        ours or "-",
+        CRD_FIELD_MANAGER,
+    )
+    return True

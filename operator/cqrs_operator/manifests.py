@@ -162,10 +162,60 @@ def credentials_secret(
     }
 
 
-def config_hash(config: Mapping[str, str], secret: Mapping[str, str]) -> str:
-    """A digest of everything the pods read at start: a change of it rolls the Deployments."""
-    blob = json.dumps({"config": dict(config), "secret": dict(secret)}, sort_keys=True)
+def config_hash(config: Mapping[str, str], secret: Mapping[str, str], sources: str = "") -> str:
+    """A digest of everything the pods read at start: a change of it rolls the Deployments.
+
+    ``sources``: the digest of the other Secrets and ConfigMaps they read (``sources_digest``);
+    left out of the blob when empty, so that a stack that reads none keeps its hash."""
+    parts: dict[str, Any] = {"config": dict(config), "secret": dict(secret)}
+    if sources:
+        parts["sources"] = sources
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def pod_sources(template: Mapping[str, Any]) -> set[tuple[str, str]]:
+    """Every Secret and ConfigMap a pod template reads, as (kind, name): secret, configMap
+    and projected volumes, envFrom and env of every container."""
+    pod = template.get("spec") or {}
+    out: set[tuple[str, str]] = set()
+    for volume in pod.get("volumes") or []:
+        if "secret" in volume:
+            out.add(("Secret", volume["secret"].get("secretName", "")))
+        if "configMap" in volume:
+            out.add(("ConfigMap", volume["configMap"].get("name", "")))
+        for source in (volume.get("projected") or {}).get("sources") or []:
+            if "secret" in source:
+                out.add(("Secret", source["secret"].get("name", "")))
+            if "configMap" in source:
+                out.add(("ConfigMap", source["configMap"].get("name", "")))
+    for container in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
+        for ref in container.get("envFrom") or []:
+            if "secretRef" in ref:
+                out.add(("Secret", ref["secretRef"].get("name", "")))
+            if "configMapRef" in ref:
+                out.add(("ConfigMap", ref["configMapRef"].get("name", "")))
+        for env in container.get("env") or []:
+            value_from = env.get("valueFrom") or {}
+            if "secretKeyRef" in value_from:
+                out.add(("Secret", value_from["secretKeyRef"].get("name", "")))
+            if "configMapKeyRef" in value_from:
+                out.add(("ConfigMap", value_from["configMapKeyRef"].get("name", "")))
+    return out
+
+
+def external_sources(spec: StackSpec, template: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The Secrets and ConfigMaps a pod template reads besides the stack's own ConfigMap and
+    credentials Secret (whose wanted content the config hash covers already), sorted."""
+    own = {("ConfigMap", child_name(spec, "config")), ("Secret", child_name(spec, "credentials"))}
+    return sorted(pod_sources(template) - own)
+
+
+def sources_digest(digests: Mapping[tuple[str, str], str]) -> str:
+    """One digest of the per-source digests ((kind, name) -> digest of its data) a component
+    reads: never the data itself, so no Secret value reaches an annotation."""
+    blob = json.dumps(sorted([kind, name, d] for (kind, name), d in digests.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16] if digests else ""
 
 
 def component_config(config: Mapping[str, str], component: str) -> dict[str, str]:
@@ -173,9 +223,20 @@ def component_config(config: Mapping[str, str], component: str) -> dict[str, str
     return {k: v for k, v in config.items() if COMPONENT_ONLY_KEYS.get(k, component) == component}
 
 
-def component_hashes(config: Mapping[str, str], secret: Mapping[str, str]) -> dict[str, str]:
-    """The config hash of each Deployment, from what that component reads only."""
-    return {c: config_hash(component_config(config, c), secret) for c in COMPONENTS}
+def component_hashes(
+    config: Mapping[str, str],
+    secret: Mapping[str, str],
+    sources: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The config hash of each Deployment, from what that component reads only.
+
+    ``sources``: per component, the ``sources_digest`` of the other Secrets and ConfigMaps its
+    pods read (write token, envFrom, CA bundles): a new value in one of them rolls the
+    components that read it, and those alone."""
+    extra = sources or {}
+    return {
+        c: config_hash(component_config(config, c), secret, extra.get(c, "")) for c in COMPONENTS
+    }
 
 
 def _resources(component: Component) -> dict[str, Any]:

@@ -185,23 +185,7 @@ async def check_env_secrets(api: client.ApiClient, spec: StackSpec) -> None:
 
 def pod_secret_refs(template: Mapping[str, Any]) -> set[str]:
     """Every Secret a pod template reads: secret and projected volumes, envFrom, env."""
-    pod = template.get("spec") or {}
-    names: set[str] = set()
-    for volume in pod.get("volumes") or []:
-        if "secret" in volume:
-            names.add(volume["secret"].get("secretName", ""))
-        for source in (volume.get("projected") or {}).get("sources") or []:
-            if "secret" in source:
-                names.add(source["secret"].get("name", ""))
-    for container in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
-        for ref in container.get("envFrom") or []:
-            if "secretRef" in ref:
-                names.add(ref["secretRef"].get("name", ""))
-        for env in container.get("env") or []:
-            key_ref = (env.get("valueFrom") or {}).get("secretKeyRef")
-            if key_ref:
-                names.add(key_ref.get("name", ""))
-    return names
+    return {name for kind, name in manifests.pod_sources(template) if kind == "Secret"}
 
 
 async def check_pod_secrets(
@@ -419,9 +403,20 @@ async def _apply(
     try:
         return await kube.apply(api, manifest)
     except ApiException as exc:
-        raise ProvisioningError(
-            "ApplyFailed", f"applying {kind} {name} failed: HTTP {exc.status} {exc.reason}"
-        ) from exc
+        raise apply_error(kind, name, exc) from exc
+
+
+def apply_error(kind: str, name: str, exc: ApiException) -> ProvisioningError:
+    """The error of a refused apply, with the API server's causes (field names only for a
+    Secret). A Deployment refused as invalid (422) is built from the spec as it stands: it
+    cannot succeed before the spec changes, so ApplyInvalid is permanent (phase Failed)."""
+    causes = kube.refusal_causes(exc, messages=kind != "Secret")
+    message = f"applying {kind} {name} failed: HTTP {exc.status} {exc.reason}"
+    if causes:
+        message += f": {causes}"
+    if exc.status == 422 and kind == "Deployment":
+        return PermanentProvisioningError("ApplyInvalid", message + " (fix the stack's spec)")
+    return ProvisioningError("ApplyFailed", message)
 
 
 async def ensure_credentials(
@@ -524,6 +519,28 @@ async def read_schema_versions(api: client.ApiClient, spec: StackSpec, me: Login
     }
 
 
+async def source_digests(
+    api: client.ApiClient, spec: StackSpec, rendered: list[dict[str, Any]]
+) -> dict[str, str]:
+    """Per component with a Deployment in ``rendered``, the digest of the data of the other
+    Secrets and ConfigMaps its pods read (components that read none are left out)."""
+    components = {manifests.child_name(spec, c): c for c in manifests.COMPONENTS}
+    cache: dict[tuple[str, str], str] = {}
+    out: dict[str, str] = {}
+    for manifest in rendered:
+        component = components.get(manifest["metadata"]["name"])
+        if manifest["kind"] != "Deployment" or component is None:
+            continue
+        read: dict[tuple[str, str], str] = {}
+        for kind, name in manifests.external_sources(spec, manifest["spec"]["template"]):
+            if (kind, name) not in cache:
+                cache[kind, name] = await kube.data_digest(api, kind, spec.namespace, name)
+            read[kind, name] = cache[kind, name]
+        if read:
+            out[component] = manifests.sources_digest(read)
+    return out
+
+
 async def apply_workloads(
     api: client.ApiClient,
     spec: StackSpec,
@@ -536,11 +553,17 @@ async def apply_workloads(
     """Apply the ConfigMap, Deployments, Services and autoscalers; return the live objects
     and rollouts."""
     config = manifests.config_data(spec)
-    digests = manifests.component_hashes(
-        config, manifests.credentials_data(spec, password, url, login)
+    credentials = manifests.credentials_data(spec, password, url, login)
+    rendered = manifests.workloads(
+        spec, manifests.component_hashes(config, credentials), projector_count
     )
-    rendered = manifests.workloads(spec, digests, projector_count)
     await check_pod_secrets(api, spec, rendered)
+    # The hash also covers the data of every other Secret/ConfigMap a component reads (the
+    # write token, envFrom sources, CA bundles): a new token rolls the pods that read it.
+    sources = await source_digests(api, spec, rendered)
+    if sources:
+        digests = manifests.component_hashes(config, credentials, sources)
+        rendered = manifests.workloads(spec, digests, projector_count)
     live = [await _apply(api, spec, manifests.config_map(spec), adopt)]
     changes: list[Change] = []
     for manifest in rendered:

@@ -247,6 +247,31 @@ class Toleration(Model):
     )
 
 
+# Pod labels the operator (the migration Job's pods, the components' selectors) and the
+# Deployment/Job controllers find pods by: a podLabels entry among them could make the
+# operator take another pod for one of its own, so the spec refuses them.
+RESERVED_LABEL_PREFIXES = ("cqrs.dev/", "app.kubernetes.io/", "batch.kubernetes.io/")
+RESERVED_LABEL_KEYS = ("pod-template-hash", "controller-uid", "job-name")
+MAX_POD_LABELS = 64
+RESERVED_LABELS_SHOWN = (*(p + "*" for p in RESERVED_LABEL_PREFIXES), *RESERVED_LABEL_KEYS)
+RESERVED_LABELS_RULE = (
+    "self.all(k, !("
+    + " || ".join(f"k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES)
+    + " || k in ["
+    + ", ".join(f"'{k}'" for k in RESERVED_LABEL_KEYS)
+    + "]))"
+)
+RESERVED_LABELS_MESSAGE = (
+    "podLabels may not set labels the operator or Kubernetes controllers own: "
+    + ", ".join(RESERVED_LABELS_SHOWN)
+)
+
+
+def reserved_label(key: str) -> bool:
+    """Whether pod label ``key`` is one the operator or a Kubernetes controller sets."""
+    return key.startswith(RESERVED_LABEL_PREFIXES) or key in RESERVED_LABEL_KEYS
+
+
 class PodControls(Model):
     """Where and how the pods of one component run (the pod template's scheduling fields)."""
 
@@ -284,8 +309,11 @@ class PodControls(Model):
     )
     pod_labels: dict[str, str] = Field(
         default_factory=dict,
+        max_length=MAX_POD_LABELS,  # bounds the CEL rule's cost (the API server estimates it)
+        json_schema_extra=rules(cel(RESERVED_LABELS_RULE, RESERVED_LABELS_MESSAGE)),
         description=(
-            "extra labels on the pods (the app.kubernetes.io/* labels the operator sets win)"
+            "extra labels on the pods; not in the namespaces the operator and the Kubernetes "
+            "controllers select pods by (" + ", ".join(RESERVED_LABELS_SHOWN) + ")"
         ),
     )
     env_from: list[EnvFromSource] = Field(
@@ -296,6 +324,14 @@ class PodControls(Model):
             "win)"
         ),
     )
+
+    @field_validator("pod_labels")
+    @classmethod
+    def _no_reserved_labels(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(k for k in value if reserved_label(k))
+        if reserved:
+            raise ValueError(f"{RESERVED_LABELS_MESSAGE} (got {', '.join(reserved)})")
+        return value
 
 
 class Pods(PodControls):

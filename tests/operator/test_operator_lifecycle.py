@@ -26,6 +26,7 @@ from tests.operator.fixtures_operator import (
     stack_manifest,
     wait_until,
 )
+from tests.operator.kubelet_standin import run_migration_jobs
 
 # Server fixtures come from tests/conftest.py, kube_apiserver from tests/operator/conftest.py.
 
@@ -229,6 +230,15 @@ async def test_drifted_replicas_are_restored(
         (
             {"projector": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
             "spec.projector.autoscaling.minReplicas",
+        ),
+        (
+            {"writeApi": {"podLabels": {"cqrs.dev/migration-job": "orders-migrate-1"}}},
+            "spec.writeApi.podLabels",
+        ),
+        ({"projector": {"podLabels": {"pod-template-hash": "x"}}}, "spec.projector.podLabels"),
+        (
+            {"migrationJob": {"podLabels": {"batch.kubernetes.io/job-name": "x"}}},
+            "spec.migrationJob.podLabels",
         ),
     ],
 )
@@ -524,3 +534,31 @@ async def test_the_first_deployments_wait_for_the_stream(
         await owner.aclose()
     assert marker is not None and ready["metadata"]["uid"].encode() in marker
     await apps.read_namespaced_deployment("late-write-api", env.namespace)
+
+
+async def test_a_deployment_the_api_server_refuses_fails_the_stack_with_the_cause(
+    env: Env,
+) -> None:
+    # Valid for the CRD, invalid in a Pod: an empty key needs operator Exists.
+    await env.stacks.create(
+        env.manifest("tol", writeApi={"replicas": 1, "tolerations": [{"effect": "NoSchedule"}]})
+    )
+    await wait_until(
+        lambda: run_migration_jobs(env.api, env.namespace, "tol"),
+        timeout=30,
+        what="the migration Job run",
+        alive=env.operator.exit_reason,
+    )
+    obj = await env.stacks.wait_condition(
+        "tol", "WorkloadsReady", "False", reason="ApplyInvalid", operator=env.operator
+    )
+    message = next(
+        c["message"] for c in obj["status"]["conditions"] if c["type"] == "WorkloadsReady"
+    )
+    assert "Deployment tol-write-api" in message and "HTTP 422" in message
+    assert "spec.template.spec.tolerations[0].operator" in message, message
+    assert obj["status"]["phase"] == "Failed"
+    # Fixed in the spec, the same stack goes on.
+    fixed = [{"effect": "NoSchedule", "operator": "Exists"}]
+    await env.stacks.patch("tol", {"spec": {"writeApi": {"tolerations": fixed}}})
+    await env.stacks.wait_condition("tol", "WorkloadsReady", "True", operator=env.operator)

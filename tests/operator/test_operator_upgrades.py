@@ -17,11 +17,13 @@ import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from cqrs_operator import manifests
+from cqrs_operator import __version__, kube, manifests
+from cqrs_operator.schema import CRD_VERSION_ANNOTATION
 from tests.operator.fixtures_operator import (
     CRD_FILE,
     Env,
     Stacks,
+    config_hashes,
     stack_manifest,
     wait_until,
 )
@@ -375,3 +377,108 @@ async def test_a_planted_job_of_the_operators_name_is_not_taken_for_the_migratio
         "planted", "MigrationsApplied", "False", "MigrationJobNotOurs", env.operator
     )
     assert not (await _write_api_image(env, "planted")).endswith(":9.9.9")
+
+
+async def _set_crd_version(api: client.ApiClient, name: str, version: str) -> None:
+    await client.ApiextensionsV1Api(api).patch_custom_resource_definition(
+        name,
+        {"metadata": {"annotations": {CRD_VERSION_ANNOTATION: version}}},
+        _content_type="application/merge-patch+json",
+    )
+
+
+async def test_an_older_operator_leaves_a_newer_crd_and_its_fields_alone(
+    env: Env, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    ext = client.ApiextensionsV1Api(env.api)
+    ours = yaml.safe_load(CRD_FILE.read_text())
+    name = ours["metadata"]["name"]
+    assert ours["metadata"]["annotations"][CRD_VERSION_ANNOTATION] == __version__
+    auto = {"enabled": True, "minReplicas": 1, "maxReplicas": 3}
+    await env.stacks.create(env.manifest("newer", writeApi={"replicas": 1, "autoscaling": auto}))
+    # The CRD of an older release: it has no writeApi.autoscaling.
+    older = yaml.safe_load(CRD_FILE.read_text())
+    spec_schema = older["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema["properties"]["writeApi"]["properties"].pop("autoscaling")
+    older_file = tmp_path / "older-crd.yaml"
+
+    def write_api_schema(live: Any) -> dict[str, Any]:
+        props = live.spec.versions[0].schema.open_apiv3_schema.properties["spec"].properties
+        return dict(props["writeApi"].properties)
+
+    try:
+        # 0.10.0 > 0.9.1 (not as strings): the live CRD is newer, the older one is skipped.
+        await _set_crd_version(env.api, name, "0.10.0")
+        older["metadata"]["annotations"][CRD_VERSION_ANNOTATION] = "0.9.1"
+        older_file.write_text(yaml.safe_dump(older))
+        with caplog.at_level("WARNING", logger="cqrs_operator.kube"):
+            assert not await kube.apply_crd(env.api, str(older_file))
+        assert "live_version=0.10.0 file_version=0.9.1" in caplog.text
+        assert "newer release" in caplog.text
+        assert "autoscaling" in write_api_schema(await ext.read_custom_resource_definition(name))
+        await env.stacks.patch("newer", {"metadata": {"annotations": {"touch": "1"}}})
+        stored = await env.stacks.get("newer")
+        assert stored is not None and stored["spec"]["writeApi"]["autoscaling"]["enabled"]
+        # Equal or newer than the live one (or a live one from before the annotation): applied.
+        older["metadata"]["annotations"][CRD_VERSION_ANNOTATION] = "0.10.0"
+        older_file.write_text(yaml.safe_dump(older))
+        assert await kube.apply_crd(env.api, str(older_file))
+        live = await ext.read_custom_resource_definition(name)
+        assert "autoscaling" not in write_api_schema(live)
+    finally:
+        await _set_crd_version(env.api, name, __version__)
+        assert await kube.apply_crd(env.api, str(CRD_FILE))
+    assert "autoscaling" in write_api_schema(await ext.read_custom_resource_definition(name))
+
+
+async def test_a_new_value_in_a_secret_or_config_map_the_pods_read_rolls_their_component(
+    env: Env,
+) -> None:
+    core = client.CoreV1Api(env.api)
+    opted_in = {"cqrs.dev/stack-secret": "true"}
+    old_token, new_token = "old-token-" + "a" * 22, "new-token-" + "b" * 22
+    await core.create_namespaced_secret(
+        env.namespace,
+        {"metadata": {"name": "wtok", "labels": opted_in}, "stringData": {"token": old_token}},
+    )
+    await core.create_namespaced_config_map(
+        env.namespace, {"metadata": {"name": "proj-env"}, "data": {"FEATURE": "on"}}
+    )
+    manifest = env.manifest(
+        "src",
+        writeApi={"replicas": 1, "auth": {"tokenSecret": {"name": "wtok", "key": "token"}}},
+        projector={"replicas": 1, "envFrom": [{"configMapRef": {"name": "proj-env"}}]},
+    )
+    await env.stacks.create(manifest)
+    await env.stacks.wait_ready("src", env.operator)
+    before = await config_hashes(env.api, env.namespace, "src")
+
+    async def rolled(component: str, old: dict[str, str]) -> dict[str, str] | None:
+        now = await config_hashes(env.api, env.namespace, "src")
+        return now if now[component] != old[component] else None
+
+    # The write token: only write-api reads it.
+    await core.patch_namespaced_secret("wtok", env.namespace, {"stringData": {"token": new_token}})
+    after_token = await wait_until(
+        lambda: rolled("write-api", before),
+        timeout=30,
+        what="write-api rolled on a new token",
+        alive=env.operator.exit_reason,
+    )
+    assert {c for c in manifests.COMPONENTS if after_token[c] != before[c]} == {"write-api"}
+    # An envFrom ConfigMap of the projector: the projector alone.
+    await core.patch_namespaced_config_map("proj-env", env.namespace, {"data": {"FEATURE": "off"}})
+    after_env = await wait_until(
+        lambda: rolled("projector", after_token),
+        timeout=30,
+        what="projector rolled on a new envFrom value",
+        alive=env.operator.exit_reason,
+    )
+    assert {c for c in manifests.COMPONENTS if after_env[c] != after_token[c]} == {"projector"}
+    # Values never reach the templates, logs or the stack's status.
+    dep = await client.AppsV1Api(env.api).read_namespaced_deployment("src-write-api", env.namespace)
+    shown = str(env.api.sanitize_for_serialization(dep.spec.template.metadata))
+    stack = await env.stacks.get("src")
+    for value in (old_token, new_token):
+        assert value not in shown and value not in str(stack)
+        assert value not in env.operator.log_text()

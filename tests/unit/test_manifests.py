@@ -238,7 +238,7 @@ POD_CONTROLS = {
     ],
     "priorityClassName": "cqrs-high",
     "podAnnotations": {"example.com/scrape": "true"},
-    "podLabels": {"team": "orders", "app.kubernetes.io/name": "not-ours"},
+    "podLabels": {"team": "orders"},  # reserved keys are refused (test_spec)
     "envFrom": [
         {"configMapRef": {"name": "extra"}},
         {"secretRef": {"name": "vault"}, "prefix": "X_"},
@@ -480,3 +480,34 @@ def test_migration_job_gets_the_pod_controls_and_resources_of_spec_migration_job
     plain = manifests.migration_job(stack())["spec"]["template"]["spec"]
     assert "topologySpreadConstraints" not in plain
     assert plain["containers"][0]["envFrom"] == []
+
+
+def test_the_hash_covers_the_other_sources_each_component_reads_and_only_those() -> None:
+    spec = stack(
+        writeApi={"replicas": 1, "auth": {"tokenSecret": {"name": "wtok", "key": "token"}}},
+        projector={"replicas": 1, "envFrom": [{"configMapRef": {"name": "proj-env"}}]},
+    )
+    config, secret = manifests.config_data(spec), {"password": "x"}
+    rendered = {
+        m["metadata"]["name"]: m
+        for m in manifests.workloads(spec, manifests.component_hashes(config, secret), 1)
+        if m["kind"] == "Deployment"
+    }
+    read = {
+        name: manifests.external_sources(spec, m["spec"]["template"])
+        for name, m in rendered.items()
+    }
+    # Not the stack's own ConfigMap and credentials Secret: their wanted content is hashed.
+    assert read == {
+        "orders-write-api": [("Secret", "wtok")],
+        "orders-read-api": [],
+        "orders-projector": [("ConfigMap", "proj-env")],
+    }
+    plain = manifests.component_hashes(config, secret)
+    assert plain == manifests.component_hashes(config, secret, {})  # no sources: hash kept
+    one = manifests.sources_digest({("Secret", "wtok"): "d1"})
+    two = manifests.sources_digest({("Secret", "wtok"): "d2"})
+    assert one != two and "d1" not in one
+    rolled = manifests.component_hashes(config, secret, {"write-api": one})
+    assert [c for c in manifests.COMPONENTS if rolled[c] != plain[c]] == ["write-api"]
+    assert manifests.component_hashes(config, secret, {"write-api": two}) != rolled

@@ -18,6 +18,7 @@ from cqrs_operator.spec import (
     parse_spec,
     unique_identifier,
 )
+from cqrs_stack.stack_spec import MAX_POD_LABELS
 
 
 def minimal() -> dict:
@@ -348,3 +349,33 @@ def test_pool_sizes_are_set_by_the_spec_and_checked() -> None:
     spec["databases"]["pool"] = {"minSize": 3, "maxSize": 2}
     with pytest.raises(SpecError, match=r"spec\.databases\.pool"):
         parse_spec(spec, namespace="ns", name="n")
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("writeApi", "cqrs.dev/migration-job"),
+        ("readApi", "app.kubernetes.io/component"),
+        ("projector", "pod-template-hash"),
+        ("migrationJob", "batch.kubernetes.io/job-name"),
+        ("migrationJob", "job-name"),
+        ("writeApi", "controller-uid"),
+    ],
+)
+def test_pod_labels_in_the_operators_and_controllers_namespaces_are_refused(
+    section: str, key: str
+) -> None:
+    spec = minimal() | {section: {"podLabels": {"team": "orders", key: "x"}}}
+    with pytest.raises(SpecError, match=rf"spec\.{section}\.podLabels.*{re.escape(key)}"):
+        parse_spec(spec, namespace="ns", name="n")
+    # Near misses are the tenant's own: another domain, a longer plain key.
+    fine = {"team": "orders", "example.com/cqrs.dev": "y", "job-name-x": "z", "my.cqrs.dev/a": "b"}
+    parse_spec(minimal() | {section: {"podLabels": fine}}, namespace="ns", name="n")
+
+
+def test_pod_labels_are_bounded_in_count() -> None:
+    at_limit = {f"l{i}": "v" for i in range(MAX_POD_LABELS)}
+    parse_spec(minimal() | {"writeApi": {"podLabels": at_limit}}, namespace="ns", name="n")
+    past = at_limit | {"one-more": "v"}
+    with pytest.raises(SpecError, match=r"spec\.writeApi\.podLabels"):
+        parse_spec(minimal() | {"writeApi": {"podLabels": past}}, namespace="ns", name="n")
