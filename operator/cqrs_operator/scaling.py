@@ -21,7 +21,8 @@ from typing import Any
 
 from cqrs_stack.stack_spec import ProjectorAutoscaling
 
-# At most this many samples are kept (the newest): a 3600 s window at a 15 s interval is 240.
+# A bound on the samples kept: ``compact`` keeps at most two per replica count (max - min + 1
+# counts, at most 2 * MAX_REPLICAS + 1 samples), far below it; this only guards the status.
 MAX_SAMPLES = 256
 
 
@@ -85,12 +86,32 @@ def scale(
     kept = [s for s in samples if horizon <= s.time <= now]
     if lag is None:
         fallback = current if current is not None else auto.min_replicas
-        return max(auto.min_replicas, min(auto.max_replicas, fallback)), kept[-MAX_SAMPLES:]
-    kept = [*kept, Sample(now, wanted(auto, lag))][-MAX_SAMPLES:]
+        return max(auto.min_replicas, min(auto.max_replicas, fallback)), compact(kept)[
+            -MAX_SAMPLES:
+        ]
+    kept = compact([*kept, Sample(now, wanted(auto, lag))])[-MAX_SAMPLES:]
     count = stabilised(
         kept, now, current, auto.scale_up_window_seconds, auto.scale_down_window_seconds
     )
     return max(auto.min_replicas, min(auto.max_replicas, count)), kept
+
+
+def compact(samples: Sequence[Sample]) -> list[Sample]:
+    """Drop the samples no window can need (oldest first in, the same order out).
+
+    An older ask is the lowest of a scale-up window only while no newer ask is as low (the
+    newer one stays in every window longer), and the highest of a scale-down window only
+    while no newer ask is as high. So however long the windows and short the interval, the
+    kept samples are bounded by the replica range, and no count is cut off the window.
+    """
+    kept: list[Sample] = []
+    low = high = None
+    for sample in reversed(samples):
+        if low is None or high is None or sample.replicas < low or sample.replicas > high:
+            kept.append(sample)
+        low = sample.replicas if low is None else min(low, sample.replicas)
+        high = sample.replicas if high is None else max(high, sample.replicas)
+    return kept[::-1]
 
 
 def as_status(samples: Sequence[Sample]) -> list[dict[str, Any]]:

@@ -86,7 +86,7 @@ def test_samples_outside_both_windows_are_dropped_and_bounded() -> None:
     _, kept = scaling.scale(config, 100, 3, old, 1000.0)
     assert [s.time for s in kept] == [990.0, 1000.0]
     many = [scaling.Sample(1000.0 - i * 0.01, 1) for i in range(1000, 0, -1)]
-    assert len(scaling.scale(config, 0, 1, many, 1000.0)[1]) == scaling.MAX_SAMPLES
+    assert len(scaling.scale(config, 0, 1, many, 1000.0)[1]) == 1  # one ask of 1 holds them all
 
 
 def test_recorded_samples_survive_the_status_round_trip() -> None:
@@ -94,3 +94,24 @@ def test_recorded_samples_survive_the_status_round_trip() -> None:
     status = {"projector": {"recommendations": scaling.as_status(samples)}}
     assert scaling.recorded_samples(status) == samples
     assert scaling.recorded_samples({"projector": {"recommendations": [{"x": 1}, 5]}}) == []
+
+
+def test_the_longest_down_window_holds_at_the_shortest_interval() -> None:
+    """scaleDownWindowSeconds at its bound (3600) with a 1 s interval: the spike's count holds
+    the whole window (found by an attack: 256 samples cut the window to 256 intervals), and
+    the kept samples stay few."""
+    config = auto(up=0, down=3600)
+    current, samples = scaling.scale(config, 800, 1, [], 0.0)
+    assert current == 8
+    for t in range(1, 3600):
+        current, samples = scaling.scale(config, 0, current, samples, float(t))
+        assert current == 8, t
+        assert len(samples) <= 2 * config.max_replicas + 1
+    current, samples = scaling.scale(config, 0, current, samples, 3601.0)
+    assert current == 1
+
+
+def test_compact_keeps_what_either_window_may_need() -> None:
+    s = [scaling.Sample(float(t), r) for t, r in enumerate([5, 2, 7, 3, 3, 4])]
+    # 5 is lower than nothing newer? no (2 < 5) and higher than every newer? no (7): dropped.
+    assert [x.replicas for x in scaling.compact(s)] == [2, 7, 3, 4]
