@@ -4,6 +4,7 @@ position (read-your-writes)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from sqlalchemy.exc import OperationalError
@@ -22,6 +23,18 @@ from .projections import Projection
 from .projections.history import History
 from .projections.records import Records
 from .resources import Resources
+
+# Positions are PostgreSQL bigints.
+MAX_POSITION = 2**63 - 1
+# The bounded wait of a read with ?position= (records and history alike).
+WaitTimeout = Annotated[
+    float | None,
+    Query(
+        ge=0,
+        le=60,
+        description="Longest wait for `position`, in seconds (default READ_WAIT_TIMEOUT)",
+    ),
+]
 
 router = APIRouter(tags=["read"])
 
@@ -45,21 +58,16 @@ async def read_history(
     before: int | None = Query(
         default=None,
         ge=1,
-        le=2**63 - 1,
+        le=MAX_POSITION,
         description="Only commands below this position: the previous answer's `next_before`",
     ),
     position: int | None = Query(
         default=None,
         ge=1,
-        le=2**63 - 1,
+        le=MAX_POSITION,
         description="Wait until the write at this position is in the history",
     ),
-    timeout: float | None = Query(  # noqa: ASYNC109 - a query parameter, not an API
-        default=None,
-        ge=0,
-        le=60,
-        description="Longest wait for `position`, in seconds (default READ_WAIT_TIMEOUT)",
-    ),
+    timeout: WaitTimeout = None,  # noqa: ASYNC109 - a query parameter, not an API
 ) -> Response:
     """The commands of ``key`` newest first (position, event type, value, time), a page at a
     time, from the history read model (READ_MODELS must include ``history``)."""
@@ -136,15 +144,10 @@ async def read_record(
     position: int | None = Query(
         default=None,
         ge=1,
-        le=2**63 - 1,
+        le=MAX_POSITION,
         description="Wait until the write at this position is in the read model",
     ),
-    timeout: float | None = Query(  # noqa: ASYNC109 - a query parameter, not an API
-        default=None,
-        ge=0,
-        le=60,
-        description="Longest wait for `position`, in seconds (default READ_WAIT_TIMEOUT)",
-    ),
+    timeout: WaitTimeout = None,  # noqa: ASYNC109 - a query parameter, not an API
 ) -> Response:
     """Return the record of ``key`` from the read DB and count the read.
 
