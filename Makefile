@@ -10,6 +10,8 @@ RUN_ARGS ?=
 PIP := PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip --disable-pip-version-check
 LOCK_RUN  := requirements/run.lock
 LOCK_TEST := requirements/test.lock
+# `make lock LOCK_UPGRADE=` adds what pyproject.toml newly asks for and keeps every other pin.
+LOCK_UPGRADE ?= --upgrade
 
 .DEFAULT_GOAL := help
 
@@ -53,9 +55,9 @@ verify: $(VENV)/.run-installed ## does the read model equal the projection of th
 .PHONY: lock
 lock: $(VENV)/.run-installed ## re-resolve requirements/*.lock from pyproject.toml's ranges (with hashes)
 	@$(PIP) install -q pip-tools
-	$(BIN)/pip-compile -q --upgrade --generate-hashes --strip-extras --allow-unsafe \
+	$(BIN)/pip-compile -q $(LOCK_UPGRADE) --generate-hashes --strip-extras --allow-unsafe \
 		--no-emit-find-links --extra test -o $(LOCK_TEST) pyproject.toml
-	@# The test extra names the project itself (cqrs-stack[dev-servers,operator]): not a pin.
+	@# The test extra names the project itself (cqrs-stack[dev-servers,operator,tracing]): not a pin.
 	@sed -i '/^# WARNING: pip install will require/,/^    # via cqrs-stack (pyproject.toml)$$/d' $(LOCK_TEST)
 	@sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' $(LOCK_TEST) >$(VENV)/test-pins.txt
 	$(BIN)/pip-compile -q --generate-hashes --strip-extras --allow-unsafe --no-emit-find-links \
