@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Route
-from starlette.types import Scope
+from starlette.types import ASGIApp, Scope
 
 from . import __version__, errors, figures, metrics, read_api, write_api
 from .config import Settings
@@ -38,13 +38,17 @@ from .resources import (
     serves_writes,
 )
 
+if TYPE_CHECKING:  # imported only with TRACING on (tracing.py loads OpenTelemetry)
+    from .tracing import Tracing
 
-def create_app(settings: Settings, role: Role) -> FastAPI:
-    """Build the app of ``role``: "write-api", "read-api", "api" (both) or "projector"."""
+
+def create_app(settings: Settings, role: Role, tracing: Tracing | None = None) -> FastAPI:
+    """Build the app of ``role``: "write-api", "read-api", "api" (both) or "projector"; its
+    writes and projections traced with ``tracing``, if given."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.resources = await open_resources(settings, role)
+        app.state.resources = await open_resources(settings, role, tracing)
         # What exists now lives until exit: frozen, it is never scanned again, so a full
         # collection under load walks only request garbage, not every object of start-up.
         gc.collect()
@@ -64,6 +68,9 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
         static_url="/docs-assets",
         # Swagger UI would send the description to validator.swagger.io for a badge.
         swagger_ui_parameters={"validatorUrl": None},
+        # Traced, every request is one server span of ours (tracing.ServerSpans), on the hot
+        # paths and the framework's alike: FastAPI's own would be a second one.
+        telemetry={"tracing": False} if tracing is not None else None,
     )
     if serves_writes(role):
         app.include_router(write_api.router)
@@ -84,23 +91,42 @@ def create_app(settings: Settings, role: Role) -> FastAPI:
     return app
 
 
-def create_server_app(settings: Settings, role: Role) -> HotPaths | FastAPI:
-    """What the HTTP server runs: the app of ``role``, behind the hot-path layer (HOT_PATHS)."""
-    app = create_app(settings, role)
-    if not settings.hot_paths:
-        return app
-    return HotPaths(
-        app,
-        reads=serves_reads(role),
-        writes=serves_writes(role),
-        health=_health(role).model_dump_json().encode(),
-        max_body_bytes=settings.max_body_bytes,
-    )
+def create_server_app(settings: Settings, role: Role, tracing: Tracing | None = None) -> ASGIApp:
+    """What the HTTP server runs: the app of ``role``, behind the hot-path layer (HOT_PATHS),
+    and with TRACING on behind server spans (traced by ``tracing``, else as OTEL_* say)."""
+    if settings.tracing and tracing is None:
+        tracing = start_tracing(settings, role)
+    app = create_app(settings, role, tracing)
+    served: ASGIApp = app
+    if settings.hot_paths:
+        served = HotPaths(
+            app,
+            reads=serves_reads(role),
+            writes=serves_writes(role),
+            health=_health(role).model_dump_json().encode(),
+            max_body_bytes=settings.max_body_bytes,
+        )
+    return served if tracing is None else tracing.server_spans(served)
 
 
-def begin_stop(served: HotPaths | FastAPI) -> None:
+def start_tracing(settings: Settings, role: Role) -> Tracing:
+    """The process's tracing (TRACING on): the one place that loads OpenTelemetry's SDK."""
+    from .tracing import start_tracing
+
+    return start_tracing(settings, role)
+
+
+def fastapi_app(served: ASGIApp) -> FastAPI:
+    """The FastAPI app inside what ``create_server_app`` returned."""
+    app = served
+    while not isinstance(app, FastAPI):
+        app = app.app  # type: ignore[attr-defined]  # the layers in front keep it as .app
+    return app
+
+
+def begin_stop(served: ASGIApp) -> None:
     """The server stops taking requests: begin the bounded stop of ``served``'s resources."""
-    app = served.app if isinstance(served, HotPaths) else served
+    app = fastapi_app(served)
     resources: Resources | None = getattr(app.state, "resources", None)
     if resources is not None:
         resources.begin_stop()

@@ -151,6 +151,7 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from .app import begin_stop, create_server_app
+    from .errors import TracingUnavailable
     from .http_server import HeaderSectionProtocol
     from .supervision import exit_status, set_stop_hook
 
@@ -170,7 +171,10 @@ def _serve(role: Role, args: argparse.Namespace, settings: Settings) -> int:
         redact_url(settings.read_db_url),
         redact_url(settings.redis_url),
     )
-    served = create_server_app(settings, role)
+    try:
+        served = create_server_app(settings, role)
+    except TracingUnavailable as exc:  # an OTEL_* setting TRACING=true cannot follow
+        raise CommandError(f"TRACING: {exc}", EXIT_CONFIG) from None
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

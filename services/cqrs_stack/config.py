@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -199,6 +200,10 @@ class Settings(BaseSettings):
     # Valid reads, writes and /health answered below FastAPI (hot_paths.py). Off: every request
     # goes through the framework, e.g. for FastAPI's own OpenTelemetry spans on every call.
     hot_paths: bool = True
+    # OpenTelemetry spans of each write's request, commit, publish and projection, in one trace
+    # (tracing.py), set up by the OTEL_* variables; needs the tracing extra. Off: no span, no
+    # trace field in stream entries, and OpenTelemetry's SDK is never loaded.
+    tracing: bool = False
     # Off (empty) by default, as the original service had no authentication; when set,
     # POST/PUT /write require "Authorization: Bearer <token>".
     write_api_token: SecretStr = SecretStr("")
@@ -231,6 +236,13 @@ class Settings(BaseSettings):
                 f"must start with redis://, rediss:// or unix://, not {redact_url(value)}"
             )
         _check_url(value)
+        return value
+
+    @field_validator("tracing")
+    @classmethod
+    def _tracing(cls, value: bool) -> bool:
+        if value and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ValueError("needs the tracing extra: pip install 'cqrs-stack[tracing]'")
         return value
 
     @field_validator("read_models")

@@ -24,6 +24,10 @@ class RetryLater(Exception):
         self.retry_after = retry_after
 
 
+class TracingUnavailable(Exception):
+    """TRACING=true, but OpenTelemetry cannot be set up as the OTEL_* variables ask."""
+
+
 def error_response(
     status: int,
     error: str,

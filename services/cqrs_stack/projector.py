@@ -16,6 +16,8 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import asyncpg
 from redis.asyncio import Redis
@@ -54,6 +56,9 @@ from .sweep import (
     passed_open,
     settle_pending,
 )
+
+if TYPE_CHECKING:  # imported only with TRACING on (tracing.py loads OpenTelemetry)
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +108,10 @@ class Projector:
         read_engine: AsyncEngine,
         read_pool: asyncpg.Pool,
         redis: Redis,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.write_engine = write_engine
         self.read_engine = read_engine
         self.read_pool = read_pool
@@ -265,14 +272,36 @@ class Projector:
             await self._project_page(page, stopping)
 
     async def _project_page(self, entries: Sequence[stream.Entry], stopping: asyncio.Event) -> None:
+        """Apply one page; with TRACING on, each entry's trace goes on in a ``project`` span."""
+        if self.tracing is None:
+            await self._apply_page(entries, stopping)
+            return
+        spans = self.tracing.projecting(
+            [entry.fields for entry in entries],
+            self.settings.event_stream_name,
+            self.settings.consumer_group,
+        )
+        try:
+            refused = await self._apply_page(entries, stopping)
+        except BaseException as exc:
+            spans.end(exc)
+            raise
+        spans.end(failed={i for i, entry in enumerate(entries) if entry.entry_id in refused})
+
+    async def _apply_page(
+        self, entries: Sequence[stream.Entry], stopping: asyncio.Event
+    ) -> set[str]:
+        """Apply and acknowledge the page's entries; return the ids of those refused."""
+        refused: set[str] = set()
         good: list[tuple[stream.Entry, events.Command]] = []
         for entry in entries:
             try:
                 good.append((entry, events.decode(entry.fields)))
             except events.MalformedEvent as exc:
+                refused.add(entry.entry_id)
                 await self._reject(entry, str(exc))
         if not good:
-            return
+            return refused
         commands = [command for _, command in good]
         if await self._apply_with_retry(commands, stopping):
             await stream.acknowledge(
@@ -281,7 +310,7 @@ class Projector:
                 self.settings.consumer_group,
                 [entry.entry_id for entry, _ in good],
             )
-            return
+            return refused
         # The batch as a whole was refused by the database: find the culprits one by one.
         for entry, command in good:
             if await self._apply_with_retry([command], stopping):
@@ -292,7 +321,9 @@ class Projector:
                     [entry.entry_id],
                 )
             else:
+                refused.add(entry.entry_id)
                 await self._reject(entry, "read DB refused the command")
+        return refused
 
     async def _reject(self, entry: stream.Entry, reason: str) -> None:
         """Leave a bad entry pending for redelivery, or dead-letter it once it used its tries."""
@@ -519,7 +550,9 @@ class Projector:
                 await self._bound_session(wconn)
                 commands = await write_db.commands_on(wconn, [c.position for c in page])
             await rconn.execute(_STILL_HERE)
-            applied += await self.apply(commands, source="catch-up", models=models)
+            # No stream entry, so no trace to continue: a page is a trace of its own.
+            with nullcontext() if self.tracing is None else self.tracing.catching_up(commands):
+                applied += await self.apply(commands, source="catch-up", models=models)
             del commands  # the next page's values are fetched only once these are freed
         return applied
 

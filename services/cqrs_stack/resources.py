@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 from fastapi import HTTPException
@@ -23,6 +23,9 @@ from .projector import Projector
 from .read_db import ReadCounter, RecordReader
 from .supervision import Supervisor
 from .write_path import CommandWriter, expire_idempotency_keys, publish_queued
+
+if TYPE_CHECKING:  # imported only with TRACING on (tracing.py loads OpenTelemetry)
+    from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ class Resources:
     read_counter: ReadCounter | None = None
     records: RecordReader | None = None
     projector: Projector | None = None
+    tracing: Tracing | None = None  # TRACING on: the spans of writes and projections
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     supervisor: Supervisor = field(default_factory=Supervisor)
     # The loop's clock by which the stop must be over (set when it begins).
@@ -138,8 +142,11 @@ async def _check(probe: object) -> str:
     return "ok"
 
 
-async def open_resources(settings: Settings, role: Role) -> Resources:
-    """Open the engines and Redis client and start the background work of ``role``."""
+async def open_resources(
+    settings: Settings, role: Role, tracing: Tracing | None = None
+) -> Resources:
+    """Open the engines and Redis client and start the background work of ``role`` (its
+    writes and projections traced with ``tracing``, if given)."""
     resources = Resources(
         settings=settings,
         role=role,
@@ -158,10 +165,13 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             settings.read_db_url, settings, application_name=f"cqrs-{role}"
         ),
         redis=stream.connect(settings),
+        tracing=tracing,
     )
     supervisor = resources.supervisor = Supervisor(retry_max_delay=settings.task_retry_max_delay)
     if resources.writes:
-        resources.writer = CommandWriter(resources.write_pool, resources.redis, settings)
+        resources.writer = CommandWriter(
+            resources.write_pool, resources.redis, settings, resources.tracing
+        )
         resources.writer.start(supervisor)
         supervisor.run(
             "publisher",
@@ -198,6 +208,7 @@ async def open_resources(settings: Settings, role: Role) -> Resources:
             resources.read_engine,
             resources.read_pool,
             resources.redis,
+            resources.tracing,
         )
         resources.projector.start(supervisor, resources.stopping)
     return resources
@@ -234,4 +245,6 @@ async def close_resources(resources: Resources) -> None:
         log.error("disconnecting took longer than the stop allows: connections cut")
         resources.write_pool.terminate()
         resources.read_pool.terminate()
+    if resources.tracing is not None:
+        await resources.tracing.shutdown(max(deadline - loop.time(), _DISCONNECT_FLOOR))
     log.info("stopped role=%s", resources.role)

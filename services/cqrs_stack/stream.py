@@ -56,45 +56,95 @@ end
 return ids
 """
 _FIELDS = ("type", "position", "key", "value", "created_at")
+# The same with TRACING on: a sixth value per event, its traceparent (tracing.py), added as the
+# entry's field of that name unless empty. A script of its own, so that untraced batches send
+# and run exactly what they did before.
+_XADD_ALL_TRACED = b"""
+local maxlen = ARGV[1]
+local ids = {}
+for i = 2, #ARGV, 6 do
+  local args = {KEYS[1]}
+  if maxlen ~= '0' then
+    args[2] = 'MAXLEN'; args[3] = '~'; args[4] = maxlen
+  end
+  args[#args + 1] = '*'
+  local names = {'type', 'position', 'key', 'value', 'created_at'}
+  for j = 1, 5 do
+    args[#args + 1] = names[j]; args[#args + 1] = ARGV[i + j - 1]
+  end
+  if ARGV[i + 5] ~= '' then
+    args[#args + 1] = 'traceparent'; args[#args + 1] = ARGV[i + 5]
+  end
+  ids[#ids + 1] = redis.call('XADD', unpack(args))
+end
+return ids
+"""
 
 
 def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def pack_publish(stream: str, commands: Sequence[events.Command], max_length: int) -> bytes:
-    """The RESP bytes of the one ``EVAL`` that adds the commands' events (``_XADD_ALL``).
+def pack_publish(
+    stream: str,
+    commands: Sequence[events.Command],
+    max_length: int,
+    traceparents: Sequence[str] | None = None,
+) -> bytes:
+    """The RESP bytes of the one ``EVAL`` that adds the commands' events (``_XADD_ALL``;
+    with ``traceparents``, one per command, ``_XADD_ALL_TRACED``).
 
     Built here, not by the client's generic per-argument packing, which cost more CPU than
     the rest of a write's publishing together.
     """
+    per_event = 5 if traceparents is None else 6
     parts = [
-        b"*%d\r\n" % (5 + 5 * len(commands)),
+        b"*%d\r\n" % (5 + per_event * len(commands)),
         _bulk(b"EVAL"),
-        _bulk(_XADD_ALL),
+        _bulk(_XADD_ALL if traceparents is None else _XADD_ALL_TRACED),
         b"$1\r\n1\r\n",
         _bulk(stream.encode()),
         _bulk(str(max_length).encode()),
     ]
-    for command in commands:
-        fields = events.encode(command)
-        if tuple(fields) != _FIELDS:  # the script names the fields: they must agree
-            raise ValueError(f"event fields changed: {tuple(fields)}")
-        parts += [_bulk(value.encode()) for value in fields.values()]
+    if traceparents is None:
+        for command in commands:
+            parts += _event_values(command)
+    else:
+        for command, traceparent in zip(commands, traceparents, strict=True):
+            parts += _event_values(command)
+            parts.append(_bulk(traceparent.encode()))
     return b"".join(parts)
 
 
-def pack_xadds(stream: str, commands: Sequence[events.Command], max_length: int) -> bytes:
-    """The RESP bytes of one ``XADD`` per command: the fallback where scripts are refused."""
+def _event_values(command: events.Command) -> list[bytes]:
+    """The bulk strings of an event's field values, in the order the scripts name them."""
+    fields = events.encode(command)
+    if tuple(fields) != _FIELDS:  # the script names the fields: they must agree
+        raise ValueError(f"event fields changed: {tuple(fields)}")
+    return [_bulk(value.encode()) for value in fields.values()]
+
+
+def pack_xadds(
+    stream: str,
+    commands: Sequence[events.Command],
+    max_length: int,
+    traceparents: Sequence[str] | None = None,
+) -> bytes:
+    """The RESP bytes of one ``XADD`` per command: the fallback where scripts are refused
+    (a non-empty traceparent of ``traceparents`` is its entry's field of that name)."""
     head = [b"XADD", stream.encode()]
     if max_length:
         head += [b"MAXLEN", b"~", str(max_length).encode()]
-    prefix = b"*%d\r\n" % (len(head) + 11) + b"".join(map(_bulk, head)) + b"$1\r\n*\r\n"
+    body = b"".join(map(_bulk, head)) + b"$1\r\n*\r\n"
+    prefix = b"*%d\r\n" % (len(head) + 11) + body
     parts = []
-    for command in commands:
-        parts.append(prefix)
+    for index, command in enumerate(commands):
+        traceparent = b"" if traceparents is None else traceparents[index].encode()
+        parts.append(b"*%d\r\n" % (len(head) + 13) + body if traceparent else prefix)
         for name, value in events.encode(command).items():
             parts += [_bulk(name.encode()), _bulk(value.encode())]
+        if traceparent:
+            parts += [_bulk(b"traceparent"), _bulk(traceparent)]
     return b"".join(parts)
 
 
@@ -113,9 +163,16 @@ def _refuses_scripts(exc: ResponseError) -> bool:
 
 
 async def publish(
-    redis: Redis, stream: str, commands: Sequence[events.Command], max_length: int
+    redis: Redis,
+    stream: str,
+    commands: Sequence[events.Command],
+    max_length: int,
+    traceparents: Sequence[str] | None = None,
 ) -> list[str]:
     """Add one event per command to the stream in one round trip; return the stream ids.
+
+    ``traceparents`` (TRACING on: one per command, '' for none) adds each entry's trace
+    context as its ``traceparent`` field; without it, entries have the event's fields only.
 
     One script adds them all (each command's event its own entry, in order): one request,
     one reply, on one pooled connection; where scripts are refused, one XADD per event,
@@ -128,14 +185,16 @@ async def publish(
         return []
     if not _Scripts.refused:
         try:
-            reply: Any = await _round_trip(redis, pack_publish(stream, commands, max_length), 1)
+            packed = pack_publish(stream, commands, max_length, traceparents)
+            reply: Any = await _round_trip(redis, packed, 1)
             return [_id(i) for i in reply[0]]
         except ResponseError as exc:
             if not _refuses_scripts(exc):
                 raise
             _Scripts.refused = True
             log.warning("redis refuses EVAL, publishing with one XADD per event error=%s", exc)
-    replies = await _round_trip(redis, pack_xadds(stream, commands, max_length), len(commands))
+    packed = pack_xadds(stream, commands, max_length, traceparents)
+    replies = await _round_trip(redis, packed, len(commands))
     return [_id(i) for i in replies]
 
 

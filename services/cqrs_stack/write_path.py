@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import asyncpg
 from redis.asyncio import Redis
@@ -29,6 +30,11 @@ from .events import Command
 from .metrics import EVENTS_PUBLISHED, PUBLISH_FAILURES, WRITE_BATCH_SIZE, WRITE_QUEUE_DEPTH
 from .supervision import Supervisor
 from .write_db import Busy, CommitOutcomeUnknown, NewCommand, Outcome, Precondition
+
+if TYPE_CHECKING:  # imported only with TRACING on (tracing.py loads OpenTelemetry)
+    from opentelemetry.context import Context
+
+    from .tracing import Stage, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,8 @@ class _Pending:
     done: asyncio.Future[WriteResult]
     # When a batch first found its key held by another transaction (loop time), if it did.
     busy_since: float | None = None
+    # The request's trace context (TRACING on), parent of its commit and publish spans.
+    trace: Context | None = None
 
 
 class CommandWriter:
@@ -78,10 +86,13 @@ class CommandWriter:
     refused with ``RetryLater`` (503, Retry-After).
     """
 
-    def __init__(self, pool: asyncpg.Pool, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, redis: Redis, settings: Settings, tracing: Tracing | None = None
+    ) -> None:
         self._pool = pool
         self._redis = redis
         self._settings = settings
+        self._tracing = tracing
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._supervisor: Supervisor | None = None
         self._closed = asyncio.Event()
@@ -186,7 +197,8 @@ class CommandWriter:
             )
         done: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         item = NewCommand(key, value, event_type, idempotency_key, digest, precondition)
-        self._queue.put_nowait(_Pending(item, done))
+        trace = None if self._tracing is None else self._tracing.current()
+        self._queue.put_nowait(_Pending(item, done, trace=trace))
         self._in_hand += 1
         WRITE_QUEUE_DEPTH.set(self.in_hand)
         return await done
@@ -244,8 +256,11 @@ class CommandWriter:
         """The outcome of each write of ``group`` (the batch without its repeated keys),
         committed; None when the write DB failed (the batch's writers told)."""
         WRITE_BATCH_SIZE.observe(len(batch))
+        spans = (
+            None if self._tracing is None else self._tracing.committing([p.trace for p in batch])
+        )
         try:
-            return await write_db.store_commands(
+            outcomes = await write_db.store_commands(
                 self._pool,
                 [p.item for p in group],
                 write_db.new_batch_token(),
@@ -253,8 +268,13 @@ class CommandWriter:
                 self._settings.idempotency_retention,
             )
         except Exception as exc:  # every waiter must learn of the failure
+            if spans is not None:
+                spans.end(exc)
             _fail(batch, exc)
             return None
+        if spans is not None:
+            spans.end()
+        return outcomes
 
     async def _publish_and_answer(
         self,
@@ -273,7 +293,7 @@ class CommandWriter:
         ]
         self._answering = fresh
         try:
-            event_ids = await self._publish([command for _, command in fresh])
+            event_ids = await self._publish(fresh)
             answers: list[WriteResult | RequestRefused | Busy] = []
             published = iter(event_ids)
             for outcome in outcomes:
@@ -376,12 +396,19 @@ class CommandWriter:
         except Exception as exc:  # the answer stands; a replay will say queued
             log.warning("recording event ids failed count=%d error=%r", len(keyed), exc)
 
-    async def _publish(self, commands: list[Command]) -> list[str | None]:
+    async def _publish(self, fresh: list[tuple[_Pending, Command]]) -> list[str | None]:
         """XADD the batch's events and mark them published; all None when they stay queued."""
+        commands = [command for _, command in fresh]
         if not commands:
             return []
         if not self._breaker.allows():
             return [None] * len(commands)
+        spans: Stage | None = None
+        traceparents: list[str] | None = None
+        if self._tracing is not None:
+            name = self._settings.event_stream_name
+            spans = self._tracing.publishing([p.trace for p, _ in fresh], name)
+            traceparents = spans.traceparents()
         try:
             event_ids: list[str | None] = list(
                 await asyncio.wait_for(
@@ -390,16 +417,25 @@ class CommandWriter:
                         self._settings.event_stream_name,
                         commands,
                         self._settings.stream_max_length,
+                        traceparents,
                     ),
                     self._settings.redis_timeout,
                 )
             )
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+            if spans is not None:
+                spans.end(exc)
             self._breaker.failed(exc)
             PUBLISH_FAILURES.inc()
             log.warning("publish failed, events queued count=%d error=%r", len(commands), exc)
             return [None] * len(commands)
+        except BaseException as exc:  # cancelled, or unforeseen: the spans still end
+            if spans is not None:
+                spans.end(exc)
+            raise
         self._breaker.succeeded()
+        if spans is not None:
+            spans.end()
         EVENTS_PUBLISHED.inc(len(commands))
         try:
             await write_db.mark_published_now(self._pool, [c.position for c in commands])

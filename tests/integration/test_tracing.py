@@ -1,0 +1,247 @@
+"""Tracing (TRACING=true): one write is one trace from its request to its projection, on real
+PostgreSQL and Redis, with the app and the projector in this process and the SDK's in-memory
+exporter; and with tracing off, no trace field in the stream and no OpenTelemetry loaded by
+our code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from redis.asyncio import Redis
+
+from cqrs_stack import stream
+from cqrs_stack.app import create_server_app, fastapi_app
+from cqrs_stack.config import Settings
+from cqrs_stack.localservers import RedisServer
+from cqrs_stack.resources import close_resources, open_resources
+from cqrs_stack.tracing import Tracing
+from tests.fixtures.stack import Stack, wait_until
+from tests.integration.test_stream_publish import commands
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+EVENT_FIELDS = {b"type", b"position", b"key", b"value", b"created_at"}
+
+
+def traced(stack: Stack, **overrides: object) -> Settings:
+    return Settings(**{k.lower(): v for k, v in stack.env.items()}, tracing=True, **overrides)
+
+
+def in_memory(exporter: InMemorySpanExporter) -> Tracing:
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # Not owned: the write API's and the projector's resources share it, and the first one
+    # closed must not shut the exporter down under the other.
+    return Tracing(provider, owned=False)
+
+
+@asynccontextmanager
+async def write_api(
+    settings: Settings, tracing: Tracing | None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The API of ``settings`` in this process (what `cqrs-stack api` serves), and a client."""
+    served = create_server_app(settings, "api", tracing)
+    app = fastapi_app(served)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=served)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cqrs") as client:
+            yield client
+
+
+@asynccontextmanager
+async def projector(settings: Settings, tracing: Tracing | None) -> AsyncIterator[None]:
+    resources = await open_resources(settings, "projector", tracing)
+    try:
+        yield
+    finally:
+        await close_resources(resources)
+
+
+def of_trace(exporter: InMemorySpanExporter, name: str | None = None) -> list[ReadableSpan]:
+    return [
+        span
+        for span in exporter.get_finished_spans()
+        if span.context is not None
+        and span.context.trace_id == int(TRACE_ID, 16)
+        and name in (None, span.name)
+    ]
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return None if span.parent is None else span.parent.span_id
+
+
+@pytest.mark.parametrize("hot_paths", [True, False], ids=["hot-path", "framework"])
+async def test_one_write_is_one_trace_from_request_to_projection(
+    stack: Stack, hot_paths: bool
+) -> None:
+    """request (SERVER, child of the caller's traceparent) -> commit (INTERNAL) and publish
+    (PRODUCER) -> project (CONSUMER, from the stream entry's traceparent field)."""
+    exporter = InMemorySpanExporter()
+    tracing = in_memory(exporter)
+    settings = traced(stack, hot_paths=hot_paths)
+    async with write_api(settings, tracing) as client, projector(settings, tracing):
+        answer = await client.post(
+            "/write", json={"key": "k", "value": "v"}, headers={"traceparent": TRACEPARENT}
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["queued"] is False
+
+        async def projected() -> bool:
+            return bool(of_trace(exporter, "project"))
+
+        await wait_until(projected, 20, "the projection's span")
+    spans = of_trace(exporter)
+    # One span of each, the framework's own server span included (FastAPI's is turned off).
+    assert sorted(s.name for s in spans) == ["POST /write", "commit", "project", "publish"]
+    (request,) = of_trace(exporter, "POST /write")
+    (commit,) = of_trace(exporter, "commit")
+    (publish,) = of_trace(exporter, "publish")
+    (project,) = of_trace(exporter, "project")
+    assert request.context is not None and publish.context is not None
+    assert request.kind == SpanKind.SERVER
+    assert request.parent is not None and request.parent.is_remote
+    assert parent_of(request) == int(CALLER_SPAN, 16)
+    assert request.attributes is not None
+    assert request.attributes["http.response.status_code"] == 200
+    assert (commit.kind, parent_of(commit)) == (SpanKind.INTERNAL, request.context.span_id)
+    assert (publish.kind, parent_of(publish)) == (SpanKind.PRODUCER, request.context.span_id)
+    assert (project.kind, parent_of(project)) == (SpanKind.CONSUMER, publish.context.span_id)
+    assert commit.attributes is not None and commit.attributes["cqrs.batch.size"] == 1
+    # The trace context travels in the stream entry: the publish span's, W3C.
+    ((_, fields),) = await stack.redis.xrange(settings.event_stream_name)
+    assert set(fields) == EVENT_FIELDS | {b"traceparent"}
+    assert fields[b"traceparent"] == f"00-{TRACE_ID}-{publish.context.span_id:016x}-01".encode()
+    await stack.assert_converges()
+
+
+async def test_a_command_the_stream_never_carried_is_a_catch_up_trace(stack: Stack) -> None:
+    """Applied by the sweep from the write DB, which keeps no trace context: a root span."""
+    exporter = InMemorySpanExporter()
+    tracing = in_memory(exporter)
+    settings = traced(stack)
+    async with write_api(settings, tracing) as client:
+        answer = await client.post(
+            "/write", json={"key": "k", "value": "v"}, headers={"traceparent": TRACEPARENT}
+        )
+        assert answer.status_code == 200, answer.text
+    position = answer.json()["position"]
+    await stack.redis.delete(settings.event_stream_name)  # the stream lost it
+    async with projector(settings, tracing):
+
+        async def swept() -> bool:
+            return any(s.name == "catch-up" for s in exporter.get_finished_spans())
+
+        await wait_until(swept, 20, "the sweep's span")
+    (catch_up,) = [s for s in exporter.get_finished_spans() if s.name == "catch-up"]
+    assert catch_up.parent is None and catch_up.kind == SpanKind.INTERNAL
+    assert catch_up.attributes is not None
+    assert catch_up.attributes["cqrs.command.count"] == 1
+    assert catch_up.attributes["cqrs.position.first"] == position
+    assert not of_trace(exporter, "project")
+    await stack.assert_converges()
+
+
+@pytest.mark.parametrize("scripts", [True, False], ids=["eval", "xadd"])
+@pytest.mark.parametrize("max_length", [0, 1000])
+async def test_a_traceparent_is_a_field_only_where_given(
+    redis_server: RedisServer,
+    fresh_names: str,
+    monkeypatch: pytest.MonkeyPatch,
+    scripts: bool,
+    max_length: int,
+) -> None:
+    monkeypatch.setattr(stream._Scripts, "refused", not scripts)
+    name = f"s-{fresh_names}"
+    redis = Redis.from_url(redis_server.url)
+    try:
+        sent = commands(3)
+        await stream.publish(redis, name, sent, max_length, [TRACEPARENT, "", TRACEPARENT])
+        await stream.publish(redis, name, commands(1, first=4), max_length)
+        entries = [fields for _, fields in await redis.xrange(name)]
+    finally:
+        await redis.aclose()
+    assert [set(f) - EVENT_FIELDS for f in entries] == [
+        {b"traceparent"},
+        set(),
+        {b"traceparent"},
+        set(),
+    ]
+    assert entries[0][b"traceparent"] == TRACEPARENT.encode()
+    assert [int(f[b"position"]) for f in entries] == [1, 2, 3, 4]
+
+
+# Runs a write and its projection through the in-process API and projector with TRACING
+# unset, and reports the OpenTelemetry modules that loaded beyond those our libraries load of
+# themselves, traced or not: FastAPI's telemetry imports the API, redis-py's observability the
+# SDK's metrics (where the SDK is installed).
+_UNTRACED = """
+import asyncio, json, sys
+import fastapi, redis.asyncio
+baseline = {m for m in sys.modules if m.startswith("opentelemetry")}
+import httpx
+from cqrs_stack.app import create_server_app, fastapi_app
+from cqrs_stack.config import Settings
+from cqrs_stack.resources import close_resources, open_resources
+
+async def main():
+    settings = Settings()
+    served = create_server_app(settings, "api")
+    app = fastapi_app(served)
+    async with app.router.lifespan_context(app):
+        projector = await open_resources(settings, "projector")
+        try:
+            transport = httpx.ASGITransport(app=served)
+            async with httpx.AsyncClient(transport=transport, base_url="http://cqrs") as client:
+                headers = {"traceparent": sys.argv[1]}
+                body = {"key": "k", "value": "v"}
+                written = await client.post("/write", json=body, headers=headers)
+                position = written.json()["position"]
+                read = await client.get("/read/k", params={"position": position, "timeout": 20})
+        finally:
+            await close_resources(projector)
+    loaded = sorted({m for m in sys.modules if m.startswith("opentelemetry")} - baseline)
+    sdk = sorted(m for m in sys.modules if m.startswith("opentelemetry.sdk.trace"))
+    print(json.dumps({"statuses": [written.status_code, read.status_code], "loaded": loaded,
+                      "sdk": sdk, "ours": "cqrs_stack.tracing" in sys.modules}))
+
+asyncio.run(main())
+"""
+
+
+async def test_untraced_writes_load_no_tracing_and_add_no_field(stack: Stack) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env.update(stack.env)
+    env.pop("TRACING", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _UNTRACED,
+        TRACEPARENT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode == 0, err.decode()
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    assert report == {"statuses": [200, 200], "loaded": [], "sdk": [], "ours": False}
+    ((_, fields),) = await stack.redis.xrange(stack.settings.event_stream_name)
+    assert set(fields) == EVENT_FIELDS  # the caller's traceparent did not travel
