@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -245,3 +246,40 @@ async def test_untraced_writes_load_no_tracing_and_add_no_field(stack: Stack) ->
     assert report == {"statuses": [200, 200], "loaded": [], "sdk": [], "ours": False}
     ((_, fields),) = await stack.redis.xrange(stack.settings.event_stream_name)
     assert set(fields) == EVENT_FIELDS  # the caller's traceparent did not travel
+
+
+async def test_a_traced_process_exports_as_otel_variables_say(stack: Stack) -> None:
+    """`cqrs-stack write-api` with TRACING=true and OTEL_TRACES_EXPORTER=console: the spans
+    queued for export are written out by the time SIGTERM's stop is over."""
+    api = await stack.launch(
+        "write-api", TRACING="true", OTEL_TRACES_EXPORTER="console", OTEL_SERVICE_NAME="w"
+    )
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        answer = await client.post(
+            "/write", json={"key": "k", "value": "v"}, headers={"traceparent": TRACEPARENT}
+        )
+    assert answer.status_code == 200, answer.text
+    # uvicorn re-raises SIGTERM once its graceful shutdown is done.
+    assert await asyncio.to_thread(api.terminate) in (0, -signal.SIGTERM)
+    log = api.log()
+    for name in ("POST /write", "commit", "publish"):
+        assert f'"name": "{name}"' in log, log[-3000:]
+    assert f'"trace_id": "0x{TRACE_ID}"' in log
+    assert '"service.name": "w"' in log
+
+
+async def test_an_exporter_it_cannot_use_is_a_configuration_error(stack: Stack) -> None:
+    env = {**os.environ, **stack.env, "TRACING": "true", "OTEL_TRACES_EXPORTER": "zipkin"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cqrs_stack.cli",
+        "write-api",
+        "--port",
+        "0",
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2, err.decode()
+    assert "OTEL_TRACES_EXPORTER='zipkin'" in err.decode()
