@@ -59,7 +59,9 @@ TRACE_FIELD = "traceparent"
 _TRACE_FIELD_BYTES = TRACE_FIELD.encode()
 _W3C = TraceContextTextMapPropagator()
 # Route templates of the spans' names (keys stay out of traces); other paths: the method only.
-_ROUTES = {"/write", "/health", "/ready", "/stats", "/metrics", "/"}
+_ROUTES = {"/write", "/stats", "/"}
+# Probes and scrapes, every few seconds from every kubelet and Prometheus: no trace of their own.
+_UNTRACED = {"/health", "/ready", "/metrics"}
 _READ_PREFIX, _HISTORY_SUFFIX = "/read/", "/history"
 
 
@@ -206,14 +208,15 @@ _HEADERS = _HeaderGetter()
 
 class ServerSpans:
     """Each HTTP request a server span, continuing the trace of its traceparent header (the
-    propagators of OTEL_PROPAGATORS); the request runs with that span current."""
+    propagators of OTEL_PROPAGATORS); the request runs with that span current. Probes and
+    scrapes (/health, /ready, /metrics) are not traced."""
 
     def __init__(self, app: ASGIApp, tracer: trace.Tracer) -> None:
         self.app = app
         self._tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in _UNTRACED:
             await self.app(scope, receive, send)
             return
         parent = propagate.extract(scope["headers"], getter=_HEADERS)

@@ -99,11 +99,14 @@ async def test_one_write_is_one_trace_from_request_to_projection(
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["queued"] is False
+        assert (await client.get("/ready")).status_code == 200  # probes make no traces
 
         async def projected() -> bool:
             return bool(of_trace(exporter, "project"))
 
         await wait_until(projected, 20, "the projection's span")
+    servers = [s.name for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert servers == ["POST /write"]
     spans = of_trace(exporter)
     # One span of each, the framework's own server span included (FastAPI's is turned off).
     assert sorted(s.name for s in spans) == ["POST /write", "commit", "project", "publish"]
