@@ -157,13 +157,7 @@ class Stage:
 
     def traceparents(self) -> list[str]:
         """The W3C traceparent of each item's span ('' for an item without one)."""
-        found = []
-        for span in self._spans:
-            carrier: dict[str, str] = {}
-            if span is not None:
-                _W3C.inject(carrier, trace.set_span_in_context(span))
-            found.append(carrier.get(TRACE_FIELD, ""))
-        return found
+        return [_traceparent(span) for span in self._spans]
 
     def end(self, error: BaseException | None = None, failed: Collection[int] = ()) -> None:
         """End every span at one time: all in error with ``error``, else those of ``failed``
@@ -178,6 +172,14 @@ class Stage:
             elif index in failed:
                 span.set_status(Status(StatusCode.ERROR, "refused"))
             span.end(end_time=ended)
+
+
+def _traceparent(span: Span | None) -> str:
+    """A span's W3C traceparent, as the propagator writes it ('' for none, or an invalid one)."""
+    found = None if span is None else span.get_span_context()
+    if found is None or not found.is_valid:
+        return ""
+    return f"00-{found.trace_id:032x}-{found.span_id:016x}-{found.trace_flags:02x}"
 
 
 def entry_context(fields: dict[bytes, bytes]) -> Context | None:
