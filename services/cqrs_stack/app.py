@@ -110,7 +110,7 @@ def create_server_app(settings: Settings, role: Role, tracing: Tracing | None = 
 
 
 def start_tracing(settings: Settings, role: Role) -> Tracing:
-    """The process's tracing (TRACING on): the one place that loads OpenTelemetry's SDK."""
+    """The process's tracing (TRACING on): the one place that imports our tracing module."""
     from .tracing import start_tracing
 
     return start_tracing(settings, role)

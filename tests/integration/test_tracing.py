@@ -9,7 +9,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -286,3 +288,23 @@ async def test_an_exporter_it_cannot_use_is_a_configuration_error(stack: Stack) 
     _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 2, err.decode()
     assert "OTEL_TRACES_EXPORTER='zipkin'" in err.decode()
+
+
+async def test_a_hung_collector_does_not_hold_the_exit(stack: Stack) -> None:
+    """A collector that takes the connection and never answers (the OTLP exporter would
+    wait up to OTEL_EXPORTER_OTLP_TIMEOUT, 10 s): the process still exits within
+    SHUTDOWN_TIMEOUT (1 s) and a little, its spans left unexported."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # connections complete in the backlog, none is ever read
+        collector = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        api = await stack.launch(
+            "write-api", TRACING="true", OTEL_EXPORTER_OTLP_ENDPOINT=collector, SHUTDOWN_TIMEOUT="1"
+        )
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+            answer = await client.post("/write", json={"key": "k", "value": "v"})
+        assert answer.status_code == 200, answer.text
+        started = time.monotonic()
+        assert await asyncio.to_thread(api.terminate, 30) in (0, -signal.SIGTERM)
+        took = time.monotonic() - started
+    assert took < 6, f"the exit took {took:.1f}s"
