@@ -113,10 +113,11 @@ class Tracing:
     @contextmanager
     def catching_up(self, commands: Sequence[events.Command]) -> Iterator[None]:
         """A ``catch-up`` span (a trace of its own) around applying one page of the sweep."""
+        positions = [command.position for command in commands] or [0]
         attributes = {
             "cqrs.command.count": len(commands),
-            "cqrs.position.first": commands[0].position if commands else 0,
-            "cqrs.position.last": commands[-1].position if commands else 0,
+            "cqrs.position.first": min(positions),
+            "cqrs.position.last": max(positions),
         }
         with self._tracer.start_as_current_span(
             "catch-up", context=Context(), kind=SpanKind.INTERNAL, attributes=attributes
