@@ -6,6 +6,7 @@ our code."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from cqrs_stack import stream
@@ -308,3 +310,18 @@ async def test_a_hung_collector_does_not_hold_the_exit(stack: Stack) -> None:
         assert await asyncio.to_thread(api.terminate, 30) in (0, -signal.SIGTERM)
         took = time.monotonic() - started
     assert took < 6, f"the exit took {took:.1f}s"
+
+
+def test_tracing_without_the_extra_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TRACING=true where the SDK is not installed: refused with the install line (exit 2)."""
+    found = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "opentelemetry.sdk" else found(name, *args),
+    )
+    with pytest.raises(ValidationError, match=r"cqrs-stack\[tracing\]"):
+        Settings(tracing=True)
+    assert Settings(tracing=False).tracing is False
