@@ -41,11 +41,11 @@ from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
 
 # The annotation that asks the operator for a rebuild now: any new value does.
 REBUILD_ANNOTATION = "cqrs.dev/rebuild"
-# Exit codes (README, "kubectl cqrs"): besides those of `cqrs-stack dlq`.
+# Exit codes (README, "kubectl cqrs"): besides those of `cqrs-stack dlq`, which it passes on.
 EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3  # no such stack, or a child the operator has not created yet
-EXIT_KUBE = 4  # the API server refused or cannot be reached
-EXIT_NO_PSQL = 5
+EXIT_NOT_FOUND = 20  # no such stack, or a child the operator has not created yet
+EXIT_KUBE = 21  # the API server refused or cannot be reached
+EXIT_NO_PSQL = 22
 # What psql reads from its environment, by the URL query parameter it comes from.
 _PSQL_QUERY_ENV = {
     "sslmode": "PGSSLMODE",
@@ -227,12 +227,12 @@ async def _status(args: argparse.Namespace, api: client.ApiClient, namespace: st
         f" {meta.get('generation')} (observed {st.get('observedGeneration', '-')})"
         f"  image {spec.image}",
         "",
-        f"{'CONDITION':<22} {'STATUS':<8} {'REASON':<24} MESSAGE",
+        f"{'CONDITION':<22} {'STATUS':<8} {'REASON':<26} MESSAGE",
     ]
     for cond in st.get("conditions") or []:
         out.append(
             f"{cond.get('type', ''):<22} {cond.get('status', ''):<8}"
-            f" {cond.get('reason', ''):<24} {str(cond.get('message', ''))[:100]}"
+            f" {cond.get('reason', ''):<26} {str(cond.get('message', ''))[:100]}"
         )
     out += ["", f"{'COMPONENT':<12} {'READY':<8} STATE"]
     out += [f"{c:<12} {r:<8} {s}" for c, r, s in await _deployments(api, spec)]

@@ -136,7 +136,7 @@ async def test_status_rebuild_and_dlq_of_a_real_stack(
         assert values[-1] in done.stdout
     assert values[0] != values[1]
     done = _plugin(kubeconfig, env.namespace, "status", "nosuch")
-    assert done.returncode == 3 and "no CqrsStack nosuch" in done.stderr
+    assert done.returncode == 20 and "no CqrsStack nosuch" in done.stderr
 
 
 def _stream_of(obj: dict[str, Any]) -> str:
@@ -208,5 +208,5 @@ async def test_psql_logs_in_as_the_stack_without_the_password_on_its_argv(
     )
     assert done.returncode == 0 and done.stdout.strip() == creds["READ_DB_URL"].rsplit("/", 1)[1]
     done = _plugin(kubeconfig, env.namespace, "psql", name, "--read", "--psql", "no-such-psql")
-    assert done.returncode == 5 and "psql not found" in done.stderr
+    assert done.returncode == 22 and "psql not found" in done.stderr
     assert password not in done.stdout + done.stderr
