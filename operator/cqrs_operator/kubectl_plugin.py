@@ -37,7 +37,7 @@ from cqrs_stack.cli import CommandError, add_dlq_commands, reason_of, run_dlq, w
 from cqrs_stack.config import Settings, known_secrets, redact_text
 
 from . import manifests
-from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
+from .spec import GROUP, PLURAL, VERSION, CaBundle, SpecError, StackSpec, parse_spec
 
 # The annotation that asks the operator for a rebuild now: any new value does.
 REBUILD_ANNOTATION = "cqrs.dev/rebuild"
@@ -154,7 +154,51 @@ async def stack_environment(api: client.ApiClient, spec: StackSpec) -> dict[str,
             f"the Secret {names['Secret']} lacks {', '.join(missing)} (still provisioning?)",
             EXIT_NOT_FOUND,
         )
-    return {**(config_map.data or {}), **urls}
+    return {**(config_map.data or {}), **urls, **await _tls_environment(api, spec, urls)}
+
+
+async def _tls_environment(
+    api: client.ApiClient, spec: StackSpec, urls: Mapping[str, str]
+) -> dict[str, str]:
+    """What the pods get for TLS, with the CA bundles they mount written to local files
+    instead (PGSSLMODE, PGSSLROOTCERT; the Redis URL's ssl_ca_certs pointed at the copy)."""
+    env: dict[str, str] = {}
+    tls = spec.database_tls
+    if tls is not None:
+        env["PGSSLMODE"] = tls.mode
+        if tls.ca is not None:
+            env["PGSSLROOTCERT"] = str(await _local_ca(api, spec, tls.ca, "postgresql"))
+    if spec.redis_ca is not None:
+        mounted = f"{manifests.REDIS_CA_DIR}/{spec.redis_ca.key}"
+        local = await _local_ca(api, spec, spec.redis_ca, "redis")
+        env["REDIS_URL"] = urls["REDIS_URL"].replace(mounted, str(local))
+    return env
+
+
+async def _local_ca(api: client.ApiClient, spec: StackSpec, ca: CaBundle, which: str) -> Path:
+    """The CA bundle (public certificates, not a secret) in a file of this user's cache,
+    rewritten on each run (psql replaces this process, so nothing is left to remove it)."""
+    core = client.CoreV1Api(api)
+    try:
+        if ca.kind == "Secret":
+            data = (await core.read_namespaced_secret(ca.name, spec.namespace)).data or {}
+            pem = base64.b64decode(data[ca.key]).decode() if ca.key in data else None
+        else:
+            data = (await core.read_namespaced_config_map(ca.name, spec.namespace)).data or {}
+            pem = data.get(ca.key)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        pem = None
+    if pem is None:
+        raise PluginError(
+            f"the {which} CA bundle {ca.kind} {ca.name} (key {ca.key}) is missing", EXIT_NOT_FOUND
+        )
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubectl-cqrs"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{spec.namespace}.{spec.name}.{which}-ca.crt"
+    path.write_text(pem)
+    return path
 
 
 # ------------------------------------------------------------------- status
@@ -391,7 +435,9 @@ async def _run(args: argparse.Namespace) -> tuple[int, Settings | None, list[str
 def _exec_psql(args: argparse.Namespace, url: str) -> int:
     program = _find_psql(args.psql)
     extra: Sequence[str] = args.psql_args
-    env = {**_ORIGINAL_ENVIRONMENT, **psql_environment(url)}
+    # The TLS variables the stack's pods get (taken on by _settings), then the URL's login.
+    tls = {k: os.environ[k] for k in ("PGSSLMODE", "PGSSLROOTCERT") if k in os.environ}
+    env = {**_ORIGINAL_ENVIRONMENT, **tls, **psql_environment(url)}
     # exec: psql takes this process's place; its argv holds no login, its environment does.
     os.execve(program, [program, *extra], env)
     return 0  # not reached

@@ -225,8 +225,8 @@ async def test_drop_is_recorded_without_the_value(stack: Stack) -> None:
 
 
 def test_redis_down_is_one_clear_line(stack: Stack) -> None:
-    dead = f"redis://127.0.0.1:{free_port()}/0"
+    dead = f"redis://:Pw-{free_port()}@127.0.0.1:{free_port()}/0"
     for args in (["list"], ["retry", "--all"], ["drop", "1-1", "--reason", "r"]):
-        code, _, err = _cli(stack, *args, REDIS_URL=dead)
+        code, out, err = _cli(stack, *args, REDIS_URL=dead)
         assert code == EXIT_REDIS and "cannot reach the Redis" in err, err
-        assert len(err.strip().splitlines()) == 1, err
+        assert len(err.strip().splitlines()) == 1 and "Pw-" not in out + err, err

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes_asyncio import client
 from redis.asyncio import Redis
 from sqlalchemy import text
 
@@ -21,7 +22,13 @@ from cqrs_stack import stream
 from cqrs_stack.config import Settings, url_password
 from cqrs_stack.db import create_engine
 from cqrs_stack.events import Command, encode
-from tests.operator.fixtures_operator import Env, wait_credentials
+from cqrs_stack.localservers import PostgresServer
+from tests.operator import test_operator_tls
+from tests.operator.fixtures_operator import Env, admin_metadata, stack_manifest, wait_credentials
+
+# The TLS-only PostgreSQL server and its CA, as the operator's TLS tests use them.
+tls_certs = test_operator_tls.tls_certs
+tls_pg = test_operator_tls.tls_pg
 
 PLUGIN = Path(sys.executable).parent / "kubectl-cqrs"
 PSQL = "/usr/lib/postgresql/15/bin/psql"
@@ -210,3 +217,40 @@ async def test_psql_logs_in_as_the_stack_without_the_password_on_its_argv(
     done = _plugin(kubeconfig, env.namespace, "psql", name, "--read", "--psql", "no-such-psql")
     assert done.returncode == 22 and "psql not found" in done.stderr
     assert password not in done.stdout + done.stderr
+
+
+async def test_psql_and_dlq_reach_a_tls_only_server_with_the_stacks_ca(
+    env: Env, kube_apiserver: Any, tls_pg: tuple[PostgresServer, str]
+) -> None:
+    server, ca_pem = tls_pg
+    core = client.CoreV1Api(env.api)
+    await core.create_namespaced_secret(
+        env.namespace,
+        {
+            "metadata": admin_metadata("pg-tls-admin", "127.0.0.1,localhost"),
+            "stringData": {"username": "postgres", "password": server.password},
+        },
+    )
+    await core.create_namespaced_config_map(
+        env.namespace, {"metadata": {"name": "pg-ca"}, "data": {"ca.crt": ca_pem}}
+    )
+    manifest = stack_manifest("tls", env.fresh, server, server, env.redis.url)
+    for which in ("write", "read"):
+        manifest["spec"]["databases"][which]["adminSecret"] = "pg-tls-admin"
+    manifest["spec"]["databases"]["tls"] = {"mode": "verify-full", "caConfigMap": {"name": "pg-ca"}}
+    await env.stacks.create(manifest)
+    await env.stacks.wait_ready("tls", env.operator)
+    kubeconfig = kube_apiserver.kubeconfig
+    # Over TLS (the server refuses clear-text logins), verified against the stack's CA: psql
+    # gets the pods' sslmode and a local copy of the CA they mount.
+    query = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    shown = r"\! echo $PGSSLMODE $PGSSLROOTCERT"
+    done = _plugin(kubeconfig, env.namespace, "psql", "tls", "--read", "--psql", PSQL, "--",
+                   "-At", "-c", query, "-c", shown)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ssl, mode_and_ca = done.stdout.strip().splitlines()
+    mode, ca_file = mode_and_ca.split()
+    copied = await asyncio.to_thread(Path(ca_file).read_text)
+    assert (ssl, mode) == ("t", "verify-full") and copied == ca_pem
+    done = _plugin(kubeconfig, env.namespace, "dlq", "retry", "tls", "--all")
+    assert done.returncode == 0 and "retried 0 dead letters" in done.stdout, done.stderr
