@@ -24,7 +24,13 @@ from cqrs_stack.db import create_engine
 from cqrs_stack.events import Command, encode
 from cqrs_stack.localservers import PostgresServer
 from tests.operator import test_operator_tls
-from tests.operator.fixtures_operator import Env, admin_metadata, stack_manifest, wait_credentials
+from tests.operator.fixtures_operator import (
+    Env,
+    admin_metadata,
+    redis_admin_secret,
+    stack_manifest,
+    wait_credentials,
+)
 
 # The TLS-only PostgreSQL server and its CA, as the operator's TLS tests use them.
 tls_certs = test_operator_tls.tls_certs
@@ -46,18 +52,24 @@ def _plugin(kubeconfig: Path, namespace: str, *args: str) -> subprocess.Complete
 
 @pytest.fixture
 async def ready_stack(env: Env, kube_apiserver: Any) -> tuple[str, dict[str, str]]:
-    """A Ready stack on the test servers and its credentials (the pods' URLs)."""
-    await env.stacks.create(env.manifest("plug"))
+    """A Ready stack on the test servers, its pods on a Redis ACL user of their own, and its
+    credentials (the pods' URLs): the plugin works with exactly the pods' permissions."""
+    await redis_admin_secret(env.api, env.namespace)
+    manifest = env.manifest("plug")
+    manifest["spec"]["redis"]["adminSecret"] = "redis-admin"
+    await env.stacks.create(manifest)
     await env.stacks.wait_ready("plug", env.operator)
     return "plug", await wait_credentials(env.api, env.namespace, "plug", env.operator)
 
 
-async def _dead_letters(creds: dict[str, str], stream_name: str) -> tuple[Command, str, str]:
+async def _dead_letters(
+    creds: dict[str, str], redis_url: str, stream_name: str
+) -> tuple[Command, str, str]:
     """A stored command dead-lettered, and an entry that carries none: their ids."""
     settings = Settings(
         write_db_url=creds["WRITE_DB_URL"],
         read_db_url=creds["READ_DB_URL"],
-        redis_url=creds["REDIS_URL"],
+        redis_url=redis_url,
         event_stream_name=stream_name,
     )
     engine = create_engine(settings.write_db_url, settings, application_name="test")
@@ -94,7 +106,8 @@ async def test_status_rebuild_and_dlq_of_a_real_stack(
     obj = await env.stacks.get(name)
     assert obj is not None
     stream_name = _stream_of(obj)
-    command, stored, junk = await _dead_letters(creds, stream_name)
+    assert creds["REDIS_URL"] != env.redis.url  # the stack's own ACL user
+    command, stored, junk = await _dead_letters(creds, env.redis.url, stream_name)
 
     done = _plugin(kubeconfig, env.namespace, "status", name)
     assert done.returncode == 0, done.stderr
