@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from datetime import UTC, datetime
 
 import httpx
@@ -157,24 +156,33 @@ def _cli(stack: Stack, *args: str, **env: str) -> tuple[int, str, str]:
     return done.returncode, done.stdout, done.stderr
 
 
+async def _clis(stack: Stack, *calls: list[str], **env: str) -> list[tuple[int, str, str]]:
+    """Independent ``dlq`` commands at once (each is a process that starts in a second)."""
+    return list(await asyncio.gather(*(asyncio.to_thread(_cli, stack, *c, **env) for c in calls)))
+
+
 async def test_list_pages_stop_at_the_bound_and_retry_all_crosses_them(stack: Stack) -> None:
     commands = await _stored_commands(stack, 4)
     ids = [await _dead_letter(stack, encode(c)) for c in commands]
     bound = {"DEAD_LETTER_PAGE_MAX": "3"}
 
-    code, out, err = _cli(stack, "list", "--json", **bound)
-    assert code == 0, err
-    first = json.loads(out)
-    assert [e["id"] for e in first["dead_letters"]] == ids[:3]
-    assert first["next_after"] == ids[2] and first["total"] == 4
-    assert "secret-value" not in out  # values are never listed
-    code, out, err = _cli(stack, "list", "--json", "--after", ids[2], **bound)
-    second = json.loads(out)
-    assert [e["id"] for e in second["dead_letters"]] == ids[3:] and second["next_after"] is None
-    code, out, _ = _cli(stack, "list", "--limit", "3", **bound)
-    assert code == 0 and "3 of 4 dead letters; next page: --after" in out
-    code, _, err = _cli(stack, "list", "--limit", "4", **bound)
-    assert code == EXIT_CONFIG and "1 to 3 dead letters" in err
+    first, second, at_bound, past = await _clis(
+        stack,
+        ["list", "--json"],
+        ["list", "--json", "--after", ids[2]],
+        ["list", "--limit", "3"],
+        ["list", "--limit", "4"],
+        **bound,
+    )
+    assert first[0] == 0, first[2]
+    page = json.loads(first[1])
+    assert [e["id"] for e in page["dead_letters"]] == ids[:3]
+    assert page["next_after"] == ids[2] and page["total"] == 4
+    assert "secret-value" not in first[1]  # values are never listed
+    page = json.loads(second[1])
+    assert [e["id"] for e in page["dead_letters"]] == ids[3:] and page["next_after"] is None
+    assert at_bound[0] == 0 and "3 of 4 dead letters; next page: --after" in at_bound[1]
+    assert past[0] == EXIT_CONFIG and "1 to 3 dead letters" in past[2]
 
     # Retry of every entry, across the two pages: each command applied once.
     code, out, err = _cli(stack, "retry", "--all", **bound)
@@ -194,7 +202,7 @@ async def test_drop_is_recorded_without_the_value(stack: Stack) -> None:
     assert code == EXIT_REFUSED and "carries no command position" in err and "drop it" in err
     code, out, err = _cli(stack, "drop", stored, "--reason", "bad data upstream", "--by", "alice")
     assert code == 0 and f"dropped {stored}" in out, err
-    code, out, err = _cli(stack, "drop", malformed, "--reason", "not ours")
+    code, out, err = _cli(stack, "drop", malformed, "--reason", "not ours", USER="tester")
     assert code == 0, err
     async with stack.read_engine.connect() as conn:
         rows = (
@@ -207,7 +215,7 @@ async def test_drop_is_recorded_without_the_value(stack: Stack) -> None:
         ).all()
     assert [r[:5] for r in rows] == [
         (stored, command.key, command.position, "bad data upstream", "alice"),
-        (malformed, "x", None, "not ours", os.environ.get("USER") or rows[1][4]),
+        (malformed, "x", None, "not ours", "tester"),  # --by: the OS user
     ]
     recorded = rows[0][5]
     assert "value" not in recorded and recorded["value_bytes"] == len(command.value)
@@ -215,18 +223,22 @@ async def test_drop_is_recorded_without_the_value(stack: Stack) -> None:
     assert command.value not in json.dumps(recorded)
     assert await stack.redis.xlen(stack.settings.dead_letter_stream) == 0
     # Gone: a second drop or a retry names the id as unknown; a malformed id is refused.
-    for args in (["drop", stored, "--reason", "again"], ["retry", stored]):
-        code, _, err = _cli(stack, *args)
+    again, retried, nonsense, no_reason = await _clis(
+        stack,
+        ["drop", stored, "--reason", "again"],
+        ["retry", stored],
+        ["retry", "nonsense"],
+        ["drop", stored, "--reason", " "],
+    )
+    for code, _, err in (again, retried):
         assert code == EXIT_NOT_FOUND and f"no dead letter {stored}" in err
-    code, _, err = _cli(stack, "retry", "nonsense")
-    assert code == EXIT_CONFIG and "not a dead-letter id" in err
-    code, _, err = _cli(stack, "drop", stored, "--reason", " ")
-    assert code == EXIT_CONFIG and "reason" in err
+    assert nonsense[0] == EXIT_CONFIG and "not a dead-letter id" in nonsense[2]
+    assert no_reason[0] == EXIT_CONFIG and "reason" in no_reason[2]
 
 
-def test_redis_down_is_one_clear_line(stack: Stack) -> None:
+async def test_redis_down_is_one_clear_line(stack: Stack) -> None:
     dead = f"redis://:Pw-{free_port()}@127.0.0.1:{free_port()}/0"
-    for args in (["list"], ["retry", "--all"], ["drop", "1-1", "--reason", "r"]):
-        code, out, err = _cli(stack, *args, REDIS_URL=dead)
+    calls = (["list"], ["retry", "--all"], ["drop", "1-1", "--reason", "r"])
+    for code, out, err in await _clis(stack, *calls, REDIS_URL=dead):
         assert code == EXIT_REDIS and "cannot reach the Redis" in err, err
         assert len(err.strip().splitlines()) == 1 and "Pw-" not in out + err, err
