@@ -242,15 +242,8 @@ async def _dead_letters(environment: Mapping[str, str], stack: str) -> str:
         await redis.aclose()
     if not count:
         return "0"
-    age = "" if oldest is None else f" (oldest {_age(oldest)} old)"
+    age = "" if oldest is None else f" (oldest {dead_letters.age_text(oldest)} old)"
     return f"{count}{age}: kubectl cqrs dlq list {stack}"
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 def _scalars(section: Any) -> str:

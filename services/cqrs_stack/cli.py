@@ -386,7 +386,7 @@ async def _with_redis(settings: Settings, work: Callable[[Any], Awaitable[int]])
 
 
 async def _dlq_list(args: argparse.Namespace, settings: Settings, redis: Any) -> int:
-    from .dead_letters import list_page
+    from .dead_letters import age_text, list_page
 
     page = await list_page(redis, settings, args.limit, args.after)
     if args.json:
@@ -402,19 +402,12 @@ async def _dlq_list(args: argparse.Namespace, settings: Settings, redis: Any) ->
         key = "-" if e.key is None else (e.key if len(e.key) <= 32 else e.key[:31] + "~")
         position = "-" if e.position is None else str(e.position)
         print(
-            f"{e.entry_id:<22} {position:>10} {e.deliveries:>10} {_age(e.age_seconds):>8}"
+            f"{e.entry_id:<22} {position:>10} {e.deliveries:>10} {age_text(e.age_seconds):>8}"
             f"  {key:<32} {e.reason[:80]}"
         )
     more = f"; next page: --after {page.next_after}" if page.next_after else ""
     print(f"{len(page.entries)} of {page.total} dead letters{more}")
     return 0
-
-
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
 
 
 async def _dlq_change(

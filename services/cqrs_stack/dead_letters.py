@@ -170,6 +170,14 @@ async def _now_ms(redis: Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+def age_text(seconds: float) -> str:
+    """An age in its largest whole unit: 42s, 5m, 3h, 2d."""
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
 def _check_id(entry_id: str) -> str:
     if not _ENTRY_ID.match(entry_id):
         raise InvalidRequest(
