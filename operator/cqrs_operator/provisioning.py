@@ -494,6 +494,12 @@ REDIS_COMMANDS = (
     "xlen",
     "xpending",
     "xreadgroup",
+    # cqrs-stack dlq (and kubectl cqrs dlq, with the pods' login): read, age and remove dead
+    # letters.
+    "xrange",
+    "xrevrange",
+    "xdel",
+    "time",
 )
 
 

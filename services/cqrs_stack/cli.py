@@ -51,6 +51,8 @@ EXIT_PORT_IN_USE = 7  # a port to listen on is taken
 EXIT_LOCAL_SERVER = 8  # dev: a local PostgreSQL or Redis server could not start
 EXIT_CRASHED = 9  # dev: a process of the stack exited on its own
 EXIT_DEPENDENCY_LOST = 10  # a database or Redis failed in the middle of a command
+EXIT_NOT_FOUND = 11  # dlq: no dead letter with that id
+EXIT_REFUSED = 12  # dlq retry: the read DB still refuses it, or nothing to apply (drop it)
 EXIT_INTERNAL = 70  # anything else (a bug, EX_SOFTWARE): --debug shows the traceback
 
 
@@ -352,6 +354,136 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_with_engines(settings, work))
 
 
+def run_dlq(args: argparse.Namespace, settings: Settings) -> int:
+    """``dlq list|retry|drop`` with ``settings`` (also run by ``kubectl cqrs dlq``)."""
+    from .dead_letters import DeadLetterError, DeadLetterNotFound, InvalidRequest
+
+    try:
+        if args.dlq_command == "list":
+            return asyncio.run(
+                _with_redis(settings, lambda redis: _dlq_list(args, settings, redis))
+            )
+        return asyncio.run(_with_engines(settings, lambda w, r: _dlq_change(args, settings, w, r)))
+    except DeadLetterNotFound as exc:
+        raise CommandError(str(exc), EXIT_NOT_FOUND) from None
+    except InvalidRequest as exc:
+        raise CommandError(str(exc), EXIT_CONFIG) from None
+    except DeadLetterError as exc:
+        raise CommandError(str(exc), EXIT_REFUSED) from None
+
+
+async def _with_redis(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``work`` with a Redis client, once Redis answered (else one clear error)."""
+    from redis.exceptions import RedisError
+
+    from . import stream
+
+    redis = stream.connect(settings)
+    try:
+        try:
+            await redis.ping()
+        except (RedisError, OSError) as exc:
+            raise unreachable("Redis", "REDIS_URL", settings.redis_url, exc) from exc
+        return await work(redis)
+    finally:
+        await redis.aclose()
+
+
+async def _dlq_list(args: argparse.Namespace, settings: Settings, redis: Any) -> int:
+    from .dead_letters import age_text, list_page
+
+    page = await list_page(redis, settings, args.limit, args.after)
+    if args.json:
+        body = {
+            "dead_letters": [e.summary() for e in page.entries],
+            "next_after": page.next_after,
+            "total": page.total,
+        }
+        print(json.dumps(body, indent=2))
+        return 0
+    print(f"{'ID':<22} {'POSITION':>10} {'DELIVERIES':>10} {'AGE':>8}  {'KEY':<32} REASON")
+    for e in page.entries:
+        key = "-" if e.key is None else (e.key if len(e.key) <= 32 else e.key[:31] + "~")
+        position = "-" if e.position is None else str(e.position)
+        print(
+            f"{e.entry_id:<22} {position:>10} {e.deliveries:>10} {age_text(e.age_seconds):>8}"
+            f"  {key:<32} {e.reason[:80]}"
+        )
+    more = f"; next page: --after {page.next_after}" if page.next_after else ""
+    print(f"{len(page.entries)} of {page.total} dead letters{more}")
+    return 0
+
+
+async def _dlq_change(
+    args: argparse.Namespace, settings: Settings, write_engine: Any, read_engine: Any
+) -> int:
+    from . import dead_letters
+
+    async def work(redis: Any) -> int:
+        if args.dlq_command == "drop":
+            if not args.by:
+                raise CommandError("no OS user name here: say who drops it with --by", EXIT_CONFIG)
+            letter = await dead_letters.drop(
+                redis, read_engine, settings, args.id, args.reason, args.by
+            )
+            print(f"dropped {letter.entry_id} (position {letter.position}) by {args.by}")
+            return 0
+        if args.id is not None:
+            outcome = await dead_letters.retry(redis, write_engine, read_engine, settings, args.id)
+            print(f"{outcome.entry_id}: {outcome.result} (position {outcome.position})")
+            return 0
+        outcomes = await dead_letters.retry_all(redis, write_engine, read_engine, settings)
+        kept = [o for o in outcomes if o.result in ("refused", "not retryable")]
+        for outcome in kept[:50]:
+            print(f"{outcome.entry_id}: {outcome.result}: {outcome.detail}", file=sys.stderr)
+        print(
+            f"retried {len(outcomes)} dead letters: {len(outcomes) - len(kept)} applied or"
+            f" already applied, {len(kept)} left in the dead-letter stream"
+        )
+        return EXIT_REFUSED if kept else 0
+
+    return await _with_redis(settings, work)
+
+
+def add_dlq_commands(dlq: argparse.ArgumentParser, parents: list[argparse.ArgumentParser]) -> None:
+    """The ``dlq`` subcommands and their arguments (``cqrs-stack dlq``, ``kubectl cqrs dlq``)."""
+    actions = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="dead letters, oldest first", parents=parents)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="entries per page (default and at most DEAD_LETTER_PAGE_MAX)",
+    )
+    listing.add_argument("--after", default=None, metavar="ID", help="the page after this id")
+    retry = actions.add_parser(
+        "retry", help="apply again through the projection (exactly once)", parents=parents
+    )
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", default=None, help="the dead letter's id")
+    which.add_argument("--all", action="store_true", help="every dead letter")
+    drop = actions.add_parser(
+        "drop", help="remove without applying, recorded in the read DB", parents=parents
+    )
+    drop.add_argument("id", help="the dead letter's id")
+    drop.add_argument("--reason", required=True, help="why it is dropped (recorded)")
+    drop.add_argument(
+        "--by", default=_os_user(), help="who drops it (recorded; default: the OS user)"
+    )
+
+
+def _os_user() -> str | None:
+    """The OS user's name, None where it has none (a container's uid without a passwd entry:
+    then ``--by`` is needed)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from .devstack import run_dev_stack
 
@@ -443,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "verify", "check that every read model equals the projection of the write DB"
     ).set_defaults(handler=_verify)
+    dlq = command("dlq", "list, retry or drop dead letters")
+    add_dlq_commands(dlq, [common])
+    dlq.set_defaults(handler=run_dlq)
     dev = command(
         "dev", "run the whole stack locally on embedded PostgreSQL and Redis (Ctrl-C stops)"
     )

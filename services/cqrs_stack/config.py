@@ -213,6 +213,9 @@ class Settings(BaseSettings):
     read_models: str = "records"
     # Entries per page of GET /read/{key}/history at most (and by default).
     history_page_max: int = Field(default=100, ge=1, le=10_000)
+    # Dead letters per page of `cqrs-stack dlq list` at most (and by default); `dlq retry --all`
+    # reads the dead-letter stream in pages of this many.
+    dead_letter_page_max: int = Field(default=100, ge=1, le=10_000)
     # Seconds between steps of the ledger's pruning (rows below each model's watermark).
     ledger_prune_interval: float = Field(default=30.0, gt=0, le=3600)
     # Positions one pruning step looks at (and ledger rows it deletes) at most.

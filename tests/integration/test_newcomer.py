@@ -47,6 +47,7 @@ COMMANDS = [
     ["status"],
     ["verify"],
     ["rebuild"],
+    ["dlq", "list"],
     ["dev"],
 ]
 # Invalid URLs that carry a password, one per way a URL can be refused.
