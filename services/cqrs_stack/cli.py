@@ -287,10 +287,11 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(write_engine: Any, read_engine: Any) -> int:
         # SIGTERM (a Job deleted, a pod evicted) stops it as Ctrl-C does: recorded as
-        # cancelled, the live version untouched.
+        # cancelled, the live version untouched. (Only the main thread can take signals.)
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
             count = await rebuild(
                 write_engine,

@@ -60,6 +60,7 @@ from .rebuild_progress import (
     live_versions,
     new_run_id,
 )
+from .verify import keys_differences, sampled_keys, whole_differences
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ async def _build_and_swap(
     await writer.enter("catch-up")
     await _catch_up(wconn, rconn, live, loaded, settings, writer)
     caught_up = len(loaded.caught_up)
+    await writer.enter("verify")
+    await _verify(wconn, rconn, live, loaded, settings)
     await writer.enter("swap")
     swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
     done = loaded.commands + caught_up + swapped
@@ -515,6 +518,43 @@ async def _catch_up(
             await writer.advance(loaded.commands + len(loaded.caught_up))
         if len(missing) <= _SWAP_REMAINDER:
             return
+
+
+async def _verify(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    loaded: _Loaded,
+    settings: Settings,
+) -> None:
+    """Compare the shadow with each model's pure function for REBUILD_VERIFY_SAMPLE keys (0:
+    all), outside any lock; RebuildError naming the first difference otherwise.
+
+    Only the rebuild writes the shadow, and each model is compared with the commands its
+    shadow ledger holds, so the projectors' writes meanwhile cannot make it differ.
+    """
+    sample = settings.rebuild_verify_sample
+    checked = 0
+    async for keys in sampled_keys(wconn, sample):
+        async with rconn.transaction(readonly=True):
+            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+            _fail_on(await keys_differences(wconn, rconn, loaded.models, keys))
+        checked += len(keys)
+    for model in loaded.models:
+        if await model.actual_for(rconn, []) is None:  # not per key: verified whole
+            async with rconn.transaction(readonly=True):
+                await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+                _fail_on(await whole_differences(wconn, rconn, model))
+    log.info("rebuild verified keys=%d sample=%s", checked, sample or "all")
+
+
+def _fail_on(found: list[str]) -> None:
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise RebuildError(
+            f"verify: the new version differs from the pure function: {found[0]}{more};"
+            " the live read model is unchanged"
+        )
 
 
 async def _pages(wconn: asyncpg.Connection, ids: Sequence[int], max_bytes: int) -> list[list[int]]:

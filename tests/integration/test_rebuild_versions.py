@@ -3,19 +3,26 @@ read model, verification before the swap, and the previous version kept for roll
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+import pytest
 
+from cqrs_stack import cli
 from cqrs_stack.db import driver_of
+from cqrs_stack.events import Command
 from cqrs_stack.projections.history import History
-from cqrs_stack.projections.records import Records
+from cqrs_stack.projections.records import Records, RecordState
 from cqrs_stack.rebuild import rebuild
 from cqrs_stack.rebuild_progress import RunProgress, latest_run, live_versions, read_run
 from tests.fixtures.stack import Stack
-from tests.integration.test_rebuild import rebuild_command, seed
+from cqrs_stack.verify import sampled_keys
+from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
 
 
 @asynccontextmanager
@@ -87,3 +94,55 @@ async def test_the_cli_records_its_run_id_and_version_and_one_model_moves_alone(
     assert run is not None and (run.phase, run.version, run.models) == ("done", 7, ("history",))
     assert dead is not None and dead.phase == "failed" and dead.error
     assert versions["history"] == 7 and versions["records"] == 1
+
+
+def _planting(key: str) -> Callable[..., Any]:
+    """Records.expected with one key's value wrong: the shadow differs from it there only."""
+    original = Records.expected.__func__  # type: ignore[attr-defined]
+
+    def expected(cls: type[Records], commands: Iterable[Command]) -> dict[str, RecordState]:
+        model = dict(original(cls, commands))
+        if key in model:
+            model[key] = dataclasses.replace(model[key], value="planted")
+        return model
+
+    return expected
+
+
+@pytest.mark.parametrize("sample", ["0", "100"])  # every key; a sample of all 100 keys
+async def test_a_verify_failure_leaves_the_live_model_and_exits_non_zero(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, sample: str
+) -> None:
+    """A model whose pure function differs from its statement for one key fails the rebuild
+    before the swap: exit 1, the run failed naming that key, live tables and version as they
+    were, the shadow dropped."""
+    await seed(stack, 1000, 100)
+    run_rebuild(stack)
+    async with read_conn(stack) as conn:
+        await conn.execute("UPDATE records SET value = 'live' WHERE key = 'seed:42'")
+    monkeypatch.setattr(Records, "expected", classmethod(_planting("seed:42")))
+    for name, value in {**stack.env, "REBUILD_VERIFY_SAMPLE": sample}.items():
+        monkeypatch.setenv(name, value)
+    code = await asyncio.to_thread(cli.main, ["rebuild", "--run-id", "bad"])
+    assert code == 1
+    async with read_conn(stack) as conn:
+        run = await read_run(conn, "bad")
+        assert run is not None and run.phase == "failed" and run.error is not None
+        assert "'seed:42'" in run.error and "verify" in run.error, run.error
+        assert await conn.fetchval("SELECT value FROM records WHERE key = 'seed:42'") == "live"
+        assert (await live_versions(conn))["records"] == 2
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+
+
+async def test_verify_samples_at_most_its_setting(stack: Stack) -> None:
+    """The keys verified: REBUILD_VERIFY_SAMPLE of them at most (every key when fewer), or
+    all with 0, in pages of at most 500."""
+    await seed(stack, 300, 100)
+    async with stack.write_engine.connect() as session:
+        wconn = await driver_of(session)
+        pages = [page async for page in sampled_keys(wconn, 1)]
+        every = [page async for page in sampled_keys(wconn, 0)]
+        more = [page async for page in sampled_keys(wconn, 1000)]
+    assert [len(p) for p in pages] == [1]
+    assert sorted(k for p in every for k in p) == sorted(f"seed:{i}" for i in range(100))
+    assert max(len(p) for p in every) <= 500 and sum(len(p) for p in more) == 100
