@@ -5,9 +5,9 @@ watermark); the version in the live schema serves reads and is projected into th
 rebuild of one model or several:
 
 1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the commands of one write-DB
-   snapshot, by binary COPY piped with a bounded number of bytes in memory, into a staging
-   table there, then each model's own ``effect`` (the statement the projectors run) over all
-   of them at once, and a ledger row for each;
+   snapshot, range of ids by range, by binary COPY piped with a bounded number of bytes in
+   memory, into a staging table there, then each model's own ``effect`` (the statement the
+   projectors run) over the range, and a ledger row for each;
 2. **catches up**: applies to the shadow, through the same set-based projection as the
    projectors (``apply_batch``, the shadow first on the ``search_path``), every command
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
@@ -16,6 +16,8 @@ rebuild of one model or several:
    writes made during the rebuild, not the size of the model. Each page also copies the live
    read counts of its keys (``Projection.carried``: a key first written during the load had no
    shadow row when every read count was copied);
+   then **verifies** the shadow against each model's pure function for
+   ``REBUILD_VERIFY_SAMPLE`` keys (``verify``), outside any lock: a difference fails the run;
 3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
    of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
@@ -24,7 +26,14 @@ rebuild of one model or several:
    granted in time rolls the attempt back, lets readers and writers through, and tries again.
    A statement queued behind the swap, or a prepared statement planned before it, resolves the
    table names again once the swap commits, so it reads and writes the new version;
-4. **retires** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap) by dropping it.
+4. **keeps** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap, superseding the
+   one kept there) for REBUILD_KEEP_PREVIOUS_SECONDS, recorded in ``read_model_versions``;
+   ``drop_expired_previous`` drops it then (each rebuild, and the projectors' housekeeping).
+   ``rollback`` moves it into the shadow's place, catches it up with what the live version
+   applied since (its watermark bounds what it can lack), and swaps it back the same way.
+
+Each run records its progress in ``rebuild_runs`` (``rebuild_progress``), through a connection
+of its own, never in the swap's transaction.
 
 At the swap each shadow ledger holds every command the live model applied (ledger rows and
 watermark) and the projection of exactly its ledger, so nothing is lost or applied twice
