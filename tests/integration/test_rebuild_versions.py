@@ -265,3 +265,62 @@ async def test_an_expired_previous_version_is_dropped_by_the_projector(stack: St
 
 async def _no_previous(stack: Stack) -> bool:
     return await _previous_tables(stack) == 0
+
+
+LOCK_TIMEOUT = 0.2
+# What a reader may wait beyond REBUILD_LOCK_TIMEOUT: the moves between schemas and the
+# swap's commit (a WAL flush, on two shared cores).
+LOCK_MARGIN = 0.3
+
+
+async def test_readers_wait_on_the_swap_at_most_its_lock_timeout(stack: Stack) -> None:
+    """A rebuild while reads and writes go on (and the projector projects): no error, and no
+    reader's lock (ACCESS SHARE, as PostgreSQL reports its wait) waits longer than
+    REBUILD_LOCK_TIMEOUT plus the margin; the operator's view of the run (read_run, polled)
+    moves forward through the phases to done."""
+    await seed(stack, 100_000, 10_000)
+    run_rebuild(stack)
+    api = await stack.launch("api")
+    await stack.launch("projector")
+    traffic = Traffic(api.url, ["seed:7", "seed:4321", "live:3"])
+    stopping = asyncio.Event()
+    loops = [asyncio.create_task(traffic.read_loop(stopping, n)) for n in range(3)]
+    loops.append(asyncio.create_task(traffic.write_loop(stopping)))
+    longest_wait = 0.0
+    phases: list[str] = []
+    try:
+        await wait_until(lambda: _more_than(traffic, 20), 20, "reads to flow")
+        args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT=str(LOCK_TIMEOUT))
+        process = await asyncio.create_subprocess_exec(
+            *args, "--run-id", "watched", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        async with read_conn(stack) as conn:
+            for _ in range(20_000):  # bounded: 20 ms apart, the rebuild takes seconds
+                wait = await conn.fetchval(
+                    "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - waitstart)), 0)"
+                    " FROM pg_locks WHERE NOT granted AND mode = 'AccessShareLock'"
+                )
+                longest_wait = max(longest_wait, float(wait))
+                run = await read_run(conn, "watched")
+                if run is not None and (not phases or phases[-1] != run.phase):
+                    phases.append(run.phase)
+                if process.returncode is not None or (run is not None and run.finished):
+                    break
+                await asyncio.sleep(0.02)
+        _, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+    finally:
+        stopping.set()
+        await asyncio.gather(*loops)
+    print(f"longest reader lock wait {longest_wait:.3f}s; phases {phases}")
+    assert not traffic.failures, traffic.failures[:10]
+    assert longest_wait <= LOCK_TIMEOUT + LOCK_MARGIN
+    order = ["load", "catch-up", "verify", "swap", "done"]
+    assert phases[-1] == "done" and [order.index(p) for p in phases] == sorted(
+        order.index(p) for p in phases
+    ), phases
+    await stack.assert_converges()
+
+
+async def _more_than(traffic: Traffic, reads: int) -> bool:
+    return traffic.reads > reads
