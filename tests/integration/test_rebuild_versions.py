@@ -282,6 +282,8 @@ async def test_readers_wait_on_the_swap_at_most_its_lock_timeout(stack: Stack) -
     run_rebuild(stack)
     api = await stack.launch("api")
     await stack.launch("projector")
+    await write_many(api.url, 40, prefix="live:", keys=20)
+    await stack.assert_converges()
     traffic = Traffic(api.url, ["seed:7", "seed:4321", "live:3"])
     stopping = asyncio.Event()
     loops = [asyncio.create_task(traffic.read_loop(stopping, n)) for n in range(3)]
@@ -324,3 +326,34 @@ async def test_readers_wait_on_the_swap_at_most_its_lock_timeout(stack: Stack) -
 
 async def _more_than(traffic: Traffic, reads: int) -> bool:
     return traffic.reads > reads
+
+
+async def test_sigterm_cancels_a_rebuild_and_leaves_the_live_model(stack: Stack) -> None:
+    """SIGTERM (a Job deleted) while the swap waits for its locks: exit 130, the run recorded
+    as cancelled, the live model and version as they were, the shadow dropped."""
+    await seed(stack, 2000, 100)
+    run_rebuild(stack)
+    async with read_conn(stack) as conn:
+        await conn.execute("UPDATE records SET value = 'live' WHERE key = 'seed:7'")
+    args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+    async with read_conn(stack) as holder, read_conn(stack) as conn:
+        async with holder.transaction():
+            # Writers' lock: the swap's EXCLUSIVE waits behind it, readers do not.
+            await holder.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+            process = await asyncio.create_subprocess_exec(
+                *args, "--run-id", "stopped", env=env, stderr=asyncio.subprocess.PIPE
+            )
+
+            async def swapping() -> bool:
+                run = await read_run(conn, "stopped")
+                return run is not None and run.phase == "swap"
+
+            await wait_until(swapping, 60, "the rebuild to reach its swap")
+            process.terminate()
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 130, err.decode()
+        run = await read_run(conn, "stopped")
+        assert run is not None and run.phase == "cancelled" and run.finished_at is not None
+        assert await conn.fetchval("SELECT value FROM records WHERE key = 'seed:7'") == "live"
+        assert (await live_versions(conn))["records"] == 2
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
