@@ -133,8 +133,9 @@ async def rebuild(
     """
     models = tuple(models)
 
-    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection) -> int:
-        return await _build_and_swap(wconn, rconn, settings, writer, models)
+    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
+        done = await _build_and_swap(wconn, rconn, settings, writer, models, success)
+        return done
 
     async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
         if version is None:
@@ -165,8 +166,8 @@ async def rollback(
     """
     models = tuple(models)
 
-    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection) -> int:
-        return await _roll_back(wconn, rconn, settings, writer, models)
+    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
+        return await _roll_back(wconn, rconn, settings, writer, models, success)
 
     async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
         previous = await _kept_previous(rconn, models)
@@ -197,29 +198,30 @@ async def _locked_run(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     writer: ProgressWriter,
-    work: Callable[[asyncpg.Connection, asyncpg.Connection], Awaitable[int]],
+    work: Callable[[asyncpg.Connection, asyncpg.Connection, str], Awaitable[int]],
     success: str,
     first_phase: str,
 ) -> int:
-    """Run ``work`` holding the read DB's rebuild lock, recording how it ends (``success``,
-    failed or cancelled) in its progress record."""
+    """Run ``work`` holding the read DB's rebuild lock, recording how it ends in its progress
+    record: failed or cancelled, unless ``work`` recorded ``success`` (at its swap's commit:
+    what follows is clean-up, whose failure is only logged)."""
     if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
         await writer.refused("another rebuild of this read DB is running")
         raise RebuildError("another rebuild of this read DB is running")
     try:
         await writer.start(first_phase)
         try:
-            done = await work(wconn, rconn)
+            done = await work(wconn, rconn, success)
         except (asyncio.CancelledError, KeyboardInterrupt):
-            await writer.finish(
-                "cancelled", "stopped before the swap; the live version is unchanged"
-            )
+            if not writer.finished:  # else it ended at its swap, and stays so recorded
+                await writer.finish(
+                    "cancelled", "stopped before the swap; the live version is unchanged"
+                )
             raise
         except BaseException as exc:
-            await writer.finish("failed", _reason(exc))
+            if not writer.finished:
+                await writer.finish("failed", _reason(exc))
             raise
-        await writer.advance(writer.done, writer.total)
-        await writer.finish(success)
         return done
     finally:
         with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
@@ -238,6 +240,7 @@ async def _build_and_swap(
     settings: Settings,
     writer: ProgressWriter,
     models: tuple[type[Projection], ...],
+    success: str = "done",
 ) -> int:
     """Load, catch up, verify and swap; return the commands the new live version holds.
 
@@ -252,9 +255,21 @@ async def _build_and_swap(
         with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
             await _drop_shadow(rconn)
         raise
-    await _drop_shadow(rconn)  # empty now
-    await _retire_previous(rconn, models, settings)
+    await writer.finish(success)
+    await _after_swap(rconn, models, settings)
     return done
+
+
+async def _after_swap(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]], settings: Settings
+) -> None:
+    """Drop the (empty) shadow, and the previous versions unless kept. The swap committed:
+    a failure here is logged, and what is left is dropped by the next run."""
+    try:
+        await _drop_shadow(rconn)
+    except _DB_ERRORS as exc:
+        log.warning("swapped in; the empty schema %s is left error=%s", SHADOW_SCHEMA, exc)
+    await _retire_previous(rconn, models, settings)
 
 
 async def _load_and_swap(
@@ -439,6 +454,7 @@ async def _roll_back(
     settings: Settings,
     writer: ProgressWriter,
     models: tuple[type[Projection], ...],
+    success: str = "rolled-back",
 ) -> int:
     """Catch the kept previous versions up as a shadow and swap them in (see ``rollback``).
 
@@ -461,10 +477,10 @@ async def _roll_back(
             await _move_tables(rconn, models, SHADOW_SCHEMA, PREVIOUS_SCHEMA)
             await _drop_shadow(rconn)
         raise
-    await _drop_shadow(rconn)
-    await _retire_previous(rconn, models, settings)
     done = len(loaded.caught_up) + swapped
     await writer.advance(done, done)
+    await writer.finish(success)
+    await _after_swap(rconn, models, settings)
     log.info("rolled back run_id=%s models=%s caught_up=%d", writer.run_id, writer.models, done)
     return done
 
