@@ -96,6 +96,9 @@ async def test_the_cli_records_its_run_id_and_version_and_one_model_moves_alone(
     assert run is not None and (run.phase, run.version, run.models) == ("done", 7, ("history",))
     assert dead is not None and dead.phase == "failed" and dead.error
     assert versions["history"] == 7 and versions["records"] == 1
+    for bad in (["--version", "0"], ["--rollback", "--version", "3"]):
+        refused = subprocess.run([*args, *bad], env=env, capture_output=True, text=True)
+        assert refused.returncode == 2, refused.stderr  # EXIT_CONFIG
 
 
 def _planting(key: str) -> Callable[..., Any]:
