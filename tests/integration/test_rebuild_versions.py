@@ -19,7 +19,7 @@ from cqrs_stack.db import driver_of
 from cqrs_stack.events import Command
 from cqrs_stack.projections.history import History
 from cqrs_stack.projections.records import Records, RecordState
-from cqrs_stack.rebuild import rebuild
+from cqrs_stack.rebuild import RebuildError, rebuild
 from cqrs_stack.rebuild_progress import RunProgress, latest_run, live_versions, read_run
 from cqrs_stack.verify import sampled_keys
 from tests.fixtures.stack import Stack, wait_until
@@ -360,3 +360,29 @@ async def test_sigterm_cancels_a_rebuild_and_leaves_the_live_model(stack: Stack)
         assert await conn.fetchval("SELECT value FROM records WHERE key = 'seed:7'") == "live"
         assert (await live_versions(conn))["records"] == 2
         assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+
+
+async def test_the_next_rebuild_drops_an_expired_previous_version_even_if_it_fails(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expired previous version goes at the next rebuild's start: one that then fails
+    (verification, here) leaves none kept, and a rollback is refused."""
+    await seed(stack, 500, 50)
+    run_rebuild(stack, REBUILD_KEEP_PREVIOUS_SECONDS="1")
+    assert await _previous_tables(stack) == len(Records.version_tables())
+
+    async def expired() -> bool:
+        return bool(
+            await stack.scalar(
+                stack.read_engine,
+                "SELECT previous_kept_until <= now() FROM read_model_versions",
+            )
+        )
+
+    await wait_until(expired, 10, "the previous version to expire")
+    monkeypatch.setattr(Records, "expected", classmethod(_planting("seed:3")))
+    with pytest.raises(RebuildError, match="verify"):
+        await rebuild(stack.write_engine, stack.read_engine, stack.settings)
+    assert await _previous_tables(stack) == 0
+    async with read_conn(stack) as conn:
+        assert await conn.fetchval("SELECT previous_version FROM read_model_versions") is None
