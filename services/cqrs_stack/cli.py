@@ -10,11 +10,12 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -29,6 +30,9 @@ from .config import (
     redact_url,
 )
 from .resources import ROLES, Role
+
+if TYPE_CHECKING:
+    from .rebuild_progress import RunProgress
 
 log = logging.getLogger("cqrs_stack")
 
@@ -269,9 +273,15 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from .projections import by_name, enabled
-    from .rebuild import RebuildError, rebuild
+    from .rebuild import RebuildError, rebuild, rollback
 
     names = settings.read_model_names
+    if args.rollback and args.version is not None:
+        raise CommandError(
+            "--rollback swaps the kept previous version in: no --version", EXIT_CONFIG
+        )
+    if args.version is not None and not 1 <= args.version <= 2**31 - 1:
+        raise CommandError(f"--version must be 1 to {2**31 - 1}, not {args.version}", EXIT_CONFIG)
     if args.model is not None:
         try:
             by_name(args.model)
@@ -288,15 +298,41 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     bar = ProgressBar(sys.stderr)
 
     async def work(write_engine: Any, read_engine: Any) -> int:
+        # SIGTERM (a Job deleted, a pod evicted) stops it as Ctrl-C does: recorded as
+        # cancelled, the live version untouched. (Only the main thread can take signals.)
+        task = asyncio.current_task()
+        assert task is not None
+        with contextlib.suppress(RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            count = await rebuild(write_engine, read_engine, settings, bar.update, models)
+            if args.rollback:
+                count = await rollback(
+                    write_engine, read_engine, settings, bar.show, models, run_id=args.run_id
+                )
+            else:
+                count = await rebuild(
+                    write_engine,
+                    read_engine,
+                    settings,
+                    bar.show,
+                    models,
+                    run_id=args.run_id,
+                    version=args.version,
+                )
+        except asyncio.CancelledError:
+            bar.close()
+            print("rebuild cancelled: the live read model is unchanged", file=sys.stderr)
+            return 130
         except RebuildError as exc:
             bar.close()
             print(f"rebuild failed: {exc}", file=sys.stderr)
             return 1
         bar.close()
         which = ", ".join(model.name for model in models)
-        print(f"read model rebuilt from {count} commands ({which})")
+        if args.rollback:
+            print(f"previous version swapped back in, caught up by {count} commands ({which})")
+        else:
+            print(f"read model rebuilt from {count} commands ({which})")
         return 0
 
     return asyncio.run(_with_engines(settings, work))
@@ -494,23 +530,32 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 class ProgressBar:
-    """A one-line progress bar for a terminal; silent figures otherwise."""
+    """A one-line progress bar of a rebuild run for a terminal; one line per change otherwise.
+
+    It shows what the run's progress record says (``rebuild_progress.RunProgress``): phase,
+    percent, commands done of the total, rate and ETA.
+    """
 
     def __init__(self, out: Any, width: int = 40) -> None:
         self.out = out
         self.width = width
         self.tty = hasattr(out, "isatty") and out.isatty()
-        self._last_percent = -1
+        self._last: tuple[str, int] | None = None
 
-    def update(self, done: int, total: int) -> None:
-        """Show ``done`` of ``total``."""
-        percent = 100 if total == 0 else done * 100 // total
-        if percent == self._last_percent:
+    def show(self, run: RunProgress) -> None:
+        """Show the run as recorded."""
+        percent = int(run.percent)
+        if not self.tty and (run.phase, percent) == self._last:
             return
-        self._last_percent = percent
+        self._last = (run.phase, percent)
         filled = self.width * percent // 100
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}% {done}/{total}"
-        self.out.write(("\r" + line) if self.tty else (line + "\n"))
+        rate = "" if run.rate is None else f" {run.rate:,.0f}/s"
+        eta = "" if run.eta_seconds is None or run.finished else f" ETA {run.eta_seconds:.0f}s"
+        line = (
+            f"{run.phase:<9} [{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}%"
+            f" {run.done}/{run.total}{rate}{eta}"
+        )
+        self.out.write(("\r" + line + "\x1b[K") if self.tty else (line + "\n"))
         self.out.flush()
 
     def close(self) -> None:
@@ -567,6 +612,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="rebuild only this read model (default: every one in READ_MODELS)",
+    )
+    rebuild.add_argument(
+        "--run-id",
+        default=None,
+        metavar="ID",
+        help="the id its progress is recorded under in rebuild_runs (default: a new one)",
+    )
+    rebuild.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the version being built (default: the live version + 1)",
+    )
+    rebuild.add_argument(
+        "--rollback",
+        action="store_true",
+        help="swap the kept previous version back in, caught up first"
+        " (kept REBUILD_KEEP_PREVIOUS_SECONDS)",
     )
     rebuild.set_defaults(handler=_rebuild)
     status = command("status", "lag, counts, pending entries, dead letters")

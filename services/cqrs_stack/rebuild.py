@@ -5,9 +5,9 @@ watermark); the version in the live schema serves reads and is projected into th
 rebuild of one model or several:
 
 1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the commands of one write-DB
-   snapshot, by binary COPY piped with a bounded number of bytes in memory, into a staging
-   table there, then each model's own ``effect`` (the statement the projectors run) over all
-   of them at once, and a ledger row for each;
+   snapshot, range of ids by range, by binary COPY piped with a bounded number of bytes in
+   memory, into a staging table there, then each model's own ``effect`` (the statement the
+   projectors run) over the range, and a ledger row for each;
 2. **catches up**: applies to the shadow, through the same set-based projection as the
    projectors (``apply_batch``, the shadow first on the ``search_path``), every command
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
@@ -16,6 +16,8 @@ rebuild of one model or several:
    writes made during the rebuild, not the size of the model. Each page also copies the live
    read counts of its keys (``Projection.carried``: a key first written during the load had no
    shadow row when every read count was copied);
+   then **verifies** the shadow against each model's pure function for
+   ``REBUILD_VERIFY_SAMPLE`` keys (``verify``), outside any lock: a difference fails the run;
 3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
    of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
@@ -24,7 +26,14 @@ rebuild of one model or several:
    granted in time rolls the attempt back, lets readers and writers through, and tries again.
    A statement queued behind the swap, or a prepared statement planned before it, resolves the
    table names again once the swap commits, so it reads and writes the new version;
-4. **retires** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap) by dropping it.
+4. **keeps** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap, superseding the
+   one kept there) for REBUILD_KEEP_PREVIOUS_SECONDS, recorded in ``read_model_versions``;
+   ``drop_expired_previous`` drops it then (each rebuild, and the projectors' housekeeping).
+   ``rollback`` moves it into the shadow's place, catches it up with what the live version
+   applied since (its watermark bounds what it can lack), and swaps it back the same way.
+
+Each run records its progress in ``rebuild_runs`` (``rebuild_progress``), through a connection
+of its own, never in the swap's transaction.
 
 At the swap each shadow ledger holds every command the live model applied (ledger rows and
 watermark) and the projection of exactly its ledger, so nothing is lost or applied twice
@@ -41,18 +50,26 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .config import Settings
+from .config import Settings, known_secrets, redact_text
 from .db import driver_of
 from .events import Command
 from .projections import Projection, apply_batch
 from .projections.base import PROGRESS_TABLE, Carried
 from .projections.records import Records
+from .rebuild_progress import (
+    INITIAL_VERSION,
+    ProgressWriter,
+    RunProgress,
+    live_versions,
+    new_run_id,
+)
+from .verify import keys_differences, pages_by_bytes, sampled_keys, whole_differences
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +87,13 @@ _PAGE_COMMANDS = 10_000
 # applied inside the swap, while the projectors wait.
 _SWAP_REMAINDER = 2_000
 _CATCH_UP_ROUNDS = 20
+# Ids per range of the load: each range is piped, projected and its staging emptied in turn.
+# Large enough that splitting costs little (a key met again in the next range is an upsert),
+# small enough that the staging table stays small and progress moves.
+_LOAD_RANGE = 1_000_000
+# A range's copy counts for this fraction (1/n) of its commands in the run's progress, its
+# projection for the rest: measured, the projection takes about 4 times the copy's time.
+_COPY_SHARE = 5
 # Bulk steps scale with the write DB, so they get their own bound instead of the per-statement
 # command timeout of request handling.
 _BULK_TIMEOUT = 6 * 3600.0
@@ -92,52 +116,187 @@ async def rebuild(
     write_engine: AsyncEngine,
     read_engine: AsyncEngine,
     settings: Settings,
-    progress: Callable[[int, int], None] = lambda done, total: None,
+    listener: Callable[[RunProgress], None] | None = None,
     models: Sequence[type[Projection]] = (Records,),
+    *,
+    run_id: str | None = None,
+    version: int | None = None,
 ) -> int:
     """Replace ``models`` with the projection of every command; return the command count.
 
     Readers are served from the live versions throughout and projectors keep projecting into
-    them; the new versions are swapped in atomically at the end, with the read counts. See the
-    module's docstring for the steps and their locks.
+    them; the new versions are swapped in atomically at the end, with the read counts, and
+    the versions they replace kept for REBUILD_KEEP_PREVIOUS_SECONDS (``rollback``). See the
+    module's docstring for the steps and their locks. The run is recorded in ``rebuild_runs``
+    as ``run_id`` (default: a new id) building ``version`` (default: the models' newest live
+    version + 1); ``listener`` is told each record of it (``rebuild_progress``).
     """
-    async with read_engine.connect() as rsession, write_engine.connect() as wsession:
-        rconn, wconn = await _driver(rsession), await _driver(wsession)
-        if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
-            raise RebuildError("another rebuild of this read DB is running")
+    models = tuple(models)
+
+    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
+        done = await _build_and_swap(wconn, rconn, settings, writer, models, success)
+        return done
+
+    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
+        if version is None:
+            live = await live_versions(rconn)
+            version = max(live.get(model.name, INITIAL_VERSION) for model in models) + 1
+        writer = ProgressWriter(
+            pconn, run_id or new_run_id(), [m.name for m in models], version, listener
+        )
+        return await _locked_run(wconn, rconn, writer, build, "done", "load")
+
+
+async def rollback(
+    write_engine: AsyncEngine,
+    read_engine: AsyncEngine,
+    settings: Settings,
+    listener: Callable[[RunProgress], None] | None = None,
+    models: Sequence[type[Projection]] = (Records,),
+    *,
+    run_id: str | None = None,
+) -> int:
+    """Swap the kept previous version of ``models`` back in; return the commands it caught
+    up with (those applied since the swap that replaced it).
+
+    The previous version is caught up exactly as a shadow (so nothing applied to the live
+    version since is lost, or applied twice), then swapped in by the same bounded-lock swap
+    with the read counts; the version it replaces is kept in its place, for as long. A model
+    without a kept previous version (none, expired or dropped) fails it, nothing changed.
+    """
+    models = tuple(models)
+
+    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
+        return await _roll_back(wconn, rconn, settings, writer, models, success)
+
+    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
+        previous = await _kept_previous(rconn, models)
+        writer = ProgressWriter(
+            pconn,
+            run_id or new_run_id(),
+            [m.name for m in models],
+            max(previous.values()),
+            listener,
+        )
+        return await _locked_run(wconn, rconn, writer, swap_back, "rolled-back", "catch-up")
+
+
+@contextlib.asynccontextmanager
+async def _sessions(
+    write_engine: AsyncEngine, read_engine: AsyncEngine
+) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection, asyncpg.Connection]]:
+    """The write-DB connection, the read-DB one of the work, and the progress writer's own."""
+    async with (
+        read_engine.connect() as rsession,
+        read_engine.connect() as psession,
+        write_engine.connect() as wsession,
+    ):
+        yield await _driver(wsession), await _driver(rsession), await _driver(psession)
+
+
+async def _locked_run(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    writer: ProgressWriter,
+    work: Callable[[asyncpg.Connection, asyncpg.Connection, str], Awaitable[int]],
+    success: str,
+    first_phase: str,
+) -> int:
+    """Run ``work`` holding the read DB's rebuild lock, recording how it ends in its progress
+    record: failed or cancelled, unless ``work`` recorded ``success`` (at its swap's commit:
+    what follows is clean-up, whose failure is only logged)."""
+    if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
+        await writer.refused("another rebuild of this read DB is running")
+        raise RebuildError("another rebuild of this read DB is running")
+    try:
+        await writer.start(first_phase)
         try:
-            try:
-                done = await _build_and_swap(wconn, rconn, settings, progress, tuple(models))
-            except BaseException:
-                with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
-                    await _drop_versions(rconn)
-                raise
-            await _retire_previous(rconn)
-        finally:
-            with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
-                await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
-    progress(done, done)
-    return done
+            done = await work(wconn, rconn, success)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            if not writer.finished:  # else it ended at its swap, and stays so recorded
+                await writer.finish(
+                    "cancelled", "stopped before the swap; the live version is unchanged"
+                )
+            raise
+        except BaseException as exc:
+            if not writer.finished:
+                await writer.finish("failed", _reason(exc))
+            raise
+        return done
+    finally:
+        with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
+            await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a run failed, in one line without secrets (what rebuild_runs.error records)."""
+    text = str(exc) if isinstance(exc, RebuildError) else f"{type(exc).__name__}: {exc}"
+    return redact_text(text.strip(), known_secrets())[:2000]
 
 
 async def _build_and_swap(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     settings: Settings,
-    progress: Callable[[int, int], None],
+    writer: ProgressWriter,
+    models: tuple[type[Projection], ...],
+    success: str = "done",
+) -> int:
+    """Load, catch up, verify and swap; return the commands the new live version holds.
+
+    On any failure the shadow is dropped (the live version and the kept previous one stay).
+    """
+    live = await _live_schema(rconn)
+    await drop_expired_previous(rconn, settings)
+    await _create_shadow(rconn, live, models)
+    try:
+        done = await _load_and_swap(wconn, rconn, live, settings, writer, models)
+    except BaseException:
+        with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
+            await _drop_shadow(rconn)
+        raise
+    await writer.finish(success)
+    await _after_swap(rconn, models, settings)
+    return done
+
+
+async def _after_swap(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]], settings: Settings
+) -> None:
+    """Drop the (empty) shadow, and the previous versions unless kept. The swap committed:
+    a failure here is logged, and what is left is dropped by the next run."""
+    try:
+        await _drop_shadow(rconn)
+    except _DB_ERRORS as exc:
+        log.warning("swapped in; the empty schema %s is left error=%s", SHADOW_SCHEMA, exc)
+    await _retire_previous(rconn, models, settings)
+
+
+async def _load_and_swap(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    settings: Settings,
+    writer: ProgressWriter,
     models: tuple[type[Projection], ...],
 ) -> int:
-    """Load, catch up and swap; return the commands the new live version holds."""
-    live = await _live_schema(rconn)
-    await _create_shadow(rconn, live, models)
-    loaded = await _load(wconn, rconn, settings, progress, models)
+    loaded = await _load(wconn, rconn, settings, writer, models)
     loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
-    await _catch_up(wconn, rconn, live, loaded, settings)
+    await writer.enter("catch-up")
+    await _catch_up(wconn, rconn, live, loaded, settings, writer)
     caught_up = len(loaded.caught_up)
-    swapped = await _swap(wconn, rconn, live, loaded, settings)
+    await writer.enter("verify")
+    await _verify(wconn, rconn, live, loaded, settings)
+    await writer.enter("swap")
+    swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
+    await writer.advance(
+        loaded.commands + caught_up + swapped, loaded.commands + caught_up + swapped
+    )
     done = loaded.commands + caught_up + swapped
     log.info(
-        "rebuild swapped in commands=%d loaded=%d caught_up=%d at_swap=%d",
+        "rebuild swapped in run_id=%s version=%d commands=%d loaded=%d caught_up=%d at_swap=%d",
+        writer.run_id,
+        writer.version,
         done,
         loaded.commands,
         caught_up,
@@ -175,8 +334,11 @@ async def _create_shadow(
 ) -> None:
     """Empty shadow tables shaped as the live ones (columns, defaults, keys, indexes), each
     watermark at 0 (the shadow's ledgers hold every command they apply)."""
-    await _drop_versions(rconn)  # what a rebuild that died left behind
-    statements = [f"CREATE SCHEMA {SHADOW_SCHEMA}", f"CREATE SCHEMA {PREVIOUS_SCHEMA}"]
+    await _drop_shadow(rconn)  # what a rebuild that died left behind
+    statements = [
+        f"CREATE SCHEMA {SHADOW_SCHEMA}",
+        f"CREATE SCHEMA IF NOT EXISTS {PREVIOUS_SCHEMA}",
+    ]
     statements += [
         f"CREATE TABLE {SHADOW_SCHEMA}.{table} (LIKE {live}.{table} INCLUDING ALL)"
         for table in _tables(models)
@@ -189,28 +351,204 @@ async def _create_shadow(
             await rconn.execute(statement)
 
 
-async def _retire_previous(rconn: asyncpg.Connection) -> None:
-    """Drop the version the swap replaced; if a long query still holds it, leave it.
+async def _drop_shadow(rconn: asyncpg.Connection) -> None:
+    """Drop the shadow (after a swap: empty; after a failure: the version it was building)."""
+    await rconn.execute(f"DROP SCHEMA IF EXISTS {SHADOW_SCHEMA} CASCADE")
 
-    The swap has committed by now, so a failure here must not fail the rebuild: what is left
-    is dropped by the next rebuild.
+
+async def _retire_previous(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]], settings: Settings
+) -> None:
+    """With REBUILD_KEEP_PREVIOUS_SECONDS=0, drop the versions the swap replaced at once (its
+    record says none is kept); otherwise they stay until ``drop_expired_previous``.
+
+    The swap has committed by now, so a failure here must not fail the run: what is left is
+    dropped by the next rebuild, or the projectors' housekeeping (as expired).
     """
+    if settings.rebuild_keep_previous_seconds > 0:
+        return
     try:
-        await _drop_versions(rconn)
+        async with rconn.transaction():
+            await _drop_previous_tables(rconn, models)
     except _DB_ERRORS as exc:
         log.warning(
-            "rebuild swapped in, the previous version is left in schema %s error=%s",
+            "swapped in, the previous version is left in schema %s error=%s",
             PREVIOUS_SCHEMA,
             exc,
         )
 
 
-async def _drop_versions(rconn: asyncpg.Connection) -> None:
-    """Drop the shadow (after a swap: empty) and the previous version."""
-    await rconn.execute(
-        f"DROP SCHEMA IF EXISTS {PREVIOUS_SCHEMA} CASCADE;"
-        f" DROP SCHEMA IF EXISTS {SHADOW_SCHEMA} CASCADE"
+async def _drop_previous_tables(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]]
+) -> None:
+    for table in _tables(models):
+        await rconn.execute(f"DROP TABLE IF EXISTS {PREVIOUS_SCHEMA}.{table}")
+
+
+async def drop_expired_previous(rconn: asyncpg.Connection, settings: Settings) -> list[str]:
+    """Drop each kept previous version whose time is up; return the models whose it was.
+
+    Run by every rebuild and rollback before it starts, and by the projectors' housekeeping
+    (every LEDGER_PRUNE_INTERVAL). It does nothing while a rebuild or rollback runs (their
+    lock), and each DROP waits at most REBUILD_LOCK_TIMEOUT for a query still reading the
+    version (then it is left for the next round).
+    """
+    from .projections import registered
+
+    known = registered()
+    try:
+        async with rconn.transaction():
+            if not await rconn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _REBUILD_LOCK_KEY):
+                return []
+            await rconn.execute(
+                f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'"
+            )
+            rows = await rconn.fetch(
+                "SELECT model FROM read_model_versions WHERE previous_kept_until <= now()"
+                " FOR UPDATE"
+            )
+            expired = [row[0] for row in rows]
+            await _drop_previous_tables(rconn, [known[m] for m in expired if m in known])
+            await rconn.execute(
+                "UPDATE read_model_versions SET previous_version = NULL,"
+                " previous_kept_until = NULL WHERE model = ANY($1::text[])",
+                expired,
+            )
+    except asyncpg.LockNotAvailableError:
+        log.info("an expired previous version is still read; dropped at the next round")
+        return []
+    if expired:
+        log.info("expired previous versions dropped models=%s", ",".join(expired))
+    return expired
+
+
+async def _kept_previous(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]]
+) -> dict[str, int]:
+    """The kept previous version of each of ``models``; RebuildError if one has none (never
+    swapped, kept 0 s, expired, or its tables gone)."""
+    rows = await rconn.fetch(
+        "SELECT model, previous_version FROM read_model_versions"
+        " WHERE model = ANY($1::text[]) AND previous_version IS NOT NULL"
+        " AND previous_kept_until > now()",
+        [model.name for model in models],
     )
+    kept = {row[0]: int(row[1]) for row in rows}
+    for model in models:
+        present = await rconn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2::text[])",
+            PREVIOUS_SCHEMA,
+            list(model.version_tables()),
+        )
+        if model.name not in kept or present != len(model.version_tables()):
+            raise RebuildError(
+                f"no previous version of {model.name} is kept to roll back to (none was"
+                " swapped out, or it expired: REBUILD_KEEP_PREVIOUS_SECONDS); nothing changed"
+            )
+    return kept
+
+
+async def _roll_back(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    settings: Settings,
+    writer: ProgressWriter,
+    models: tuple[type[Projection], ...],
+    success: str = "rolled-back",
+) -> int:
+    """Catch the kept previous versions up as a shadow and swap them in (see ``rollback``).
+
+    A failure before the swap moves them back, as far as they were caught up (their ledgers
+    say what they hold), still kept for a rollback.
+    """
+    live = await _live_schema(rconn)
+    await drop_expired_previous(rconn, settings)
+    await _kept_previous(rconn, models)  # still there, under the lock
+    await _drop_shadow(rconn)
+    await _move_tables(rconn, models, PREVIOUS_SCHEMA, SHADOW_SCHEMA, create=True)
+    try:
+        loaded = await _since_previous(wconn, rconn, live, settings, writer, models)
+        await writer.enter("catch-up")
+        await _catch_up(wconn, rconn, live, loaded, settings, writer)
+        await writer.enter("swap")
+        swapped = await _swap(wconn, rconn, live, loaded, settings, None)
+    except BaseException:
+        with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
+            await _move_tables(rconn, models, SHADOW_SCHEMA, PREVIOUS_SCHEMA)
+            await _drop_shadow(rconn)
+        raise
+    done = len(loaded.caught_up) + swapped
+    await writer.advance(done, done)
+    await writer.finish(success)
+    await _after_swap(rconn, models, settings)
+    log.info("rolled back run_id=%s models=%s caught_up=%d", writer.run_id, writer.models, done)
+    return done
+
+
+async def _move_tables(
+    rconn: asyncpg.Connection,
+    models: Sequence[type[Projection]],
+    source: str,
+    target: str,
+    create: bool = False,
+) -> None:
+    """Move every version table of ``models`` from schema ``source`` to ``target``."""
+    async with rconn.transaction():
+        if create:
+            await rconn.execute(f"CREATE SCHEMA IF NOT EXISTS {target}")
+        for table in _tables(models):
+            await rconn.execute(f"ALTER TABLE {source}.{table} SET SCHEMA {target}")
+
+
+async def _since_previous(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    settings: Settings,
+    writer: ProgressWriter,
+    models: tuple[type[Projection], ...],
+) -> _Loaded:
+    """Apply to the shadow (the previous versions) what the live versions applied since it
+    was swapped out, as of one write-DB snapshot; from then on, catching up is a rebuild's.
+
+    Every command at or below the lowest watermark of the previous versions is in them; of
+    those above it that the snapshot sees, each the live version applied and the previous
+    one lacks is applied. A command the snapshot does not see is found later, through the
+    txid index (``_missing_in_shadow``), as after a load. The ids above the watermark are
+    held here at once: as many as the commands written since that swap.
+    """
+    low = min(
+        [
+            int(await rconn.fetchval(f"SELECT position FROM {SHADOW_SCHEMA}.{m.watermark()}"))
+            for m in models
+        ]
+    )
+    async with wconn.transaction(isolation="repeatable_read", readonly=True):
+        snapshot = await wconn.fetchval("SELECT pg_current_snapshot()::text")
+        rows = await wconn.fetch(
+            "SELECT id FROM commands WHERE id > $1 ORDER BY id", low, timeout=_BULK_TIMEOUT
+        )
+    loaded = _Loaded(0, str(snapshot), models)
+    loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
+    lacking = " OR ".join(
+        f"({m.applied_test('c', live)} AND NOT {m.applied_test('c', SHADOW_SCHEMA)})"
+        for m in models
+    )
+    missing = [
+        row[0]
+        for row in await rconn.fetch(
+            f"SELECT c FROM unnest($1::bigint[]) AS c WHERE {lacking} ORDER BY c",
+            [row[0] for row in rows],
+            timeout=_BULK_TIMEOUT,
+        )
+    ]
+    await writer.enter("catch-up", 0, len(missing))
+    for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
+        async with rconn.transaction():
+            await _apply_to_shadow(wconn, rconn, live, page, models)
+        loaded.caught_up.update(page)
+        await writer.advance(len(loaded.caught_up))
+    return loaded
 
 
 @dataclass
@@ -230,51 +568,102 @@ async def _load(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     settings: Settings,
-    progress: Callable[[int, int], None],
+    writer: ProgressWriter,
     models: tuple[type[Projection], ...] = (Records,),
 ) -> _Loaded:
-    """COPY one write-DB snapshot's commands into the shadow, and project them there."""
+    """COPY one write-DB snapshot's commands into the shadow, and project them there.
+
+    Range by range of ids (``_LOAD_RANGE``): each is piped into the staging table, projected
+    by every model, and the staging table emptied, so the run's progress moves with the load
+    and the staging table stays small. Every range is read in the one snapshot (which the
+    write DB keeps for the whole load).
+    """
+    live = await _live_schema(rconn)
     await rconn.execute(
         f"CREATE UNLOGGED TABLE {_STAGED} (position bigint, key text, value text,"
         " event_type text, created_at timestamptz)"
     )
     async with wconn.transaction(isolation="repeatable_read", readonly=True):
-        total, last_id, last_at, snapshot = await wconn.fetchrow(
-            "SELECT count(*), coalesce(max(id), 0), max(created_at), pg_current_snapshot()::text"
-            " FROM commands"
+        total, low, high, last_at, snapshot = await wconn.fetchrow(
+            "SELECT count(*), coalesce(min(id), 1), coalesce(max(id), 0), max(created_at),"
+            " pg_current_snapshot()::text FROM commands"
         )
-        progress(0, total)
-        await _pipe(
-            wconn,
-            "SELECT id, key, value, event_type, created_at FROM commands",
-            rconn,
-            "staged_commands",
-            _STAGE_COLUMNS,
-            settings,
+        await writer.enter("load", 0, total)
+        done = 0
+        for start in range(low, high + 1, _LOAD_RANGE):
+            async with _copy_progress(rconn, writer, done):
+                copied = await _pipe(
+                    wconn,
+                    "SELECT id, key, value, event_type, created_at FROM commands"
+                    f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
+                    rconn,
+                    "staged_commands",
+                    _STAGE_COLUMNS,
+                    settings,
+                )
+            await writer.advance(done + copied // _COPY_SHARE)
+            await _project_staged(rconn, live, models)
+            done += copied
+            await writer.advance(done)
+    if PROGRESS_TABLE in models[0].tables:
+        await rconn.execute(
+            f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
+            " (consumer, events_projected, last_position, last_event_at)"
+            " VALUES ($1, $2, $3, $4)",
+            REBUILD_CONSUMER,
+            total,
+            high,
+            last_at,
         )
-    live = await _live_schema(rconn)
-    for model in models:
-        async with rconn.transaction():
-            # The model's own statement, pointed at the shadow for this transaction only.
-            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+    await rconn.execute(f"DROP TABLE {_STAGED}")
+    await writer.advance(int(total))
+    return _Loaded(int(total), str(snapshot), models)
+
+
+@contextlib.asynccontextmanager
+async def _copy_progress(
+    rconn: asyncpg.Connection, writer: ProgressWriter, done: int
+) -> AsyncIterator[None]:
+    """While a range is piped: count its rows copied so far (``pg_stat_progress_copy`` of
+    ``rconn``'s backend) as 1/_COPY_SHARE of them done, the rest being its projection."""
+    pid = rconn.get_server_pid()
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        # Never cancelled mid-statement: the writer's connection stays usable after.
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), writer.interval)
+                return
+            copied = await writer.conn.fetchval(
+                "SELECT tuples_processed FROM pg_stat_progress_copy WHERE pid = $1", pid
+            )
+            if copied is not None:
+                await writer.advance(done + int(copied) // _COPY_SHARE)
+
+    ticking = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(*_DB_ERRORS):
+            await ticking
+
+
+async def _project_staged(
+    rconn: asyncpg.Connection, live: str, models: tuple[type[Projection], ...]
+) -> None:
+    """Apply the staged commands to each shadow model (its own statement), then empty it."""
+    async with rconn.transaction():
+        # The models' own statements, pointed at the shadow for this transaction only.
+        await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+        for model in models:
             await rconn.execute(
                 f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
                 timeout=_BULK_TIMEOUT,
             )
             await rconn.execute(model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT)
-            if PROGRESS_TABLE in model.tables:
-                await rconn.execute(
-                    f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
-                    " (consumer, events_projected, last_position, last_event_at)"
-                    " VALUES ($1, $2, $3, $4)",
-                    REBUILD_CONSUMER,
-                    total,
-                    last_id,
-                    last_at,
-                )
-    await rconn.execute(f"DROP TABLE {_STAGED}")
-    progress(total, total)
-    return _Loaded(int(total), str(snapshot), models)
+        await rconn.execute(f"TRUNCATE {_STAGED}")
 
 
 async def _pipe(
@@ -284,8 +673,9 @@ async def _pipe(
     table: str,
     columns: list[str],
     settings: Settings,
-) -> None:
-    """Binary COPY ``query``'s rows into the shadow's ``table`` (COPY out → COPY in).
+) -> int:
+    """Binary COPY ``query``'s rows into the shadow's ``table`` (COPY out → COPY in); return
+    how many rows.
 
     The chunks in flight between the two connections never exceed REBUILD_BATCH_MAX_BYTES
     (beyond one chunk of at most one row and a socket read), so memory does not grow with the
@@ -310,7 +700,7 @@ async def _pipe(
 
     async with asyncio.TaskGroup() as group:
         group.create_task(produce())
-        group.create_task(
+        copied = group.create_task(
             target.copy_to_table(
                 table,
                 source=feed(),
@@ -320,6 +710,7 @@ async def _pipe(
                 timeout=_BULK_TIMEOUT,
             )
         )
+    return int(copied.result().rpartition(" ")[2])  # its status: "COPY <rows>"
 
 
 class _ChunkQueue:
@@ -421,16 +812,61 @@ async def _catch_up(
     live: str,
     loaded: _Loaded,
     settings: Settings,
+    writer: ProgressWriter | None = None,
 ) -> None:
     """Apply what the live projectors applied during the load, outside any lock."""
     for _ in range(_CATCH_UP_ROUNDS):
         missing = await _missing_in_shadow(wconn, rconn, live, loaded)
+        held = loaded.commands + len(loaded.caught_up)
+        if writer is not None:
+            await writer.advance(held, held + len(missing))
         for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
             async with rconn.transaction():
                 await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
             loaded.caught_up.update(page)
+            if writer is not None:
+                await writer.advance(loaded.commands + len(loaded.caught_up))
         if len(missing) <= _SWAP_REMAINDER:
             return
+
+
+async def _verify(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    loaded: _Loaded,
+    settings: Settings,
+) -> None:
+    """Compare the shadow with each model's pure function for REBUILD_VERIFY_SAMPLE keys (0:
+    all), outside any lock; RebuildError naming the first difference otherwise.
+
+    Only the rebuild writes the shadow, and each model is compared with the commands its
+    shadow ledger holds, so the projectors' writes meanwhile cannot make it differ.
+    """
+    sample = settings.rebuild_verify_sample
+    checked = 0
+    async for keys in sampled_keys(wconn, sample):
+        # Half the bound each: the commands of a part, and the model's rows of them.
+        for part in await pages_by_bytes(wconn, keys, settings.rebuild_batch_max_bytes // 2):
+            async with rconn.transaction(readonly=True):
+                await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+                _fail_on(await keys_differences(wconn, rconn, loaded.models, part))
+        checked += len(keys)
+    for model in loaded.models:
+        if await model.actual_for(rconn, []) is None:  # not per key: verified whole
+            async with rconn.transaction(readonly=True):
+                await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+                _fail_on(await whole_differences(wconn, rconn, model))
+    log.info("rebuild verified keys=%d sample=%s", checked, sample or "all")
+
+
+def _fail_on(found: list[str]) -> None:
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise RebuildError(
+            f"verify: the new version differs from the pure function: {found[0]}{more};"
+            " the live read model is unchanged"
+        )
 
 
 async def _pages(wconn: asyncpg.Connection, ids: Sequence[int], max_bytes: int) -> list[list[int]]:
@@ -494,19 +930,57 @@ async def _apply_to_shadow(
     return max(counts.values(), default=0)
 
 
+async def _record_versions(
+    rconn: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]],
+    version: int | None,
+    settings: Settings,
+) -> None:
+    """Record the swap in ``read_model_versions``, in its transaction (so the record changes
+    exactly when the tables do): ``version`` live (None: a rollback, the previous one live
+    again), the version it replaced kept until REBUILD_KEEP_PREVIOUS_SECONDS from now."""
+    keep = settings.rebuild_keep_previous_seconds
+    kept = "CASE WHEN $2 > 0 THEN now() + make_interval(secs => $2) END"
+    names = [model.name for model in models]
+    if version is None:
+        await rconn.execute(
+            f"UPDATE {live}.read_model_versions SET version = previous_version,"
+            " previous_version = CASE WHEN $2 > 0 THEN version END,"
+            f" previous_kept_until = {kept}, built_at = now() WHERE model = ANY($1::text[])",
+            names,
+            keep,
+        )
+        return
+    await rconn.execute(
+        f"INSERT INTO {live}.read_model_versions AS v (model, version, built_at, previous_version,"
+        f" previous_kept_until) SELECT m, $3, now(), CASE WHEN $2 > 0 THEN $4::integer END,"
+        f" {kept} FROM unnest($1::text[]) AS m"
+        " ON CONFLICT (model) DO UPDATE SET version = excluded.version, built_at = now(),"
+        " previous_version = CASE WHEN $2 > 0 THEN v.version END,"
+        " previous_kept_until = excluded.previous_kept_until",
+        names,
+        keep,
+        version,
+        INITIAL_VERSION,
+    )
+
+
 async def _swap(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     live: str,
     loaded: _Loaded,
     settings: Settings,
+    version: int | None,
 ) -> int:
-    """Swap the shadow in; return how many commands were applied inside the swap."""
+    """Swap the shadow in as ``version`` (None: a rollback); return how many commands were
+    applied inside the swap."""
     wait = settings.rebuild_lock_timeout
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
         try:
             async with rconn.transaction():
-                return await _swap_once(wconn, rconn, live, loaded, settings)
+                return await _swap_once(wconn, rconn, live, loaded, settings, version)
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             log.info("rebuild swap: a lock was not granted in time, retrying attempt=%d", attempt)
         # Let the readers and writers that queued meanwhile through before the next attempt.
@@ -523,6 +997,7 @@ async def _swap_once(
     live: str,
     loaded: _Loaded,
     settings: Settings,
+    version: int | None,
 ) -> int:
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
     # A sweep running meanwhile needs no exclusion: its election transaction, which lasts a
@@ -539,6 +1014,8 @@ async def _swap_once(
     for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
         applied += await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
     await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
+    # One previous version is kept: the one this swap replaces supersedes an older one.
+    await _drop_previous_tables(rconn, loaded.models)
     # The only moment readers wait: the moves themselves, at most lock_timeout to get in.
     await rconn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
     readers_held = time.monotonic()
@@ -546,6 +1023,7 @@ async def _swap_once(
         await rconn.execute(f"ALTER TABLE {live}.{table} SET SCHEMA {PREVIOUS_SCHEMA}")
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
     moved = time.monotonic()
+    await _record_versions(rconn, live, loaded.models, version, settings)
     log.info(
         "rebuild swap: writers waited %.3fs, readers %.3fs; commands applied in the swap %d",
         moved - writers_held,
