@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "--rebuild-sizes",
         default="",
         help="commands of each rebuild-scale size, comma-separated (full: 1000000,10000000;"
-        " quick: 100000)",
+        " quick: 20000)",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="length of each write and read phase"

@@ -57,7 +57,7 @@ FULL = Plan(
     (*_ALL, "rebuild-scale", "large", "ledger"),
 )
 # The large-data phase is not part of the quick run (CI): seeding takes minutes. Its
-# rebuild-scale phase runs at 100,000 commands (rebuild_scale.QUICK_SIZES).
+# rebuild-scale phase runs at 20,000 commands (rebuild_scale.QUICK_SIZES).
 QUICK = Plan("quick", 2, 20_000, 2, 2, 1_500, 3, 1_000, 3, 100_000, (*_ALL, "rebuild-scale"))
 
 VALUE = "v" * 64

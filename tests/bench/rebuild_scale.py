@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 # Sizes in commands: the figures in the full run; one small size in the quick one.
 FULL_SIZES = (1_000_000, 10_000_000)
-QUICK_SIZES = (100_000,)
+QUICK_SIZES = (20_000,)
 READ_CLIENTS = 16
 WRITE_CLIENTS = 4
 BASELINE_SECONDS = {"full": 10.0, "quick": 2.0}
