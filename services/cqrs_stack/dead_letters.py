@@ -1,7 +1,9 @@
 """Dead letters you can act on: list them, retry them through the projection, or drop them.
 
 The projector moves an entry that the read DB refused ``PROJECTOR_MAX_DELIVERIES`` times to
-the dead-letter stream ``<stream>:dead`` (``stream.dead_letter``). From there:
+the dead-letter stream ``<stream>:dead`` (``stream.dead_letter``), and its catch-up sweep a
+command the read DB refused (``Projector._dead_letter_refused``), once per command between
+them (``stream.dead_letter_once``). From there:
 
 - **list**: pages of at most ``DEAD_LETTER_PAGE_MAX`` entries, oldest first, with the key,
   position, reason, deliveries and age (never the value).

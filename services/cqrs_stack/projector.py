@@ -6,6 +6,17 @@ Entries that can never be applied go to the dead-letter stream after
 ``PROJECTOR_MAX_DELIVERIES`` deliveries. Besides the stream, one replica at a time sweeps the
 write DB for commands the stream never carried (Redis down, flushed or trimmed): the stream is
 the fast path, the write DB the guarantee.
+
+A command the read DB refuses for its data is dead-lettered by whichever path meets it: the
+stream after its ``PROJECTOR_MAX_DELIVERIES``, the sweep at once (its page is split to find
+it; a refusal is the data's, so trying again cannot help, and ``dlq retry`` applies it once
+the cause is fixed). Either way it is dead-lettered once: ``stream.dead_letter_once`` adds an
+entry only if the command's position has none still in the dead-letter stream (nor a drop),
+in the same Redis script as the XADD, so a command both streamed and swept leaves one entry,
+and the other path only acknowledges. The sweep's cursor then moves past it, so later sweeps
+do not try it again. While Redis cannot take the dead letter the sweep keeps the command
+(``sweep.hold``: its transaction is swept again from it each round, holding the sweep's
+watermark) and goes on with the others.
 """
 
 from __future__ import annotations
@@ -132,6 +143,8 @@ class Projector:
         self._redis_backoff = Backoff(maximum=settings.task_retry_max_delay)
         # The most a stream entry can weigh: a key of 255 characters, a value of MAX_VALUE_BYTES.
         self._largest_entry = settings.max_value_bytes + 4 * 255 + _ENTRY_OVERHEAD_BYTES
+        # Set when Redis failed to take a dead letter in this sweep round.
+        self._redis_failed = False
 
     def start(self, supervisor: Supervisor, stopping: asyncio.Event) -> None:
         """Project until ``stopping`` is set; Redis and database outages are waited out.
@@ -417,6 +430,7 @@ class Projector:
         """
         page_limit = max(50_000, 4 * self.settings.write_batch_max)
         applied = 0
+        self._redis_failed = False
         async with self.read_engine.begin() as rconn:
             await self._bound_session(rconn)
             if not await rconn.scalar(
@@ -616,7 +630,12 @@ class Projector:
         Redis fails, the command is returned to be kept in the sweep and tried next round.
         """
         unsent: list[events.Command] = []
-        for command, code in refused:
+        for index, (command, code) in enumerate(refused):
+            if self._redis_failed:
+                # Tried once this round: the rest wait for the next rather than each wait out
+                # the Redis timeout while the election transaction idles.
+                unsent += [c for c, _ in refused[index:]]
+                break
             reason = f"read DB refused the command (catch-up sweep, sqlstate {code})"
             try:
                 added = await stream.dead_letter_once(
@@ -636,6 +655,7 @@ class Projector:
                     exc,
                 )
                 unsent.append(command)
+                self._redis_failed = True
                 continue
             if added:
                 DEAD_LETTERS.inc()

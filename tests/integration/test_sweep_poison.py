@@ -226,7 +226,8 @@ async def test_a_read_db_timeout_dead_letters_nothing(stack: Stack) -> None:
 async def test_redis_down_keeps_the_poison_in_the_sweep(stack: Stack) -> None:
     stack.env["READ_MODELS"] = "records,history"
     await _execute(stack, _POISON_CHECK)
-    [poison, _] = await _lose(stack, [("p", "'poison'"), ("h1", "'fine'")])
+    poisons = [("p", "'poison'"), ("q", "'poison'"), ("h1", "'fine'")]
+    [poison, other, _] = await _lose(stack, poisons)  # one transaction: one pending
     down = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
     try:
         async with _projector(stack, down) as projector:
@@ -241,13 +242,14 @@ async def test_redis_down_keeps_the_poison_in_the_sweep(stack: Stack) -> None:
     finally:
         await down.aclose()
     letters = await _letters(stack)
-    assert [d.position for d in letters] == [poison] and await _pending(stack) == 0
+    assert [d.position for d in letters] == [poison, other] and await _pending(stack) == 0
     assert await _applied(stack, "h1") == (1, 1, 1) == await _applied(stack, "h2")
 
     await _execute(stack, _FIX)
     engines = (stack.redis, stack.write_engine, stack.read_engine, stack.settings)
-    assert (await dead_letters.retry(*engines, letters[0].entry_id)).result == "applied"
+    outcomes = await dead_letters.retry_all(*engines)
+    assert [o.result for o in outcomes] == ["applied", "applied"]
     async with _projector(stack) as projector:
         assert await projector.catch_up() == 0
-    assert await _applied(stack, "p") == (1, 1, 1)
+    assert await _applied(stack, "p") == (1, 1, 1) == await _applied(stack, "q")
     await stack.assert_converges(10)
