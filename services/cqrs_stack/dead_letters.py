@@ -1,7 +1,9 @@
 """Dead letters you can act on: list them, retry them through the projection, or drop them.
 
 The projector moves an entry that the read DB refused ``PROJECTOR_MAX_DELIVERIES`` times to
-the dead-letter stream ``<stream>:dead`` (``stream.dead_letter``). From there:
+the dead-letter stream ``<stream>:dead`` (``stream.dead_letter``), and its catch-up sweep a
+command the read DB refused (``Projector._dead_letter_refused``), once per command between
+them (``stream.dead_letter_once``). From there:
 
 - **list**: pages of at most ``DEAD_LETTER_PAGE_MAX`` entries, oldest first, with the key,
   position, reason, deliveries and age (never the value).
@@ -14,6 +16,8 @@ the dead-letter stream ``<stream>:dead`` (``stream.dead_letter``). From there:
 - **drop**: the entry leaves the stream and is recorded in the read DB (``dead_letter_drops``:
   who, when, why, and the entry's fields). The value is not recorded (user data that may be
   sensitive): its size and SHA-256 are, and the write DB keeps the value at its position.
+  Its position is marked dropped (``stream.dead_letter_marks``), so neither the stream nor
+  the catch-up sweep dead-letters the command again.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import write_db
+from . import stream, write_db
 from .config import Settings
 from .db import driver_of
 from .events import Command
@@ -326,8 +330,12 @@ async def _retry_letter(
             f" (sqlstate {sqlstate(exc)}: {str(cause).splitlines()[0][:200]}); the dead letter"
             " stays",
         )
-    # Only now that its effect is committed (or was there already) does the entry go.
-    await redis.xdel(settings.dead_letter_stream, letter.entry_id)
+    # Only now that its effect is committed (or was there already) does the entry go, and
+    # its position's mark (stream.dead_letter_marks): the command is applied.
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xdel(settings.dead_letter_stream, letter.entry_id)
+        pipe.hdel(stream.dead_letter_marks(settings), str(letter.position))
+        await pipe.execute()
     return Outcome(letter.entry_id, letter.position, "applied" if applied else "already applied")
 
 
@@ -377,5 +385,10 @@ async def drop(
                 "the read DB has no dead_letter_drops table: run `cqrs-stack migrate`"
             ) from exc
         raise
-    await redis.xdel(settings.dead_letter_stream, letter.entry_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.xdel(settings.dead_letter_stream, letter.entry_id)
+        if letter.position is not None:
+            # Neither path dead-letters the dropped command again (stream.dead_letter_once).
+            pipe.hset(stream.dead_letter_marks(settings), str(letter.position), "dropped")
+        await pipe.execute()
     return letter

@@ -6,6 +6,17 @@ Entries that can never be applied go to the dead-letter stream after
 ``PROJECTOR_MAX_DELIVERIES`` deliveries. Besides the stream, one replica at a time sweeps the
 write DB for commands the stream never carried (Redis down, flushed or trimmed): the stream is
 the fast path, the write DB the guarantee.
+
+A command the read DB refuses for its data is dead-lettered by whichever path meets it: the
+stream after its ``PROJECTOR_MAX_DELIVERIES``, the sweep at once (its page is split to find
+it; a refusal is the data's, so trying again cannot help, and ``dlq retry`` applies it once
+the cause is fixed). Either way it is dead-lettered once: ``stream.dead_letter_once`` adds an
+entry only if the command's position has none still in the dead-letter stream (nor a drop),
+in the same Redis script as the XADD, so a command both streamed and swept leaves one entry,
+and the other path only acknowledges. The sweep's cursor then moves past it, so later sweeps
+do not try it again. While Redis cannot take the dead letter the sweep keeps the command
+(``sweep.hold``: its transaction is swept again from it each round, holding the sweep's
+watermark) and goes on with the others.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ from .sweep import (
     advance,
     byte_pages,
     candidate,
+    hold,
     passed_open,
     settle_pending,
 )
@@ -132,6 +144,8 @@ class Projector:
         self._redis_backoff = Backoff(maximum=settings.task_retry_max_delay)
         # The most a stream entry can weigh: a key of 255 characters, a value of MAX_VALUE_BYTES.
         self._largest_entry = settings.max_value_bytes + 4 * 255 + _ENTRY_OVERHEAD_BYTES
+        # Set when Redis failed to take a dead letter in this sweep round.
+        self._redis_failed = False
 
     def start(self, supervisor: Supervisor, stopping: asyncio.Event) -> None:
         """Project until ``stopping`` is set; Redis and database outages are waited out.
@@ -333,8 +347,9 @@ class Projector:
     async def _reject(self, entry: stream.Entry, reason: str) -> None:
         """Leave a bad entry pending for redelivery, or dead-letter it once it used its tries."""
         if entry.deliveries >= self.settings.projector_max_deliveries:
-            await stream.dead_letter(self.redis, self.settings, entry, reason, self.consumer)
-            DEAD_LETTERS.inc()
+            # False: the sweep (or another consumer) dead-lettered the command first.
+            if await stream.dead_letter(self.redis, self.settings, entry, reason, self.consumer):
+                DEAD_LETTERS.inc()
         else:
             log.warning(
                 "event refused entry=%s deliveries=%d reason=%s",
@@ -409,9 +424,17 @@ class Projector:
         tables: it lasts a whole page (up to PROJECTOR_SWEEP_TIMEOUT), and a lock it held on
         them would keep a rebuild's swap out for as long. The ledger is looked up, and each
         piece applied, in short transactions of their own.
+
+        A piece the read DB refuses for its data (``outages.is_refusal``, as on the stream
+        path) is split in halves until each refused command stands alone; the others are
+        applied and each refused one is dead-lettered (``_dead_letter_refused``), so the
+        cursor moves past it: one poison never stalls the commands after it. Any other
+        failure (a lost connection, a timeout) fails the round and dead-letters nothing: the
+        next round sweeps the same page again.
         """
         page_limit = max(50_000, 4 * self.settings.write_batch_max)
         applied = 0
+        self._redis_failed = False
         async with self.read_engine.begin() as rconn:
             await self._bound_session(rconn)
             if not await rconn.scalar(
@@ -438,7 +461,9 @@ class Projector:
                 for state, models in groups:
                     found, state = await self._scan(wconn, state, page_limit)
                     missing = await self._missing(models, [c for c in found if c.settled])
-                    applied += await self._apply_missing(rconn, wconn, models, missing)
+                    done, held = await self._apply_missing(rconn, wconn, models, missing)
+                    applied += done
+                    state = hold(state, held)
                     for projection in models:
                         await _save_state(rconn, projection.name, state)
         return applied
@@ -545,10 +570,14 @@ class Projector:
         wconn: AsyncConnection,
         models: Sequence[type[Projection]],
         missing: Sequence[Candidate],
-    ) -> int:
-        """Fetch and apply the missing commands, at most PROJECTOR_BATCH_MAX_BYTES at a time."""
+    ) -> tuple[int, list[Candidate]]:
+        """Fetch and apply the missing commands, at most PROJECTOR_BATCH_MAX_BYTES at a time;
+        return how many were applied, and the refused ones whose dead letter Redis did not
+        take (kept in the sweep: ``sweep.hold``)."""
         applied = 0
+        held: list[Candidate] = []
         budget = self.settings.projector_batch_max_bytes
+        by_position = {c.position: c for c in missing}
         for page in byte_pages(missing, [c.size for c in missing], budget):
             await rconn.execute(_STILL_HERE)
             async with wconn.begin():
@@ -557,9 +586,93 @@ class Projector:
             await rconn.execute(_STILL_HERE)
             # No stream entry, so no trace to continue: a page is a trace of its own.
             with nullcontext() if self.tracing is None else self.tracing.catching_up(commands):
-                applied += await self.apply(commands, source="catch-up", models=models)
-            del commands  # the next page's values are fetched only once these are freed
-        return applied
+                done, refused = await self._apply_or_split(commands, models)
+            applied += done
+            for command in await self._dead_letter_refused(refused):
+                held.append(by_position[command.position])
+            del commands, refused  # the next page's values are fetched only once these are freed
+        return applied, held
+
+    async def _apply_or_split(
+        self, commands: Sequence[events.Command], models: Sequence[type[Projection]]
+    ) -> tuple[int, list[tuple[events.Command, str]]]:
+        """Apply ``commands``; a part the read DB refuses for its data is split in halves
+        until the refused commands stand alone. Return how many were applied, and each
+        refused command with the SQLSTATE it was refused with.
+
+        Bounded: a part is applied once or split into two smaller ones, so n commands cost at
+        most 2n - 1 transactions (k refused among them about 2k log2 n). Any failure that is
+        not a refusal (outages.is_refusal) is raised: an outage says nothing of the data.
+        """
+        applied = 0
+        refused: list[tuple[events.Command, str]] = []
+        parts = [list(commands)]
+        while parts:
+            part = parts.pop()
+            try:
+                applied += await self.apply(part, source="catch-up", models=models)
+            except (DBAPIError, OSError) as exc:
+                if not is_refusal(exc):
+                    raise
+                if len(part) == 1:
+                    refused.append((part[0], sqlstate(exc) or ""))
+                    continue
+                half = len(part) // 2
+                parts += [part[half:], part[:half]]  # in order: the first half is next
+        return applied, refused
+
+    async def _dead_letter_refused(
+        self, refused: Sequence[tuple[events.Command, str]]
+    ) -> list[events.Command]:
+        """Dead-letter the commands the read DB refused; return those Redis did not take.
+
+        The dead letter is the stream path's (``stream.dead_letter_once``: the event's fields,
+        the reason, this consumer), so ``cqrs-stack dlq`` lists, retries and drops it alike;
+        it names no source entry, as the sweep read the command from the write DB. A command
+        whose position is dead-lettered already (the stream path got there first, or this
+        sweep in a round whose cursor was not saved) or dropped is not added again. When
+        Redis fails, the command is returned to be kept in the sweep and tried next round.
+        """
+        unsent: list[events.Command] = []
+        for index, (command, code) in enumerate(refused):
+            if self._redis_failed:
+                # Tried once this round: the rest wait for the next rather than each wait out
+                # the Redis timeout while the election transaction idles.
+                unsent += [c for c, _ in refused[index:]]
+                break
+            reason = f"read DB refused the command (catch-up sweep, sqlstate {code})"
+            try:
+                added = await stream.dead_letter_once(
+                    self.redis,
+                    self.settings,
+                    dict(events.encode(command)),
+                    reason=reason,
+                    deliveries=1,
+                    consumer=self.consumer,
+                )
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "catch-up keeps a refused command until Redis takes its dead letter"
+                    " position=%d sqlstate=%s error=%s",
+                    command.position,
+                    code,
+                    exc,
+                )
+                unsent.append(command)
+                self._redis_failed = True
+                continue
+            if added:
+                DEAD_LETTERS.inc()
+                log.warning(
+                    "catch-up dead-lettered a refused command position=%d sqlstate=%s",
+                    command.position,
+                    code,
+                )
+            else:
+                log.info(
+                    "catch-up: refused command dead-lettered already position=%d", command.position
+                )
+        return unsent
 
 
 async def _candidates(

@@ -271,31 +271,108 @@ async def acknowledge(redis: Redis, stream: str, group: str, entry_ids: Sequence
         await redis.xack(stream, group, *entry_ids)
 
 
+def dead_letter_marks(settings: Settings) -> str:
+    """The hash that maps a dead-lettered command's position to its dead letter's id.
+
+    The stream consumer and the catch-up sweep may both find one command refused: the mark
+    lets the second of them see that the first dead-lettered it (``dead_letter_once``).
+    ``dlq retry`` removes a position's mark with its entry; ``dlq drop`` marks it ``dropped``.
+    """
+    return f"{settings.dead_letter_stream}:positions"
+
+
+# Adds a dead letter unless the command's position already has one that is still in the
+# dead-letter stream (or was dropped), and acknowledges the source entry, atomically: two
+# paths dead-lettering one command at once leave one entry between them. KEYS: dead-letter
+# stream, marks hash, event stream. ARGV: group, entry id to acknowledge ('' for none),
+# position ('' for an entry that carries none), then the fields, name and value in turn.
+_DEAD_LETTER_ONCE = """
+local position = ARGV[3]
+local known = false
+if position ~= '' then
+  known = redis.call('HGET', KEYS[2], position)
+end
+if known and (known == 'dropped' or #redis.call('XRANGE', KEYS[1], known, known) > 0) then
+  if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) end
+  return {0, known}
+end
+local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+if position ~= '' then redis.call('HSET', KEYS[2], position, id) end
+if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) end
+return {1, id}
+"""
+
+
+async def dead_letter_once(
+    redis: Redis,
+    settings: Settings,
+    fields: dict[str, bytes | str],
+    *,
+    reason: str,
+    deliveries: int,
+    consumer: str,
+    source_id: str = "",
+) -> bool:
+    """Dead-letter one event (and acknowledge ``source_id`` if given), once per position.
+
+    Returns False, adding nothing, when its command already has a dead letter still in the
+    stream or dropped (``dead_letter_marks``).
+    """
+    raw = fields.get("position", "")
+    text_position = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    position = text_position if text_position.isdigit() else ""
+    letter: dict[str, bytes | str] = {
+        **fields,
+        "dead_letter_reason": reason[:500],
+        "dead_letter_source_id": source_id,
+        "dead_letter_deliveries": str(deliveries),
+        "dead_letter_consumer": consumer,
+    }
+    flat = [part for name, value in letter.items() for part in (name, value)]
+    added, _ = await redis.eval(  # type: ignore[misc]
+        _DEAD_LETTER_ONCE,
+        3,
+        settings.dead_letter_stream,
+        dead_letter_marks(settings),
+        settings.event_stream_name,
+        settings.consumer_group,
+        source_id,
+        position,
+        *flat,
+    )
+    return bool(added)
+
+
 async def dead_letter(
     redis: Redis, settings: Settings, entry: Entry, reason: str, consumer: str
-) -> None:
-    """Move a poison entry to the dead-letter stream and acknowledge it, in one MULTI."""
+) -> bool:
+    """Move a poison entry to the dead-letter stream and acknowledge it, in one script.
+
+    Returns False when its command was dead-lettered already (by the catch-up sweep, or by
+    another consumer): then the entry is only acknowledged.
+    """
     fields: dict[str, bytes | str] = {
         k.decode("utf-8", "replace"): v for k, v in entry.fields.items()
     }
-    fields.update(
-        {
-            "dead_letter_reason": reason[:500],
-            "dead_letter_source_id": entry.entry_id,
-            "dead_letter_deliveries": str(entry.deliveries),
-            "dead_letter_consumer": consumer,
-        }
+    added = await dead_letter_once(
+        redis,
+        settings,
+        fields,
+        reason=reason,
+        deliveries=entry.deliveries,
+        consumer=consumer,
+        source_id=entry.entry_id,
     )
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(settings.dead_letter_stream, fields)  # type: ignore[arg-type]
-        pipe.xack(settings.event_stream_name, settings.consumer_group, entry.entry_id)
-        await pipe.execute()
-    log.warning(
-        "event dead-lettered entry=%s deliveries=%d reason=%s",
-        entry.entry_id,
-        entry.deliveries,
-        reason[:200],
-    )
+    if added:
+        log.warning(
+            "event dead-lettered entry=%s deliveries=%d reason=%s",
+            entry.entry_id,
+            entry.deliveries,
+            reason[:200],
+        )
+    else:
+        log.info("event dead-lettered already, acknowledged entry=%s", entry.entry_id)
+    return added
 
 
 async def group_info(redis: Redis, stream: str, group: str) -> dict[str, int]:

@@ -99,6 +99,22 @@ def passed_open(snapshot: Snapshot, cursor: Cursor) -> set[int]:
     return {txid for txid in snapshot.xip if txid < cursor.txid}
 
 
+def hold(state: SweepState, held: Sequence[Candidate]) -> SweepState:
+    """Keep ``held`` commands in the sweep although the cursor passed them.
+
+    Each one's transaction is made pending again from just below it, so the next sweep reads
+    it (and the rest of its transaction) again, as it reads a transaction that ended after
+    the cursor passed it; the cursor and the other commands go on.
+    """
+    if not held:
+        return state
+    pending = dict(state.pending)
+    for command in held:
+        below = command.position - 1
+        pending[command.txid] = min(pending.get(command.txid, below), below)
+    return SweepState(state.cursor, pending)
+
+
 def byte_pages(items: Sequence[_T], sizes: Sequence[int], max_bytes: int) -> list[list[_T]]:
     """Split ``items`` into runs of at most ``max_bytes`` (a larger item goes alone)."""
     pages: list[list[_T]] = []

@@ -9,6 +9,7 @@ from cqrs_stack.sweep import (
     SweepState,
     advance,
     byte_pages,
+    hold,
     passed_open,
     settle_pending,
 )
@@ -39,3 +40,15 @@ def test_byte_pages_respect_the_budget_and_take_a_large_item_alone() -> None:
     assert byte_pages("abcde", [3, 3, 5, 1, 1], 6) == [["a", "b"], ["c", "d"], ["e"]]
     assert byte_pages("ab", [10, 1], 6) == [["a"], ["b"]]
     assert byte_pages("", [], 6) == []
+
+
+def test_a_held_command_is_swept_again_from_its_transaction() -> None:
+    state = SweepState(Cursor(30, 90), {12: 40})
+    assert hold(state, []) is state
+    held = hold(state, [Candidate(50, 20, True, 5), Candidate(45, 20, True, 5)])
+    # Its transaction pending from just below the lowest held; the cursor untouched.
+    assert held == SweepState(Cursor(30, 90), {12: 40, 20: 44})
+    assert held.watermark == 12
+    # Already pending further on: moved back to the held command, never forward.
+    assert hold(state, [Candidate(30, 12, True, 5)]).pending == {12: 29}
+    assert hold(state, [Candidate(60, 12, True, 5)]).pending == {12: 40}
