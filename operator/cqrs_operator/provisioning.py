@@ -500,6 +500,13 @@ REDIS_COMMANDS = (
     "xrevrange",
     "xdel",
     "time",
+    # Dead letters once per command (stream.dead_letter_once: WATCH, no script) and their
+    # position marks.
+    "watch",
+    "unwatch",
+    "hexists",
+    "hset",
+    "hdel",
 )
 
 
@@ -528,6 +535,7 @@ def acl_rules(stream: str, passwords: list[str], existing: set[str], exact: bool
         "resetkeys",
         f"~{stream}",
         f"~{stream}:dead",
+        f"~{stream}:dead:positions",  # the dead letters' marks (stream.dead_letter_marks)
         "resetchannels",
         "-@all",
         *(f"+{command}" for command in REDIS_COMMANDS),
@@ -679,13 +687,13 @@ async def stream_lag(url: str, stream: str, group: str, ca_pem: str | None = Non
 
 
 async def delete_owned_stream(url: str, stream: str, uid: str, ca_pem: str | None = None) -> bool:
-    """Delete the stream, its dead-letter stream and owner key if this stack created them;
-    True when deleted, False when left (adopted, another stack's, or unmarked)."""
+    """Delete the stream, its dead letters (stream and marks) and owner key if this stack
+    created them; True when deleted, False when left (adopted, another stack's, unmarked)."""
     redis = _redis(url, ca_pem)
     try:
         if not may_drop(parse_marker(await redis.get(owner_key(stream))), uid):
             return False
-        await redis.delete(stream, f"{stream}:dead", owner_key(stream))
+        await redis.delete(stream, f"{stream}:dead", f"{stream}:dead:positions", owner_key(stream))
         log.info("stream deleted stream=%s", stream)
         return True
     except (RedisError, OSError) as exc:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError, WatchError
 
 from . import events
 from .config import Settings
@@ -272,7 +272,7 @@ async def acknowledge(redis: Redis, stream: str, group: str, entry_ids: Sequence
 
 
 def dead_letter_marks(settings: Settings) -> str:
-    """The hash that maps a dead-lettered command's position to its dead letter's id.
+    """The hash that marks the positions of dead-lettered commands (``added`` or ``dropped``).
 
     The stream consumer and the catch-up sweep may both find one command refused: the mark
     lets the second of them see that the first dead-lettered it (``dead_letter_once``).
@@ -281,26 +281,11 @@ def dead_letter_marks(settings: Settings) -> str:
     return f"{settings.dead_letter_stream}:positions"
 
 
-# Adds a dead letter unless the command's position already has one that is still in the
-# dead-letter stream (or was dropped), and acknowledges the source entry, atomically: two
-# paths dead-lettering one command at once leave one entry between them. KEYS: dead-letter
-# stream, marks hash, event stream. ARGV: group, entry id to acknowledge ('' for none),
-# position ('' for an entry that carries none), then the fields, name and value in turn.
-_DEAD_LETTER_ONCE = """
-local position = ARGV[3]
-local known = false
-if position ~= '' then
-  known = redis.call('HGET', KEYS[2], position)
-end
-if known and (known == 'dropped' or #redis.call('XRANGE', KEYS[1], known, known) > 0) then
-  if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) end
-  return {0, known}
-end
-local id = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
-if position ~= '' then redis.call('HSET', KEYS[2], position, id) end
-if ARGV[2] ~= '' then redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) end
-return {1, id}
-"""
+# The mark of a position whose dead letter is in the dead-letter stream.
+_MARK_ADDED = "added"
+# Optimistic attempts: the transaction aborts only if another path changed the marks or the
+# dead-letter stream between the check and the add (both are written only on dead letters).
+_DEAD_LETTER_ATTEMPTS = 16
 
 
 async def dead_letter_once(
@@ -316,7 +301,9 @@ async def dead_letter_once(
     """Dead-letter one event (and acknowledge ``source_id`` if given), once per position.
 
     Returns False, adding nothing, when its command already has a dead letter still in the
-    stream or dropped (``dead_letter_marks``).
+    stream or dropped (``dead_letter_marks``). Check and add run under WATCH in one MULTI, so
+    two paths dead-lettering one command at once leave one entry between them; no script,
+    because an isolated stack's Redis user may not run scripts.
     """
     raw = fields.get("position", "")
     text_position = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
@@ -328,19 +315,25 @@ async def dead_letter_once(
         "dead_letter_deliveries": str(deliveries),
         "dead_letter_consumer": consumer,
     }
-    flat = [part for name, value in letter.items() for part in (name, value)]
-    added, _ = await redis.eval(  # type: ignore[misc]
-        _DEAD_LETTER_ONCE,
-        3,
-        settings.dead_letter_stream,
-        dead_letter_marks(settings),
-        settings.event_stream_name,
-        settings.consumer_group,
-        source_id,
-        position,
-        *flat,
-    )
-    return bool(added)
+    dead, marks = settings.dead_letter_stream, dead_letter_marks(settings)
+    for _ in range(_DEAD_LETTER_ATTEMPTS):
+        async with redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(marks, dead)
+                # Any mark (added or dropped) means: dead-lettered already.
+                present = bool(position) and await pipe.hexists(marks, position)
+                pipe.multi()
+                if not present:
+                    pipe.xadd(dead, letter)  # type: ignore[arg-type]
+                    if position:
+                        pipe.hset(marks, position, _MARK_ADDED)
+                if source_id:
+                    pipe.xack(settings.event_stream_name, settings.consumer_group, source_id)
+                await pipe.execute()
+            except WatchError:
+                continue
+        return not present
+    raise RedisError(f"dead letter not added: {_DEAD_LETTER_ATTEMPTS} attempts raced others")
 
 
 async def dead_letter(
