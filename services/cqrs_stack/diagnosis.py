@@ -169,12 +169,24 @@ class Bounds:
             settings.projector_catchup_interval,
         )
 
+    @classmethod
+    def defaults(cls) -> Bounds:
+        """The default bounds (Settings' defaults): for a reader without the stack's
+        configuration, such as the operator."""
+        fields = Settings.model_fields
+        return cls(
+            fields["projection_lag_target"].default,
+            fields["projector_stopped_after"].default,
+            fields["projector_catchup_interval"].default,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Judgement:
-    """The verdict and the cause, in words for people."""
+    """The verdict, the cause as one CamelCase word (a condition's reason) and in words."""
 
     verdict: Verdict
+    cause: str
     reason: str
 
 
@@ -197,6 +209,7 @@ class Diagnosis:
         stream["stopped_consumers"] = [c.name for c in self.stream.stopped]
         return {
             "verdict": self.judgement.verdict,
+            "cause": self.judgement.cause,
             "reason": self.judgement.reason,
             "checked_at": round(self.checked_at, 3),
             "redis_reachable": self.stream.reachable,
@@ -495,32 +508,40 @@ def judge(
     """ok, degraded (progress, but lag over the target) or stalled (no progress while there
     is work), naming the cause that matters most. Pure."""
     if read_db_refusal is not None:
-        return Judgement("stalled", f"read DB refusing: {read_db_refusal}")
+        return Judgement("stalled", "ReadDbRefusing", f"read DB refusing: {read_db_refusal}")
     if not health.reachable:
         return Judgement(
             "degraded",
+            "RedisUnreachable",
             f"Redis unreachable ({health.error}): the stream is not read; only the catch-up"
             f" sweep projects, every {bounds.catchup_interval:g} s",
         )
     work = health.lag_events
     if work and not health.reading(bounds.stopped_after):
-        return Judgement("stalled", f"no consumer reads the stream: {_backlog(health, bounds)}")
+        return Judgement(
+            "stalled",
+            "NoConsumerReading",
+            f"no consumer reads the stream: {_backlog(health, bounds)}",
+        )
     if work and no_progress_for is not None and no_progress_for > bounds.stopped_after:
         return Judgement(
-            "stalled", f"no progress for {no_progress_for:.0f} s: {_backlog(health, bounds)}"
+            "stalled",
+            "NoProgress",
+            f"no progress for {no_progress_for:.0f} s: {_backlog(health, bounds)}",
         )
     if health.stopped:
-        return Judgement("degraded", _stopped_text(health.stopped))
+        return Judgement("degraded", "ConsumerStopped", _stopped_text(health.stopped))
     if health.lag_seconds > bounds.lag_target:
         return Judgement(
             "degraded",
+            "LagOverTarget",
             f"lag {health.lag_seconds:.0f} s over the target {bounds.lag_target:g} s:"
             f" {_backlog(health, bounds)}",
         )
     sweep = _sweep_trouble(catch_up, bounds)
     if sweep is not None:
-        return Judgement("degraded", sweep)
-    return Judgement("ok", "projection keeps up")
+        return Judgement("degraded", *sweep)
+    return Judgement("ok", "KeepsUp", "projection keeps up")
 
 
 def _backlog(health: StreamHealth, bounds: Bounds) -> str:
@@ -545,16 +566,19 @@ def _stopped_text(consumers: Sequence[ConsumerHealth]) -> str:
     return f"consumer stopped reading: {named}"
 
 
-def _sweep_trouble(catch_up: CatchUpHealth | None, bounds: Bounds) -> str | None:
-    if catch_up is None or not catch_up.available:
-        return None if catch_up is None else f"catch-up sweep not read: {catch_up.error}"
+def _sweep_trouble(catch_up: CatchUpHealth | None, bounds: Bounds) -> tuple[str, str] | None:
+    if catch_up is None:
+        return None
+    if not catch_up.available:
+        return "SweepUnreadable", f"catch-up sweep not read: {catch_up.error}"
     age = catch_up.age_seconds
     if age is None or age <= bounds.lag_target:
         return None
     if catch_up.pinned_by:
-        return "catch-up watermark pinned by write-DB " + catch_up.pinned_by[0].describe()
+        pin = catch_up.pinned_by[0].describe()
+        return "WatermarkPinned", f"catch-up watermark pinned by write-DB {pin}"
     if (catch_up.swept_seconds_ago or 0) > bounds.lag_target + bounds.catchup_interval:
-        return f"catch-up sweep last ran {catch_up.swept_seconds_ago:.0f} s ago"
+        return "SweepNotRunning", f"catch-up sweep last ran {catch_up.swept_seconds_ago:.0f} s ago"
     return None
 
 
