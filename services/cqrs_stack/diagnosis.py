@@ -266,8 +266,16 @@ async def _read_stream(redis: Redis, stream: str, group: str, stopped_after: flo
     pending = int(info.get("pending") or 0)
     lag = info.get("lag")
     last_delivered = _text(info.get("last-delivered-id") or "0-0")
-    # Redis 6.2 does not report lag; it is then counted from the last delivered id.
-    undelivered = int(lag) if lag is not None else await _count_after(redis, stream, last_delivered)
+    first_undelivered = None
+    if lag is None:
+        # Unknown to Redis (6.2, or 7 after XGROUP SETID or deletions): counting would read
+        # every entry after the last delivered one, so one entry there counts as "at least 1".
+        first_undelivered = await _first_after(redis, stream, last_delivered)
+        undelivered = 0 if first_undelivered is None else 1
+    else:
+        undelivered = int(lag)
+        if undelivered:
+            first_undelivered = await _first_after(redis, stream, last_delivered)
     consumers = await _consumers(redis, stream, group, stopped_after, now)
     oldest = min(
         (c.oldest_pending for c in consumers if c.oldest_pending is not None),
@@ -276,7 +284,6 @@ async def _read_stream(redis: Redis, stream: str, group: str, stopped_after: flo
     )
     if pending and oldest is None:  # more consumers than examined: the group's own minimum
         oldest = await _oldest_pending(redis, stream, group, None, now)
-    first_undelivered = await _first_after(redis, stream, last_delivered) if undelivered else None
     ages = [entry_age(i, now) for i in (first_undelivered,) if i is not None]
     if oldest is not None:
         ages.append(oldest.age_seconds)
@@ -340,12 +347,6 @@ async def _oldest_pending(
 async def _first_after(redis: Redis, stream: str, entry_id: str) -> str | None:
     rows: Any = await redis.xrange(stream, min=f"({entry_id}", max="+", count=1)
     return _text(rows[0][0]) if rows else None
-
-
-async def _count_after(redis: Redis, stream: str, entry_id: str) -> int:
-    # Only for Redis 6.2: bounded by one page, which is enough to say "behind".
-    rows: Any = await redis.xrange(stream, min=f"({entry_id}", max="+", count=10_000)
-    return len(rows)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
