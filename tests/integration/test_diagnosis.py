@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from cqrs_stack import diagnosis
 from cqrs_stack.config import Settings, plain_database_url
 from cqrs_stack.db import create_engine
-from cqrs_stack.localservers import RedisServer
+from cqrs_stack.localservers import PostgresServer, RedisServer
 from cqrs_stack.stream import ensure_group
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_guarantees import write_many
@@ -103,14 +103,18 @@ async def test_a_transaction_pinning_the_watermark_is_named_until_it_commits(
             async def gauged() -> bool:
                 body = (await client.get(f"{projector.url}/metrics")).text
                 gauges = _gauges(body)
-                return len(gauges) == len(GAUGES) and (
-                    gauges["cqrs_catchup_watermark_age_seconds"] >= 1.0
+                return (
+                    len(gauges) == len(GAUGES)
+                    and gauges["cqrs_catchup_watermark_age_seconds"] >= 1.0
+                    and gauges["cqrs_dead_letters"] == 1
                 )
 
+            await stack.redis.xadd(settings.dead_letter_stream, {"dead_letter_reason": "x"})
             await wait_until(gauged, 10, "the projector's gauges")
             gauges = _gauges((await client.get(f"{projector.url}/metrics")).text)
             assert gauges["cqrs_projection_lag_events"] == 0
-            assert gauges["cqrs_dead_letters"] == 0
+            assert 0 <= gauges["cqrs_oldest_dead_letter_seconds"] < 60
+            assert gauges["cqrs_projection_lag_seconds"] == 0
         await holder.execute("COMMIT")
 
         async def cleared() -> bool:
@@ -198,6 +202,39 @@ async def test_a_read_db_refusing_is_named_without_its_credentials(stack: Stack)
     assert found.judgement.reason == "read DB refusing: InvalidPasswordError (SQLSTATE 28P01)"
     assert not found.catch_up.available
     assert wrong not in json.dumps(found.as_dict())
+
+
+async def test_stats_names_a_read_db_that_stops_accepting_connections(
+    stack: Stack, read_pg: PostgresServer
+) -> None:
+    """A running read API whose read DB stops accepting connections: /stats answers 503 and
+    its detail.health names the refusal; once allowed again /stats answers 200 with health."""
+    api = await stack.launch("read-api")
+    database = stack.settings.read_db_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(plain_database_url(read_pg.url()))
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+        )
+        async with httpx.AsyncClient(timeout=20) as client:
+            answer = await client.get(f"{api.url}/stats")
+            assert answer.status_code == 503, answer.text
+            health = answer.json()["detail"]["health"]
+            assert health["verdict"] == "stalled"
+            assert health["read_db_error"].endswith("(SQLSTATE 55000)")
+            assert health["reason"] == f"read DB refusing: {health['read_db_error']}"
+            assert read_pg.password not in answer.text
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+
+            async def served() -> bool:
+                return (await client.get(f"{api.url}/stats")).status_code == 200
+
+            await wait_until(served, 20, "/stats to answer again")
+            assert (await client.get(f"{api.url}/stats")).json()["health"]["read_db_error"] is None
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
 
 
 async def test_dead_letters_are_counted_with_the_oldest_age(stack: Stack) -> None:
