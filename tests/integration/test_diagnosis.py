@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -161,6 +162,39 @@ async def test_a_consumer_that_read_and_never_acks_is_named_with_its_entries(
     )
     assert ids[0] in found.judgement.reason
     assert found.as_dict()["stream"]["stopped_consumers"] == ["ghost"]
+
+
+async def test_a_stopped_projector_is_named_and_clears_when_it_resumes(stack: Stack) -> None:
+    """SIGSTOP the only projector: writes wait undelivered, and one bound past its last read
+    the verdict is stalled naming that nobody reads; SIGCONT and it catches up to ok."""
+    stack.env["PROJECTOR_STOPPED_AFTER"] = "1"
+    settings = _settings(stack, projector_stopped_after=1.0)
+    api = await stack.launch("api")
+    projector = await stack.launch("projector")
+    await write_many(api.url, 5, prefix="before")
+    await stack.assert_converges()
+    projector.process.send_signal(signal.SIGSTOP)
+    try:
+        await write_many(api.url, 7, prefix="during")
+
+        async def stalled() -> bool:
+            return (await _diagnose(stack, settings)).judgement.cause == "NoConsumerReading"
+
+        await wait_until(stalled, 15, "the stopped projector to count as not reading")
+        found = await _diagnose(stack, settings)
+        assert found.judgement.verdict == "stalled"
+        assert found.stream.undelivered == 7
+        assert found.judgement.reason.startswith(
+            "no consumer reads the stream: 7 entries not acknowledged (7 undelivered)"
+        )
+        assert all(c.idle_seconds > 1.0 for c in found.stream.consumers)
+    finally:
+        projector.process.send_signal(signal.SIGCONT)
+
+    async def recovered() -> bool:
+        return (await _diagnose(stack, settings)).judgement.verdict == "ok"
+
+    await wait_until(recovered, 15, "the verdict back to ok")
 
 
 async def test_redis_down_is_named_in_the_diagnosis_and_status(
