@@ -477,7 +477,8 @@ def _redis(url: str, ca_pem: str | None = None, admin: AdminLogin | None = None)
     )
 
 
-# What the services send to Redis (cqrs_stack.stream and the health checks), nothing more.
+# What the services send to Redis (cqrs_stack.stream, the health checks and diagnosis: XRANGE
+# reads the first undelivered and the oldest dead entry), nothing more.
 # MULTI/EXEC: redis-py's transactional pipelines. No SELECT: key patterns hold in every
 # logical database, so an isolated stack stays in database 0 (reconcile.check_isolated_database).
 # No EVAL: a script runs to completion on the shared server (a loop blocks every stack's
@@ -494,6 +495,7 @@ REDIS_COMMANDS = (
     "xinfo",
     "xlen",
     "xpending",
+    "xrange",
     "xreadgroup",
 )
 

@@ -3,8 +3,13 @@ and a real stream (no projector pod runs here: entries added stay undelivered)."
 
 from __future__ import annotations
 
+import uuid
+from typing import Any
+
 from redis.asyncio import Redis
 
+from cqrs_operator.provisioning import acl_rules
+from cqrs_stack import diagnosis
 from tests.operator.fixtures_operator import Env
 
 
@@ -48,3 +53,36 @@ async def test_projection_stalled_while_nobody_reads_then_false_once_consumed(en
         assert _conditions(obj)["ProjectionDegraded"]["reason"] == "KeepsUp"
     finally:
         await redis.aclose()
+
+
+async def test_the_stacks_redis_acl_user_may_read_the_diagnosis(redis_server: Any) -> None:
+    """The pods of an isolated stack log in as its ACL user: every command of the health
+    reading (and of dead letters) is among the user's, on its stream's keys."""
+    stream = f"acl-diag-{uuid.uuid4().hex[:8]}"
+    admin = Redis.from_url(redis_server.url)
+    user = f"u-{stream}"
+    password = "diagnosis-pass-1"
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", user, *acl_rules(stream, [password], set(), exact=True)
+        )
+        await admin.xgroup_create(stream, "projectors", id="0", mkstream=True)
+        await admin.xadd(stream, {"type": "RecordCreated"})
+        await admin.xadd(f"{stream}:dead", {"dead_letter_reason": "x"})
+        await admin.xreadgroup("projectors", "p-1", {stream: ">"}, count=1)
+        await admin.xadd(stream, {"type": "RecordCreated"})
+        host = redis_server.url.split("://", 1)[1]
+        pods = Redis.from_url(f"redis://{user}:{password}@{host}")
+        try:
+            health = await diagnosis.read_stream(pods, stream, "projectors", 30.0, 5.0)
+            dead = await diagnosis.read_dead_letters(pods, f"{stream}:dead", 5.0)
+        finally:
+            await pods.aclose()
+        assert health.reachable, health.error
+        assert (health.pending, health.undelivered) == (1, 1)
+        assert health.consumers[0].oldest_pending is not None
+        assert dead is not None and dead.count == 1
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.delete(stream, f"{stream}:dead")
+        await admin.aclose()
