@@ -662,15 +662,14 @@ async def ensure_stream(
 
 
 async def stream_health(
-    url: str, stream: str, group: str, ca_pem: str | None = None
+    url: str, stream: str, group: str, stopped_after: float, ca_pem: str | None = None
 ) -> diagnosis.StreamHealth:
     """The consumer group's health (cqrs_stack.diagnosis): its lag (pending plus
-    undelivered), consumers and oldest pending entry."""
+    undelivered), consumers (stopped: idle past ``stopped_after`` holding entries) and
+    oldest pending entry."""
     redis = _redis(url, ca_pem)
     try:
-        found = await diagnosis.read_stream(
-            redis, stream, group, diagnosis.Bounds.defaults().stopped_after, CONNECT_TIMEOUT
-        )
+        found = await diagnosis.read_stream(redis, stream, group, stopped_after, CONNECT_TIMEOUT)
     finally:
         await redis.aclose()
     if not found.reachable:

@@ -34,6 +34,10 @@ from .spec import CaBundle, Database, SpecError, StackSpec, check_redis_url, rec
 
 log = logging.getLogger(__name__)
 
+# The bounds of ProjectionStalled/ProjectionDegraded: the services' PROJECTION_LAG_TARGET and
+# PROJECTOR_STOPPED_AFTER (same names, bounds and defaults), from the operator's environment.
+BOUNDS = diagnosis.Bounds.from_environ()
+
 Adopt = Callable[[dict[str, Any]], None]
 
 # The label an admin Secret must carry before the operator sends its credentials anywhere.
@@ -887,7 +891,7 @@ def _report_projection(
         return
     previous = (current_status.get("projector") or {}).get("progress")
     progress, still_for = diagnosis.progress_since(previous, health, time.time())
-    judgement = diagnosis.judge(health, None, None, diagnosis.Bounds.defaults(), still_for)
+    judgement = diagnosis.judge(health, None, None, BOUNDS, still_for)
     out.conditions += status.projection_conditions(judgement)
     projector = out.extra.setdefault("projector", {})
     projector["health"] = status.projection_health(health, judgement)
@@ -1214,7 +1218,7 @@ async def _stream(
                 )
             )
         health = await provisioning.stream_health(
-            url, spec.stream_name, spec.consumer_group, redis.ca_pem
+            url, spec.stream_name, spec.consumer_group, BOUNDS.stopped_after, redis.ca_pem
         )
     except OwnershipRefused as exc:
         out.fail(status.STREAM, exc)

@@ -16,11 +16,13 @@ readings over time, how long nothing moved) into ok / degraded / stalled with a 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from sqlalchemy import text
@@ -170,15 +172,26 @@ class Bounds:
         )
 
     @classmethod
-    def defaults(cls) -> Bounds:
-        """The default bounds (Settings' defaults): for a reader without the stack's
-        configuration, such as the operator."""
-        fields = Settings.model_fields
-        return cls(
-            fields["projection_lag_target"].default,
-            fields["projector_stopped_after"].default,
-            fields["projector_catchup_interval"].default,
-        )
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Bounds:
+        """The bounds from the variables of the same names (Settings' bounds and defaults)
+        alone: for a reader without the stack's whole configuration, such as the operator."""
+        environ = os.environ if environ is None else environ
+        values = []
+        for name in (
+            "projection_lag_target",
+            "projector_stopped_after",
+            "projector_catchup_interval",
+        ):
+            info = Settings.model_fields[name]
+            given = environ.get(name.upper())
+            if given is None:
+                values.append(float(info.default))
+                continue
+            try:
+                values.append(TypeAdapter(Annotated[float, *info.metadata]).validate_python(given))
+            except ValidationError as exc:
+                raise ValueError(f"{name.upper()}: {exc.errors()[0]['msg']}") from None
+        return cls(*values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,7 +531,10 @@ def judge(
             f" sweep projects, every {bounds.catchup_interval:g} s",
         )
     work = health.lag_events
-    if work and not health.reading(bounds.stopped_after):
+    # Work waiting longer than the bound, and nobody read within it: an entry only just added
+    # (a live consumer is between two reads) is not yet a sign.
+    waiting = work and health.lag_seconds > bounds.stopped_after
+    if waiting and not health.reading(bounds.stopped_after):
         return Judgement(
             "stalled",
             "NoConsumerReading",

@@ -323,6 +323,8 @@ class Operator:
             "CQRS_OPERATOR_STATUS_INTERVAL": "2",
             "CQRS_OPERATOR_RETRY_DELAY": "1",
             "CQRS_OPERATOR_DELETE_TIMEOUT": "10",
+            # ProjectionStalled within seconds (the bound at its minimum).
+            "PROJECTOR_STOPPED_AFTER": "1",
         }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(

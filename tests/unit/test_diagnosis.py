@@ -3,6 +3,8 @@ operator's conditions from it."""
 
 from __future__ import annotations
 
+import pytest
+
 from cqrs_operator import status
 from cqrs_stack.diagnosis import (
     Bounds,
@@ -41,12 +43,20 @@ def test_a_consumer_idle_exactly_the_bound_still_reads_and_one_past_it_stopped()
     assert not stopped(10.0, 3, 10.0)
     assert stopped(10.001, 3, 10.0)
     assert not stopped(1000.0, 0, 10.0)  # holds nothing: merely a past consumer name
-    at_bound = judge(_stream(idle=10.0), None, None, BOUNDS)
+    at_bound = judge(_stream(idle=10.0, lag=20.0), None, None, BOUNDS)
     assert at_bound.verdict == "ok", at_bound
-    past = judge(_stream(idle=10.001), None, None, BOUNDS)
+    past = judge(_stream(idle=10.001, lag=20.0), None, None, BOUNDS)
     assert (past.verdict, past.cause) == ("stalled", "NoConsumerReading")
     assert "'p-1' idle 10 s holding 3 pending" in past.reason
     assert "oldest pending 1000-0 (40 s old, consumer 'p-1', 2 deliveries)" in past.reason
+
+
+def test_work_waiting_exactly_the_bound_is_not_yet_stalled_and_one_past_it_is() -> None:
+    """An entry only just added while every consumer is between reads is no sign yet."""
+    young = judge(_stream(idle=60.0, pending=0, undelivered=2, lag=10.0), None, None, BOUNDS)
+    assert young.verdict == "ok", young
+    old = judge(_stream(idle=60.0, pending=0, undelivered=2, lag=10.001), None, None, BOUNDS)
+    assert (old.verdict, old.cause) == ("stalled", "NoConsumerReading")
 
 
 def test_lag_at_the_target_is_ok_and_past_it_degraded() -> None:
@@ -99,7 +109,7 @@ def test_entry_age_from_the_id_timestamp() -> None:
 
 
 def test_operator_conditions_from_the_verdict() -> None:
-    stuck = judge(_stream(idle=60.0), None, None, BOUNDS)
+    stuck = judge(_stream(idle=60.0, lag=20.0), None, None, BOUNDS)
     stalled, degraded = status.projection_conditions(stuck)
     assert (stalled.type, stalled.status, stalled.reason) == (
         "ProjectionStalled",
@@ -120,3 +130,10 @@ def test_operator_conditions_from_the_verdict() -> None:
     ready = {c["type"]: c for c in merged["conditions"]}["Ready"]
     assert ready["status"] == "False"  # the other parts missing here, not the projection
     assert "Projection" not in ready["message"]
+
+
+def test_bounds_from_the_environment_keep_the_settings_bounds() -> None:
+    assert Bounds.from_environ({}) == Bounds(30.0, 30.0, 2.0)
+    assert Bounds.from_environ({"PROJECTOR_STOPPED_AFTER": "1"}).stopped_after == 1.0
+    with pytest.raises(ValueError, match="PROJECTOR_STOPPED_AFTER"):
+        Bounds.from_environ({"PROJECTOR_STOPPED_AFTER": "0.5"})  # below its minimum of 1
