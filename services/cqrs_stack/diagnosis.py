@@ -218,6 +218,10 @@ class Diagnosis:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the verdict and reason first, then every reading."""
         stream = asdict(self.stream)
+        # A group keeps the name of every consumer that ever read (each restarted pod adds
+        # one): the answer lists those that matter most (holding entries, then most recent).
+        stream["consumers"] = stream["consumers"][:MAX_CONSUMERS_EXAMINED]
+        stream["consumers_total"] = len(self.stream.consumers)
         stream["lag_events"] = self.stream.lag_events
         stream["stopped_consumers"] = [c.name for c in self.stream.stopped]
         return {
@@ -645,7 +649,7 @@ def describe(found: Diagnosis) -> list[str]:
         lines.append(f"  Redis unreachable ({stream.error})")
     if found.read_db_error:
         lines.append(f"  read DB refusing: {found.read_db_error}")
-    for consumer in stream.consumers:
+    for consumer in stream.consumers[:MAX_CONSUMERS_EXAMINED]:
         oldest = consumer.oldest_pending
         held = (
             f", oldest pending {oldest.entry_id} ({oldest.age_seconds:.1f} s old,"
@@ -658,6 +662,9 @@ def describe(found: Diagnosis) -> list[str]:
             f"  consumer {consumer.name}: {consumer.pending} pending, idle"
             f" {consumer.idle_seconds:.1f} s{held}{mark}"
         )
+    if len(stream.consumers) > MAX_CONSUMERS_EXAMINED:
+        more = len(stream.consumers) - MAX_CONSUMERS_EXAMINED
+        lines.append(f"  ... and {more} more consumers (idle longer or holding fewer entries)")
     sweep = found.catch_up
     if not sweep.available:
         lines.append(f"  catch-up sweep: not read ({sweep.error})")
