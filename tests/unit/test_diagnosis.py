@@ -10,9 +10,11 @@ from cqrs_stack.diagnosis import (
     Bounds,
     CatchUpHealth,
     ConsumerHealth,
+    Diagnosis,
     PendingEntry,
     PinningTransaction,
     StreamHealth,
+    describe,
     entry_age,
     judge,
     progress_since,
@@ -137,3 +139,27 @@ def test_bounds_from_the_environment_keep_the_settings_bounds() -> None:
     assert Bounds.from_environ({"PROJECTOR_STOPPED_AFTER": "1"}).stopped_after == 1.0
     with pytest.raises(ValueError, match="PROJECTOR_STOPPED_AFTER"):
         Bounds.from_environ({"PROJECTOR_STOPPED_AFTER": "0.5"})  # below its minimum of 1
+
+
+def test_the_answer_lists_at_most_32_consumers_of_the_group() -> None:
+    many = tuple(ConsumerHealth(f"c-{i}", 0, float(i), None, False) for i in range(33))
+    health = StreamHealth(reachable=True, group_exists=True, consumers=many)
+    found = Diagnosis(
+        0.0, health, None, CatchUpHealth(available=True), None, judge(health, None, None, BOUNDS)
+    )
+    answer = found.as_dict()["stream"]
+    assert len(answer["consumers"]) == 32 and answer["consumers_total"] == 33
+    assert "... and 1 more consumers" in describe(found)[-1]
+    assert (
+        len(
+            Diagnosis(
+                0.0,
+                StreamHealth(True, consumers=many[:32]),
+                None,
+                CatchUpHealth(True),
+                None,
+                found.judgement,
+            ).as_dict()["stream"]["consumers"]
+        )
+        == 32
+    )
