@@ -294,13 +294,8 @@ async def _read_stream(redis: Redis, stream: str, group: str, stopped_after: flo
         if undelivered:
             first_undelivered = await _first_after(redis, stream, last_delivered)
     consumers = await _consumers(redis, stream, group, stopped_after, now)
-    oldest = min(
-        (c.oldest_pending for c in consumers if c.oldest_pending is not None),
-        key=lambda e: _id_key(e.entry_id),
-        default=None,
-    )
-    if pending and oldest is None:  # more consumers than examined: the group's own minimum
-        oldest = await _oldest_pending(redis, stream, group, None, now)
+    # The group's own lowest pending id (whichever consumer holds it, examined or not).
+    oldest = await _oldest_pending(redis, stream, group, None, now) if pending else None
     ages = [entry_age(i, now) for i in (first_undelivered,) if i is not None]
     if oldest is not None:
         ages.append(oldest.age_seconds)
@@ -364,11 +359,6 @@ async def _oldest_pending(
 async def _first_after(redis: Redis, stream: str, entry_id: str) -> str | None:
     rows: Any = await redis.xrange(stream, min=f"({entry_id}", max="+", count=1)
     return _text(rows[0][0]) if rows else None
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    millis, _, seq = entry_id.partition("-")
-    return int(millis), int(seq or 0)
 
 
 async def read_dead_letters(redis: Redis, dead_stream: str, within: float) -> DeadLetters | None:
