@@ -415,6 +415,29 @@ async def read_schema_version(db: Database, role: str, password: str, tls: Tls =
         await engine.dispose()
 
 
+async def catch_up_health(
+    write_db: Database, read_db: Database, role: str, password: str, tls: Tls = None
+) -> diagnosis.CatchUpHealth:
+    """The catch-up sweep's watermark and the write-DB transactions pinning it
+    (cqrs_stack.diagnosis), read as the stack's role: its own sessions are named in full,
+    another role's by xid (pg_stat_activity hides the rest of them)."""
+    settings = Settings(db_pool_min_size=1, db_pool_max_size=1)
+    engines = [
+        create_engine(
+            database_url(db.host, db.port, db.name, role, password),
+            settings,
+            application_name="cqrs-stack-operator",
+            ssl=tls,
+        )
+        for db in (write_db, read_db)
+    ]
+    try:
+        return await diagnosis.read_catch_up(*engines)
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
 async def drop_owned(
     dbs: list[tuple[Database, AdminLogin]], role: str, uid: str, tls: Tls = None
 ) -> tuple[list[str], list[str]]:

@@ -872,14 +872,20 @@ async def reconcile(
     except ProvisioningError as exc:
         out.fail(status.AVAILABLE, exc)
     _report_rotation(out, creds)
-    _report_projection(out, health, current_status)
+    await _report_projection(out, api, spec, creds, health, current_status)
     return out
 
 
-def _report_projection(
-    out: Outcome, health: diagnosis.StreamHealth | None, current_status: Mapping[str, Any]
+async def _report_projection(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    creds: Credentials,
+    health: diagnosis.StreamHealth | None,
+    current_status: Mapping[str, Any],
 ) -> None:
-    """ProjectionStalled/ProjectionDegraded and status.projector.health from the group.
+    """ProjectionStalled/ProjectionDegraded and status.projector.health from the group and,
+    when the databases answered this reconcile, the catch-up sweep's watermark.
 
     "No progress" takes two readings over time: the last marker and since when it holds
     are kept in status.projector.progress, so an operator restart keeps them.
@@ -889,12 +895,20 @@ def _report_projection(
         why = f"{stream.reason}: {stream.message}" if stream is not None else ""
         out.conditions += status.projection_conditions(None, why)
         return
+    catch_up = None
+    databases = next((c for c in out.conditions if c.type == status.DATABASES), None)
+    if databases is not None and databases.status and creds.current is not None:
+        tls = await database_tls(api, spec)
+        me = creds.current
+        catch_up = await provisioning.catch_up_health(
+            spec.write_db, spec.read_db, me.username, me.password, tls
+        )
     previous = (current_status.get("projector") or {}).get("progress")
     progress, still_for = diagnosis.progress_since(previous, health, time.time())
-    judgement = diagnosis.judge(health, None, None, BOUNDS, still_for)
+    judgement = diagnosis.judge(health, catch_up, None, BOUNDS, still_for)
     out.conditions += status.projection_conditions(judgement)
     projector = out.extra.setdefault("projector", {})
-    projector["health"] = status.projection_health(health, judgement)
+    projector["health"] = status.projection_health(health, judgement, catch_up)
     projector["progress"] = progress
 
 

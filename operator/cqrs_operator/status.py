@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import PERMANENT_REASONS
 
 if TYPE_CHECKING:
-    from cqrs_stack.diagnosis import Judgement, StreamHealth
+    from cqrs_stack.diagnosis import CatchUpHealth, Judgement, StreamHealth
 
 DATABASES = "DatabasesReady"
 MIGRATIONS = "MigrationsApplied"
@@ -269,10 +269,29 @@ def projection_conditions(judgement: Judgement | None, why_unknown: str = "") ->
     ]
 
 
-def projection_health(health: StreamHealth, judgement: Judgement) -> dict[str, Any]:
-    """status.projector.health: the verdict and the group's figures behind it."""
+def projection_health(
+    health: StreamHealth, judgement: Judgement, catch_up: CatchUpHealth | None = None
+) -> dict[str, Any]:
+    """status.projector.health: the verdict and the group's (and sweep's) figures behind it."""
     oldest = health.oldest_pending
+    sweep = None
+    if catch_up is not None and catch_up.available:
+        sweep = {
+            "watermark": None if catch_up.watermark is None else str(catch_up.watermark),
+            "ageSeconds": catch_up.age_seconds,
+            "pinnedBy": [
+                {
+                    "xid": str(pin.xid),
+                    "pid": pin.pid,
+                    "applicationName": pin.application_name,
+                    "state": pin.state,
+                    "openSeconds": pin.open_seconds,
+                }
+                for pin in catch_up.pinned_by
+            ],
+        }
     return {
+        "catchUp": sweep,
         "verdict": judgement.verdict,
         "reason": judgement.reason,
         "lagEvents": health.lag_events,

@@ -919,8 +919,35 @@ class OldestPending(Model):
     deliveries: int = Field(description="times it was delivered")
 
 
+class PinningTransaction(Model):
+    """A write-DB transaction the sweep passed while open, still open."""
+
+    xid: str = Field(description="its transaction id (xid8)")
+    pid: int | None = Field(default=None, description="its backend's pid (None: another role's)")
+    application_name: str | None = Field(default=None, description="its application_name")
+    state: str | None = Field(default=None, description="e.g. idle in transaction")
+    open_seconds: float | None = Field(default=None, description="seconds since it began")
+
+
+class CatchUpStatus(Model):
+    """The catch-up sweep's watermark and what pins it."""
+
+    watermark: str | None = Field(default=None, description="lowest watermark over the models")
+    age_seconds: float | None = Field(
+        default=None,
+        description="the longer of the time since the last sweep and the oldest pin's age",
+    )
+    pinned_by: list[PinningTransaction] | None = Field(
+        default=None, description="write-DB transactions pinning the watermark, oldest first"
+    )
+
+
 class ProjectionHealth(Model):
     """Why the projection is behind, as the operator last read the consumer group."""
+
+    catch_up: CatchUpStatus | None = Field(
+        default=None, description="the catch-up sweep (when the databases answered)"
+    )
 
     verdict: Literal["ok", "degraded", "stalled", "unknown"] = Field(
         description="ok, degraded (progress, but lag over the target), stalled (no progress"

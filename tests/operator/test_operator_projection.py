@@ -3,9 +3,12 @@ and a real stream (no projector pod runs here: entries added stay undelivered)."
 
 from __future__ import annotations
 
+import base64
 import uuid
 from typing import Any
 
+import asyncpg
+from kubernetes_asyncio import client
 from redis.asyncio import Redis
 
 from cqrs_operator.provisioning import acl_rules
@@ -86,3 +89,57 @@ async def test_the_stacks_redis_acl_user_may_read_the_diagnosis(redis_server: An
         await admin.execute_command("ACL", "DELUSER", user)
         await admin.delete(stream, f"{stream}:dead")
         await admin.aclose()
+
+
+async def test_a_transaction_pinning_the_watermark_is_named_in_the_stacks_status(env: Env) -> None:
+    """The sweep's state says it passed an open write-DB transaction (as a projector's sweep
+    records it: no projector pod runs here); a session of the stack's role holds that
+    transaction idle: ProjectionDegraded names its xid, pid, application and state, and
+    status.projector.health.catchUp lists it; once it commits, the pin is gone (and with no
+    projector sweeping, the cause becomes the sweep that does not run)."""
+    await env.stacks.create(env.manifest("pin"))
+    await env.stacks.wait_ready("pin", env.operator)
+    secret = await client.CoreV1Api(env.api).read_namespaced_secret(
+        "pin-credentials", env.namespace
+    )
+    urls = {k: base64.b64decode(v).decode() for k, v in secret.data.items()}
+    holder = await asyncpg.connect(
+        urls["WRITE_DB_URL"], server_settings={"application_name": "psql"}
+    )
+    reader = await asyncpg.connect(urls["READ_DB_URL"])
+    try:
+        await holder.execute("BEGIN")
+        xid = await holder.fetchval("SELECT pg_current_xact_id()::text")
+        pid = await holder.fetchval("SELECT pg_backend_pid()")
+        await reader.execute(
+            "UPDATE projector_catchup SET watermark = $1::text::xid8, cursor_txid = $2::text::xid8,"
+            " swept_at = now() + interval '1 hour' WHERE model = 'records'",
+            xid,
+            str(int(xid) + 1),
+        )
+        await reader.execute(
+            "INSERT INTO projector_catchup_pending (model, txid)"
+            " VALUES ('records', $1::text::xid8)",
+            xid,
+        )
+        obj = await env.stacks.wait_condition(
+            "pin", "ProjectionDegraded", "True", "WatermarkPinned", env.operator
+        )
+        message = _conditions(obj)["ProjectionDegraded"]["message"]
+        assert message.startswith(
+            f"catch-up watermark pinned by write-DB transaction {xid} (pid {pid}, app 'psql',"
+            " idle in transaction for "
+        ), message
+        pin = obj["status"]["projector"]["health"]["catchUp"]["pinnedBy"][0]
+        assert (pin["xid"], pin["pid"], pin["applicationName"]) == (xid, pid, "psql")
+        assert pin["state"] == "idle in transaction" and pin["openSeconds"] >= 1
+        assert _conditions(obj)["Ready"]["status"] == "True"
+        await holder.execute("COMMIT")
+        await reader.execute("UPDATE projector_catchup SET swept_at = now() - interval '1 hour'")
+        obj = await env.stacks.wait_condition(
+            "pin", "ProjectionDegraded", "True", "SweepNotRunning", env.operator
+        )
+        assert obj["status"]["projector"]["health"]["catchUp"]["pinnedBy"] == []
+    finally:
+        await holder.close()
+        await reader.close()
