@@ -24,10 +24,11 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cqrs_stack import diagnosis
 from cqrs_stack.config import Settings, redact_url
 from cqrs_stack.db import create_engine
 from cqrs_stack.migrations import schema_version
-from cqrs_stack.stream import ensure_group, group_info
+from cqrs_stack.stream import ensure_group
 
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
@@ -414,6 +415,29 @@ async def read_schema_version(db: Database, role: str, password: str, tls: Tls =
         await engine.dispose()
 
 
+async def catch_up_health(
+    write_db: Database, read_db: Database, role: str, password: str, tls: Tls = None
+) -> diagnosis.CatchUpHealth:
+    """The catch-up sweep's watermark and the write-DB transactions pinning it
+    (cqrs_stack.diagnosis), read as the stack's role: its own sessions are named in full,
+    another role's by xid (pg_stat_activity hides the rest of them)."""
+    settings = Settings(db_pool_min_size=1, db_pool_max_size=1)
+    engines = [
+        create_engine(
+            database_url(db.host, db.port, db.name, role, password),
+            settings,
+            application_name="cqrs-stack-operator",
+            ssl=tls,
+        )
+        for db in (write_db, read_db)
+    ]
+    try:
+        return await diagnosis.read_catch_up(*engines)
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
 async def drop_owned(
     dbs: list[tuple[Database, AdminLogin]], role: str, uid: str, tls: Tls = None
 ) -> tuple[list[str], list[str]]:
@@ -476,7 +500,8 @@ def _redis(url: str, ca_pem: str | None = None, admin: AdminLogin | None = None)
     )
 
 
-# What the services send to Redis (cqrs_stack.stream and the health checks), nothing more.
+# What the services send to Redis (cqrs_stack.stream, the health checks and diagnosis: XRANGE
+# reads the first undelivered and the oldest dead entry), nothing more.
 # MULTI/EXEC: redis-py's transactional pipelines. No SELECT: key patterns hold in every
 # logical database, so an isolated stack stays in database 0 (reconcile.check_isolated_database).
 # No EVAL: a script runs to completion on the shared server (a loop blocks every stack's
@@ -494,8 +519,8 @@ REDIS_COMMANDS = (
     "xlen",
     "xpending",
     "xreadgroup",
-    # cqrs-stack dlq (and kubectl cqrs dlq, with the pods' login): read, age and remove dead
-    # letters.
+    # The projector's diagnosis (the oldest entry's age) and cqrs-stack dlq (and kubectl cqrs
+    # dlq, with the pods' login): read, age and remove dead letters.
     "xrange",
     "xrevrange",
     "xdel",
@@ -672,18 +697,22 @@ async def ensure_stream(
         await redis.aclose()
 
 
-async def stream_lag(url: str, stream: str, group: str, ca_pem: str | None = None) -> int:
-    """Entries of ``stream`` not yet acknowledged by ``group``: pending plus undelivered."""
+async def stream_health(
+    url: str, stream: str, group: str, stopped_after: float, ca_pem: str | None = None
+) -> diagnosis.StreamHealth:
+    """The consumer group's health (cqrs_stack.diagnosis): its lag (pending plus
+    undelivered), consumers (stopped: idle past ``stopped_after`` holding entries) and
+    oldest pending entry."""
     redis = _redis(url, ca_pem)
     try:
-        info = await group_info(redis, stream, group)
-        return int(info["pending"]) + int(info["undelivered"])
-    except (RedisError, OSError) as exc:
-        raise ProvisioningError(
-            "RedisUnreachable", f"cannot read stream {stream} at {redact_url(url)}: {exc}"
-        ) from exc
+        found = await diagnosis.read_stream(redis, stream, group, stopped_after, CONNECT_TIMEOUT)
     finally:
         await redis.aclose()
+    if not found.reachable:
+        raise ProvisioningError(
+            "RedisUnreachable", f"cannot read stream {stream} at {redact_url(url)}: {found.error}"
+        )
+    return found
 
 
 async def delete_owned_stream(url: str, stream: str, uid: str, ca_pem: str | None = None) -> bool:

@@ -23,6 +23,8 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.connection import parse_url
 
+from cqrs_stack import diagnosis
+
 from . import kube, manifests, migration_job, provisioning, rotation, scaling, status
 from .errors import PERMANENT_REASONS, PermanentProvisioningError, ProvisioningError
 from .ownership import OwnershipRefused
@@ -31,6 +33,10 @@ from .rotation import Credentials, Login
 from .spec import CaBundle, Database, SpecError, StackSpec, check_redis_url, recorded_names
 
 log = logging.getLogger(__name__)
+
+# The bounds of ProjectionStalled/ProjectionDegraded: the services' PROJECTION_LAG_TARGET and
+# PROJECTOR_STOPPED_AFTER (same names, bounds and defaults), from the operator's environment.
+BOUNDS = diagnosis.Bounds.from_environ()
 
 Adopt = Callable[[dict[str, Any]], None]
 
@@ -787,10 +793,11 @@ async def reconcile(
         for kind in (status.DATABASES, status.STREAM):
             out.fail(kind, refused)
         await _remove_acl_user(out, redis, spec)
-        lag = None
+        health = None
     else:
         await _databases(out, api, spec, creds, owner)
-        lag = await _stream(out, redis, spec, creds, owner)
+        health = await _stream(out, redis, spec, creds, owner)
+    lag = None if health is None else health.lag_events
     refusal = next((e for e in out.errors if isinstance(e, OwnershipRefused)), None)
     count, samples = projector_scale(spec, lag, current_status)
     if refusal is not None:
@@ -865,7 +872,44 @@ async def reconcile(
     except ProvisioningError as exc:
         out.fail(status.AVAILABLE, exc)
     _report_rotation(out, creds)
+    await _report_projection(out, api, spec, creds, health, current_status)
     return out
+
+
+async def _report_projection(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    creds: Credentials,
+    health: diagnosis.StreamHealth | None,
+    current_status: Mapping[str, Any],
+) -> None:
+    """ProjectionStalled/ProjectionDegraded and status.projector.health from the group and,
+    when the databases answered this reconcile, the catch-up sweep's watermark.
+
+    "No progress" takes two readings over time: the last marker and since when it holds
+    are kept in status.projector.progress, so an operator restart keeps them.
+    """
+    if health is None:
+        stream = next((c for c in out.conditions if c.type == status.STREAM), None)
+        why = f"{stream.reason}: {stream.message}" if stream is not None else ""
+        out.conditions += status.projection_conditions(None, why)
+        return
+    catch_up = None
+    databases = next((c for c in out.conditions if c.type == status.DATABASES), None)
+    if databases is not None and databases.status and creds.current is not None:
+        tls = await database_tls(api, spec)
+        me = creds.current
+        catch_up = await provisioning.catch_up_health(
+            spec.write_db, spec.read_db, me.username, me.password, tls
+        )
+    previous = (current_status.get("projector") or {}).get("progress")
+    progress, still_for = diagnosis.progress_since(previous, health, time.time())
+    judgement = diagnosis.judge(health, catch_up, None, BOUNDS, still_for)
+    out.conditions += status.projection_conditions(judgement)
+    projector = out.extra.setdefault("projector", {})
+    projector["health"] = status.projection_health(health, judgement, catch_up)
+    projector["progress"] = progress
 
 
 def _switch(out: Outcome, creds: Credentials) -> Credentials:
@@ -1163,7 +1207,7 @@ async def _serving_spec(
 
 async def _stream(
     out: Outcome, redis: RedisAccess, spec: StackSpec, creds: Credentials, owner: Owner
-) -> int | None:
+) -> diagnosis.StreamHealth | None:
     url = redis.operator_url
     # Without a Redis admin Secret the pods reach all of Redis anyway: adopting adds nothing.
     owner = replace(owner, adopt_allowed=redis.admin is None or redis.admin.may_adopt)
@@ -1187,8 +1231,8 @@ async def _stream(
                     "spec.redis.adminSecret is not set: pods use the Redis URL as given",
                 )
             )
-        lag = await provisioning.stream_lag(
-            url, spec.stream_name, spec.consumer_group, redis.ca_pem
+        health = await provisioning.stream_health(
+            url, spec.stream_name, spec.consumer_group, BOUNDS.stopped_after, redis.ca_pem
         )
     except OwnershipRefused as exc:
         out.fail(status.STREAM, exc)
@@ -1215,7 +1259,7 @@ async def _stream(
         f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
     )
     out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
-    return lag
+    return health
 
 
 async def _acl_user(redis: RedisAccess, spec: StackSpec, creds: Credentials) -> list[Change]:

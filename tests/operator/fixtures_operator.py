@@ -323,6 +323,9 @@ class Operator:
             "CQRS_OPERATOR_STATUS_INTERVAL": "2",
             "CQRS_OPERATOR_RETRY_DELAY": "1",
             "CQRS_OPERATOR_DELETE_TIMEOUT": "10",
+            # ProjectionStalled/ProjectionDegraded within seconds.
+            "PROJECTOR_STOPPED_AFTER": "1",
+            "PROJECTION_LAG_TARGET": "1",
         }
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
