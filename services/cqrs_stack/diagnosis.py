@@ -611,19 +611,39 @@ def progress_since(
     return {"marker": marker, "since": since}, max(0.0, now - since)
 
 
-def record_gauges(found: Diagnosis) -> None:
-    """Set the projector's health gauges from a reading; a part that could not be read
-    leaves its gauges at their last value."""
-    if found.stream.reachable:
-        metrics.PROJECTION_LAG_EVENTS.set(found.stream.lag_events)
-        metrics.PROJECTION_LAG_SECONDS.set(found.stream.lag_seconds)
-        oldest = found.stream.oldest_pending
-        metrics.PROJECTION_OLDEST_PENDING_SECONDS.set(oldest.age_seconds if oldest else 0.0)
-    if found.dead_letters is not None:
-        metrics.DEAD_LETTER_ENTRIES.set(found.dead_letters.count)
-        metrics.OLDEST_DEAD_LETTER_SECONDS.set(found.dead_letters.oldest_seconds or 0.0)
-    if found.catch_up.age_seconds is not None:
-        metrics.CATCHUP_WATERMARK_AGE_SECONDS.set(found.catch_up.age_seconds)
+class GaugeRecorder:
+    """Sets the projector's health gauges from each reading.
+
+    A part that could not be read leaves its gauges at their last value, except the catch-up
+    watermark's age: it is counted from the last sweep seen (or from this recorder's start
+    when none was ever seen), so a sweep that never ran or cannot be read reads as stale,
+    not as healthy.
+    """
+
+    def __init__(self, now: float | None = None) -> None:
+        self.started = time.time() if now is None else now
+        self.last_swept_at: float | None = None
+
+    def record(self, found: Diagnosis, now: float | None = None) -> None:
+        """Set every gauge that ``found`` has a reading for."""
+        now = time.time() if now is None else now
+        if found.stream.reachable:
+            metrics.PROJECTION_LAG_EVENTS.set(found.stream.lag_events)
+            metrics.PROJECTION_LAG_SECONDS.set(found.stream.lag_seconds)
+            oldest = found.stream.oldest_pending
+            metrics.PROJECTION_OLDEST_PENDING_SECONDS.set(oldest.age_seconds if oldest else 0.0)
+        if found.dead_letters is not None:
+            metrics.DEAD_LETTER_ENTRIES.set(found.dead_letters.count)
+            metrics.OLDEST_DEAD_LETTER_SECONDS.set(found.dead_letters.oldest_seconds or 0.0)
+        metrics.CATCHUP_WATERMARK_AGE_SECONDS.set(self.watermark_age(found.catch_up, now))
+
+    def watermark_age(self, catch_up: CatchUpHealth, now: float) -> float:
+        """The reading's age when it has one; else the time since the last sweep seen."""
+        if catch_up.swept_seconds_ago is not None:
+            self.last_swept_at = now - catch_up.swept_seconds_ago
+        if catch_up.available and catch_up.age_seconds is not None:
+            return catch_up.age_seconds
+        return round(now - (self.last_swept_at or self.started), 3)
 
 
 def describe(found: Diagnosis) -> list[str]:

@@ -59,18 +59,22 @@ READ_COUNTS_DROPPED = Counter(
 
 # The pipeline's health (diagnosis.py), refreshed by each projector every
 # PROJECTOR_HEALTH_INTERVAL seconds from Redis and the read DB: every replica reports the same
-# group, so alert on max() over replicas. Left at the last reading while Redis is unreachable.
+# group, so alert on max() over replicas. Exported by projectors only (register_health_gauges):
+# an API process has no reading, and a 0 from it would hide a stopped projector's lag.
 PROJECTION_LAG_EVENTS = Gauge(
     "cqrs_projection_lag_events",
     "Stream entries the consumer group has not acknowledged: undelivered plus pending",
+    registry=None,
 )
 PROJECTION_LAG_SECONDS = Gauge(
     "cqrs_projection_lag_seconds",
     "Age of the oldest stream entry not acknowledged yet (0 when none)",
+    registry=None,
 )
 PROJECTION_OLDEST_PENDING_SECONDS = Gauge(
     "cqrs_projection_oldest_pending_seconds",
     "Age of the oldest entry delivered to a consumer and not acknowledged (0 when none)",
+    registry=None,
 )
 
 
@@ -100,15 +104,36 @@ class _DeadLetterEntries:
 
 
 DEAD_LETTER_ENTRIES = _DeadLetterEntries()
-REGISTRY.register(DEAD_LETTER_ENTRIES)  # type: ignore[arg-type]
 OLDEST_DEAD_LETTER_SECONDS = Gauge(
-    "cqrs_oldest_dead_letter_seconds", "Age of the oldest entry in the dead-letter stream"
+    "cqrs_oldest_dead_letter_seconds",
+    "Age of the oldest entry in the dead-letter stream",
+    registry=None,
 )
 CATCHUP_WATERMARK_AGE_SECONDS = Gauge(
     "cqrs_catchup_watermark_age_seconds",
     "Time since the catch-up sweep last swept, or the age of the oldest write-DB transaction"
-    " pinning its watermark when longer",
+    " pinning its watermark when longer; since the projector started if it never swept, and"
+    " growing while the sweep's state cannot be read",
+    registry=None,
 )
+
+
+def register_health_gauges() -> None:
+    """Export the health gauges from this process (a projector's); idempotent."""
+    for gauge in (
+        PROJECTION_LAG_EVENTS,
+        PROJECTION_LAG_SECONDS,
+        PROJECTION_OLDEST_PENDING_SECONDS,
+        DEAD_LETTER_ENTRIES,
+        OLDEST_DEAD_LETTER_SECONDS,
+        CATCHUP_WATERMARK_AGE_SECONDS,
+    ):
+        if gauge not in _REGISTERED:
+            REGISTRY.register(gauge)  # type: ignore[arg-type]
+            _REGISTERED.append(gauge)
+
+
+_REGISTERED: list[Any] = []
 
 
 # labels() validates and locks on every call; a request costs two of them, so the children of

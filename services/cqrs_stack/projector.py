@@ -40,7 +40,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import diagnosis, events, stream, write_db
 from .config import Settings
 from .db import driver_connection, driver_of
-from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
+from .metrics import (
+    DEAD_LETTERS,
+    DUPLICATES_SKIPPED,
+    EVENTS_PROJECTED,
+    PROJECTION_BATCH_SECONDS,
+    register_health_gauges,
+)
 from .outages import is_refusal, sqlstate
 from .projections import REQUIRED, Projection, apply_batch, enabled
 from .projections.base import not_applied
@@ -146,6 +152,7 @@ class Projector:
         self._largest_entry = settings.max_value_bytes + 4 * 255 + _ENTRY_OVERHEAD_BYTES
         # Set when Redis failed to take a dead letter in this sweep round.
         self._redis_failed = False
+        self.gauges = diagnosis.GaugeRecorder()
 
     def start(self, supervisor: Supervisor, stopping: asyncio.Event) -> None:
         """Project until ``stopping`` is set; Redis and database outages are waited out.
@@ -154,6 +161,7 @@ class Projector:
         Redis that hangs or vanishes never holds back the sweep that covers for it, and a
         failure of either is retried and reported (supervision.py).
         """
+        register_health_gauges()
         log.info(
             "projector started consumer=%s stream=%s group=%s",
             self.consumer,
@@ -190,7 +198,7 @@ class Projector:
 
     async def _health_round(self) -> None:
         """Refresh the health gauges (diagnosis.py): a bounded reading, outages included."""
-        diagnosis.record_gauges(
+        self.gauges.record(
             await diagnosis.diagnose(self.write_engine, self.read_engine, self.redis, self.settings)
         )
 

@@ -11,6 +11,7 @@ from cqrs_stack.diagnosis import (
     CatchUpHealth,
     ConsumerHealth,
     Diagnosis,
+    GaugeRecorder,
     PendingEntry,
     PinningTransaction,
     StreamHealth,
@@ -163,3 +164,14 @@ def test_the_answer_lists_at_most_32_consumers_of_the_group() -> None:
         )
         == 32
     )
+
+
+def test_the_watermark_age_grows_when_the_sweep_never_ran_or_cannot_be_read() -> None:
+    """A sweep that never ran, or whose state is unreadable, reads as stale (not as 0)."""
+    recorder = GaugeRecorder(now=1000.0)
+    never = CatchUpHealth(available=True)  # no sweep recorded yet
+    assert recorder.watermark_age(never, now=1030.0) == 30.0
+    swept = CatchUpHealth(available=True, swept_seconds_ago=2.0, age_seconds=2.0)
+    assert recorder.watermark_age(swept, now=1040.0) == 2.0
+    unreadable = CatchUpHealth(available=False, error="read DB: InvalidPasswordError")
+    assert recorder.watermark_age(unreadable, now=1100.0) == 62.0  # since the sweep at 1038
