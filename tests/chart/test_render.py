@@ -108,6 +108,7 @@ def test_default_values_install_operator_stack_and_dev_databases() -> None:
         "CqrsStack",
         "Deployment",
         "Namespace",
+        "Pod",  # the `helm test` hook
         "Role",
         "RoleBinding",
         "Secret",
