@@ -29,6 +29,7 @@ from tests.chart.chart import (
     one,
     render,
     secret_data,
+    template_args,
     values_id,
 )
 from tests.operator.test_operator_rbac import RELEASE as RBAC_RELEASE
@@ -153,6 +154,14 @@ def test_operator_image_and_arguments() -> None:
     assert container["args"][0] == f"--namespace={NAMESPACE}"
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+
+    # Timings that could let two leaders overlap are refused at install, as at the start.
+    for sets, said in [
+        (("operator.leaderElection.renewDeadline=15",), "must be shorter than leaseDuration"),
+        (("operator.leaderElection.retryPeriod=9",), "leaves no room for a retry"),
+    ]:
+        refused = helm(*template_args(None, *sets), check=False)
+        assert refused.returncode != 0 and said in refused.stderr, refused.stderr
 
     watched = render(None, "operator.watchNamespaces={shop,billing}")
     args = named(watched, "Deployment", f"{RELEASE}-cqrs-stack-operator")["spec"]["template"][
