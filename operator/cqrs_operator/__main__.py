@@ -1,5 +1,12 @@
 """``cqrs-stack-operator``: run the CqrsStack operator (kopf, standalone: no peering).
 
+High availability: with ``--leader-elect`` (or CQRS_OPERATOR_LEADER_ELECT=true; the chart
+runs two replicas so) the replicas elect a leader on a Lease (``--leader-election-id`` in
+``--leader-election-namespace``, default $POD_NAMESPACE); only the leader runs kopf's
+handlers, a follower waits. Timings: ``--lease-duration`` (15 s), ``--renew-deadline``
+(10 s), ``--retry-period`` (2 s), as client-go's. A leader that cannot renew within the
+deadline exits at once (status 3) and is restarted as a follower.
+
 Scope: ``--namespace NS`` (repeatable; or $WATCH_NAMESPACE, comma-separated) or
 ``--all-namespaces`` (or WATCH_NAMESPACE="*"). Tuning by environment:
 CQRS_OPERATOR_STATUS_INTERVAL (seconds between two full reconciles of a stack, default 15),
@@ -17,13 +24,15 @@ upgrades ``crds/``), unless the live CRD is of a newer release (``cqrs.dev/opera
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
+from typing import Any
 
 import kopf
 
-from . import __version__
+from . import __version__, kube, leadership
 
 LOG_FORMAT = "time=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s"
 
@@ -69,7 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="FILE",
         help="apply this CustomResourceDefinition (YAML) at start, server-side",
     )
+    _election_args(parser)
     args = parser.parse_args(argv)
+    if args.leader_elect:
+        args.election = _election_config(parser, args)
     if not args.namespace and not args.all_namespaces:
         env = os.environ.get("WATCH_NAMESPACE", "").strip()
         if env == "*":
@@ -79,6 +91,98 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.namespace and not args.all_namespaces:
         parser.error("give --namespace NS, --all-namespaces or WATCH_NAMESPACE")
     return args
+
+
+def _election_args(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    defaults = leadership.ElectionConfig("", "", "")
+    group = parser.add_argument_group("leader election (several replicas, one reconciles)")
+    group.add_argument(
+        "--leader-elect",
+        action="store_true",
+        default=env("CQRS_OPERATOR_LEADER_ELECT", "").lower() in ("1", "true", "yes"),
+        help="elect a leader on a Lease before reconciling ($CQRS_OPERATOR_LEADER_ELECT)",
+    )
+    group.add_argument(
+        "--leader-election-namespace",
+        default=env("CQRS_OPERATOR_LEASE_NAMESPACE") or leadership.default_namespace(),
+        help="namespace of the Lease (default $POD_NAMESPACE, else the pod's own)",
+    )
+    group.add_argument(
+        "--leader-election-id",
+        default=env("CQRS_OPERATOR_LEASE_NAME", "cqrs-stack-operator"),
+        help="name of the Lease (one per operator installation)",
+    )
+    group.add_argument(
+        "--leader-election-identity",
+        default=None,
+        help="this replica's name in the Lease (default: pod name + random suffix)",
+    )
+    group.add_argument(
+        "--lease-duration",
+        type=int,
+        default=int(env("CQRS_OPERATOR_LEASE_DURATION", defaults.lease_duration)),
+        help="seconds a follower waits for an unrenewed Lease before taking it (15)",
+    )
+    group.add_argument(
+        "--renew-deadline",
+        type=float,
+        default=float(env("CQRS_OPERATOR_RENEW_DEADLINE", defaults.renew_deadline)),
+        help="seconds the leader tries to renew before it stops leading (10)",
+    )
+    group.add_argument(
+        "--retry-period",
+        type=float,
+        default=float(env("CQRS_OPERATOR_RETRY_PERIOD", defaults.retry_period)),
+        help="seconds between two tries to acquire or renew (2)",
+    )
+
+
+def _election_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> leadership.ElectionConfig:
+    if not args.leader_election_namespace:
+        parser.error("--leader-elect needs --leader-election-namespace or $POD_NAMESPACE")
+    config = leadership.ElectionConfig(
+        namespace=args.leader_election_namespace,
+        name=args.leader_election_id,
+        identity=args.leader_election_identity or leadership.default_identity(),
+        lease_duration=args.lease_duration,
+        renew_deadline=args.renew_deadline,
+        retry_period=args.retry_period,
+    )
+    if problem := config.problem():
+        parser.error(problem)
+    return config
+
+
+async def run_elected(
+    config: leadership.ElectionConfig, liveness: str | None, **operator: Any
+) -> None:
+    """Wait to lead, then run kopf while renewing the Lease; release it on a graceful stop."""
+    api = await kube.connect()
+    elected = leadership.Leadership(api, config)
+    try:
+        async with leadership.follower_liveness(liveness, elected):
+            await elected.acquire()
+        operator["memo"].leadership = elected  # the handlers and their API client check it
+        keeper = asyncio.create_task(elected.keep(), name="lease renewal")
+        keeper.add_done_callback(_renewal_ended)
+        try:
+            await kopf.operator(standalone=True, liveness_endpoint=liveness, **operator)
+        finally:
+            keeper.remove_done_callback(_renewal_ended)
+            keeper.cancel()
+            await elected.release()
+    finally:
+        await api.close()
+
+
+def _renewal_ended(task: asyncio.Task[None]) -> None:
+    """The renewal loop never ends on its own: if it crashed, nobody renews; stop leading."""
+    if not task.cancelled():
+        logging.getLogger(__name__).error("lease renewal failed: %r", task.exception())
+        os._exit(leadership.LOST_EXIT_CODE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,8 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         args.all_namespaces,
         args.crd or "-",
     )
+    memo = kopf.Memo(image_tag=args.image_tag, crd_file=args.crd)
+    if args.leader_elect:
+        asyncio.run(
+            run_elected(
+                args.election,
+                args.liveness,
+                memo=memo,
+                clusterwide=args.all_namespaces,
+                namespaces=args.namespace,
+            )
+        )
+        return 0
     kopf.run(
-        memo=kopf.Memo(image_tag=args.image_tag, crd_file=args.crd),
+        memo=memo,
         standalone=True,
         clusterwide=args.all_namespaces,
         namespaces=args.namespace,

@@ -4,6 +4,18 @@ The same reconcile runs on every change and on every interval (level-triggered):
 role, a deleted Secret or a drifted Deployment is found and repaired without a spec change.
 Every step that changes the world is an Event with a greppable reason; a refusal (another
 stack's object, a Secret that did not opt in) is a Warning Event when it first appears.
+
+With leader election (``memo.leadership``) every handler first checks that this replica
+still leads, and the operator's API client checks it before each request.
+
+The annotation ``cqrs.dev/reconcile: paused`` pauses a stack (as Strimzi's
+``strimzi.io/pause-reconciliation``): no handler changes anything of it (no apply, no
+provisioning, no scaling, no rotation) and condition ``ReconciliationPaused`` is True. A
+paused stack that is deleted keeps its databases, role and stream whatever its
+deletionPolicy (its children go with it, by their ownerReferences): a pause means hands off.
+kopf ignores changes of cqrs.dev/ annotations (its own prefix), so removing the annotation
+takes effect at the next interval (CQRS_OPERATOR_STATUS_INTERVAL), which then applies
+whatever changed meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, reconcile, rotation
+from . import kube, leadership, reconcile, rotation
 from . import status as stack_status
 from .errors import ProvisioningError
 from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
@@ -28,6 +40,7 @@ RETRY_DELAY = float(os.environ.get("CQRS_OPERATOR_RETRY_DELAY", "5"))
 # Seconds the delete handler retries a failing teardown before it releases the finalizer.
 DELETE_TIMEOUT = float(os.environ.get("CQRS_OPERATOR_DELETE_TIMEOUT", "300"))
 MAX_RETRY_DELAY = 120.0
+PAUSE_ANNOTATION, PAUSED = "cqrs.dev/reconcile", "paused"
 _LOCKS: dict[str, asyncio.Lock] = {}
 
 
@@ -45,6 +58,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     settings.scanning.disabled = True  # no CRD/namespace watching: no RBAC for them needed
     memo.api = await kube.connect()
+    if getattr(memo, "leadership", None) is not None:
+        memo.api = await leadership.fence(memo.api, memo.leadership)
     if getattr(memo, "crd_file", None):
         await kube.apply_crd(memo.api, memo.crd_file)
 
@@ -70,6 +85,46 @@ def _parse(
         # A stack that pins no tag runs the operator's (it moves with operator upgrades).
         default_tag=getattr(memo, "image_tag", None),
     )
+
+
+def _fence(memo: kopf.Memo) -> None:
+    """With leader election: exit at once unless this replica still leads."""
+    elected = getattr(memo, "leadership", None)
+    if elected is not None:
+        elected.ensure_leading()
+
+
+def paused(meta: Mapping[str, Any]) -> bool:
+    """Whether the stack carries ``cqrs.dev/reconcile: paused``."""
+    return (meta.get("annotations") or {}).get(PAUSE_ANNOTATION) == PAUSED
+
+
+def _pause(meta: Mapping[str, Any], status: Mapping[str, Any], patch: kopf.Patch) -> None:
+    """Report the pause, and nothing else: the other conditions and observedGeneration stay
+    as the last reconcile left them (a spec changed meanwhile shows as a newer generation)."""
+    cond = stack_status.Condition(
+        stack_status.PAUSED,
+        True,
+        "ReconciliationPaused",
+        f"{PAUSE_ANNOTATION}: {PAUSED}: no change is made to this stack until it is removed",
+    )
+    current = status.get("conditions") or []
+    if any(c.get("type") == cond.type and c.get("status") == "True" for c in current):
+        return  # already said: no write at every interval
+    patch.status["conditions"] = stack_status.merge_conditions(
+        current, [cond], meta.get("generation")
+    )
+
+
+def _resumed(status: Mapping[str, Any]) -> list[stack_status.Condition]:
+    """ReconciliationPaused=False once a paused stack is reconciled again (none if never)."""
+    if any(c.get("type") == stack_status.PAUSED for c in status.get("conditions") or []):
+        return [
+            stack_status.Condition(
+                stack_status.PAUSED, False, "ReconciliationResumed", "reconciled again"
+            )
+        ]
+    return []
 
 
 def _report(body: kopf.Body, status: Mapping[str, Any], outcome: reconcile.Outcome) -> None:
@@ -113,7 +168,8 @@ async def _reconcile(
             rotate=(meta.get("annotations") or {}).get(rotation.ROTATE_ANNOTATION, ""),
         )
     _report(body, status, outcome)
-    patch.status.update(stack_status.summary(status, outcome.conditions, generation))
+    updates = [*outcome.conditions, *_resumed(status)]
+    patch.status.update(stack_status.summary(status, updates, generation))
     patch.status.update(outcome.extra)
     return outcome
 
@@ -131,6 +187,10 @@ async def reconcile_stack(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
+    _fence(memo)
+    if paused(meta):
+        _pause(meta, status, patch)
+        return
     outcome = await _reconcile(body, spec, meta, status, patch, memo)
     if outcome is None:
         raise kopf.PermanentError("invalid spec (see the WorkloadsReady condition)")
@@ -153,7 +213,11 @@ async def reverify_stack(
 ) -> None:
     """Every interval: re-verify and repair every part (databases, role, stream, children),
     report the projector's lag and scale it when autoscaling is on."""
+    _fence(memo)
     if meta.get("deletionTimestamp"):
+        return
+    if paused(meta):
+        _pause(meta, status, patch)
         return
     await _reconcile(body, spec, meta, status, patch, memo)
 
@@ -163,7 +227,8 @@ async def delete_stack(meta: kopf.Meta, **kwargs: Any) -> None:
     """deletionPolicy Delete drops the databases, role and stream this stack created (never
     adopted ones, never another stack's); Retain keeps them. A teardown that keeps failing
     is retried with back-off for CQRS_OPERATOR_DELETE_TIMEOUT seconds, then the finalizer is
-    released with a Warning Event naming what was left behind."""
+    released with a Warning Event naming what was left behind. A paused stack keeps all."""
+    _fence(kwargs["memo"])
     # The lock is taken, not only dropped: a timer's reconcile still running would otherwise
     # overlap the teardown (and recreate what it drops). Dropped once the stack is gone.
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
@@ -191,6 +256,9 @@ async def _delete(
         f"databases {stack.write_db.name}, {stack.read_db.name}, role {stack.role} "
         f"and stream {stack.stream_name}"
     )
+    if paused(meta):
+        kopf.info(body, reason="Retained", message=f"{PAUSE_ANNOTATION}: {PAUSED}: kept {kept}")
+        return
     if stack.deletion_policy != "Delete":
         kopf.info(body, reason="Retained", message=f"deletionPolicy=Retain: kept {kept}")
         return

@@ -16,6 +16,9 @@ Conditions of a stack:
 - ``CredentialsCurrent``: False while a credential rotation is under way (reasons
   ``RotationPreparing``, ``RotationRollingOut``), True (``Current``) when the pods' login is
   the only one accepted. Not part of Ready: a rotation does not interrupt serving.
+- ``ReconciliationPaused``: True while the stack carries ``cqrs.dev/reconcile: paused``
+  (nothing of it is changed; the other conditions are as the last reconcile left them),
+  False (``ReconciliationResumed``) once reconciled again. Not part of Ready.
 - ``Ready``: all of DatabasesReady, MigrationsApplied, StreamReady, WorkloadsReady and
   WorkloadsAvailable.
 - ``ProjectionStalled``: True when the projection makes no progress while there is work (no
@@ -54,6 +57,7 @@ REDIS_ISOLATION = "RedisIsolation"
 CREDENTIALS = "CredentialsCurrent"
 PROJECTION_STALLED = "ProjectionStalled"
 PROJECTION_DEGRADED = "ProjectionDegraded"
+PAUSED = "ReconciliationPaused"
 READY = "Ready"
 READY_PARTS = (DATABASES, MIGRATIONS, STREAM, WORKLOADS, AVAILABLE)
 # Reasons of a part that is on its way, not failing.

@@ -98,6 +98,8 @@ def pod_specs(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
     for doc in docs:
         if doc["kind"] in POD_OWNERS:
             yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "Pod":  # the `helm test` hook
+            yield f"Pod/{doc['metadata']['name']}", doc["spec"]
         elif doc["kind"] == "CronJob":
             job = doc["spec"]["jobTemplate"]["spec"]
             yield f"CronJob/{doc['metadata']['name']}", job["template"]["spec"]

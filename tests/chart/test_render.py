@@ -29,6 +29,7 @@ from tests.chart.chart import (
     one,
     render,
     secret_data,
+    template_args,
     values_id,
 )
 from tests.operator.test_operator_rbac import RELEASE as RBAC_RELEASE
@@ -108,6 +109,7 @@ def test_default_values_install_operator_stack_and_dev_databases() -> None:
         "CqrsStack",
         "Deployment",
         "Namespace",
+        "Pod",  # the `helm test` hook
         "Role",
         "RoleBinding",
         "Secret",
@@ -137,13 +139,29 @@ def test_default_values_install_operator_stack_and_dev_databases() -> None:
 def test_operator_image_and_arguments() -> None:
     docs = render()
     operator = named(docs, "Deployment", f"{RELEASE}-cqrs-stack-operator")
-    assert operator["spec"]["replicas"] == 1
-    assert operator["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas that elect a leader: a rolling update never leaves none running.
+    assert operator["spec"]["replicas"] == 2
+    assert operator["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     container = operator["spec"]["template"]["spec"]["containers"][0]
+    lease = f"--leader-election-id={RELEASE}-cqrs-stack-operator"
+    for arg in ("--leader-elect", lease, "--lease-duration=15", "--renew-deadline=10"):
+        assert arg in container["args"]
+    assert "--retry-period=2" in container["args"]
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert container["image"] == "cqrs-stack-operator:0.1.0"
     assert container["args"][0] == f"--namespace={NAMESPACE}"
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+
+    # Timings that could let two leaders overlap are refused at install, as at the start.
+    for sets, said in [
+        (("operator.leaderElection.renewDeadline=15",), "must be shorter than leaseDuration"),
+        (("operator.leaderElection.retryPeriod=9",), "leaves no room for a retry"),
+    ]:
+        refused = helm(*template_args(None, *sets), check=False)
+        assert refused.returncode != 0 and said in refused.stderr, refused.stderr
 
     watched = render(None, "operator.watchNamespaces={shop,billing}")
     args = named(watched, "Deployment", f"{RELEASE}-cqrs-stack-operator")["spec"]["template"][

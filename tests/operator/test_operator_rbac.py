@@ -87,7 +87,7 @@ def service_account(docs: list[dict[str, Any]]) -> tuple[str, str]:
 def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
     docs = render_operator_rbac("ops", "rbac.clusterWide=true", "operator.manageCrd=false")
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"]
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert "namespaces" not in resources and "customresourcedefinitions" not in resources
@@ -119,12 +119,35 @@ def test_the_operator_runs_in_its_own_namespace_and_may_finalize_stacks_anywhere
     assert service_account(same) == ("ops", f"{RELEASE}-cqrs-stack-operator")
 
 
+def test_leader_election_may_touch_its_one_lease_only() -> None:
+    for sets in ((), ("rbac.clusterWide=true",)):
+        docs = render_operator_rbac("ops", *sets)
+        role = named_doc(docs, "Role", f"{RELEASE}-cqrs-stack-operator-leader-election")
+        assert role["metadata"]["namespace"] == "ops-operator"
+        assert role["rules"] == [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {
+                "apiGroups": ["coordination.k8s.io"],
+                "resources": ["leases"],
+                "resourceNames": [f"{RELEASE}-cqrs-stack-operator"],
+                "verbs": ["get", "update"],
+            },
+        ]
+        binding = named_doc(docs, "RoleBinding", role["metadata"]["name"])
+        assert binding["subjects"][0]["namespace"] == "ops-operator"
+
+
+def named_doc(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
 def test_watch_namespaces_get_one_role_each() -> None:
     docs = render_operator_rbac("ops", "operator.watchNamespaces={a,b}")
     roles = sorted(
         (d["kind"], d["metadata"]["namespace"])
         for d in docs
-        if d["kind"] in ("Role", "RoleBinding")
+        if d["kind"] in ("Role", "RoleBinding") and "leader-election" not in d["metadata"]["name"]
     )
     assert roles == [("Role", "a"), ("Role", "b"), ("RoleBinding", "a"), ("RoleBinding", "b")]
 
