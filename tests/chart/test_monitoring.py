@@ -22,6 +22,7 @@ from tests.chart.chart import (
     render_notes,
     selector_matches,
 )
+from tests.chart.test_render import STANDARD_LABELS
 
 MONITORING_API = "monitoring.coreos.com/v1"
 MONITORS = ("PodMonitor", "ServiceMonitor", "PrometheusRule")
@@ -227,3 +228,14 @@ def test_bad_monitoring_values_are_refused_naming_the_field(value: str, expected
 def test_metrics_and_liveness_ports_must_differ() -> None:
     error = render_error("operator.metricsPort=8080")
     assert "operator.metricsPort and operator.livenessPort" in error
+
+
+def test_monitoring_objects_carry_the_standard_labels() -> None:
+    docs = render(None, *ALL_ON, api_versions=(MONITORING_API,))
+    objects = [d for kind in MONITORS for d in of_kind(docs, kind)]
+    objects += [named(docs, "ConfigMap", "cqrs-cqrs-stack-dashboard")]
+    objects += [named(docs, "Service", "cqrs-cqrs-stack-operator-metrics")]
+    assert len(objects) == 5
+    for doc in objects:
+        missing = [k for k in STANDARD_LABELS if k not in doc["metadata"]["labels"]]
+        assert not missing, (doc["kind"], missing)
