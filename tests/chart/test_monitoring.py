@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cqrs_operator import manifests
 from cqrs_operator.spec import parse_spec
@@ -239,3 +240,24 @@ def test_monitoring_objects_carry_the_standard_labels() -> None:
     for doc in objects:
         missing = [k for k in STANDARD_LABELS if k not in doc["metadata"]["labels"]]
         assert not missing, (doc["kind"], missing)
+
+
+def leaf_paths(values: dict[str, object], prefix: str) -> list[str]:
+    out = []
+    for key, value in values.items():
+        path = f"{prefix}.{key}"
+        out += leaf_paths(value, path) if isinstance(value, dict) and value else [path]
+    return out
+
+
+def test_the_chart_readme_documents_every_monitoring_value() -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    rows = [line for line in (CHART / "README.md").read_text().splitlines() if line.startswith("|")]
+    undocumented = []
+    for path in [*leaf_paths(values["monitoring"], "monitoring"), "operator.metricsPort"]:
+        section, last = ".".join(path.split(".")[:2]), path.split(".")[-1]
+        if not any(
+            f"`{path}`" in row or (f"`{section}." in row and f".{last}`" in row) for row in rows
+        ):
+            undocumented.append(path)
+    assert not undocumented
