@@ -24,10 +24,11 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cqrs_stack import diagnosis
 from cqrs_stack.config import Settings, redact_url
 from cqrs_stack.db import create_engine
 from cqrs_stack.migrations import schema_version
-from cqrs_stack.stream import ensure_group, group_info
+from cqrs_stack.stream import ensure_group
 
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
@@ -658,18 +659,23 @@ async def ensure_stream(
         await redis.aclose()
 
 
-async def stream_lag(url: str, stream: str, group: str, ca_pem: str | None = None) -> int:
-    """Entries of ``stream`` not yet acknowledged by ``group``: pending plus undelivered."""
+async def stream_health(
+    url: str, stream: str, group: str, ca_pem: str | None = None
+) -> diagnosis.StreamHealth:
+    """The consumer group's health (cqrs_stack.diagnosis): its lag (pending plus
+    undelivered), consumers and oldest pending entry."""
     redis = _redis(url, ca_pem)
     try:
-        info = await group_info(redis, stream, group)
-        return int(info["pending"]) + int(info["undelivered"])
-    except (RedisError, OSError) as exc:
-        raise ProvisioningError(
-            "RedisUnreachable", f"cannot read stream {stream} at {redact_url(url)}: {exc}"
-        ) from exc
+        found = await diagnosis.read_stream(
+            redis, stream, group, diagnosis.Bounds.defaults().stopped_after, CONNECT_TIMEOUT
+        )
     finally:
         await redis.aclose()
+    if not found.reachable:
+        raise ProvisioningError(
+            "RedisUnreachable", f"cannot read stream {stream} at {redact_url(url)}: {found.error}"
+        )
+    return found
 
 
 async def delete_owned_stream(url: str, stream: str, uid: str, ca_pem: str | None = None) -> bool:

@@ -23,6 +23,8 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.connection import parse_url
 
+from cqrs_stack import diagnosis
+
 from . import kube, manifests, migration_job, provisioning, rotation, scaling, status
 from .errors import PERMANENT_REASONS, PermanentProvisioningError, ProvisioningError
 from .ownership import OwnershipRefused
@@ -787,10 +789,11 @@ async def reconcile(
         for kind in (status.DATABASES, status.STREAM):
             out.fail(kind, refused)
         await _remove_acl_user(out, redis, spec)
-        lag = None
+        health = None
     else:
         await _databases(out, api, spec, creds, owner)
-        lag = await _stream(out, redis, spec, creds, owner)
+        health = await _stream(out, redis, spec, creds, owner)
+    lag = None if health is None else health.lag_events
     refusal = next((e for e in out.errors if isinstance(e, OwnershipRefused)), None)
     count, samples = projector_scale(spec, lag, current_status)
     if refusal is not None:
@@ -865,7 +868,30 @@ async def reconcile(
     except ProvisioningError as exc:
         out.fail(status.AVAILABLE, exc)
     _report_rotation(out, creds)
+    _report_projection(out, health, current_status)
     return out
+
+
+def _report_projection(
+    out: Outcome, health: diagnosis.StreamHealth | None, current_status: Mapping[str, Any]
+) -> None:
+    """ProjectionStalled/ProjectionDegraded and status.projector.health from the group.
+
+    "No progress" takes two readings over time: the last marker and since when it holds
+    are kept in status.projector.progress, so an operator restart keeps them.
+    """
+    if health is None:
+        stream = next((c for c in out.conditions if c.type == status.STREAM), None)
+        why = f"{stream.reason}: {stream.message}" if stream is not None else ""
+        out.conditions += status.projection_conditions(None, why)
+        return
+    previous = (current_status.get("projector") or {}).get("progress")
+    progress, still_for = diagnosis.progress_since(previous, health, time.time())
+    judgement = diagnosis.judge(health, None, None, diagnosis.Bounds.defaults(), still_for)
+    out.conditions += status.projection_conditions(judgement)
+    projector = out.extra.setdefault("projector", {})
+    projector["health"] = status.projection_health(health, judgement)
+    projector["progress"] = progress
 
 
 def _switch(out: Outcome, creds: Credentials) -> Credentials:
@@ -1163,7 +1189,7 @@ async def _serving_spec(
 
 async def _stream(
     out: Outcome, redis: RedisAccess, spec: StackSpec, creds: Credentials, owner: Owner
-) -> int | None:
+) -> diagnosis.StreamHealth | None:
     url = redis.operator_url
     # Without a Redis admin Secret the pods reach all of Redis anyway: adopting adds nothing.
     owner = replace(owner, adopt_allowed=redis.admin is None or redis.admin.may_adopt)
@@ -1187,7 +1213,7 @@ async def _stream(
                     "spec.redis.adminSecret is not set: pods use the Redis URL as given",
                 )
             )
-        lag = await provisioning.stream_lag(
+        health = await provisioning.stream_health(
             url, spec.stream_name, spec.consumer_group, redis.ca_pem
         )
     except OwnershipRefused as exc:
@@ -1215,7 +1241,7 @@ async def _stream(
         f"stream {spec.stream_name} with consumer group {spec.consumer_group}",
     )
     out.extra["stream"] = {"name": spec.stream_name, "consumerGroup": spec.consumer_group}
-    return lag
+    return health
 
 
 async def _acl_user(redis: RedisAccess, spec: StackSpec, creds: Credentials) -> list[Change]:

@@ -18,6 +18,15 @@ Conditions of a stack:
   the only one accepted. Not part of Ready: a rotation does not interrupt serving.
 - ``Ready``: all of DatabasesReady, MigrationsApplied, StreamReady, WorkloadsReady and
   WorkloadsAvailable.
+- ``ProjectionStalled``: True when the projection makes no progress while there is work (no
+  consumer reads the stream, or the group did not move for PROJECTOR_STOPPED_AFTER seconds
+  across two reconciles); ``ProjectionDegraded``: True when it progresses but a consumer
+  stopped or the oldest unacknowledged entry is older than PROJECTION_LAG_TARGET. Reasons
+  and messages come from cqrs_stack.diagnosis; Unknown when the stream cannot be read. Not
+  part of Ready: Ready says the stack is provisioned and serving, which it is (reads answer
+  from the read model, writes commit); a projection behind is reported beside it, so that
+  a rollout or ``kubectl wait --for=condition=Ready`` does not fail on a backlog or on a
+  write-DB client holding a transaction open.
 
 Phase: ``Ready``; ``Failed`` when a part cannot succeed without a change of the spec (or of
 what it names: a Secret, another stack's object); ``Degraded`` for transient trouble (a
@@ -29,9 +38,12 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import PERMANENT_REASONS
+
+if TYPE_CHECKING:
+    from cqrs_stack.diagnosis import Judgement, StreamHealth
 
 DATABASES = "DatabasesReady"
 MIGRATIONS = "MigrationsApplied"
@@ -40,6 +52,8 @@ WORKLOADS = "WorkloadsReady"
 AVAILABLE = "WorkloadsAvailable"
 REDIS_ISOLATION = "RedisIsolation"
 CREDENTIALS = "CredentialsCurrent"
+PROJECTION_STALLED = "ProjectionStalled"
+PROJECTION_DEGRADED = "ProjectionDegraded"
 READY = "Ready"
 READY_PARTS = (DATABASES, MIGRATIONS, STREAM, WORKLOADS, AVAILABLE)
 # Every phase() a stack can be in (the operator exports a count of each, 0 included).
@@ -112,7 +126,14 @@ def merge_conditions(
 
 
 def _order(kind: str) -> tuple[int, str]:
-    known = (*READY_PARTS, REDIS_ISOLATION, CREDENTIALS, READY)
+    known = (
+        *READY_PARTS,
+        REDIS_ISOLATION,
+        CREDENTIALS,
+        PROJECTION_STALLED,
+        PROJECTION_DEGRADED,
+        READY,
+    )
     return (known.index(kind) if kind in known else len(known), kind)
 
 
@@ -222,3 +243,50 @@ def summary(
     if generation is not None:
         out["observedGeneration"] = generation
     return out
+
+
+def projection_conditions(judgement: Judgement | None, why_unknown: str = "") -> list[Condition]:
+    """ProjectionStalled and ProjectionDegraded from a verdict (None: the stream was not read,
+    ``why_unknown`` says why)."""
+    if judgement is None:
+        message = f"the consumer group could not be read: {why_unknown}".rstrip(": ")
+        return [
+            Condition(PROJECTION_STALLED, None, "StreamUnreadable", message),
+            Condition(PROJECTION_DEGRADED, None, "StreamUnreadable", message),
+        ]
+    stalled, degraded = judgement.verdict == "stalled", judgement.verdict == "degraded"
+    return [
+        Condition(
+            PROJECTION_STALLED,
+            stalled,
+            judgement.cause if stalled else "Progressing",
+            judgement.reason if stalled else "",
+        ),
+        Condition(
+            PROJECTION_DEGRADED,
+            degraded,
+            judgement.cause if degraded else ("Stalled" if stalled else "KeepsUp"),
+            judgement.reason if degraded else ("see ProjectionStalled" if stalled else ""),
+        ),
+    ]
+
+
+def projection_health(health: StreamHealth, judgement: Judgement) -> dict[str, Any]:
+    """status.projector.health: the verdict and the group's figures behind it."""
+    oldest = health.oldest_pending
+    return {
+        "verdict": judgement.verdict,
+        "reason": judgement.reason,
+        "lagEvents": health.lag_events,
+        "lagSeconds": health.lag_seconds,
+        "oldestPending": None
+        if oldest is None
+        else {
+            "id": oldest.entry_id,
+            "ageSeconds": oldest.age_seconds,
+            "consumer": oldest.consumer,
+            "deliveries": oldest.deliveries,
+        },
+        "consumers": len(health.consumers),
+        "stoppedConsumers": [c.name for c in health.stopped],
+    }

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
-from . import __version__, errors, figures, metrics, read_api, write_api
+from . import __version__, diagnosis, errors, figures, metrics, read_api, write_api
 from .config import Settings
 from .errors import (
     InvalidRequest,
@@ -175,12 +175,20 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
         tags=["operations"],
         responses={503: {"model": ErrorResponse}},
     )
-    async def stats(request: Request) -> dict[str, Any]:
-        """Counts, publishing and projection lag, computed from durable state."""
+    async def stats(request: Request) -> Any:
+        """Counts, publishing and projection lag, computed from durable state, and ``health``:
+        why the projection is behind (diagnosis.py). When a database does not answer, the
+        503's ``detail.health`` still names what refused."""
         resources = _resources(request)
-        return await figures.stack_figures(
-            resources.write_engine, resources.read_engine, resources.redis, resources.settings
-        )
+        engines = (resources.write_engine, resources.read_engine)
+        health = await diagnosis.diagnose(*engines, resources.redis, resources.settings)
+        try:
+            found = await figures.stack_figures(
+                *engines, resources.redis, resources.settings, health
+            )
+        except (DBAPIError, OSError) as exc:
+            return dependency_error(exc, {"health": health.as_dict()})
+        return {**found, "health": health.as_dict()}
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def metrics_endpoint() -> Response:

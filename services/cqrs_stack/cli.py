@@ -297,7 +297,7 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from . import stream
+    from . import diagnosis, stream
     from .figures import stack_figures
     from .projections import enabled
     from .read_db import model_figures, models_kept_elsewhere
@@ -305,7 +305,8 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     async def work(write_engine: Any, read_engine: Any) -> int:
         redis = stream.connect(settings)
         try:
-            figures = await stack_figures(write_engine, read_engine, redis, settings)
+            health = await diagnosis.diagnose(write_engine, read_engine, redis, settings)
+            figures = await stack_figures(write_engine, read_engine, redis, settings, health)
         finally:
             await redis.aclose()
         models = enabled(settings.read_model_names)
@@ -313,11 +314,12 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         # Swept by a replica whose READ_MODELS has them, absent from this READ_MODELS.
         figures["read_models_not_enabled_here"] = await models_kept_elsewhere(read_engine, models)
         if args.json:
-            print(json.dumps(figures, default=str, indent=2))
+            print(json.dumps({**figures, "health": health.as_dict()}, default=str, indent=2))
         else:
             width = max(len(k) for k in figures)
             for name, value in figures.items():
                 print(f"{name:<{width}}  {value}")
+            print("\n".join(diagnosis.describe(health)))
         if not figures["redis_available"]:
             print(
                 f"cqrs-stack: Redis unreachable at {where(settings.redis_url)} (REDIS_URL): "

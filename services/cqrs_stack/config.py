@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     # transaction are each bounded by half of it.
     projector_sweep_timeout: float = Field(default=60.0, ge=1, le=3600)
     publisher_interval: float = Field(default=1.0, gt=0)
+    # Pipeline health (diagnosis.py): "degraded" once the oldest unacknowledged entry (or the
+    # catch-up watermark) is older than PROJECTION_LAG_TARGET seconds; a consumer idle longer
+    # than PROJECTOR_STOPPED_AFTER while holding pending entries has stopped reading; the
+    # projector refreshes its health gauges every PROJECTOR_HEALTH_INTERVAL seconds.
+    projection_lag_target: float = Field(default=30.0, gt=0, le=86_400)
+    projector_stopped_after: float = Field(default=30.0, ge=1, le=3600)
+    projector_health_interval: float = Field(default=10.0, ge=0.1, le=3600)
     read_count_flush_interval: float = Field(default=0.2, gt=0)
     # Distinct keys whose reads may wait in memory for a flush (a read DB that refuses flushes
     # for long); reads of further keys are answered but not counted.

@@ -173,19 +173,19 @@ def describe_errors(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def dependency_error(exc: BaseException) -> JSONResponse | None:
+def dependency_error(exc: BaseException, detail: Any = None) -> JSONResponse | None:
     """The 503 answer for a database, Redis or network failure; None for any other error."""
     if isinstance(exc, RetryLater):
         headers = {"Retry-After": str(exc.retry_after)}
-        return error_response(503, exc.error, exc.message, headers=headers)
+        return error_response(503, exc.error, exc.message, detail, headers=headers)
     if isinstance(exc, DBAPIError):
         return error_response(
-            503, "database_unavailable", "the database is unavailable; retry later"
+            503, "database_unavailable", "the database is unavailable; retry later", detail
         )
     if isinstance(exc, RedisError):
-        return error_response(503, "redis_unavailable", "Redis is unavailable; retry later")
+        return error_response(503, "redis_unavailable", "Redis is unavailable; retry later", detail)
     if isinstance(exc, OSError):
         return error_response(
-            503, "dependency_unavailable", "a dependency is unreachable; retry later"
+            503, "dependency_unavailable", "a dependency is unreachable; retry later", detail
         )
     return None

@@ -7,35 +7,45 @@ of any API reports the same numbers.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import read_db, stream, write_db
+from . import diagnosis, read_db, write_db
 from .config import Settings
 
 
 async def stack_figures(
-    write_engine: AsyncEngine, read_engine: AsyncEngine, redis: Redis, settings: Settings
+    write_engine: AsyncEngine,
+    read_engine: AsyncEngine,
+    redis: Redis,
+    settings: Settings,
+    health: diagnosis.Diagnosis | None = None,
 ) -> dict[str, Any]:
-    """Return the figures of the original /stats plus lag; Redis being down is reported."""
+    """Return the figures of the original /stats plus lag; Redis being down is reported.
+
+    The stream's figures come from ``health`` (diagnosis.py: one reading of the group for
+    every view), read here when not given.
+    """
     written = await write_db.counts(write_engine, settings.stats_exact_count_max)
     projected = await read_db.projector_figures(read_engine, settings.stats_exact_count_max)
-    try:
-        # Bounded: a hung Redis (accepts, never answers) is reported as unavailable, not waited
-        # on for a socket timeout.
-        async with asyncio.timeout(settings.redis_timeout):
-            group = await stream.group_info(
-                redis, settings.event_stream_name, settings.consumer_group
-            )
-            dead = await redis.xlen(settings.dead_letter_stream)
-        redis_up = True
-    except (RedisError, OSError):  # TimeoutError is an OSError
-        group, dead, redis_up = {"pending": 0, "undelivered": 0, "length": 0}, 0, False
+    if health is None:
+        # Bounded: a hung Redis (accepts, never answers) is reported as unavailable, not
+        # waited on for a socket timeout.
+        group = await diagnosis.read_stream(
+            redis,
+            settings.event_stream_name,
+            settings.consumer_group,
+            settings.projector_stopped_after,
+            settings.redis_timeout,
+        )
+        dead = await diagnosis.read_dead_letters(
+            redis, settings.dead_letter_stream, settings.redis_timeout
+        )
+    else:
+        group, dead = health.stream, health.dead_letters
     estimated = bool(
         written["commands_estimated"]
         or projected["records_estimated"]
@@ -62,10 +72,10 @@ async def stack_figures(
         "last_projected_position": projected["last_projected_position"],
         "lag_events": lag_events,
         "lag_seconds": round(lag_seconds, 3),
-        "stream_length": group["length"],
-        "pending_entries": group["pending"],
-        "undelivered_entries": group["undelivered"],
-        "dead_letters": int(dead),
-        "redis_available": redis_up,
+        "stream_length": group.length,
+        "pending_entries": group.pending,
+        "undelivered_entries": group.undelivered,
+        "dead_letters": dead.count if dead is not None else 0,
+        "redis_available": group.reachable,
         "counts_estimated": estimated,
     }

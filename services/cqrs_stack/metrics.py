@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 REQUESTS = Counter(
     "cqrs_http_requests_total", "HTTP requests answered", ["route", "method", "status"]
@@ -46,6 +55,59 @@ READ_COUNTS_FLUSHED = Counter("cqrs_read_counts_flushed_total", "Reads counted i
 READ_COUNTS_DROPPED = Counter(
     "cqrs_read_counts_dropped_total",
     "Reads answered but not counted: READ_COUNT_MAX_KEYS keys were waiting for a flush",
+)
+
+# The pipeline's health (diagnosis.py), refreshed by each projector every
+# PROJECTOR_HEALTH_INTERVAL seconds from Redis and the read DB: every replica reports the same
+# group, so alert on max() over replicas. Left at the last reading while Redis is unreachable.
+PROJECTION_LAG_EVENTS = Gauge(
+    "cqrs_projection_lag_events",
+    "Stream entries the consumer group has not acknowledged: undelivered plus pending",
+)
+PROJECTION_LAG_SECONDS = Gauge(
+    "cqrs_projection_lag_seconds",
+    "Age of the oldest stream entry not acknowledged yet (0 when none)",
+)
+PROJECTION_OLDEST_PENDING_SECONDS = Gauge(
+    "cqrs_projection_oldest_pending_seconds",
+    "Age of the oldest entry delivered to a consumer and not acknowledged (0 when none)",
+)
+
+
+class _DeadLetterEntries:
+    """The gauge ``cqrs_dead_letters`` beside the counter ``cqrs_dead_letters_total``.
+
+    prometheus_client names a counter's family without ``_total`` and refuses a second
+    collector of that name, although the exposition holds two distinct metrics
+    (``cqrs_dead_letters_total`` and ``cqrs_dead_letters``). Describing no names (the
+    registry's check) and collecting the one gauge keeps both.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        """Set the gauge to ``value``."""
+        self.value = float(value)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "cqrs_dead_letters", "Entries in the dead-letter stream", value=self.value
+        )
+
+
+DEAD_LETTER_ENTRIES = _DeadLetterEntries()
+REGISTRY.register(DEAD_LETTER_ENTRIES)  # type: ignore[arg-type]
+OLDEST_DEAD_LETTER_SECONDS = Gauge(
+    "cqrs_oldest_dead_letter_seconds", "Age of the oldest entry in the dead-letter stream"
+)
+CATCHUP_WATERMARK_AGE_SECONDS = Gauge(
+    "cqrs_catchup_watermark_age_seconds",
+    "Time since the catch-up sweep last swept, or the age of the oldest write-DB transaction"
+    " pinning its watermark when longer",
 )
 
 

@@ -320,3 +320,9 @@ class StatsResponse(BaseModel):
         description="True when a table held more than STATS_EXACT_COUNT_MAX rows: the record"
         " counts, events_published and lag_events are then the planner's estimates",
     )
+    health: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Why the projection is behind (verdict ok/degraded/stalled, reason, the"
+        " group's consumers and oldest pending entry, dead letters, the catch-up watermark"
+        " and the write-DB transactions pinning it): see the README's /stats section",
+    )

@@ -24,7 +24,7 @@ from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import events, stream, write_db
+from . import diagnosis, events, stream, write_db
 from .config import Settings
 from .db import driver_connection, driver_of
 from .metrics import DEAD_LETTERS, DUPLICATES_SKIPPED, EVENTS_PROJECTED, PROJECTION_BATCH_SECONDS
@@ -150,12 +150,25 @@ class Projector:
             first_after=interval,
         )
         supervisor.run(
+            "health-gauges",
+            self._health_round,
+            until=stopping,
+            interval=self.settings.projector_health_interval,
+            essential=False,  # projection goes on without it; only the gauges go stale
+        )
+        supervisor.run(
             "ledger-pruner",
             self._prune_round,
             until=stopping,
             interval=self.settings.ledger_prune_interval,
             first_after=self.settings.ledger_prune_interval,
             essential=False,  # projection goes on without it; the ledger only grows meanwhile
+        )
+
+    async def _health_round(self) -> None:
+        """Refresh the health gauges (diagnosis.py): a bounded reading, outages included."""
+        diagnosis.record_gauges(
+            await diagnosis.diagnose(self.write_engine, self.read_engine, self.redis, self.settings)
         )
 
     async def _prune_round(self) -> float | None:

@@ -910,6 +910,47 @@ class ScaleSample(Model):
     replicas: int = Field(description="replicas ceil(lag / targetLag) asked for, within min..max")
 
 
+class OldestPending(Model):
+    """The oldest stream entry delivered and not acknowledged."""
+
+    id: str = Field(description="stream entry id")
+    age_seconds: float = Field(description="seconds since the entry was added")
+    consumer: str = Field(description="the consumer holding it")
+    deliveries: int = Field(description="times it was delivered")
+
+
+class ProjectionHealth(Model):
+    """Why the projection is behind, as the operator last read the consumer group."""
+
+    verdict: Literal["ok", "degraded", "stalled", "unknown"] = Field(
+        description="ok, degraded (progress, but lag over the target), stalled (no progress"
+        " while there is work) or unknown (the stream could not be read)"
+    )
+    reason: str = Field(description="the cause, in words")
+    lag_events: int | None = Field(
+        default=None,
+        json_schema_extra={"format": "int64"},
+        description="entries not acknowledged by the group: undelivered plus pending",
+    )
+    lag_seconds: float | None = Field(
+        default=None, description="age of the oldest entry not acknowledged"
+    )
+    oldest_pending: OldestPending | None = Field(
+        default=None, description="the oldest entry delivered and not acknowledged"
+    )
+    consumers: int | None = Field(default=None, description="consumers of the group")
+    stopped_consumers: list[str] | None = Field(
+        default=None, description="consumers idle past the bound while holding pending entries"
+    )
+
+
+class ProjectionProgress(Model):
+    """The last reading that moved: two readings over time tell "no progress"."""
+
+    marker: str = Field(description="changes whenever the group delivers or acknowledges")
+    since: float = Field(description="seconds since the epoch when the marker was first seen")
+
+
 class ProjectorStatus(Model):
     """The projector's replicas and lag."""
 
@@ -920,6 +961,12 @@ class ProjectorStatus(Model):
     recommendations: list[ScaleSample] | None = Field(
         default=None,
         description="the builtin scaler's recent replica counts (its stabilisation windows)",
+    )
+    health: ProjectionHealth | None = Field(
+        default=None, description="why the projection is behind (ProjectionStalled/Degraded)"
+    )
+    progress: ProjectionProgress | None = Field(
+        default=None, description="since when the consumer group has not moved"
     )
 
 

@@ -239,25 +239,5 @@ async def dead_letter(
     )
 
 
-async def group_info(redis: Redis, stream: str, group: str) -> dict[str, int]:
-    """Return pending entries and (on Redis 7) undelivered lag of the group; zeros if absent."""
-    try:
-        groups = await redis.xinfo_groups(stream)
-    except ResponseError:
-        return {"pending": 0, "undelivered": 0, "length": 0}
-    length = await redis.xlen(stream)
-    for info in groups:
-        name = info.get("name")
-        if (name.decode() if isinstance(name, bytes) else name) == group:
-            lag = info.get("lag")
-            return {
-                "pending": int(info.get("pending", 0)),
-                # Redis 6.2 does not report lag; the write DB figures cover it then.
-                "undelivered": int(lag) if lag is not None else 0,
-                "length": int(length),
-            }
-    return {"pending": 0, "undelivered": 0, "length": int(length)}
-
-
 def _id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value

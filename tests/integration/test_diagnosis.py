@@ -1,0 +1,211 @@
+"""Why the projection is behind, against real servers: a write-DB transaction pinning the
+catch-up watermark, a consumer that stopped, Redis down, the read DB refusing, the gauges."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from cqrs_stack import diagnosis
+from cqrs_stack.config import Settings, plain_database_url
+from cqrs_stack.db import create_engine
+from cqrs_stack.localservers import RedisServer
+from cqrs_stack.stream import ensure_group
+from tests.fixtures.stack import Stack, wait_until
+from tests.integration.test_guarantees import write_many
+
+GAUGES = (
+    "cqrs_projection_lag_events",
+    "cqrs_projection_lag_seconds",
+    "cqrs_projection_oldest_pending_seconds",
+    "cqrs_dead_letters",
+    "cqrs_oldest_dead_letter_seconds",
+    "cqrs_catchup_watermark_age_seconds",
+)
+
+
+def _settings(stack: Stack, **overrides: object) -> Settings:
+    return stack.settings.model_copy(update=overrides)
+
+
+async def _diagnose(stack: Stack, settings: Settings) -> diagnosis.Diagnosis:
+    return await diagnosis.diagnose(stack.write_engine, stack.read_engine, stack.redis, settings)
+
+
+def _gauges(text: str) -> dict[str, float]:
+    found = {}
+    for name in GAUGES:
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        if match:
+            found[name] = float(match.group(1))
+    return found
+
+
+async def test_a_transaction_pinning_the_watermark_is_named_until_it_commits(
+    stack: Stack,
+) -> None:
+    """An idle-in-transaction write-DB session with an xid, open while commands commit after
+    it: the sweep passes it, and the explanation names its xid, pid, application and state,
+    the verdict is degraded once it is older than PROJECTION_LAG_TARGET; after its commit the
+    pin clears. The projector's gauges show the watermark's age meanwhile."""
+    target = {"PROJECTION_LAG_TARGET": "1", "PROJECTOR_HEALTH_INTERVAL": "0.2"}
+    stack.env.update(target)
+    settings = _settings(stack, projection_lag_target=1.0)
+    api = await stack.launch("api")
+    projector = await stack.launch("projector")
+    holder = await asyncpg.connect(
+        plain_database_url(settings.write_db_url), server_settings={"application_name": "psql"}
+    )
+    try:
+        await holder.execute("BEGIN")
+        xid = int(await holder.fetchval("SELECT pg_current_xact_id()::text"))
+        pid = await holder.fetchval("SELECT pg_backend_pid()")
+        await write_many(api.url, 20, keys=5)
+        await stack.assert_converges()  # the pin holds back nothing but its own commands
+
+        seen: list[dict[str, object]] = []
+
+        async def named() -> bool:
+            found = await _diagnose(stack, settings)
+            seen[:] = [found.as_dict()]
+            return found.judgement.verdict == "degraded" and any(
+                p.xid == xid for p in found.catch_up.pinned_by
+            )
+
+        try:
+            await wait_until(named, 20, f"the pinning transaction {xid} named")
+        except pytest.fail.Exception:
+            pytest.fail(f"transaction {xid} not named as pinning; last reading: {seen}")
+        found = await _diagnose(stack, settings)
+        pin = found.catch_up.pinned_by[0]
+        assert (pin.xid, pin.pid, pin.application_name) == (xid, pid, "psql")
+        assert pin.state == "idle in transaction"
+        assert pin.open_seconds is not None and pin.open_seconds >= 1.0
+        assert found.catch_up.watermark is not None and found.catch_up.watermark <= xid
+        assert found.judgement.reason.startswith(
+            f"catch-up watermark pinned by write-DB transaction {xid} (pid {pid}, app 'psql',"
+            " idle in transaction for "
+        )
+        async with httpx.AsyncClient(timeout=10) as client:
+            stats = (await client.get(f"{api.url}/stats")).json()
+            assert stats["health"]["verdict"] == "degraded"
+            assert stats["health"]["catch_up"]["pinned_by"][0]["pid"] == pid
+            assert stats["lag_events"] == 0  # the existing fields stay
+
+            async def gauged() -> bool:
+                body = (await client.get(f"{projector.url}/metrics")).text
+                gauges = _gauges(body)
+                return len(gauges) == len(GAUGES) and (
+                    gauges["cqrs_catchup_watermark_age_seconds"] >= 1.0
+                )
+
+            await wait_until(gauged, 10, "the projector's gauges")
+            gauges = _gauges((await client.get(f"{projector.url}/metrics")).text)
+            assert gauges["cqrs_projection_lag_events"] == 0
+            assert gauges["cqrs_dead_letters"] == 0
+        await holder.execute("COMMIT")
+
+        async def cleared() -> bool:
+            found = await _diagnose(stack, settings)
+            return not found.catch_up.pinned_by and found.judgement.verdict == "ok"
+
+        await wait_until(cleared, 20, "the pin to clear after the commit")
+    finally:
+        await holder.close()
+
+
+async def test_a_consumer_that_read_and_never_acks_is_named_with_its_entries(
+    stack: Stack,
+) -> None:
+    """No projector; a consumer took three entries and never acknowledged them: past
+    PROJECTOR_STOPPED_AFTER it is named as stopped, with its oldest pending entry, and with
+    nobody else reading the verdict is stalled."""
+    settings = _settings(stack, projector_stopped_after=1.0)
+    name, group = settings.event_stream_name, settings.consumer_group
+    await ensure_group(stack.redis, name, group)
+    ids = [(await stack.redis.xadd(name, {"type": "put", "n": str(i)})).decode() for i in range(5)]
+    await stack.redis.xreadgroup(group, "ghost", {name: ">"}, count=3)
+
+    fresh = await _diagnose(stack, settings)
+    assert fresh.judgement.verdict != "stalled"  # within the bound: still a reader
+    ghost = fresh.stream.consumers[0]
+    assert (ghost.name, ghost.pending, ghost.stopped) == ("ghost", 3, False)
+    assert fresh.stream.lag_events == 5 and fresh.stream.undelivered == 2
+
+    async def stalled() -> bool:
+        return (await _diagnose(stack, settings)).judgement.verdict == "stalled"
+
+    await wait_until(stalled, 10, "the consumer to count as stopped")
+    found = await _diagnose(stack, settings)
+    ghost = found.stream.consumers[0]
+    assert ghost.stopped and ghost.idle_seconds > 1.0
+    assert ghost.oldest_pending is not None
+    assert (ghost.oldest_pending.entry_id, ghost.oldest_pending.deliveries) == (ids[0], 1)
+    assert found.stream.oldest_pending == ghost.oldest_pending
+    assert found.stream.lag_seconds >= ghost.oldest_pending.age_seconds
+    assert "no consumer reads the stream" in found.judgement.reason
+    assert (
+        "'ghost' idle" in found.judgement.reason and "holding 3 pending" in found.judgement.reason
+    )
+    assert ids[0] in found.judgement.reason
+    assert found.as_dict()["stream"]["stopped_consumers"] == ["ghost"]
+
+
+async def test_redis_down_is_named_in_the_diagnosis_and_status(
+    stack: Stack, redis_factory: Callable[[], RedisServer]
+) -> None:
+    server = redis_factory()
+    stack.use_redis(server)
+    settings = stack.settings
+    server.kill()
+    found = await _diagnose(stack, settings)
+    assert not found.stream.reachable and found.dead_letters is None
+    assert found.judgement.verdict == "degraded"
+    assert found.judgement.reason.startswith("Redis unreachable (")
+    done = subprocess.run(
+        [sys.executable, "-m", "cqrs_stack.cli", "status", "--json"],
+        env={**stack.env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    health = json.loads(done.stdout)["health"]
+    assert health["redis_reachable"] is False
+    assert health["reason"].startswith("Redis unreachable")
+
+
+async def test_a_read_db_refusing_is_named_without_its_credentials(stack: Stack) -> None:
+    """A read DB that refuses the login: the verdict is stalled and names the error class
+    and SQLSTATE, never the password."""
+    wrong = "not-the-password-42"
+    url = re.sub(r"://([^:]+):[^@]*@", rf"://\1:{wrong}@", stack.settings.read_db_url)
+    settings = _settings(stack, read_db_url=url)
+    engine = create_engine(url, settings, application_name="test")
+    try:
+        found = await diagnosis.diagnose(stack.write_engine, engine, stack.redis, settings)
+    finally:
+        await engine.dispose()
+    assert found.judgement.verdict == "stalled"
+    assert found.judgement.reason == "read DB refusing: InvalidPasswordError (SQLSTATE 28P01)"
+    assert not found.catch_up.available
+    assert wrong not in json.dumps(found.as_dict())
+
+
+async def test_dead_letters_are_counted_with_the_oldest_age(stack: Stack) -> None:
+    settings = stack.settings
+    redis: Redis = stack.redis
+    await redis.xadd(settings.dead_letter_stream, {"dead_letter_reason": "poison"})
+    await redis.xadd(settings.dead_letter_stream, {"dead_letter_reason": "poison"})
+    found = await _diagnose(stack, settings)
+    assert found.dead_letters is not None and found.dead_letters.count == 2
+    assert found.dead_letters.oldest_seconds is not None
+    assert 0 <= found.dead_letters.oldest_seconds < 60
