@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cqrs_stack.localservers import free_port
 from tests.chart.chart import CHART, one, render
-from tests.chart.promql import exported_names, metric_names, unexported, unmatched
+from tests.chart.promql import exported_names, metric_names, selectors, unexported, unmatched
 from tests.fixtures.stack import Stack
 from tests.operator.fixtures_operator import Operator, wait_until
 
@@ -139,3 +139,16 @@ async def test_alerts_and_dashboard_read_only_metrics_the_services_export(
     assert unexported([*exprs, bogus], exported) == {bogus: {"cqrs_no_such_metric_total"}}
     typo = 'rate(cqrs_http_requests_total{route="/writes"}[5m])'
     assert unmatched([typo], samples, TARGET_LABELS)
+
+
+def test_the_scanner_reads_every_metric_name_and_nothing_else() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (le, route)"
+        ' (rate(a_seconds_bucket{route="/read/{key:key}", stack=~"$stack"}[$__rate_interval])))'
+        " > 1e3 and on (namespace, stack) max without (pod)"
+        " (b_total offset 5m) / ignoring (x) group_left (y) c unless absent(d) or e > bool 2"
+    )
+    assert metric_names(expr) == {"a_seconds_bucket", "b_total", "c", "d", "e"}
+    assert metric_names('label_values(f{namespace="$namespace"}, stack)') == {"f"}
+    assert metric_names("label_values(namespace)") == set()
+    assert next(selectors(expr)) == ("a_seconds_bucket", {"route": "/read/{key:key}"})
