@@ -10,6 +10,11 @@
   while a stack's Ready condition is True, else 0. Both come from the watch of the stacks (what
   the API server holds), so a restarted operator reports every stack from its first listing,
   and a deleted stack leaves both.
+- ``cqrs_operator_stack_lag_events{namespace,stack}``: the stream entries a stack's projector
+  group has not acknowledged, as the operator last read them from Redis (``status.projector.lag``,
+  every reconcile). It comes from the operator, not the projector, so it keeps reporting a
+  backlog while no projector runs or answers scrapes; a stack whose lag could not be read yet
+  has no sample.
 
 The registry is the operator's alone: the services' metrics (cqrs_stack.metrics, importable in
 this process) never appear on the operator's port.
@@ -103,9 +108,9 @@ class StackCollector(Collector):
     known state (kept by :meth:`observe` / :meth:`forget` from the watch)."""
 
     def __init__(self) -> None:
-        # (namespace, name) -> (phase, ready). Written on the event loop, read by the
-        # exporter's thread: a copy is taken before iterating.
-        self._stacks: dict[tuple[str, str], tuple[str, bool]] = {}
+        # (namespace, name) -> (phase, ready, lag or None). Written on the event loop, read by
+        # the exporter's thread: a copy is taken before iterating.
+        self._stacks: dict[tuple[str, str], tuple[str, bool, int | None]] = {}
 
     def observe(self, body: Mapping[str, Any]) -> None:
         """Record a stack as the API server last showed it."""
@@ -114,7 +119,9 @@ class StackCollector(Collector):
         phase = "Deleting" if meta.get("deletionTimestamp") else st.get("phase") or "Provisioning"
         conditions = {c.get("type"): c.get("status") for c in st.get("conditions") or []}
         ready = conditions.get(stack_status.READY) == "True"
-        self._stacks[(meta["namespace"], meta["name"])] = (phase, ready)
+        lag = (st.get("projector") or {}).get("lag")
+        known = lag if isinstance(lag, int) and not isinstance(lag, bool) else None
+        self._stacks[(meta["namespace"], meta["name"])] = (phase, ready, known)
 
     def forget(self, namespace: str, name: str) -> None:
         """A stack is gone: it leaves both metrics."""
@@ -126,7 +133,7 @@ class StackCollector(Collector):
             "cqrs_operator_stacks", "Stacks in the watched namespaces by phase", labels=["phase"]
         )
         counts = dict.fromkeys(stack_status.PHASES, 0)
-        for phase, _ in stacks.values():
+        for phase, _, _ in stacks.values():
             counts[phase] = counts.get(phase, 0) + 1
         for phase, count in counts.items():
             by_phase.add_metric([phase], count)
@@ -136,9 +143,19 @@ class StackCollector(Collector):
             "1 while the stack's Ready condition is True, else 0",
             labels=["namespace", "stack"],
         )
-        for (namespace, name), (_, is_ready) in sorted(stacks.items()):
+        for (namespace, name), (_, is_ready, _) in sorted(stacks.items()):
             ready.add_metric([namespace, name], 1 if is_ready else 0)
         yield ready
+        lag = GaugeMetricFamily(
+            "cqrs_operator_stack_lag_events",
+            "Stream entries the stack's projector group has not acknowledged, as the operator "
+            "last read them",
+            labels=["namespace", "stack"],
+        )
+        for (namespace, name), (_, _, events) in sorted(stacks.items()):
+            if events is not None:
+                lag.add_metric([namespace, name], events)
+        yield lag
 
 
 STACKS = StackCollector()

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
 
 from cqrs_stack.localservers import free_port
 from tests.operator.fixtures_operator import Operator, Stacks, stack_manifest, wait_until
@@ -120,6 +121,50 @@ async def test_stack_metrics_follow_create_phase_delete_and_a_restart(
         )
 
     await wait_metrics(url, operator, "the deleted stack gone from the metrics", gone)
+
+
+async def test_stack_lag_is_exported_by_the_operator_while_no_projector_runs(
+    kube_apiserver: Any,
+    namespace: str,
+    stacks: Stacks,
+    operator_factory: Callable[..., Operator],
+    write_pg: Any,
+    read_pg: Any,
+    redis_server: Any,
+    fresh_names: str,
+) -> None:
+    """No projector runs here (no kubelet): the backlog added to the stream is what the
+    operator reads from Redis and exports, the signal that survives a stopped projector."""
+    operator, url = start_with_metrics(operator_factory, kube_apiserver.kubeconfig, namespace)
+    await stacks.create(stack_manifest("lagging", fresh_names, write_pg, read_pg, redis_server.url))
+    await stacks.wait_ready("lagging", operator)
+
+    def lag_is(events: int) -> Callable[[Samples], bool]:
+        def check(s: Samples) -> bool:
+            found = value(s, "cqrs_operator_stack_lag_events", namespace=namespace, stack="lagging")
+            return found == events
+
+        return check
+
+    await wait_metrics(url, operator, "a lag of 0 once the stream exists", lag_is(0))
+    redis = Redis.from_url(redis_server.url)
+    try:
+        for i in range(7):
+            await redis.xadd(
+                f"{namespace}.lagging-events", {"type": "RecordCreated", "position": str(i + 1)}
+            )
+        await wait_metrics(url, operator, "the 7 undelivered entries", lag_is(7))
+    finally:
+        await redis.aclose()
+    await stacks.delete("lagging")
+    await stacks.wait_gone("lagging", operator)
+    await wait_metrics(
+        url,
+        operator,
+        "the deleted stack's lag gone",
+        lambda s: value(s, "cqrs_operator_stack_lag_events", namespace=namespace, stack="lagging")
+        is None,
+    )
 
 
 async def test_a_metrics_port_in_use_is_refused_with_a_clear_error(
