@@ -27,6 +27,9 @@ from tests.chart.test_render import STANDARD_LABELS
 
 MONITORING_API = "monitoring.coreos.com/v1"
 MONITORS = ("PodMonitor", "ServiceMonitor", "PrometheusRule")
+# What a cluster with the Prometheus Operator's CRDs serves: each kind (helm's capabilities
+# list "group/version/Kind" beside "group/version").
+SERVED = (MONITORING_API, *(f"{MONITORING_API}/{kind}" for kind in MONITORS))
 ALL_ON = (
     "monitoring.podMonitor.enabled=true",
     "monitoring.serviceMonitor.enabled=true",
@@ -39,6 +42,9 @@ ALERTS = {
     "CqrsCatchUpWatermarkStalled",
     "CqrsStackNotReady",
     "CqrsOperatorReconcileErrors",
+    "CqrsProjectionBacklogHigh",
+    "CqrsProjectorDown",
+    "CqrsOperatorDown",
 }
 
 
@@ -69,7 +75,7 @@ def test_monitors_render_where_the_api_is_served_and_select_stacks_and_operator(
         None,
         "monitoring.podMonitor.enabled=true",
         "monitoring.prometheusRule.enabled=true",
-        api_versions=(MONITORING_API,),
+        api_versions=SERVED,
     )
     monitor = one(docs, "PodMonitor")
     assert monitor["apiVersion"] == MONITORING_API
@@ -92,7 +98,7 @@ def test_monitors_render_where_the_api_is_served_and_select_stacks_and_operator(
     # Each endpoint's port is a named container port of the pods it scrapes.
     assert "metrics" in port_names(operator_pod(docs))
     assert endpoints["metrics"]["honorLabels"] is True  # the operator's own namespace labels
-    targets = {r["targetLabel"] for r in endpoints["http"]["relabelings"]}
+    targets = {r.get("targetLabel") for r in endpoints["http"]["relabelings"]} - {None}
     assert {"stack", "component"} <= targets
     rule = one(docs, "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
@@ -101,7 +107,7 @@ def test_monitors_render_where_the_api_is_served_and_select_stacks_and_operator(
 
 
 def test_service_monitor_scrapes_the_operator_and_the_pod_monitor_then_does_not() -> None:
-    docs = render(None, *ALL_ON, api_versions=(MONITORING_API,))
+    docs = render(None, *ALL_ON, api_versions=SERVED)
     service = named(docs, "Service", "cqrs-cqrs-stack-operator-metrics")
     pod = operator_pod(docs)
     assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])
@@ -121,7 +127,7 @@ def test_cluster_wide_pod_monitor_watches_every_namespace() -> None:
         None,
         "monitoring.podMonitor.enabled=true",
         "rbac.clusterWide=true",
-        api_versions=(MONITORING_API,),
+        api_versions=SERVED,
     )
     assert one(docs, "PodMonitor")["spec"]["namespaceSelector"] == {"any": True}
 
@@ -142,7 +148,7 @@ def test_monitors_are_skipped_without_the_api_and_notes_say_why(tmp_path: Path) 
     ):
         assert f"{kind} (monitoring.{key}.enabled)" in line
     assert MONITORING_API in notes
-    served = render_notes(*ALL_ON, api_versions=(MONITORING_API,), workdir=tmp_path / "with")
+    served = render_notes(*ALL_ON, api_versions=SERVED, workdir=tmp_path / "with")
     assert "Monitoring: skipped" not in served
     # Nothing asked for, nothing said.
     assert "Monitoring:" not in render_notes(workdir=tmp_path / "off")
@@ -175,7 +181,7 @@ def test_dashboard_configmap_carries_the_sidecar_label_and_valid_json() -> None:
 
 
 def test_nothing_monitoring_renders_by_default() -> None:
-    docs = render(None, api_versions=(MONITORING_API,))
+    docs = render(None, api_versions=SERVED)
     for kind in MONITORS:
         assert not of_kind(docs, kind), kind
     assert not [
@@ -193,7 +199,7 @@ def test_alert_thresholds_come_from_the_values() -> None:
         "monitoring.prometheusRule.projectionLag.seconds=30",
         "monitoring.prometheusRule.projectionLag.for=2m",
         "monitoring.prometheusRule.alertLabels.team=payments",
-        api_versions=(MONITORING_API,),
+        api_versions=SERVED,
     )
     rules = {
         r["alert"]: r for g in one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]
@@ -232,7 +238,7 @@ def test_metrics_and_liveness_ports_must_differ() -> None:
 
 
 def test_monitoring_objects_carry_the_standard_labels() -> None:
-    docs = render(None, *ALL_ON, api_versions=(MONITORING_API,))
+    docs = render(None, *ALL_ON, api_versions=SERVED)
     objects = [d for kind in MONITORS for d in of_kind(docs, kind)]
     objects += [named(docs, "ConfigMap", "cqrs-cqrs-stack-dashboard")]
     objects += [named(docs, "Service", "cqrs-cqrs-stack-operator-metrics")]

@@ -22,7 +22,7 @@ from tests.chart.promql import exported_names, metric_names, selectors, unexport
 from tests.fixtures.stack import Stack
 from tests.operator.fixtures_operator import Operator, wait_until
 
-MONITORING_API = "monitoring.coreos.com/v1"
+MONITORING_API = "monitoring.coreos.com/v1/PrometheusRule"
 # Labels the scrape adds (the PodMonitor's relabelings, Prometheus's own): not the services'.
 TARGET_LABELS = {"namespace", "stack", "component", "pod", "job", "instance", "container"}
 # The projector's gauges that alerting needs (services/cqrs_stack/metrics.py).
