@@ -456,7 +456,7 @@ def test_extra_labels_naming_chart_labels_are_merged_not_duplicated() -> None:
         "monitoring.prometheusRule.labels.app\\.kubernetes\\.io/name=other",
     )
     out = helm(*template_args(None, *sets, api_versions=SERVED)).stdout
-    docs = [d for d in yaml.load_all(out, Loader=_UniqueKeyLoader) if d]  # noqa: S506
+    docs = [d for d in yaml.load_all(out, Loader=_UniqueKeyLoader) if d]
     rules = rules_of(docs)
     assert rules["CqrsProjectionLagHigh"]["labels"] == {"severity": "warning", "team": "payments"}
     assert rules["CqrsProjectorDown"]["labels"]["severity"] == "critical"
