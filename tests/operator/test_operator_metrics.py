@@ -162,8 +162,9 @@ async def test_stack_lag_is_exported_by_the_operator_while_no_projector_runs(
         url,
         operator,
         "the deleted stack's lag gone",
-        lambda s: value(s, "cqrs_operator_stack_lag_events", namespace=namespace, stack="lagging")
-        is None,
+        lambda s: (
+            value(s, "cqrs_operator_stack_lag_events", namespace=namespace, stack="lagging") is None
+        ),
     )
 
 
