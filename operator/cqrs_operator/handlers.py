@@ -29,6 +29,7 @@ from typing import Any
 import kopf
 
 from . import kube, leadership, reconcile, rotation
+from . import metrics as operator_metrics
 from . import status as stack_status
 from .errors import ProvisioningError
 from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
@@ -143,6 +144,7 @@ def _report(body: kopf.Body, status: Mapping[str, Any], outcome: reconcile.Outco
             kopf.warn(body, reason=cond.reason, message=f"{cond.type}: {cond.message}")
 
 
+@operator_metrics.instrumented
 async def _reconcile(
     body: kopf.Body,
     spec: Mapping[str, Any],
@@ -222,6 +224,17 @@ async def reverify_stack(
     await _reconcile(body, spec, meta, status, patch, memo)
 
 
+@kopf.on.event(*RESOURCE)
+async def watch_stack(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Keep the stack metrics (phase, Ready) as the API server shows each stack: its initial
+    listing after a start, every change (the status patches included), its deletion."""
+    meta = body.get("metadata") or {}
+    if event["type"] == "DELETED":
+        operator_metrics.STACKS.forget(meta["namespace"], meta["name"])
+    else:
+        operator_metrics.STACKS.observe(body)
+
+
 @kopf.on.delete(*RESOURCE)
 async def delete_stack(meta: kopf.Meta, **kwargs: Any) -> None:
     """deletionPolicy Delete drops the databases, role and stream this stack created (never
@@ -234,6 +247,8 @@ async def delete_stack(meta: kopf.Meta, **kwargs: Any) -> None:
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
         await _delete(meta=meta, **kwargs)
     _LOCKS.pop(meta["uid"], None)
+    # A DELETED watch event can be missed (a watch restarted): the stack is gone all the same.
+    operator_metrics.STACKS.forget(meta["namespace"], meta["name"])
 
 
 async def _delete(

@@ -60,6 +60,8 @@ PROJECTION_DEGRADED = "ProjectionDegraded"
 PAUSED = "ReconciliationPaused"
 READY = "Ready"
 READY_PARTS = (DATABASES, MIGRATIONS, STREAM, WORKLOADS, AVAILABLE)
+# Every phase() a stack can be in (the operator exports a count of each, 0 included).
+PHASES = ("Provisioning", "Ready", "Degraded", "Failed", "Deleting")
 # Reasons of a part that is on its way, not failing.
 PENDING_REASONS = (
     "",

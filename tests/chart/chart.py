@@ -6,6 +6,7 @@ Every test of tests/chart goes through :func:`render` (``helm template``) or :fu
 from __future__ import annotations
 
 import base64
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,12 +50,16 @@ def template_args(
     *sets: str,
     release: str = RELEASE,
     namespace: str = NAMESPACE,
+    api_versions: tuple[str, ...] = (),
+    chart: Path = CHART,
 ) -> list[str]:
-    args = ["template", release, str(CHART), "--namespace", namespace]
+    args = ["template", release, str(chart), "--namespace", namespace]
     if values_file is not None:
         args += ["--values", str(values_file)]
     for value in sets:
         args += ["--set", value]
+    for api in api_versions:  # what the cluster serves beyond the built-in APIs
+        args += ["--api-versions", api]
     return args
 
 
@@ -63,10 +68,33 @@ def render(
     *sets: str,
     release: str = RELEASE,
     namespace: str = NAMESPACE,
+    api_versions: tuple[str, ...] = (),
 ) -> list[Doc]:
     """``helm template`` of the whole chart, as a list of objects."""
-    done = helm(*template_args(values_file, *sets, release=release, namespace=namespace))
+    done = helm(
+        *template_args(
+            values_file, *sets, release=release, namespace=namespace, api_versions=api_versions
+        )
+    )
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def render_notes(*sets: str, api_versions: tuple[str, ...] = (), workdir: Path) -> str:
+    """NOTES.txt as ``helm install`` would print it (``helm template`` prints no notes): a copy
+    of the chart in ``workdir`` renders it through a probe template, with the same values."""
+    chart = workdir / CHART.name
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_probe.tpl").write_text(
+        '{{- define "probe.notes" }}' + notes + "{{- end }}"
+    )
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        'notes: {{ include "probe.notes" . | toJson }}\n'
+    )
+    args = template_args(None, *sets, api_versions=api_versions, chart=chart)
+    done = helm(*args, "--show-only", "templates/notes-probe.yaml")
+    text: str = yaml.safe_load(done.stdout)["notes"]
+    return text
 
 
 def render_error(*sets: str, values_file: Path | None = None) -> str:
