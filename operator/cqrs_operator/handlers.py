@@ -16,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, reconcile, rotation
+from . import kube, rebuild_job, reconcile, rotation
 from . import status as stack_status
 from .errors import ProvisioningError
 from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
@@ -75,13 +75,15 @@ def _parse(
 def _report(body: kopf.Body, status: Mapping[str, Any], outcome: reconcile.Outcome) -> None:
     """Events: one per change; a Warning per failed part whose reason is new."""
     for change in outcome.changes:
-        kopf.info(body, reason=change.reason, message=change.message)
+        event = kopf.warn if change.warning else kopf.info
+        event(body, reason=change.reason, message=change.message)
     before = {c.get("type"): c for c in status.get("conditions") or []}
     for cond in outcome.conditions:
         old = before.get(cond.type, {})
         # A part on its way (a rollout, a rotation) is no failure: no Warning for it.
         if (
             cond.status is False
+            and cond.type != stack_status.REBUILDING  # its Events are the rebuild's own
             and cond.reason not in stack_status.PENDING_REASONS
             and (old.get("status"), old.get("reason")) != ("False", cond.reason)
         ):
@@ -111,6 +113,7 @@ async def _reconcile(
             status,
             adopt=lambda manifest: kopf.adopt(manifest, owner=body),
             rotate=(meta.get("annotations") or {}).get(rotation.ROTATE_ANNOTATION, ""),
+            rebuild=(meta.get("annotations") or {}).get(rebuild_job.REBUILD_ANNOTATION, ""),
         )
     _report(body, status, outcome)
     patch.status.update(stack_status.summary(status, outcome.conditions, generation))

@@ -16,6 +16,10 @@ Conditions of a stack:
 - ``CredentialsCurrent``: False while a credential rotation is under way (reasons
   ``RotationPreparing``, ``RotationRollingOut``), True (``Current``) when the pods' login is
   the only one accepted. Not part of Ready: a rotation does not interrupt serving.
+- ``Rebuilding``: True while a rebuild Job of a read model runs, its reason the rebuild's
+  phase (``Pending``, ``Load``, ``CatchUp``, ``Verify``, ``Swap``); False after, with the
+  outcome (``Swapped``, ``Failed``, ``Cancelled``, ``RolledBack``; ``Idle`` before any). Not
+  part of Ready: the live model serves reads and writes throughout (rebuild_job.py).
 - ``Ready``: all of DatabasesReady, MigrationsApplied, StreamReady, WorkloadsReady and
   WorkloadsAvailable.
 
@@ -40,6 +44,7 @@ WORKLOADS = "WorkloadsReady"
 AVAILABLE = "WorkloadsAvailable"
 REDIS_ISOLATION = "RedisIsolation"
 CREDENTIALS = "CredentialsCurrent"
+REBUILDING = "Rebuilding"
 READY = "Ready"
 READY_PARTS = (DATABASES, MIGRATIONS, STREAM, WORKLOADS, AVAILABLE)
 # Reasons of a part that is on its way, not failing.
@@ -110,7 +115,7 @@ def merge_conditions(
 
 
 def _order(kind: str) -> tuple[int, str]:
-    known = (*READY_PARTS, REDIS_ISOLATION, CREDENTIALS, READY)
+    known = (*READY_PARTS, REDIS_ISOLATION, CREDENTIALS, REBUILDING, READY)
     return (known.index(kind) if kind in known else len(known), kind)
 
 
