@@ -10,11 +10,12 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -29,6 +30,9 @@ from .config import (
     redact_url,
 )
 from .resources import ROLES, Role
+
+if TYPE_CHECKING:
+    from .rebuild_progress import RunProgress
 
 log = logging.getLogger("cqrs_stack")
 
@@ -282,8 +286,25 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     bar = ProgressBar(sys.stderr)
 
     async def work(write_engine: Any, read_engine: Any) -> int:
+        # SIGTERM (a Job deleted, a pod evicted) stops it as Ctrl-C does: recorded as
+        # cancelled, the live version untouched.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            count = await rebuild(write_engine, read_engine, settings, bar.update, models)
+            count = await rebuild(
+                write_engine,
+                read_engine,
+                settings,
+                bar.show,
+                models,
+                run_id=args.run_id,
+                version=args.version,
+            )
+        except asyncio.CancelledError:
+            bar.close()
+            print("rebuild cancelled: the live read model is unchanged", file=sys.stderr)
+            return 130
         except RebuildError as exc:
             bar.close()
             print(f"rebuild failed: {exc}", file=sys.stderr)
@@ -358,23 +379,32 @@ def _dev(args: argparse.Namespace, settings: Settings) -> int:
 
 
 class ProgressBar:
-    """A one-line progress bar for a terminal; silent figures otherwise."""
+    """A one-line progress bar of a rebuild run for a terminal; one line per change otherwise.
+
+    It shows what the run's progress record says (``rebuild_progress.RunProgress``): phase,
+    percent, commands done of the total, rate and ETA.
+    """
 
     def __init__(self, out: Any, width: int = 40) -> None:
         self.out = out
         self.width = width
         self.tty = hasattr(out, "isatty") and out.isatty()
-        self._last_percent = -1
+        self._last: tuple[str, int] | None = None
 
-    def update(self, done: int, total: int) -> None:
-        """Show ``done`` of ``total``."""
-        percent = 100 if total == 0 else done * 100 // total
-        if percent == self._last_percent:
+    def show(self, run: RunProgress) -> None:
+        """Show the run as recorded."""
+        percent = int(run.percent)
+        if not self.tty and (run.phase, percent) == self._last:
             return
-        self._last_percent = percent
+        self._last = (run.phase, percent)
         filled = self.width * percent // 100
-        line = f"[{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}% {done}/{total}"
-        self.out.write(("\r" + line) if self.tty else (line + "\n"))
+        rate = "" if run.rate is None else f" {run.rate:,.0f}/s"
+        eta = "" if run.eta_seconds is None or run.finished else f" ETA {run.eta_seconds:.0f}s"
+        line = (
+            f"{run.phase:<9} [{'#' * filled}{'.' * (self.width - filled)}] {percent:3d}%"
+            f" {run.done}/{run.total}{rate}{eta}"
+        )
+        self.out.write(("\r" + line + "\x1b[K") if self.tty else (line + "\n"))
         self.out.flush()
 
     def close(self) -> None:
@@ -431,6 +461,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="rebuild only this read model (default: every one in READ_MODELS)",
+    )
+    rebuild.add_argument(
+        "--run-id",
+        default=None,
+        metavar="ID",
+        help="the id its progress is recorded under in rebuild_runs (default: a new one)",
+    )
+    rebuild.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the version being built (default: the live version + 1)",
     )
     rebuild.set_defaults(handler=_rebuild)
     status = command("status", "lag, counts, pending entries, dead letters")

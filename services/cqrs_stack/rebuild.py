@@ -47,12 +47,19 @@ from dataclasses import dataclass, field
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .config import Settings
+from .config import Settings, known_secrets, redact_text
 from .db import driver_of
 from .events import Command
 from .projections import Projection, apply_batch
 from .projections.base import PROGRESS_TABLE, Carried
 from .projections.records import Records
+from .rebuild_progress import (
+    INITIAL_VERSION,
+    ProgressWriter,
+    RunProgress,
+    live_versions,
+    new_run_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,8 @@ _PAGE_COMMANDS = 10_000
 # applied inside the swap, while the projectors wait.
 _SWAP_REMAINDER = 2_000
 _CATCH_UP_ROUNDS = 20
+# Ids per range of the load: each range is piped, projected and its staging emptied in turn.
+_LOAD_RANGE = 250_000
 # Bulk steps scale with the write DB, so they get their own bound instead of the per-statement
 # command timeout of request handling.
 _BULK_TIMEOUT = 6 * 3600.0
@@ -92,52 +101,104 @@ async def rebuild(
     write_engine: AsyncEngine,
     read_engine: AsyncEngine,
     settings: Settings,
-    progress: Callable[[int, int], None] = lambda done, total: None,
+    listener: Callable[[RunProgress], None] | None = None,
     models: Sequence[type[Projection]] = (Records,),
+    *,
+    run_id: str | None = None,
+    version: int | None = None,
 ) -> int:
     """Replace ``models`` with the projection of every command; return the command count.
 
     Readers are served from the live versions throughout and projectors keep projecting into
     them; the new versions are swapped in atomically at the end, with the read counts. See the
-    module's docstring for the steps and their locks.
+    module's docstring for the steps and their locks. The run is recorded in ``rebuild_runs``
+    as ``run_id`` (default: a new id) building ``version`` (default: the models' newest live
+    version + 1); ``listener`` is told each record of it (``rebuild_progress``).
     """
-    async with read_engine.connect() as rsession, write_engine.connect() as wsession:
-        rconn, wconn = await _driver(rsession), await _driver(wsession)
+    models = tuple(models)
+    async with (
+        read_engine.connect() as rsession,
+        read_engine.connect() as psession,
+        write_engine.connect() as wsession,
+    ):
+        rconn, pconn, wconn = (
+            await _driver(rsession),
+            await _driver(psession),
+            await _driver(wsession),
+        )
+        if version is None:
+            live = await live_versions(rconn)
+            version = max(live.get(model.name, INITIAL_VERSION) for model in models) + 1
+        writer = ProgressWriter(
+            pconn, run_id or new_run_id(), [m.name for m in models], version, listener
+        )
         if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
+            await writer.refused("another rebuild of this read DB is running")
             raise RebuildError("another rebuild of this read DB is running")
         try:
-            try:
-                done = await _build_and_swap(wconn, rconn, settings, progress, tuple(models))
-            except BaseException:
-                with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
-                    await _drop_versions(rconn)
-                raise
-            await _retire_previous(rconn)
+            await writer.start()
+            done = await _run(wconn, rconn, settings, writer, models)
         finally:
             with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
                 await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
-    progress(done, done)
     return done
+
+
+async def _run(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    settings: Settings,
+    writer: ProgressWriter,
+    models: tuple[type[Projection], ...],
+) -> int:
+    """Build and swap, recording how the run ends (done, failed or cancelled)."""
+    try:
+        try:
+            done = await _build_and_swap(wconn, rconn, settings, writer, models)
+        except BaseException:
+            with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
+                await _drop_versions(rconn)
+            raise
+        await _retire_previous(rconn)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        await writer.finish("cancelled", "the rebuild was stopped; the live version is unchanged")
+        raise
+    except BaseException as exc:
+        await writer.finish("failed", _reason(exc))
+        raise
+    await writer.advance(done, done)
+    await writer.finish("done")
+    return done
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a run failed, in one line without secrets (what rebuild_runs.error records)."""
+    text = str(exc) if isinstance(exc, RebuildError) else f"{type(exc).__name__}: {exc}"
+    return redact_text(text.strip(), known_secrets())[:2000]
 
 
 async def _build_and_swap(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     settings: Settings,
-    progress: Callable[[int, int], None],
+    writer: ProgressWriter,
     models: tuple[type[Projection], ...],
 ) -> int:
     """Load, catch up and swap; return the commands the new live version holds."""
     live = await _live_schema(rconn)
     await _create_shadow(rconn, live, models)
-    loaded = await _load(wconn, rconn, settings, progress, models)
+    loaded = await _load(wconn, rconn, settings, writer, models)
     loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
-    await _catch_up(wconn, rconn, live, loaded, settings)
+    await writer.enter("catch-up")
+    await _catch_up(wconn, rconn, live, loaded, settings, writer)
     caught_up = len(loaded.caught_up)
-    swapped = await _swap(wconn, rconn, live, loaded, settings)
+    await writer.enter("swap")
+    swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
     done = loaded.commands + caught_up + swapped
     log.info(
-        "rebuild swapped in commands=%d loaded=%d caught_up=%d at_swap=%d",
+        "rebuild swapped in run_id=%s version=%d commands=%d loaded=%d caught_up=%d at_swap=%d",
+        writer.run_id,
+        writer.version,
         done,
         loaded.commands,
         caught_up,
@@ -230,51 +291,68 @@ async def _load(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     settings: Settings,
-    progress: Callable[[int, int], None],
+    writer: ProgressWriter,
     models: tuple[type[Projection], ...] = (Records,),
 ) -> _Loaded:
-    """COPY one write-DB snapshot's commands into the shadow, and project them there."""
+    """COPY one write-DB snapshot's commands into the shadow, and project them there.
+
+    Range by range of ids (``_LOAD_RANGE``): each is piped into the staging table, projected
+    by every model, and the staging table emptied, so the run's progress moves with the load
+    and the staging table stays small. Every range is read in the one snapshot.
+    """
+    live = await _live_schema(rconn)
     await rconn.execute(
         f"CREATE UNLOGGED TABLE {_STAGED} (position bigint, key text, value text,"
         " event_type text, created_at timestamptz)"
     )
     async with wconn.transaction(isolation="repeatable_read", readonly=True):
-        total, last_id, last_at, snapshot = await wconn.fetchrow(
-            "SELECT count(*), coalesce(max(id), 0), max(created_at), pg_current_snapshot()::text"
-            " FROM commands"
+        total, low, high, last_at, snapshot = await wconn.fetchrow(
+            "SELECT count(*), coalesce(min(id), 1), coalesce(max(id), 0), max(created_at),"
+            " pg_current_snapshot()::text FROM commands"
         )
-        progress(0, total)
-        await _pipe(
-            wconn,
-            "SELECT id, key, value, event_type, created_at FROM commands",
-            rconn,
-            "staged_commands",
-            _STAGE_COLUMNS,
-            settings,
+        await writer.enter("load", 0, total)
+        done = 0
+        for start in range(low, high + 1, _LOAD_RANGE):
+            done += await _pipe(
+                wconn,
+                "SELECT id, key, value, event_type, created_at FROM commands"
+                f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
+                rconn,
+                "staged_commands",
+                _STAGE_COLUMNS,
+                settings,
+            )
+            await _project_staged(rconn, live, models)
+            await writer.advance(done)
+    if PROGRESS_TABLE in models[0].tables:
+        await rconn.execute(
+            f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
+            " (consumer, events_projected, last_position, last_event_at)"
+            " VALUES ($1, $2, $3, $4)",
+            REBUILD_CONSUMER,
+            total,
+            high,
+            last_at,
         )
-    live = await _live_schema(rconn)
-    for model in models:
-        async with rconn.transaction():
-            # The model's own statement, pointed at the shadow for this transaction only.
-            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+    await rconn.execute(f"DROP TABLE {_STAGED}")
+    await writer.advance(int(total))
+    return _Loaded(int(total), str(snapshot), models)
+
+
+async def _project_staged(
+    rconn: asyncpg.Connection, live: str, models: tuple[type[Projection], ...]
+) -> None:
+    """Apply the staged commands to each shadow model (its own statement), then empty it."""
+    async with rconn.transaction():
+        # The models' own statements, pointed at the shadow for this transaction only.
+        await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+        for model in models:
             await rconn.execute(
                 f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
                 timeout=_BULK_TIMEOUT,
             )
             await rconn.execute(model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT)
-            if PROGRESS_TABLE in model.tables:
-                await rconn.execute(
-                    f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
-                    " (consumer, events_projected, last_position, last_event_at)"
-                    " VALUES ($1, $2, $3, $4)",
-                    REBUILD_CONSUMER,
-                    total,
-                    last_id,
-                    last_at,
-                )
-    await rconn.execute(f"DROP TABLE {_STAGED}")
-    progress(total, total)
-    return _Loaded(int(total), str(snapshot), models)
+        await rconn.execute(f"TRUNCATE {_STAGED}")
 
 
 async def _pipe(
@@ -284,8 +362,9 @@ async def _pipe(
     table: str,
     columns: list[str],
     settings: Settings,
-) -> None:
-    """Binary COPY ``query``'s rows into the shadow's ``table`` (COPY out → COPY in).
+) -> int:
+    """Binary COPY ``query``'s rows into the shadow's ``table`` (COPY out → COPY in); return
+    how many rows.
 
     The chunks in flight between the two connections never exceed REBUILD_BATCH_MAX_BYTES
     (beyond one chunk of at most one row and a socket read), so memory does not grow with the
@@ -310,7 +389,7 @@ async def _pipe(
 
     async with asyncio.TaskGroup() as group:
         group.create_task(produce())
-        group.create_task(
+        copied = group.create_task(
             target.copy_to_table(
                 table,
                 source=feed(),
@@ -320,6 +399,7 @@ async def _pipe(
                 timeout=_BULK_TIMEOUT,
             )
         )
+    return int(copied.result().rpartition(" ")[2])  # its status: "COPY <rows>"
 
 
 class _ChunkQueue:
@@ -421,14 +501,18 @@ async def _catch_up(
     live: str,
     loaded: _Loaded,
     settings: Settings,
+    writer: ProgressWriter,
 ) -> None:
     """Apply what the live projectors applied during the load, outside any lock."""
     for _ in range(_CATCH_UP_ROUNDS):
         missing = await _missing_in_shadow(wconn, rconn, live, loaded)
+        held = loaded.commands + len(loaded.caught_up)
+        await writer.advance(held, held + len(missing))
         for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
             async with rconn.transaction():
                 await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
             loaded.caught_up.update(page)
+            await writer.advance(loaded.commands + len(loaded.caught_up))
         if len(missing) <= _SWAP_REMAINDER:
             return
 
@@ -494,19 +578,37 @@ async def _apply_to_shadow(
     return max(counts.values(), default=0)
 
 
+async def _record_versions(
+    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]], version: int
+) -> None:
+    """Record ``version`` as live for ``models``, and the version it replaced, in the swap's
+    transaction (so the record changes exactly when the tables do)."""
+    await rconn.execute(
+        f"INSERT INTO {live}.read_model_versions AS v (model, version, built_at, previous_version,"
+        " previous_kept_until)"
+        " SELECT m, $2, now(), $3, now() FROM unnest($1::text[]) AS m"
+        " ON CONFLICT (model) DO UPDATE SET version = excluded.version, built_at = now(),"
+        " previous_version = v.version, previous_kept_until = excluded.previous_kept_until",
+        [model.name for model in models],
+        version,
+        INITIAL_VERSION,
+    )
+
+
 async def _swap(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     live: str,
     loaded: _Loaded,
     settings: Settings,
+    version: int,
 ) -> int:
-    """Swap the shadow in; return how many commands were applied inside the swap."""
+    """Swap the shadow in as ``version``; return how many commands were applied inside it."""
     wait = settings.rebuild_lock_timeout
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
         try:
             async with rconn.transaction():
-                return await _swap_once(wconn, rconn, live, loaded, settings)
+                return await _swap_once(wconn, rconn, live, loaded, settings, version)
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             log.info("rebuild swap: a lock was not granted in time, retrying attempt=%d", attempt)
         # Let the readers and writers that queued meanwhile through before the next attempt.
@@ -523,6 +625,7 @@ async def _swap_once(
     live: str,
     loaded: _Loaded,
     settings: Settings,
+    version: int,
 ) -> int:
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
     # A sweep running meanwhile needs no exclusion: its election transaction, which lasts a
@@ -546,6 +649,7 @@ async def _swap_once(
         await rconn.execute(f"ALTER TABLE {live}.{table} SET SCHEMA {PREVIOUS_SCHEMA}")
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
     moved = time.monotonic()
+    await _record_versions(rconn, live, loaded.models, version)
     log.info(
         "rebuild swap: writers waited %.3fs, readers %.3fs; commands applied in the swap %d",
         moved - writers_held,

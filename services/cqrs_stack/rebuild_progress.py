@@ -1,0 +1,260 @@
+"""The progress of rebuilds, as the read DB records it: what ``cqrs-stack rebuild`` shows and
+what the operator reads into a stack's status.
+
+A run is one row of ``rebuild_runs`` (read-DB migration 0007): its models, the version it
+builds, its phase (``load``, ``catch-up``, ``verify``, ``swap`` while it works; ``done``,
+``failed``, ``cancelled`` or ``rolled-back`` at its end), commands done of the total known so
+far, and when it started, last moved and ended. ``read_model_versions`` holds the version of
+each model that is live, and the one kept for rollback.
+
+The rebuild writes its row through ``ProgressWriter``, on a connection of its own (never in
+the swap's transaction, so it holds none of the swap's locks), at most every
+``ProgressWriter.interval`` seconds while counting and at once at every change of phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+WORKING: Final = ("load", "catch-up", "verify", "swap")
+FINISHED: Final = ("done", "failed", "cancelled", "rolled-back")
+PHASES: Final = (*WORKING, *FINISHED)
+# The version a model's migrations create: a model without a row in read_model_versions.
+INITIAL_VERSION: Final = 1
+
+_COLUMNS = "run_id, models, version, phase, done, total, started_at, updated_at, finished_at, error"
+
+
+@dataclass(frozen=True, slots=True)
+class RunProgress:
+    """One rebuild run as recorded: where it is, how fast it goes, when it should end."""
+
+    run_id: str
+    models: tuple[str, ...]
+    version: int
+    phase: str
+    done: int
+    total: int
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    error: str | None
+
+    @property
+    def finished(self) -> bool:
+        """Has the run ended (whichever way)?"""
+        return self.phase in FINISHED
+
+    @property
+    def percent(self) -> float:
+        """Commands done of the total known so far, 0-100 (100 once done)."""
+        if self.phase == "done" or self.total <= 0:
+            return 100.0 if self.phase == "done" else 0.0
+        return min(100.0, 100.0 * self.done / self.total)
+
+    @property
+    def rate(self) -> float | None:
+        """Commands per second from the start to the last update; None before any moved."""
+        elapsed = (self.updated_at - self.started_at).total_seconds()
+        if self.done <= 0 or elapsed <= 0:
+            return None
+        return self.done / elapsed
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Seconds left at the rate so far (0 once finished); None while the rate is unknown."""
+        if self.finished:
+            return 0.0
+        rate = self.rate
+        if rate is None:
+            return None
+        return max(0, self.total - self.done) / rate
+
+
+def _run_of(row: asyncpg.Record) -> RunProgress:
+    return RunProgress(
+        run_id=row["run_id"],
+        models=tuple(row["models"]),
+        version=int(row["version"]),
+        phase=row["phase"],
+        done=int(row["done"]),
+        total=int(row["total"]),
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+    )
+
+
+async def read_run(conn: asyncpg.Connection, run_id: str) -> RunProgress | None:
+    """The run ``run_id`` as last recorded; None when there is none."""
+    row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM rebuild_runs WHERE run_id = $1", run_id)
+    return None if row is None else _run_of(row)
+
+
+async def latest_run(conn: asyncpg.Connection) -> RunProgress | None:
+    """The run started last; None when no rebuild ever ran."""
+    row = await conn.fetchrow(
+        f"SELECT {_COLUMNS} FROM rebuild_runs ORDER BY started_at DESC, run_id DESC LIMIT 1"
+    )
+    return None if row is None else _run_of(row)
+
+
+async def live_versions(conn: asyncpg.Connection) -> dict[str, int]:
+    """The live version of each model: recorded by its last swap, INITIAL_VERSION before any.
+
+    Every registered model is present (its tables exist once migrated), plus any recorded one.
+    """
+    from .projections import registered
+
+    found = dict.fromkeys(registered(), INITIAL_VERSION)
+    for row in await conn.fetch("SELECT model, version FROM read_model_versions"):
+        found[row[0]] = int(row[1])
+    return found
+
+
+def new_run_id() -> str:
+    """A fresh run id: the UTC time it started and a random suffix (sortable, unique)."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+class ProgressWriter:
+    """Records one run's progress in ``rebuild_runs`` and tells ``listener`` each record.
+
+    ``conn`` is the writer's own connection (autocommit): each record is its own short
+    statement, outside the rebuild's transactions. Counting (``advance``) is recorded at most
+    every ``interval`` seconds; a change of phase and the end at once. Failing to record
+    progress is logged, never fails the rebuild (its start aside).
+    """
+
+    def __init__(
+        self,
+        conn: asyncpg.Connection,
+        run_id: str,
+        models: Sequence[str],
+        version: int,
+        listener: Callable[[RunProgress], None] | None = None,
+        interval: float = 1.0,
+    ) -> None:
+        self.conn = conn
+        self.run_id = run_id
+        self.models = list(models)
+        self.version = version
+        self.listener = listener
+        self.interval = interval
+        self.phase = "load"
+        self.done = 0
+        self.total = 0
+        self.last: RunProgress | None = None
+        self._recorded_at = -float("inf")
+
+    async def start(self) -> RunProgress:
+        """Record the run at phase ``load``, after marking runs that died midway as failed.
+
+        Called with the rebuild's lock held: no other run is working, so a run recorded as
+        working has ended without saying so. Starting again a run id that exists (a retried
+        Job) starts it over.
+        """
+        await self.conn.execute(
+            "UPDATE rebuild_runs SET phase = 'failed', finished_at = now(), updated_at = now(),"
+            " error = 'the rebuild ended without finishing (its process was stopped or lost)'"
+            " WHERE phase = ANY($1::text[]) AND run_id <> $2",
+            list(WORKING),
+            self.run_id,
+        )
+        row = await self.conn.fetchrow(
+            "INSERT INTO rebuild_runs (run_id, models, version, phase) VALUES ($1, $2, $3, 'load')"
+            " ON CONFLICT (run_id) DO UPDATE SET models = excluded.models,"
+            " version = excluded.version, phase = 'load', done = 0, total = 0,"
+            " started_at = now(), updated_at = now(), finished_at = NULL, error = NULL"
+            f" RETURNING {_COLUMNS}",
+            self.run_id,
+            self.models,
+            self.version,
+        )
+        assert row is not None
+        self._recorded_at = time.monotonic()
+        return self._told(_run_of(row))
+
+    async def refused(self, error: str) -> None:
+        """Record a run that could not start (another rebuild holds the lock), unless its id
+        is already recorded (it may be that other run's)."""
+        await self._record_safely(
+            "INSERT INTO rebuild_runs (run_id, models, version, phase, finished_at, error)"
+            " VALUES ($1, $2, $3, 'failed', now(), $4) ON CONFLICT (run_id) DO NOTHING"
+            f" RETURNING {_COLUMNS}",
+            self.run_id,
+            self.models,
+            self.version,
+            error,
+        )
+
+    async def advance(self, done: int, total: int | None = None) -> None:
+        """Count ``done`` commands (of ``total`` when given); recorded at most every interval."""
+        self.done = done
+        if total is not None:
+            self.total = total
+        if time.monotonic() - self._recorded_at >= self.interval:
+            await self._update()
+
+    async def enter(self, phase: str, done: int | None = None, total: int | None = None) -> None:
+        """Move to ``phase`` (recorded at once)."""
+        if phase not in WORKING:
+            raise ValueError(f"unknown working phase {phase!r}: expected one of {WORKING}")
+        self.phase = phase
+        self.done = self.done if done is None else done
+        self.total = self.total if total is None else total
+        await self._update()
+
+    async def finish(self, phase: str, error: str | None = None) -> None:
+        """End the run as ``phase`` (done, failed, cancelled, rolled-back), with ``error``."""
+        if phase not in FINISHED:
+            raise ValueError(f"unknown final phase {phase!r}: expected one of {FINISHED}")
+        self.phase = phase
+        if phase in ("done", "rolled-back"):
+            self.done = self.total = max(self.done, self.total)
+        await self._record_safely(
+            "UPDATE rebuild_runs SET phase = $2, done = $3, total = $4, error = $5,"
+            f" updated_at = now(), finished_at = now() WHERE run_id = $1 RETURNING {_COLUMNS}",
+            self.run_id,
+            phase,
+            self.done,
+            self.total,
+            error,
+        )
+
+    async def _update(self) -> None:
+        self._recorded_at = time.monotonic()
+        await self._record_safely(
+            "UPDATE rebuild_runs SET phase = $2, done = $3, total = $4, updated_at = now()"
+            f" WHERE run_id = $1 RETURNING {_COLUMNS}",
+            self.run_id,
+            self.phase,
+            self.done,
+            self.total,
+        )
+
+    async def _record_safely(self, statement: str, *args: object) -> None:
+        try:
+            row = await self.conn.fetchrow(statement, *args)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log.warning("rebuild progress not recorded run_id=%s error=%s", self.run_id, exc)
+            return
+        if row is not None:
+            self._told(_run_of(row))
+
+    def _told(self, run: RunProgress) -> RunProgress:
+        self.last = run
+        if self.listener is not None:
+            self.listener(run)
+        return run
