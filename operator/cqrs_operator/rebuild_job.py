@@ -49,7 +49,8 @@ RUNNING, SWAPPED, FAILED, CANCELLED, ROLLED_BACK = (
     "RolledBack",
 )
 FINISHED = (SWAPPED, FAILED, CANCELLED, ROLLED_BACK)
-# Condition Rebuilding's reason: the run's phase while it works, its outcome after.
+# Condition Rebuilding's reason: the run's phase while it works (Pending before its first
+# record, Finishing once it recorded its end and its pod exits), its outcome after.
 PHASE_REASONS = {"load": "Load", "catch-up": "CatchUp", "verify": "Verify", "swap": "Swap"}
 PENDING = "Pending"
 IDLE = "Idle"
@@ -277,7 +278,8 @@ def condition(result: str | None, phase: str | None, message: str) -> status.Con
     """Condition Rebuilding: True while a Job runs (reason: its phase), else False with the
     last run's outcome (Idle before any)."""
     if result == RUNNING:
-        reason = PHASE_REASONS.get(phase or "", PENDING)
+        # A run recorded as ended whose Job has not yet: its pod is exiting.
+        reason = PHASE_REASONS.get(phase or "", "Finishing" if phase else PENDING)
         return status.Condition(status.REBUILDING, True, reason, message)
     return status.Condition(status.REBUILDING, False, result or IDLE, message)
 

@@ -17,9 +17,10 @@ Conditions of a stack:
   ``RotationPreparing``, ``RotationRollingOut``), True (``Current``) when the pods' login is
   the only one accepted. Not part of Ready: a rotation does not interrupt serving.
 - ``Rebuilding``: True while a rebuild Job of a read model runs, its reason the rebuild's
-  phase (``Pending``, ``Load``, ``CatchUp``, ``Verify``, ``Swap``); False after, with the
-  outcome (``Swapped``, ``Failed``, ``Cancelled``, ``RolledBack``; ``Idle`` before any). Not
-  part of Ready: the live model serves reads and writes throughout (rebuild_job.py).
+  phase (``Pending``, ``Load``, ``CatchUp``, ``Verify``, ``Swap``, ``Finishing``); False
+  after, with the outcome (``Swapped``, ``Failed``, ``Cancelled``, ``RolledBack``; ``Idle``
+  before any). Not part of Ready: the live model serves reads and writes throughout
+  (rebuild_job.py).
 - ``Ready``: all of DatabasesReady, MigrationsApplied, StreamReady, WorkloadsReady and
   WorkloadsAvailable.
 
