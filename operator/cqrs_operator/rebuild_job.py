@@ -54,6 +54,8 @@ FINISHED = (SWAPPED, FAILED, CANCELLED, ROLLED_BACK)
 PHASE_REASONS = {"load": "Load", "catch-up": "CatchUp", "verify": "Verify", "swap": "Swap"}
 PENDING = "Pending"
 IDLE = "Idle"
+# A status or Event message at most (the Job's failure, the rebuild's error, what to do).
+MESSAGE_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -270,7 +272,7 @@ def rebuild_status(
         "etaSeconds": None if eta is None else round(eta, 1),
         "startedAt": _stamp(progress.started_at) if progress is not None else None,
         "finishedAt": _stamp(progress.finished_at) if progress is not None else None,
-        "message": message[: migration_job.MESSAGE_LIMIT],
+        "message": message[:MESSAGE_LIMIT],
     }
 
 

@@ -961,55 +961,77 @@ async def _rebuild_step(
     if why:
         live = rebuild_job.recorded_live(current_status)
     shown: dict[str, Any] = dict(recorded)
-    # A Job the spec no longer wants (its model gone, its version changed) is cancelled.
-    for job in active:
-        name, run = job["metadata"]["name"], rebuild_job.run_of(job)
-        assert run is not None
-        if job["metadata"].get("deletionTimestamp") or rebuild_job.still_wanted(run, versions):
-            continue
-        await kube.delete_object(api, "Job", spec.namespace, name)
+    for name, message in await _cancel_unwanted(out, api, spec, active, last):
         del by_name[name]
-        message = (
-            f"cancelled Job {name} (rebuild of {run.model} to version {run.version}): the spec "
-            f"now asks for {dict(versions).get(run.model, 'no such model')}; the live model is "
-            "untouched"
-        )
-        out.changes.append(provisioning.Change("RebuildCancelled", message))
-        last[run.model] = rebuild_job.LastRun(name, run.version, run.request, rebuild_job.CANCELLED)
         if name == current:
             shown.update(outcome=rebuild_job.CANCELLED, phase="cancelled", message=message)
             current = None
     if current is not None:
-        shown = _rebuild_progress(
-            out,
-            spec,
-            by_name.get(current),
-            current,
-            recorded,
-            last,
-            pods,
-            live,
-            progress.get(current),
-            why,
-        )
+        job = by_name.get(current)
+        found = progress.get(current)
+        shown = _rebuild_progress(out, job, current, recorded, last, pods, live, found, why)
     busy = [j for j in by_name.values() if not rebuild_job.finished(j)]
-    running_pods = rebuild_job.pods_active(pods)
     handled = rebuild_job.handled_request(current_status, request)
-    if not busy and not running_pods and not why:
+    if not busy and not rebuild_job.pods_active(pods) and not why:
         run = rebuild_job.plan(versions, live, last, request, handled)
         if run is None:
             handled = request
         else:
             shown = await _start_rebuild(out, api, spec, run, last, live, adopt)
-    result = shown.get("outcome")
-    out.conditions.append(
-        rebuild_job.condition(
-            result,
-            shown.get("phase"),
-            str(shown.get("message") or "")
-            or f"read models live: {rebuild_job.describe_live(versions, live)}",
+    _report_rebuilds(out, versions, live, last, shown, handled, why)
+
+
+async def _cancel_unwanted(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    active: list[dict[str, Any]],
+    last: dict[str, rebuild_job.LastRun],
+) -> list[tuple[str, str]]:
+    """Delete each running rebuild Job the spec no longer wants (its model gone, its version
+    changed); (name, message) of each."""
+    cancelled = []
+    for job in active:
+        name, run = job["metadata"]["name"], rebuild_job.run_of(job)
+        assert run is not None
+        if job["metadata"].get("deletionTimestamp") or rebuild_job.still_wanted(
+            run, spec.model_versions
+        ):
+            continue
+        await kube.delete_object(api, "Job", spec.namespace, name)
+        message = (
+            f"cancelled Job {name} (rebuild of {run.model} to version {run.version}): the spec "
+            f"now asks for {dict(spec.model_versions).get(run.model, 'no such model')}; the "
+            "live model is untouched"
         )
-    )
+        out.changes.append(provisioning.Change("RebuildCancelled", message))
+        last[run.model] = rebuild_job.LastRun(name, run.version, run.request, rebuild_job.CANCELLED)
+        cancelled.append((name, message))
+    return cancelled
+
+
+def _report_rebuilds(
+    out: Outcome,
+    versions: tuple[tuple[str, int], ...],
+    live: Mapping[str, int],
+    last: Mapping[str, rebuild_job.LastRun],
+    shown: dict[str, Any],
+    handled: str,
+    why: str,
+) -> None:
+    """Condition Rebuilding, status.rebuild, status.readModels and status.rebuildRequest."""
+    result = shown.get("outcome")
+    if why and result is None:  # never rebuilt, and what is live cannot be read now
+        out.conditions.append(status.Condition(status.REBUILDING, None, "ReadDbUnreadable", why))
+    else:
+        message = str(shown.get("message") or "")
+        out.conditions.append(
+            rebuild_job.condition(
+                result,
+                shown.get("phase"),
+                message or f"read models live: {rebuild_job.describe_live(versions, live)}",
+            )
+        )
     if shown:
         out.extra["rebuild"] = shown
     out.extra["rebuildRequest"] = handled
@@ -1034,7 +1056,6 @@ def _last_run(last: rebuild_job.LastRun) -> dict[str, Any]:
 
 def _rebuild_progress(
     out: Outcome,
-    spec: StackSpec,
     job: Mapping[str, Any] | None,
     name: str,
     recorded: Mapping[str, Any],
@@ -1072,7 +1093,10 @@ def _rebuild_progress(
     result, message = rebuild_job.outcome(state, progress, live.get(run.model), run)
     if result != rebuild_job.RUNNING and why:
         # The Job ended; what it did is read from the read DB, which does not answer now.
-        result, message = rebuild_job.RUNNING, f"{state.message}; its outcome is read once {why}"
+        result, message = (
+            rebuild_job.RUNNING,
+            (f"{state.message}; its outcome is read once the read DB answers ({why})"),
+        )
     last[run.model] = rebuild_job.LastRun(name, run.version, run.request, result)
     if result != rebuild_job.RUNNING:
         reason, warning = {
@@ -1087,7 +1111,9 @@ def _rebuild_progress(
                 f"{run.model} is untouched; a new version or a new value of "
                 f"{rebuild_job.REBUILD_ANNOTATION} runs it again"
             )
-        out.changes.append(provisioning.Change(reason, message[:1000], warning=warning))
+        out.changes.append(
+            provisioning.Change(reason, message[: rebuild_job.MESSAGE_LIMIT], warning=warning)
+        )
     return rebuild_job.rebuild_status(run, name, result, progress, message)
 
 
