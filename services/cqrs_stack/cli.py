@@ -267,9 +267,13 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from .projections import by_name, enabled
-    from .rebuild import RebuildError, rebuild
+    from .rebuild import RebuildError, rebuild, rollback
 
     names = settings.read_model_names
+    if args.rollback and args.version is not None:
+        raise CommandError(
+            "--rollback swaps the kept previous version in: no --version", EXIT_CONFIG
+        )
     if args.model is not None:
         try:
             by_name(args.model)
@@ -287,20 +291,26 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
     async def work(write_engine: Any, read_engine: Any) -> int:
         # SIGTERM (a Job deleted, a pod evicted) stops it as Ctrl-C does: recorded as
-        # cancelled, the live version untouched.
+        # cancelled, the live version untouched. (Only the main thread can take signals.)
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            count = await rebuild(
-                write_engine,
-                read_engine,
-                settings,
-                bar.show,
-                models,
-                run_id=args.run_id,
-                version=args.version,
-            )
+            if args.rollback:
+                count = await rollback(
+                    write_engine, read_engine, settings, bar.show, models, run_id=args.run_id
+                )
+            else:
+                count = await rebuild(
+                    write_engine,
+                    read_engine,
+                    settings,
+                    bar.show,
+                    models,
+                    run_id=args.run_id,
+                    version=args.version,
+                )
         except asyncio.CancelledError:
             bar.close()
             print("rebuild cancelled: the live read model is unchanged", file=sys.stderr)
@@ -311,7 +321,10 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         bar.close()
         which = ", ".join(model.name for model in models)
-        print(f"read model rebuilt from {count} commands ({which})")
+        if args.rollback:
+            print(f"previous version swapped back in, caught up by {count} commands ({which})")
+        else:
+            print(f"read model rebuilt from {count} commands ({which})")
         return 0
 
     return asyncio.run(_with_engines(settings, work))
@@ -474,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="the version being built (default: the live version + 1)",
+    )
+    rebuild.add_argument(
+        "--rollback",
+        action="store_true",
+        help="swap the kept previous version back in, caught up first"
+        " (kept REBUILD_KEEP_PREVIOUS_SECONDS)",
     )
     rebuild.set_defaults(handler=_rebuild)
     status = command("status", "lag, counts, pending entries, dead letters")

@@ -143,6 +143,12 @@ class Settings(BaseSettings):
     # longer), and how many times it tries before it gives up and leaves the live model as it is.
     rebuild_lock_timeout: float = Field(default=0.1, ge=0.001, le=10)
     rebuild_swap_attempts: int = Field(default=100, ge=1, le=10_000)
+    # Rebuild: keys whose new version is compared with the pure function before the swap,
+    # chosen at random (0: every key); a difference fails the rebuild, live model unchanged.
+    rebuild_verify_sample: int = Field(default=1000, ge=0, le=10_000_000)
+    # Rebuild: how long the version a swap replaced is kept for `cqrs-stack rebuild --rollback`
+    # (0: dropped at once); the next rebuild or the projectors' housekeeping drops it then.
+    rebuild_keep_previous_seconds: float = Field(default=3600.0, ge=0, le=30 * 24 * 3600)
     # Values a projector holds and sends in one statement at most (stream batches and sweep
     # pages alike); well below PostgreSQL's 1 GiB limit on one statement's parameter.
     projector_batch_max_bytes: int = Field(

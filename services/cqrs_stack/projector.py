@@ -32,6 +32,7 @@ from .outages import is_refusal, sqlstate
 from .projections import REQUIRED, Projection, apply_batch, enabled
 from .projections.base import not_applied
 from .projections.ledger import LedgerPruner
+from .rebuild import drop_expired_previous
 from .supervision import Backoff, RoundFailed, Supervisor, wait_or_stop
 from .sweep import (
     AFTER_CURSOR,
@@ -160,6 +161,9 @@ class Projector:
 
     async def _prune_round(self) -> float | None:
         await self.pruner.prune_round()
+        # Housekeeping of the same cadence: a rebuild's previous version past its keeping.
+        async with self.read_pool.acquire() as conn:
+            await drop_expired_previous(conn, self.settings)
         return 0 if self.pruner.behind else None  # a backlog: on at once, from the same fence
 
     async def _sweep_round(self) -> None:

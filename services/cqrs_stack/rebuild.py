@@ -5,9 +5,9 @@ watermark); the version in the live schema serves reads and is projected into th
 rebuild of one model or several:
 
 1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the commands of one write-DB
-   snapshot, by binary COPY piped with a bounded number of bytes in memory, into a staging
-   table there, then each model's own ``effect`` (the statement the projectors run) over all
-   of them at once, and a ledger row for each;
+   snapshot, range of ids by range, by binary COPY piped with a bounded number of bytes in
+   memory, into a staging table there, then each model's own ``effect`` (the statement the
+   projectors run) over the range, and a ledger row for each;
 2. **catches up**: applies to the shadow, through the same set-based projection as the
    projectors (``apply_batch``, the shadow first on the ``search_path``), every command
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
@@ -16,6 +16,8 @@ rebuild of one model or several:
    writes made during the rebuild, not the size of the model. Each page also copies the live
    read counts of its keys (``Projection.carried``: a key first written during the load had no
    shadow row when every read count was copied);
+   then **verifies** the shadow against each model's pure function for
+   ``REBUILD_VERIFY_SAMPLE`` keys (``verify``), outside any lock: a difference fails the run;
 3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
    of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
@@ -24,7 +26,14 @@ rebuild of one model or several:
    granted in time rolls the attempt back, lets readers and writers through, and tries again.
    A statement queued behind the swap, or a prepared statement planned before it, resolves the
    table names again once the swap commits, so it reads and writes the new version;
-4. **retires** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap) by dropping it.
+4. **keeps** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap, superseding the
+   one kept there) for REBUILD_KEEP_PREVIOUS_SECONDS, recorded in ``read_model_versions``;
+   ``drop_expired_previous`` drops it then (each rebuild, and the projectors' housekeeping).
+   ``rollback`` moves it into the shadow's place, catches it up with what the live version
+   applied since (its watermark bounds what it can lack), and swaps it back the same way.
+
+Each run records its progress in ``rebuild_runs`` (``rebuild_progress``), through a connection
+of its own, never in the swap's transaction.
 
 At the swap each shadow ledger holds every command the live model applied (ledger rows and
 watermark) and the projection of exactly its ledger, so nothing is lost or applied twice
@@ -41,7 +50,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -60,6 +69,7 @@ from .rebuild_progress import (
     live_versions,
     new_run_id,
 )
+from .verify import keys_differences, sampled_keys, whole_differences
 
 log = logging.getLogger(__name__)
 
@@ -110,65 +120,105 @@ async def rebuild(
     """Replace ``models`` with the projection of every command; return the command count.
 
     Readers are served from the live versions throughout and projectors keep projecting into
-    them; the new versions are swapped in atomically at the end, with the read counts. See the
+    them; the new versions are swapped in atomically at the end, with the read counts, and
+    the versions they replace kept for REBUILD_KEEP_PREVIOUS_SECONDS (``rollback``). See the
     module's docstring for the steps and their locks. The run is recorded in ``rebuild_runs``
     as ``run_id`` (default: a new id) building ``version`` (default: the models' newest live
     version + 1); ``listener`` is told each record of it (``rebuild_progress``).
     """
     models = tuple(models)
-    async with (
-        read_engine.connect() as rsession,
-        read_engine.connect() as psession,
-        write_engine.connect() as wsession,
-    ):
-        rconn, pconn, wconn = (
-            await _driver(rsession),
-            await _driver(psession),
-            await _driver(wsession),
-        )
+
+    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection) -> int:
+        return await _build_and_swap(wconn, rconn, settings, writer, models)
+
+    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
         if version is None:
             live = await live_versions(rconn)
             version = max(live.get(model.name, INITIAL_VERSION) for model in models) + 1
         writer = ProgressWriter(
             pconn, run_id or new_run_id(), [m.name for m in models], version, listener
         )
-        if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
-            await writer.refused("another rebuild of this read DB is running")
-            raise RebuildError("another rebuild of this read DB is running")
-        try:
-            await writer.start()
-            done = await _run(wconn, rconn, settings, writer, models)
-        finally:
-            with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
-                await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
-    return done
+        return await _locked_run(wconn, rconn, writer, build, "done", "load")
 
 
-async def _run(
+async def rollback(
+    write_engine: AsyncEngine,
+    read_engine: AsyncEngine,
+    settings: Settings,
+    listener: Callable[[RunProgress], None] | None = None,
+    models: Sequence[type[Projection]] = (Records,),
+    *,
+    run_id: str | None = None,
+) -> int:
+    """Swap the kept previous version of ``models`` back in; return the commands it caught
+    up with (those applied since the swap that replaced it).
+
+    The previous version is caught up exactly as a shadow (so nothing applied to the live
+    version since is lost, or applied twice), then swapped in by the same bounded-lock swap
+    with the read counts; the version it replaces is kept in its place, for as long. A model
+    without a kept previous version (none, expired or dropped) fails it, nothing changed.
+    """
+    models = tuple(models)
+
+    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection) -> int:
+        return await _roll_back(wconn, rconn, settings, writer, models)
+
+    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
+        previous = await _kept_previous(rconn, models)
+        writer = ProgressWriter(
+            pconn,
+            run_id or new_run_id(),
+            [m.name for m in models],
+            max(previous.values()),
+            listener,
+        )
+        return await _locked_run(wconn, rconn, writer, swap_back, "rolled-back", "catch-up")
+
+
+@contextlib.asynccontextmanager
+async def _sessions(
+    write_engine: AsyncEngine, read_engine: AsyncEngine
+) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection, asyncpg.Connection]]:
+    """The write-DB connection, the read-DB one of the work, and the progress writer's own."""
+    async with (
+        read_engine.connect() as rsession,
+        read_engine.connect() as psession,
+        write_engine.connect() as wsession,
+    ):
+        yield await _driver(wsession), await _driver(rsession), await _driver(psession)
+
+
+async def _locked_run(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
-    settings: Settings,
     writer: ProgressWriter,
-    models: tuple[type[Projection], ...],
+    work: Callable[[asyncpg.Connection, asyncpg.Connection], Awaitable[int]],
+    success: str,
+    first_phase: str,
 ) -> int:
-    """Build and swap, recording how the run ends (done, failed or cancelled)."""
+    """Run ``work`` holding the read DB's rebuild lock, recording how it ends (``success``,
+    failed or cancelled) in its progress record."""
+    if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
+        await writer.refused("another rebuild of this read DB is running")
+        raise RebuildError("another rebuild of this read DB is running")
     try:
+        await writer.start(first_phase)
         try:
-            done = await _build_and_swap(wconn, rconn, settings, writer, models)
-        except BaseException:
-            with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
-                await _drop_versions(rconn)
+            done = await work(wconn, rconn)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await writer.finish(
+                "cancelled", "stopped before the swap; the live version is unchanged"
+            )
             raise
-        await _retire_previous(rconn)
-    except (asyncio.CancelledError, KeyboardInterrupt):
-        await writer.finish("cancelled", "the rebuild was stopped; the live version is unchanged")
-        raise
-    except BaseException as exc:
-        await writer.finish("failed", _reason(exc))
-        raise
-    await writer.advance(done, done)
-    await writer.finish("done")
-    return done
+        except BaseException as exc:
+            await writer.finish("failed", _reason(exc))
+            raise
+        await writer.advance(writer.done, writer.total)
+        await writer.finish(success)
+        return done
+    finally:
+        with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
+            await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
 
 
 def _reason(exc: BaseException) -> str:
@@ -184,16 +234,43 @@ async def _build_and_swap(
     writer: ProgressWriter,
     models: tuple[type[Projection], ...],
 ) -> int:
-    """Load, catch up and swap; return the commands the new live version holds."""
+    """Load, catch up, verify and swap; return the commands the new live version holds.
+
+    On any failure the shadow is dropped (the live version and the kept previous one stay).
+    """
     live = await _live_schema(rconn)
+    await drop_expired_previous(rconn, settings)
     await _create_shadow(rconn, live, models)
+    try:
+        done = await _load_and_swap(wconn, rconn, live, settings, writer, models)
+    except BaseException:
+        with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
+            await _drop_shadow(rconn)
+        raise
+    await _retire_previous(rconn, models, settings)
+    return done
+
+
+async def _load_and_swap(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    settings: Settings,
+    writer: ProgressWriter,
+    models: tuple[type[Projection], ...],
+) -> int:
     loaded = await _load(wconn, rconn, settings, writer, models)
     loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
     await writer.enter("catch-up")
     await _catch_up(wconn, rconn, live, loaded, settings, writer)
     caught_up = len(loaded.caught_up)
+    await writer.enter("verify")
+    await _verify(wconn, rconn, live, loaded, settings)
     await writer.enter("swap")
     swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
+    await writer.advance(
+        loaded.commands + caught_up + swapped, loaded.commands + caught_up + swapped
+    )
     done = loaded.commands + caught_up + swapped
     log.info(
         "rebuild swapped in run_id=%s version=%d commands=%d loaded=%d caught_up=%d at_swap=%d",
@@ -236,8 +313,11 @@ async def _create_shadow(
 ) -> None:
     """Empty shadow tables shaped as the live ones (columns, defaults, keys, indexes), each
     watermark at 0 (the shadow's ledgers hold every command they apply)."""
-    await _drop_versions(rconn)  # what a rebuild that died left behind
-    statements = [f"CREATE SCHEMA {SHADOW_SCHEMA}", f"CREATE SCHEMA {PREVIOUS_SCHEMA}"]
+    await _drop_shadow(rconn)  # what a rebuild that died left behind
+    statements = [
+        f"CREATE SCHEMA {SHADOW_SCHEMA}",
+        f"CREATE SCHEMA IF NOT EXISTS {PREVIOUS_SCHEMA}",
+    ]
     statements += [
         f"CREATE TABLE {SHADOW_SCHEMA}.{table} (LIKE {live}.{table} INCLUDING ALL)"
         for table in _tables(models)
@@ -250,28 +330,203 @@ async def _create_shadow(
             await rconn.execute(statement)
 
 
-async def _retire_previous(rconn: asyncpg.Connection) -> None:
-    """Drop the version the swap replaced; if a long query still holds it, leave it.
+async def _drop_shadow(rconn: asyncpg.Connection) -> None:
+    """Drop the shadow (after a swap: empty; after a failure: the version it was building)."""
+    await rconn.execute(f"DROP SCHEMA IF EXISTS {SHADOW_SCHEMA} CASCADE")
 
-    The swap has committed by now, so a failure here must not fail the rebuild: what is left
-    is dropped by the next rebuild.
+
+async def _retire_previous(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]], settings: Settings
+) -> None:
+    """With REBUILD_KEEP_PREVIOUS_SECONDS=0, drop the versions the swap replaced at once (its
+    record says none is kept); otherwise they stay until ``drop_expired_previous``.
+
+    The swap has committed by now, so a failure here must not fail the run: what is left is
+    dropped by the next rebuild, or the projectors' housekeeping (as expired).
     """
+    if settings.rebuild_keep_previous_seconds > 0:
+        return
     try:
-        await _drop_versions(rconn)
+        async with rconn.transaction():
+            await _drop_previous_tables(rconn, models)
     except _DB_ERRORS as exc:
         log.warning(
-            "rebuild swapped in, the previous version is left in schema %s error=%s",
+            "swapped in, the previous version is left in schema %s error=%s",
             PREVIOUS_SCHEMA,
             exc,
         )
 
 
-async def _drop_versions(rconn: asyncpg.Connection) -> None:
-    """Drop the shadow (after a swap: empty) and the previous version."""
-    await rconn.execute(
-        f"DROP SCHEMA IF EXISTS {PREVIOUS_SCHEMA} CASCADE;"
-        f" DROP SCHEMA IF EXISTS {SHADOW_SCHEMA} CASCADE"
+async def _drop_previous_tables(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]]
+) -> None:
+    for table in _tables(models):
+        await rconn.execute(f"DROP TABLE IF EXISTS {PREVIOUS_SCHEMA}.{table}")
+
+
+async def drop_expired_previous(rconn: asyncpg.Connection, settings: Settings) -> list[str]:
+    """Drop each kept previous version whose time is up; return the models whose it was.
+
+    Run by every rebuild and rollback before it starts, and by the projectors' housekeeping
+    (every LEDGER_PRUNE_INTERVAL). It does nothing while a rebuild or rollback runs (their
+    lock), and each DROP waits at most REBUILD_LOCK_TIMEOUT for a query still reading the
+    version (then it is left for the next round).
+    """
+    from .projections import registered
+
+    known = registered()
+    try:
+        async with rconn.transaction():
+            if not await rconn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _REBUILD_LOCK_KEY):
+                return []
+            await rconn.execute(
+                f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'"
+            )
+            rows = await rconn.fetch(
+                "SELECT model FROM read_model_versions WHERE previous_kept_until <= now()"
+                " FOR UPDATE"
+            )
+            expired = [row[0] for row in rows]
+            await _drop_previous_tables(rconn, [known[m] for m in expired if m in known])
+            await rconn.execute(
+                "UPDATE read_model_versions SET previous_version = NULL,"
+                " previous_kept_until = NULL WHERE model = ANY($1::text[])",
+                expired,
+            )
+    except asyncpg.LockNotAvailableError:
+        log.info("an expired previous version is still read; dropped at the next round")
+        return []
+    if expired:
+        log.info("expired previous versions dropped models=%s", ",".join(expired))
+    return expired
+
+
+async def _kept_previous(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]]
+) -> dict[str, int]:
+    """The kept previous version of each of ``models``; RebuildError if one has none (never
+    swapped, kept 0 s, expired, or its tables gone)."""
+    rows = await rconn.fetch(
+        "SELECT model, previous_version FROM read_model_versions"
+        " WHERE model = ANY($1::text[]) AND previous_version IS NOT NULL"
+        " AND previous_kept_until > now()",
+        [model.name for model in models],
     )
+    kept = {row[0]: int(row[1]) for row in rows}
+    for model in models:
+        present = await rconn.fetchval(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2::text[])",
+            PREVIOUS_SCHEMA,
+            list(model.version_tables()),
+        )
+        if model.name not in kept or present != len(model.version_tables()):
+            raise RebuildError(
+                f"no previous version of {model.name} is kept to roll back to (none was"
+                " swapped out, or it expired: REBUILD_KEEP_PREVIOUS_SECONDS); nothing changed"
+            )
+    return kept
+
+
+async def _roll_back(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    settings: Settings,
+    writer: ProgressWriter,
+    models: tuple[type[Projection], ...],
+) -> int:
+    """Catch the kept previous versions up as a shadow and swap them in (see ``rollback``).
+
+    A failure before the swap moves them back, as far as they were caught up (their ledgers
+    say what they hold), still kept for a rollback.
+    """
+    live = await _live_schema(rconn)
+    await drop_expired_previous(rconn, settings)
+    await _kept_previous(rconn, models)  # still there, under the lock
+    await _drop_shadow(rconn)
+    await _move_tables(rconn, models, PREVIOUS_SCHEMA, SHADOW_SCHEMA, create=True)
+    try:
+        loaded = await _since_previous(wconn, rconn, live, settings, writer, models)
+        await writer.enter("catch-up")
+        await _catch_up(wconn, rconn, live, loaded, settings, writer)
+        await writer.enter("swap")
+        swapped = await _swap(wconn, rconn, live, loaded, settings, None)
+    except BaseException:
+        with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
+            await _move_tables(rconn, models, SHADOW_SCHEMA, PREVIOUS_SCHEMA)
+            await _drop_shadow(rconn)
+        raise
+    await _drop_shadow(rconn)
+    await _retire_previous(rconn, models, settings)
+    done = len(loaded.caught_up) + swapped
+    await writer.advance(done, done)
+    log.info("rolled back run_id=%s models=%s caught_up=%d", writer.run_id, writer.models, done)
+    return done
+
+
+async def _move_tables(
+    rconn: asyncpg.Connection,
+    models: Sequence[type[Projection]],
+    source: str,
+    target: str,
+    create: bool = False,
+) -> None:
+    """Move every version table of ``models`` from schema ``source`` to ``target``."""
+    async with rconn.transaction():
+        if create:
+            await rconn.execute(f"CREATE SCHEMA IF NOT EXISTS {target}")
+        for table in _tables(models):
+            await rconn.execute(f"ALTER TABLE {source}.{table} SET SCHEMA {target}")
+
+
+async def _since_previous(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    settings: Settings,
+    writer: ProgressWriter,
+    models: tuple[type[Projection], ...],
+) -> _Loaded:
+    """Apply to the shadow (the previous versions) what the live versions applied since it
+    was swapped out, as of one write-DB snapshot; from then on, catching up is a rebuild's.
+
+    Every command at or below the lowest watermark of the previous versions is in them; of
+    those above it that the snapshot sees, each the live version applied and the previous
+    one lacks is applied. A command the snapshot does not see is found later, through the
+    txid index (``_missing_in_shadow``), as after a load. The ids above the watermark are
+    held here at once: as many as the commands written since that swap.
+    """
+    low = min(
+        [
+            int(await rconn.fetchval(f"SELECT position FROM {SHADOW_SCHEMA}.{m.watermark()}"))
+            for m in models
+        ]
+    )
+    async with wconn.transaction(isolation="repeatable_read", readonly=True):
+        snapshot = await wconn.fetchval("SELECT pg_current_snapshot()::text")
+        rows = await wconn.fetch(
+            "SELECT id FROM commands WHERE id > $1 ORDER BY id", low, timeout=_BULK_TIMEOUT
+        )
+    loaded = _Loaded(0, str(snapshot), models)
+    loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
+    lacking = " OR ".join(
+        f"({m.applied_test('c', live)} AND NOT {m.applied_test('c', SHADOW_SCHEMA)})"
+        for m in models
+    )
+    missing = [
+        row[0]
+        for row in await rconn.fetch(
+            f"SELECT c FROM unnest($1::bigint[]) AS c WHERE {lacking} ORDER BY c",
+            [row[0] for row in rows],
+            timeout=_BULK_TIMEOUT,
+        )
+    ]
+    await writer.enter("catch-up", 0, len(missing))
+    for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
+        async with rconn.transaction():
+            await _apply_to_shadow(wconn, rconn, live, page, models)
+        loaded.caught_up.update(page)
+        await writer.advance(len(loaded.caught_up))
+    return loaded
 
 
 @dataclass
@@ -517,6 +772,43 @@ async def _catch_up(
             return
 
 
+async def _verify(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    live: str,
+    loaded: _Loaded,
+    settings: Settings,
+) -> None:
+    """Compare the shadow with each model's pure function for REBUILD_VERIFY_SAMPLE keys (0:
+    all), outside any lock; RebuildError naming the first difference otherwise.
+
+    Only the rebuild writes the shadow, and each model is compared with the commands its
+    shadow ledger holds, so the projectors' writes meanwhile cannot make it differ.
+    """
+    sample = settings.rebuild_verify_sample
+    checked = 0
+    async for keys in sampled_keys(wconn, sample):
+        async with rconn.transaction(readonly=True):
+            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+            _fail_on(await keys_differences(wconn, rconn, loaded.models, keys))
+        checked += len(keys)
+    for model in loaded.models:
+        if await model.actual_for(rconn, []) is None:  # not per key: verified whole
+            async with rconn.transaction(readonly=True):
+                await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+                _fail_on(await whole_differences(wconn, rconn, model))
+    log.info("rebuild verified keys=%d sample=%s", checked, sample or "all")
+
+
+def _fail_on(found: list[str]) -> None:
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise RebuildError(
+            f"verify: the new version differs from the pure function: {found[0]}{more};"
+            " the live read model is unchanged"
+        )
+
+
 async def _pages(wconn: asyncpg.Connection, ids: Sequence[int], max_bytes: int) -> list[list[int]]:
     """Split ``ids`` into pages of at most _PAGE_COMMANDS commands and ``max_bytes`` bytes.
 
@@ -579,17 +871,36 @@ async def _apply_to_shadow(
 
 
 async def _record_versions(
-    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]], version: int
+    rconn: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]],
+    version: int | None,
+    settings: Settings,
 ) -> None:
-    """Record ``version`` as live for ``models``, and the version it replaced, in the swap's
-    transaction (so the record changes exactly when the tables do)."""
+    """Record the swap in ``read_model_versions``, in its transaction (so the record changes
+    exactly when the tables do): ``version`` live (None: a rollback, the previous one live
+    again), the version it replaced kept until REBUILD_KEEP_PREVIOUS_SECONDS from now."""
+    keep = settings.rebuild_keep_previous_seconds
+    kept = "CASE WHEN $2 > 0 THEN now() + make_interval(secs => $2) END"
+    names = [model.name for model in models]
+    if version is None:
+        await rconn.execute(
+            f"UPDATE {live}.read_model_versions SET version = previous_version,"
+            " previous_version = CASE WHEN $2 > 0 THEN version END,"
+            f" previous_kept_until = {kept}, built_at = now() WHERE model = ANY($1::text[])",
+            names,
+            keep,
+        )
+        return
     await rconn.execute(
         f"INSERT INTO {live}.read_model_versions AS v (model, version, built_at, previous_version,"
-        " previous_kept_until)"
-        " SELECT m, $2, now(), $3, now() FROM unnest($1::text[]) AS m"
+        f" previous_kept_until) SELECT m, $3, now(), CASE WHEN $2 > 0 THEN $4::integer END,"
+        f" {kept} FROM unnest($1::text[]) AS m"
         " ON CONFLICT (model) DO UPDATE SET version = excluded.version, built_at = now(),"
-        " previous_version = v.version, previous_kept_until = excluded.previous_kept_until",
-        [model.name for model in models],
+        " previous_version = CASE WHEN $2 > 0 THEN v.version END,"
+        " previous_kept_until = excluded.previous_kept_until",
+        names,
+        keep,
         version,
         INITIAL_VERSION,
     )
@@ -601,9 +912,10 @@ async def _swap(
     live: str,
     loaded: _Loaded,
     settings: Settings,
-    version: int,
+    version: int | None,
 ) -> int:
-    """Swap the shadow in as ``version``; return how many commands were applied inside it."""
+    """Swap the shadow in as ``version`` (None: a rollback); return how many commands were
+    applied inside the swap."""
     wait = settings.rebuild_lock_timeout
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
         try:
@@ -625,7 +937,7 @@ async def _swap_once(
     live: str,
     loaded: _Loaded,
     settings: Settings,
-    version: int,
+    version: int | None,
 ) -> int:
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
     # A sweep running meanwhile needs no exclusion: its election transaction, which lasts a
@@ -642,6 +954,8 @@ async def _swap_once(
     for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
         applied += await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
     await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
+    # One previous version is kept: the one this swap replaces supersedes an older one.
+    await _drop_previous_tables(rconn, loaded.models)
     # The only moment readers wait: the moves themselves, at most lock_timeout to get in.
     await rconn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
     readers_held = time.monotonic()
@@ -649,7 +963,7 @@ async def _swap_once(
         await rconn.execute(f"ALTER TABLE {live}.{table} SET SCHEMA {PREVIOUS_SCHEMA}")
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
     moved = time.monotonic()
-    await _record_versions(rconn, live, loaded.models, version)
+    await _record_versions(rconn, live, loaded.models, version, settings)
     log.info(
         "rebuild swap: writers waited %.3fs, readers %.3fs; commands applied in the swap %d",
         moved - writers_held,

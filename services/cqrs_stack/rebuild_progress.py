@@ -158,8 +158,8 @@ class ProgressWriter:
         self.last: RunProgress | None = None
         self._recorded_at = -float("inf")
 
-    async def start(self) -> RunProgress:
-        """Record the run at phase ``load``, after marking runs that died midway as failed.
+    async def start(self, phase: str = "load") -> RunProgress:
+        """Record the run at ``phase``, after marking runs that died midway as failed.
 
         Called with the rebuild's lock held: no other run is working, so a run recorded as
         working has ended without saying so. Starting again a run id that exists (a retried
@@ -173,16 +173,18 @@ class ProgressWriter:
             self.run_id,
         )
         row = await self.conn.fetchrow(
-            "INSERT INTO rebuild_runs (run_id, models, version, phase) VALUES ($1, $2, $3, 'load')"
+            "INSERT INTO rebuild_runs (run_id, models, version, phase) VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (run_id) DO UPDATE SET models = excluded.models,"
-            " version = excluded.version, phase = 'load', done = 0, total = 0,"
+            " version = excluded.version, phase = excluded.phase, done = 0, total = 0,"
             " started_at = now(), updated_at = now(), finished_at = NULL, error = NULL"
             f" RETURNING {_COLUMNS}",
             self.run_id,
             self.models,
             self.version,
+            phase,
         )
         assert row is not None
+        self.phase = phase
         self._recorded_at = time.monotonic()
         return self._told(_run_of(row))
 

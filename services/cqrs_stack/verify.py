@@ -6,15 +6,17 @@ For every model, what the read DB holds is compared with its pure function
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import driver_of
 from .events import Command
 from .projections import Projection
+from .projections.base import not_applied
 from .projections.records import Records
 
 
@@ -56,3 +58,84 @@ async def differences(
             model.name, model.expected(commands), await actual_model(read_engine, model)
         )
     return found
+
+
+# Keys compared per round trip when verifying a sample: bounds the commands held at once.
+_SAMPLE_PAGE = 500
+# Choosing the sample reads every key of the write DB once: a bulk step's bound.
+_SAMPLE_TIMEOUT = 3600.0
+
+
+async def sampled_keys(wconn: asyncpg.Connection, sample: int) -> AsyncIterator[list[str]]:
+    """Pages of the write DB's keys: ``sample`` of them chosen at random (each key as likely),
+    or every key when ``sample`` is 0, in pages of at most _SAMPLE_PAGE.
+
+    The keys are those of ``commands`` itself (its key index), not of a table derived from
+    it. The random choice is PostgreSQL's top-N sort (``ORDER BY random() LIMIT``), so only the
+    sample itself is ever held here.
+    """
+    if sample > 0:
+        rows = await wconn.fetch(
+            "SELECT key FROM (SELECT DISTINCT key FROM commands) AS k ORDER BY random() LIMIT $1",
+            sample,
+            timeout=_SAMPLE_TIMEOUT,
+        )
+        keys = [row[0] for row in rows]
+        for start in range(0, len(keys), _SAMPLE_PAGE):
+            yield keys[start : start + _SAMPLE_PAGE]
+        return
+    after = ""
+    while True:
+        rows = await wconn.fetch(
+            "SELECT DISTINCT key FROM commands WHERE key > $1 ORDER BY key LIMIT $2",
+            after,
+            _SAMPLE_PAGE,
+        )
+        if not rows:
+            return
+        yield [row[0] for row in rows]
+        after = rows[-1][0]
+
+
+async def keys_differences(
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    models: Sequence[type[Projection]],
+    keys: Sequence[str],
+) -> list[str]:
+    """How the models ``rconn`` reads differ, for ``keys``, from their pure function of the
+    commands of those keys that they applied (their ledgers say which).
+
+    The caller points ``rconn``'s search_path at the version to check (a rebuild's shadow).
+    """
+    rows = await wconn.fetch(
+        "SELECT id, key, value, event_type, created_at FROM commands"
+        " WHERE key = ANY($1::text[]) ORDER BY id",
+        list(keys),
+    )
+    commands = [Command(*row) for row in rows]
+    found: list[str] = []
+    for model in models:
+        actual = await model.actual_for(rconn, keys)
+        if actual is None:
+            continue  # not per key: see whole_differences
+        found += compare(model.name, model.expected(await _held(rconn, model, commands)), actual)
+    return found
+
+
+async def whole_differences(
+    wconn: asyncpg.Connection, rconn: asyncpg.Connection, model: type[Projection]
+) -> list[str]:
+    """How ``model`` as ``rconn`` reads it differs from its pure function of every command it
+    applied: for a model whose entries combine several keys (``actual_for`` is None)."""
+    rows = await wconn.fetch("SELECT id, key, value, event_type, created_at FROM commands")
+    held = await _held(rconn, model, [Command(*row) for row in rows])
+    return compare(model.name, model.expected(held), await model.actual(rconn))
+
+
+async def _held(
+    rconn: asyncpg.Connection, model: type[Projection], commands: list[Command]
+) -> list[Command]:
+    """Of ``commands``, those ``model`` has applied (its ledger and watermark say)."""
+    lacking = set(await not_applied(rconn, [model], [c.position for c in commands]))
+    return [c for c in commands if c.position not in lacking]

@@ -3,19 +3,28 @@ read model, verification before the swap, and the previous version kept for roll
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+import httpx
+import pytest
 
+from cqrs_stack import cli
 from cqrs_stack.db import driver_of
+from cqrs_stack.events import Command
 from cqrs_stack.projections.history import History
-from cqrs_stack.projections.records import Records
+from cqrs_stack.projections.records import Records, RecordState
 from cqrs_stack.rebuild import rebuild
 from cqrs_stack.rebuild_progress import RunProgress, latest_run, live_versions, read_run
-from tests.fixtures.stack import Stack
-from tests.integration.test_rebuild import rebuild_command, seed
+from cqrs_stack.verify import sampled_keys
+from tests.fixtures.stack import Stack, wait_until
+from tests.integration.test_guarantees import write_many
+from tests.integration.test_rebuild import Traffic, rebuild_command, run_rebuild, seed
 
 
 @asynccontextmanager
@@ -87,3 +96,172 @@ async def test_the_cli_records_its_run_id_and_version_and_one_model_moves_alone(
     assert run is not None and (run.phase, run.version, run.models) == ("done", 7, ("history",))
     assert dead is not None and dead.phase == "failed" and dead.error
     assert versions["history"] == 7 and versions["records"] == 1
+
+
+def _planting(key: str) -> Callable[..., Any]:
+    """Records.expected with one key's value wrong: the shadow differs from it there only."""
+    original = Records.expected.__func__  # type: ignore[attr-defined]
+
+    def expected(cls: type[Records], commands: Iterable[Command]) -> dict[str, RecordState]:
+        model = dict(original(cls, commands))
+        if key in model:
+            model[key] = dataclasses.replace(model[key], value="planted")
+        return model
+
+    return expected
+
+
+@pytest.mark.parametrize("sample", ["0", "100"])  # every key; a sample of all 100 keys
+async def test_a_verify_failure_leaves_the_live_model_and_exits_non_zero(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, sample: str
+) -> None:
+    """A model whose pure function differs from its statement for one key fails the rebuild
+    before the swap: exit 1, the run failed naming that key, live tables and version as they
+    were, the shadow dropped."""
+    await seed(stack, 1000, 100)
+    run_rebuild(stack)
+    async with read_conn(stack) as conn:
+        await conn.execute("UPDATE records SET value = 'live' WHERE key = 'seed:42'")
+    monkeypatch.setattr(Records, "expected", classmethod(_planting("seed:42")))
+    for name, value in {**stack.env, "REBUILD_VERIFY_SAMPLE": sample}.items():
+        monkeypatch.setenv(name, value)
+    code = await asyncio.to_thread(cli.main, ["rebuild", "--run-id", "bad"])
+    assert code == 1
+    async with read_conn(stack) as conn:
+        run = await read_run(conn, "bad")
+        assert run is not None and run.phase == "failed" and run.error is not None
+        assert "'seed:42'" in run.error and "verify" in run.error, run.error
+        assert await conn.fetchval("SELECT value FROM records WHERE key = 'seed:42'") == "live"
+        assert (await live_versions(conn))["records"] == 2
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+
+
+async def test_verify_samples_at_most_its_setting(stack: Stack) -> None:
+    """The keys verified: REBUILD_VERIFY_SAMPLE of them at most (every key when fewer), or
+    all with 0, in pages of at most 500."""
+    await seed(stack, 300, 100)
+    async with stack.write_engine.connect() as session:
+        wconn = await driver_of(session)
+        pages = [page async for page in sampled_keys(wconn, 1)]
+        every = [page async for page in sampled_keys(wconn, 0)]
+        more = [page async for page in sampled_keys(wconn, 1000)]
+    assert [len(p) for p in pages] == [1]
+    assert sorted(k for p in every for k in p) == sorted(f"seed:{i}" for i in range(100))
+    assert max(len(p) for p in every) <= 500 and sum(len(p) for p in more) == 100
+
+
+async def _records_oid(stack: Stack) -> int:
+    return int(await stack.scalar(stack.read_engine, "SELECT 'records'::regclass::oid"))
+
+
+async def _read(url: str, key: str, times: int, position: int | None = None) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for _ in range(times):
+            params = {} if position is None else {"position": position, "timeout": 1}
+            answer = await client.get(f"/read/{key}", params=params)
+            assert answer.status_code == 200, answer.text
+            assert position is None or answer.json()["position_reached"] is True
+
+
+async def test_rollback_swaps_the_previous_version_back_with_what_came_since(
+    stack: Stack,
+) -> None:
+    """After a rebuild, commands written (and reads counted) since its swap are in the live
+    version only; ``--rollback``, under writes that go on, swaps the previous version's own
+    tables back in, caught up: every command exactly once, every read counted, a position
+    written after the swap still reached. The version replaced is kept in turn."""
+    api = await stack.launch("api")
+    await stack.launch("projector")
+    await write_many(api.url, 300, keys=30)
+    await stack.assert_converges()
+    await _read(api.url, "k1", 3)
+    first = await _records_oid(stack)
+    run_rebuild(stack)
+    assert await _records_oid(stack) != first
+    since = await write_many(api.url, 200, prefix="new", keys=20)  # new keys: new rows
+    await write_many(api.url, 60, keys=30)  # updates of old keys
+    await _read(api.url, "k1", 4)
+    await _read(api.url, "new3", 5)
+    await stack.assert_converges()
+    await wait_until(lambda: _reads_stored(stack, {"k1": 7, "new3": 5}), 10, "reads stored")
+    traffic = Traffic(api.url, ["k2"])
+    stopping = asyncio.Event()
+    writing = asyncio.create_task(traffic.write_loop(stopping))
+    try:
+        args, env = rebuild_command(stack)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*args, "--rollback", "--run-id", "back"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        stopping.set()
+        await writing
+    assert done.returncode == 0, done.stderr
+    assert "previous version swapped back in" in done.stdout
+    assert not traffic.failures, traffic.failures[:5]
+    assert await _records_oid(stack) == first  # the previous version's own table
+    await stack.assert_converges()  # write_count = commands: each applied exactly once
+    await wait_until(lambda: _reads_stored(stack, {"k1": 7, "new3": 5}), 10, "reads kept")
+    await _read(api.url, "new7", 1, position=max(a["position"] for a in since))
+    async with read_conn(stack) as conn:
+        run = await read_run(conn, "back")
+        assert run is not None and (run.phase, run.version) == ("rolled-back", 1)
+        row = await conn.fetchrow(
+            "SELECT version, previous_version, previous_kept_until > now() + interval '50 min'"
+            " FROM read_model_versions WHERE model = 'records'"
+        )
+    assert tuple(row) == (1, 2, True)
+
+
+async def _reads_stored(stack: Stack, expected: dict[str, int]) -> bool:
+    for key, count in expected.items():
+        stored = await stack.scalar(
+            stack.read_engine, "SELECT read_count FROM records WHERE key = :k", k=key
+        )
+        if stored != count:
+            return False
+    return True
+
+
+async def _previous_tables(stack: Stack) -> int:
+    return int(
+        await stack.scalar(
+            stack.read_engine, "SELECT count(*) FROM pg_tables WHERE schemaname = 'cqrs_previous'"
+        )
+    )
+
+
+async def test_an_expired_previous_version_is_dropped_by_the_projector(stack: Stack) -> None:
+    """Kept REBUILD_KEEP_PREVIOUS_SECONDS, then dropped by the projectors' housekeeping (every
+    LEDGER_PRUNE_INTERVAL); a rollback after that fails, exit 1, nothing changed. With 0 it is
+    dropped at the swap."""
+    await seed(stack, 500, 50)
+    run_rebuild(stack, REBUILD_KEEP_PREVIOUS_SECONDS="0")
+    assert await _previous_tables(stack) == 0
+    run_rebuild(stack, REBUILD_KEEP_PREVIOUS_SECONDS="5")
+    assert await _previous_tables(stack) == len(Records.version_tables())
+    await stack.launch("projector", LEDGER_PRUNE_INTERVAL="0.2")
+    await wait_until(lambda: _no_previous(stack), 20, "the expired version to be dropped")
+    # Not before its time (rounds every 0.2 s ran for seconds before it).
+    assert await stack.scalar(
+        stack.read_engine,
+        "SELECT bool_and(now() >= r.finished_at + interval '5 s') FROM rebuild_runs r"
+        " WHERE r.finished_at = (SELECT max(finished_at) FROM rebuild_runs)",
+    )
+    async with read_conn(stack) as conn:
+        row = await conn.fetchrow(
+            "SELECT version, previous_version, previous_kept_until FROM read_model_versions"
+        )
+    assert tuple(row) == (3, None, None)
+    args, env = rebuild_command(stack)
+    refused = subprocess.run([*args, "--rollback"], env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "no previous version of records" in refused.stderr
+    await stack.assert_converges(timeout=5)
+
+
+async def _no_previous(stack: Stack) -> bool:
+    return await _previous_tables(stack) == 0

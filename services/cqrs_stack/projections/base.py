@@ -90,6 +90,15 @@ class Projection(ABC):
         """What the read DB holds, in the shape of ``expected``."""
 
     @classmethod
+    async def actual_for(
+        cls, conn: asyncpg.Connection, keys: Sequence[str]
+    ) -> Mapping[Any, Any] | None:
+        """What the read DB holds that the commands of ``keys`` alone define, in the shape of
+        ``expected`` (what a rebuild verifies for a sample of keys); None for a model whose
+        entries combine several keys (the default), which is then verified whole."""
+        return None
+
+    @classmethod
     def effect_over(cls, applied: str, values: str) -> str:
         """The effect statement reading the given relations (SQL text of each)."""
         return cls.effect.format(applied=applied, values=values)

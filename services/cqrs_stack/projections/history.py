@@ -6,7 +6,7 @@ per command, keyed (key, position), which is also the index a page is read from.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -50,6 +50,18 @@ class History(Projection):
     async def actual(cls, conn: asyncpg.Connection) -> dict[tuple[str, int], HistoryEntry]:
         """The history rows the read DB holds."""
         rows = await conn.fetch("SELECT key, position, event_type, value, created_at FROM history")
+        return {(r[0], int(r[1])): HistoryEntry(r[2], r[3], r[4]) for r in rows}
+
+    @classmethod
+    async def actual_for(
+        cls, conn: asyncpg.Connection, keys: Sequence[str]
+    ) -> dict[tuple[str, int], HistoryEntry]:
+        """The history rows of ``keys``."""
+        rows = await conn.fetch(
+            "SELECT key, position, event_type, value, created_at FROM history"
+            " WHERE key = ANY($1::text[])",
+            list(keys),
+        )
         return {(r[0], int(r[1])): HistoryEntry(r[2], r[3], r[4]) for r in rows}
 
 

@@ -7,7 +7,7 @@ commands. ``read_count`` counts reads, not commands: a rebuild carries it over.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -80,5 +80,17 @@ class Records(Projection):
         """The records as the read DB holds them (read counts aside)."""
         rows = await conn.fetch(
             "SELECT key, value, created_at, updated_at, write_count FROM records"
+        )
+        return {row[0]: RecordState(row[1], row[2], row[3], int(row[4])) for row in rows}
+
+    @classmethod
+    async def actual_for(
+        cls, conn: asyncpg.Connection, keys: Sequence[str]
+    ) -> dict[str, RecordState]:
+        """The records of ``keys`` as the read DB holds them (read counts aside)."""
+        rows = await conn.fetch(
+            "SELECT key, value, created_at, updated_at, write_count FROM records"
+            " WHERE key = ANY($1::text[])",
+            list(keys),
         )
         return {row[0]: RecordState(row[1], row[2], row[3], int(row[4])) for row in rows}
