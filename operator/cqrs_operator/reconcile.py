@@ -11,6 +11,7 @@ before any role uses it, so a reconcile killed anywhere finds it again on the ne
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import ssl
@@ -55,6 +56,9 @@ ALLOW_ADOPT_ANNOTATION = "cqrs.dev/allow-adopt"
 # Which server an admin Secret is for: "postgresql" (the default) or "redis".
 ADMIN_FOR_LABEL = "cqrs.dev/admin-for"
 POSTGRESQL, REDIS = "postgresql", "redis"
+# Seconds the operator waits for the read DB to tell the rebuilds' progress (then it tries again
+# at the next reconcile).
+READ_PROGRESS_TIMEOUT = 10.0
 # The label a Secret needs before the operator hands it to a stack's pods (spec.redis.urlSecret,
 # spec.writeApi.auth.tokenSecret): the pods run an image of the tenant's choosing.
 STACK_SECRET_LABEL = "cqrs.dev/stack-secret"
@@ -919,7 +923,11 @@ async def _read_rebuilds(
     the stack's role); ``why`` is not empty when the read DB could not tell."""
     tls = await database_tls(api, spec)
     try:
-        async with provisioning.stack_session(spec.read_db, me.username, me.password, tls) as conn:
+        # Bounded: a read DB that hangs must not hold the stack's reconcile.
+        async with (
+            asyncio.timeout(READ_PROGRESS_TIMEOUT),
+            provisioning.stack_session(spec.read_db, me.username, me.password, tls) as conn,
+        ):
             live = await live_versions(conn)
             found = {name: await read_run(conn, name) for name in runs}
     except ProvisioningError as exc:
