@@ -274,6 +274,8 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
         raise CommandError(
             "--rollback swaps the kept previous version in: no --version", EXIT_CONFIG
         )
+    if args.version is not None and not 1 <= args.version <= 2**31 - 1:
+        raise CommandError(f"--version must be 1 to {2**31 - 1}, not {args.version}", EXIT_CONFIG)
     if args.model is not None:
         try:
             by_name(args.model)

@@ -69,7 +69,7 @@ from .rebuild_progress import (
     live_versions,
     new_run_id,
 )
-from .verify import keys_differences, sampled_keys, whole_differences
+from .verify import keys_differences, pages_by_bytes, sampled_keys, whole_differences
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,12 @@ _PAGE_COMMANDS = 10_000
 _SWAP_REMAINDER = 2_000
 _CATCH_UP_ROUNDS = 20
 # Ids per range of the load: each range is piped, projected and its staging emptied in turn.
-_LOAD_RANGE = 250_000
+# Large enough that splitting costs little (a key met again in the next range is an upsert),
+# small enough that the staging table stays small and progress moves.
+_LOAD_RANGE = 1_000_000
+# A range's copy counts for this fraction (1/n) of its commands in the run's progress, its
+# projection for the rest: measured, the projection takes about 4 times the copy's time.
+_COPY_SHARE = 5
 # Bulk steps scale with the write DB, so they get their own bound instead of the per-statement
 # command timeout of request handling.
 _BULK_TIMEOUT = 6 * 3600.0
@@ -128,8 +133,9 @@ async def rebuild(
     """
     models = tuple(models)
 
-    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection) -> int:
-        return await _build_and_swap(wconn, rconn, settings, writer, models)
+    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
+        done = await _build_and_swap(wconn, rconn, settings, writer, models, success)
+        return done
 
     async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
         if version is None:
@@ -160,8 +166,8 @@ async def rollback(
     """
     models = tuple(models)
 
-    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection) -> int:
-        return await _roll_back(wconn, rconn, settings, writer, models)
+    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
+        return await _roll_back(wconn, rconn, settings, writer, models, success)
 
     async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
         previous = await _kept_previous(rconn, models)
@@ -192,29 +198,30 @@ async def _locked_run(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
     writer: ProgressWriter,
-    work: Callable[[asyncpg.Connection, asyncpg.Connection], Awaitable[int]],
+    work: Callable[[asyncpg.Connection, asyncpg.Connection, str], Awaitable[int]],
     success: str,
     first_phase: str,
 ) -> int:
-    """Run ``work`` holding the read DB's rebuild lock, recording how it ends (``success``,
-    failed or cancelled) in its progress record."""
+    """Run ``work`` holding the read DB's rebuild lock, recording how it ends in its progress
+    record: failed or cancelled, unless ``work`` recorded ``success`` (at its swap's commit:
+    what follows is clean-up, whose failure is only logged)."""
     if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
         await writer.refused("another rebuild of this read DB is running")
         raise RebuildError("another rebuild of this read DB is running")
     try:
         await writer.start(first_phase)
         try:
-            done = await work(wconn, rconn)
+            done = await work(wconn, rconn, success)
         except (asyncio.CancelledError, KeyboardInterrupt):
-            await writer.finish(
-                "cancelled", "stopped before the swap; the live version is unchanged"
-            )
+            if not writer.finished:  # else it ended at its swap, and stays so recorded
+                await writer.finish(
+                    "cancelled", "stopped before the swap; the live version is unchanged"
+                )
             raise
         except BaseException as exc:
-            await writer.finish("failed", _reason(exc))
+            if not writer.finished:
+                await writer.finish("failed", _reason(exc))
             raise
-        await writer.advance(writer.done, writer.total)
-        await writer.finish(success)
         return done
     finally:
         with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
@@ -233,6 +240,7 @@ async def _build_and_swap(
     settings: Settings,
     writer: ProgressWriter,
     models: tuple[type[Projection], ...],
+    success: str = "done",
 ) -> int:
     """Load, catch up, verify and swap; return the commands the new live version holds.
 
@@ -247,8 +255,21 @@ async def _build_and_swap(
         with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
             await _drop_shadow(rconn)
         raise
-    await _retire_previous(rconn, models, settings)
+    await writer.finish(success)
+    await _after_swap(rconn, models, settings)
     return done
+
+
+async def _after_swap(
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]], settings: Settings
+) -> None:
+    """Drop the (empty) shadow, and the previous versions unless kept. The swap committed:
+    a failure here is logged, and what is left is dropped by the next run."""
+    try:
+        await _drop_shadow(rconn)
+    except _DB_ERRORS as exc:
+        log.warning("swapped in; the empty schema %s is left error=%s", SHADOW_SCHEMA, exc)
+    await _retire_previous(rconn, models, settings)
 
 
 async def _load_and_swap(
@@ -433,6 +454,7 @@ async def _roll_back(
     settings: Settings,
     writer: ProgressWriter,
     models: tuple[type[Projection], ...],
+    success: str = "rolled-back",
 ) -> int:
     """Catch the kept previous versions up as a shadow and swap them in (see ``rollback``).
 
@@ -455,10 +477,10 @@ async def _roll_back(
             await _move_tables(rconn, models, SHADOW_SCHEMA, PREVIOUS_SCHEMA)
             await _drop_shadow(rconn)
         raise
-    await _drop_shadow(rconn)
-    await _retire_previous(rconn, models, settings)
     done = len(loaded.caught_up) + swapped
     await writer.advance(done, done)
+    await writer.finish(success)
+    await _after_swap(rconn, models, settings)
     log.info("rolled back run_id=%s models=%s caught_up=%d", writer.run_id, writer.models, done)
     return done
 
@@ -553,7 +575,8 @@ async def _load(
 
     Range by range of ids (``_LOAD_RANGE``): each is piped into the staging table, projected
     by every model, and the staging table emptied, so the run's progress moves with the load
-    and the staging table stays small. Every range is read in the one snapshot.
+    and the staging table stays small. Every range is read in the one snapshot (which the
+    write DB keeps for the whole load).
     """
     live = await _live_schema(rconn)
     await rconn.execute(
@@ -568,16 +591,19 @@ async def _load(
         await writer.enter("load", 0, total)
         done = 0
         for start in range(low, high + 1, _LOAD_RANGE):
-            done += await _pipe(
-                wconn,
-                "SELECT id, key, value, event_type, created_at FROM commands"
-                f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
-                rconn,
-                "staged_commands",
-                _STAGE_COLUMNS,
-                settings,
-            )
+            async with _copy_progress(rconn, writer, done):
+                copied = await _pipe(
+                    wconn,
+                    "SELECT id, key, value, event_type, created_at FROM commands"
+                    f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
+                    rconn,
+                    "staged_commands",
+                    _STAGE_COLUMNS,
+                    settings,
+                )
+            await writer.advance(done + copied // _COPY_SHARE)
             await _project_staged(rconn, live, models)
+            done += copied
             await writer.advance(done)
     if PROGRESS_TABLE in models[0].tables:
         await rconn.execute(
@@ -592,6 +618,36 @@ async def _load(
     await rconn.execute(f"DROP TABLE {_STAGED}")
     await writer.advance(int(total))
     return _Loaded(int(total), str(snapshot), models)
+
+
+@contextlib.asynccontextmanager
+async def _copy_progress(
+    rconn: asyncpg.Connection, writer: ProgressWriter, done: int
+) -> AsyncIterator[None]:
+    """While a range is piped: count its rows copied so far (``pg_stat_progress_copy`` of
+    ``rconn``'s backend) as 1/_COPY_SHARE of them done, the rest being its projection."""
+    pid = rconn.get_server_pid()
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        # Never cancelled mid-statement: the writer's connection stays usable after.
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), writer.interval)
+                return
+            copied = await writer.conn.fetchval(
+                "SELECT tuples_processed FROM pg_stat_progress_copy WHERE pid = $1", pid
+            )
+            if copied is not None:
+                await writer.advance(done + int(copied) // _COPY_SHARE)
+
+    ticking = asyncio.create_task(tick())
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(*_DB_ERRORS):
+            await ticking
 
 
 async def _project_staged(
@@ -756,18 +812,20 @@ async def _catch_up(
     live: str,
     loaded: _Loaded,
     settings: Settings,
-    writer: ProgressWriter,
+    writer: ProgressWriter | None = None,
 ) -> None:
     """Apply what the live projectors applied during the load, outside any lock."""
     for _ in range(_CATCH_UP_ROUNDS):
         missing = await _missing_in_shadow(wconn, rconn, live, loaded)
         held = loaded.commands + len(loaded.caught_up)
-        await writer.advance(held, held + len(missing))
+        if writer is not None:
+            await writer.advance(held, held + len(missing))
         for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
             async with rconn.transaction():
                 await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
             loaded.caught_up.update(page)
-            await writer.advance(loaded.commands + len(loaded.caught_up))
+            if writer is not None:
+                await writer.advance(loaded.commands + len(loaded.caught_up))
         if len(missing) <= _SWAP_REMAINDER:
             return
 
@@ -788,9 +846,11 @@ async def _verify(
     sample = settings.rebuild_verify_sample
     checked = 0
     async for keys in sampled_keys(wconn, sample):
-        async with rconn.transaction(readonly=True):
-            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-            _fail_on(await keys_differences(wconn, rconn, loaded.models, keys))
+        # Half the bound each: the commands of a part, and the model's rows of them.
+        for part in await pages_by_bytes(wconn, keys, settings.rebuild_batch_max_bytes // 2):
+            async with rconn.transaction(readonly=True):
+                await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+                _fail_on(await keys_differences(wconn, rconn, loaded.models, part))
         checked += len(keys)
     for model in loaded.models:
         if await model.actual_for(rconn, []) is None:  # not per key: verified whole

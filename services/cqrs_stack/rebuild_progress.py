@@ -158,6 +158,11 @@ class ProgressWriter:
         self.last: RunProgress | None = None
         self._recorded_at = -float("inf")
 
+    @property
+    def finished(self) -> bool:
+        """Has the run been recorded as ended?"""
+        return self.phase in FINISHED
+
     async def start(self, phase: str = "load") -> RunProgress:
         """Record the run at ``phase``, after marking runs that died midway as failed.
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import ledger, reference, report, wrk
+from . import ledger, rebuild_scale, reference, report, wrk
 from .phases import _ALL, FULL, QUICK, Bench, Plan
 from .stack import READ_DB, WRITE_DB, BenchStack, ProcessMonitor
 
@@ -56,12 +56,15 @@ PHASES = (
     "projection",
     "lag",
     "rebuild",
+    "rebuild-scale",
     "large",
     "ledger",
 )
 
 
-async def run_phases(bench: Bench, phases: tuple[str, ...]) -> None:
+async def run_phases(
+    bench: Bench, phases: tuple[str, ...], rebuild_scale_sizes: tuple[int, ...] | None = None
+) -> None:
     """The bounded phases chosen, in their fixed order."""
     await bench.connect()
     try:
@@ -81,6 +84,8 @@ async def run_phases(bench: Bench, phases: tuple[str, ...]) -> None:
             await bench.visibility_lag()
         if "rebuild" in phases:
             await bench.rebuild()
+        if "rebuild-scale" in phases:
+            await rebuild_scale.rebuild_scale_phase(bench, rebuild_scale_sizes)
         if "large" in phases:
             await bench.large_data()
         if "ledger" in phases:
@@ -110,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="commands seeded for the large-data phase (full: 10,000,000; keys a tenth)",
+    )
+    parser.add_argument(
+        "--rebuild-sizes",
+        default="",
+        help="commands of each rebuild-scale size, comma-separated (full: 1000000,10000000;"
+        " quick: 100000)",
     )
     parser.add_argument(
         "--seconds", type=float, default=None, help="length of each write and read phase"
@@ -154,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         monitor.mark("reference")
         bench = Bench(stack, plan, monitor, client)
-        asyncio.run(run_phases(bench, phases))
+        sizes = tuple(int(n) for n in args.rebuild_sizes.split(",") if n) or None
+        asyncio.run(run_phases(bench, phases, sizes))
         monitor.stop()
         results.update(bench.results)
         results["processes"] = {

@@ -44,10 +44,21 @@ class Plan:
 
 _ALL = ("references", "ceiling", "writes", "reads", "hung-redis", "projection", "lag", "rebuild")
 FULL = Plan(
-    "full", 10, 200_000, 15, 15, 50_000, 20, 20_000, 10, 10_000_000, (*_ALL, "large", "ledger")
+    "full",
+    10,
+    200_000,
+    15,
+    15,
+    50_000,
+    20,
+    20_000,
+    10,
+    10_000_000,
+    (*_ALL, "rebuild-scale", "large", "ledger"),
 )
-# The large-data phase is not part of the quick run (CI): seeding takes minutes.
-QUICK = Plan("quick", 2, 20_000, 2, 2, 1_500, 3, 1_000, 3, 100_000, _ALL)
+# The large-data phase is not part of the quick run (CI): seeding takes minutes. Its
+# rebuild-scale phase runs at 100,000 commands (rebuild_scale.QUICK_SIZES).
+QUICK = Plan("quick", 2, 20_000, 2, 2, 1_500, 3, 1_000, 3, 100_000, (*_ALL, "rebuild-scale"))
 
 VALUE = "v" * 64
 # Seconds after the large phase's load before the sweep's plan is read (its interval is 2 s).

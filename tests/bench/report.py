@@ -19,6 +19,10 @@ TARGETS = {
     "rebuild commands/s": (50000, True),
     "/health p99 ms (writes c=64)": (5, False),
 }
+# The blue/green rebuild at scale (rebuild_scale.py), at each size it runs.
+for _size in (100_000, 1_000_000, 10_000_000):
+    TARGETS[f"rebuild {_size:,}: commands/s"] = (100_000, True)
+    TARGETS[f"rebuild {_size:,}: read p99 during / without"] = (2.0, False)
 
 
 def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -172,6 +176,27 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             hung["p99_ms"],
             f"{hung['rate']}/s while SIGSTOPped; {hung['queued_at_resume']} queued, published"
             f" {hung['published_after_resume_seconds']} s after SIGCONT",
+        )
+    for size, scale in (results.get("rebuild_scale") or {}).items():
+        during, without = scale["during_rebuild"], scale["without_rebuild"]
+        add(
+            f"rebuild {int(size):,}: commands/s",
+            scale["rebuild_under_load_rate"],
+            "the same rebuild alone",
+            scale["rebuild_alone_rate"],
+            extra=f"{scale['rebuild_under_load_seconds']} s under load, peak RSS"
+            f" {scale['rebuild_under_load_peak_rss_mb']} MB"
+            f" ({scale['rebuild_alone_peak_rss_mb']} MB alone)",
+        )
+        add(
+            f"rebuild {int(size):,}: read p99 during / without",
+            scale["read_p99_ratio"],
+            f"reads without ({without['read_p99_ms']} ms)",
+            None,
+            during["read_p50_ms"],
+            during["read_p99_ms"],
+            f"writes {during['write_rate']}/s during vs {without['write_rate']}/s;"
+            f" errors {during['errors']}",
         )
     large = results.get("large")
     if large:

@@ -96,6 +96,9 @@ async def test_the_cli_records_its_run_id_and_version_and_one_model_moves_alone(
     assert run is not None and (run.phase, run.version, run.models) == ("done", 7, ("history",))
     assert dead is not None and dead.phase == "failed" and dead.error
     assert versions["history"] == 7 and versions["records"] == 1
+    for bad in (["--version", "0"], ["--rollback", "--version", "3"]):
+        refused = subprocess.run([*args, *bad], env=env, capture_output=True, text=True)
+        assert refused.returncode == 2, refused.stderr  # EXIT_CONFIG
 
 
 def _planting(key: str) -> Callable[..., Any]:
@@ -265,3 +268,95 @@ async def test_an_expired_previous_version_is_dropped_by_the_projector(stack: St
 
 async def _no_previous(stack: Stack) -> bool:
     return await _previous_tables(stack) == 0
+
+
+LOCK_TIMEOUT = 0.2
+# What a reader may wait beyond REBUILD_LOCK_TIMEOUT: the moves between schemas and the
+# swap's commit (a WAL flush, on two shared cores).
+LOCK_MARGIN = 0.3
+
+
+async def test_readers_wait_on_the_swap_at_most_its_lock_timeout(stack: Stack) -> None:
+    """A rebuild while reads and writes go on (and the projector projects): no error, and no
+    reader's lock (ACCESS SHARE, as PostgreSQL reports its wait) waits longer than
+    REBUILD_LOCK_TIMEOUT plus the margin; the operator's view of the run (read_run, polled)
+    moves forward through the phases to done."""
+    await seed(stack, 100_000, 10_000)
+    run_rebuild(stack)
+    api = await stack.launch("api")
+    await stack.launch("projector")
+    await write_many(api.url, 40, prefix="live:", keys=20)
+    await stack.assert_converges()
+    traffic = Traffic(api.url, ["seed:7", "seed:4321", "live:3"])
+    stopping = asyncio.Event()
+    loops = [asyncio.create_task(traffic.read_loop(stopping, n)) for n in range(3)]
+    loops.append(asyncio.create_task(traffic.write_loop(stopping)))
+    longest_wait = 0.0
+    phases: list[str] = []
+    try:
+        await wait_until(lambda: _more_than(traffic, 20), 20, "reads to flow")
+        args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT=str(LOCK_TIMEOUT))
+        process = await asyncio.create_subprocess_exec(
+            *args, "--run-id", "watched", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        async with read_conn(stack) as conn:
+            for _ in range(20_000):  # bounded: 20 ms apart, the rebuild takes seconds
+                wait = await conn.fetchval(
+                    "SELECT coalesce(max(extract(epoch FROM clock_timestamp() - waitstart)), 0)"
+                    " FROM pg_locks WHERE NOT granted AND mode = 'AccessShareLock'"
+                )
+                longest_wait = max(longest_wait, float(wait))
+                run = await read_run(conn, "watched")
+                if run is not None and (not phases or phases[-1] != run.phase):
+                    phases.append(run.phase)
+                if process.returncode is not None or (run is not None and run.finished):
+                    break
+                await asyncio.sleep(0.02)
+        _, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+    finally:
+        stopping.set()
+        await asyncio.gather(*loops)
+    print(f"longest reader lock wait {longest_wait:.3f}s; phases {phases}")
+    assert not traffic.failures, traffic.failures[:10]
+    assert longest_wait <= LOCK_TIMEOUT + LOCK_MARGIN
+    order = ["load", "catch-up", "verify", "swap", "done"]
+    assert phases[-1] == "done" and [order.index(p) for p in phases] == sorted(
+        order.index(p) for p in phases
+    ), phases
+    await stack.assert_converges()
+
+
+async def _more_than(traffic: Traffic, reads: int) -> bool:
+    return traffic.reads > reads
+
+
+async def test_sigterm_cancels_a_rebuild_and_leaves_the_live_model(stack: Stack) -> None:
+    """SIGTERM (a Job deleted) while the swap waits for its locks: exit 130, the run recorded
+    as cancelled, the live model and version as they were, the shadow dropped."""
+    await seed(stack, 2000, 100)
+    run_rebuild(stack)
+    async with read_conn(stack) as conn:
+        await conn.execute("UPDATE records SET value = 'live' WHERE key = 'seed:7'")
+    args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+    async with read_conn(stack) as holder, read_conn(stack) as conn:
+        async with holder.transaction():
+            # Writers' lock: the swap's EXCLUSIVE waits behind it, readers do not.
+            await holder.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+            process = await asyncio.create_subprocess_exec(
+                *args, "--run-id", "stopped", env=env, stderr=asyncio.subprocess.PIPE
+            )
+
+            async def swapping() -> bool:
+                run = await read_run(conn, "stopped")
+                return run is not None and run.phase == "swap"
+
+            await wait_until(swapping, 60, "the rebuild to reach its swap")
+            process.terminate()
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 130, err.decode()
+        run = await read_run(conn, "stopped")
+        assert run is not None and run.phase == "cancelled" and run.finished_at is not None
+        assert await conn.fetchval("SELECT value FROM records WHERE key = 'seed:7'") == "live"
+        assert (await live_versions(conn))["records"] == 2
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
