@@ -132,7 +132,15 @@ def test_a_version_bump_rebuilds_while_a_client_reads_and_writes(
             assert client.ops >= 25
             st = stack["status"]
             conds = conditions(stack)
-            assert conds["Rebuilding"]["reason"] == "Swapped", conds["Rebuilding"]
+            if conds["Rebuilding"]["reason"] != "Swapped":
+                job_log = cluster.kubectl(
+                    "logs", "-n", namespace.name, f"job/{st['rebuild']['job']}", "--tail=60",
+                    check=False,
+                )  # fmt: skip
+                raise AssertionError(
+                    f"the rebuild did not swap: {st['rebuild']}\n{job_log.stdout[-4000:]}"
+                    f"{job_log.stderr[-1000:]}"
+                )
             assert conds["Ready"]["status"] == "True", conds
             assert {m["name"]: m["version"] for m in st["readModels"]} == {"records": 2}
             assert st["rebuild"]["outcome"] == "Swapped" and st["rebuild"]["phase"] == "done"
