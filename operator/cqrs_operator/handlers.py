@@ -28,7 +28,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, leadership, reconcile, rotation
+from . import kube, leadership, rebuild_job, reconcile, rotation
 from . import metrics as operator_metrics
 from . import status as stack_status
 from .errors import ProvisioningError
@@ -131,13 +131,15 @@ def _resumed(status: Mapping[str, Any]) -> list[stack_status.Condition]:
 def _report(body: kopf.Body, status: Mapping[str, Any], outcome: reconcile.Outcome) -> None:
     """Events: one per change; a Warning per failed part whose reason is new."""
     for change in outcome.changes:
-        kopf.info(body, reason=change.reason, message=change.message)
+        event = kopf.warn if change.warning else kopf.info
+        event(body, reason=change.reason, message=change.message)
     before = {c.get("type"): c for c in status.get("conditions") or []}
     for cond in outcome.conditions:
         old = before.get(cond.type, {})
         # A part on its way (a rollout, a rotation) is no failure: no Warning for it.
         if (
             cond.status is False
+            and cond.type != stack_status.REBUILDING  # its Events are the rebuild's own
             and cond.reason not in stack_status.PENDING_REASONS
             and (old.get("status"), old.get("reason")) != ("False", cond.reason)
         ):
@@ -168,6 +170,7 @@ async def _reconcile(
             status,
             adopt=lambda manifest: kopf.adopt(manifest, owner=body),
             rotate=(meta.get("annotations") or {}).get(rotation.ROTATE_ANNOTATION, ""),
+            rebuild=(meta.get("annotations") or {}).get(rebuild_job.REBUILD_ANNOTATION, ""),
         )
     _report(body, status, outcome)
     updates = [*outcome.conditions, *_resumed(status)]

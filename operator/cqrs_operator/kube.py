@@ -188,6 +188,18 @@ async def list_pods(
     return result
 
 
+async def list_jobs(
+    api: client.ApiClient, namespace: str, selector: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The Jobs matching ``selector`` (a stack's rebuild Jobs: one at a time)."""
+    label_selector = ",".join(f"{k}={v}" for k, v in selector.items())
+    jobs = await client.BatchV1Api(api).list_namespaced_job(
+        namespace, label_selector=label_selector
+    )
+    result: list[dict[str, Any]] = api.sanitize_for_serialization(jobs.items)
+    return result
+
+
 async def _read_custom(
     api: client.ApiClient, kind: str, namespace: str, name: str
 ) -> dict[str, Any] | None:
@@ -205,7 +217,8 @@ async def _read_custom(
 
 
 async def delete_object(api: client.ApiClient, kind: str, namespace: str, name: str) -> None:
-    """Delete an autoscaler the spec no longer asks for (404: already gone)."""
+    """Delete an autoscaler the spec no longer asks for, or a rebuild Job it no longer wants
+    (404: already gone)."""
     try:
         if kind in CUSTOM_KINDS:
             group, version, plural = CUSTOM_KINDS[kind]
@@ -214,6 +227,8 @@ async def delete_object(api: client.ApiClient, kind: str, namespace: str, name: 
             )
         elif kind == "HorizontalPodAutoscaler":
             await _method(api, "delete", kind)(name, namespace)
+        elif kind == "Job":  # a rebuild cancelled: its pod goes with it
+            await _method(api, "delete", kind)(name, namespace, propagation_policy="Background")
         else:
             raise ValueError(f"the operator deletes no {kind}")
     except ApiException as exc:

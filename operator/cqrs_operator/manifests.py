@@ -647,22 +647,56 @@ def migration_job(spec: StackSpec) -> Manifest:
     MIGRATION_DEADLINE_SECONDS, then removed after MIGRATION_TTL_SECONDS.
     """
     name = migration_job_name(spec)
+    job = stack_job(
+        spec,
+        MIGRATE,
+        name,
+        [MIGRATE],
+        [{"name": "MIGRATE_REPORT_FILE", "value": MIGRATION_REPORT_PATH}],
+        pod_label="cqrs.dev/migration-job",
+        backoff_limit=MIGRATION_BACKOFF_LIMIT,
+        deadline_seconds=MIGRATION_DEADLINE_SECONDS,
+    )
+    job["metadata"]["annotations"] = {IMAGE_ANNOTATION: spec.image}
+    job["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = (
+        MIGRATION_REPORT_PATH
+    )
+    return job
+
+
+def stack_job(
+    spec: StackSpec,
+    component: str,
+    name: str,
+    args: list[str],
+    env: list[dict[str, Any]],
+    *,
+    pod_label: str,
+    backoff_limit: int,
+    deadline_seconds: int,
+) -> Manifest:
+    """A Job ``name`` running ``cqrs-stack <args>`` of the stack's own image, as the stack's role.
+
+    The one shape of the stack's Jobs (the migration, a rebuild): the database URLs only (no
+    Redis), LOG_LEVEL and ``env``, spec.migrationJob's pod controls and resources, one pod
+    (labelled ``pod_label: name``) never restarted in place, removed MIGRATION_TTL_SECONDS
+    after it finished (the operator records its outcome in the stack's status long before).
+    """
     secret = child_name(spec, "credentials")
-    job = spec.migration_job
-    container = _container(spec, MIGRATE, Component(replicas=1, resources=job.resources))
+    controls = spec.migration_job
+    container = _container(spec, component, Component(replicas=1, resources=controls.resources))
     for probe in ("livenessProbe", "readinessProbe", "startupProbe", "ports"):
         del container[probe]
-    container["args"] = [MIGRATE]
+    container["args"] = list(args)
     container["envFrom"] = []
     wanted = ("WRITE_DB_URL", "READ_DB_URL", "PGSSLMODE", "PGSSLROOTCERT")
-    container["env"] = [e for e in _env(spec, MIGRATE, secret) if e["name"] in wanted] + [
+    container["env"] = [e for e in _env(spec, component, secret) if e["name"] in wanted] + [
         {"name": "LOG_LEVEL", "value": spec.log_level},
-        {"name": "MIGRATE_REPORT_FILE", "value": MIGRATION_REPORT_PATH},
+        *env,
     ]
-    container["terminationMessagePath"] = MIGRATION_REPORT_PATH
     # A failure without a report (an image that writes none) shows its last log lines.
     container["terminationMessagePolicy"] = "FallbackToLogsOnError"
-    pod_labels = {**labels(spec, MIGRATE), "cqrs.dev/migration-job": name}
+    pod_labels = {**labels(spec, component), pod_label: name}
     template = {
         "metadata": {"labels": pod_labels},
         "spec": {
@@ -677,18 +711,12 @@ def migration_job(spec: StackSpec) -> Manifest:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            **_metadata(spec, MIGRATE, MIGRATE),
-            "name": name,
-            "annotations": {IMAGE_ANNOTATION: spec.image},
-        },
+        "metadata": {**_metadata(spec, component, component), "name": name},
         "spec": {
-            "backoffLimit": MIGRATION_BACKOFF_LIMIT,
-            "activeDeadlineSeconds": MIGRATION_DEADLINE_SECONDS,
+            "backoffLimit": backoff_limit,
+            "activeDeadlineSeconds": deadline_seconds,
             "ttlSecondsAfterFinished": MIGRATION_TTL_SECONDS,
             # spec.migrationJob's pod controls; one pod: no default spread over nodes.
-            "template": apply_pod_controls(
-                template, job, {"cqrs.dev/migration-job": name}, spread=False
-            ),
+            "template": apply_pod_controls(template, controls, {pod_label: name}, spread=False),
         },
     }

@@ -57,6 +57,7 @@ class Change:
 
     reason: str
     message: str
+    warning: bool = False  # a failure the stack's owner should see (a Warning Event)
 
 
 @dataclass(frozen=True)
@@ -436,6 +437,28 @@ async def catch_up_health(
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def stack_session(
+    db: Database, user: str, password: str, tls: Tls = None
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to ``db`` as a login of the stack's role: what the stack's own image
+    records there (a rebuild's progress) is read as the stack, never as admin."""
+    try:
+        conn = await _connect(db, user, password, db.name, tls)
+    except (TimeoutError, OSError) as exc:
+        raise ProvisioningError(
+            "DatabaseUnreachable", f"cannot reach PostgreSQL at {db.host}:{db.port}: {exc}"
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        raise ProvisioningError(
+            "DatabaseLoginFailed", f"login to {db.name} as {user!r} failed: {_first_line(exc)}"
+        ) from exc
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def drop_owned(

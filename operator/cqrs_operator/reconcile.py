@@ -11,6 +11,7 @@ before any role uses it, so a reconcile killed anywhere finds it again on the ne
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import ssl
@@ -19,13 +20,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import asyncpg
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from redis.connection import parse_url
 
 from cqrs_stack import diagnosis
+from cqrs_stack.rebuild_progress import RunProgress, live_versions, read_run
 
-from . import kube, manifests, migration_job, provisioning, rotation, scaling, status
+from . import (
+    kube,
+    manifests,
+    migration_job,
+    provisioning,
+    rebuild_job,
+    rotation,
+    scaling,
+    status,
+)
 from .errors import PERMANENT_REASONS, PermanentProvisioningError, ProvisioningError
 from .ownership import OwnershipRefused
 from .provisioning import AdminLogin, Change, Owner
@@ -49,6 +61,9 @@ ALLOW_ADOPT_ANNOTATION = "cqrs.dev/allow-adopt"
 # Which server an admin Secret is for: "postgresql" (the default) or "redis".
 ADMIN_FOR_LABEL = "cqrs.dev/admin-for"
 POSTGRESQL, REDIS = "postgresql", "redis"
+# Seconds the operator waits for the read DB to tell the rebuilds' progress (then it tries again
+# at the next reconcile).
+READ_PROGRESS_TIMEOUT = 10.0
 # The label a Secret needs before the operator hands it to a stack's pods (spec.redis.urlSecret,
 # spec.writeApi.auth.tokenSecret): the pods run an image of the tenant's choosing.
 STACK_SECRET_LABEL = "cqrs.dev/stack-secret"
@@ -773,11 +788,13 @@ async def reconcile(
     current_status: Mapping[str, Any],
     adopt: Adopt,
     rotate: str = "",
+    rebuild: str = "",
 ) -> Outcome:
     """Check and repair every part of the stack; each part reports in its own condition.
 
     ``rotate``: the value of the stack's annotation cqrs.dev/rotate-credentials; a value
-    not handled yet starts a rotation (see rotation.py).
+    not handled yet starts a rotation (see rotation.py). ``rebuild``: the value of
+    cqrs.dev/rebuild; a value not handled yet rebuilds every read model (rebuild_job.py).
     """
     out = Outcome()
     try:
@@ -867,6 +884,9 @@ async def reconcile(
             }
         except ProvisioningError as exc:
             out.fail(status.WORKLOADS, exc)
+        if any(c.type == status.MIGRATIONS and c.status for c in out.conditions) and creds.active:
+            # The rebuild runs the spec's image, whose schema (rebuild_runs) is now current.
+            await _rebuilds(out, api, spec, creds.active, current_status, adopt, rebuild)
     try:
         out.conditions.append(await check_available(api, spec))
     except ProvisioningError as exc:
@@ -910,6 +930,271 @@ async def _report_projection(
     projector = out.extra.setdefault("projector", {})
     projector["health"] = status.projection_health(health, judgement, catch_up)
     projector["progress"] = progress
+
+
+async def _rebuilds(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    me: Login,
+    current_status: Mapping[str, Any],
+    adopt: Adopt,
+    request: str,
+) -> None:
+    """Condition Rebuilding, status.rebuild and status.readModels: the stack's rebuild Jobs,
+    one at a time (rebuild_job.py). Trouble here fails no other part: the live read models
+    keep serving reads and writes."""
+    try:
+        await _rebuild_step(out, api, spec, me, current_status, adopt, request)
+    except ProvisioningError as exc:
+        out.conditions.append(status.Condition(status.REBUILDING, None, exc.reason, exc.message))
+    except ApiException as exc:
+        out.conditions.append(
+            status.Condition(
+                status.REBUILDING,
+                None,
+                "RebuildJobUnreadable",
+                f"cannot read, create or delete the rebuild Jobs: HTTP {exc.status}",
+            )
+        )
+
+
+async def _read_rebuilds(
+    api: client.ApiClient, spec: StackSpec, me: Login, runs: list[str]
+) -> tuple[dict[str, int], dict[str, RunProgress], str]:
+    """The live versions and the progress of ``runs``, as the read DB records them (read as
+    the stack's role); ``why`` is not empty when the read DB could not tell."""
+    tls = await database_tls(api, spec)
+    try:
+        # Bounded: a read DB that hangs must not hold the stack's reconcile.
+        async with (
+            asyncio.timeout(READ_PROGRESS_TIMEOUT),
+            provisioning.stack_session(spec.read_db, me.username, me.password, tls) as conn,
+        ):
+            live = await live_versions(conn)
+            found = {name: await read_run(conn, name) for name in runs}
+    except ProvisioningError as exc:
+        return {}, {}, exc.message
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        return (
+            {},
+            {},
+            f"reading the rebuilds' progress in {spec.read_db.name}: {type(exc).__name__}",
+        )
+    return live, {name: run for name, run in found.items() if run is not None}, ""
+
+
+async def _rebuild_step(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    me: Login,
+    current_status: Mapping[str, Any],
+    adopt: Adopt,
+    request: str,
+) -> None:
+    selector = rebuild_job.job_selector(spec)
+    jobs = [
+        j
+        for j in await kube.list_jobs(api, spec.namespace, selector)
+        if kube.controller_uid(j) == spec.uid and rebuild_job.run_of(j) is not None
+    ]
+    pods = await kube.list_pods(api, spec.namespace, selector)
+    by_name = {j["metadata"]["name"]: j for j in jobs}
+    recorded: Mapping[str, Any] = current_status.get("rebuild") or {}
+    last = rebuild_job.recorded_runs(current_status)
+    versions = spec.model_versions
+    current = recorded.get("job") if recorded.get("outcome") == rebuild_job.RUNNING else None
+    active = [j for j in jobs if not rebuild_job.finished(j)]
+    if current is None and active:  # the status lost (a patch that failed): the cluster tells
+        current = active[0]["metadata"]["name"]
+    live, progress, why = await _read_rebuilds(api, spec, me, [current] if current else [])
+    if why:
+        live = rebuild_job.recorded_live(current_status)
+    shown: dict[str, Any] = dict(recorded)
+    for name, message in await _cancel_unwanted(out, api, spec, active, last):
+        del by_name[name]
+        if name == current:
+            shown.update(outcome=rebuild_job.CANCELLED, phase="cancelled", message=message)
+            current = None
+    if current is not None:
+        job = by_name.get(current)
+        found = progress.get(current)
+        shown = _rebuild_progress(out, job, current, recorded, last, pods, live, found, why)
+    busy = [j for j in by_name.values() if not rebuild_job.finished(j)]
+    handled = rebuild_job.handled_request(current_status, request)
+    if not busy and not rebuild_job.pods_active(pods) and not why:
+        run = rebuild_job.plan(versions, live, last, request, handled)
+        if run is None:
+            handled = request
+        else:
+            shown = await _start_rebuild(out, api, spec, run, last, live, adopt)
+    _report_rebuilds(out, versions, live, last, shown, handled, why)
+
+
+async def _cancel_unwanted(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    active: list[dict[str, Any]],
+    last: dict[str, rebuild_job.LastRun],
+) -> list[tuple[str, str]]:
+    """Delete each running rebuild Job the spec no longer wants (its model gone, its version
+    changed); (name, message) of each."""
+    cancelled = []
+    for job in active:
+        name, run = job["metadata"]["name"], rebuild_job.run_of(job)
+        assert run is not None
+        if job["metadata"].get("deletionTimestamp") or rebuild_job.still_wanted(
+            run, spec.model_versions
+        ):
+            continue
+        await kube.delete_object(api, "Job", spec.namespace, name)
+        message = (
+            f"cancelled Job {name} (rebuild of {run.model} to version {run.version}): the spec "
+            f"now asks for {dict(spec.model_versions).get(run.model, 'no such model')}; the "
+            "live model is untouched"
+        )
+        out.changes.append(provisioning.Change("RebuildCancelled", message))
+        last[run.model] = rebuild_job.LastRun(name, run.version, run.request, rebuild_job.CANCELLED)
+        cancelled.append((name, message))
+    return cancelled
+
+
+def _report_rebuilds(
+    out: Outcome,
+    versions: tuple[tuple[str, int], ...],
+    live: Mapping[str, int],
+    last: Mapping[str, rebuild_job.LastRun],
+    shown: dict[str, Any],
+    handled: str,
+    why: str,
+) -> None:
+    """Condition Rebuilding, status.rebuild, status.readModels and status.rebuildRequest."""
+    result = shown.get("outcome")
+    if why and result is None:  # never rebuilt, and what is live cannot be read now
+        out.conditions.append(status.Condition(status.REBUILDING, None, "ReadDbUnreadable", why))
+    else:
+        message = str(shown.get("message") or "")
+        out.conditions.append(
+            rebuild_job.condition(
+                result,
+                shown.get("phase"),
+                message or f"read models live: {rebuild_job.describe_live(versions, live)}",
+            )
+        )
+    if shown:
+        out.extra["rebuild"] = shown
+    out.extra["rebuildRequest"] = handled
+    out.extra["readModels"] = [
+        {
+            "name": name,
+            "version": live.get(name, rebuild_job.INITIAL_VERSION),
+            **({"lastRun": _last_run(last[name])} if name in last else {}),
+        }
+        for name, _ in versions
+    ]
+
+
+def _last_run(last: rebuild_job.LastRun) -> dict[str, Any]:
+    return {
+        "job": last.job,
+        "version": last.version,
+        "request": last.request,
+        "outcome": last.outcome,
+    }
+
+
+def _rebuild_progress(
+    out: Outcome,
+    job: Mapping[str, Any] | None,
+    name: str,
+    recorded: Mapping[str, Any],
+    last: dict[str, rebuild_job.LastRun],
+    pods: list[dict[str, Any]],
+    live: Mapping[str, int],
+    progress: RunProgress | None,
+    why: str,
+) -> dict[str, Any]:
+    """status.rebuild of the running (or just finished) Job ``name``, and its Event once it
+    ended: swapped, failed, cancelled (deleted by a person) or rolled back."""
+    if job is None:  # deleted, not by the operator: cancelled
+        run = next(
+            (rebuild_job.Run(m, r.version, r.request) for m, r in last.items() if r.job == name),
+            None,
+        )
+        message = f"Job {name} was deleted: the rebuild is cancelled; the live model is untouched"
+        out.changes.append(provisioning.Change("RebuildCancelled", message))
+        if run is not None:
+            last[run.model] = rebuild_job.LastRun(
+                name, run.version, run.request, rebuild_job.CANCELLED
+            )
+        return {
+            **recorded,
+            "outcome": rebuild_job.CANCELLED,
+            "phase": "cancelled",
+            "message": message,
+        }
+    run = rebuild_job.run_of(job)
+    assert run is not None
+    own_pods = [
+        p for p in pods if (p["metadata"].get("labels") or {}).get(rebuild_job.JOB_LABEL) == name
+    ]
+    state = migration_job.job_outcome(job, own_pods)
+    result, message = rebuild_job.outcome(state, progress, live.get(run.model), run)
+    if result != rebuild_job.RUNNING and why:
+        # The Job ended; what it did is read from the read DB, which does not answer now.
+        result, message = (
+            rebuild_job.RUNNING,
+            (f"{state.message}; its outcome is read once the read DB answers ({why})"),
+        )
+    last[run.model] = rebuild_job.LastRun(name, run.version, run.request, result)
+    if result != rebuild_job.RUNNING:
+        reason, warning = {
+            rebuild_job.SWAPPED: ("RebuildSwapped", False),
+            rebuild_job.FAILED: ("RebuildFailed", True),
+            rebuild_job.CANCELLED: ("RebuildCancelled", False),
+            rebuild_job.ROLLED_BACK: ("RebuildRolledBack", True),
+        }[result]
+        if result == rebuild_job.FAILED:
+            message += (
+                f"; the live version {live.get(run.model, rebuild_job.INITIAL_VERSION)} of "
+                f"{run.model} is untouched; a new version or a new value of "
+                f"{rebuild_job.REBUILD_ANNOTATION} runs it again"
+            )
+        out.changes.append(
+            provisioning.Change(reason, message[: rebuild_job.MESSAGE_LIMIT], warning=warning)
+        )
+    return rebuild_job.rebuild_status(run, name, result, progress, message)
+
+
+async def _start_rebuild(
+    out: Outcome,
+    api: client.ApiClient,
+    spec: StackSpec,
+    run: rebuild_job.Run,
+    last: dict[str, rebuild_job.LastRun],
+    live: Mapping[str, int],
+    adopt: Adopt,
+) -> dict[str, Any]:
+    """Create the Job of ``run``; its model's last run is it from now on."""
+    previous = last.get(run.model)
+    name = rebuild_job.job_name(spec, run, previous.job if previous else "")
+    rendered = rebuild_job.rebuild_job(spec, run, name)
+    await check_pod_secrets(api, spec, [rendered])
+    await _apply(api, spec, rendered, adopt)
+    why = (
+        f"annotation {rebuild_job.REBUILD_ANNOTATION}={run.request!r}"
+        if run.request
+        else (
+            f"spec version {run.version} above the live "
+            f"{live.get(run.model, rebuild_job.INITIAL_VERSION)}"
+        )
+    )
+    message = f"rebuilding {run.model} to version {run.version} in Job {name} ({why})"
+    out.changes.append(provisioning.Change("RebuildStarted", message))
+    last[run.model] = rebuild_job.LastRun(name, run.version, run.request, rebuild_job.RUNNING)
+    return rebuild_job.rebuild_status(run, name, rebuild_job.RUNNING, None, message)
 
 
 def _switch(out: Outcome, creds: Credentials) -> Credentials:

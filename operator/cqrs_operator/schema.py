@@ -241,7 +241,9 @@ def _as_values(node: Schema, path: str) -> None:
                 {"type": "integer", "minimum": 0},
                 {"type": "string", "pattern": QUANTITY},
             ]
-        if key == "x-kubernetes-list-type" and node[key] == "set":
+        # A map's items are unique by their keys, which draft-07 cannot say: equal items at least
+        # are refused here, and the API server refuses the rest.
+        if key == "x-kubernetes-list-type" and node[key] in ("set", "map"):
             node["uniqueItems"] = True
         if key == "x-kubernetes-preserve-unknown-fields":
             node.setdefault("type", "object")
@@ -314,6 +316,8 @@ def _bounds(node: Schema) -> str:
         parts.append(f"≤ {node['maxLength']} chars")
     if node.get("x-kubernetes-list-type") == "set":
         parts.append("no duplicates")
+    if node.get("x-kubernetes-list-type") == "map":
+        parts.append(f"one item per {', '.join(node.get('x-kubernetes-list-map-keys') or [])}")
     return ", ".join(parts)
 
 

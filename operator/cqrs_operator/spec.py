@@ -144,7 +144,10 @@ class StackSpec:
     db_pool_min_size: int = models.Pool().min_size
     db_pool_max_size: int = models.Pool().max_size
     log_level: str = "info"
-    read_models: tuple[str, ...] = ("records",)
+    read_models: tuple[str, ...] = ("records",)  # the names: READ_MODELS
+    # (name, version) of each read model, in spec order: a version above the live one is
+    # rebuilt (rebuild_job.py).
+    model_versions: tuple[tuple[str, int], ...] = (("records", 1),)
     migration_job: MigrationJob = field(default_factory=MigrationJob)
     reserved: str = ""  # why a name the spec chose is another stack's (reserved_names)
 
@@ -411,7 +414,8 @@ def parse_spec(
         db_pool_min_size=model.databases.pool.min_size,
         db_pool_max_size=model.databases.pool.max_size,
         log_level=model.log_level,
-        read_models=tuple(model.read_models),
+        read_models=tuple(m.name for m in model.read_models),
+        model_versions=tuple((m.name, m.version) for m in model.read_models),
         migration_job=model.migration_job,
         reserved=reserved_names(spec, namespace, defaults),
     )

@@ -19,6 +19,11 @@ Conditions of a stack:
 - ``ReconciliationPaused``: True while the stack carries ``cqrs.dev/reconcile: paused``
   (nothing of it is changed; the other conditions are as the last reconcile left them),
   False (``ReconciliationResumed``) once reconciled again. Not part of Ready.
+- ``Rebuilding``: True while a rebuild Job of a read model runs, its reason the rebuild's
+  phase (``Pending``, ``Load``, ``CatchUp``, ``Verify``, ``Swap``, ``Finishing``); False
+  after, with the outcome (``Swapped``, ``Failed``, ``Cancelled``, ``RolledBack``; ``Idle``
+  before any). Not part of Ready: the live model serves reads and writes throughout
+  (rebuild_job.py).
 - ``Ready``: all of DatabasesReady, MigrationsApplied, StreamReady, WorkloadsReady and
   WorkloadsAvailable.
 - ``ProjectionStalled``: True when the projection makes no progress while there is work (no
@@ -58,6 +63,7 @@ CREDENTIALS = "CredentialsCurrent"
 PROJECTION_STALLED = "ProjectionStalled"
 PROJECTION_DEGRADED = "ProjectionDegraded"
 PAUSED = "ReconciliationPaused"
+REBUILDING = "Rebuilding"
 READY = "Ready"
 READY_PARTS = (DATABASES, MIGRATIONS, STREAM, WORKLOADS, AVAILABLE)
 # Every phase() a stack can be in (the operator exports a count of each, 0 included).
@@ -136,6 +142,7 @@ def _order(kind: str) -> tuple[int, str]:
         CREDENTIALS,
         PROJECTION_STALLED,
         PROJECTION_DEGRADED,
+        REBUILDING,
         READY,
     )
     return (known.index(kind) if kind in known else len(known), kind)

@@ -39,6 +39,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 # The read models a stack can serve (the services read READ_MODELS, comma-separated).
 ReadModel = Literal["records", "history"]
 READ_MODEL_NAMES: tuple[str, ...] = ("records", "history")
+# A read model's version: the one its migrations create is 1 (an int4 in the read DB).
+ReadModelVersion = Annotated[int, Field(ge=1, le=2**31 - 1)]
+INITIAL_READ_MODEL_VERSION = 1
 
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_POLL_INTERVAL = 0.1
@@ -501,6 +504,21 @@ class MigrationJob(PodControls):
     )
 
 
+class ReadModelSpec(Model):
+    """One read model the stack keeps, and the version of it that should be live."""
+
+    name: ReadModel = Field(description="records (GET /read/{key}) or history")
+    version: ReadModelVersion = Field(
+        default=INITIAL_READ_MODEL_VERSION,
+        description=(
+            "the model's version; above the live one (status.readModels), the operator runs "
+            "a rebuild Job of the stack's image that builds it beside the live one and swaps "
+            "it in (annotation cqrs.dev/rebuild: a new value rebuilds every model at its "
+            "version)"
+        ),
+    )
+
+
 # ------------------------------------------------------------------ stream, databases, Redis
 
 
@@ -847,14 +865,20 @@ class CqrsStackSpec(Model):
         json_schema_extra=_default({}),
         description="The Job that migrates the databases with the stack's image",
     )
-    read_models: list[ReadModel] = Field(
-        default_factory=lambda: list[ReadModel](["records"]),
+    read_models: list[ReadModelSpec] = Field(
+        default_factory=lambda: [ReadModelSpec(name="records")],
         min_length=1,
         max_length=len(READ_MODEL_NAMES),
-        json_schema_extra={"default": ["records"], "x-kubernetes-list-type": "set"},
+        json_schema_extra={
+            "default": [{"name": "records", "version": INITIAL_READ_MODEL_VERSION}],
+            # The API server refuses a name given twice (and merges entries by name).
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
         description=(
-            "the read models the projector keeps and the read API serves (READ_MODELS): records "
-            "(GET /read/{key}), history (GET /read/{key}/history)"
+            "the read models the projector keeps and the read API serves (READ_MODELS, the "
+            "names): records (GET /read/{key}), history (GET /read/{key}/history); a version "
+            "above the live one makes the operator rebuild that model beside the live one"
         ),
     )
     stream: Stream = Field(
@@ -875,8 +899,9 @@ class CqrsStackSpec(Model):
 
     @field_validator("read_models")
     @classmethod
-    def _distinct(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
+    def _distinct(cls, value: list[ReadModelSpec]) -> list[ReadModelSpec]:
+        names = [model.name for model in value]
+        if len(set(names)) != len(names):
             raise ValueError("names a read model twice")
         return value
 
@@ -1042,6 +1067,74 @@ class StreamStatus(Model):
     consumer_group: str | None = Field(default=None, description="consumer group")
 
 
+class ReadModelRun(Model):
+    """The last rebuild Job the operator ran for one read model."""
+
+    job: str | None = Field(default=None, description="the Job (and the rebuild's run id)")
+    version: int | None = Field(default=None, description="the version it built")
+    request: str | None = Field(
+        default=None,
+        description="the cqrs.dev/rebuild value it ran for; empty: a version above the live one",
+    )
+    outcome: str | None = Field(
+        default=None, description="Running, Swapped, Failed, Cancelled or RolledBack"
+    )
+
+
+class ReadModelStatus(Model):
+    """One read model as the read DB records it."""
+
+    name: str = Field(description="the read model")
+    version: int | None = Field(default=None, description="the version live (serving reads)")
+    last_run: ReadModelRun | None = Field(
+        default=None,
+        description=(
+            "the model's last rebuild Job: a Failed or Cancelled one is not run again until "
+            "the version or the cqrs.dev/rebuild annotation changes"
+        ),
+    )
+
+
+class RebuildStatus(Model):
+    """The rebuild Job running, or the last one, with its progress from the read DB."""
+
+    models: list[str] | None = Field(default=None, description="the read models it rebuilds")
+    version: int | None = Field(default=None, description="the version it builds")
+    job: str | None = Field(default=None, description="the Job (and the rebuild's run id)")
+    phase: str | None = Field(
+        default=None,
+        description=(
+            "pending (no progress recorded yet), load, catch-up, verify, swap; at the end done, "
+            "failed, cancelled or rolled-back"
+        ),
+    )
+    outcome: str | None = Field(
+        default=None, description="Running, Swapped, Failed, Cancelled or RolledBack"
+    )
+    done: int | None = Field(
+        default=None, json_schema_extra={"format": "int64"}, description="commands done"
+    )
+    total: int | None = Field(
+        default=None,
+        json_schema_extra={"format": "int64"},
+        description="commands to do (as far as known)",
+    )
+    percent: float | None = Field(default=None, description="done of total, 0 to 100")
+    commands_per_second: float | None = Field(
+        default=None, description="commands per second so far"
+    )
+    eta_seconds: float | None = Field(
+        default=None, description="seconds left at that rate (absent while unknown)"
+    )
+    started_at: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="when it started"
+    )
+    finished_at: str | None = Field(
+        default=None, json_schema_extra={"format": "date-time"}, description="when it ended"
+    )
+    message: str | None = Field(default=None, description="what a person needs to know")
+
+
 class CqrsStackStatus(Model):
     """What the operator observed (written by the operator only)."""
 
@@ -1071,4 +1164,14 @@ class CqrsStackStatus(Model):
     )
     stream: StreamStatus | None = Field(
         default=None, description="the stream the stack was provisioned with"
+    )
+    read_models: list[ReadModelStatus] | None = Field(
+        default=None, description="each read model's live version and last rebuild Job"
+    )
+    rebuild: RebuildStatus | None = Field(
+        default=None, description="the rebuild running, or the last one"
+    )
+    rebuild_request: str | None = Field(
+        default=None,
+        description="the last value of the annotation cqrs.dev/rebuild whose rebuilds were run",
     )

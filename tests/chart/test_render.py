@@ -288,12 +288,15 @@ def test_pod_controls_and_autoscaling_values_reach_the_operators_deployments() -
         "stack.readApi.tolerations[0].key=dedicated",
         "stack.readApi.tolerations[0].operator=Exists",
         "stack.projector.envFrom[0].configMapRef.name=extra",
-        "stack.readModels={records,history}",
+        "stack.readModels[0].name=records",
+        "stack.readModels[1].name=history",
+        "stack.readModels[1].version=2",
         "stack.databases.pool.maxSize=4",
     )
     stack = one(docs, "CqrsStack")
     spec = parse_spec(stack["spec"], namespace=NAMESPACE, name=stack["metadata"]["name"])
     assert spec.read_models == ("records", "history")
+    assert spec.model_versions == (("records", 1), ("history", 2))
     assert manifests.config_data(spec)["DB_POOL_MAX_SIZE"] == "4"
     objs = {
         (o["kind"], o["metadata"]["name"].removeprefix(f"{spec.name}-")): o

@@ -43,8 +43,12 @@ def test_schema_is_draft_07_and_closed() -> None:
         ("operator.resources.requests=null", ["/operator/resources"]),
         ("devDatabases.redis.maxMemory=all", ["/devDatabases/redis/maxMemory"]),
         # The stack part is generated from the spec models: their bounds and enums hold here.
-        ("stack.readModels={records,records}", ["/stack/readModels"]),
-        ("stack.readModels={ledger}", ["/stack/readModels/0"]),
+        (
+            "stack.readModels[0].name=records,stack.readModels[1].name=records",
+            ["/stack/readModels"],
+        ),
+        ("stack.readModels[0].name=ledger", ["/stack/readModels/0"]),
+        ("stack.readModels[0].version=0", ["/stack/readModels/0/version", "minimum"]),
         ("stack.projector.autoscaling.engine=hpa", ["/stack/projector/autoscaling/engine"]),
         ("stack.writeApi.autoscaling.minReplicas=0", ["/stack/writeApi/autoscaling/minReplicas"]),
         ("stack.databases.pool.maxSize=1001", ["/stack/databases/pool/maxSize", "maximum"]),

@@ -7,6 +7,10 @@ materialised and the termination message file redirected; then it records a Pod 
 container terminated with that exit code and message, and marks the Job Complete or Failed
 in its status, as the Job controller would. ``fail_migration_job`` records a failure
 without running anything (an image whose migration crashes).
+
+The stack's rebuild Jobs (component ``rebuild``) are run the same way by ``run_jobs``
+(``cqrs-stack rebuild --model M --version N --run-id <Job>`` against the test's servers), or
+failed with ``fail_jobs``.
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ def _read_file(path: Path) -> str:
     return path.read_text() if path.exists() else ""
 
 
-async def pending_jobs(api: client.ApiClient, namespace: str, stack: str) -> list[Any]:
-    """The stack's migration Jobs that have not finished."""
-    selector = f"app.kubernetes.io/instance={stack},app.kubernetes.io/component=migrate"
+async def pending_jobs(
+    api: client.ApiClient, namespace: str, stack: str, component: str = "migrate"
+) -> list[Any]:
+    """The stack's Jobs of ``component`` (migrate, rebuild) that have not finished."""
+    selector = f"app.kubernetes.io/instance={stack},app.kubernetes.io/component={component}"
     jobs = await client.BatchV1Api(api).list_namespaced_job(namespace, label_selector=selector)
     return [
         job
@@ -180,7 +186,12 @@ async def _record(
 
 async def run_migration_jobs(api: client.ApiClient, namespace: str, stack: str) -> int:
     """Run each pending migration Job of ``stack`` as the kubelet would; return how many."""
-    jobs = await pending_jobs(api, namespace, stack)
+    return await run_jobs(api, namespace, stack, "migrate")
+
+
+async def run_jobs(api: client.ApiClient, namespace: str, stack: str, component: str) -> int:
+    """Run each pending Job of ``stack``'s ``component`` as the kubelet would; how many."""
+    jobs = await pending_jobs(api, namespace, stack, component)
     for job in jobs:
         container = job.spec.template.spec.containers[0]
         with tempfile.TemporaryDirectory(prefix="standin-") as folder:
@@ -205,7 +216,19 @@ async def fail_migration_job(
     api: client.ApiClient, namespace: str, stack: str, message: str, exit_code: int = 1
 ) -> int:
     """Record each pending migration Job of ``stack`` as failed with ``message``."""
-    jobs = await pending_jobs(api, namespace, stack)
+    return await fail_jobs(api, namespace, stack, "migrate", message, exit_code)
+
+
+async def fail_jobs(
+    api: client.ApiClient,
+    namespace: str,
+    stack: str,
+    component: str,
+    message: str,
+    exit_code: int = 1,
+) -> int:
+    """Record each pending Job of ``stack``'s ``component`` as failed with ``message``."""
+    jobs = await pending_jobs(api, namespace, stack, component)
     for job in jobs:
         await _record(api, namespace, job, exit_code, message)
     return len(jobs)

@@ -312,7 +312,7 @@ async def test_defaults_are_filled_by_the_api_server(
     # No tag default: a stack that pins none runs the operator's version (moves with it).
     assert spec["image"] == {"repository": "cqrs-stack", "pullPolicy": "IfNotPresent"}
     assert spec["projector"]["batchSize"] == 500
-    assert spec["readModels"] == ["records"]
+    assert spec["readModels"] == [{"name": "records", "version": 1}]
     assert spec["databases"]["pool"] == {"minSize": 1, "maxSize": 10}
     assert spec["stream"]["consumerGroup"] == "projectors"
     assert spec["deletionPolicy"] == "Retain"

@@ -92,11 +92,17 @@ def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
     resources = {r for rule in role["rules"] for r in rule["resources"]}
     assert "namespaces" not in resources and "customresourcedefinitions" not in resources
     assert not any("*" in rule["verbs"] for rule in role["rules"])
-    # The one delete: autoscalers the spec dropped (children otherwise go with their owner).
+    # The only deletes: autoscalers the spec dropped, a rebuild Job it cancelled (children
+    # otherwise go with their owner).
     deletable = {
         r for rule in role["rules"] if "delete" in rule["verbs"] for r in rule["resources"]
     }
-    assert deletable == {"horizontalpodautoscalers", "scaledobjects", "triggerauthentications"}
+    assert deletable == {
+        "horizontalpodautoscalers",
+        "scaledobjects",
+        "triggerauthentications",
+        "jobs",
+    }
     verbs = {r: set(rule["verbs"]) for rule in role["rules"] for r in rule["resources"]}
     # Read by name only (kube.read_object, kube.list_pods): no list/watch of Deployments.
     assert verbs["deployments"] == {"get", "create", "patch"}

@@ -57,6 +57,10 @@ def model_defaults(model: type[BaseModel], values: dict[str, Any], path: str) ->
             wrong += model_defaults(nested, value, f"{path}.{key}")
         elif not info.is_required() and value not in ({}, [], ""):
             default = info.get_default(call_default_factory=True)
+            if isinstance(default, list):  # a list of models (readModels) as values.yaml has it
+                default = [
+                    d.model_dump(by_alias=True) if isinstance(d, BaseModel) else d for d in default
+                ]
             if value != default:
                 wrong.append(f"{path}.{key}: values.yaml {value!r}, model {default!r}")
     return wrong

@@ -200,7 +200,7 @@ def test_read_models_and_pool_sizes_reach_the_config_map() -> None:
         "1",
         "10",
     )
-    spec = stack(readModels=["records", "history"])
+    spec = stack(readModels=[{"name": "records"}, {"name": "history", "version": 2}])
     spec_dict = {
         "databases": {
             "write": {"host": "pg", "adminSecret": "a"},

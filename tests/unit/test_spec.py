@@ -329,7 +329,7 @@ def test_names_shaped_like_another_stacks_defaults_are_reserved() -> None:
     ],
 )
 def test_read_models_are_named_once_from_the_known_ones(models: list, accepted: bool) -> None:
-    spec = minimal() | {"readModels": models}
+    spec = minimal() | {"readModels": [{"name": name} for name in models]}
     if accepted:
         assert parse_spec(spec, namespace="ns", name="n").read_models == tuple(models)
     else:
@@ -337,8 +337,31 @@ def test_read_models_are_named_once_from_the_known_ones(models: list, accepted: 
             parse_spec(spec, namespace="ns", name="n")
 
 
-def test_read_models_default_to_records() -> None:
-    assert parse_spec(minimal(), namespace="ns", name="n").read_models == ("records",)
+def test_read_models_default_to_records_at_version_1() -> None:
+    stack = parse_spec(minimal(), namespace="ns", name="n")
+    assert (stack.read_models, stack.model_versions) == (("records",), (("records", 1),))
+
+
+@pytest.mark.parametrize(
+    ("models", "accepted"),
+    [
+        ([{"name": "records", "version": 1}], True),
+        ([{"name": "records", "version": 2**31 - 1}], True),
+        ([{"name": "records", "version": 2**31}], False),
+        ([{"name": "records", "version": 0}], False),
+        # A name twice is refused whatever the versions (one version per model is live).
+        ([{"name": "records", "version": 1}, {"name": "records", "version": 2}], False),
+        (["records"], False),  # the list of names never shipped: no shim for it
+    ],
+)
+def test_read_model_versions_are_bounded_one_per_name(models: list, accepted: bool) -> None:
+    spec = minimal() | {"readModels": models}
+    if accepted:
+        stack = parse_spec(spec, namespace="ns", name="n")
+        assert stack.model_versions == tuple((m["name"], m["version"]) for m in models)
+    else:
+        with pytest.raises(SpecError, match=r"spec\.readModels"):
+            parse_spec(spec, namespace="ns", name="n")
 
 
 def test_pool_sizes_are_set_by_the_spec_and_checked() -> None:

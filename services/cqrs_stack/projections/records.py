@@ -48,7 +48,7 @@ class Records(Projection):
                      max(position) AS last_position,
                      (array_agg(created_at ORDER BY position))[1] AS first_at,
                      (array_agg(created_at ORDER BY position DESC))[1] AS last_at
-              FROM {applied} GROUP BY key) AS p
+              FROM {applied} AS a GROUP BY key) AS p
         JOIN {values} AS v ON v.position = p.last_position
         ORDER BY p.key
         ON CONFLICT (key) DO UPDATE SET
