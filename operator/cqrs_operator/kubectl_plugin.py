@@ -37,10 +37,9 @@ from cqrs_stack.cli import CommandError, add_dlq_commands, reason_of, run_dlq, w
 from cqrs_stack.config import Settings, known_secrets, redact_text
 
 from . import manifests
+from .rebuild_job import REBUILD_ANNOTATION
 from .spec import GROUP, PLURAL, VERSION, CaBundle, SpecError, StackSpec, parse_spec
 
-# The annotation that asks the operator for a rebuild now: any new value does.
-REBUILD_ANNOTATION = "cqrs.dev/rebuild"
 # Exit codes (README, "kubectl cqrs"): besides those of `cqrs-stack dlq`, which it passes on.
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 20  # no such stack, or a child the operator has not created yet

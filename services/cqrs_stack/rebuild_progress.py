@@ -24,13 +24,15 @@ from typing import Final
 
 import asyncpg
 
+from .stack_spec import INITIAL_READ_MODEL_VERSION
+
 log = logging.getLogger(__name__)
 
 WORKING: Final = ("load", "catch-up", "verify", "swap")
 FINISHED: Final = ("done", "failed", "cancelled", "rolled-back")
 PHASES: Final = (*WORKING, *FINISHED)
 # The version a model's migrations create: a model without a row in read_model_versions.
-INITIAL_VERSION: Final = 1
+INITIAL_VERSION: Final = INITIAL_READ_MODEL_VERSION
 
 _COLUMNS = "run_id, models, version, phase, done, total, started_at, updated_at, finished_at, error"
 
