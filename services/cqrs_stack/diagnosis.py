@@ -116,8 +116,8 @@ class PinningTransaction:
         """``transaction 123 (pid 45, app 'psql', idle in transaction for 31 s)``."""
         if self.pid is None:
             return (
-                f"transaction {self.xid} (not visible to this role: grant it pg_read_all_stats"
-                " to see its pid and state)"
+                f"transaction {self.xid} (unknown session: not visible to this role, so neither"
+                " its database nor its state is known; grant the role pg_read_all_stats)"
             )
         since = self.state_seconds if self.state_seconds is not None else self.open_seconds
         return (
@@ -133,6 +133,13 @@ class CatchUpHealth:
     ``age_seconds`` is how stale the guarantee "every command below the watermark is swept"
     may be: the time since the last sweep, or the age of the oldest transaction pinning the
     watermark when that is longer. None before the first sweep.
+
+    ``pinned_by`` holds only transactions of the stack's write database (pg_stat_activity's
+    datname is the write engine's current_database()): a transaction of another database
+    of the same server can never write ``commands``, so it pins nothing the sweep waits for
+    and is not named. A transaction whose session this role cannot see cannot be placed in
+    a database: it is listed in ``unplaced`` and neither ages the watermark nor degrades
+    the verdict.
     """
 
     available: bool
@@ -143,6 +150,7 @@ class CatchUpHealth:
     age_seconds: float | None = None
     pending_transactions: int = 0
     pinned_by: tuple[PinningTransaction, ...] = ()
+    unplaced: tuple[PinningTransaction, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,10 +400,11 @@ _PINS = text(
     "  extract(epoch FROM now() - a.xact_start)::float8 AS open_for,"
     "  extract(epoch FROM now() - a.state_change)::float8 AS state_for,"
     "  substring(ltrim(a.query) FROM '^[A-Za-z]+') AS statement,"
+    "  a.datname IS NOT DISTINCT FROM current_database() AS ours,"
     "  next.x - ((next.x % 4294967296) - a.backend_xid::text::bigint + 4294967296)"
     "   % 4294967296 AS full_xid"
     "  FROM pg_stat_activity a, next WHERE a.backend_xid IS NOT NULL)"
-    " SELECT full_xid, pid, application_name, state, open_for, state_for, statement"
+    " SELECT full_xid, pid, application_name, state, open_for, state_for, statement, ours"
     " FROM sessions WHERE full_xid = ANY(CAST(:txids AS bigint[]))"
 )
 _BOUND = text("SELECT set_config('statement_timeout', :ms, true)")
@@ -413,7 +422,7 @@ async def read_catch_up(write_engine: AsyncEngine, read_engine: AsyncEngine) -> 
         return CatchUpHealth(available=True)  # never swept yet
     model, watermark, swept_ago, pending = row
     try:
-        pins = await _pins(write_engine, [int(t) for t in pending or ()])
+        pins, unplaced = await _pins(write_engine, [int(t) for t in pending or ()])
     except (SQLAlchemyError, OSError) as exc:
         return CatchUpHealth(
             available=False,
@@ -432,27 +441,36 @@ async def read_catch_up(write_engine: AsyncEngine, read_engine: AsyncEngine) -> 
         age_seconds=round(max(ages), 3) if ages else None,
         pending_transactions=len(pending or ()),
         pinned_by=tuple(pins),
+        unplaced=tuple(unplaced),
     )
 
 
-async def _pins(write_engine: AsyncEngine, pending: Sequence[int]) -> list[PinningTransaction]:
+async def _pins(
+    write_engine: AsyncEngine, pending: Sequence[int]
+) -> tuple[list[PinningTransaction], list[PinningTransaction]]:
+    """The open transactions among ``pending``: those of the stack's write database, and
+    those whose session is hidden from this role (their database unknown); oldest first,
+    at most MAX_PINS_NAMED each. Transactions of other databases are left out."""
     if not pending:
-        return []
+        return [], []
     async with write_engine.begin() as conn:
         await conn.execute(_BOUND, {"ms": str(_STATEMENT_TIMEOUT_MS)})
         txids = [str(t) for t in pending]
         open_ = [int(t) for t in (await conn.scalars(_STILL_OPEN, {"txids": txids}))]
-        open_ = open_[:MAX_PINS_NAMED]
         if not open_:
-            return []
+            return [], []
         rows = await conn.execute(_PINS, {"txids": open_})
         seen = {int(r[0]): r for r in rows}
-    pins = []
+    pins: list[PinningTransaction] = []
+    unplaced: list[PinningTransaction] = []
     for xid in open_:
         r = seen.get(xid)
-        if r is None:  # another role's session, hidden from this one
-            pins.append(PinningTransaction(xid))
+        if r is None:  # another role's session, hidden from this one: its database unknown
+            if len(unplaced) < MAX_PINS_NAMED:
+                unplaced.append(PinningTransaction(xid))
             continue
+        if not r[7] or len(pins) >= MAX_PINS_NAMED:
+            continue  # another database's transaction never writes `commands`
         pins.append(
             PinningTransaction(
                 xid,
@@ -464,7 +482,7 @@ async def _pins(write_engine: AsyncEngine, pending: Sequence[int]) -> list[Pinni
                 r[6].upper() if r[6] else None,
             )
         )
-    return pins
+    return pins, unplaced
 
 
 async def read_db_error(read_engine: AsyncEngine) -> str | None:
@@ -683,6 +701,8 @@ def describe(found: Diagnosis) -> list[str]:
         lines.append(f"  catch-up watermark: {sweep.watermark} ({sweep.model}), {age}")
     for pin in sweep.pinned_by:
         lines.append(f"    pinned by write-DB {pin.describe()}")
+    for pin in sweep.unplaced:
+        lines.append(f"    open, not counted as a pin: {pin.describe()}")
     dead = found.dead_letters
     if dead is not None:
         oldest_dead = "" if dead.oldest_seconds is None else f", oldest {dead.oldest_seconds:.0f} s"

@@ -7,13 +7,16 @@ import json
 import re
 import signal
 import subprocess
+import time
 import sys
 from collections.abc import Callable
+from functools import partial
 
 import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy import text
 
 from cqrs_stack import diagnosis
 from cqrs_stack.config import Settings, plain_database_url
@@ -288,3 +291,98 @@ async def test_dead_letters_are_counted_with_the_oldest_age(stack: Stack) -> Non
     assert found.dead_letters is not None and found.dead_letters.count == 2
     assert found.dead_letters.oldest_seconds is not None
     assert 0 <= found.dead_letters.oldest_seconds < 60
+
+
+async def _swept_past(stack: Stack, xid: int) -> bool:
+    """The sweep keeps ``xid`` in its pending list: it passed it while it was open."""
+    async with stack.read_engine.connect() as conn:
+        found = await conn.scalar(
+            text("SELECT count(*) FROM projector_catchup_pending WHERE txid::text = :xid"),
+            {"xid": str(xid)},
+        )
+    return bool(found)
+
+
+async def test_a_transaction_of_another_database_pins_nothing(
+    stack: Stack, write_pg: PostgresServer
+) -> None:
+    """A long transaction with an xid in another database of the write server (a pg_dump of
+    another database, a session of another application) can never write ``commands``: the
+    sweep may keep its xid pending, but the diagnosis names no pin, the verdict stays ok and
+    the watermark's age (and its gauge) stays the time since the last sweep, well under the
+    transaction's age."""
+    stack.env.update(
+        {
+            "PROJECTION_LAG_TARGET": "1",
+            "PROJECTOR_HEALTH_INTERVAL": "0.2",
+            "PROJECTOR_CATCHUP_INTERVAL": "0.2",
+        }
+    )
+    settings = _settings(stack, projection_lag_target=1.0, projector_catchup_interval=0.2)
+    api = await stack.launch("api")
+    projector = await stack.launch("projector")
+    elsewhere = await asyncpg.connect(
+        plain_database_url(write_pg.url("postgres")),
+        server_settings={"application_name": "other-db"},
+    )
+    try:
+        await elsewhere.execute("BEGIN")
+        xid = int(await elsewhere.fetchval("SELECT pg_current_xact_id()::text"))
+        began = time.monotonic()
+        await write_many(api.url, 20, keys=5)
+        await stack.assert_converges()
+        await wait_until(lambda: _swept_past(stack, xid), 20, f"the sweep to pass {xid}")
+
+        async def old_enough() -> bool:  # the transaction is now well past the lag target
+            return time.monotonic() - began > 3.0
+
+        await wait_until(old_enough, 10, "the other database's transaction to age")
+        found = await _diagnose(stack, settings)
+        assert found.catch_up.pinned_by == () and found.catch_up.unplaced == ()
+        assert found.judgement.verdict == "ok", found.judgement
+        assert found.catch_up.age_seconds is not None and found.catch_up.age_seconds < 2.0
+        async with httpx.AsyncClient(timeout=10) as client:
+            stats = (await client.get(f"{api.url}/stats")).json()
+            assert stats["health"]["verdict"] == "ok", stats["health"]
+            assert stats["health"]["catch_up"]["pinned_by"] == []
+            body = (await client.get(f"{projector.url}/metrics")).text
+            assert _gauges(body)["cqrs_catchup_watermark_age_seconds"] < 2.0
+    finally:
+        await elsewhere.close()
+
+
+async def test_another_roles_sessions_are_placed_by_their_database(
+    stack: Stack, write_pg: PostgresServer
+) -> None:
+    """Seen by a role without pg_read_all_stats, another role's sessions show their database
+    and pid but not their state: one in the stack's write database is still named as a pin,
+    one in another database of the server is not."""
+    stack.env.update({"PROJECTOR_CATCHUP_INTERVAL": "0.2"})
+    settings = _settings(stack, projector_catchup_interval=0.2)
+    api = await stack.launch("api")
+    await stack.launch("projector")
+    role = f"watcher_{stack.settings.read_db_url.rsplit('/', 1)[1]}"
+    ours = await asyncpg.connect(plain_database_url(settings.write_db_url))
+    elsewhere = await asyncpg.connect(plain_database_url(write_pg.url("postgres")))
+    await ours.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'watcher-pw'")
+    url = re.sub(r"://[^@]*@", f"://{role}:watcher-pw@", settings.write_db_url)
+    watcher = create_engine(url, settings, application_name="test")
+    try:
+        await ours.execute("BEGIN")
+        await elsewhere.execute("BEGIN")
+        mine = int(await ours.fetchval("SELECT pg_current_xact_id()::text"))
+        other = int(await elsewhere.fetchval("SELECT pg_current_xact_id()::text"))
+        pid = await ours.fetchval("SELECT pg_backend_pid()")
+        await write_many(api.url, 10, keys=5)
+        await stack.assert_converges()
+        for xid in (mine, other):
+            await wait_until(partial(_swept_past, stack, xid), 20, f"the sweep to pass {xid}")
+        found = await diagnosis.diagnose(watcher, stack.read_engine, stack.redis, settings)
+        assert [(p.xid, p.pid, p.state) for p in found.catch_up.pinned_by] == [(mine, pid, None)]
+        assert found.catch_up.unplaced == ()
+    finally:
+        await watcher.dispose()
+        await ours.execute("ROLLBACK")
+        await elsewhere.close()
+        await ours.execute(f"DROP ROLE {role}")
+        await ours.close()
