@@ -208,6 +208,15 @@ def _add_operational_routes(app: FastAPI, role: Role) -> None:
         resources = _resources(request)
         engines = (resources.write_engine, resources.read_engine)
         health = await diagnosis.diagnose(*engines, resources.redis, resources.settings)
+        if health.read_db_error is not None:
+            # The figures read the read DB too: it refused or did not answer just now, so
+            # answer at once rather than wait on it a second time.
+            return error_response(
+                503,
+                "database_unavailable",
+                "the database is unavailable; retry later",
+                {"health": health.as_dict()},
+            )
         try:
             found = await figures.stack_figures(
                 *engines, resources.redis, resources.settings, health

@@ -133,7 +133,7 @@ def reason_of(exc: BaseException) -> str:
         if isinstance(seen, socket.gaierror):
             return "host name not found"
         if isinstance(seen, TimeoutError):
-            return "timed out"
+            return str(seen) or "timed out"  # a bounded wait says how long it waited
         seen = seen.__cause__ or getattr(seen, "orig", None)
     first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return redact_text(first[0] if first else type(exc).__name__, known_secrets())[:200]
@@ -219,25 +219,36 @@ def _has_uvloop() -> bool:
     return True
 
 
-async def _reachable(engine: Any, what: str, variable: str, url: str) -> None:
-    """Connect once, so that an unreachable database is one clear error, not a traceback."""
+async def _reachable(
+    engine: Any, what: str, variable: str, url: str, bounded: bool = False
+) -> None:
+    """Connect once, so that an unreachable database is one clear error, not a traceback.
+    ``bounded``: a server that accepts and does not answer within the diagnosis's
+    READING_TIMEOUT is unreachable too (its connect timeout alone is longer)."""
     from sqlalchemy import text
 
-    try:
+    from .diagnosis import within
+
+    async def check() -> None:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+    try:
+        await (within(check()) if bounded else check())
     except Exception as exc:  # any failure to connect is reported the same way
         raise unreachable(what, variable, url, exc) from exc
 
 
-async def _with_engines(settings: Settings, work: Callable[[Any, Any], Awaitable[int]]) -> int:
+async def _with_engines(
+    settings: Settings, work: Callable[[Any, Any], Awaitable[int]], bounded: bool = False
+) -> int:
     from . import db
 
     write_engine = db.write_engine(settings, "cli")
     read_engine = db.read_engine(settings, "cli")
     try:
-        await _reachable(write_engine, "write DB", "WRITE_DB_URL", settings.write_db_url)
-        await _reachable(read_engine, "read DB", "READ_DB_URL", settings.read_db_url)
+        await _reachable(write_engine, "write DB", "WRITE_DB_URL", settings.write_db_url, bounded)
+        await _reachable(read_engine, "read DB", "READ_DB_URL", settings.read_db_url, bounded)
         return await work(write_engine, read_engine)
     finally:
         await write_engine.dispose()
@@ -352,9 +363,11 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await redis.aclose()
         models = enabled(settings.read_model_names)
-        figures["read_models"] = await model_figures(read_engine, models)
+        figures["read_models"] = await diagnosis.within(model_figures(read_engine, models))
         # Swept by a replica whose READ_MODELS has them, absent from this READ_MODELS.
-        figures["read_models_not_enabled_here"] = await models_kept_elsewhere(read_engine, models)
+        figures["read_models_not_enabled_here"] = await diagnosis.within(
+            models_kept_elsewhere(read_engine, models)
+        )
         if args.json:
             print(json.dumps({**figures, "health": health.as_dict()}, default=str, indent=2))
         else:
@@ -370,7 +383,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
             )
         return 0
 
-    return asyncio.run(_with_engines(settings, work))
+    return asyncio.run(_with_engines(settings, work, bounded=True))
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:

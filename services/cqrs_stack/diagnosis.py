@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import TypeAdapter, ValidationError
 from redis.asyncio import Redis
@@ -34,14 +34,43 @@ from .config import Settings
 from .outages import sqlstate
 
 Verdict = Literal["ok", "degraded", "stalled"]
+_T = TypeVar("_T")
 
 # Consumers whose oldest pending entry is looked up (one XPENDING each), those holding the
 # most first: bounds a reading's round trips however many consumer names a group collected.
 MAX_CONSUMERS_EXAMINED = 32
 # Write-DB transactions named as pinning the sweep's watermark, oldest first.
 MAX_PINS_NAMED = 5
-# A statement of a reading is cut off after this long (the server's statement_timeout).
-_STATEMENT_TIMEOUT_MS = 5000
+# A database's part of a reading is given up after this long: the server's statement_timeout
+# for a statement it runs, and the whole wait (connecting included) for a server that accepts
+# connections and never answers, which no statement timeout cuts off.
+READING_TIMEOUT = 5.0
+_STATEMENT_TIMEOUT_MS = int(READING_TIMEOUT * 1000)
+# What a reading says of a database that did not answer within READING_TIMEOUT.
+NO_ANSWER = f"no answer within {READING_TIMEOUT:g} s"
+# Readings given up on and still finishing (a hung server's socket): kept referenced, and
+# their outcome retrieved, until they end.
+_ABANDONED: set[asyncio.Future[Any]] = set()
+
+
+async def within(work: Awaitable[_T], seconds: float = READING_TIMEOUT) -> _T:
+    """``work``'s result, or TimeoutError after ``seconds``. Given up on, ``work`` is cancelled
+    but not waited for: its cleanup (a rollback, a pool check-in) would wait on the same
+    server that does not answer."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if task in done:
+        return task.result()
+    task.cancel()
+    _ABANDONED.add(task)
+    task.add_done_callback(_forget)
+    raise TimeoutError(NO_ANSWER)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _ABANDONED.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: an abandoned reading's outcome is not an error to log
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,20 +442,20 @@ _BOUND = text("SELECT set_config('statement_timeout', :ms, true)")
 async def read_catch_up(write_engine: AsyncEngine, read_engine: AsyncEngine) -> CatchUpHealth:
     """The sweep's watermark, its age and the write-DB transactions that pin it."""
     try:
-        async with read_engine.begin() as conn:
-            await conn.execute(_BOUND, {"ms": str(_STATEMENT_TIMEOUT_MS)})
-            row = (await conn.execute(_SWEEP_STATE)).first()
+        row = await within(_sweep_state(read_engine))
+    except TimeoutError:
+        return CatchUpHealth(available=False, error=f"read DB: {NO_ANSWER}")
     except (SQLAlchemyError, OSError) as exc:
         return CatchUpHealth(available=False, error=error_name(exc))
     if row is None:
         return CatchUpHealth(available=True)  # never swept yet
     model, watermark, swept_ago, pending = row
     try:
-        pins, unplaced = await _pins(write_engine, [int(t) for t in pending or ()])
-    except (SQLAlchemyError, OSError) as exc:
+        pins, unplaced = await within(_pins(write_engine, [int(t) for t in pending or ()]))
+    except (SQLAlchemyError, OSError) as exc:  # TimeoutError included
         return CatchUpHealth(
             available=False,
-            error=f"write DB: {error_name(exc)}",
+            error=f"write DB: {NO_ANSWER if isinstance(exc, TimeoutError) else error_name(exc)}",
             model=model,
             watermark=int(watermark),
             swept_seconds_ago=swept_ago,
@@ -443,6 +472,12 @@ async def read_catch_up(write_engine: AsyncEngine, read_engine: AsyncEngine) -> 
         pinned_by=tuple(pins),
         unplaced=tuple(unplaced),
     )
+
+
+async def _sweep_state(read_engine: AsyncEngine) -> Any:
+    async with read_engine.begin() as conn:
+        await conn.execute(_BOUND, {"ms": str(_STATEMENT_TIMEOUT_MS)})
+        return (await conn.execute(_SWEEP_STATE)).first()
 
 
 async def _pins(
@@ -486,13 +521,20 @@ async def _pins(
 
 
 async def read_db_error(read_engine: AsyncEngine) -> str | None:
-    """None when the read DB answers a query; else what refused, without its text."""
+    """None when the read DB answers a query within READING_TIMEOUT; else what refused,
+    without its text, or NO_ANSWER."""
     try:
-        async with read_engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        await within(_select_one(read_engine))
+    except TimeoutError:
+        return NO_ANSWER
     except (DBAPIError, SQLAlchemyError, OSError) as exc:
         return error_name(exc)
     return None
+
+
+async def _select_one(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
 
 
 async def diagnose(
@@ -533,6 +575,8 @@ def judge(
 ) -> Judgement:
     """ok, degraded (progress, but lag over the target) or stalled (no progress while there
     is work), naming the cause that matters most. Pure."""
+    if read_db_refusal == NO_ANSWER:
+        return Judgement("stalled", "ReadDbNotAnswering", f"read DB: {NO_ANSWER}")
     if read_db_refusal is not None:
         return Judgement("stalled", "ReadDbRefusing", f"read DB refusing: {read_db_refusal}")
     if not health.reachable:
@@ -675,7 +719,9 @@ def describe(found: Diagnosis) -> list[str]:
     ]
     if not stream.reachable:
         lines.append(f"  Redis unreachable ({stream.error})")
-    if found.read_db_error:
+    if found.read_db_error == NO_ANSWER:
+        lines.append(f"  read DB: {NO_ANSWER}")
+    elif found.read_db_error:
         lines.append(f"  read DB refusing: {found.read_db_error}")
     for consumer in stream.consumers[:MAX_CONSUMERS_EXAMINED]:
         oldest = consumer.oldest_pending

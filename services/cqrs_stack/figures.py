@@ -29,8 +29,12 @@ async def stack_figures(
     The stream's figures come from ``health`` (diagnosis.py: one reading of the group for
     every view), read here when not given.
     """
-    written = await write_db.counts(write_engine, settings.stats_exact_count_max)
-    projected = await read_db.projector_figures(read_engine, settings.stats_exact_count_max)
+    # Bounded like the diagnosis's readings: a server that accepts and never answers raises
+    # TimeoutError (an OSError: a 503 at the API's edge) instead of holding the caller.
+    written = await diagnosis.within(write_db.counts(write_engine, settings.stats_exact_count_max))
+    projected = await diagnosis.within(
+        read_db.projector_figures(read_engine, settings.stats_exact_count_max)
+    )
     if health is None:
         # Bounded: a hung Redis (accepts, never answers) is reported as unavailable, not
         # waited on for a socket timeout.

@@ -3,22 +3,26 @@ catch-up watermark, a consumer that stopped, Redis down, the read DB refusing, t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import signal
 import subprocess
-import time
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import text
 
 from cqrs_stack import diagnosis
+from cqrs_stack.cli import EXIT_READ_DB
 from cqrs_stack.config import Settings, plain_database_url
 from cqrs_stack.db import create_engine
 from cqrs_stack.localservers import PostgresServer, RedisServer
@@ -386,3 +390,56 @@ async def test_another_roles_sessions_are_placed_by_their_database(
         await elsewhere.close()
         await ours.execute(f"DROP ROLE {role}")
         await ours.close()
+
+
+def _signal_server(server: PostgresServer, signum: signal.Signals) -> None:
+    """Send ``signum`` to this test session's PostgreSQL server: its postmaster and backends."""
+    assert server.process is not None
+    postmaster = psutil.Process(server.process.pid)
+    for process in [postmaster, *postmaster.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signum)
+
+
+async def test_a_hung_read_db_is_named_within_the_reading_timeout(
+    stack: Stack, read_pg: PostgresServer
+) -> None:
+    """Every process of the read DB's server stopped (it accepts TCP, never answers; no
+    statement timeout fires): /stats answers 503 within READING_TIMEOUT and a little, naming
+    the read DB as not answering, and ``cqrs-stack status`` ends as soon with the same words;
+    once the server runs again /stats answers 200."""
+    api = await stack.launch("api")
+    bound = diagnosis.READING_TIMEOUT + 3.0
+    async with httpx.AsyncClient(timeout=60) as client:
+        assert (await client.get(f"{api.url}/stats")).status_code == 200  # pools connected
+        _signal_server(read_pg, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            answer = await client.get(f"{api.url}/stats")
+            took = time.monotonic() - began
+            assert answer.status_code == 503, answer.text
+            assert took < bound, f"/stats took {took:.1f} s"
+            health = answer.json()["detail"]["health"]
+            assert health["reason"] == f"read DB: {diagnosis.NO_ANSWER}"
+            assert health["cause"] == "ReadDbNotAnswering"
+            assert health["catch_up"]["error"] == f"read DB: {diagnosis.NO_ANSWER}"
+            began = time.monotonic()
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "cqrs_stack.cli", "status"],
+                env={**stack.env, "PATH": "/usr/bin:/bin"},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            took = time.monotonic() - began
+            assert took < bound + 5.0, f"status took {took:.1f} s"  # + the interpreter's start
+            assert done.returncode == EXIT_READ_DB, done.stderr
+            assert "read DB at" in done.stderr and diagnosis.NO_ANSWER in done.stderr
+        finally:
+            _signal_server(read_pg, signal.SIGCONT)
+
+        async def served() -> bool:
+            return (await client.get(f"{api.url}/stats")).status_code == 200
+
+        await wait_until(served, 30, "/stats to answer again")
