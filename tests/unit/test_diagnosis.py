@@ -3,10 +3,14 @@ operator's conditions from it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from cqrs_operator import status
 from cqrs_stack.diagnosis import (
+    NO_ANSWER,
     Bounds,
     CatchUpHealth,
     ConsumerHealth,
@@ -20,6 +24,7 @@ from cqrs_stack.diagnosis import (
     judge,
     progress_since,
     stopped,
+    within,
 )
 
 BOUNDS = Bounds(lag_target=30.0, stopped_after=10.0, catchup_interval=2.0)
@@ -175,3 +180,50 @@ def test_the_watermark_age_grows_when_the_sweep_never_ran_or_cannot_be_read() ->
     assert recorder.watermark_age(swept, now=1040.0) == 2.0
     unreadable = CatchUpHealth(available=False, error="read DB: InvalidPasswordError")
     assert recorder.watermark_age(unreadable, now=1100.0) == 62.0  # since the sweep at 1038
+
+
+def test_a_read_db_not_answering_is_stalled_in_its_own_words() -> None:
+    hung = judge(_stream(idle=0.1), None, NO_ANSWER, BOUNDS)
+    assert (hung.verdict, hung.cause, hung.reason) == (
+        "stalled",
+        "ReadDbNotAnswering",
+        "read DB: no answer within 5 s",
+    )
+
+
+def test_an_unplaced_transaction_is_listed_but_neither_pins_nor_degrades() -> None:
+    unknown = PinningTransaction(777)
+    sweep = CatchUpHealth(available=True, watermark=700, age_seconds=1.0, unplaced=(unknown,))
+    assert judge(_stream(idle=0.1, pending=0), sweep, None, BOUNDS).verdict == "ok"
+    found = Diagnosis(
+        0.0,
+        _stream(idle=0.1, pending=0),
+        None,
+        sweep,
+        None,
+        judge(_stream(0.1), sweep, None, BOUNDS),
+    )
+    assert any(
+        line.startswith("    open, not counted as a pin: transaction 777 (unknown session")
+        for line in describe(found)
+    )
+
+
+async def test_within_answers_at_the_bound_and_abandons_work_whose_cleanup_hangs() -> None:
+    """Work whose cancellation itself waits (a rollback on a server that does not answer)
+    does not hold the caller past the bound."""
+    release = asyncio.Event()
+
+    async def hangs() -> int:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await release.wait()  # cleanup that waits on the same hung server
+        return 1
+
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match=NO_ANSWER):
+        await within(hangs(), 0.2)
+    assert time.monotonic() - began < 1.0
+    assert await within(asyncio.sleep(0, result=7), 0.2) == 7
+    release.set()
