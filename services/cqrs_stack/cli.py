@@ -359,7 +359,15 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         redis = stream.connect(settings)
         try:
             health = await diagnosis.diagnose(write_engine, read_engine, redis, settings)
-            figures = await stack_figures(write_engine, read_engine, redis, settings, health)
+            if health.read_db_error is not None:
+                # The figures read the read DB too: say what the health found instead.
+                print("\n".join(diagnosis.describe(health)))
+                raise CommandError(f"read DB: {health.read_db_error}", EXIT_READ_DB)
+            try:
+                figures = await stack_figures(write_engine, read_engine, redis, settings, health)
+            except TimeoutError as exc:  # a database stopped answering after the health
+                print("\n".join(diagnosis.describe(health)))
+                raise CommandError(f"figures: {exc}", EXIT_DEPENDENCY_LOST) from None
         finally:
             await redis.aclose()
         models = enabled(settings.read_model_names)

@@ -145,8 +145,8 @@ class PinningTransaction:
         """``transaction 123 (pid 45, app 'psql', idle in transaction for 31 s)``."""
         if self.pid is None:
             return (
-                f"transaction {self.xid} (unknown session: not visible to this role, so neither"
-                " its database nor its state is known; grant the role pg_read_all_stats)"
+                f"transaction {self.xid} (unknown session: none this role can see holds it, so"
+                " its database is not known)"
             )
         since = self.state_seconds if self.state_seconds is not None else self.open_seconds
         return (
@@ -166,8 +166,10 @@ class CatchUpHealth:
     ``pinned_by`` holds only transactions of the stack's write database (pg_stat_activity's
     datname is the write engine's current_database()): a transaction of another database
     of the same server can never write ``commands``, so it pins nothing the sweep waits for
-    and is not named. A transaction whose session this role cannot see cannot be placed in
-    a database: it is listed in ``unplaced`` and neither ages the watermark nor degrades
+    and is not named. Another role's session shows its database and pid, not its state or
+    age (without pg_read_all_stats): it is named and ages nothing. A transaction with no
+    session this role sees (a prepared transaction, a session just ended) cannot be placed
+    in a database: it is listed in ``unplaced`` and neither ages the watermark nor degrades
     the verdict.
     """
 
@@ -484,7 +486,7 @@ async def _pins(
     write_engine: AsyncEngine, pending: Sequence[int]
 ) -> tuple[list[PinningTransaction], list[PinningTransaction]]:
     """The open transactions among ``pending``: those of the stack's write database, and
-    those whose session is hidden from this role (their database unknown); oldest first,
+    those without a session this role sees (their database unknown); oldest first,
     at most MAX_PINS_NAMED each. Transactions of other databases are left out."""
     if not pending:
         return [], []
@@ -500,7 +502,7 @@ async def _pins(
     unplaced: list[PinningTransaction] = []
     for xid in open_:
         r = seen.get(xid)
-        if r is None:  # another role's session, hidden from this one: its database unknown
+        if r is None:  # no session seen holds it (prepared, just ended): database unknown
             if len(unplaced) < MAX_PINS_NAMED:
                 unplaced.append(PinningTransaction(xid))
             continue
