@@ -20,9 +20,9 @@ parameters cannot say that two headers exclude each other, so the schema admits 
 a valid case with both would be "rejected"; such cases are left out of the valid ones only.
 Invalid cases with both headers are still sent and must be refused.
 
-An Idempotency-Key names one stored write: the same key with another method or body answers
-422 idempotency_key_reused, however well formed the request, and the fuzzer draws the same
-short keys ("0") for many different writes. The hooks follow which write each key is bound to
+An Idempotency-Key names one stored write: the same key with another method, body or
+precondition answers 422 idempotency_key_reused, however well formed the request, and the
+fuzzer draws the same short keys ("0") for many different writes. The hooks follow which write each key is bound to
 (reserved when sent, bound by a 2xx answer, released by any other answer: a refused write
 claims nothing). A valid case that would reuse a key bound or reserved for another method or
 body is given an unused key of the same length (same alphabet, so the length bounds are still
@@ -94,11 +94,23 @@ def _rejudge_coverage_headers(case: Any) -> None:
 
 
 def _write_of(case: Any) -> tuple[str, str]:
-    """What the server tells a retry from another write by: method, body key and value."""
+    """What the server tells a retry from another write by: method, body key and value, and
+    the precondition (If-Match / If-None-Match: the same key with another one is reused)."""
     body = case.body
+    headers = case.headers if isinstance(case.headers, Mapping) else {}
+    precondition = tuple(
+        sorted(
+            (name.lower(), str(value))
+            for name, value in headers.items()
+            if name.lower() in ("if-match", "if-none-match")
+        )
+    )
     if isinstance(body, Mapping):
-        return (str(case.method).upper(), repr((body.get("key"), body.get("value"))))
-    return (str(case.method).upper(), repr(body))
+        return (
+            str(case.method).upper(),
+            repr((body.get("key"), body.get("value"), precondition)),
+        )
+    return (str(case.method).upper(), repr((body, precondition)))
 
 
 def _unused_key(length: int) -> str | None:
