@@ -23,10 +23,11 @@ Invalid cases with both headers are still sent and must be refused.
 An Idempotency-Key names one stored write: the same key with another method, body or
 precondition answers 422 idempotency_key_reused, however well formed the request, and the
 fuzzer draws the same short keys ("0") for many different writes. The hooks follow which
-write each key is bound to (reserved when sent, bound by a 2xx answer, released by any other answer: a refused write
-claims nothing). A valid case that would reuse a key bound or reserved for another method or
-body is given an unused key of the same length (same alphabet, so the length bounds are still
-tested); a key sent again with the same method and body is kept, so retries are still answered
+write each key is bound to (reserved when sent, bound by a 2xx answer, released by any other
+answer: a refused write claims nothing). A valid case that would reuse a key bound or
+reserved for another write is given an unused key of the same length (same alphabet, so the
+length bounds are still tested); a key sent again with the same method, body and
+precondition is kept, so retries are still answered
 from the first write. Invalid cases keep their keys.
 """
 
