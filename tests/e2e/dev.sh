@@ -5,9 +5,10 @@
 #   dev.sh run    PROFILE [skaffold args]  `skaffold run`: build, load, install once
 #   dev.sh delete PROFILE                  remove what run/dev made, leaving nothing behind
 #
-# PROFILE: kind (the kind cluster `cqrs` of kind.sh, context kind-cqrs; images reach the node
-# by `kind load`) or local (the local cluster of tests/cluster, context cqrs-local; images are
-# imported into its containerd by tests/images/skaffold-build.sh).
+# PROFILE: kind (the kind cluster of kind.sh, `cqrs` or KIND_CLUSTER_NAME, context
+# kind-<name>; images reach the node by `kind load`) or local (the local cluster of
+# tests/cluster, context cqrs-local; images are imported into its containerd by
+# tests/images/skaffold-build.sh).
 #
 # Why `delete` is more than `skaffold delete` (= `helm uninstall`): Helm deletes the
 # operator and its RBAC in the same breath as the CqrsStack, so the stack's finalizer would
@@ -31,7 +32,11 @@ say() { echo "dev.sh: $*" >&2; }
 
 target() {  # target PROFILE: the kubeconfig and context flags of that cluster
   case $1 in
-    kind) KUBE=(--context kind-cqrs); SKAFFOLD_KUBE=(--kube-context kind-cqrs) ;;
+    kind)
+      # The cluster of kind.sh (KIND_CLUSTER_NAME, default cqrs).
+      KUBE=(--context "kind-${KIND_CLUSTER_NAME:-cqrs}")
+      SKAFFOLD_KUBE=(--kube-context "kind-${KIND_CLUSTER_NAME:-cqrs}")
+      ;;
     local)
       local config=${CQRS_CLUSTER_DIR:-/var/lib/cqrs-cluster}/admin.kubeconfig
       [[ -f $config ]] || { say "no local cluster ($config): make cluster-up"; exit 1; }

@@ -11,6 +11,7 @@
 #                  delete that cluster (whatever happened)
 #   kind.sh dev    up, then `skaffold dev --profile kind --port-forward` (tests/e2e/dev.sh); on
 #                  an offline node (ours), with the offline dev database images, loaded
+#   kind.sh run    the same, once: `skaffold run` (tests/e2e/dev.sh run; dev.sh delete undoes it)
 #
 # Offline or not is a property of the node image: ours (built by build-node.sh) carries the
 # label dev.cqrs-stack.kind-node.inputs-sha256, and its nodes cannot pull. Then the dev
@@ -241,16 +242,20 @@ e2e() {
   E2E_KUBECONFIG=$(kubeconfig_file) run_suite "$@"
 }
 
-dev() {
+# dev_prepare: up; on our offline node the dev databases' images, built and loaded, and the
+# skaffold profile offline-databases (values-local.yaml) that selects them.
+dev_prepare() {
   up
   offline_mode
   if ((OFFLINE)); then
-    # An offline node cannot pull the chart's postgres/redis: ours, loaded, and the skaffold
-    # profile offline-databases (values-local.yaml) selects them.
     dev_db_images
     load_extra
     export CQRS_OFFLINE_DATABASES=1
   fi
+}
+
+dev() {
+  dev_prepare
   # skaffold dev with the cleanup that leaves nothing behind on Ctrl-C (dev.sh).
   bash "$REPO/tests/e2e/dev.sh" dev kind --port-forward "$@"
 }
@@ -258,8 +263,9 @@ dev() {
 case ${1:-} in
   up) up ;;
   dev) shift; dev "$@" ;;
+  run) shift; dev_prepare; bash "$REPO/tests/e2e/dev.sh" run kind "$@" ;;
   load) need_tools; offline_mode; load ;;
   down) down ;;
   e2e) shift; e2e "$@" ;;
-  *) echo "usage: $0 up|load|down|e2e [pytest args]|dev [skaffold args]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|load|down|e2e [pytest args]|dev|run [skaffold args]" >&2; exit 2 ;;
 esac
