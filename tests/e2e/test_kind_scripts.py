@@ -77,14 +77,14 @@ class Sandbox:
     stub: Path
 
     def run(
-        self, script: str, *args: str, timeout: float = 60, **env: str
+        self, script: str, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["bash", str(self.repo / "tests/e2e" / script), *args],
-            env=self.env(**env),
+            env=self.env(**(env or {})),
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=60,
             check=False,
         )
 
@@ -259,7 +259,7 @@ def test_offline_is_decided_by_our_node_label(sandbox: Sandbox, explicit: bool):
     (sandbox.stub / "node-label").write_text("0123abcd")
     (sandbox.stub / "images").write_text("cqrs-stack-postgresql:15\ncqrs-stack-redis:7\n")
     env = {"KIND_NODE_IMAGE": OWN_IMAGE} if explicit else {}
-    done = sandbox.run("kind.sh", "e2e", **env)
+    done = sandbox.run("kind.sh", "e2e", env=env)
     assert done.returncode == 0, done.stderr
     calls = sandbox.calls()
     (suite,) = [c for c in calls if c.startswith("suite")]
@@ -270,7 +270,7 @@ def test_offline_is_decided_by_our_node_label(sandbox: Sandbox, explicit: bool):
 
 
 def test_a_node_image_not_ours_keeps_the_chart_defaults(sandbox: Sandbox):
-    done = sandbox.run("kind.sh", "e2e", KIND_NODE_IMAGE="kindest/node:v1.34.0")
+    done = sandbox.run("kind.sh", "e2e", env={"KIND_NODE_IMAGE": "kindest/node:v1.34.0"})
     assert done.returncode == 0, done.stderr
     (suite,) = [c for c in sandbox.calls() if c.startswith("suite")]
     assert "values-local.yaml" not in suite
