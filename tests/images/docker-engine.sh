@@ -48,9 +48,8 @@ docker_engine_up() {
     local runtime
     runtime="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/runc-bounded"
     # A session of its own (setsid): a Ctrl-C to the caller's process group (a dev loop in
-    # a terminal) must not stop an engine that outlives the caller.
-    # --wait: where setsid must fork (the caller a group leader), $! stays alive as long as
-    # dockerd does, so the wait below still watches it.
+    # a terminal) must not stop an engine that outlives the caller. --wait: where setsid
+    # must fork (the caller a group leader), $! stays alive as long as dockerd does.
     local detach=()
     if command -v setsid >/dev/null; then detach=(setsid --wait); fi
     "${detach[@]}" dockerd --host "unix://$CQRS_DOCKER_SOCK" --data-root "$CQRS_DOCKER_ROOT" \
