@@ -88,7 +88,7 @@ kind-down: dev-tools ## delete the kind cluster "cqrs"
 	bash tests/e2e/kind.sh down
 
 .PHONY: e2e
-e2e: install k8s-tools dev-tools ## end to end on kind: cluster up, images built+loaded, tests/e2e, cluster down
+e2e: install k8s-tools dev-tools ## end to end on kind: its own cluster (cqrs-e2e-<hash>) up, images built+loaded, tests/e2e, that cluster down
 	PYTHON=$(BIN)/python bash tests/e2e/kind.sh e2e $(PYTEST_ARGS)
 
 .PHONY: dev

@@ -5,9 +5,10 @@
 #   dev.sh run    PROFILE [skaffold args]  `skaffold run`: build, load, install once
 #   dev.sh delete PROFILE                  remove what run/dev made, leaving nothing behind
 #
-# PROFILE: kind (the kind cluster `cqrs` of kind.sh, context kind-cqrs; images reach the node
-# by `kind load`) or local (the local cluster of tests/cluster, context cqrs-local; images are
-# imported into its containerd by tests/images/skaffold-build.sh).
+# PROFILE: kind (the kind cluster of kind.sh, `cqrs` or KIND_CLUSTER_NAME, context
+# kind-<name>; images reach the node by `kind load`) or local (the local cluster of
+# tests/cluster, context cqrs-local; images are imported into its containerd by
+# tests/images/skaffold-build.sh).
 #
 # Why `delete` is more than `skaffold delete` (= `helm uninstall`): Helm deletes the
 # operator and its RBAC in the same breath as the CqrsStack, so the stack's finalizer would
@@ -31,7 +32,11 @@ say() { echo "dev.sh: $*" >&2; }
 
 target() {  # target PROFILE: the kubeconfig and context flags of that cluster
   case $1 in
-    kind) KUBE=(--context kind-cqrs); SKAFFOLD_KUBE=(--kube-context kind-cqrs) ;;
+    kind)
+      # The cluster of kind.sh (KIND_CLUSTER_NAME, default cqrs).
+      KUBE=(--context "kind-${KIND_CLUSTER_NAME:-cqrs}")
+      SKAFFOLD_KUBE=(--kube-context "kind-${KIND_CLUSTER_NAME:-cqrs}")
+      ;;
     local)
       local config=${CQRS_CLUSTER_DIR:-/var/lib/cqrs-cluster}/admin.kubeconfig
       [[ -f $config ]] || { say "no local cluster ($config): make cluster-up"; exit 1; }
@@ -49,25 +54,36 @@ delete() {
     kubectl "${KUBE[@]}" delete cqrsstacks --all -n "$NAMESPACE" --ignore-not-found \
       --wait --timeout=180s || say "the stacks did not go within 180 s"
   fi
-  skaffold delete --profile "$profile" "${SKAFFOLD_KUBE[@]}"
+  skaffold delete --profile "$profile" "${SKAFFOLD_KUBE[@]}" || say "skaffold delete failed"
   kubectl "${KUBE[@]}" delete namespace "$NAMESPACE" "$NAMESPACE-operator" --ignore-not-found \
     --wait --timeout=180s
   say "nothing of the dev loop is left in the cluster"
 }
 
+# The profile is a global, not a local of main: the EXIT trap runs after main has returned
+# when `skaffold dev` ends by itself (a failed status check, a build error), and a local
+# would be gone by then (under set -u the trap would die before cleaning up anything).
+PROFILE=
+
 main() {
-  local command=${1:-} profile=${2:-}
-  [[ -n $command && -n $profile ]] || { echo "usage: $0 dev|run|delete kind|local [skaffold args]" >&2; exit 2; }
+  local command=${1:-}
+  PROFILE=${2:-}
+  [[ -n $command && -n $PROFILE ]] || { echo "usage: $0 dev|run|delete kind|local [skaffold args]" >&2; exit 2; }
   shift 2
+  local profile=$PROFILE
   target "$profile"
   docker_engine_up || { say "no Docker engine: skaffold cannot build"; exit 1; }
   case $command in
     run) skaffold run --profile "$profile" "${SKAFFOLD_KUBE[@]}" "$@" ;;
     dev)
       # --cleanup=false: skaffold's own cleanup is `helm uninstall` alone; ours runs instead.
-      trap 'delete "$profile"' EXIT
+      trap 'delete "$PROFILE"' EXIT
       trap 'exit 130' INT TERM
-      skaffold dev --profile "$profile" "${SKAFFOLD_KUBE[@]}" --cleanup=false "$@" || true
+      # Ended by itself (a failed status check, a build error): its status, after the cleanup.
+      local status=0
+      skaffold dev --profile "$profile" "${SKAFFOLD_KUBE[@]}" --cleanup=false "$@" || status=$?
+      ((status == 0)) || say "skaffold dev ended with status $status"
+      exit "$status"
       ;;
     delete) delete "$profile" ;;
     *) echo "usage: $0 dev|run|delete kind|local [skaffold args]" >&2; exit 2 ;;

@@ -22,7 +22,7 @@ from tests.e2e.cluster import CACHE_BIN, REPO_ROOT, find_tool
 TAG = "render-check"
 
 
-def skaffold(*args: str, home: Path) -> str:
+def skaffold(*args: str, home: Path, extra_env: dict[str, str] | None = None) -> str:
     binary = find_tool("skaffold")
     if binary is None or find_tool("helm") is None:
         pytest.fail("skaffold or helm is not built: run `make dev-tools k8s-tools`", pytrace=False)
@@ -33,6 +33,9 @@ def skaffold(*args: str, home: Path) -> str:
         "HOME": str(home),
         "SKAFFOLD_UPDATE_CHECK": "false",
         "SKAFFOLD_INTERACTIVE": "false",
+        # Activates the profile offline-databases: only where a test sets it.
+        "CQRS_OFFLINE_DATABASES": "0",
+        **(extra_env or {}),
     }
     done = subprocess.run(
         [binary, *args, "--filename", str(REPO_ROOT / "skaffold.yaml")],
@@ -73,8 +76,18 @@ def test_diagnose_accepts_the_config(home: Path, profile: list[str]):
             assert artifact["custom"]["buildCommand"] == "bash tests/images/skaffold-build.sh"
 
 
-def rendered(home: Path, *extra: str) -> list[dict[str, Any]]:
-    out = skaffold("render", "--offline", "--digest-source=tag", f"--tag={TAG}", *extra, home=home)
+def rendered(
+    home: Path, *extra: str, extra_env: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    out = skaffold(
+        "render",
+        "--offline",
+        "--digest-source=tag",
+        f"--tag={TAG}",
+        *extra,
+        home=home,
+        extra_env=extra_env,
+    )
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -100,3 +113,31 @@ def test_render_injects_the_built_images(home: Path, profile: list[str]):
     services = {svc["metadata"]["name"] for svc in by_kind["Service"]}
     assert any("postgresql" in name for name in services), services
     assert any("redis" in name for name in services), services
+
+
+def database_images(objects: list[dict[str, Any]]) -> set[str]:
+    """The images of the dev databases' StatefulSets/Deployments (not our own images)."""
+    return {
+        container["image"]
+        for obj in objects
+        if obj["kind"] in ("StatefulSet", "Deployment")
+        for container in obj["spec"]["template"]["spec"]["containers"]
+        if not container["image"].startswith("cqrs-stack-operator:")
+        and not container["image"].startswith("cqrs-stack:")
+    }
+
+
+@pytest.mark.parametrize("activation", ["env", "profile"])
+def test_kind_offline_databases_use_the_offline_images(home: Path, activation: str):
+    """On our offline kind node (``make dev`` sets CQRS_OFFLINE_DATABASES=1), the dev databases
+    are the images of tests/cluster/images, as on the local cluster; without it the chart's."""
+    if activation == "env":
+        offline = rendered(home, "--profile", "kind", extra_env={"CQRS_OFFLINE_DATABASES": "1"})
+    else:
+        offline = rendered(home, "--profile", "kind,offline-databases")
+    assert database_images(offline) == {"cqrs-stack-postgresql:15", "cqrs-stack-redis:7"}
+    local = rendered(home, "--profile", "local")
+    assert database_images(offline) == database_images(local)
+    # Where pulling works (kindest/node), the chart's defaults.
+    online = database_images(rendered(home, "--profile", "kind"))
+    assert online and not online & {"cqrs-stack-postgresql:15", "cqrs-stack-redis:7"}, online

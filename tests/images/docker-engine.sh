@@ -47,7 +47,12 @@ docker_engine_up() {
     # set, so that privileged containers (kind's nodes) start where root lacks one.
     local runtime
     runtime="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/runc-bounded"
-    dockerd --host "unix://$CQRS_DOCKER_SOCK" --data-root "$CQRS_DOCKER_ROOT" \
+    # A session of its own (setsid): a Ctrl-C to the caller's process group (a dev loop in
+    # a terminal) must not stop an engine that outlives the caller. --wait: where setsid
+    # must fork (the caller a group leader), $! stays alive as long as dockerd does.
+    local detach=()
+    if command -v setsid >/dev/null; then detach=(setsid --wait); fi
+    "${detach[@]}" dockerd --host "unix://$CQRS_DOCKER_SOCK" --data-root "$CQRS_DOCKER_ROOT" \
         --exec-root "$CQRS_DOCKER_RUN/exec" --pidfile "$CQRS_DOCKER_RUN/dockerd.pid" \
         --iptables=false --ip6tables=false --bridge=none \
         --add-runtime "runc-bounded=$runtime" --default-runtime runc-bounded \
