@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -80,14 +81,23 @@ async def start_replicas(
     namespace: str,
     operator_factory: Callable[..., Operator],
     lease_duration: int = LEASE_DURATION,
+    via_port: int | None = None,
 ) -> Replicas:
-    """The chart's RBAC applied; two operators with its ServiceAccount's token."""
+    """The chart's RBAC applied; two operators with its ServiceAccount's token (reaching
+    the API server through loopback port ``via_port`` when given: a proxy)."""
     docs = render_operator_rbac(namespace)
     await apply_rendered(kube_api, docs)
     op_namespace, account = service_account(docs)
     kubeconfig: Path = kube_apiserver.kubeconfig_for_token(
         kube_apiserver.create_token(op_namespace, account)
     )
+    if via_port is not None:
+        proxied = kubeconfig.with_name(f"via-{via_port}-{kubeconfig.name}")
+        server = urlsplit(kube_apiserver.server)
+        proxied.write_text(
+            kubeconfig.read_text().replace(server.netloc, f"{server.hostname}:{via_port}")
+        )
+        kubeconfig = proxied
     ports = free_loopback_ports(2)
     operators, health = {}, {}
     for index, port in enumerate(ports):
@@ -106,6 +116,61 @@ async def start_replicas(
         )
         health[identity] = port
     return Replicas(kube_api, op_namespace, operators, health)
+
+
+class BlackHoleProxy:
+    """A TCP proxy on loopback in front of the API server. ``black_hole()``: every byte is
+    held from then on (connections open and new ones accepted, nothing answered), as a
+    network that drops packets; ``restore()``: new connections are forwarded again (the held
+    ones stay dead, as after a real outage)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.holding = False
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def black_hole(self) -> None:
+        self.holding = True
+
+    def restore(self) -> None:
+        self.holding = False
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.holding:
+            return  # accepted, never answered
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.append(up_w)
+        for source, sink in ((reader, up_w), (up_r, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dead = False  # once held, a connection never forwards again
+        while data := await reader.read(65536):
+            dead = dead or self.holding
+            if not dead:
+                writer.write(data)
+                await writer.drain()
+        if not dead:
+            writer.close()
 
 
 def healthz(port: int) -> tuple[int, str]:
@@ -247,3 +312,50 @@ async def test_a_leader_stopped_gracefully_hands_over_at_once(
     assert "leadership released" in replicas.operators[leader].log_text()
     await replicas.wait_holder({follower}, timeout=RETRY_PERIOD + MARGIN)
     assert time.monotonic() - stopping < long_lease / 2
+
+
+async def test_a_follower_leads_within_the_bound_after_a_black_holed_api_answers_again(
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    namespace: str,
+    operator_factory: Callable[..., Operator],
+) -> None:
+    """The API server accepts connections and answers nothing for longer than a lease
+    duration: the leader stops (renew deadline), and once the API answers again a follower
+    leads within lease duration + retry period (its Lease requests have a timeout: none
+    hangs on a dead connection)."""
+    proxy = BlackHoleProxy(urlsplit(kube_apiserver.server).port or 443)
+    await proxy.start()
+    try:
+        replicas = await start_replicas(
+            kube_api, kube_apiserver, namespace, operator_factory, via_port=proxy.port
+        )
+        leader = await replicas.wait_holder(set(replicas.operators), timeout=30)
+        follower = replicas.other(leader)
+
+        async def following() -> bool:
+            return "waiting for leadership" in replicas.operators[follower].log_text()
+
+        await wait_until(following, timeout=10, what="the follower tries")
+        proxy.black_hole()
+        outage = LEASE_DURATION * 2 + RENEW_DEADLINE  # past the lease, and past the deadline
+
+        def leader_gone() -> int | None:
+            process = replicas.operators[leader].process
+            assert process is not None
+            return process.poll()
+
+        async def stopped() -> bool:
+            return leader_gone() is not None
+
+        await wait_until(stopped, timeout=outage, what="the cut-off leader stops")
+        assert leader_gone() == LOST_EXIT_CODE, replicas.operators[leader].log_tail()
+        await asyncio.sleep(max(0.0, outage - RENEW_DEADLINE))  # the outage lasts on
+        proxy.restore()
+        restored = time.monotonic()
+        await replicas.wait_holder({follower}, timeout=TAKEOVER_BOUND + 5)
+        took = time.monotonic() - restored
+        assert took <= TAKEOVER_BOUND, f"led {took:.1f} s after the API answered again"
+        assert replicas.operators[follower].exit_reason() is None
+    finally:
+        await proxy.stop()
