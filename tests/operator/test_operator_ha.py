@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -359,3 +360,51 @@ async def test_a_follower_leads_within_the_bound_after_a_black_holed_api_answers
         assert replicas.operators[follower].exit_reason() is None
     finally:
         await proxy.stop()
+
+
+async def test_a_lease_the_api_refuses_is_a_clear_error_and_an_unhealthy_pod(
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    namespace: str,
+    operator_factory: Callable[..., Operator],
+) -> None:
+    """No such Lease namespace (404 on create), no RBAC on leases (403): each is logged as
+    an error naming the namespace or the permission, and /healthz answers 500 (the kubelet
+    restarts the pod, its events show why) instead of "following"."""
+    core = client.CoreV1Api(kube_api)
+    await core.create_namespaced_service_account(namespace, {"metadata": {"name": "no-leases"}})
+    no_rbac = kube_apiserver.kubeconfig_for_token(
+        kube_apiserver.create_token(namespace, "no-leases")
+    )
+    cases = {
+        "missing": (kube_apiserver.kubeconfig, f"{namespace}-absent", "does not exist"),
+        "forbidden": (no_rbac, namespace, "forbidden"),
+    }
+    for case, port in zip(cases, free_loopback_ports(2), strict=True):
+        kubeconfig, lease_ns, said = cases[case]
+        op = operator_factory(
+            kubeconfig,
+            namespace,
+            "--leader-elect",
+            f"--leader-election-namespace={lease_ns}",
+            f"--lease-duration={LEASE_DURATION}",
+            f"--renew-deadline={RENEW_DEADLINE}",
+            f"--retry-period={RETRY_PERIOD}",
+            f"--liveness=http://127.0.0.1:{port}/healthz",
+        )
+
+        async def unhealthy(port: int = port) -> tuple[int, str] | None:
+            try:
+                await asyncio.to_thread(healthz, port)
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+            except OSError:
+                return None  # not listening yet
+            return None
+
+        status, text = await wait_until(
+            unhealthy, timeout=15, what=f"{case}: /healthz unhealthy", alive=op.exit_reason
+        )
+        assert status == 500 and said in text and repr(lease_ns) in text, (case, text)
+        assert "leader election impossible" in op.log_text(), op.log_tail()
+        assert "unreachable" not in op.log_text(), op.log_tail()
