@@ -57,6 +57,11 @@ _PSQL_QUERY_ENV = {
 
 # The environment the plugin was started with: psql gets it, not the stack's settings.
 _ORIGINAL_ENVIRONMENT: dict[str, str] = {}
+# libpq variables of the user's environment that psql keeps: they shape the session, never
+# where it goes or as whom. Every other PG* variable (PGSERVICE/PGSERVICEFILE, whose service
+# file libpq prefers to PGHOST..., PGHOSTADDR, PGPASSFILE, PGOPTIONS, PGSSL*, PGSYSCONFDIR...)
+# is dropped: it could send the stack's login to another server.
+_PSQL_KEPT_ENV = frozenset({"PGDATESTYLE", "PGTZ", "PGGEQO", "PGCLIENTENCODING"})
 
 
 class PluginError(Exception):
@@ -416,20 +421,33 @@ async def _run(args: argparse.Namespace) -> tuple[int, Settings | None, list[str
         if args.command == "dlq":
             return 0, await _stack_settings(args, api, namespace), None
         if args.command == "psql":
-            settings = await _stack_settings(args, api, namespace)
+            spec = _typed(await _read_stack(api, namespace, args.stack))
+            environment = await stack_environment(api, spec)
+            settings = _settings(environment)
             url = settings.read_db_url if args.read else settings.write_db_url
-            return 0, settings, [url]
+            # The TLS variables the stack's pods get: from the stack, not from this process.
+            tls = [
+                f"{k}={environment[k]}" for k in ("PGSSLMODE", "PGSSLROOTCERT") if k in environment
+            ]
+            return 0, settings, [url, *tls]
         return int(await args.handler(args, api, namespace)), None, None
     finally:
         await api.close()
 
 
-def _exec_psql(args: argparse.Namespace, url: str) -> int:
+def psql_child_environment(
+    original: Mapping[str, str], url: str, tls: Mapping[str, str]
+) -> dict[str, str]:
+    """psql's environment: the user's, less every libpq variable that could redirect the
+    connection or its login, plus the stack's TLS variables and the URL's login."""
+    kept = {k: v for k, v in original.items() if not k.startswith("PG") or k in _PSQL_KEPT_ENV}
+    return {**kept, **tls, **psql_environment(url)}
+
+
+def _exec_psql(args: argparse.Namespace, url: str, tls: Mapping[str, str]) -> int:
     program = _find_psql(args.psql)
     extra: Sequence[str] = args.psql_args
-    # The TLS variables the stack's pods get (taken on by _settings), then the URL's login.
-    tls = {k: os.environ[k] for k in ("PGSSLMODE", "PGSSLROOTCERT") if k in os.environ}
-    env = {**_ORIGINAL_ENVIRONMENT, **tls, **psql_environment(url)}
+    env = psql_child_environment(_ORIGINAL_ENVIRONMENT, url, tls)
     # exec: psql takes this process's place; its argv holds no login, its environment does.
     os.execve(program, [program, *extra], env)
     return 0  # not reached
@@ -453,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dlq" and settings is not None:
             return run_dlq(args, settings)
         if psql is not None:
-            return _exec_psql(args, psql[0])
+            tls = dict(item.split("=", 1) for item in psql[1:])
+            return _exec_psql(args, psql[0], tls)
         return code
     except (PluginError, CommandError) as exc:
         print(f"kubectl cqrs {args.command}: {exc}", file=sys.stderr)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import pytest
@@ -40,13 +41,20 @@ PLUGIN = Path(sys.executable).parent / "kubectl-cqrs"
 PSQL = "/usr/lib/postgresql/15/bin/psql"
 
 
-def _plugin(kubeconfig: Path, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _plugin(
+    kubeconfig: Path, namespace: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(PLUGIN), "--kubeconfig", str(kubeconfig), "-n", namespace, *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(kubeconfig.parent), "USER": "tester"},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(kubeconfig.parent),
+            "USER": "tester",
+            **(env or {}),
+        },
     )
 
 
@@ -230,6 +238,48 @@ async def test_psql_logs_in_as_the_stack_without_the_password_on_its_argv(
     done = _plugin(kubeconfig, env.namespace, "psql", name, "--read", "--psql", "no-such-psql")
     assert done.returncode == 22 and "psql not found" in done.stderr
     assert password not in done.stdout + done.stderr
+
+
+async def test_psql_ignores_a_users_libpq_service_and_options_pointing_elsewhere(
+    env: Env, kube_apiserver: Any, ready_stack: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """PGSERVICE/PGSERVICEFILE (libpq prefers its service file to PGHOST...), PGHOSTADDR,
+    PGOPTIONS and a PGSSLMODE of the user's own are not given to psql: it reaches the stack's
+    database as the stack's role, and the stack's password goes nowhere else."""
+    name, creds = ready_stack
+    port = urlsplit(creds["READ_DB_URL"]).port
+    service = tmp_path / "pg_service.conf"
+    service.write_text(
+        f"[elsewhere]\nhost=127.0.0.1\nport={port}\ndbname=postgres\nuser=postgres\n"
+    )
+    redirect = {
+        "PGSERVICEFILE": str(service),
+        "PGSERVICE": "elsewhere",
+        "PGHOSTADDR": "127.0.0.2",
+        "PGOPTIONS": "-c search_path=elsewhere",
+        "PGSSLMODE": "require",  # the test server speaks no TLS: kept, it would fail
+    }
+    query = (
+        "SELECT current_user || ':' || current_database() || ':' || current_setting('search_path')"
+    )
+    done = _plugin(
+        kube_apiserver.kubeconfig,
+        env.namespace,
+        "psql",
+        name,
+        "--read",
+        "--psql",
+        PSQL,
+        "--",
+        "-Atc",
+        query,
+        env=redirect,
+    )
+    assert done.returncode == 0, done.stderr
+    database = creds["READ_DB_URL"].rsplit("/", 1)[1]
+    user = urlsplit(creds["READ_DB_URL"]).username
+    assert done.stdout.strip().split(":")[:2] == [user, database], done.stdout
+    assert "elsewhere" not in done.stdout
 
 
 async def test_psql_and_dlq_reach_a_tls_only_server_with_the_stacks_ca(
