@@ -95,9 +95,9 @@ async def start_replicas(
     if via_port is not None:
         proxied = kubeconfig.with_name(f"via-{via_port}-{kubeconfig.name}")
         server = urlsplit(kube_apiserver.server)
-        proxied.write_text(
-            kubeconfig.read_text().replace(server.netloc, f"{server.hostname}:{via_port}")
-        )
+        text = await asyncio.to_thread(kubeconfig.read_text)
+        moved = text.replace(server.netloc, f"{server.hostname}:{via_port}")
+        await asyncio.to_thread(proxied.write_text, moved)
         kubeconfig = proxied
     ports = free_loopback_ports(2)
     operators, health = {}, {}

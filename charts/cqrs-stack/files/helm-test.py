@@ -2,7 +2,8 @@
 
 Runs in the release's own stack image with the standard library only. Environment:
 WRITE_URL, READ_URL (the Services), WRITE_API_TOKEN (optional: the write token),
-TEST_TIMEOUT (seconds for the whole test, default 60: every wait is bounded by what is left). Exit 0 when the value read back at the
+TEST_TIMEOUT (seconds for the whole test, default 60: every wait is bounded by what is
+left). Exit 0 when the value read back at the
 write's position is the value written; else exit 1 with what went wrong on stderr. The token
 is never printed.
 """
