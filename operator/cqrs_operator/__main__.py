@@ -114,6 +114,9 @@ def _election_args(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     defaults = leadership.ElectionConfig("", "", "")
     group = parser.add_argument_group("leader election (several replicas, one reconciles)")
+    # The timing defaults are strings: argparse converts them with ``type`` as it does a
+    # command-line value, so a bad $CQRS_OPERATOR_LEASE_DURATION is a usage error naming
+    # the option, not a traceback.
     group.add_argument(
         "--leader-elect",
         action="store_true",
@@ -138,20 +141,22 @@ def _election_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lease-duration",
         type=int,
-        default=int(env("CQRS_OPERATOR_LEASE_DURATION", defaults.lease_duration)),
-        help="seconds a follower waits for an unrenewed Lease before taking it (15)",
+        default=env("CQRS_OPERATOR_LEASE_DURATION") or str(defaults.lease_duration),
+        help="seconds a follower waits for an unrenewed Lease before taking it (15;"
+        " $CQRS_OPERATOR_LEASE_DURATION)",
     )
     group.add_argument(
         "--renew-deadline",
         type=float,
-        default=float(env("CQRS_OPERATOR_RENEW_DEADLINE", defaults.renew_deadline)),
-        help="seconds the leader tries to renew before it stops leading (10)",
+        default=env("CQRS_OPERATOR_RENEW_DEADLINE") or str(defaults.renew_deadline),
+        help="seconds the leader tries to renew before it stops leading (10;"
+        " $CQRS_OPERATOR_RENEW_DEADLINE)",
     )
     group.add_argument(
         "--retry-period",
         type=float,
-        default=float(env("CQRS_OPERATOR_RETRY_PERIOD", defaults.retry_period)),
-        help="seconds between two tries to acquire or renew (2)",
+        default=env("CQRS_OPERATOR_RETRY_PERIOD") or str(defaults.retry_period),
+        help="seconds between two tries to acquire or renew (2; $CQRS_OPERATOR_RETRY_PERIOD)",
     )
 
 

@@ -15,13 +15,16 @@ paused stack that is deleted keeps its databases, role and stream whatever its
 deletionPolicy (its children go with it, by their ownerReferences): a pause means hands off.
 kopf ignores changes of cqrs.dev/ annotations (its own prefix), so removing the annotation
 takes effect at the next interval (CQRS_OPERATOR_STATUS_INTERVAL), which then applies
-whatever changed meanwhile.
+whatever changed meanwhile, and sets ``ReconciliationPaused`` False on every reconcile path
+(an invalid spec included). Only the exact value ``paused`` pauses; any other value is
+reported (Warning Event ``PauseValueIgnored``, the condition's message) and reconciled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +37,7 @@ from . import status as stack_status
 from .errors import ProvisioningError
 from .spec import GROUP, PLURAL, VERSION, SpecError, StackSpec, parse_spec
 
+log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 # Seconds between two full reconciles of a stack (re-verification, lag, drift correction).
 STATUS_INTERVAL = float(os.environ.get("CQRS_OPERATOR_STATUS_INTERVAL", "15"))
@@ -42,6 +46,7 @@ RETRY_DELAY = float(os.environ.get("CQRS_OPERATOR_RETRY_DELAY", "5"))
 DELETE_TIMEOUT = float(os.environ.get("CQRS_OPERATOR_DELETE_TIMEOUT", "300"))
 MAX_RETRY_DELAY = 120.0
 PAUSE_ANNOTATION, PAUSED = "cqrs.dev/reconcile", "paused"
+IGNORED_PAUSE_REASON = "PauseValueIgnored"  # a cqrs.dev/reconcile value other than "paused"
 _LOCKS: dict[str, asyncio.Lock] = {}
 
 
@@ -117,9 +122,30 @@ def _pause(meta: Mapping[str, Any], status: Mapping[str, Any], patch: kopf.Patch
     )
 
 
-def _resumed(status: Mapping[str, Any]) -> list[stack_status.Condition]:
-    """ReconciliationPaused=False once a paused stack is reconciled again (none if never)."""
-    if any(c.get("type") == stack_status.PAUSED for c in status.get("conditions") or []):
+def _resumed(
+    body: kopf.Body, meta: Mapping[str, Any], status: Mapping[str, Any]
+) -> list[stack_status.Condition]:
+    """ReconciliationPaused=False on every reconcile of a stack that is not paused (none if
+    it never was). Only the value ``paused`` pauses (exactly: the annotation is a contract,
+    not a guess); another value (``Paused``, ``true``) is named in a Warning Event, a log line
+    and the condition's message, so that a user who meant to pause learns it did not."""
+    value = (meta.get("annotations") or {}).get(PAUSE_ANNOTATION)
+    old = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == stack_status.PAUSED), None
+    )
+    if value is not None:
+        shown = value if len(value) <= 63 else value[:60] + "..."
+        cond = stack_status.Condition(
+            stack_status.PAUSED,
+            False,
+            IGNORED_PAUSE_REASON,
+            f"{PAUSE_ANNOTATION}: {shown!r} ignored: only {PAUSED!r} pauses; reconciling",
+        )
+        if old is None or (old.get("reason"), old.get("message")) != (cond.reason, cond.message):
+            log.warning("stack %s/%s: %s", meta.get("namespace"), meta.get("name"), cond.message)
+            kopf.warn(body, reason=IGNORED_PAUSE_REASON, message=cond.message)
+        return [cond]
+    if old is not None:
         return [
             stack_status.Condition(
                 stack_status.PAUSED, False, "ReconciliationResumed", "reconciled again"
@@ -161,7 +187,9 @@ async def _reconcile(
         stack = _parse(spec, meta, status, memo)
     except SpecError as exc:
         invalid = stack_status.Condition(stack_status.WORKLOADS, False, "InvalidSpec", str(exc))
-        patch.status.update(stack_status.summary(status, [invalid], generation))
+        # A resumed stack whose spec is invalid is resumed all the same: say so here too.
+        updates = [invalid, *_resumed(body, meta, status)]
+        patch.status.update(stack_status.summary(status, updates, generation))
         return None
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
         outcome = await reconcile.reconcile(
@@ -173,7 +201,7 @@ async def _reconcile(
             rebuild=(meta.get("annotations") or {}).get(rebuild_job.REBUILD_ANNOTATION, ""),
         )
     _report(body, status, outcome)
-    updates = [*outcome.conditions, *_resumed(status)]
+    updates = [*outcome.conditions, *_resumed(body, meta, status)]
     patch.status.update(stack_status.summary(status, updates, generation))
     patch.status.update(outcome.extra)
     return outcome

@@ -57,6 +57,11 @@ _PSQL_QUERY_ENV = {
 
 # The environment the plugin was started with: psql gets it, not the stack's settings.
 _ORIGINAL_ENVIRONMENT: dict[str, str] = {}
+# libpq variables of the user's environment that psql keeps: they shape the session, never
+# where it goes or as whom. Every other PG* variable (PGSERVICE/PGSERVICEFILE, whose service
+# file libpq prefers to PGHOST..., PGHOSTADDR, PGPASSFILE, PGOPTIONS, PGSSL*, PGSYSCONFDIR...)
+# is dropped: it could send the stack's login to another server.
+_PSQL_KEPT_ENV = frozenset({"PGDATESTYLE", "PGTZ", "PGGEQO", "PGCLIENTENCODING"})
 
 
 class PluginError(Exception):
@@ -134,10 +139,19 @@ async def stack_environment(api: client.ApiClient, spec: StackSpec) -> dict[str,
         "ConfigMap": manifests.child_name(spec, "config"),
         "Secret": manifests.child_name(spec, "credentials"),
     }
+    kind = "ConfigMap"
     try:
         config_map = await core.read_namespaced_config_map(names["ConfigMap"], spec.namespace)
+        kind = "Secret"
         secret = await core.read_namespaced_secret(names["Secret"], spec.namespace)
     except ApiException as exc:
+        if exc.status == 403:
+            raise PluginError(
+                f"the API server refused to read {kind} {names[kind]} in namespace"
+                f" {spec.namespace} (403 Forbidden: your account needs get on"
+                f" {kind.lower()}s there)",
+                EXIT_KUBE,
+            ) from exc
         if exc.status == 404:
             raise PluginError(
                 f"the stack {spec.name} has no ConfigMap {names['ConfigMap']} or Secret"
@@ -203,15 +217,21 @@ async def _local_ca(api: client.ApiClient, spec: StackSpec, ca: CaBundle, which:
 # ------------------------------------------------------------------- status
 
 
-async def _deployments(api: client.ApiClient, spec: StackSpec) -> list[tuple[str, str, str]]:
-    """Per component: ready/desired replicas and whether its rollout is done."""
+async def _deployments(
+    api: client.ApiClient, namespace: str, stack: str
+) -> list[tuple[str, str, str]]:
+    """Per component: ready/desired replicas and whether its rollout is done (by name, as
+    manifests.child_name names them: an invalid spec still has its Deployments)."""
     apps = client.AppsV1Api(api)
     rows = []
     for component in manifests.COMPONENTS:
-        name = manifests.child_name(spec, component)
+        name = f"{stack}-{component}"
         try:
-            dep = await apps.read_namespaced_deployment(name, spec.namespace)
+            dep = await apps.read_namespaced_deployment(name, namespace)
         except ApiException as exc:
+            if exc.status == 403:
+                rows.append((component, "-", f"not shown: reading Deployment {name} is forbidden"))
+                continue
             if exc.status != 404:
                 raise
             rows.append((component, "-", "not created"))
@@ -245,6 +265,14 @@ async def _dead_letters(environment: Mapping[str, str], stack: str) -> str:
     return f"{count}{age}: kubectl cqrs dlq list {stack}"
 
 
+def _raw_image(obj: Mapping[str, Any]) -> str:
+    """The image as the (unparsed) spec names it, for a stack whose spec is invalid."""
+    image = (obj.get("spec") or {}).get("image") or {}
+    if not isinstance(image, Mapping):
+        return "?"
+    return f"{image.get('repository', '?')}:{image.get('tag', '?')}"
+
+
 def _scalars(section: Any) -> str:
     if not isinstance(section, Mapping):
         return ""
@@ -255,13 +283,20 @@ def _scalars(section: Any) -> str:
 
 async def _status(args: argparse.Namespace, api: client.ApiClient, namespace: str) -> int:
     obj = await _read_stack(api, namespace, args.stack)
-    spec = _typed(obj)
     st = obj.get("status") or {}
     meta = obj["metadata"]
+    # An invalid spec is one line of the screen: its conditions and replicas are still shown.
+    spec: StackSpec | None = None
+    try:
+        spec = _typed(obj)
+    except PluginError as exc:
+        invalid = str(exc)
+    image = spec.image if spec is not None else _raw_image(obj)
     out = [
-        f"CqrsStack {namespace}/{spec.name}  phase {st.get('phase', 'Unknown')}  generation"
+        f"CqrsStack {namespace}/{args.stack}  phase {st.get('phase', 'Unknown')}  generation"
         f" {meta.get('generation')} (observed {st.get('observedGeneration', '-')})"
-        f"  image {spec.image}",
+        f"  image {image}",
+        *([] if spec is not None else [f"invalid spec:  {invalid}"]),
         "",
         f"{'CONDITION':<22} {'STATUS':<8} {'REASON':<26} MESSAGE",
     ]
@@ -271,13 +306,16 @@ async def _status(args: argparse.Namespace, api: client.ApiClient, namespace: st
             f" {cond.get('reason', ''):<26} {str(cond.get('message', ''))[:100]}"
         )
     out += ["", f"{'COMPONENT':<12} {'READY':<8} STATE"]
-    out += [f"{c:<12} {r:<8} {s}" for c, r, s in await _deployments(api, spec)]
+    out += [f"{c:<12} {r:<8} {s}" for c, r, s in await _deployments(api, namespace, args.stack)]
     projector = st.get("projector") or {}
     out += ["", f"projection:    {_scalars(projector) or 'no figures yet'}"]
-    try:
-        dead = await _dead_letters(await stack_environment(api, spec), spec.name)
-    except PluginError as exc:
-        dead = f"unknown: {exc}"
+    if spec is None:
+        dead = "unknown: the spec is invalid (see above)"
+    else:
+        try:
+            dead = await _dead_letters(await stack_environment(api, spec), spec.name)
+        except PluginError as exc:
+            dead = f"not shown: {exc}" if exc.exit_code == EXIT_KUBE else f"unknown: {exc}"
     out.append(f"dead letters:  {dead}")
     requested = (meta.get("annotations") or {}).get(REBUILD_ANNOTATION)
     rebuild = _scalars(st.get("rebuild")) or "none in progress"
@@ -416,20 +454,33 @@ async def _run(args: argparse.Namespace) -> tuple[int, Settings | None, list[str
         if args.command == "dlq":
             return 0, await _stack_settings(args, api, namespace), None
         if args.command == "psql":
-            settings = await _stack_settings(args, api, namespace)
+            spec = _typed(await _read_stack(api, namespace, args.stack))
+            environment = await stack_environment(api, spec)
+            settings = _settings(environment)
             url = settings.read_db_url if args.read else settings.write_db_url
-            return 0, settings, [url]
+            # The TLS variables the stack's pods get: from the stack, not from this process.
+            tls = [
+                f"{k}={environment[k]}" for k in ("PGSSLMODE", "PGSSLROOTCERT") if k in environment
+            ]
+            return 0, settings, [url, *tls]
         return int(await args.handler(args, api, namespace)), None, None
     finally:
         await api.close()
 
 
-def _exec_psql(args: argparse.Namespace, url: str) -> int:
+def psql_child_environment(
+    original: Mapping[str, str], url: str, tls: Mapping[str, str]
+) -> dict[str, str]:
+    """psql's environment: the user's, less every libpq variable that could redirect the
+    connection or its login, plus the stack's TLS variables and the URL's login."""
+    kept = {k: v for k, v in original.items() if not k.startswith("PG") or k in _PSQL_KEPT_ENV}
+    return {**kept, **tls, **psql_environment(url)}
+
+
+def _exec_psql(args: argparse.Namespace, url: str, tls: Mapping[str, str]) -> int:
     program = _find_psql(args.psql)
     extra: Sequence[str] = args.psql_args
-    # The TLS variables the stack's pods get (taken on by _settings), then the URL's login.
-    tls = {k: os.environ[k] for k in ("PGSSLMODE", "PGSSLROOTCERT") if k in os.environ}
-    env = {**_ORIGINAL_ENVIRONMENT, **tls, **psql_environment(url)}
+    env = psql_child_environment(_ORIGINAL_ENVIRONMENT, url, tls)
     # exec: psql takes this process's place; its argv holds no login, its environment does.
     os.execve(program, [program, *extra], env)
     return 0  # not reached
@@ -453,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "dlq" and settings is not None:
             return run_dlq(args, settings)
         if psql is not None:
-            return _exec_psql(args, psql[0])
+            tls = dict(item.split("=", 1) for item in psql[1:])
+            return _exec_psql(args, psql[0], tls)
         return code
     except (PluginError, CommandError) as exc:
         print(f"kubectl cqrs {args.command}: {exc}", file=sys.stderr)

@@ -22,6 +22,14 @@ the replicas elect a leader on a Lease, with client-go's rules:
   on the wire when the process froze, and a database statement of a reconcile in progress.
 - On a graceful stop (SIGTERM: an upgrade, a drained node) the leader releases the Lease, so
   a follower takes over within one retry period instead of one lease duration.
+- Every Lease request has a timeout (``request_timeout``: half the renew deadline, at least
+  one second, as client-go's), and each try of a follower is bounded by the renew deadline: a
+  black-holed API server (connections accepted, never answered) delays a takeover by at most
+  one request timeout after it answers again, not by the kernel's TCP timeouts.
+- A Lease the API refuses for good (403: no RBAC on leases; 404 on create: no such namespace)
+  is logged as an error naming the namespace and the missing permission, and the follower's
+  liveness endpoint answers 500 with that message, so the kubelet restarts the pod and
+  ``kubectl describe pod`` shows why; the replica keeps trying (RBAC may be granted later).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -136,6 +145,14 @@ class Leadership:
         self._renewed_at: float | None = None  # monotonic start of the last successful renew
         self._exit = exit
         self.last_attempt = time.monotonic()
+        # Why the API refuses the Lease for good (403/404), from the last try; None when fine.
+        self.misconfigured: str | None = None
+        self._creating = False  # the try in progress is creating the Lease
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds each Lease request may take (client-go: renew deadline / 2, >= 1 s)."""
+        return max(self.config.renew_deadline / 2, 1.0)
 
     # ---------------------------------------------------------------- the state
 
@@ -174,7 +191,9 @@ class Leadership:
         self.last_attempt = started
         cfg = self.config
         try:
-            lease = await self._leases.read_namespaced_lease(cfg.name, cfg.namespace)
+            lease = await self._leases.read_namespaced_lease(
+                cfg.name, cfg.namespace, _request_timeout=self.request_timeout
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -201,7 +220,9 @@ class Leadership:
             leaseTransitions=(spec.lease_transitions or 0) + (0 if ours else 1),
         )
         try:
-            updated = await self._leases.replace_namespaced_lease(cfg.name, cfg.namespace, body)
+            updated = await self._leases.replace_namespaced_lease(
+                cfg.name, cfg.namespace, body, _request_timeout=self.request_timeout
+            )
         except ApiException as exc:
             if exc.status == 409:  # another candidate wrote first: read again next time
                 return False
@@ -233,8 +254,11 @@ class Leadership:
             renewTime=now,
             leaseTransitions=0,
         )
+        self._creating = True
         try:
-            created = await self._leases.create_namespaced_lease(cfg.namespace, body)
+            created = await self._leases.create_namespaced_lease(
+                cfg.namespace, body, _request_timeout=self.request_timeout
+            )
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -261,18 +285,45 @@ class Leadership:
             )
 
     async def _attempt(self) -> bool | None:
-        """One try that never raises: True held, False not held, None the API failed."""
+        """One try that never raises and never takes longer than the renew deadline: True
+        held, False not held, None the API failed."""
+        self._creating = False
         try:
-            return await self.try_acquire_or_renew()
-        except (ApiException, OSError, TimeoutError) as exc:
-            status = getattr(exc, "status", None)
-            log.warning(
-                "lease %s/%s unreachable: %s",
-                self.config.namespace,
-                self.config.name,
-                f"HTTP {status}" if status else type(exc).__name__,
+            held = await asyncio.wait_for(
+                self.try_acquire_or_renew(), timeout=self.config.renew_deadline
             )
+        except (ApiException, OSError, TimeoutError, aiohttp.ClientError) as exc:
+            status = getattr(exc, "status", None)
+            self.misconfigured = self._refusal(status)
+            if self.misconfigured:
+                log.error("leader election impossible: %s", self.misconfigured)
+            else:
+                log.warning(
+                    "lease %s/%s unreachable: %s",
+                    self.config.namespace,
+                    self.config.name,
+                    f"HTTP {status}" if status else type(exc).__name__,
+                )
             return None
+        self.misconfigured = None
+        return held
+
+    def _refusal(self, status: int | None) -> str | None:
+        """What a 403/404 answer means for this Lease, or None (a transient failure)."""
+        cfg = self.config
+        if status == 403:
+            verb = "create" if self._creating else "get/update"
+            return (
+                f"forbidden: this operator's account may not {verb} "
+                f"leases.coordination.k8s.io {cfg.name!r} in namespace {cfg.namespace!r} "
+                "(grant get, create, update on leases in a Role there)"
+            )
+        if status == 404 and self._creating:
+            return (
+                f"namespace {cfg.namespace!r} of the Lease does not exist "
+                "(--leader-election-namespace / $POD_NAMESPACE)"
+            )
+        return None
 
     # ---------------------------------------------------------------- the loops
 
@@ -325,7 +376,9 @@ class Leadership:
         )
         self._renewed_at = None
         try:
-            await self._leases.replace_namespaced_lease(cfg.name, cfg.namespace, body)
+            await self._leases.replace_namespaced_lease(
+                cfg.name, cfg.namespace, body, _request_timeout=self.request_timeout
+            )
         except (ApiException, OSError, TimeoutError) as exc:
             log.warning("lease %s/%s not released: %s", cfg.namespace, cfg.name, exc)
             return
@@ -366,6 +419,8 @@ async def follower_liveness(endpoint: str | None, leadership: Leadership) -> Asy
     url = urlparse(endpoint)
 
     async def healthz(_: web.Request) -> web.Response:
+        if leadership.misconfigured:
+            return web.Response(status=500, text=leadership.misconfigured)
         stale = time.monotonic() - leadership.last_attempt
         if stale > leadership.config.retry_period * 3 + 30:
             return web.Response(status=500, text=f"election loop stalled for {stale:.0f} s")

@@ -6,9 +6,14 @@ and Redis) as the Pod would run it: the same command, the same environment but t
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
+import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -106,3 +111,92 @@ def test_the_timeout_is_a_value(value: str) -> None:
     assert {e["name"]: e.get("value") for e in container["env"]}["TEST_TIMEOUT"] == value
     refused = helm("template", RELEASE, str(CHART), "--set", "helmTest.timeout=601", check=False)
     assert refused.returncode != 0 and "helmTest" in refused.stderr
+
+
+class FakeApis:
+    """A write and read API on loopback that answer as told: ``mode`` "hang" (the write is
+    received, never answered), "html" (a 200 with no JSON), "drop-first" (the first write
+    is received and its connection closed unanswered; later ones answered). Reads answer
+    the last written value. Every write's Idempotency-Key is recorded."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.keys: list[str | None] = []
+        self.value: str | None = None
+        self.release = threading.Event()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, body: str, ctype: str = "application/json") -> None:
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("content-length", 0)))
+                fake.keys.append(self.headers.get("idempotency-key"))
+                if fake.mode == "hang":
+                    fake.release.wait(60)
+                    return
+                if fake.mode == "html":
+                    self._send("<html>a proxy says hi</html>", "text/html")
+                    return
+                if fake.mode == "drop-first" and len(fake.keys) == 1:
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                fake.value = json.loads(raw)["value"]
+                self._send(json.dumps({"success": True, "position": "7"}))
+
+            def do_GET(self) -> None:
+                answer = {"success": True, "position_reached": True, "value": fake.value}
+                self._send(json.dumps(answer))
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeApis:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_silent_write_api_fails_the_test_within_its_timeout_without_a_second_write() -> None:
+    timeout = 3
+    with FakeApis("hang") as fake:
+        env = {"WRITE_URL": fake.url, "READ_URL": fake.url, "TEST_TIMEOUT": str(timeout)}
+        started = time.monotonic()
+        result = run_hook(hook_pod(), env, 60)
+        took = time.monotonic() - started
+    assert result.returncode == 1, result
+    assert "helm test FAILED:" in result.stderr and "Traceback" not in result.stderr
+    assert took < timeout + 2, f"ran {took:.1f} s for a {timeout} s timeout"
+    assert len(fake.keys) == 1, fake.keys  # the write received is not sent again
+
+
+def test_a_write_retried_after_a_lost_answer_carries_the_same_idempotency_key() -> None:
+    with FakeApis("drop-first") as fake:
+        env = {"WRITE_URL": fake.url, "READ_URL": fake.url, "TEST_TIMEOUT": "10"}
+        result = run_hook(hook_pod(), env, 60)
+    assert result.returncode == 0, result.stderr
+    assert len(fake.keys) == 2 and fake.keys[0] and fake.keys[0] == fake.keys[1], fake.keys
+
+
+def test_a_200_that_is_no_json_is_a_failed_line_not_a_traceback() -> None:
+    with FakeApis("html") as fake:
+        env = {"WRITE_URL": fake.url, "READ_URL": fake.url, "TEST_TIMEOUT": "5"}
+        result = run_hook(hook_pod(), env, 60)
+    assert result.returncode == 1
+    assert "helm test FAILED:" in result.stderr and "no JSON" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from kubernetes_asyncio import client
@@ -40,13 +41,20 @@ PLUGIN = Path(sys.executable).parent / "kubectl-cqrs"
 PSQL = "/usr/lib/postgresql/15/bin/psql"
 
 
-def _plugin(kubeconfig: Path, namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _plugin(
+    kubeconfig: Path, namespace: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(PLUGIN), "--kubeconfig", str(kubeconfig), "-n", namespace, *args],
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(kubeconfig.parent), "USER": "tester"},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(kubeconfig.parent),
+            "USER": "tester",
+            **(env or {}),
+        },
     )
 
 
@@ -232,6 +240,48 @@ async def test_psql_logs_in_as_the_stack_without_the_password_on_its_argv(
     assert password not in done.stdout + done.stderr
 
 
+async def test_psql_ignores_a_users_libpq_service_and_options_pointing_elsewhere(
+    env: Env, kube_apiserver: Any, ready_stack: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """PGSERVICE/PGSERVICEFILE (libpq prefers its service file to PGHOST...), PGHOSTADDR,
+    PGOPTIONS and a PGSSLMODE of the user's own are not given to psql: it reaches the stack's
+    database as the stack's role, and the stack's password goes nowhere else."""
+    name, creds = ready_stack
+    port = urlsplit(creds["READ_DB_URL"]).port
+    service = tmp_path / "pg_service.conf"
+    service.write_text(
+        f"[elsewhere]\nhost=127.0.0.1\nport={port}\ndbname=postgres\nuser=postgres\n"
+    )
+    redirect = {
+        "PGSERVICEFILE": str(service),
+        "PGSERVICE": "elsewhere",
+        "PGHOSTADDR": "127.0.0.2",
+        "PGOPTIONS": "-c search_path=elsewhere",
+        "PGSSLMODE": "require",  # the test server speaks no TLS: kept, it would fail
+    }
+    query = (
+        "SELECT current_user || ':' || current_database() || ':' || current_setting('search_path')"
+    )
+    done = _plugin(
+        kube_apiserver.kubeconfig,
+        env.namespace,
+        "psql",
+        name,
+        "--read",
+        "--psql",
+        PSQL,
+        "--",
+        "-Atc",
+        query,
+        env=redirect,
+    )
+    assert done.returncode == 0, done.stderr
+    database = creds["READ_DB_URL"].rsplit("/", 1)[1]
+    user = urlsplit(creds["READ_DB_URL"]).username
+    assert done.stdout.strip().split(":")[:2] == [user, database], done.stdout
+    assert "elsewhere" not in done.stdout
+
+
 async def test_psql_and_dlq_reach_a_tls_only_server_with_the_stacks_ca(
     env: Env, kube_apiserver: Any, tls_pg: tuple[PostgresServer, str]
 ) -> None:
@@ -267,3 +317,56 @@ async def test_psql_and_dlq_reach_a_tls_only_server_with_the_stacks_ca(
     assert (ssl, mode) == ("t", "verify-full") and copied == ca_pem
     done = _plugin(kubeconfig, env.namespace, "dlq", "retry", "tls", "--all")
     assert done.returncode == 0 and "retried 0 dead letters" in done.stdout, done.stderr
+
+
+async def test_status_of_a_stack_whose_spec_is_invalid_still_shows_its_state(
+    env: Env, kube_apiserver: Any
+) -> None:
+    """The parse error is one line; the conditions and the components are still shown."""
+    await env.stacks.create(env.manifest("bent", redis_url=env.redis.url + "#fragment"))
+    await env.stacks.wait_condition(
+        "bent", "WorkloadsReady", "False", "InvalidSpec", env.operator, timeout=20
+    )
+    done = _plugin(kube_apiserver.kubeconfig, env.namespace, "status", "bent")
+    assert done.returncode == 0, done.stderr
+    assert "invalid spec:" in done.stdout and "spec.redis.url" in done.stdout, done.stdout
+    assert "\nWorkloadsReady " in done.stdout and "InvalidSpec" in done.stdout
+    assert "\nread-api " in done.stdout and "not created" in done.stdout
+
+
+async def test_status_without_rbac_on_secrets_shows_all_but_the_dead_letters(
+    env: Env, kube_apiserver: Any, ready_stack: tuple[str, dict[str, str]]
+) -> None:
+    """A user who may not read Secrets gets the screen; the dead-letter line names the
+    refused Secret instead of the whole command failing on a 403."""
+    name, creds = ready_stack
+    account = "no-secrets"
+    await client.CoreV1Api(env.api).create_namespaced_service_account(
+        env.namespace, {"metadata": {"name": account}}
+    )
+    rbac = client.RbacAuthorizationV1Api(env.api)
+    rules = [
+        {"apiGroups": ["cqrs.dev"], "resources": ["cqrsstacks"], "verbs": ["get"]},
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+    ]
+    await rbac.create_namespaced_role(
+        env.namespace, {"metadata": {"name": account}, "rules": rules}
+    )
+    await rbac.create_namespaced_role_binding(
+        env.namespace,
+        {
+            "metadata": {"name": account},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": env.namespace}],
+        },
+    )
+    kubeconfig = kube_apiserver.kubeconfig_for_token(
+        kube_apiserver.create_token(env.namespace, account)
+    )
+    done = _plugin(kubeconfig, env.namespace, "status", name)
+    assert done.returncode == 0, done.stderr
+    assert "phase Ready" in done.stdout and "\nread-api " in done.stdout, done.stdout
+    assert f"Secret {name}-credentials" in done.stdout and "403" in done.stdout, done.stdout
+    assert "dead letters:  not shown" in done.stdout
+    _assert_no_secret(done, creds)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -80,14 +82,23 @@ async def start_replicas(
     namespace: str,
     operator_factory: Callable[..., Operator],
     lease_duration: int = LEASE_DURATION,
+    via_port: int | None = None,
 ) -> Replicas:
-    """The chart's RBAC applied; two operators with its ServiceAccount's token."""
+    """The chart's RBAC applied; two operators with its ServiceAccount's token (reaching
+    the API server through loopback port ``via_port`` when given: a proxy)."""
     docs = render_operator_rbac(namespace)
     await apply_rendered(kube_api, docs)
     op_namespace, account = service_account(docs)
     kubeconfig: Path = kube_apiserver.kubeconfig_for_token(
         kube_apiserver.create_token(op_namespace, account)
     )
+    if via_port is not None:
+        proxied = kubeconfig.with_name(f"via-{via_port}-{kubeconfig.name}")
+        server = urlsplit(kube_apiserver.server)
+        text = await asyncio.to_thread(kubeconfig.read_text)
+        moved = text.replace(server.netloc, f"{server.hostname}:{via_port}")
+        await asyncio.to_thread(proxied.write_text, moved)
+        kubeconfig = proxied
     ports = free_loopback_ports(2)
     operators, health = {}, {}
     for index, port in enumerate(ports):
@@ -106,6 +117,61 @@ async def start_replicas(
         )
         health[identity] = port
     return Replicas(kube_api, op_namespace, operators, health)
+
+
+class BlackHoleProxy:
+    """A TCP proxy on loopback in front of the API server. ``black_hole()``: every byte is
+    held from then on (connections open and new ones accepted, nothing answered), as a
+    network that drops packets; ``restore()``: new connections are forwarded again (the held
+    ones stay dead, as after a real outage)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.holding = False
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def black_hole(self) -> None:
+        self.holding = True
+
+    def restore(self) -> None:
+        self.holding = False
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.holding:
+            return  # accepted, never answered
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.append(up_w)
+        for source, sink in ((reader, up_w), (up_r, writer)):
+            task = asyncio.create_task(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dead = False  # once held, a connection never forwards again
+        while data := await reader.read(65536):
+            dead = dead or self.holding
+            if not dead:
+                writer.write(data)
+                await writer.drain()
+        if not dead:
+            writer.close()
 
 
 def healthz(port: int) -> tuple[int, str]:
@@ -247,3 +313,98 @@ async def test_a_leader_stopped_gracefully_hands_over_at_once(
     assert "leadership released" in replicas.operators[leader].log_text()
     await replicas.wait_holder({follower}, timeout=RETRY_PERIOD + MARGIN)
     assert time.monotonic() - stopping < long_lease / 2
+
+
+async def test_a_follower_leads_within_the_bound_after_a_black_holed_api_answers_again(
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    namespace: str,
+    operator_factory: Callable[..., Operator],
+) -> None:
+    """The API server accepts connections and answers nothing for longer than a lease
+    duration: the leader stops (renew deadline), and once the API answers again a follower
+    leads within lease duration + retry period (its Lease requests have a timeout: none
+    hangs on a dead connection)."""
+    proxy = BlackHoleProxy(urlsplit(kube_apiserver.server).port or 443)
+    await proxy.start()
+    try:
+        replicas = await start_replicas(
+            kube_api, kube_apiserver, namespace, operator_factory, via_port=proxy.port
+        )
+        leader = await replicas.wait_holder(set(replicas.operators), timeout=30)
+        follower = replicas.other(leader)
+
+        async def following() -> bool:
+            return "waiting for leadership" in replicas.operators[follower].log_text()
+
+        await wait_until(following, timeout=10, what="the follower tries")
+        proxy.black_hole()
+        outage = LEASE_DURATION * 2 + RENEW_DEADLINE  # past the lease, and past the deadline
+
+        def leader_gone() -> int | None:
+            process = replicas.operators[leader].process
+            assert process is not None
+            return process.poll()
+
+        async def stopped() -> bool:
+            return leader_gone() is not None
+
+        await wait_until(stopped, timeout=outage, what="the cut-off leader stops")
+        assert leader_gone() == LOST_EXIT_CODE, replicas.operators[leader].log_tail()
+        await asyncio.sleep(max(0.0, outage - RENEW_DEADLINE))  # the outage lasts on
+        proxy.restore()
+        restored = time.monotonic()
+        await replicas.wait_holder({follower}, timeout=TAKEOVER_BOUND + 5)
+        took = time.monotonic() - restored
+        assert took <= TAKEOVER_BOUND, f"led {took:.1f} s after the API answered again"
+        assert replicas.operators[follower].exit_reason() is None
+    finally:
+        await proxy.stop()
+
+
+async def test_a_lease_the_api_refuses_is_a_clear_error_and_an_unhealthy_pod(
+    kube_api: client.ApiClient,
+    kube_apiserver: Any,
+    namespace: str,
+    operator_factory: Callable[..., Operator],
+) -> None:
+    """No such Lease namespace (404 on create), no RBAC on leases (403): each is logged as
+    an error naming the namespace or the permission, and /healthz answers 500 (the kubelet
+    restarts the pod, its events show why) instead of "following"."""
+    core = client.CoreV1Api(kube_api)
+    await core.create_namespaced_service_account(namespace, {"metadata": {"name": "no-leases"}})
+    no_rbac = kube_apiserver.kubeconfig_for_token(
+        kube_apiserver.create_token(namespace, "no-leases")
+    )
+    cases = {
+        "missing": (kube_apiserver.kubeconfig, f"{namespace}-absent", "does not exist"),
+        "forbidden": (no_rbac, namespace, "forbidden"),
+    }
+    for case, port in zip(cases, free_loopback_ports(2), strict=True):
+        kubeconfig, lease_ns, said = cases[case]
+        op = operator_factory(
+            kubeconfig,
+            namespace,
+            "--leader-elect",
+            f"--leader-election-namespace={lease_ns}",
+            f"--lease-duration={LEASE_DURATION}",
+            f"--renew-deadline={RENEW_DEADLINE}",
+            f"--retry-period={RETRY_PERIOD}",
+            f"--liveness=http://127.0.0.1:{port}/healthz",
+        )
+
+        async def unhealthy(port: int = port) -> tuple[int, str] | None:
+            try:
+                await asyncio.to_thread(healthz, port)
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+            except OSError:
+                return None  # not listening yet
+            return None
+
+        status, text = await wait_until(
+            unhealthy, timeout=15, what=f"{case}: /healthz unhealthy", alive=op.exit_reason
+        )
+        assert status == 500 and said in text and repr(lease_ns) in text, (case, text)
+        assert "leader election impossible" in op.log_text(), op.log_tail()
+        assert "unreachable" not in op.log_text(), op.log_tail()

@@ -13,7 +13,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from cqrs_operator.handlers import PAUSE_ANNOTATION, PAUSED
+from cqrs_operator.handlers import IGNORED_PAUSE_REASON, PAUSE_ANNOTATION, PAUSED
 from tests.operator.fixtures_operator import (
     COMPONENTS,
     Env,
@@ -109,3 +109,56 @@ async def test_a_paused_stack_deleted_keeps_its_databases(env: Env) -> None:
     assert await database_exists(env.write_pg, f"w_{env.fresh}")
     assert await database_exists(env.read_pg, f"r_{env.fresh}")
     assert await role_exists(env.write_pg, names(env.namespace, "kept").role)
+
+
+async def test_resuming_a_stack_whose_spec_became_invalid_clears_the_pause(env: Env) -> None:
+    """The invalid-spec path reports the resume too: ReconciliationPaused is False."""
+    manifest = env.manifest("bent")
+    manifest["metadata"].setdefault("annotations", {})[PAUSE_ANNOTATION] = PAUSED
+    await env.stacks.create(manifest)
+    await env.stacks.wait_condition(
+        "bent", "ReconciliationPaused", "True", operator=env.operator, timeout=15
+    )
+    # The CRD accepts it, the operator's parser refuses it.
+    await env.stacks.patch("bent", {"spec": {"redis": {"url": env.redis.url + "#fragment"}}})
+    await pause(env, "bent", False)
+    await env.stacks.wait_condition(
+        "bent", "WorkloadsReady", "False", "InvalidSpec", env.operator, timeout=15
+    )
+    await env.stacks.wait_condition(
+        "bent", "ReconciliationPaused", "False", "ReconciliationResumed", env.operator, timeout=15
+    )
+
+
+async def test_a_pause_value_other_than_paused_is_reported_not_ignored(env: Env) -> None:
+    """``Paused`` or ``true`` do not pause (only ``paused`` does); each is named in a Warning
+    Event and in the ReconciliationPaused condition, and the stack is reconciled."""
+    await env.stacks.create(env.manifest("odd"))
+    await env.stacks.wait_ready("odd", env.operator)
+    for value in ("Paused", "true"):
+        await env.stacks.patch("odd", {"metadata": {"annotations": {PAUSE_ANNOTATION: value}}})
+
+        async def said(value: str = value) -> Any:
+            obj = await env.stacks.get("odd")
+            conditions = {c["type"]: c for c in (obj or {}).get("status", {}).get("conditions", [])}
+            cond = conditions.get("ReconciliationPaused", {})
+            return cond if repr(value) in cond.get("message", "") else None
+
+        cond = await wait_until(
+            said, timeout=15, what=f"{value!r} named", alive=env.operator.exit_reason
+        )
+        assert (cond["status"], cond["reason"]) == ("False", IGNORED_PAUSE_REASON)
+        event: Any = await wait_event(
+            env.api, env.namespace, "odd", IGNORED_PAUSE_REASON, env.operator
+        )
+        assert "only 'paused' pauses" in event.message
+    # Not paused: a change is applied.
+    await env.stacks.patch("odd", {"spec": {"readApi": {"replicas": 3}}})
+
+    async def applied() -> bool:
+        dep = await client.AppsV1Api(env.api).read_namespaced_deployment(
+            "odd-read-api", env.namespace
+        )
+        return bool(dep.spec.replicas == 3)
+
+    await wait_until(applied, timeout=20, what="the change applied", alive=env.operator.exit_reason)

@@ -50,3 +50,29 @@ def test_without_a_namespace_election_is_refused(
     with pytest.raises(SystemExit):
         parse_args(["--namespace", "shop", "--leader-elect"])
     assert "--leader-election-namespace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("variable", "flag"),
+    [
+        ("CQRS_OPERATOR_LEASE_DURATION", "--lease-duration"),
+        ("CQRS_OPERATOR_RENEW_DEADLINE", "--renew-deadline"),
+        ("CQRS_OPERATOR_RETRY_PERIOD", "--retry-period"),
+    ],
+)
+def test_a_timing_from_the_environment_that_is_no_number_is_a_usage_error(
+    variable: str, flag: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(variable, "15s")
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(BASE)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "'15s'" in err and "Traceback" not in err
+
+
+def test_timings_from_the_environment_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CQRS_OPERATOR_LEASE_DURATION", "20")
+    monkeypatch.setenv("CQRS_OPERATOR_RENEW_DEADLINE", "12.5")
+    election = parse_args(BASE).election
+    assert (election.lease_duration, election.renew_deadline) == (20, 12.5)

@@ -2,11 +2,13 @@
 
 Runs in the release's own stack image with the standard library only. Environment:
 WRITE_URL, READ_URL (the Services), WRITE_API_TOKEN (optional: the write token),
-TEST_TIMEOUT (seconds for the whole test, default 60). Exit 0 when the value read back at the
+TEST_TIMEOUT (seconds for the whole test, default 60: every wait is bounded by what is
+left). Exit 0 when the value read back at the
 write's position is the value written; else exit 1 with what went wrong on stderr. The token
 is never printed.
 """
 
+import http.client
 import json
 import os
 import secrets
@@ -19,7 +21,8 @@ import urllib.request
 WRITE_URL = os.environ["WRITE_URL"].rstrip("/")
 READ_URL = os.environ["READ_URL"].rstrip("/")
 TOKEN = os.environ.get("WRITE_API_TOKEN", "")
-DEADLINE = time.monotonic() + float(os.environ.get("TEST_TIMEOUT", "60"))
+TIMEOUT = float(os.environ.get("TEST_TIMEOUT", "60"))
+DEADLINE = time.monotonic() + TIMEOUT  # the whole run, every try's wait included
 READ_WAIT = 10.0  # the read API's wait for a position, per try (at most 60)
 
 
@@ -27,41 +30,64 @@ class Failed(Exception):
     """What the test found wrong, said to whoever runs `helm test`."""
 
 
+def left():
+    """Seconds left of the test's timeout."""
+    return DEADLINE - time.monotonic()
+
+
 def call(method, url, body=None, headers=None):
-    """(status, JSON answer) of one request; connection failures are retried to the deadline."""
+    """(status, JSON answer) of one request, tried again until the deadline when the
+    connection fails. Each try waits at most the time left. Retrying is safe: a read changes
+    nothing, and the write carries an Idempotency-Key (a write the API did receive is answered
+    again, not applied twice)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    failure = None  # the last try's connection failure
     while True:
-        left = DEADLINE - time.monotonic()
+        wait = left()
+        if wait <= 0 and failure is not None:
+            raise Failed(f"{method} {url}: unreachable: {failure}")
+        if wait <= 0:
+            raise Failed(f"{method} {url}: no answer within the test's timeout ({TIMEOUT:g} s)")
         try:
-            with urllib.request.urlopen(request, timeout=max(left, 1) + READ_WAIT) as answer:
-                return answer.status, json.loads(answer.read() or b"null")
+            with urllib.request.urlopen(request, timeout=wait) as answer:
+                status, raw = answer.status, answer.read()
         except urllib.error.HTTPError as exc:
             text = exc.read().decode(errors="replace")[:300]
             raise Failed(f"{method} {url}: HTTP {exc.code}: {text}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            if left <= 0:
-                raise Failed(f"{method} {url}: unreachable: {exc}") from None
-        time.sleep(1)
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            failure = exc
+            time.sleep(min(1.0, max(left(), 0)))
+            continue
+        try:
+            return status, json.loads(raw or b"null")
+        except ValueError:
+            text = raw.decode(errors="replace")[:200]
+            raise Failed(f"{method} {url}: HTTP {status} with no JSON: {text!r}") from None
 
 
 def write(key, value):
     """Write ``key`` and return the write's position."""
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", "idempotency-key": f"{key}-write"}
     if TOKEN:
         headers["authorization"] = f"Bearer {TOKEN}"
     _, answer = call("POST", f"{WRITE_URL}/write", {"key": key, "value": value}, headers)
     if not (isinstance(answer, dict) and answer.get("success") and answer.get("position")):
-        raise Failed(f"write of {key} not acknowledged: {answer}")
-    return int(answer["position"])
+        raise Failed(f"write of {key} not acknowledged: {str(answer)[:300]}")
+    try:
+        return int(answer["position"])
+    except (TypeError, ValueError):
+        raise Failed(f"write of {key}: position {answer['position']!r} is no number") from None
 
 
 def read_back(key, value, position):
     """Read ``key`` at ``position`` until the read model has it, within the deadline."""
-    query = urllib.parse.urlencode({"position": position, "timeout": READ_WAIT})
-    url = f"{READ_URL}/read/{urllib.parse.quote(key, safe='')}?{query}"
+    path = f"{READ_URL}/read/{urllib.parse.quote(key, safe='')}"
     while True:
-        _, answer = call("GET", url)
+        # The server's wait ends before the time left does, so its answer comes in time.
+        wait = max(min(READ_WAIT, left() - 1), 0)
+        query = urllib.parse.urlencode({"position": position, "timeout": f"{wait:.1f}"})
+        _, answer = call("GET", f"{path}?{query}")
         if isinstance(answer, dict) and answer.get("position_reached"):
             if answer.get("success") and answer.get("value") == value:
                 return
@@ -81,6 +107,9 @@ def main():
         read_back(key, value, position)
     except Failed as exc:
         print(f"helm test FAILED: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # any other bad answer: one line, no traceback, no token
+        print(f"helm test FAILED: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(f"helm test passed: wrote {key} (position {position}) and read it back")
     return 0
