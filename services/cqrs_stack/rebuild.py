@@ -77,6 +77,8 @@ log = logging.getLogger(__name__)
 # no model's and stays.
 SHADOW_SCHEMA = "cqrs_rebuild"
 PREVIOUS_SCHEMA = "cqrs_previous"
+# The shadow schema's comment while it holds kept previous versions (then the models' names).
+_HOLDS_PREVIOUS = "cqrs-stack: holds the kept previous version of "
 # The consumer name under which the rebuild's projected commands are counted.
 REBUILD_CONSUMER = "rebuild"
 # Arbitrary but fixed: one rebuild at a time per read DB.
@@ -170,7 +172,9 @@ async def rollback(
         return await _roll_back(wconn, rconn, settings, writer, models, success)
 
     async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
-        previous = await _kept_previous(rconn, models)
+        # The record only: its tables are checked under the lock, once a previous version a
+        # killed rollback left in the shadow is given back (_locked_run).
+        previous = await _kept_previous(rconn, models, tables=False)
         writer = ProgressWriter(
             pconn,
             run_id or new_run_id(),
@@ -209,6 +213,9 @@ async def _locked_run(
         await writer.refused("another rebuild of this read DB is running")
         raise RebuildError("another rebuild of this read DB is running")
     try:
+        # A rollback killed before its swap left the previous version in the shadow: kept again
+        # before anything else (a rebuild would drop the shadow, a rollback look for it).
+        await restore_stranded_previous(rconn)
         await writer.start(first_phase)
         try:
             done = await work(wconn, rconn, success)
@@ -352,8 +359,54 @@ async def _create_shadow(
 
 
 async def _drop_shadow(rconn: asyncpg.Connection) -> None:
-    """Drop the shadow (after a swap: empty; after a failure: the version it was building)."""
+    """Drop the shadow (after a swap: empty; after a failure: the version it was building).
+
+    A shadow that holds a kept previous version (a rollback that died before its swap) gives
+    it back to PREVIOUS_SCHEMA first: it is never dropped with the shadow.
+    """
+    await restore_stranded_previous(rconn)
     await rconn.execute(f"DROP SCHEMA IF EXISTS {SHADOW_SCHEMA} CASCADE")
+
+
+async def restore_stranded_previous(rconn: asyncpg.Connection) -> list[str]:
+    """Move back to PREVIOUS_SCHEMA the previous version a rollback took into the shadow and
+    did not swap in (its process killed); return the models whose it was.
+
+    The rollback marks the shadow (its schema comment, ``_HOLDS_PREVIOUS`` and the models) in
+    the transaction that moves the previous version in, so the mark is there exactly while
+    the shadow holds it; the move back clears it in one transaction too. The version is as far
+    caught up as it got (its ledger says what it holds): still the kept previous version that
+    ``read_model_versions`` records.
+    """
+    from .projections import registered
+
+    mark = await rconn.fetchval(
+        "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
+        SHADOW_SCHEMA,
+    )
+    if not isinstance(mark, str) or not mark.startswith(_HOLDS_PREVIOUS):
+        return []
+    known = registered()
+    names = [n for n in mark.removeprefix(_HOLDS_PREVIOUS).split(",") if n in known]
+    present = {
+        row[0]
+        for row in await rconn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1", SHADOW_SCHEMA
+        )
+    }
+    async with rconn.transaction():
+        await rconn.execute(f"CREATE SCHEMA IF NOT EXISTS {PREVIOUS_SCHEMA}")
+        for table in _tables([known[n] for n in names]):
+            if table in present:
+                await rconn.execute(
+                    f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {PREVIOUS_SCHEMA}"
+                )
+        await rconn.execute(f"COMMENT ON SCHEMA {SHADOW_SCHEMA} IS NULL")
+    log.warning(
+        "a rollback stopped before its swap: the previous version is kept again models=%s",
+        ",".join(names),
+    )
+    return names
 
 
 async def _retire_previous(
@@ -423,10 +476,10 @@ async def drop_expired_previous(rconn: asyncpg.Connection, settings: Settings) -
 
 
 async def _kept_previous(
-    rconn: asyncpg.Connection, models: Sequence[type[Projection]]
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]], tables: bool = True
 ) -> dict[str, int]:
     """The kept previous version of each of ``models``; RebuildError if one has none (never
-    swapped, kept 0 s, expired, or its tables gone)."""
+    swapped, kept 0 s, expired, or, unless not ``tables``, its tables gone)."""
     rows = await rconn.fetch(
         "SELECT model, previous_version FROM read_model_versions"
         " WHERE model = ANY($1::text[]) AND previous_version IS NOT NULL"
@@ -435,10 +488,14 @@ async def _kept_previous(
     )
     kept = {row[0]: int(row[1]) for row in rows}
     for model in models:
-        present = await rconn.fetchval(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2::text[])",
-            PREVIOUS_SCHEMA,
-            list(model.version_tables()),
+        present = (
+            len(model.version_tables())
+            if not tables
+            else await rconn.fetchval(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2::text[])",
+                PREVIOUS_SCHEMA,
+                list(model.version_tables()),
+            )
         )
         if model.name not in kept or present != len(model.version_tables()):
             raise RebuildError(
@@ -465,7 +522,9 @@ async def _roll_back(
     await drop_expired_previous(rconn, settings)
     await _kept_previous(rconn, models)  # still there, under the lock
     await _drop_shadow(rconn)
-    await _move_tables(rconn, models, PREVIOUS_SCHEMA, SHADOW_SCHEMA, create=True)
+    # Marked in the move's transaction: a process killed from here to the swap's commit leaves
+    # the previous version in the shadow, and the next run gives it back (_drop_shadow).
+    await _move_tables(rconn, models, PREVIOUS_SCHEMA, SHADOW_SCHEMA, create=True, mark=True)
     try:
         loaded = await _since_previous(wconn, rconn, live, settings, writer, models)
         await writer.enter("catch-up")
@@ -491,13 +550,21 @@ async def _move_tables(
     source: str,
     target: str,
     create: bool = False,
+    mark: bool = False,
 ) -> None:
-    """Move every version table of ``models`` from schema ``source`` to ``target``."""
+    """Move every version table of ``models`` from schema ``source`` to ``target``; ``mark``:
+    record on ``target`` that it holds the previous version (``restore_stranded_previous``),
+    else clear such a record of ``source``."""
     async with rconn.transaction():
         if create:
             await rconn.execute(f"CREATE SCHEMA IF NOT EXISTS {target}")
         for table in _tables(models):
             await rconn.execute(f"ALTER TABLE {source}.{table} SET SCHEMA {target}")
+        if mark:
+            names = ",".join(model.name for model in models)
+            await rconn.execute(f"COMMENT ON SCHEMA {target} IS '{_HOLDS_PREVIOUS}{names}'")
+        elif source == SHADOW_SCHEMA:
+            await rconn.execute(f"COMMENT ON SCHEMA {source} IS NULL")
 
 
 async def _since_previous(

