@@ -488,15 +488,14 @@ async def _kept_previous(
     )
     kept = {row[0]: int(row[1]) for row in rows}
     for model in models:
-        present = (
-            len(model.version_tables())
-            if not tables
-            else await rconn.fetchval(
-                "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2::text[])",
+        present = len(model.version_tables())
+        if tables:
+            present = await rconn.fetchval(
+                "SELECT count(*) FROM pg_tables"
+                " WHERE schemaname = $1 AND tablename = ANY($2::text[])",
                 PREVIOUS_SCHEMA,
                 list(model.version_tables()),
             )
-        )
         if model.name not in kept or present != len(model.version_tables()):
             raise RebuildError(
                 f"no previous version of {model.name} is kept to roll back to (none was"
@@ -917,7 +916,10 @@ async def _verify(
         for part in await pages_by_bytes(wconn, keys, settings.rebuild_batch_max_bytes // 2):
             async with rconn.transaction(readonly=True):
                 await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-                _fail_on(await keys_differences(wconn, rconn, loaded.models, part))
+                # The same half for each page of their commands: a key heavier than that
+                # alone is folded page by page (Projection.fold), never held whole.
+                half = settings.rebuild_batch_max_bytes // 2
+                _fail_on(await keys_differences(wconn, rconn, loaded.models, part, half))
         checked += len(keys)
     for model in loaded.models:
         if await model.actual_for(rconn, []) is None:  # not per key: verified whole

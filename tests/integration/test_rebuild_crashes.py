@@ -5,7 +5,6 @@ before anything started, and verify's memory with one key heavier than its bound
 from __future__ import annotations
 
 import asyncio
-import resource
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -19,8 +18,8 @@ from cqrs_stack.projections.records import Records
 from cqrs_stack.rebuild import RebuildError, rebuild
 from cqrs_stack.rebuild_progress import live_versions, read_run
 from tests.fixtures.stack import Stack, wait_until
-from tests.integration.test_rebuild_versions import _planting
 from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
+from tests.integration.test_rebuild_versions import _planting
 
 
 @asynccontextmanager
@@ -113,3 +112,51 @@ async def test_a_rebuild_after_a_killed_rollback_does_not_drop_the_previous_vers
     assert back.returncode == 0, back.stderr
     async with read_conn(stack) as conn:
         assert await _records_oid(conn) == first
+
+
+_MIB = 1024 * 1024
+# README: a rebuild's memory is about 90 MB plus 1.2 x REBUILD_BATCH_MAX_BYTES (measured
+# here: 88 MiB with one value of 1 MiB, 90 MiB with a hundred of one key).
+_BASE_RSS = 90 * _MIB
+
+
+def _peak_rss(args: list[str], env: dict[str, str]) -> tuple[int, int, str]:
+    """Exit code, peak RSS in bytes and stderr of ``args`` run as the only child of a fresh
+    process (so its RUSAGE_CHILDREN is that run's alone)."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print(done.returncode, peak * 1024, flush=True)\n"
+        "sys.stderr.write(done.stderr)\n"
+    )
+    done = subprocess.run(
+        [args[0], "-c", probe, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    code, peak = done.stdout.split()
+    return int(code), int(peak), done.stderr
+
+
+async def test_verify_holds_one_page_of_a_key_whose_history_is_past_the_bound(
+    stack: Stack,
+) -> None:
+    """One key with 100 values of 1 MiB (100 MiB, 25 times the bound of 4 MiB), every key
+    verified: the run's peak memory stays within 90 MB + 1.2 x REBUILD_BATCH_MAX_BYTES."""
+    await seed(stack, 20, 10)
+    async with stack.write_engine.begin() as session:
+        conn = await driver_of(session)
+        await conn.execute(
+            "INSERT INTO commands (key, value, event_type, published)"
+            " SELECT 'heavy', repeat(md5(i::text), 32768) || i, 'RecordUpdated', true"
+            " FROM generate_series(1, 100) AS i"
+        )
+    bound = 4 * _MIB
+    args, env = rebuild_command(
+        stack, REBUILD_VERIFY_SAMPLE="0", REBUILD_BATCH_MAX_BYTES=str(bound)
+    )
+    code, peak, err = await asyncio.to_thread(_peak_rss, args, env)
+    assert code == 0, err
+    assert peak <= _BASE_RSS + 1.2 * bound, f"peak RSS {peak / _MIB:.0f} MiB"
+    async with read_conn(stack) as conn:
+        row = await conn.fetchrow("SELECT write_count, value FROM records WHERE key = 'heavy'")
+    assert row is not None and row[0] == 100 and row[1].endswith("100")
