@@ -302,8 +302,14 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
         # cancelled, the live version untouched. (Only the main thread can take signals.)
         task = asyncio.current_task()
         assert task is not None
+        stopped: list[int] = []
+
+        def stop() -> None:
+            stopped.append(signal.SIGTERM)
+            task.cancel()
+
         with contextlib.suppress(RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
         try:
             if args.rollback:
                 count = await rollback(
@@ -328,6 +334,8 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
             print(f"rebuild failed: {exc}", file=sys.stderr)
             return 1
         bar.close()
+        if stopped:  # after the swap's commit a stop is no cancel: the clean-up was skipped
+            print("swapped; cleanup of the old shadow left to the next run", file=sys.stderr)
         which = ", ".join(model.name for model in models)
         if args.rollback:
             print(f"previous version swapped back in, caught up by {count} commands ({which})")

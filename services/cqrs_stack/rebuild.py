@@ -262,9 +262,49 @@ async def _build_and_swap(
         with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
             await _drop_shadow(rconn)
         raise
-    await writer.finish(success)
-    await _after_swap(rconn, models, settings)
+    await _swapped(rconn, models, settings, writer, success, done)
     return done
+
+
+async def _swapped(
+    rconn: asyncpg.Connection,
+    models: Sequence[type[Projection]],
+    settings: Settings,
+    writer: ProgressWriter,
+    success: str,
+    done: int,
+) -> None:
+    """Everything after the swap's commit: the run recorded as ``success``, then the clean-up.
+
+    The swap is live once committed, so a cancel (SIGTERM, Ctrl-C) from here on is no cancel:
+    the record is finished regardless (it is short), the clean-up skipped (a DROP may wait on a
+    lock for long), left to the next run, and the run returns normally.
+    """
+    recording = asyncio.ensure_future(_record_swapped(writer, success, done))
+    try:
+        await asyncio.shield(recording)
+    except asyncio.CancelledError:
+        _uncancel()
+        await recording
+        log.warning("swapped; cleanup of the old shadow left to the next run")
+        return
+    try:
+        await _after_swap(rconn, models, settings)
+    except asyncio.CancelledError:
+        _uncancel()
+        log.warning("swapped; cleanup of the old shadow left to the next run")
+
+
+async def _record_swapped(writer: ProgressWriter, success: str, done: int) -> None:
+    await writer.advance(done, done)
+    await writer.finish(success)
+
+
+def _uncancel() -> None:
+    """Take back the cancel request just absorbed, so the task's later awaits run."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 async def _after_swap(
@@ -296,9 +336,7 @@ async def _load_and_swap(
     await _verify(wconn, rconn, live, loaded, settings)
     await writer.enter("swap")
     swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
-    await writer.advance(
-        loaded.commands + caught_up + swapped, loaded.commands + caught_up + swapped
-    )
+    # Committed: nothing that can be cancelled until _swapped records it.
     done = loaded.commands + caught_up + swapped
     log.info(
         "rebuild swapped in run_id=%s version=%d commands=%d loaded=%d caught_up=%d at_swap=%d",
@@ -536,9 +574,7 @@ async def _roll_back(
             await _drop_shadow(rconn)
         raise
     done = len(loaded.caught_up) + swapped
-    await writer.advance(done, done)
-    await writer.finish(success)
-    await _after_swap(rconn, models, settings)
+    await _swapped(rconn, models, settings, writer, success, done)
     log.info("rolled back run_id=%s models=%s caught_up=%d", writer.run_id, writer.models, done)
     return done
 

@@ -160,3 +160,55 @@ async def test_verify_holds_one_page_of_a_key_whose_history_is_past_the_bound(
     async with read_conn(stack) as conn:
         row = await conn.fetchrow("SELECT write_count, value FROM records WHERE key = 'heavy'")
     assert row is not None and row[0] == 100 and row[1].endswith("100")
+
+
+async def test_sigterm_after_the_swap_committed_reports_the_swap(stack: Stack) -> None:
+    """SIGTERM while the post-swap DROP of the shadow waits on a lock: exit 0, the swap
+    reported and recorded done, the clean-up left to the next run (which does it)."""
+    await seed(stack, 500, 50)
+    args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+    async with (
+        read_conn(stack) as writers,
+        read_conn(stack) as blocker,
+        read_conn(stack) as conn,
+    ):
+        blocking = blocker.transaction()
+        await blocking.start()
+        try:
+            async with writers.transaction():
+                # The swap waits behind the writers' lock until the shadow's blocker is there.
+                await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+                process = await asyncio.create_subprocess_exec(
+                    *args, "--run-id", "late", env=env, stderr=asyncio.subprocess.PIPE
+                )
+
+                async def phase_is(phase: str) -> bool:
+                    run = await read_run(conn, "late")
+                    return run is not None and run.phase == phase
+
+                await wait_until(lambda: phase_is("swap"), 60, "the rebuild to reach its swap")
+                # A table being created in the shadow: the DROP SCHEMA after the swap waits.
+                await blocker.execute("CREATE TABLE cqrs_rebuild.blocker (i int)")
+
+            async def dropping() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'DROP SCHEMA%'"
+                    )
+                )
+
+            await wait_until(dropping, 60, "the post-swap DROP to wait on its lock")
+            assert await phase_is("done")
+            process.terminate()
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+        finally:
+            await blocking.rollback()
+        assert process.returncode == 0, err.decode()
+        assert "cleanup of the old shadow left to the next run" in err.decode()
+        assert "cancelled" not in err.decode()
+        assert (await live_versions(conn))["records"] == 2
+    run_rebuild(stack)  # drops what was left
+    async with read_conn(stack) as conn:
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+        assert (await live_versions(conn))["records"] == 3
