@@ -114,6 +114,38 @@ class RebuildError(RuntimeError):
     """A rebuild that could not finish; the live read model is as it was."""
 
 
+# What the read DB says of a command it will not hold (a constraint, a value out of a type's
+# range): the command's fault, not the database's, so the same on every try.
+_REFUSALS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+
+
+@contextlib.contextmanager
+def _refusals_named(first: int, last: int) -> Iterator[None]:
+    """Translate the read DB refusing one of the commands at positions ``first``..``last``
+    into a RebuildError naming them, the constraint and the SQLSTATE, never the row: its
+    DETAIL holds the command's value, and the error is recorded and shown (rebuild_runs,
+    the CqrsStack's status and Events)."""
+    try:
+        yield
+    except _REFUSALS as exc:
+        where = f"position {first}" if first == last else f"positions {first} to {last}"
+        what = ", ".join(
+            f"{name} {value}"
+            for name, value in (
+                ("constraint", getattr(exc, "constraint_name", None)),
+                ("of table", getattr(exc, "table_name", None)),
+                ("column", getattr(exc, "column_name", None)),
+            )
+            if value
+        )
+        raise RebuildError(
+            f"the read DB refuses the command at {where} ({what or type(exc).__name__},"
+            f" SQLSTATE {exc.sqlstate}): the rebuild cannot hold it; change the constraint or"
+            " the command (`cqrs-stack dlq list` shows the commands the projectors could not"
+            " apply); the live read model is unchanged"
+        ) from None
+
+
 async def rebuild(
     write_engine: AsyncEngine,
     read_engine: AsyncEngine,
@@ -756,16 +788,20 @@ async def _project_staged(
     rconn: asyncpg.Connection, live: str, models: tuple[type[Projection], ...]
 ) -> None:
     """Apply the staged commands to each shadow model (its own statement), then empty it."""
-    async with rconn.transaction():
-        # The models' own statements, pointed at the shadow for this transaction only.
-        await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-        for model in models:
-            await rconn.execute(
-                f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
-                timeout=_BULK_TIMEOUT,
-            )
-            await rconn.execute(model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT)
-        await rconn.execute(f"TRUNCATE {_STAGED}")
+    span = await rconn.fetchrow(f"SELECT min(position), max(position) FROM {_STAGED}")
+    with _refusals_named(span[0] or 0, span[1] or 0):
+        async with rconn.transaction():
+            # The models' own statements, pointed at the shadow for this transaction only.
+            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+            for model in models:
+                await rconn.execute(
+                    f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
+                    timeout=_BULK_TIMEOUT,
+                )
+                await rconn.execute(
+                    model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
+                )
+            await rconn.execute(f"TRUNCATE {_STAGED}")
 
 
 async def _pipe(
@@ -1020,7 +1056,8 @@ async def _apply_to_shadow(
     # The projectors' own statement, pointed at the shadow for this transaction only.
     await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
     consumer = REBUILD_CONSUMER if PROGRESS_TABLE in models[0].tables else None
-    counts = await apply_batch(rconn, models, [Command(*row) for row in rows], consumer)
+    with _refusals_named(min(ids), max(ids)):
+        counts = await apply_batch(rconn, models, [Command(*row) for row in rows], consumer)
     # A key first written during the load got its shadow row just now, after the copy of
     # every read count, and with 0; a flush of its reads that committed before that copy is
     # not among the rows the swap copies again (those written since). So the live counts of

@@ -212,3 +212,35 @@ async def test_sigterm_after_the_swap_committed_reports_the_swap(stack: Stack) -
     async with read_conn(stack) as conn:
         assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
         assert (await live_versions(conn))["records"] == 3
+
+
+async def test_a_command_the_read_db_refuses_fails_the_rebuild_without_its_value(
+    stack: Stack,
+) -> None:
+    """A constraint of the read DB that one command breaks: exit 1, a message naming its
+    position, the constraint and the SQLSTATE; neither stderr nor the run record holds the
+    value (PostgreSQL's DETAIL has the failing row)."""
+    await seed(stack, 50, 10)
+    secret = "secret-4111111111111111"
+    async with stack.write_engine.begin() as session:
+        conn = await driver_of(session)
+        position = await conn.fetchval(
+            "INSERT INTO commands (key, value, event_type, published)"
+            " VALUES ('card:1', $1, 'RecordCreated', true) RETURNING id",
+            secret,
+        )
+    async with read_conn(stack) as conn:
+        await conn.execute(
+            "ALTER TABLE records ADD CONSTRAINT no_secret CHECK (value NOT LIKE 'secret-%')"
+        )
+    args, env = rebuild_command(stack)
+    done = subprocess.run([*args, "--run-id", "refused"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "constraint no_secret" in done.stderr and "SQLSTATE 23514" in done.stderr
+    assert str(position) in done.stderr and "cqrs-stack dlq" in done.stderr
+    assert secret not in done.stdout + done.stderr and "DETAIL" not in done.stderr
+    async with read_conn(stack) as conn:
+        run = await read_run(conn, "refused")
+        assert run is not None and run.phase == "failed" and run.error is not None
+        assert "no_secret" in run.error and secret not in run.error and "DETAIL" not in run.error
+        assert (await live_versions(conn))["records"] == 1
