@@ -244,3 +244,21 @@ async def test_a_command_the_read_db_refuses_fails_the_rebuild_without_its_value
         assert run is not None and run.phase == "failed" and run.error is not None
         assert "no_secret" in run.error and secret not in run.error and "DETAIL" not in run.error
         assert (await live_versions(conn))["records"] == 1
+
+
+async def test_sigterm_during_the_start_is_a_cancel(stack: Stack) -> None:
+    """SIGTERM while the process still imports and connects (before the rebuild's own
+    handler) or once the run began: exit 130 as any cancel, the live version unchanged."""
+    await seed(stack, 50_000, 5000)  # a run that lasts past the last signal
+    args, env = rebuild_command(stack)
+    for delay in (0.3, 0.8, 1.3):  # imports, then the engines: the first seconds
+        process = await asyncio.create_subprocess_exec(
+            *args, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        await asyncio.sleep(delay)  # a moment of the start, not a wait for a condition
+        process.terminate()
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 130, (delay, process.returncode, err.decode())
+        assert "cancelled" in err.decode()
+    async with read_conn(stack) as conn:
+        assert (await live_versions(conn))["records"] == 1
