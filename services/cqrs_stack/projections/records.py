@@ -7,6 +7,7 @@ commands. ``read_count`` counts reads, not commands: a rebuild carries it over.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -110,10 +111,14 @@ class Records(Projection):
 
     @classmethod
     def folded(cls, state: Any) -> dict[str, RecordState]:
-        """The records of the commands folded into ``state``."""
+        """The records of the commands folded into ``state``: ``expected`` of each key's
+        oldest and newest command (the pure function stays the one reference), with the
+        key's count of commands."""
+        summaries: dict[str, _Summary] = state or {}
+        ends = [command for s in summaries.values() for command in (s.first, s.newest)]
         return {
-            key: RecordState(s.newest.value, s.first.created_at, s.newest.created_at, s.count)
-            for key, s in (state or {}).items()
+            key: dataclasses.replace(record, write_count=summaries[key].count)
+            for key, record in cls.expected(ends).items()
         }
 
     @classmethod
