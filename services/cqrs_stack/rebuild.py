@@ -29,8 +29,10 @@ rebuild of one model or several:
 4. **keeps** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap, superseding the
    one kept there) for REBUILD_KEEP_PREVIOUS_SECONDS, recorded in ``read_model_versions``;
    ``drop_expired_previous`` drops it then (each rebuild, and the projectors' housekeeping).
-   ``rollback`` moves it into the shadow's place, catches it up with what the live version
-   applied since (its watermark bounds what it can lack), and swaps it back the same way.
+   ``rollback`` moves it into the shadow's place (marking the shadow as holding it, so a
+   rollback killed before its swap has it given back by the next run, never dropped), catches
+   it up with what the live version applied since (its watermark bounds what it can lack), and
+   swaps it back the same way. A stop after a swap's commit only skips the clean-up.
 
 Each run records its progress in ``rebuild_runs`` (``rebuild_progress``), through a connection
 of its own, never in the swap's transaction.
