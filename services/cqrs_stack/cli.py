@@ -18,10 +18,48 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
 
-from . import __version__
-from .config import (
+class _RebuildStop:
+    """SIGTERM of a ``rebuild`` process from its first moment (a Job deleted, a pod evicted):
+    before the run's task exists, exit 130 at once (nothing started); while it runs, the task
+    is cancelled (a cancel until its swap commits); once it is over, ignored (its outcome
+    stands). A Python-level handler, installed before the slow imports, so no moment of the
+    process is left to the default action (exit 143)."""
+
+    task: asyncio.Task[Any] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    over = False
+    stopped = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        if cls.over:
+            return
+        if cls.task is None or cls.loop is None:
+            os.write(2, b"rebuild cancelled before it started: nothing changed\n")
+            os._exit(130)
+        if cls.task.done():
+            return
+        cls.stopped = True
+        with contextlib.suppress(RuntimeError):  # its loop closed: the run is over
+            cls.loop.call_soon_threadsafe(cls.task.cancel)
+
+
+def _cancel_early(argv: list[str]) -> None:
+    """Install ``_RebuildStop`` when this process is a ``rebuild``."""
+    words = [arg for arg in argv if not arg.startswith("-")]
+    if words[:1] == ["rebuild"]:
+        with contextlib.suppress(ValueError):  # only the main thread takes signals
+            signal.signal(signal.SIGTERM, _RebuildStop.handle)
+
+
+_cancel_early(sys.argv[1:])
+
+# After _cancel_early on purpose: these imports are the slow part of the start.
+from pydantic import ValidationError  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .config import (  # noqa: E402
     MAX_PORT_OFFSET,
     Settings,
     describe_invalid,
@@ -29,7 +67,7 @@ from .config import (
     redact_text,
     redact_url,
 )
-from .resources import ROLES, Role
+from .resources import ROLES, Role  # noqa: E402
 
 if TYPE_CHECKING:
     from .rebuild_progress import RunProgress
@@ -311,10 +349,9 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     async def work(write_engine: Any, read_engine: Any) -> int:
         # SIGTERM (a Job deleted, a pod evicted) stops it as Ctrl-C does: recorded as
         # cancelled, the live version untouched. (Only the main thread can take signals.)
-        task = asyncio.current_task()
-        assert task is not None
-        with contextlib.suppress(RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        # SIGTERM cancels this task from here on (_RebuildStop, installed at the start).
+        _RebuildStop.task = asyncio.current_task()
+        _RebuildStop.loop = asyncio.get_running_loop()
         try:
             if args.rollback:
                 count = await rollback(
@@ -331,14 +368,21 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
                     version=args.version,
                 )
         except asyncio.CancelledError:
+            _RebuildStop.over = True
             bar.close()
             print("rebuild cancelled: the live read model is unchanged", file=sys.stderr)
             return 130
         except RebuildError as exc:
+            _RebuildStop.over = True
             bar.close()
             print(f"rebuild failed: {exc}", file=sys.stderr)
             return 1
+        _RebuildStop.over = True
         bar.close()
+        if (
+            _RebuildStop.stopped
+        ):  # after the swap's commit a stop is no cancel: the clean-up was skipped
+            print("swapped; cleanup of the old shadow left to the next run", file=sys.stderr)
         which = ", ".join(model.name for model in models)
         if args.rollback:
             print(f"previous version swapped back in, caught up by {count} commands ({which})")

@@ -49,6 +49,7 @@ _REASON, _SOURCE, _DELIVERIES, _CONSUMER = (
     "dead_letter_consumer",
 )
 _ENTRY_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_ID_PART_MAX = 2**64 - 1
 _REASON_MAX = 500  # as stream.dead_letter truncates the projector's reasons
 _BY_MAX = 200
 _RECORD_DROP = text(
@@ -183,7 +184,10 @@ def age_text(seconds: float) -> str:
 
 
 def _check_id(entry_id: str) -> str:
-    if not _ENTRY_ID.match(entry_id):
+    # Redis stream ids are two unsigned 64-bit integers: a larger part is no id at all.
+    if not _ENTRY_ID.match(entry_id) or any(
+        int(part) > _ID_PART_MAX for part in entry_id.split("-")
+    ):
         raise InvalidRequest(
             f"{entry_id[:60]!r} is not a dead-letter id (a stream id such as 1700000000000-0,"
             " as `dlq list` shows)"

@@ -29,8 +29,10 @@ rebuild of one model or several:
 4. **keeps** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap, superseding the
    one kept there) for REBUILD_KEEP_PREVIOUS_SECONDS, recorded in ``read_model_versions``;
    ``drop_expired_previous`` drops it then (each rebuild, and the projectors' housekeeping).
-   ``rollback`` moves it into the shadow's place, catches it up with what the live version
-   applied since (its watermark bounds what it can lack), and swaps it back the same way.
+   ``rollback`` moves it into the shadow's place (marking the shadow as holding it, so a
+   rollback killed before its swap has it given back by the next run, never dropped), catches
+   it up with what the live version applied since (its watermark bounds what it can lack), and
+   swaps it back the same way. A stop after a swap's commit only skips the clean-up.
 
 Each run records its progress in ``rebuild_runs`` (``rebuild_progress``), through a connection
 of its own, never in the swap's transaction.
@@ -77,6 +79,8 @@ log = logging.getLogger(__name__)
 # no model's and stays.
 SHADOW_SCHEMA = "cqrs_rebuild"
 PREVIOUS_SCHEMA = "cqrs_previous"
+# The shadow schema's comment while it holds kept previous versions (then the models' names).
+_HOLDS_PREVIOUS = "cqrs-stack: holds the kept previous version of "
 # The consumer name under which the rebuild's projected commands are counted.
 REBUILD_CONSUMER = "rebuild"
 # Arbitrary but fixed: one rebuild at a time per read DB.
@@ -110,6 +114,38 @@ _STAGED_APPLIED = f"(SELECT position, key, event_type, created_at FROM {_STAGED}
 
 class RebuildError(RuntimeError):
     """A rebuild that could not finish; the live read model is as it was."""
+
+
+# What the read DB says of a command it will not hold (a constraint, a value out of a type's
+# range): the command's fault, not the database's, so the same on every try.
+_REFUSALS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+
+
+@contextlib.contextmanager
+def _refusals_named(first: int, last: int) -> Iterator[None]:
+    """Translate the read DB refusing one of the commands at positions ``first``..``last``
+    into a RebuildError naming them, the constraint and the SQLSTATE, never the row: its
+    DETAIL holds the command's value, and the error is recorded and shown (rebuild_runs,
+    the CqrsStack's status and Events)."""
+    try:
+        yield
+    except _REFUSALS as exc:
+        where = f"position {first}" if first == last else f"positions {first} to {last}"
+        what = ", ".join(
+            f"{name} {value}"
+            for name, value in (
+                ("constraint", getattr(exc, "constraint_name", None)),
+                ("of table", getattr(exc, "table_name", None)),
+                ("column", getattr(exc, "column_name", None)),
+            )
+            if value
+        )
+        raise RebuildError(
+            f"the read DB refuses the command at {where} ({what or type(exc).__name__},"
+            f" SQLSTATE {exc.sqlstate}): the rebuild cannot hold it; change the constraint or"
+            " the command (`cqrs-stack dlq list` shows the commands the projectors could not"
+            " apply); the live read model is unchanged"
+        ) from None
 
 
 async def rebuild(
@@ -170,7 +206,9 @@ async def rollback(
         return await _roll_back(wconn, rconn, settings, writer, models, success)
 
     async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
-        previous = await _kept_previous(rconn, models)
+        # The record only: its tables are checked under the lock, once a previous version a
+        # killed rollback left in the shadow is given back (_locked_run).
+        previous = await _kept_previous(rconn, models, tables=False)
         writer = ProgressWriter(
             pconn,
             run_id or new_run_id(),
@@ -209,6 +247,9 @@ async def _locked_run(
         await writer.refused("another rebuild of this read DB is running")
         raise RebuildError("another rebuild of this read DB is running")
     try:
+        # A rollback killed before its swap left the previous version in the shadow: kept again
+        # before anything else (a rebuild would drop the shadow, a rollback look for it).
+        await restore_stranded_previous(rconn)
         await writer.start(first_phase)
         try:
             done = await work(wconn, rconn, success)
@@ -255,9 +296,49 @@ async def _build_and_swap(
         with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
             await _drop_shadow(rconn)
         raise
-    await writer.finish(success)
-    await _after_swap(rconn, models, settings)
+    await _swapped(rconn, models, settings, writer, success, done)
     return done
+
+
+async def _swapped(
+    rconn: asyncpg.Connection,
+    models: Sequence[type[Projection]],
+    settings: Settings,
+    writer: ProgressWriter,
+    success: str,
+    done: int,
+) -> None:
+    """Everything after the swap's commit: the run recorded as ``success``, then the clean-up.
+
+    The swap is live once committed, so a cancel (SIGTERM, Ctrl-C) from here on is no cancel:
+    the record is finished regardless (it is short), the clean-up skipped (a DROP may wait on a
+    lock for long), left to the next run, and the run returns normally.
+    """
+    recording = asyncio.ensure_future(_record_swapped(writer, success, done))
+    try:
+        await asyncio.shield(recording)
+    except asyncio.CancelledError:
+        _uncancel()
+        await recording
+        log.warning("swapped; cleanup of the old shadow left to the next run")
+        return
+    try:
+        await _after_swap(rconn, models, settings)
+    except asyncio.CancelledError:
+        _uncancel()
+        log.warning("swapped; cleanup of the old shadow left to the next run")
+
+
+async def _record_swapped(writer: ProgressWriter, success: str, done: int) -> None:
+    await writer.advance(done, done)
+    await writer.finish(success)
+
+
+def _uncancel() -> None:
+    """Take back the cancel request just absorbed, so the task's later awaits run."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 async def _after_swap(
@@ -289,9 +370,7 @@ async def _load_and_swap(
     await _verify(wconn, rconn, live, loaded, settings)
     await writer.enter("swap")
     swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
-    await writer.advance(
-        loaded.commands + caught_up + swapped, loaded.commands + caught_up + swapped
-    )
+    # Committed: nothing that can be cancelled until _swapped records it.
     done = loaded.commands + caught_up + swapped
     log.info(
         "rebuild swapped in run_id=%s version=%d commands=%d loaded=%d caught_up=%d at_swap=%d",
@@ -352,8 +431,54 @@ async def _create_shadow(
 
 
 async def _drop_shadow(rconn: asyncpg.Connection) -> None:
-    """Drop the shadow (after a swap: empty; after a failure: the version it was building)."""
+    """Drop the shadow (after a swap: empty; after a failure: the version it was building).
+
+    A shadow that holds a kept previous version (a rollback that died before its swap) gives
+    it back to PREVIOUS_SCHEMA first: it is never dropped with the shadow.
+    """
+    await restore_stranded_previous(rconn)
     await rconn.execute(f"DROP SCHEMA IF EXISTS {SHADOW_SCHEMA} CASCADE")
+
+
+async def restore_stranded_previous(rconn: asyncpg.Connection) -> list[str]:
+    """Move back to PREVIOUS_SCHEMA the previous version a rollback took into the shadow and
+    did not swap in (its process killed); return the models whose it was.
+
+    The rollback marks the shadow (its schema comment, ``_HOLDS_PREVIOUS`` and the models) in
+    the transaction that moves the previous version in, so the mark is there exactly while
+    the shadow holds it; the move back clears it in one transaction too. The version is as far
+    caught up as it got (its ledger says what it holds): still the kept previous version that
+    ``read_model_versions`` records.
+    """
+    from .projections import registered
+
+    mark = await rconn.fetchval(
+        "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
+        SHADOW_SCHEMA,
+    )
+    if not isinstance(mark, str) or not mark.startswith(_HOLDS_PREVIOUS):
+        return []
+    known = registered()
+    names = [n for n in mark.removeprefix(_HOLDS_PREVIOUS).split(",") if n in known]
+    present = {
+        row[0]
+        for row in await rconn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1", SHADOW_SCHEMA
+        )
+    }
+    async with rconn.transaction():
+        await rconn.execute(f"CREATE SCHEMA IF NOT EXISTS {PREVIOUS_SCHEMA}")
+        for table in _tables([known[n] for n in names]):
+            if table in present:
+                await rconn.execute(
+                    f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {PREVIOUS_SCHEMA}"
+                )
+        await rconn.execute(f"COMMENT ON SCHEMA {SHADOW_SCHEMA} IS NULL")
+    log.warning(
+        "a rollback stopped before its swap: the previous version is kept again models=%s",
+        ",".join(names),
+    )
+    return names
 
 
 async def _retire_previous(
@@ -423,10 +548,10 @@ async def drop_expired_previous(rconn: asyncpg.Connection, settings: Settings) -
 
 
 async def _kept_previous(
-    rconn: asyncpg.Connection, models: Sequence[type[Projection]]
+    rconn: asyncpg.Connection, models: Sequence[type[Projection]], tables: bool = True
 ) -> dict[str, int]:
     """The kept previous version of each of ``models``; RebuildError if one has none (never
-    swapped, kept 0 s, expired, or its tables gone)."""
+    swapped, kept 0 s, expired, or, unless not ``tables``, its tables gone)."""
     rows = await rconn.fetch(
         "SELECT model, previous_version FROM read_model_versions"
         " WHERE model = ANY($1::text[]) AND previous_version IS NOT NULL"
@@ -435,11 +560,14 @@ async def _kept_previous(
     )
     kept = {row[0]: int(row[1]) for row in rows}
     for model in models:
-        present = await rconn.fetchval(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = ANY($2::text[])",
-            PREVIOUS_SCHEMA,
-            list(model.version_tables()),
-        )
+        present = len(model.version_tables())
+        if tables:
+            present = await rconn.fetchval(
+                "SELECT count(*) FROM pg_tables"
+                " WHERE schemaname = $1 AND tablename = ANY($2::text[])",
+                PREVIOUS_SCHEMA,
+                list(model.version_tables()),
+            )
         if model.name not in kept or present != len(model.version_tables()):
             raise RebuildError(
                 f"no previous version of {model.name} is kept to roll back to (none was"
@@ -465,7 +593,9 @@ async def _roll_back(
     await drop_expired_previous(rconn, settings)
     await _kept_previous(rconn, models)  # still there, under the lock
     await _drop_shadow(rconn)
-    await _move_tables(rconn, models, PREVIOUS_SCHEMA, SHADOW_SCHEMA, create=True)
+    # Marked in the move's transaction: a process killed from here to the swap's commit leaves
+    # the previous version in the shadow, and the next run gives it back (_drop_shadow).
+    await _move_tables(rconn, models, PREVIOUS_SCHEMA, SHADOW_SCHEMA, create=True, mark=True)
     try:
         loaded = await _since_previous(wconn, rconn, live, settings, writer, models)
         await writer.enter("catch-up")
@@ -478,9 +608,7 @@ async def _roll_back(
             await _drop_shadow(rconn)
         raise
     done = len(loaded.caught_up) + swapped
-    await writer.advance(done, done)
-    await writer.finish(success)
-    await _after_swap(rconn, models, settings)
+    await _swapped(rconn, models, settings, writer, success, done)
     log.info("rolled back run_id=%s models=%s caught_up=%d", writer.run_id, writer.models, done)
     return done
 
@@ -491,13 +619,21 @@ async def _move_tables(
     source: str,
     target: str,
     create: bool = False,
+    mark: bool = False,
 ) -> None:
-    """Move every version table of ``models`` from schema ``source`` to ``target``."""
+    """Move every version table of ``models`` from schema ``source`` to ``target``; ``mark``:
+    record on ``target`` that it holds the previous version (``restore_stranded_previous``),
+    else clear such a record of ``source``."""
     async with rconn.transaction():
         if create:
             await rconn.execute(f"CREATE SCHEMA IF NOT EXISTS {target}")
         for table in _tables(models):
             await rconn.execute(f"ALTER TABLE {source}.{table} SET SCHEMA {target}")
+        if mark:
+            names = ",".join(model.name for model in models)
+            await rconn.execute(f"COMMENT ON SCHEMA {target} IS '{_HOLDS_PREVIOUS}{names}'")
+        elif source == SHADOW_SCHEMA:
+            await rconn.execute(f"COMMENT ON SCHEMA {source} IS NULL")
 
 
 async def _since_previous(
@@ -654,16 +790,20 @@ async def _project_staged(
     rconn: asyncpg.Connection, live: str, models: tuple[type[Projection], ...]
 ) -> None:
     """Apply the staged commands to each shadow model (its own statement), then empty it."""
-    async with rconn.transaction():
-        # The models' own statements, pointed at the shadow for this transaction only.
-        await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-        for model in models:
-            await rconn.execute(
-                f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
-                timeout=_BULK_TIMEOUT,
-            )
-            await rconn.execute(model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT)
-        await rconn.execute(f"TRUNCATE {_STAGED}")
+    span = await rconn.fetchrow(f"SELECT min(position), max(position) FROM {_STAGED}")
+    with _refusals_named(span[0] or 0, span[1] or 0):
+        async with rconn.transaction():
+            # The models' own statements, pointed at the shadow for this transaction only.
+            await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
+            for model in models:
+                await rconn.execute(
+                    f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
+                    timeout=_BULK_TIMEOUT,
+                )
+                await rconn.execute(
+                    model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
+                )
+            await rconn.execute(f"TRUNCATE {_STAGED}")
 
 
 async def _pipe(
@@ -850,7 +990,10 @@ async def _verify(
         for part in await pages_by_bytes(wconn, keys, settings.rebuild_batch_max_bytes // 2):
             async with rconn.transaction(readonly=True):
                 await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-                _fail_on(await keys_differences(wconn, rconn, loaded.models, part))
+                # The same half for each page of their commands: a key heavier than that
+                # alone is folded page by page (Projection.fold), never held whole.
+                half = settings.rebuild_batch_max_bytes // 2
+                _fail_on(await keys_differences(wconn, rconn, loaded.models, part, half))
         checked += len(keys)
     for model in loaded.models:
         if await model.actual_for(rconn, []) is None:  # not per key: verified whole
@@ -915,7 +1058,8 @@ async def _apply_to_shadow(
     # The projectors' own statement, pointed at the shadow for this transaction only.
     await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
     consumer = REBUILD_CONSUMER if PROGRESS_TABLE in models[0].tables else None
-    counts = await apply_batch(rconn, models, [Command(*row) for row in rows], consumer)
+    with _refusals_named(min(ids), max(ids)):
+        counts = await apply_batch(rconn, models, [Command(*row) for row in rows], consumer)
     # A key first written during the load got its shadow row just now, after the copy of
     # every read count, and with 0; a flush of its reads that committed before that copy is
     # not among the rows the swap copies again (those written since). So the live counts of

@@ -122,26 +122,53 @@ async def keys_differences(
     rconn: asyncpg.Connection,
     models: Sequence[type[Projection]],
     keys: Sequence[str],
+    max_bytes: int | None = None,
 ) -> list[str]:
     """How the models ``rconn`` reads differ, for ``keys``, from their pure function of the
     commands of those keys that they applied (their ledgers say which).
 
-    The caller points ``rconn``'s search_path at the version to check (a rebuild's shadow),
-    and bounds the bytes of ``keys``' commands (``pages_by_bytes``).
+    The caller points ``rconn``'s search_path at the version to check (a rebuild's shadow).
+    The commands are read and folded into each model's summary (``Projection.fold``) in pages
+    of at most ``max_bytes`` (keys and values; one command larger makes a page alone), so a key
+    with a long history of large values is never held whole.
     """
-    rows = await wconn.fetch(
-        "SELECT id, key, value, event_type, created_at FROM commands"
+    sizes = await wconn.fetch(
+        "SELECT id, octet_length(key) + octet_length(value) FROM commands"
         " WHERE key = ANY($1::text[]) ORDER BY id",
         list(keys),
     )
-    commands = [Command(*row) for row in rows]
+    states: dict[str, Any] = {}
+    per_key = [m for m in models if await m.actual_for(rconn, []) is not None]
+    for page in _pages([(row[0], row[1]) for row in sizes], max_bytes):
+        rows = await wconn.fetch(
+            "SELECT id, key, value, event_type, created_at FROM commands"
+            " WHERE id = ANY($1::bigint[]) ORDER BY id",
+            page,
+        )
+        commands = [Command(*row) for row in rows]
+        del rows
+        for model in per_key:
+            held = await _held(rconn, model, commands)
+            states[model.name] = model.fold(states.get(model.name), held)
     found: list[str] = []
-    for model in models:
+    for model in per_key:  # a model not per key is verified whole (whole_differences)
         actual = await model.actual_for(rconn, keys)
-        if actual is None:
-            continue  # not per key: see whole_differences
-        found += compare(model.name, model.expected(await _held(rconn, model, commands)), actual)
+        assert actual is not None
+        found += compare(model.name, model.folded(states.get(model.name)), actual)
     return found
+
+
+def _pages(sizes: Sequence[tuple[int, int]], max_bytes: int | None) -> list[list[int]]:
+    """Command ids split into pages of at most ``max_bytes`` (None: one page)."""
+    pages: list[list[int]] = []
+    used = 0
+    for command_id, size in sizes:
+        if not pages or (max_bytes is not None and used + size > max_bytes and pages[-1]):
+            pages.append([])
+            used = 0
+        pages[-1].append(command_id)
+        used += size
+    return pages
 
 
 async def whole_differences(

@@ -242,3 +242,15 @@ async def test_redis_down_is_one_clear_line(stack: Stack) -> None:
     for code, out, err in await _clis(stack, *calls, REDIS_URL=dead):
         assert code == EXIT_REDIS and "cannot reach the Redis" in err, err
         assert len(err.strip().splitlines()) == 1 and "Pw-" not in out + err, err
+
+
+async def test_an_id_past_64_bits_is_an_invalid_argument(stack: Stack) -> None:
+    # Matches the digits pattern; each part of a stream id is at most 2^64-1.
+    top = 2**64 - 1
+    for bad in (f"{top + 1}-0", f"0-{top + 1}", "99999999999999999999-0"):
+        calls = (["retry", bad], ["list", "--after", bad], ["drop", bad, "--reason", "r"])
+        for code, out, err in await _clis(stack, *calls):
+            assert code == EXIT_CONFIG and "is not a dead-letter id" in err, (code, out, err)
+    # The largest valid id is an id: not found, not refused as an argument.
+    code, _, err = (await _clis(stack, ["retry", f"{top}-{top}"]))[0]
+    assert code == EXIT_NOT_FOUND, err

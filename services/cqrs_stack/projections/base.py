@@ -85,6 +85,19 @@ class Projection(ABC):
         or repeats (the reference for ``verify``)."""
 
     @classmethod
+    def fold(cls, state: Any, commands: Sequence[Command]) -> Any:
+        """``state`` (None at first) with one more page of commands folded in: pages of
+        distinct commands, in any order, so that ``folded`` of the pages is ``expected`` of
+        them all. The default keeps every command; a model overrides it to hold less (a
+        key's summary), so that verifying a key with a long history holds one page at once."""
+        return [*(state or ()), *commands]
+
+    @classmethod
+    def folded(cls, state: Any) -> Mapping[Any, Any]:
+        """``expected`` of every command folded into ``state`` (``fold``)."""
+        return cls.expected(state or ())
+
+    @classmethod
     @abstractmethod
     async def actual(cls, conn: asyncpg.Connection) -> Mapping[Any, Any]:
         """What the read DB holds, in the shape of ``expected``."""

@@ -7,9 +7,11 @@ commands. ``read_count`` counts reads, not commands: a rebuild carries it over.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -25,6 +27,23 @@ class RecordState:
     created_at: datetime
     updated_at: datetime
     write_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Summary:
+    """What ``expected`` needs of a key's commands: the oldest, the newest and their count."""
+
+    first: Command
+    newest: Command
+    count: int
+
+
+def _by_key(commands: Iterable[Command]) -> dict[str, dict[int, Command]]:
+    """The commands of each key by position (a repeat counts once)."""
+    by_key: dict[str, dict[int, Command]] = {}
+    for command in commands:
+        by_key.setdefault(command.key, {})[command.position] = command
+    return by_key
 
 
 class Records(Projection):
@@ -66,14 +85,41 @@ class Records(Projection):
     @classmethod
     def expected(cls, commands: Iterable[Command]) -> dict[str, RecordState]:
         """Return the records that the given commands define, whatever their order or repeats."""
-        by_key: dict[str, dict[int, Command]] = {}
-        for command in commands:
-            by_key.setdefault(command.key, {})[command.position] = command
         model = {}
-        for key, unique in by_key.items():
+        for key, unique in _by_key(commands).items():
             first, newest = unique[min(unique)], unique[max(unique)]
             model[key] = RecordState(newest.value, first.created_at, newest.created_at, len(unique))
         return model
+
+    @classmethod
+    def fold(cls, state: Any, commands: Sequence[Command]) -> dict[str, _Summary]:
+        """Each key's summary (oldest and newest command, count) with ``commands`` folded in:
+        one value per key is held, whatever the length of its history."""
+        summaries: dict[str, _Summary] = state if state is not None else {}
+        for key, unique in _by_key(commands).items():
+            first, newest = unique[min(unique)], unique[max(unique)]
+            known = summaries.get(key)
+            if known is None:
+                summaries[key] = _Summary(first, newest, len(unique))
+                continue
+            summaries[key] = _Summary(
+                first if first.position < known.first.position else known.first,
+                newest if newest.position > known.newest.position else known.newest,
+                known.count + len(unique),
+            )
+        return summaries
+
+    @classmethod
+    def folded(cls, state: Any) -> dict[str, RecordState]:
+        """The records of the commands folded into ``state``: ``expected`` of each key's
+        oldest and newest command (the pure function stays the one reference), with the
+        key's count of commands."""
+        summaries: dict[str, _Summary] = state or {}
+        ends = [command for s in summaries.values() for command in (s.first, s.newest)]
+        return {
+            key: dataclasses.replace(record, write_count=summaries[key].count)
+            for key, record in cls.expected(ends).items()
+        }
 
     @classmethod
     async def actual(cls, conn: asyncpg.Connection) -> dict[str, RecordState]:

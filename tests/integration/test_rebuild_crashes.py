@@ -1,0 +1,268 @@
+"""Rebuilds and rollbacks stopped at their worst moments, on real servers: a rollback killed
+before its swap, a stop after the swap committed, a command the read DB refuses, a stop
+before anything started, and verify's memory with one key heavier than its bound."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+import pytest
+
+from cqrs_stack.db import driver_of
+from cqrs_stack.projections.records import Records
+from cqrs_stack.rebuild import RebuildError, rebuild
+from cqrs_stack.rebuild_progress import live_versions, read_run
+from tests.fixtures.stack import Stack, wait_until
+from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
+from tests.integration.test_rebuild_versions import _planting
+
+
+@asynccontextmanager
+async def read_conn(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
+    """A driver connection to the stack's read DB (autocommit)."""
+    async with stack.read_engine.connect() as session:
+        yield await driver_of(session)
+
+
+async def _records_oid(conn: asyncpg.Connection, schema: str = "public") -> int | None:
+    oid = await conn.fetchval(f"SELECT to_regclass('{schema}.records')::oid")
+    return None if oid is None else int(oid)
+
+
+async def _unlocked(conn: asyncpg.Connection) -> bool:
+    """No session holds the rebuild's lock (a killed client's ends once its wait does)."""
+    return not await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+
+
+async def test_a_rollback_killed_before_its_swap_keeps_the_previous_version(
+    stack: Stack,
+) -> None:
+    """SIGKILL once the rollback moved the previous version into the shadow: the next
+    rollback finds it kept again and swaps it in; the dead run is recorded failed."""
+    await seed(stack, 500, 50)
+    async with read_conn(stack) as conn:
+        first = await _records_oid(conn)
+    run_rebuild(stack)
+    args, env = rebuild_command(stack)
+    async with read_conn(stack) as holder, read_conn(stack) as conn:
+        async with holder.transaction():
+            # The rollback's catch-up waits on the live table: caught in the shadow.
+            await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+            process = await asyncio.create_subprocess_exec(
+                *args, "--rollback", "--run-id", "killed", env=env
+            )
+
+            async def in_shadow() -> bool:
+                return await _records_oid(conn, "cqrs_rebuild") == first
+
+            await wait_until(in_shadow, 60, "the previous version to move into the shadow")
+            process.kill()
+            await asyncio.wait_for(process.wait(), 30)
+        await wait_until(lambda: _unlocked(conn), 30, "the killed run's session to end")
+        assert await _records_oid(conn, "cqrs_previous") is None  # stranded, so far
+    again = subprocess.run(
+        [*args, "--rollback", "--run-id", "again"], env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert "previous version swapped back in" in again.stdout
+    async with read_conn(stack) as conn:
+        assert await _records_oid(conn) == first
+        assert (await live_versions(conn))["records"] == 1
+        killed = await read_run(conn, "killed")
+        assert killed is not None and killed.phase == "failed", killed
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+    await stack.assert_converges()
+
+
+async def test_a_rebuild_after_a_killed_rollback_does_not_drop_the_previous_version(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next rebuild gives the stranded previous version back before it drops the shadow:
+    one failing (its verification, here) leaves it kept for a rollback."""
+    await seed(stack, 500, 50)
+    async with read_conn(stack) as conn:
+        first = await _records_oid(conn)
+    run_rebuild(stack)
+    args, env = rebuild_command(stack)
+    async with read_conn(stack) as holder, read_conn(stack) as conn:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+            process = await asyncio.create_subprocess_exec(*args, "--rollback", env=env)
+
+            async def in_shadow() -> bool:
+                return await _records_oid(conn, "cqrs_rebuild") == first
+
+            await wait_until(in_shadow, 60, "the previous version to move into the shadow")
+            process.send_signal(signal.SIGKILL)
+            await asyncio.wait_for(process.wait(), 30)
+        await wait_until(lambda: _unlocked(conn), 30, "the killed run's session to end")
+    monkeypatch.setattr(Records, "expected", classmethod(_planting("seed:3")))
+    with pytest.raises(RebuildError, match="verify"):
+        await rebuild(stack.write_engine, stack.read_engine, stack.settings)
+    async with read_conn(stack) as conn:
+        assert await _records_oid(conn, "cqrs_previous") == first
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+    monkeypatch.undo()
+    back = subprocess.run([*args, "--rollback"], env=env, capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    async with read_conn(stack) as conn:
+        assert await _records_oid(conn) == first
+
+
+_MIB = 1024 * 1024
+# README: a rebuild's memory is about 90 MB plus 1.2 x REBUILD_BATCH_MAX_BYTES (measured
+# here: 88 MiB with one value of 1 MiB, 90 MiB with a hundred of one key).
+_BASE_RSS = 90 * _MIB
+
+
+def _peak_rss(args: list[str], env: dict[str, str]) -> tuple[int, int, str]:
+    """Exit code, peak RSS in bytes and stderr of ``args`` run as the only child of a fresh
+    process (so its RUSAGE_CHILDREN is that run's alone)."""
+    probe = (
+        "import resource, subprocess, sys\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+        "print(done.returncode, peak * 1024, flush=True)\n"
+        "sys.stderr.write(done.stderr)\n"
+    )
+    done = subprocess.run(
+        [args[0], "-c", probe, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    code, peak = done.stdout.split()
+    return int(code), int(peak), done.stderr
+
+
+async def test_verify_holds_one_page_of_a_key_whose_history_is_past_the_bound(
+    stack: Stack,
+) -> None:
+    """One key with 100 values of 1 MiB (100 MiB, 25 times the bound of 4 MiB), every key
+    verified: the run's peak memory stays within 90 MB + 1.2 x REBUILD_BATCH_MAX_BYTES."""
+    await seed(stack, 20, 10)
+    async with stack.write_engine.begin() as session:
+        conn = await driver_of(session)
+        await conn.execute(
+            "INSERT INTO commands (key, value, event_type, published)"
+            " SELECT 'heavy', repeat(md5(i::text), 32768) || i, 'RecordUpdated', true"
+            " FROM generate_series(1, 100) AS i"
+        )
+    bound = 4 * _MIB
+    args, env = rebuild_command(
+        stack, REBUILD_VERIFY_SAMPLE="0", REBUILD_BATCH_MAX_BYTES=str(bound)
+    )
+    code, peak, err = await asyncio.to_thread(_peak_rss, args, env)
+    assert code == 0, err
+    assert peak <= _BASE_RSS + 1.2 * bound, f"peak RSS {peak / _MIB:.0f} MiB"
+    async with read_conn(stack) as conn:
+        row = await conn.fetchrow("SELECT write_count, value FROM records WHERE key = 'heavy'")
+    assert row is not None and row[0] == 100 and row[1].endswith("100")
+
+
+async def test_sigterm_after_the_swap_committed_reports_the_swap(stack: Stack) -> None:
+    """SIGTERM while the post-swap DROP of the shadow waits on a lock: exit 0, the swap
+    reported and recorded done, the clean-up left to the next run (which does it)."""
+    await seed(stack, 500, 50)
+    args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+    async with (
+        read_conn(stack) as writers,
+        read_conn(stack) as blocker,
+        read_conn(stack) as conn,
+    ):
+        blocking = blocker.transaction()
+        await blocking.start()
+        try:
+            async with writers.transaction():
+                # The swap waits behind the writers' lock until the shadow's blocker is there.
+                await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+                process = await asyncio.create_subprocess_exec(
+                    *args, "--run-id", "late", env=env, stderr=asyncio.subprocess.PIPE
+                )
+
+                async def phase_is(phase: str) -> bool:
+                    run = await read_run(conn, "late")
+                    return run is not None and run.phase == phase
+
+                await wait_until(lambda: phase_is("swap"), 60, "the rebuild to reach its swap")
+                # A table being created in the shadow: the DROP SCHEMA after the swap waits.
+                await blocker.execute("CREATE TABLE cqrs_rebuild.blocker (i int)")
+
+            async def dropping() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'DROP SCHEMA%'"
+                    )
+                )
+
+            await wait_until(dropping, 60, "the post-swap DROP to wait on its lock")
+            assert await phase_is("done")
+            process.terminate()
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+        finally:
+            await blocking.rollback()
+        assert process.returncode == 0, err.decode()
+        assert "cleanup of the old shadow left to the next run" in err.decode()
+        assert "cancelled" not in err.decode()
+        assert (await live_versions(conn))["records"] == 2
+    run_rebuild(stack)  # drops what was left
+    async with read_conn(stack) as conn:
+        assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+        assert (await live_versions(conn))["records"] == 3
+
+
+async def test_a_command_the_read_db_refuses_fails_the_rebuild_without_its_value(
+    stack: Stack,
+) -> None:
+    """A constraint of the read DB that one command breaks: exit 1, a message naming its
+    position, the constraint and the SQLSTATE; neither stderr nor the run record holds the
+    value (PostgreSQL's DETAIL has the failing row)."""
+    await seed(stack, 50, 10)
+    secret = "secret-4111111111111111"
+    async with stack.write_engine.begin() as session:
+        conn = await driver_of(session)
+        position = await conn.fetchval(
+            "INSERT INTO commands (key, value, event_type, published)"
+            " VALUES ('card:1', $1, 'RecordCreated', true) RETURNING id",
+            secret,
+        )
+    async with read_conn(stack) as conn:
+        await conn.execute(
+            "ALTER TABLE records ADD CONSTRAINT no_secret CHECK (value NOT LIKE 'secret-%')"
+        )
+    args, env = rebuild_command(stack)
+    done = subprocess.run([*args, "--run-id", "refused"], env=env, capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    assert "constraint no_secret" in done.stderr and "SQLSTATE 23514" in done.stderr
+    assert str(position) in done.stderr and "cqrs-stack dlq" in done.stderr
+    assert secret not in done.stdout + done.stderr and "DETAIL" not in done.stderr
+    async with read_conn(stack) as conn:
+        run = await read_run(conn, "refused")
+        assert run is not None and run.phase == "failed" and run.error is not None
+        assert "no_secret" in run.error and secret not in run.error and "DETAIL" not in run.error
+        assert (await live_versions(conn))["records"] == 1
+
+
+async def test_sigterm_during_the_start_is_a_cancel(stack: Stack) -> None:
+    """SIGTERM while the process still imports and connects (before the rebuild's own
+    handler) or once the run began: exit 130 as any cancel, the live version unchanged."""
+    await seed(stack, 500, 50)
+    # The run waits in its swap behind the writers' lock: it lasts past the last signal.
+    args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+    async with read_conn(stack) as writers, writers.transaction():
+        await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+        for delay in (0.3, 0.8, 1.3):  # imports, then the engines: the first seconds
+            process = await asyncio.create_subprocess_exec(
+                *args, env=env, stderr=asyncio.subprocess.PIPE
+            )
+            await asyncio.sleep(delay)  # a moment of the start, not a wait for a condition
+            assert process.returncode is None, delay
+            process.terminate()
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+            assert process.returncode == 130, (delay, process.returncode, err.decode())
+            assert "cancelled" in err.decode()
+    async with read_conn(stack) as conn:
+        assert (await live_versions(conn))["records"] == 1
