@@ -10,9 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
 KUBECONFIG_PATH=${CQRS_CLUSTER_DIR:-/var/lib/cqrs-cluster}/admin.kubeconfig
-# The release the upgrade test starts from (chart and images built from it); move it forward
-# at each release. Empty: no upgrade test.
-export CQRS_PREVIOUS_REF=${CQRS_PREVIOUS_REF-60f5b61}
+# shellcheck source=previous-release.env
+source tests/cluster/previous-release.env
 
 cluster() { "$PYTHON" -m tests.cluster.local_cluster "$@"; }
 

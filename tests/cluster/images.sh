@@ -8,9 +8,12 @@
 #       offline base plus Debian's postgresql-15 / redis-server, with the interface of the
 #       official images that the chart assumes (values-local.yaml selects them)
 # Uses the Docker engine that tests/images/docker-engine.sh finds or starts (stopped again).
+# --build-only: build them all, import nothing (CI builds ahead while other stages run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source tests/images/docker-engine.sh
+# shellcheck source=previous-release.env
+source tests/cluster/previous-release.env
 
 SOCK=${CQRS_CONTAINERD_SOCK:-/run/cqrs-cluster/containerd/containerd.sock}
 base=${BASE_IMAGE:-cqrs-stack-base:bookworm}
@@ -18,9 +21,14 @@ version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml",
 images=("cqrs-stack:$version" "cqrs-stack-operator:$version" cqrs-stack-postgresql:15 cqrs-stack-redis:7)
 started=$SECONDS
 
-[[ -S $SOCK ]] || { echo "images: no containerd at $SOCK: run tests/cluster/cluster.sh up first" >&2; exit 1; }
+import=1
+[[ ${1:-} == --build-only ]] && import=0
+if ((import)); then
+    [[ -S $SOCK ]] || { echo "images: no containerd at $SOCK: run tests/cluster/cluster.sh up first" >&2; exit 1; }
+fi
 docker_engine_up || { echo "images: no Docker engine, cannot build" >&2; exit 1; }
 trap docker_engine_down EXIT
+images_lock
 
 # The base and our two images (cached by the engine and by make-base's script hash).
 KEEP_DOCKERD=1 bash tests/images/build-images.sh
@@ -42,6 +50,10 @@ if [[ -n ${CQRS_PREVIOUS_REF:-} ]]; then
     echo "$previous" >.cache/previous-release.tag
 fi
 
+if ((!import)); then
+    echo "images: ${images[*]} built in $((SECONDS - started)) s (not imported: --build-only)"
+    exit 0
+fi
 t0=$SECONDS
 "$DOCKER" save "${images[@]}" \
     | timeout 600 ctr --address "$SOCK" -n k8s.io images import - >/dev/null

@@ -17,6 +17,7 @@ base="${BASE_IMAGE:-cqrs-stack-base:bookworm}"
 
 docker_engine_up || { echo "images: no Docker engine, cannot build" >&2; exit 1; }
 [[ "${KEEP_DOCKERD:-0}" == 1 ]] || trap docker_engine_down EXIT
+images_lock
 
 if [[ "$base" == cqrs-stack-base:* ]]; then
     BASE_IMAGE="$base" bash tests/images/make-base.sh

@@ -3,6 +3,7 @@
 #   source tests/images/docker-engine.sh
 #   docker_engine_up      # exports DOCKER_HOST; sets CQRS_DOCKERD_STARTED=1 if it started one
 #   docker_engine_down    # stops the engine only if docker_engine_up started it
+#   images_lock           # waits until no other build of our images runs (held until exit)
 #
 # The private engine (Debian's docker.io) listens on unix:///run/cqrs-docker.sock, keeps its
 # images in /var/lib/cqrs-docker (so they survive restarts) and creates no bridge and no
@@ -83,4 +84,21 @@ docker_engine_down() {
         sleep 0.5
     done
     echo "docker: stopped dockerd (pid $pid)"
+}
+
+# One image build at a time per clone: CI builds images ahead in the background while the
+# image tests build the same ones, and two builds of one tag (or of the base) must not race.
+# The first caller in a process tree takes the lock on fd 9 and holds it until it exits; its
+# children inherit fd 9 and the marker, so a nested build script does not wait for its parent.
+images_lock() {
+    [[ -n "${CQRS_IMAGES_LOCKED:-}" ]] && return 0
+    local repo
+    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    mkdir -p "$repo/.cache"
+    exec 9>"$repo/.cache/images.lock"
+    if ! flock -n 9; then
+        echo "images: another build of the images runs in this clone; waiting for it" >&2
+        flock 9
+    fi
+    export CQRS_IMAGES_LOCKED=1
 }

@@ -59,6 +59,8 @@ nice -n 10 bash tests/tools/build-k8s-tools.sh >&2
 nice -n 10 bash tests/cluster/build-node-tools.sh >&2
 nice -n 10 bash "$HERE/build-node-bins.sh" >&2
 
+# Shares the offline base with the services' images: one image build at a time.
+images_lock
 inputs=$( (cat "$HERE"/*.sh "$HERE"/*.Dockerfile tests/images/make-base.sh "$BIN"/.*.stamp) | sha256sum | cut -c1-16)
 have=$(docker image inspect --format "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$NODE_IMAGE" 2>/dev/null || true)
 if [[ $have == "$inputs" && ${FORCE:-0} != 1 ]]; then
