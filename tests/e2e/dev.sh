@@ -17,7 +17,7 @@
 # cqrs-dev-operator, which the chart keeps on uninstall, with the dev PostgreSQL Secret).
 #
 # Docker: as kind.sh (a reachable engine, else the private one of docker-engine.sh, left
-# running). DEV_NAMESPACE must match skaffold.yaml's release namespace (cqrs-dev).
+# running). `delete` also removes the images the loop tagged (docker-engine.sh prune_images). DEV_NAMESPACE must match skaffold.yaml's release namespace (cqrs-dev).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -58,6 +58,9 @@ delete() {
   kubectl "${KUBE[@]}" delete namespace "$NAMESPACE" "$NAMESPACE-operator" --ignore-not-found \
     --wait --timeout=180s
   say "nothing of the dev loop is left in the cluster"
+  # Each iteration of the loop tagged new images in the engine: none of them is needed now.
+  prune_images --dev
+  say "the dev loop's images are removed from the Docker engine"
 }
 
 # The profile is a global, not a local of main: the EXIT trap runs after main has returned

@@ -38,6 +38,7 @@ build() {  # build <dockerfile> <tag>
 }
 build services/Dockerfile "cqrs-stack:$version"
 build operator/Dockerfile "cqrs-stack-operator:$version"
+prune_images
 echo "images: done in $((SECONDS - started)) s"
 if [[ "${CQRS_DOCKERD_STARTED:-0}" == 1 && "${KEEP_DOCKERD:-0}" == 1 ]]; then
     echo "images: dockerd keeps running: export DOCKER_HOST=$DOCKER_HOST"

@@ -102,3 +102,34 @@ images_lock() {
     fi
     export CQRS_IMAGES_LOCKED=1
 }
+
+# Rebuilding a tag leaves the image it replaces dangling, and each `skaffold dev` iteration
+# tags new images: after a day of dev loops the engine held 117 images (10.9 GB), all ours.
+#   prune_images           dangling images: all of them in the private engine (it holds
+#                          only what we built), only ours (by their title label) elsewhere
+#   prune_images --dev     also the dev loop's tags of cqrs-stack and cqrs-stack-operator:
+#                          every tag but <version> and the previous release's <version>-<commit>
+# An image a container still uses is kept (`docker rmi` without -f refuses it). Takes the
+# image lock: a build's newest step is dangling until the next step, so no build may run.
+# CQRS_IMAGE_REPOS: the repositories that are ours (default: cqrs-stack cqrs-stack-operator).
+prune_images() {
+    local version repo tag repos
+    read -r -a repos <<<"${CQRS_IMAGE_REPOS:-cqrs-stack cqrs-stack-operator}"
+    images_lock
+    if [[ ${1:-} == --dev ]]; then
+        version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
+        for repo in "${repos[@]}"; do
+            "$DOCKER" image ls --format '{{.Tag}}' "$repo" | while read -r tag; do
+                [[ $tag == "<none>" || $tag == "$version" || $tag =~ ^$version-[0-9a-f]{7,40}$ ]] && continue
+                "$DOCKER" rmi "$repo:$tag" >/dev/null 2>&1 || true
+            done
+        done
+    fi
+    if [[ ${DOCKER_HOST:-} == "unix://$CQRS_DOCKER_SOCK" ]]; then
+        "$DOCKER" image prune -f >/dev/null || true
+    else
+        for repo in "${repos[@]}"; do
+            "$DOCKER" image prune -f --filter "label=org.opencontainers.image.title=$repo" >/dev/null || true
+        done
+    fi
+}

@@ -63,6 +63,8 @@ nice -n 10 bash "$HERE/build-node-bins.sh" >&2
 images_lock
 inputs=$( (cat "$HERE"/*.sh "$HERE"/*.Dockerfile tests/images/make-base.sh "$BIN"/.*.stamp) | sha256sum | cut -c1-16)
 have=$(docker image inspect --format "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$NODE_IMAGE" 2>/dev/null || true)
+# The image this build replaces (1.3 GB): removed once the new one has its name.
+replaced=$(docker image inspect --format '{{.Id}}' "$NODE_IMAGE" 2>/dev/null || true)
 if [[ $have == "$inputs" && ${FORCE:-0} != 1 ]]; then
   say "$NODE_IMAGE is up to date ($inputs)"
   echo "$NODE_IMAGE"
@@ -183,6 +185,8 @@ kind build node-image --type file "$STATE/kubernetes-server-linux-amd64.tar.gz" 
 # The inputs' hash as a label: the cache key of the next run.
 echo "FROM $NODE_IMAGE.build" | quiet_build --label "$HASH_LABEL=$inputs" -t "$NODE_IMAGE" -
 docker rmi "$NODE_IMAGE.build" >/dev/null
+[[ -z $replaced ]] || docker rmi "$replaced" >/dev/null 2>&1 || true
+prune_images
 rm -f "$STATE/kubernetes-server-linux-amd64.tar.gz"
 say "$NODE_IMAGE built in $((SECONDS - t0)) s (all of it: $((SECONDS - started)) s)"
 echo "$NODE_IMAGE"
