@@ -110,6 +110,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# The election's timings: (flag, environment variable, type, help). The default of each is
+# ElectionConfig's field of the flag's name.
+_TIMINGS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
+    (
+        "--lease-duration",
+        "CQRS_OPERATOR_LEASE_DURATION",
+        int,
+        "seconds a follower waits for an unrenewed Lease before taking it",
+    ),
+    (
+        "--renew-deadline",
+        "CQRS_OPERATOR_RENEW_DEADLINE",
+        float,
+        "seconds the leader tries to renew before it stops leading",
+    ),
+    (
+        "--retry-period",
+        "CQRS_OPERATOR_RETRY_PERIOD",
+        float,
+        "seconds between two tries to acquire or renew",
+    ),
+)
+
+
 def _election_args(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     defaults = leadership.ElectionConfig("", "", "")
@@ -138,26 +162,14 @@ def _election_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="this replica's name in the Lease (default: pod name + random suffix)",
     )
-    group.add_argument(
-        "--lease-duration",
-        type=int,
-        default=env("CQRS_OPERATOR_LEASE_DURATION") or str(defaults.lease_duration),
-        help="seconds a follower waits for an unrenewed Lease before taking it (15;"
-        " $CQRS_OPERATOR_LEASE_DURATION)",
-    )
-    group.add_argument(
-        "--renew-deadline",
-        type=float,
-        default=env("CQRS_OPERATOR_RENEW_DEADLINE") or str(defaults.renew_deadline),
-        help="seconds the leader tries to renew before it stops leading (10;"
-        " $CQRS_OPERATOR_RENEW_DEADLINE)",
-    )
-    group.add_argument(
-        "--retry-period",
-        type=float,
-        default=env("CQRS_OPERATOR_RETRY_PERIOD") or str(defaults.retry_period),
-        help="seconds between two tries to acquire or renew (2; $CQRS_OPERATOR_RETRY_PERIOD)",
-    )
+    for flag, variable, kind, what in _TIMINGS:
+        default = getattr(defaults, flag.removeprefix("--").replace("-", "_"))
+        group.add_argument(
+            flag,
+            type=kind,
+            default=env(variable) or str(default),
+            help=f"{what} ({default:g}; ${variable})",
+        )
 
 
 def _election_config(

@@ -25,10 +25,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cqrs_stack import diagnosis
-from cqrs_stack.config import Settings, redact_url
+from cqrs_stack.config import Settings, dead_letter_stream_of, redact_url
 from cqrs_stack.db import create_engine
 from cqrs_stack.migrations import schema_version
-from cqrs_stack.stream import ensure_group
+from cqrs_stack.stream import dead_letter_marks_of, ensure_group
 
 from .errors import PermanentProvisioningError, ProvisioningError
 from .manifests import database_url
@@ -582,8 +582,8 @@ def acl_rules(stream: str, passwords: list[str], existing: set[str], exact: bool
         *secrets_rules,
         "resetkeys",
         f"~{stream}",
-        f"~{stream}:dead",
-        f"~{stream}:dead:positions",  # the dead letters' marks (stream.dead_letter_marks)
+        f"~{dead_letter_stream_of(stream)}",
+        f"~{dead_letter_marks_of(stream)}",
         "resetchannels",
         "-@all",
         *(f"+{command}" for command in REDIS_COMMANDS),
@@ -666,7 +666,7 @@ async def _check_related_keys(redis: Redis, stream: str, owner: Owner) -> None:
             )
     # The other way round: a stack that took "<stream>:dead" as its own stream (before the
     # suffix was reserved) holds this stream's dead letters.
-    dead = f"{stream}:dead"
+    dead = dead_letter_stream_of(stream)
     marker = parse_marker(await redis.get(owner_key(dead)))
     if marker is not None and marker.uid != owner.uid:
         raise OwnershipRefused(
@@ -745,7 +745,9 @@ async def delete_owned_stream(url: str, stream: str, uid: str, ca_pem: str | Non
     try:
         if not may_drop(parse_marker(await redis.get(owner_key(stream))), uid):
             return False
-        await redis.delete(stream, f"{stream}:dead", f"{stream}:dead:positions", owner_key(stream))
+        await redis.delete(
+            stream, dead_letter_stream_of(stream), dead_letter_marks_of(stream), owner_key(stream)
+        )
         log.info("stream deleted stream=%s", stream)
         return True
     except (RedisError, OSError) as exc:

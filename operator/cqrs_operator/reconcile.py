@@ -886,7 +886,7 @@ async def reconcile(
             out.fail(status.WORKLOADS, exc)
         if any(c.type == status.MIGRATIONS and c.status for c in out.conditions) and creds.active:
             # The rebuild runs the spec's image, whose schema (rebuild_runs) is now current.
-            await _rebuilds(out, api, spec, creds.active, current_status, adopt, rebuild)
+            await _rebuilds(_Rebuilds(out, api, spec, creds.active, current_status, adopt), rebuild)
     try:
         out.conditions.append(await check_available(api, spec))
     except ProvisioningError as exc:
@@ -932,24 +932,32 @@ async def _report_projection(
     projector["progress"] = progress
 
 
-async def _rebuilds(
-    out: Outcome,
-    api: client.ApiClient,
-    spec: StackSpec,
-    me: Login,
-    current_status: Mapping[str, Any],
-    adopt: Adopt,
-    request: str,
-) -> None:
+@dataclass(frozen=True)
+class _Rebuilds:
+    """What the rebuild step of one reconcile works with: where it reports (``out``), the
+    stack, the login it reads the read DB with (``me``, the stack's role) and the status the
+    reconcile started from."""
+
+    out: Outcome
+    api: client.ApiClient
+    spec: StackSpec
+    me: Login
+    current_status: Mapping[str, Any]
+    adopt: Adopt
+
+
+async def _rebuilds(ctx: _Rebuilds, request: str) -> None:
     """Condition Rebuilding, status.rebuild and status.readModels: the stack's rebuild Jobs,
     one at a time (rebuild_job.py). Trouble here fails no other part: the live read models
     keep serving reads and writes."""
     try:
-        await _rebuild_step(out, api, spec, me, current_status, adopt, request)
+        await _rebuild_step(ctx, request)
     except ProvisioningError as exc:
-        out.conditions.append(status.Condition(status.REBUILDING, None, exc.reason, exc.message))
+        ctx.out.conditions.append(
+            status.Condition(status.REBUILDING, None, exc.reason, exc.message)
+        )
     except ApiException as exc:
-        out.conditions.append(
+        ctx.out.conditions.append(
             status.Condition(
                 status.REBUILDING,
                 None,
@@ -960,11 +968,12 @@ async def _rebuilds(
 
 
 async def _read_rebuilds(
-    api: client.ApiClient, spec: StackSpec, me: Login, runs: list[str]
+    ctx: _Rebuilds, runs: list[str]
 ) -> tuple[dict[str, int], dict[str, RunProgress], str]:
     """The live versions and the progress of ``runs``, as the read DB records them (read as
     the stack's role); ``why`` is not empty when the read DB could not tell."""
-    tls = await database_tls(api, spec)
+    spec, me = ctx.spec, ctx.me
+    tls = await database_tls(ctx.api, spec)
     try:
         # Bounded: a read DB that hangs must not hold the stack's reconcile.
         async with (
@@ -984,15 +993,8 @@ async def _read_rebuilds(
     return live, {name: run for name, run in found.items() if run is not None}, ""
 
 
-async def _rebuild_step(
-    out: Outcome,
-    api: client.ApiClient,
-    spec: StackSpec,
-    me: Login,
-    current_status: Mapping[str, Any],
-    adopt: Adopt,
-    request: str,
-) -> None:
+async def _rebuild_step(ctx: _Rebuilds, request: str) -> None:
+    out, api, spec, current_status = ctx.out, ctx.api, ctx.spec, ctx.current_status
     selector = rebuild_job.job_selector(spec)
     jobs = [
         j
@@ -1008,11 +1010,11 @@ async def _rebuild_step(
     active = [j for j in jobs if not rebuild_job.finished(j)]
     if current is None and active:  # the status lost (a patch that failed): the cluster tells
         current = active[0]["metadata"]["name"]
-    live, progress, why = await _read_rebuilds(api, spec, me, [current] if current else [])
+    live, progress, why = await _read_rebuilds(ctx, [current] if current else [])
     if why:
         live = rebuild_job.recorded_live(current_status)
     shown: dict[str, Any] = dict(recorded)
-    for name, message in await _cancel_unwanted(out, api, spec, active, last):
+    for name, message in await _cancel_unwanted(ctx, active, last):
         del by_name[name]
         if name == current:
             shown.update(outcome=rebuild_job.CANCELLED, phase="cancelled", message=message)
@@ -1028,19 +1030,16 @@ async def _rebuild_step(
         if run is None:
             handled = request
         else:
-            shown = await _start_rebuild(out, api, spec, run, last, live, adopt)
+            shown = await _start_rebuild(ctx, run, last, live)
     _report_rebuilds(out, versions, live, last, shown, handled, why)
 
 
 async def _cancel_unwanted(
-    out: Outcome,
-    api: client.ApiClient,
-    spec: StackSpec,
-    active: list[dict[str, Any]],
-    last: dict[str, rebuild_job.LastRun],
+    ctx: _Rebuilds, active: list[dict[str, Any]], last: dict[str, rebuild_job.LastRun]
 ) -> list[tuple[str, str]]:
     """Delete each running rebuild Job the spec no longer wants (its model gone, its version
     changed); (name, message) of each."""
+    spec = ctx.spec
     cancelled = []
     for job in active:
         name, run = job["metadata"]["name"], rebuild_job.run_of(job)
@@ -1049,13 +1048,13 @@ async def _cancel_unwanted(
             run, spec.model_versions
         ):
             continue
-        await kube.delete_object(api, "Job", spec.namespace, name)
+        await kube.delete_object(ctx.api, "Job", spec.namespace, name)
         message = (
             f"cancelled Job {name} (rebuild of {run.model} to version {run.version}): the spec "
             f"now asks for {dict(spec.model_versions).get(run.model, 'no such model')}; the "
             "live model is untouched"
         )
-        out.changes.append(provisioning.Change("RebuildCancelled", message))
+        ctx.out.changes.append(provisioning.Change("RebuildCancelled", message))
         last[run.model] = rebuild_job.LastRun(name, run.version, run.request, rebuild_job.CANCELLED)
         cancelled.append((name, message))
     return cancelled
@@ -1169,20 +1168,18 @@ def _rebuild_progress(
 
 
 async def _start_rebuild(
-    out: Outcome,
-    api: client.ApiClient,
-    spec: StackSpec,
+    ctx: _Rebuilds,
     run: rebuild_job.Run,
     last: dict[str, rebuild_job.LastRun],
     live: Mapping[str, int],
-    adopt: Adopt,
 ) -> dict[str, Any]:
     """Create the Job of ``run``; its model's last run is it from now on."""
+    spec = ctx.spec
     previous = last.get(run.model)
     name = rebuild_job.job_name(spec, run, previous.job if previous else "")
     rendered = rebuild_job.rebuild_job(spec, run, name)
-    await check_pod_secrets(api, spec, [rendered])
-    await _apply(api, spec, rendered, adopt)
+    await check_pod_secrets(ctx.api, spec, [rendered])
+    await _apply(ctx.api, spec, rendered, ctx.adopt)
     why = (
         f"annotation {rebuild_job.REBUILD_ANNOTATION}={run.request!r}"
         if run.request
@@ -1192,7 +1189,7 @@ async def _start_rebuild(
         )
     )
     message = f"rebuilding {run.model} to version {run.version} in Job {name} ({why})"
-    out.changes.append(provisioning.Change("RebuildStarted", message))
+    ctx.out.changes.append(provisioning.Change("RebuildStarted", message))
     last[run.model] = rebuild_job.LastRun(name, run.version, run.request, rebuild_job.RUNNING)
     return rebuild_job.rebuild_status(run, name, rebuild_job.RUNNING, None, message)
 

@@ -111,6 +111,12 @@ def _check_url(value: str) -> None:
         raise ValueError(f"not a valid URL (check host and port): {redact_url(value)}") from None
 
 
+def dead_letter_stream_of(event_stream: str) -> str:
+    """The dead-letter stream of ``event_stream`` (``Settings.dead_letter_stream``): named
+    once here for the services and the operator (its ACL rules, its teardown)."""
+    return f"{event_stream}:dead"
+
+
 class Settings(BaseSettings):
     """Configuration of the write API, read API, projector and tools.
 
@@ -283,4 +289,4 @@ class Settings(BaseSettings):
     @property
     def dead_letter_stream(self) -> str:
         """Where poison events go after ``projector_max_deliveries`` attempts."""
-        return f"{self.event_stream_name}:dead"
+        return dead_letter_stream_of(self.event_stream_name)

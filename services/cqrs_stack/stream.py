@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError, RedisError, ResponseError, WatchError
 
 from . import events
-from .config import Settings
+from .config import Settings, dead_letter_stream_of
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +278,13 @@ def dead_letter_marks(settings: Settings) -> str:
     lets the second of them see that the first dead-lettered it (``dead_letter_once``).
     ``dlq retry`` removes a position's mark with its entry; ``dlq drop`` marks it ``dropped``.
     """
-    return f"{settings.dead_letter_stream}:positions"
+    return dead_letter_marks_of(settings.event_stream_name)
+
+
+def dead_letter_marks_of(event_stream: str) -> str:
+    """The marks hash (``dead_letter_marks``) of the events in ``event_stream``: the one
+    spelling of the key, for the services and the operator's ACL rules and teardown alike."""
+    return f"{dead_letter_stream_of(event_stream)}:positions"
 
 
 # The mark of a position whose dead letter is in the dead-letter stream.

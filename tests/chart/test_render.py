@@ -32,8 +32,8 @@ from tests.chart.chart import (
     template_args,
     values_id,
 )
-from tests.operator.test_operator_rbac import RELEASE as RBAC_RELEASE
-from tests.operator.test_operator_rbac import render_operator_rbac
+from tests.operator.fixtures_operator import RELEASE as RBAC_RELEASE
+from tests.operator.fixtures_operator import render_operator_rbac
 
 STANDARD_LABELS = (
     "helm.sh/chart",

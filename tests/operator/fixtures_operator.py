@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from cqrs_operator.spec import GROUP, PLURAL, VERSION, DefaultNames, default_names
+from tests.fixtures.helm import helm_binary
 from tests.operator.kubelet_standin import run_migration_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +41,11 @@ ADMIN_LABELS = {"cqrs.dev/admin-credentials": "true"}
 ADMIN_HOSTS = "cqrs.dev/admin-hosts"
 READY_TIMEOUT = 60.0
 COMPONENTS = ("write-api", "read-api", "projector")
+CHART = ROOT / "charts" / "cqrs-stack"
+RELEASE = "cqrs-rbac"  # the release the chart's operator RBAC is rendered as
+# A refused API call shows up in kopf's log as "Forbidden" or as an HTTP 403 status
+# code. A bare "403" is not enough: log timestamps carry milliseconds such as ",403".
+PERMISSION_DENIED = re.compile(r"Forbidden|\b(?:code|status)\W{0,4}403\b|\b403 Forbidden")
 
 
 def names(namespace: str, stack: str) -> DefaultNames:
@@ -497,18 +504,20 @@ async def config_hashes(api: client.ApiClient, namespace: str, name: str) -> dic
 
 
 @dataclass(frozen=True)
-class Env:
-    """What most operator tests need: the API, a namespace with the admin Secrets, its
-    stacks, the operator watching it, both PostgreSQL servers, Redis and fresh names."""
+class World:
+    """What an operator test starts from, before any operator runs: the admin API and the API
+    server, a namespace with the admin Secrets, its stacks, both PostgreSQL servers, Redis,
+    fresh names, and the factory of operators (all stopped when the test ends)."""
 
     api: client.ApiClient
     namespace: str
     stacks: Stacks
-    operator: Operator
     write_pg: Any
     read_pg: Any
     redis: Any
     fresh: str
+    apiserver: Any
+    operator_factory: Callable[..., Operator]
 
     def manifest(
         self, name: str, fresh: str | None = None, redis_url: str | None = None, **spec: Any
@@ -523,16 +532,121 @@ class Env:
             **spec,
         )
 
+    def start_operator(self, *args: str, kubeconfig: Path | None = None) -> Operator:
+        """An operator watching the test's namespace, as admin unless ``kubeconfig``."""
+        return self.operator_factory(kubeconfig or self.apiserver.kubeconfig, self.namespace, *args)
+
+    def running(self, operator: Operator) -> Env:
+        """This world with ``operator`` running in it."""
+        return Env(**{f.name: getattr(self, f.name) for f in fields(World)}, operator=operator)
+
+
+@dataclass(frozen=True)
+class Env(World):
+    """What most operator tests need: the world and the operator watching its namespace."""
+
+    operator: Operator
+
 
 @pytest.fixture
-def env(
+def world(
     kube_api: client.ApiClient,
+    kube_apiserver: Any,
     namespace: str,
     stacks: Stacks,
-    operator: Operator,
+    operator_factory: Callable[..., Operator],
     write_pg: Any,
     read_pg: Any,
     redis_server: Any,
     fresh_names: str,
-) -> Env:
-    return Env(kube_api, namespace, stacks, operator, write_pg, read_pg, redis_server, fresh_names)
+) -> World:
+    return World(
+        kube_api,
+        namespace,
+        stacks,
+        write_pg,
+        read_pg,
+        redis_server,
+        fresh_names,
+        kube_apiserver,
+        operator_factory,
+    )
+
+
+@pytest.fixture
+def env(world: World, operator: Operator) -> Env:
+    return world.running(operator)
+
+
+# ------------------------------------------------------------------- the chart's RBAC
+
+
+def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
+    """``helm template`` of the operator's ServiceAccount and RBAC, as the chart ships them
+    (the CRD's ClusterRole of operator-crd.yaml included, its ConfigMap left out)."""
+    args = [
+        str(helm_binary()),
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--show-only",
+        "templates/operator-serviceaccount.yaml",
+        "--show-only",
+        "templates/operator-rbac.yaml",
+    ]
+    if "operator.manageCrd=false" not in values:  # else it renders nothing (helm refuses)
+        args += ["--show-only", "templates/operator-crd.yaml"]
+    for value in values:
+        args += ["--set", value]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc and doc["kind"] != "ConfigMap"]
+
+
+async def apply_rendered(api: client.ApiClient, docs: list[dict[str, Any]]) -> None:
+    """Create the rendered objects, and the operator's own namespace they name first."""
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    for ns in {d["metadata"].get("namespace") for d in docs} - {None}:
+        try:
+            await core.create_namespace({"metadata": {"name": ns}})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    for doc in docs:
+        ns = doc["metadata"].get("namespace")
+        create = {
+            "ServiceAccount": lambda d, ns=ns: core.create_namespaced_service_account(ns, d),
+            "Role": lambda d, ns=ns: rbac.create_namespaced_role(ns, d),
+            "RoleBinding": lambda d, ns=ns: rbac.create_namespaced_role_binding(ns, d),
+            "ClusterRole": rbac.create_cluster_role,
+            "ClusterRoleBinding": rbac.create_cluster_role_binding,
+        }[doc["kind"]]
+        await create(doc)
+
+
+def service_account(docs: list[dict[str, Any]]) -> tuple[str, str]:
+    """(namespace, name) of the operator's ServiceAccount."""
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")
+    return account["metadata"]["namespace"], account["metadata"]["name"]
+
+
+@dataclass(frozen=True)
+class ChartRbac:
+    """The chart's operator RBAC, applied for the test's namespace: the rendered objects, the
+    ServiceAccount (``namespace``, ``account``) and a kubeconfig with its token."""
+
+    docs: list[dict[str, Any]]
+    namespace: str
+    account: str
+    kubeconfig: Path
+
+
+@pytest_asyncio.fixture
+async def chart_rbac(kube_api: client.ApiClient, kube_apiserver: Any, namespace: str) -> ChartRbac:
+    docs = render_operator_rbac(namespace)
+    await apply_rendered(kube_api, docs)
+    op_namespace, account = service_account(docs)
+    token = kube_apiserver.create_token(op_namespace, account)
+    return ChartRbac(docs, op_namespace, account, kube_apiserver.kubeconfig_for_token(token))

@@ -26,12 +26,13 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from cqrs_operator.leadership import LOST_EXIT_CODE
 from tests.fixtures.control_plane import free_loopback_ports
-from tests.operator.fixtures_operator import Operator, Stacks, stack_manifest, wait_until
-from tests.operator.test_operator_rbac import (
+from tests.operator.fixtures_operator import (
     RELEASE,
-    apply_rendered,
-    render_operator_rbac,
-    service_account,
+    ChartRbac,
+    Operator,
+    Stacks,
+    World,
+    wait_until,
 )
 
 LEASE = f"{RELEASE}-cqrs-stack-operator"  # the chart's operatorName, its RBAC's resourceName
@@ -77,24 +78,17 @@ class Replicas:
 
 
 async def start_replicas(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
-    operator_factory: Callable[..., Operator],
+    world: World,
+    rbac: ChartRbac,
     lease_duration: int = LEASE_DURATION,
     via_port: int | None = None,
 ) -> Replicas:
-    """The chart's RBAC applied; two operators with its ServiceAccount's token (reaching
-    the API server through loopback port ``via_port`` when given: a proxy)."""
-    docs = render_operator_rbac(namespace)
-    await apply_rendered(kube_api, docs)
-    op_namespace, account = service_account(docs)
-    kubeconfig: Path = kube_apiserver.kubeconfig_for_token(
-        kube_apiserver.create_token(op_namespace, account)
-    )
+    """Two operators with the chart's ServiceAccount's token (reaching the API server through
+    loopback port ``via_port`` when given: a proxy)."""
+    kubeconfig: Path = rbac.kubeconfig
     if via_port is not None:
         proxied = kubeconfig.with_name(f"via-{via_port}-{kubeconfig.name}")
-        server = urlsplit(kube_apiserver.server)
+        server = urlsplit(world.apiserver.server)
         text = await asyncio.to_thread(kubeconfig.read_text)
         moved = text.replace(server.netloc, f"{server.hostname}:{via_port}")
         await asyncio.to_thread(proxied.write_text, moved)
@@ -103,20 +97,19 @@ async def start_replicas(
     operators, health = {}, {}
     for index, port in enumerate(ports):
         identity = f"replica-{index}"
-        operators[identity] = operator_factory(
-            kubeconfig,
-            namespace,
+        operators[identity] = world.start_operator(
             "--leader-elect",
-            f"--leader-election-namespace={op_namespace}",
+            f"--leader-election-namespace={rbac.namespace}",
             f"--leader-election-id={LEASE}",
             f"--leader-election-identity={identity}",
             f"--lease-duration={lease_duration}",
             f"--renew-deadline={RENEW_DEADLINE}",
             f"--retry-period={RETRY_PERIOD}",
             f"--liveness=http://127.0.0.1:{port}/healthz",
+            kubeconfig=kubeconfig,
         )
         health[identity] = port
-    return Replicas(kube_api, op_namespace, operators, health)
+    return Replicas(world.api, rbac.namespace, operators, health)
 
 
 class BlackHoleProxy:
@@ -205,19 +198,11 @@ async def leader_with_a_ready_stack(
 
 
 async def test_a_killed_leader_is_replaced_within_the_bound(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
-    stacks: Stacks,
-    operator_factory: Callable[..., Operator],
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    world: World, chart_rbac: ChartRbac
 ) -> None:
-    replicas = await start_replicas(kube_api, kube_apiserver, namespace, operator_factory)
-    manifest = stack_manifest("ha", fresh_names, write_pg, read_pg, redis_server.url)
-    leader, follower = await leader_with_a_ready_stack(replicas, stacks, manifest)
+    replicas = await start_replicas(world, chart_rbac)
+    stacks, kube_api, namespace = world.stacks, world.api, world.namespace
+    leader, follower = await leader_with_a_ready_stack(replicas, stacks, world.manifest("ha"))
 
     replicas.operators[leader].kill()
     killed = time.monotonic()
@@ -242,19 +227,11 @@ async def test_a_killed_leader_is_replaced_within_the_bound(
 
 
 async def test_a_frozen_leader_is_replaced_and_stops_when_it_resumes(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
-    stacks: Stacks,
-    operator_factory: Callable[..., Operator],
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    world: World, chart_rbac: ChartRbac
 ) -> None:
-    replicas = await start_replicas(kube_api, kube_apiserver, namespace, operator_factory)
-    manifest = stack_manifest("hung", fresh_names, write_pg, read_pg, redis_server.url)
-    leader, follower = await leader_with_a_ready_stack(replicas, stacks, manifest)
+    replicas = await start_replicas(world, chart_rbac)
+    stacks, kube_api, namespace = world.stacks, world.api, world.namespace
+    leader, follower = await leader_with_a_ready_stack(replicas, stacks, world.manifest("hung"))
     frozen = replicas.operators[leader]
     assert frozen.process is not None
 
@@ -290,17 +267,12 @@ async def test_a_frozen_leader_is_replaced_and_stops_when_it_resumes(
 
 
 async def test_a_leader_stopped_gracefully_hands_over_at_once(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
-    operator_factory: Callable[..., Operator],
+    world: World, chart_rbac: ChartRbac
 ) -> None:
     """SIGTERM (an upgrade, a drained node): the Lease is released, so the follower takes
     over at its next try, long before a lease duration would have run out."""
     long_lease = 30
-    replicas = await start_replicas(
-        kube_api, kube_apiserver, namespace, operator_factory, lease_duration=long_lease
-    )
+    replicas = await start_replicas(world, chart_rbac, lease_duration=long_lease)
     leader = await replicas.wait_holder(set(replicas.operators), timeout=30)
     follower = replicas.other(leader)
 
@@ -316,21 +288,16 @@ async def test_a_leader_stopped_gracefully_hands_over_at_once(
 
 
 async def test_a_follower_leads_within_the_bound_after_a_black_holed_api_answers_again(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
-    operator_factory: Callable[..., Operator],
+    world: World, chart_rbac: ChartRbac
 ) -> None:
     """The API server accepts connections and answers nothing for longer than a lease
     duration: the leader stops (renew deadline), and once the API answers again a follower
     leads within lease duration + retry period (its Lease requests have a timeout: none
     hangs on a dead connection)."""
-    proxy = BlackHoleProxy(urlsplit(kube_apiserver.server).port or 443)
+    proxy = BlackHoleProxy(urlsplit(world.apiserver.server).port or 443)
     await proxy.start()
     try:
-        replicas = await start_replicas(
-            kube_api, kube_apiserver, namespace, operator_factory, via_port=proxy.port
-        )
+        replicas = await start_replicas(world, chart_rbac, via_port=proxy.port)
         leader = await replicas.wait_holder(set(replicas.operators), timeout=30)
         follower = replicas.other(leader)
 

@@ -4,29 +4,52 @@ across an operator restart."""
 
 from __future__ import annotations
 
+import socket
+import sys
 from collections.abc import Callable
-from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from cqrs_stack.localservers import free_port
-from tests.operator.fixtures_operator import Operator, Stacks, stack_manifest, wait_until
+from tests.operator.fixtures_operator import Operator, World, wait_until
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 PHASES = ("Provisioning", "Ready", "Degraded", "Failed", "Deleting")
+START_ATTEMPTS = 3
+# Seconds an operator may take to serve /metrics after its start (imports on a loaded machine).
+STARTUP_TIMEOUT = 60.0
 
 
-def start_with_metrics(
-    operator_factory: Callable[..., Operator], kubeconfig: Any, namespace: str
-) -> tuple[Operator, str]:
-    """An operator serving its metrics on a free loopback port; (operator, metrics URL)."""
-    port = free_port()
-    operator = operator_factory(
-        kubeconfig, namespace, "--metrics-port", str(port), "--metrics-host", "127.0.0.1"
-    )
-    return operator, f"http://127.0.0.1:{port}/metrics"
+async def start_with_metrics(world: World) -> tuple[Operator, str]:
+    """An operator serving its metrics on a free loopback port, returned once it answers a
+    scrape; (operator, metrics URL).
+
+    Waiting here keeps the operator's start (seconds of imports on a loaded machine) out of
+    the tests' own bounded waits. And the port is free when chosen, not when the operator
+    binds it: another process may take it meanwhile (any outgoing connection may draw it as
+    its ephemeral port), so a start refused for that reason is tried on a new port, at most
+    START_ATTEMPTS times.
+    """
+    for _ in range(START_ATTEMPTS):
+        port = free_port()
+        operator = world.start_operator("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        async def answered(operator: Operator = operator, url: str = url) -> bool:
+            if operator.exit_reason() is not None:
+                return True  # stop waiting: the start failed
+            samples = await scrape(url)
+            return samples is not None and "cqrs_operator_stacks" in samples
+
+        await wait_until(answered, timeout=STARTUP_TIMEOUT, what="the operator's /metrics")
+        if operator.exit_reason() is None:
+            return operator, url
+        if f"cannot serve metrics on 127.0.0.1:{port}" not in operator.log_text():
+            pytest.fail(f"the operator did not start: {operator.exit_reason()}")
+    pytest.fail(f"no free metrics port held until the operator bound it, {START_ATTEMPTS} tries")
 
 
 async def scrape(url: str) -> Samples | None:
@@ -67,25 +90,17 @@ async def wait_metrics(
     return result
 
 
-async def test_stack_metrics_follow_create_phase_delete_and_a_restart(
-    kube_apiserver: Any,
-    namespace: str,
-    stacks: Stacks,
-    operator_factory: Callable[..., Operator],
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
-) -> None:
-    operator, url = start_with_metrics(operator_factory, kube_apiserver.kubeconfig, namespace)
+async def test_stack_metrics_follow_create_phase_delete_and_a_restart(world: World) -> None:
+    stacks, namespace = world.stacks, world.namespace
+    operator, url = await start_with_metrics(world)
     empty = await wait_metrics(url, operator, "metrics served", lambda s: True)
     # Every phase is exported from the start, 0 included; no stack yet.
     assert phases(empty) == dict.fromkeys(PHASES, 0)
     assert "cqrs_operator_stack_ready" not in empty
     assert value(empty, "cqrs_operator_reconcile_seconds_count") == 0
 
-    await stacks.create(stack_manifest("good", fresh_names, write_pg, read_pg, redis_server.url))
-    broken = stack_manifest("broken", f"{fresh_names}b", write_pg, read_pg, redis_server.url)
+    await stacks.create(world.manifest("good"))
+    broken = world.manifest("broken", f"{world.fresh}b")
     broken["spec"]["databases"]["write"]["port"] = free_port()  # nothing listens there
     await stacks.create(broken)
     await stacks.wait_ready("good", operator)
@@ -107,7 +122,7 @@ async def test_stack_metrics_follow_create_phase_delete_and_a_restart(
 
     # A new operator reports the same from its first listing of the stacks.
     operator.stop()
-    operator, url = start_with_metrics(operator_factory, kube_apiserver.kubeconfig, namespace)
+    operator, url = await start_with_metrics(world)
     await wait_metrics(url, operator, "the same figures after a restart", settled)
 
     # A deleted stack leaves both metrics.
@@ -124,19 +139,13 @@ async def test_stack_metrics_follow_create_phase_delete_and_a_restart(
 
 
 async def test_stack_lag_is_exported_by_the_operator_while_no_projector_runs(
-    kube_apiserver: Any,
-    namespace: str,
-    stacks: Stacks,
-    operator_factory: Callable[..., Operator],
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    world: World,
 ) -> None:
     """No projector runs here (no kubelet): the backlog added to the stream is what the
     operator reads from Redis and exports, the signal that survives a stopped projector."""
-    operator, url = start_with_metrics(operator_factory, kube_apiserver.kubeconfig, namespace)
-    await stacks.create(stack_manifest("lagging", fresh_names, write_pg, read_pg, redis_server.url))
+    stacks, namespace = world.stacks, world.namespace
+    operator, url = await start_with_metrics(world)
+    await stacks.create(world.manifest("lagging"))
     await stacks.wait_ready("lagging", operator)
 
     def lag_is(events: int) -> Callable[[Samples], bool]:
@@ -147,7 +156,7 @@ async def test_stack_lag_is_exported_by_the_operator_while_no_projector_runs(
         return check
 
     await wait_metrics(url, operator, "a lag of 0 once the stream exists", lag_is(0))
-    redis = Redis.from_url(redis_server.url)
+    redis = Redis.from_url(world.redis.url)
     try:
         for i in range(7):
             await redis.xadd(
@@ -168,17 +177,27 @@ async def test_stack_lag_is_exported_by_the_operator_while_no_projector_runs(
     )
 
 
-async def test_a_metrics_port_in_use_is_refused_with_a_clear_error(
-    kube_apiserver: Any,
-    namespace: str,
-    operator_factory: Callable[..., Operator],
-) -> None:
-    first, url = start_with_metrics(operator_factory, kube_apiserver.kubeconfig, namespace)
+async def test_a_metrics_port_in_use_is_refused_with_a_clear_error(world: World) -> None:
+    first, url = await start_with_metrics(world)
     await wait_metrics(url, first, "metrics served", lambda s: True)
     port = url.split(":")[2].split("/")[0]
-    second = operator_factory(
-        kube_apiserver.kubeconfig, namespace, "--metrics-port", port, "--metrics-host", "127.0.0.1"
-    )
+    second = world.start_operator("--metrics-port", port, "--metrics-host", "127.0.0.1")
     assert second.process is not None
     assert second.process.wait(30) == 2
     assert f"cannot serve metrics on 127.0.0.1:{port}" in second.log_text()
+
+
+async def test_a_metrics_port_taken_before_the_operator_binds_it_is_chosen_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of every test here: the free port drawn is taken by another process before
+    the operator (seconds later) binds it; the helper starts the operator again elsewhere."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        drawn, real = iter([taken]), free_port
+        monkeypatch.setattr(sys.modules[__name__], "free_port", lambda: next(drawn, 0) or real())
+        operator, url = await start_with_metrics(world)
+    assert f":{taken}/" not in url and operator.exit_reason() is None
+    assert "cqrs_operator_stacks" in (await scrape(url) or {})

@@ -13,6 +13,8 @@ from redis.asyncio import Redis
 
 from cqrs_operator.provisioning import acl_rules
 from cqrs_stack import diagnosis
+from cqrs_stack.config import Settings
+from cqrs_stack.stream import dead_letter_marks, dead_letter_once
 from tests.operator.fixtures_operator import Env
 
 
@@ -88,6 +90,40 @@ async def test_the_stacks_redis_acl_user_may_read_the_diagnosis(redis_server: An
     finally:
         await admin.execute_command("ACL", "DELUSER", user)
         await admin.delete(stream, f"{stream}:dead")
+        await admin.aclose()
+
+
+async def test_the_stacks_redis_acl_user_may_dead_letter_as_the_services_do(
+    redis_server: Any,
+) -> None:
+    """The pods' ACL user may write the dead-letter stream and its marks under the keys the
+    services use (stream.dead_letter_marks): a command dead-lettered twice is added once."""
+    stream = f"acl-dead-{uuid.uuid4().hex[:8]}"
+    settings = Settings(event_stream_name=stream)
+    admin = Redis.from_url(redis_server.url)
+    user, password = f"u-{stream}", "dead-letter-pass-1"
+    try:
+        await admin.execute_command(
+            "ACL", "SETUSER", user, *acl_rules(stream, [password], set(), exact=True)
+        )
+        host = redis_server.url.split("://", 1)[1]
+        pods = Redis.from_url(f"redis://{user}:{password}@{host}")
+        try:
+            fields: dict[str, bytes | str] = {"type": "RecordCreated", "position": "7"}
+            added = [
+                await dead_letter_once(
+                    pods, settings, fields, reason="poison", deliveries=5, consumer="p-1"
+                )
+                for _ in range(2)
+            ]
+            assert added == [True, False]
+        finally:
+            await pods.aclose()
+        assert await admin.xlen(settings.dead_letter_stream) == 1
+        assert await admin.hget(dead_letter_marks(settings), "7") == b"added"
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.delete(settings.dead_letter_stream, dead_letter_marks(settings))
         await admin.aclose()
 
 

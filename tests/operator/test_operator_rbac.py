@@ -6,82 +6,23 @@ real API server; the operator then runs with that ServiceAccount's token.
 
 from __future__ import annotations
 
-import re
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from tests.fixtures.helm import helm_binary
 from tests.operator.fixtures_operator import (
-    ROOT,
-    Stacks,
+    PERMISSION_DENIED,
+    RELEASE,
+    ChartRbac,
+    World,
     database_exists,
     names,
+    render_operator_rbac,
     role_exists,
-    stack_manifest,
+    service_account,
 )
-
-CHART = ROOT / "charts" / "cqrs-stack"
-RELEASE = "cqrs-rbac"
-# A refused API call shows up in kopf's log as "Forbidden" or as an HTTP 403 status
-# code. A bare "403" is not enough: log timestamps carry milliseconds such as ",403".
-PERMISSION_DENIED = re.compile(r"Forbidden|\b(?:code|status)\W{0,4}403\b|\b403 Forbidden")
-
-
-def render_operator_rbac(namespace: str, *values: str) -> list[dict[str, Any]]:
-    """``helm template`` of the operator's ServiceAccount and RBAC, as the chart ships them
-    (the CRD's ClusterRole of operator-crd.yaml included, its ConfigMap left out)."""
-    args = [
-        str(helm_binary()),
-        "template",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--show-only",
-        "templates/operator-serviceaccount.yaml",
-        "--show-only",
-        "templates/operator-rbac.yaml",
-    ]
-    if "operator.manageCrd=false" not in values:  # else it renders nothing (helm refuses)
-        args += ["--show-only", "templates/operator-crd.yaml"]
-    for value in values:
-        args += ["--set", value]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc and doc["kind"] != "ConfigMap"]
-
-
-async def apply_rendered(api: client.ApiClient, docs: list[dict[str, Any]]) -> None:
-    """Create the rendered objects, and the operator's own namespace they name first."""
-    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
-    for ns in {d["metadata"].get("namespace") for d in docs} - {None}:
-        try:
-            await core.create_namespace({"metadata": {"name": ns}})
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-    for doc in docs:
-        ns = doc["metadata"].get("namespace")
-        create = {
-            "ServiceAccount": lambda d, ns=ns: core.create_namespaced_service_account(ns, d),
-            "Role": lambda d, ns=ns: rbac.create_namespaced_role(ns, d),
-            "RoleBinding": lambda d, ns=ns: rbac.create_namespaced_role_binding(ns, d),
-            "ClusterRole": rbac.create_cluster_role,
-            "ClusterRoleBinding": rbac.create_cluster_role_binding,
-        }[doc["kind"]]
-        await create(doc)
-
-
-def service_account(docs: list[dict[str, Any]]) -> tuple[str, str]:
-    """(namespace, name) of the operator's ServiceAccount."""
-    account = next(d for d in docs if d["kind"] == "ServiceAccount")
-    return account["metadata"]["namespace"], account["metadata"]["name"]
 
 
 def test_cluster_wide_rendering_binds_one_cluster_role() -> None:
@@ -159,51 +100,31 @@ def test_watch_namespaces_get_one_role_each() -> None:
 
 
 async def test_operator_lifecycle_under_the_charts_service_account(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
-    stacks: Stacks,
-    operator_factory: Any,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
+    world: World, chart_rbac: ChartRbac
 ) -> None:
-    docs = render_operator_rbac(namespace)
-    await apply_rendered(kube_api, docs)
-    token = kube_apiserver.create_token(*service_account(docs))
-    kubeconfig: Path = kube_apiserver.kubeconfig_for_token(token)
-    operator = operator_factory(kubeconfig, namespace)
+    operator = world.start_operator(kubeconfig=chart_rbac.kubeconfig)
+    stacks, namespace = world.stacks, world.namespace
 
-    await stacks.create(
-        stack_manifest(
-            "scoped", fresh_names, write_pg, read_pg, redis_server.url, deletionPolicy="Delete"
-        )
-    )
+    await stacks.create(world.manifest("scoped", deletionPolicy="Delete"))
     await stacks.wait_ready("scoped", operator)
     await stacks.patch("scoped", {"spec": {"readApi": {"replicas": 3}}})
     await stacks.wait_ready("scoped", operator)
-    dep = await client.AppsV1Api(kube_api).read_namespaced_deployment("scoped-read-api", namespace)
+    dep = await client.AppsV1Api(world.api).read_namespaced_deployment("scoped-read-api", namespace)
     assert dep.spec.replicas == 3
 
     await stacks.delete("scoped")
     await stacks.wait_gone("scoped", operator)
-    assert not await database_exists(write_pg, f"w_{fresh_names}")
-    assert not await database_exists(read_pg, f"r_{fresh_names}")
-    assert not await role_exists(write_pg, names(namespace, "scoped").role)
+    assert not await database_exists(world.write_pg, f"w_{world.fresh}")
+    assert not await database_exists(world.read_pg, f"r_{world.fresh}")
+    assert not await role_exists(world.write_pg, names(namespace, "scoped").role)
 
     log = operator.log_text()
     assert not PERMISSION_DENIED.search(log), operator.log_tail()
 
 
 async def test_service_account_cannot_reach_beyond_its_namespace(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
+    kube_api: client.ApiClient, namespace: str, chart_rbac: ChartRbac
 ) -> None:
-    docs = render_operator_rbac(namespace)
-    await apply_rendered(kube_api, docs)
-    token = kube_apiserver.create_token(*service_account(docs))
     other = f"{namespace}-other"
     core_admin = client.CoreV1Api(kube_api)
     await core_admin.create_namespace({"metadata": {"name": other}})
@@ -211,9 +132,7 @@ async def test_service_account_cannot_reach_beyond_its_namespace(
         other, {"metadata": {"name": "private"}, "stringData": {"k": "v"}}
     )
 
-    sa_api = await config.new_client_from_config(
-        config_file=str(kube_apiserver.kubeconfig_for_token(token))
-    )
+    sa_api = await config.new_client_from_config(config_file=str(chart_rbac.kubeconfig))
     try:
         core, apps = client.CoreV1Api(sa_api), client.AppsV1Api(sa_api)
         # What it needs works...

@@ -10,21 +10,23 @@ run's progress mid-way is played by writing its row in ``rebuild_runs``, as the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
-import pytest_asyncio
+import pytest
 from kubernetes_asyncio import client
 
-from tests.operator.fixtures_operator import Env, Stacks, events, wait_event, wait_until
-from tests.operator.kubelet_standin import fail_jobs, run_jobs
-from tests.operator.test_operator_rbac import (
+from tests.operator.fixtures_operator import (
     PERMISSION_DENIED,
-    apply_rendered,
-    render_operator_rbac,
-    service_account,
+    ChartRbac,
+    Env,
+    World,
+    events,
+    wait_event,
+    wait_until,
 )
+from tests.operator.kubelet_standin import fail_jobs, run_jobs
 
 COMMANDS = 300
 # Reconciles run every 2 s here (CQRS_OPERATOR_STATUS_INTERVAL): a Job the operator would
@@ -33,25 +35,12 @@ SETTLE = 5.0
 TWO_MODELS = [{"name": "records"}, {"name": "history"}]
 
 
-@pytest_asyncio.fixture
-async def env(
-    kube_api: client.ApiClient,
-    kube_apiserver: Any,
-    namespace: str,
-    stacks: Stacks,
-    operator_factory: Any,
-    write_pg: Any,
-    read_pg: Any,
-    redis_server: Any,
-    fresh_names: str,
-) -> AsyncIterator[Env]:
+@pytest.fixture
+def env(world: World, chart_rbac: ChartRbac) -> Iterator[Env]:
     """The test's world, the operator running with the chart's ServiceAccount and RBAC; at the
     end its log shows no refused call."""
-    docs = render_operator_rbac(namespace)
-    await apply_rendered(kube_api, docs)
-    token = kube_apiserver.create_token(*service_account(docs))
-    operator = operator_factory(kube_apiserver.kubeconfig_for_token(token), namespace)
-    yield Env(kube_api, namespace, stacks, operator, write_pg, read_pg, redis_server, fresh_names)
+    operator = world.start_operator(kubeconfig=chart_rbac.kubeconfig)
+    yield world.running(operator)
     assert not PERMISSION_DENIED.search(operator.log_text()), operator.log_tail()
 
 

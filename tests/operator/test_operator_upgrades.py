@@ -21,9 +21,13 @@ from cqrs_operator import __version__, kube, manifests
 from cqrs_operator.schema import CRD_VERSION_ANNOTATION
 from tests.operator.fixtures_operator import (
     CRD_FILE,
+    PERMISSION_DENIED,
     Env,
     Stacks,
+    apply_rendered,
     config_hashes,
+    render_operator_rbac,
+    service_account,
     stack_manifest,
     wait_until,
 )
@@ -31,12 +35,6 @@ from tests.operator.kubelet_standin import (
     fail_migration_job,
     run_migration_job_when_created,
     run_migration_jobs,
-)
-from tests.operator.test_operator_rbac import (
-    PERMISSION_DENIED,
-    apply_rendered,
-    render_operator_rbac,
-    service_account,
 )
 
 APIS = ("write-api", "read-api")

@@ -76,3 +76,28 @@ def test_timings_from_the_environment_are_taken(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("CQRS_OPERATOR_RENEW_DEADLINE", "12.5")
     election = parse_args(BASE).election
     assert (election.lease_duration, election.renew_deadline) == (20, 12.5)
+
+
+@pytest.mark.parametrize("flag", ["--lease-duration", "--renew-deadline", "--retry-period"])
+def test_a_timing_flag_that_is_no_number_is_a_usage_error(
+    flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        parse_args([*BASE, f"{flag}=2m"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid" in err and "'2m'" in err and "Traceback" not in err
+
+
+def test_each_timing_flag_names_its_default_and_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default, variable in [
+        ("15", "CQRS_OPERATOR_LEASE_DURATION"),
+        ("10", "CQRS_OPERATOR_RENEW_DEADLINE"),
+        ("2", "CQRS_OPERATOR_RETRY_PERIOD"),
+    ]:
+        assert f"({default}; ${variable})" in text
