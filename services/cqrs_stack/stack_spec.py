@@ -781,7 +781,7 @@ class Tracing(Model):
     model_config = ConfigDict(
         json_schema_extra=rules(
             cel(
-                "!self.enabled || has(self.endpoint)",
+                "!has(self.enabled) || !self.enabled || has(self.endpoint)",
                 "spec.tracing.endpoint is required when tracing is enabled",
                 ".endpoint",
             )
