@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Build the wheelhouse the image builds install from (no index inside the build):
-#   .cache/wheelhouse/*.whl                        every dependency of `cqrs-stack[operator]`,
-#                                                  plus setuptools/wheel to build the project
-#   .cache/wheelhouse/requirements-services.txt    pinned dependencies of the services image
-#   .cache/wheelhouse/requirements-operator.txt    ... and of the operator image
+#   .cache/wheelhouse/*.whl                        every dependency of
+#                                                  `cqrs-stack[operator,tracing]`, plus
+#                                                  setuptools/wheel to build the project
+#   .cache/wheelhouse/requirements-services.txt    pinned dependencies of the services image,
+#                                                  with the tracing extra (TRACING=true works)
+#   .cache/wheelhouse/requirements-operator.txt    ... and of the operator image (no tracing)
 # The project itself is not in it: the Dockerfiles build it from the sources in the context, so
 # a code change rebuilds only the last layers.
 #
@@ -43,8 +45,8 @@ host_wheel() {  # host_wheel REQUIREMENT...: add wheels (and their dependencies)
         || { tail -40 "$STATE/pip-wheel.log" >&2; exit 1; }
 }
 
-echo "wheelhouse: pip wheel .[operator] -> $HOUSE"
-host_wheel '.[operator]' 'setuptools>=68' wheel
+echo "wheelhouse: pip wheel .[operator,tracing] -> $HOUSE"
+host_wheel '.[operator,tracing]' 'setuptools>=68' wheel
 # The project's wheel serves the resolution below; the images build it from source.
 rm -f "$STATE"/cqrs_stack-*.whl
 mv "$HOUSE"/cqrs_stack-*.whl "$STATE/"
@@ -65,7 +67,8 @@ print(\"\\n\".join(sorted(pins)))"' resolve "/tmp/$project_wheel$1" >"$2" 2>"$ST
 }
 
 for image in services operator; do
-    extra=""
+    # The services trace when TRACING is on; the operator makes no spans.
+    extra="[tracing]"
     [[ "$image" == operator ]] && extra="[operator]"
     for _ in 1 2 3 4 5 6 7 8; do
         if resolve "$extra" "$HOUSE/requirements-$image.txt"; then
