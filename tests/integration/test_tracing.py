@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from cqrs_stack import stream
 from cqrs_stack.app import create_server_app, fastapi_app
 from cqrs_stack.config import Settings
-from cqrs_stack.localservers import RedisServer
+from cqrs_stack.localservers import RedisServer, free_port
 from cqrs_stack.resources import close_resources, open_resources
 from cqrs_stack.tracing import Tracing
 from tests.fixtures.stack import Stack, wait_until
@@ -352,3 +352,26 @@ def test_tracing_without_the_extra_is_a_configuration_error(
     with pytest.raises(ValidationError, match=r"cqrs-stack\[tracing\]"):
         Settings(tracing=True)
     assert Settings(tracing=False).tracing is False
+
+
+async def test_a_collector_that_is_down_fails_no_write_and_holds_no_exit(stack: Stack) -> None:
+    """Nothing listens at the collector's port (connections refused; the exporter retries
+    with back-off for up to 10 s per batch): writes are answered, and a stop that unwinds
+    (SIGINT, as PID 1 exits) ends within SHUTDOWN_TIMEOUT (1 s) and a little."""
+    api = await stack.launch(
+        "write-api",
+        TRACING="true",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        OTEL_BSP_SCHEDULE_DELAY="50",
+        SHUTDOWN_TIMEOUT="1",
+    )
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        for i in range(10):
+            answer = await client.post("/write", json={"key": f"k{i}", "value": "v"})
+            assert answer.status_code == 200 and answer.json()["success"], answer.text
+    started = time.monotonic()
+    api.process.send_signal(signal.SIGINT)
+    code = await asyncio.to_thread(api.process.wait, 30)
+    took = time.monotonic() - started
+    assert took < 6, f"the exit took {took:.1f}s:\n{api.log()[-3000:]}"
+    assert code in (0, -signal.SIGINT), api.log()[-3000:]
