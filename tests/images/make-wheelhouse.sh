@@ -6,6 +6,8 @@
 #   .cache/wheelhouse/requirements-services.txt    pinned dependencies of the services image,
 #                                                  with the tracing extra (TRACING=true works)
 #   .cache/wheelhouse/requirements-operator.txt    ... and of the operator image (no tracing)
+# Each pin carries its wheel's sha256, which must be one of requirements/test.lock's
+# (tests/images/pin_hashes.py).
 # The project itself is not in it: the Dockerfiles build it from the sources in the context, so
 # a code change rebuilds only the last layers.
 #
@@ -31,7 +33,8 @@ mkdir -p "$HOUSE" "$STATE"
 base_id="$("$DOCKER" image inspect --format '{{.Id}}' "$BASE_IMAGE")"
 # Pins: the lock the tests install from (requirements/test.lock), as name==version.
 sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' requirements/test.lock >"$STATE/constraints.txt"
-stamp="$( (cat pyproject.toml "$STATE/constraints.txt" "$0"; echo "$base_id") | sha256sum | cut -c1-16)"
+stamp="$( (cat pyproject.toml "$STATE/constraints.txt" "$0" tests/images/pin_hashes.py
+           echo "$base_id") | sha256sum | cut -c1-16)"
 if [[ -f "$STATE/stamp" && "$(cat "$STATE/stamp")" == "$stamp" \
       && -f "$HOUSE/requirements-operator.txt" && "${FORCE:-0}" != 1 ]]; then
     echo "wheelhouse: up to date ($stamp)"
@@ -87,6 +90,10 @@ for image in services operator; do
     echo "wheelhouse: $image still unresolved after 8 rounds" >&2
     exit 1
 done
+# Each pin gets its wheel's sha256, checked against requirements/test.lock's hashes (the files
+# the tests installed): the images' pip installs in hash-checking mode.
+"$PYTHON" tests/images/pin_hashes.py requirements/test.lock "$HOUSE" \
+    "$HOUSE/requirements-services.txt" "$HOUSE/requirements-operator.txt"
 echo "$stamp" >"$STATE/stamp"
 echo "wheelhouse: $(ls "$HOUSE"/*.whl | wc -l) wheels," \
     "$(wc -l <"$HOUSE/requirements-services.txt") pinned for services," \
