@@ -50,6 +50,8 @@ KEDA_API = "keda.sh/v1alpha1"
 KEDA_REDIS_KEYS = ("REDIS_USERNAME", "REDIS_PASSWORD")
 POSTGRES_CA_DIR = "/etc/cqrs-stack/postgresql-ca"
 REDIS_CA_DIR = "/etc/cqrs-stack/redis-ca"
+# The pod's own name (downward API), for the traces' k8s.pod.name (spec.tracing).
+TRACING_POD_NAME = "CQRS_POD_NAME"
 
 Manifest = dict[str, Any]
 
@@ -263,7 +265,40 @@ def _env(spec: StackSpec, component: str, secret: str) -> list[dict[str, Any]]:
     if token is not None and component == "write-api":
         ref = {"name": token.name, "key": token.key}
         env.append({"name": "WRITE_API_TOKEN", "valueFrom": {"secretKeyRef": ref}})
-    return env
+    return env + tracing_env(spec, component)
+
+
+def tracing_env(spec: StackSpec, component: str) -> list[dict[str, Any]]:
+    """spec.tracing as the services read it (TRACING and the SDK's OTEL_* variables); none
+    at all while it is off, so that turning it off takes them out of the pods.
+
+    Each workload is a service of its own, named as its Deployment, in a service namespace
+    named as the stack's namespace; the pod's name comes from the downward API.
+    """
+    tracing = spec.tracing
+    if not tracing.enabled or tracing.endpoint is None:
+        return []
+    workload = child_name(spec, component)
+    resource = {
+        "service.namespace": spec.namespace,
+        "service.version": spec.image_tag,
+        "k8s.namespace.name": spec.namespace,
+        "k8s.deployment.name": workload,
+        "k8s.pod.name": f"$({TRACING_POD_NAME})",  # expanded by the kubelet
+    }
+    values = {
+        "TRACING": "true",
+        "OTEL_SERVICE_NAME": workload,
+        "OTEL_RESOURCE_ATTRIBUTES": ",".join(f"{k}={v}" for k, v in resource.items()),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": tracing.endpoint,
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": repr(tracing.sample_ratio),
+    }
+    pod_name = {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}
+    return [
+        {"name": TRACING_POD_NAME, "valueFrom": pod_name},
+        *({"name": k, "value": v} for k, v in values.items()),
+    ]
 
 
 def _container(spec: StackSpec, component: str, settings: Component) -> dict[str, Any]:

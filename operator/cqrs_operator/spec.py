@@ -35,6 +35,7 @@ from cqrs_stack.stack_spec import (
     PodControls,
     ProjectorAutoscaling,
     Resources,
+    Tracing,
 )
 
 from . import __version__
@@ -149,6 +150,7 @@ class StackSpec:
     # rebuilt (rebuild_job.py).
     model_versions: tuple[tuple[str, int], ...] = (("records", 1),)
     migration_job: MigrationJob = field(default_factory=MigrationJob)
+    tracing: Tracing = field(default_factory=Tracing)  # the pods' TRACING and OTEL_* (manifests)
     reserved: str = ""  # why a name the spec chose is another stack's (reserved_names)
 
     @property
@@ -417,5 +419,6 @@ def parse_spec(
         read_models=tuple(m.name for m in model.read_models),
         model_versions=tuple((m.name, m.version) for m in model.read_models),
         migration_job=model.migration_job,
+        tracing=model.tracing,
         reserved=reserved_names(spec, namespace, defaults),
     )

@@ -768,6 +768,70 @@ class Redis(Model):
         return self
 
 
+# ------------------------------------------------------------------ tracing
+
+# An OTLP/HTTP collector's base URL: http(s), a host, no login (headers carry credentials).
+OTLP_ENDPOINT_PATTERN = r"^https?://[^/?#@\s]+(/[^?#\s]*)?$"
+SampleRatio = Annotated[float, Field(ge=0, le=1)]
+
+
+class Tracing(Model):
+    """OpenTelemetry traces of the write API, read API and projector (the services' TRACING)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=rules(
+            cel(
+                "!has(self.enabled) || !self.enabled || has(self.endpoint)",
+                "spec.tracing.endpoint is required when tracing is enabled",
+                ".endpoint",
+            )
+        )
+    )
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "trace each write from its request through commit and publish to its projection "
+            "(TRACING=true in the write-api, read-api and projector pods); off: no span is made"
+        ),
+    )
+    endpoint: str | None = Field(
+        default=None,
+        max_length=2048,
+        json_schema_extra={"pattern": OTLP_ENDPOINT_PATTERN},
+        description=(
+            "the OTLP/HTTP collector's base URL, e.g. http://otel-collector.observability:4318 "
+            "(OTEL_EXPORTER_OTLP_ENDPOINT; spans go to <endpoint>/v1/traces); required when "
+            "enabled; no login in it: credentials go in OTEL_EXPORTER_OTLP_HEADERS, from an "
+            "envFrom Secret"
+        ),
+    )
+    sample_ratio: SampleRatio = Field(
+        default=1.0,
+        description=(
+            "the share of traces begun in the stack that are recorded, 0 to 1 "
+            "(OTEL_TRACES_SAMPLER=parentbased_traceidratio); a request with a traceparent "
+            "header keeps its caller's decision"
+        ),
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(OTLP_ENDPOINT_PATTERN, value):
+            raise ValueError(
+                "must be an http:// or https:// URL of the collector, with a host and without "
+                "a login (user:password@), a query or a fragment"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_when_enabled(self) -> Tracing:
+        if self.enabled and self.endpoint is None:
+            raise ValueError("endpoint is required when tracing is enabled")
+        return self
+
+
 # ------------------------------------------------------------------ the spec
 
 _IDENTITY = (
@@ -889,6 +953,11 @@ class CqrsStackSpec(Model):
     databases: Databases = Field(description="Where the write DB and the read DB live")
     redis: Redis = Field(description="exactly one of url or urlSecret")
     log_level: LogLevel = Field(default="info", description="the services' log level")
+    tracing: Tracing = Field(
+        default_factory=Tracing,
+        json_schema_extra=_default({}),
+        description="OpenTelemetry traces of the services, sent to an OTLP/HTTP collector",
+    )
     deletion_policy: Literal["Retain", "Delete"] = Field(
         default="Retain",
         description=(

@@ -32,9 +32,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -125,12 +126,33 @@ class Tracing:
             yield
 
     async def shutdown(self, within: float) -> None:
-        """Export the spans still queued, for at most ``within`` seconds (off the loop)."""
+        """Export the spans still queued, for at most ``within`` seconds (off the loop).
+
+        The export runs in a daemon thread, not the loop's executor: the interpreter joins
+        executor threads at exit, so an export still waiting on a hung collector (up to
+        OTEL_EXPORTER_OTLP_TIMEOUT per batch) would hold the exit past the bound wherever the
+        process exits by unwinding, as PID 1 of a container does (uvicorn's re-raised SIGTERM
+        is ignored there)."""
         if not self._owned:
             return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def export() -> None:
+            try:
+                self._provider.shutdown()
+            finally:
+                with suppress(RuntimeError):  # the loop is closed already: nobody waits
+                    loop.call_soon_threadsafe(finished)
+
+        threading.Thread(target=export, name="tracing-shutdown", daemon=True).start()
         try:
             async with asyncio.timeout(max(within, 0.1)):
-                await asyncio.to_thread(self._provider.shutdown)
+                await done
         except TimeoutError:
             log.warning("tracing: spans still queued at exit were not exported")
 

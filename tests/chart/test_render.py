@@ -314,6 +314,25 @@ def test_pod_controls_and_autoscaling_values_reach_the_operators_deployments() -
     assert projector["containers"][0]["envFrom"][0]["configMapRef"]["name"] == "extra"
 
 
+def test_tracing_values_reach_the_operators_deployments(tmp_path: Path) -> None:
+    """stack.tracing is the spec's tracing: the operator renders it into every workload, and
+    the default values render none of it. (A values file: --set keeps 0.05 a string.)"""
+    endpoint = "http://otel-collector.observability:4318"
+    values = tmp_path / "tracing.yaml"
+    tracing = {"enabled": True, "endpoint": endpoint, "sampleRatio": 0.05}
+    values.write_text(yaml.safe_dump({"stack": {"tracing": tracing}}))
+    docs = render(values)
+    stack = one(docs, "CqrsStack")
+    spec = parse_spec(stack["spec"], namespace=NAMESPACE, name=stack["metadata"]["name"])
+    assert (spec.tracing.enabled, spec.tracing.endpoint) == (True, endpoint)
+    for component in manifests.COMPONENTS:
+        env = {e["name"]: e.get("value") for e in manifests.tracing_env(spec, component)}
+        assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.05"
+    (_, default) = stack_spec_of(render(None))
+    assert default.tracing.enabled is False
+    assert manifests.tracing_env(default, "write-api") == []
+
+
 def test_the_operator_gets_the_charts_crd_and_may_patch_only_that_one() -> None:
     docs = render()
     crd = yaml.safe_load((CHART / "crds" / "cqrsstacks.cqrs.dev.yaml").read_text())

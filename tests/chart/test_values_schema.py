@@ -54,6 +54,8 @@ def test_schema_is_draft_07_and_closed() -> None:
         ("stack.databases.pool.maxSize=1001", ["/stack/databases/pool/maxSize", "maximum"]),
         ("stack.stream.maxLength=1000000000001", ["/stack/stream/maxLength", "maximum"]),
         ("stack.readApi.tolerations[0].effect=Sometimes", ["/stack/readApi/tolerations/0"]),
+        ("stack.tracing.endpoint=otel:4318", ["/stack/tracing/endpoint"]),
+        ("stack.tracing.enabled=yes", ["/stack/tracing/enabled"]),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(value: str, expected: list[str]) -> None:
@@ -96,6 +98,10 @@ def test_helm_lint_refuses_bad_values_too() -> None:
         ),
         (["stack.redis.urlSecret.name=r"], "stack.redis.urlSecret.key is required"),
         (["ingress.enabled=true", "stack.enabled=false"], "ingress.enabled needs stack.enabled"),
+        (
+            ["stack.tracing.enabled=true"],
+            "stack.tracing.endpoint is required when stack.tracing.enabled is true",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(sets: list[str], expected: str) -> None:

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Build the wheelhouse the image builds install from (no index inside the build):
-#   .cache/wheelhouse/*.whl                        every dependency of `cqrs-stack[operator]`,
-#                                                  plus setuptools/wheel to build the project
-#   .cache/wheelhouse/requirements-services.txt    pinned dependencies of the services image
-#   .cache/wheelhouse/requirements-operator.txt    ... and of the operator image
+#   .cache/wheelhouse/*.whl                        every dependency of
+#                                                  `cqrs-stack[operator,tracing]`, plus
+#                                                  setuptools/wheel to build the project
+#   .cache/wheelhouse/requirements-services.txt    pinned dependencies of the services image,
+#                                                  with the tracing extra (TRACING=true works)
+#   .cache/wheelhouse/requirements-operator.txt    ... and of the operator image (no tracing)
+# Each pin carries its wheel's sha256, which must be one of requirements/test.lock's
+# (tests/images/pin_hashes.py).
 # The project itself is not in it: the Dockerfiles build it from the sources in the context, so
 # a code change rebuilds only the last layers.
 #
@@ -29,7 +33,8 @@ mkdir -p "$HOUSE" "$STATE"
 base_id="$("$DOCKER" image inspect --format '{{.Id}}' "$BASE_IMAGE")"
 # Pins: the lock the tests install from (requirements/test.lock), as name==version.
 sed -n 's/^\([A-Za-z0-9._-]*==[^ ;]*\).*/\1/p' requirements/test.lock >"$STATE/constraints.txt"
-stamp="$( (cat pyproject.toml "$STATE/constraints.txt" "$0"; echo "$base_id") | sha256sum | cut -c1-16)"
+stamp="$( (cat pyproject.toml "$STATE/constraints.txt" "$0" tests/images/pin_hashes.py
+           echo "$base_id") | sha256sum | cut -c1-16)"
 if [[ -f "$STATE/stamp" && "$(cat "$STATE/stamp")" == "$stamp" \
       && -f "$HOUSE/requirements-operator.txt" && "${FORCE:-0}" != 1 ]]; then
     echo "wheelhouse: up to date ($stamp)"
@@ -43,8 +48,8 @@ host_wheel() {  # host_wheel REQUIREMENT...: add wheels (and their dependencies)
         || { tail -40 "$STATE/pip-wheel.log" >&2; exit 1; }
 }
 
-echo "wheelhouse: pip wheel .[operator] -> $HOUSE"
-host_wheel '.[operator]' 'setuptools>=68' wheel
+echo "wheelhouse: pip wheel .[operator,tracing] -> $HOUSE"
+host_wheel '.[operator,tracing]' 'setuptools>=68' wheel
 # The project's wheel serves the resolution below; the images build it from source.
 rm -f "$STATE"/cqrs_stack-*.whl
 mv "$HOUSE"/cqrs_stack-*.whl "$STATE/"
@@ -65,7 +70,8 @@ print(\"\\n\".join(sorted(pins)))"' resolve "/tmp/$project_wheel$1" >"$2" 2>"$ST
 }
 
 for image in services operator; do
-    extra=""
+    # The services trace when TRACING is on; the operator makes no spans.
+    extra="[tracing]"
     [[ "$image" == operator ]] && extra="[operator]"
     for _ in 1 2 3 4 5 6 7 8; do
         if resolve "$extra" "$HOUSE/requirements-$image.txt"; then
@@ -84,6 +90,10 @@ for image in services operator; do
     echo "wheelhouse: $image still unresolved after 8 rounds" >&2
     exit 1
 done
+# Each pin gets its wheel's sha256, checked against requirements/test.lock's hashes (the files
+# the tests installed): the images' pip installs in hash-checking mode.
+"$PYTHON" tests/images/pin_hashes.py requirements/test.lock "$HOUSE" \
+    "$HOUSE/requirements-services.txt" "$HOUSE/requirements-operator.txt"
 echo "$stamp" >"$STATE/stamp"
 echo "wheelhouse: $(ls "$HOUSE"/*.whl | wc -l) wheels," \
     "$(wc -l <"$HOUSE/requirements-services.txt") pinned for services," \

@@ -11,6 +11,8 @@ import asyncio
 import base64
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +114,49 @@ async def test_services_image_serves_a_write_then_a_read(
     assert answer["position_reached"] is True, f"{answer}\n{containers.logs()}"
     assert answer["success"] is True and answer["value"] == "from a container", answer
     await stack.assert_converges(timeout=10)
+
+
+async def test_services_image_traces_and_a_hung_collector_holds_no_write(
+    images: dict[str, str], containers: Containers, stack: Stack
+) -> None:
+    """The services image carries the tracing extra: write-api with TRACING=true starts (the
+    SDK and the OTLP exporter import), and with a collector that takes the connection and never
+    answers, writes are still answered at once and a stop still ends within SHUTDOWN_TIMEOUT
+    and a little (README, Tracing), the queued spans left unexported."""
+    port = free_port()
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # connections complete in the backlog; what is accepted is never read
+        hung.settimeout(20)
+        env = {
+            **stack.env,
+            "TRACING": "true",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{hung.getsockname()[1]}",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s: the hang begins at once
+            "SHUTDOWN_TIMEOUT": "2",
+        }
+        api = containers.start(
+            images["services"], "write-api", "--host", "127.0.0.1", "--port", str(port), env=env
+        )
+        url = f"http://127.0.0.1:{port}"
+        await asyncio.to_thread(api.wait_http, f"{url}/ready")
+        async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+            first = await client.post("/write", json={"key": "traced:0", "value": "v"})
+            assert first.status_code == 200, first.text
+            # The exporter has connected: its export now waits on a collector that never answers.
+            exporter, _ = await asyncio.to_thread(hung.accept)
+            with exporter:
+                for i in range(1, 21):
+                    answer = await client.post("/write", json={"key": f"traced:{i}", "value": "v"})
+                    assert answer.status_code == 200 and answer.json()["success"], answer.text
+                started = time.monotonic()
+                containers.docker.run("stop", "--time", "30", api.name, timeout=60)
+                took = time.monotonic() - started
+    logs = api.logs()
+    assert "tracing on service=cqrs-stack-write-api" in logs, logs
+    assert took < 2 + 4, f"the stop took {took:.1f} s:\n{logs}"
+    entries = await stack.redis.xrange(stack.settings.event_stream_name)
+    assert len(entries) == 21 and all(b"traceparent" in fields for _, fields in entries)
 
 
 def test_operator_image_help(images: dict[str, str], containers: Containers) -> None:

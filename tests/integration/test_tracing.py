@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from cqrs_stack import stream
 from cqrs_stack.app import create_server_app, fastapi_app
 from cqrs_stack.config import Settings
-from cqrs_stack.localservers import RedisServer
+from cqrs_stack.localservers import RedisServer, free_port
 from cqrs_stack.resources import close_resources, open_resources
 from cqrs_stack.tracing import Tracing
 from tests.fixtures.stack import Stack, wait_until
@@ -292,24 +292,51 @@ async def test_an_exporter_it_cannot_use_is_a_configuration_error(stack: Stack) 
     assert "OTEL_TRACES_EXPORTER='zipkin'" in err.decode()
 
 
-async def test_a_hung_collector_does_not_hold_the_exit(stack: Stack) -> None:
+@pytest.mark.parametrize(
+    ("exporting", "stop"),
+    [(False, signal.SIGTERM), (True, signal.SIGTERM), (True, signal.SIGINT)],
+    # SIGINT: the process exits by unwinding (atexit, thread joins), as PID 1 of a container
+    # does on SIGTERM (uvicorn re-raises it, and PID 1 ignores it).
+    ids=["queued", "export-in-flight", "export-in-flight-exit-unwinds"],
+)
+async def test_a_hung_collector_does_not_hold_the_exit(
+    stack: Stack, exporting: bool, stop: signal.Signals
+) -> None:
     """A collector that takes the connection and never answers (the OTLP exporter would
-    wait up to OTEL_EXPORTER_OTLP_TIMEOUT, 10 s): the process still exits within
-    SHUTDOWN_TIMEOUT (1 s) and a little, its spans left unexported."""
+    wait up to OTEL_EXPORTER_OTLP_TIMEOUT, 10 s, per export): the process still exits within
+    SHUTDOWN_TIMEOUT (1 s) and a little, its spans left unexported; also when an export is
+    already waiting on the collector at SIGTERM and more spans are queued behind it."""
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
-        hung.listen(16)  # connections complete in the backlog, none is ever read
+        hung.listen(16)  # connections complete in the backlog; what is accepted is never read
+        hung.settimeout(20)
         collector = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        delay = {"OTEL_BSP_SCHEDULE_DELAY": "100"} if exporting else {}
         api = await stack.launch(
-            "write-api", TRACING="true", OTEL_EXPORTER_OTLP_ENDPOINT=collector, SHUTDOWN_TIMEOUT="1"
+            "write-api",
+            TRACING="true",
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector,
+            SHUTDOWN_TIMEOUT="1",
+            **delay,
         )
+        accepted: list[socket.socket] = []  # kept open (never read) until the exit is over
         async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
             answer = await client.post("/write", json={"key": "k", "value": "v"})
-        assert answer.status_code == 200, answer.text
+            assert answer.status_code == 200, answer.text
+            if exporting:  # the exporter connected: its export waits on the collector
+                accepted.append((await asyncio.to_thread(hung.accept))[0])
+                more = await client.post("/write", json={"key": "k2", "value": "v"})
+                assert more.status_code == 200, more.text
         started = time.monotonic()
-        assert await asyncio.to_thread(api.terminate, 30) in (0, -signal.SIGTERM)
-        took = time.monotonic() - started
-    assert took < 6, f"the exit took {took:.1f}s"
+        try:
+            api.process.send_signal(stop)
+            code = await asyncio.to_thread(api.process.wait, 30)
+        finally:
+            took = time.monotonic() - started
+            for connection in accepted:
+                connection.close()
+    assert took < 6, f"the exit took {took:.1f}s:\n{api.log()[-3000:]}"
+    assert code in (0, -stop), api.log()[-3000:]
 
 
 def test_tracing_without_the_extra_is_a_configuration_error(
@@ -325,3 +352,26 @@ def test_tracing_without_the_extra_is_a_configuration_error(
     with pytest.raises(ValidationError, match=r"cqrs-stack\[tracing\]"):
         Settings(tracing=True)
     assert Settings(tracing=False).tracing is False
+
+
+async def test_a_collector_that_is_down_fails_no_write_and_holds_no_exit(stack: Stack) -> None:
+    """Nothing listens at the collector's port (connections refused; the exporter retries
+    with back-off for up to 10 s per batch): writes are answered, and a stop that unwinds
+    (SIGINT, as PID 1 exits) ends within SHUTDOWN_TIMEOUT (1 s) and a little."""
+    api = await stack.launch(
+        "write-api",
+        TRACING="true",
+        OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        OTEL_BSP_SCHEDULE_DELAY="50",
+        SHUTDOWN_TIMEOUT="1",
+    )
+    async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+        for i in range(10):
+            answer = await client.post("/write", json={"key": f"k{i}", "value": "v"})
+            assert answer.status_code == 200 and answer.json()["success"], answer.text
+    started = time.monotonic()
+    api.process.send_signal(signal.SIGINT)
+    code = await asyncio.to_thread(api.process.wait, 30)
+    took = time.monotonic() - started
+    assert took < 6, f"the exit took {took:.1f}s:\n{api.log()[-3000:]}"
+    assert code in (0, -signal.SIGINT), api.log()[-3000:]

@@ -511,3 +511,82 @@ def test_the_hash_covers_the_other_sources_each_component_reads_and_only_those()
     rolled = manifests.component_hashes(config, secret, {"write-api": one})
     assert [c for c in manifests.COMPONENTS if rolled[c] != plain[c]] == ["write-api"]
     assert manifests.component_hashes(config, secret, {"write-api": two}) != rolled
+
+
+# ------------------------------------------------------------------ spec.tracing
+
+TRACED = {"enabled": True, "endpoint": "http://otel-collector.observability:4318"}
+
+
+def container_env(objs: dict, component: str) -> dict[str, dict]:
+    pod = objs[("Deployment", f"orders-{component}")]["spec"]["template"]["spec"]
+    return {e["name"]: e for e in pod["containers"][0]["env"]}
+
+
+def test_tracing_reaches_every_workload_as_the_sdks_variables() -> None:
+    objs = by_name(manifests.workloads(stack(tracing={**TRACED, "sampleRatio": 0.25}), "abc", 1))
+    for component in manifests.COMPONENTS:
+        env = container_env(objs, component)
+        values = {name: e.get("value") for name, e in env.items()}
+        assert values["TRACING"] == "true"
+        assert values["OTEL_SERVICE_NAME"] == f"orders-{component}"
+        assert values["OTEL_EXPORTER_OTLP_ENDPOINT"] == TRACED["endpoint"]
+        assert values["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+        assert values["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
+        attributes = dict(a.split("=", 1) for a in values["OTEL_RESOURCE_ATTRIBUTES"].split(","))
+        assert attributes["service.namespace"] == attributes["k8s.namespace.name"] == "shop"
+        assert attributes["k8s.deployment.name"] == f"orders-{component}"
+        # The kubelet expands $(VAR) of a variable defined before it: the pod's own name.
+        assert attributes["k8s.pod.name"] == f"$({manifests.TRACING_POD_NAME})"
+        names = list(env)
+        assert names.index(manifests.TRACING_POD_NAME) < names.index("OTEL_RESOURCE_ATTRIBUTES")
+        pod_name = env[manifests.TRACING_POD_NAME]["valueFrom"]["fieldRef"]
+        assert pod_name["fieldPath"] == "metadata.name"
+
+
+def test_tracing_off_or_unset_puts_no_tracing_variable_in_the_pods() -> None:
+    endpoint_kept = {"enabled": False, "endpoint": TRACED["endpoint"]}
+    for spec in (stack(), stack(tracing={}), stack(tracing=endpoint_kept)):
+        objs = by_name(manifests.workloads(spec, "abc", 1))
+        for component in manifests.COMPONENTS:
+            names = set(container_env(objs, component))
+            assert not {n for n in names if n.startswith("OTEL_")}, names
+            assert not names & {"TRACING", manifests.TRACING_POD_NAME}
+
+
+def test_tracing_stays_out_of_the_migration_job() -> None:
+    job = manifests.migration_job(stack(tracing=TRACED))
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not [e["name"] for e in env if e["name"] == "TRACING" or e["name"].startswith("OTEL_")]
+
+
+def test_tracing_turned_on_rolls_every_deployment() -> None:
+    def templates(spec) -> dict:
+        return {
+            c: manifests.deployment(spec, c, 1, "h")["spec"]["template"]
+            for c in ("write-api", "read-api", "projector")
+        }
+
+    off, on = templates(stack()), templates(stack(tracing=TRACED))
+    assert all(off[c] != on[c] for c in off)
+
+
+def test_the_sdk_reads_the_rendered_variables_as_meant(monkeypatch) -> None:
+    """The variables the operator renders, read by the OpenTelemetry SDK the image carries: the
+    sampler is parent-based on the ratio, the resource names the workload."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider, sampling
+
+    spec = stack(tracing={**TRACED, "sampleRatio": 0.1})
+    env = manifests.tracing_env(spec, "projector")
+    for entry in env:
+        if "value" in entry:
+            monkeypatch.setenv(entry["name"], entry["value"])
+    provider = TracerProvider(resource=Resource.create())
+    sampler = provider.sampler
+    assert isinstance(sampler, sampling.ParentBased)
+    assert "TraceIdRatioBased{0.1}" in sampler.get_description()
+    attributes = provider.resource.attributes
+    assert attributes["service.name"] == "orders-projector"
+    assert attributes["k8s.deployment.name"] == "orders-projector"
+    assert attributes["service.version"] == spec.image_tag

@@ -402,3 +402,74 @@ def test_pod_labels_are_bounded_in_count() -> None:
     past = at_limit | {"one-more": "v"}
     with pytest.raises(SpecError, match=r"spec\.writeApi\.podLabels"):
         parse_spec(minimal() | {"writeApi": {"podLabels": past}}, namespace="ns", name="n")
+
+
+# ------------------------------------------------------------------ spec.tracing
+
+COLLECTOR = "http://otel-collector.observability:4318"
+
+
+def traced(**tracing: object) -> dict:
+    return {**minimal(), "tracing": tracing}
+
+
+def test_tracing_is_off_by_default_and_samples_every_trace_when_on() -> None:
+    tracing = parse_spec(minimal(), namespace="ns", name="n").tracing
+    assert (tracing.enabled, tracing.endpoint, tracing.sample_ratio) == (False, None, 1.0)
+    on = parse_spec(traced(enabled=True, endpoint=COLLECTOR), namespace="ns", name="n").tracing
+    assert (on.enabled, on.endpoint, on.sample_ratio) == (True, COLLECTOR, 1.0)
+
+
+@pytest.mark.parametrize("ratio", [0, 0.5, 1])
+def test_a_sample_ratio_from_0_to_1_is_accepted(ratio: float) -> None:
+    spec = traced(enabled=True, endpoint=COLLECTOR, sampleRatio=ratio)
+    assert parse_spec(spec, namespace="ns", name="n").tracing.sample_ratio == ratio
+
+
+@pytest.mark.parametrize("ratio", [-0.001, 1.001, "all"])
+def test_a_sample_ratio_past_0_to_1_is_refused(ratio: object) -> None:
+    with pytest.raises(SpecError, match=r"spec\.tracing\.sampleRatio"):
+        parse_spec(traced(sampleRatio=ratio), namespace="ns", name="n")
+
+
+def test_tracing_enabled_needs_an_endpoint() -> None:
+    with pytest.raises(SpecError, match=r"spec\.tracing: endpoint is required when tracing"):
+        parse_spec(traced(enabled=True), namespace="ns", name="n")
+
+
+ACCEPTED_ENDPOINTS = [COLLECTOR, "https://otlp.example.com", "http://[::1]:4318/otlp", "http://c"]
+REFUSED_ENDPOINTS = [
+    "otel-collector:4318",  # no scheme
+    "grpc://otel-collector:4317",
+    "http://user:secret@otel-collector:4318",  # a login: it would show in the pod spec
+    "http://otel-collector:4318/?x=1",
+    "http://otel-collector:4318#frag",
+    "http://",
+    "http://otel collector:4318",
+]
+
+
+@pytest.mark.parametrize("endpoint", REFUSED_ENDPOINTS)
+def test_an_endpoint_that_is_no_plain_http_url_is_refused_without_echoing_it(
+    endpoint: str,
+) -> None:
+    with pytest.raises(SpecError, match=r"spec\.tracing\.endpoint: must be an http") as refused:
+        parse_spec(traced(enabled=True, endpoint=endpoint), namespace="ns", name="n")
+    assert "secret" not in str(refused.value)
+
+
+def test_an_endpoint_at_the_length_limit_is_accepted_and_one_past_refused() -> None:
+    limit = schema_at("tracing.endpoint")["maxLength"]
+    stem = "http://c/"
+    at_limit = stem + "p" * (limit - len(stem))
+    parse_spec(traced(enabled=True, endpoint=at_limit), namespace="ns", name="n")
+    with pytest.raises(SpecError, match=r"spec\.tracing\.endpoint"):
+        parse_spec(traced(enabled=True, endpoint=at_limit + "p"), namespace="ns", name="n")
+
+
+def test_the_crd_endpoint_pattern_agrees_with_the_operator() -> None:
+    pattern = re.compile(schema_at("tracing.endpoint")["pattern"])
+    assert all(pattern.match(e) for e in ACCEPTED_ENDPOINTS)
+    assert not any(pattern.match(e) for e in REFUSED_ENDPOINTS)
+    for endpoint in ACCEPTED_ENDPOINTS:
+        parse_spec(traced(enabled=True, endpoint=endpoint), namespace="ns", name="n")
