@@ -33,16 +33,7 @@ images_lock
 # The base and our two images (cached by the engine and by make-base's script hash).
 KEEP_DOCKERD=1 bash tests/images/build-images.sh
 
-build_db_image() {  # build_db_image <dockerfile> <tag>
-    local t0=$SECONDS log=.cache/build-${2%%:*}.log
-    # --network host: apt-get reaches the Debian mirror (the private engine has no bridge).
-    DOCKER_BUILDKIT=0 "$DOCKER" build --network host -f "tests/cluster/images/$1" -t "$2" \
-        --build-arg BASE_IMAGE="$base" tests/cluster/images >"$log" 2>&1 \
-        || { tail -40 "$log" >&2; echo "images: building $2 failed (log $log)" >&2; exit 1; }
-    echo "images: $2 built in $((SECONDS - t0)) s"
-}
-build_db_image postgresql.Dockerfile cqrs-stack-postgresql:15
-build_db_image redis.Dockerfile cqrs-stack-redis:7
+DOCKER="$DOCKER" bash tests/cluster/db-images.sh
 # The previous release's images, for the upgrade test (CQRS_PREVIOUS_REF; empty: none).
 if [[ -n ${CQRS_PREVIOUS_REF:-} ]]; then
     previous=$(DOCKER="$DOCKER" bash tests/cluster/previous-release.sh)

@@ -194,12 +194,23 @@ finish() {
 
 # dev_db_images: the dev databases' images of tests/cluster/images (offline base + Debian).
 dev_db_images() {
-  local base=${BASE_IMAGE:-cqrs-stack-base:bookworm} which
-  docker image inspect "$base" >/dev/null 2>&1 || bash "$REPO/tests/images/make-base.sh" >&2
-  for which in postgresql:15 redis:7; do
-    DOCKER_BUILDKIT=0 docker build -q --network host -f "$REPO/tests/cluster/images/${which%%:*}.Dockerfile" \
-      -t "cqrs-stack-$which" --build-arg BASE_IMAGE="$base" "$REPO/tests/cluster/images" >/dev/null
-  done
+  DOCKER=docker bash "$REPO/tests/cluster/db-images.sh"
+}
+
+# load_previous: the previous release's images (tests/cluster/previous-release.sh, built from a
+# git worktree of CQRS_PREVIOUS_REF) loaded into the node, and its chart named for the upgrade
+# test (tests/e2e/test_e2e_upgrade.py), as the local cluster's e2e does.
+load_previous() {
+  # shellcheck source=tests/cluster/previous-release.env
+  source "$REPO/tests/cluster/previous-release.env"
+  if [[ -z $CQRS_PREVIOUS_REF ]]; then
+    say "no previous release (CQRS_PREVIOUS_REF is empty): the upgrade test skips"
+    return 0
+  fi
+  local tag
+  tag=$(cd "$REPO" && DOCKER=docker bash tests/cluster/previous-release.sh)
+  kind load docker-image --name "$NAME" "cqrs-stack:$tag" "cqrs-stack-operator:$tag"
+  export E2E_PREVIOUS_CHART=$REPO/.cache/previous-release/charts/cqrs-stack E2E_PREVIOUS_TAG=$tag
 }
 
 # e2e_name: the e2e suite's own cluster name, one per clone (the hash of its path), so that
@@ -239,6 +250,7 @@ e2e() {
   offline_mode
   if ((OFFLINE)); then dev_db_images; fi
   load
+  load_previous
   E2E_KUBECONFIG=$(kubeconfig_file) run_suite "$@"
 }
 

@@ -68,7 +68,11 @@ exit 0
 # The test interpreter of kind.sh's suite run: records the environment the suite would get.
 PYTHON = r"""#!/usr/bin/env bash
 echo "suite E2E_KUBECONFIG=${E2E_KUBECONFIG:-} E2E_HELM_ARGS=${E2E_HELM_ARGS:-}" >>"$STUB/calls"
+echo "previous E2E_PREVIOUS_CHART=${E2E_PREVIOUS_CHART:-} E2E_PREVIOUS_TAG=${E2E_PREVIOUS_TAG:-}" >>"$STUB/calls"
 """
+
+# The previous release, "built": its tag, as tests/cluster/previous-release.sh prints it.
+PREVIOUS_TAG = "0.0.9-abc1234"
 
 
 @dataclass
@@ -121,7 +125,13 @@ def executable(path: Path, text: str) -> None:
 def sandbox(tmp_path: Path) -> Sandbox:
     repo, stub = tmp_path / "repo", tmp_path / "stub"
     stub.mkdir()
-    for rel in ("tests/e2e/kind.sh", "tests/e2e/dev.sh", "tests/images/docker-engine.sh"):
+    for rel in (
+        "tests/e2e/kind.sh",
+        "tests/e2e/dev.sh",
+        "tests/images/docker-engine.sh",
+        "tests/cluster/db-images.sh",
+        "tests/cluster/previous-release.env",
+    ):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_text((REPO_ROOT / rel).read_text())
     (repo / "tests/cluster/images").mkdir(parents=True)
@@ -134,6 +144,7 @@ def sandbox(tmp_path: Path) -> Sandbox:
     # Our node image, "built": its name on the last line, as build-node.sh prints it.
     executable(repo / "tests/images/kind/build-node.sh", f"#!/bin/sh\necho {OWN_IMAGE}\n")
     executable(repo / "tests/images/make-base.sh", "#!/bin/sh\n")
+    executable(repo / "tests/cluster/previous-release.sh", f"#!/bin/sh\necho {PREVIOUS_TAG}\n")
     return Sandbox(repo, stub)
 
 
@@ -152,6 +163,9 @@ def test_dev_cleanup_runs_when_skaffold_dev_ends_by_itself(sandbox: Sandbox):
         " --ignore-not-found --wait --timeout=180s",
     ], calls
     assert "nothing of the dev loop is left" in done.stderr
+    # The images the loop tagged are removed after it (the sandbox has no pyproject.toml,
+    # so no release version: the dev tags are kept, the dangling images still go).
+    assert any(c.startswith("docker image prune -f") for c in calls), calls
 
 
 def test_e2e_fails_loudly_when_the_node_image_build_fails(sandbox: Sandbox):
@@ -178,6 +192,32 @@ def test_e2e_uses_a_cluster_of_its_own_and_leaves_the_dev_cluster(sandbox: Sandb
     assert not [c for c in calls if "--name cqrs " in c + " "], calls
     assert sandbox.clusters() == ["cqrs"]
     assert f"suite E2E_KUBECONFIG={sandbox.repo}/.cache/kind/{name}.kubeconfig" in "\n".join(calls)
+
+
+def test_e2e_on_kind_runs_the_upgrade_test_from_the_previous_release(sandbox: Sandbox):
+    """The previous release's images reach the node and the suite is told where its chart is."""
+    done = sandbox.run("kind.sh", "e2e")
+    assert done.returncode == 0, done.stderr
+    name = sandbox.e2e_name()
+    calls = sandbox.calls()
+    load = (
+        f"kind load docker-image --name {name} "
+        f"cqrs-stack:{PREVIOUS_TAG} cqrs-stack-operator:{PREVIOUS_TAG}"
+    )
+    assert load in calls, calls
+    chart = sandbox.repo / ".cache/previous-release/charts/cqrs-stack"
+    assert f"previous E2E_PREVIOUS_CHART={chart} E2E_PREVIOUS_TAG={PREVIOUS_TAG}" in calls
+    # Loaded before the suite runs.
+    assert calls.index(load) < calls.index(
+        f"previous E2E_PREVIOUS_CHART={chart} E2E_PREVIOUS_TAG={PREVIOUS_TAG}"
+    )
+
+
+def test_e2e_without_a_previous_release_says_the_upgrade_test_skips(sandbox: Sandbox):
+    done = sandbox.run("kind.sh", "e2e", env={"CQRS_PREVIOUS_REF": ""})
+    assert done.returncode == 0, done.stderr
+    assert "the upgrade test skips" in done.stderr
+    assert not [c for c in sandbox.calls() if PREVIOUS_TAG in c]
 
 
 def test_e2e_refuses_a_cluster_of_its_name_it_did_not_create(sandbox: Sandbox):

@@ -116,20 +116,28 @@ prune_images() {
     local version repo tag repos
     read -r -a repos <<<"${CQRS_IMAGE_REPOS:-cqrs-stack cqrs-stack-operator}"
     images_lock
+    # A cleanup: nothing here may fail its caller (a dev loop's exit, a finished build).
     if [[ ${1:-} == --dev ]]; then
-        version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
-        for repo in "${repos[@]}"; do
-            "$DOCKER" image ls --format '{{.Tag}}' "$repo" | while read -r tag; do
-                [[ $tag == "<none>" || $tag == "$version" || $tag =~ ^$version-[0-9a-f]{7,40}$ ]] && continue
-                "$DOCKER" rmi "$repo:$tag" >/dev/null 2>&1 || true
+        version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])' 2>/dev/null)" \
+            || version=
+        if [[ -z $version ]]; then
+            echo "images: no pyproject.toml here, so no release version: the dev tags are kept" >&2
+        else
+            for repo in "${repos[@]}"; do
+                for tag in $("$DOCKER" image ls --format '{{.Tag}}' "$repo" 2>/dev/null || true); do
+                    [[ $tag == "<none>" || $tag == "$version" || $tag =~ ^$version-[0-9a-f]{7,40}$ ]] \
+                        && continue
+                    "$DOCKER" rmi "$repo:$tag" >/dev/null 2>&1 || true
+                done
             done
-        done
+        fi
     fi
     if [[ ${DOCKER_HOST:-} == "unix://$CQRS_DOCKER_SOCK" ]]; then
-        "$DOCKER" image prune -f >/dev/null || true
+        "$DOCKER" image prune -f >/dev/null 2>&1 || true
     else
         for repo in "${repos[@]}"; do
-            "$DOCKER" image prune -f --filter "label=org.opencontainers.image.title=$repo" >/dev/null || true
+            "$DOCKER" image prune -f --filter "label=org.opencontainers.image.title=$repo" \
+                >/dev/null 2>&1 || true
         done
     fi
 }
