@@ -169,18 +169,17 @@ async def rebuild(
     """
     models = tuple(models)
 
-    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
-        done = await _build_and_swap(wconn, rconn, settings, writer, models, success)
-        return done
+    async def version_of(rconn: asyncpg.Connection) -> int:
+        if version is not None:
+            return version
+        live = await live_versions(rconn)
+        return max(live.get(model.name, INITIAL_VERSION) for model in models) + 1
 
-    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
-        if version is None:
-            live = await live_versions(rconn)
-            version = max(live.get(model.name, INITIAL_VERSION) for model in models) + 1
-        writer = ProgressWriter(
-            pconn, run_id or new_run_id(), [m.name for m in models], version, listener
-        )
-        return await _locked_run(wconn, rconn, writer, build, "done", "load")
+    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, run: _Run) -> int:
+        return await _build_and_swap(wconn, rconn, settings, run.writer, models, run.success)
+
+    run = _Run(models, run_id, listener, "done", "load")
+    return await run.under_lock(write_engine, read_engine, version_of, build)
 
 
 async def rollback(
@@ -202,21 +201,16 @@ async def rollback(
     """
     models = tuple(models)
 
-    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
-        return await _roll_back(wconn, rconn, settings, writer, models, success)
-
-    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
+    async def version_of(rconn: asyncpg.Connection) -> int:
         # The record only: its tables are checked under the lock, once a previous version a
-        # killed rollback left in the shadow is given back (_locked_run).
-        previous = await _kept_previous(rconn, models, tables=False)
-        writer = ProgressWriter(
-            pconn,
-            run_id or new_run_id(),
-            [m.name for m in models],
-            max(previous.values()),
-            listener,
-        )
-        return await _locked_run(wconn, rconn, writer, swap_back, "rolled-back", "catch-up")
+        # killed rollback left in the shadow is given back (_Run.under_lock).
+        return max((await _kept_previous(rconn, models, tables=False)).values())
+
+    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, run: _Run) -> int:
+        return await _roll_back(wconn, rconn, settings, run.writer, models, run.success)
+
+    run = _Run(models, run_id, listener, "rolled-back", "catch-up")
+    return await run.under_lock(write_engine, read_engine, version_of, swap_back)
 
 
 @contextlib.asynccontextmanager
@@ -232,41 +226,90 @@ async def _sessions(
         yield await _driver(wsession), await _driver(rsession), await _driver(psession)
 
 
-async def _locked_run(
-    wconn: asyncpg.Connection,
-    rconn: asyncpg.Connection,
-    writer: ProgressWriter,
-    work: Callable[[asyncpg.Connection, asyncpg.Connection, str], Awaitable[int]],
-    success: str,
-    first_phase: str,
-) -> int:
-    """Run ``work`` holding the read DB's rebuild lock, recording how it ends in its progress
-    record: failed or cancelled, unless ``work`` recorded ``success`` (at its swap's commit:
-    what follows is clean-up, whose failure is only logged)."""
-    if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
-        await writer.refused("another rebuild of this read DB is running")
-        raise RebuildError("another rebuild of this read DB is running")
-    try:
-        # A rollback killed before its swap left the previous version in the shadow: kept again
-        # before anything else (a rebuild would drop the shadow, a rollback look for it).
-        await restore_stranded_previous(rconn)
-        await writer.start(first_phase)
+@dataclass
+class _Run:
+    """One recorded run of a rebuild or a rollback: what ``rebuild`` and ``rollback`` share.
+
+    ``success`` is the phase its swap's commit records (``_swapped``), ``first_phase`` the one
+    it starts in; ``writer`` exists once its sessions are open.
+    """
+
+    models: tuple[type[Projection], ...]
+    run_id: str | None
+    listener: Callable[[RunProgress], None] | None
+    success: str
+    first_phase: str
+    writer: ProgressWriter = field(init=False)
+
+    @property
+    def swapped(self) -> bool:
+        """Has the run's swap committed (and its record been started)?"""
+        return hasattr(self, "writer") and self.writer.phase == self.success
+
+    async def under_lock(
+        self,
+        write_engine: AsyncEngine,
+        read_engine: AsyncEngine,
+        version_of: Callable[[asyncpg.Connection], Awaitable[int]],
+        work: Callable[[asyncpg.Connection, asyncpg.Connection, _Run], Awaitable[int]],
+    ) -> int:
+        """Open the sessions, record the run as building ``version_of`` (the read DB's answer)
+        and run ``work`` holding the read DB's rebuild lock; return what it returns.
+
+        A cancel once the swap committed (SIGTERM, Ctrl-C while the lock is given back or the
+        sessions close) is no cancel: the run returns its count as swapped.
+        """
         try:
-            done = await work(wconn, rconn, success)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            if not writer.finished:  # else it ended at its swap, and stays so recorded
-                await writer.finish(
-                    "cancelled", "stopped before the swap; the live version is unchanged"
+            async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
+                self.writer = ProgressWriter(
+                    pconn,
+                    self.run_id or new_run_id(),
+                    [m.name for m in self.models],
+                    await version_of(rconn),
+                    self.listener,
                 )
-            raise
-        except BaseException as exc:
-            if not writer.finished:
-                await writer.finish("failed", _reason(exc))
-            raise
-        return done
-    finally:
-        with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
-            await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
+                return await self._locked(wconn, rconn, work)
+        except asyncio.CancelledError:
+            if not self.swapped:
+                raise
+            _uncancel()
+            log.warning("swapped; a stop after the swap only cut its clean-up short")
+            return self.writer.done
+
+    async def _locked(
+        self,
+        wconn: asyncpg.Connection,
+        rconn: asyncpg.Connection,
+        work: Callable[[asyncpg.Connection, asyncpg.Connection, _Run], Awaitable[int]],
+    ) -> int:
+        """Run ``work`` holding the read DB's rebuild lock, recording how it ends: failed or
+        cancelled, unless ``work`` recorded ``success`` (at its swap's commit: what follows
+        is clean-up, whose failure is only logged)."""
+        writer = self.writer
+        if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
+            await writer.refused("another rebuild of this read DB is running")
+            raise RebuildError("another rebuild of this read DB is running")
+        try:
+            # A rollback killed before its swap left the previous version in the shadow: kept
+            # again before anything else (a rebuild would drop the shadow, a rollback look for
+            # it).
+            await restore_stranded_previous(rconn)
+            await writer.start(self.first_phase)
+            try:
+                return await work(wconn, rconn, self)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                if not writer.finished:  # else it ended at its swap, and stays so recorded
+                    await writer.finish(
+                        "cancelled", "stopped before the swap; the live version is unchanged"
+                    )
+                raise
+            except BaseException as exc:
+                if not writer.finished:
+                    await writer.finish("failed", _reason(exc))
+                raise
+        finally:
+            with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
+                await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
 
 
 def _reason(exc: BaseException) -> str:
