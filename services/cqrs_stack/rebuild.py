@@ -178,7 +178,7 @@ async def rebuild(
     async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, run: _Run) -> int:
         return await _build_and_swap(wconn, rconn, settings, run.writer, models, run.success)
 
-    run = _Run(models, run_id, listener, "done", "load")
+    run = _Run(models, run_id, listener, settings.rebuild_runs_kept, "done", "load")
     return await run.under_lock(write_engine, read_engine, version_of, build)
 
 
@@ -209,7 +209,7 @@ async def rollback(
     async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, run: _Run) -> int:
         return await _roll_back(wconn, rconn, settings, run.writer, models, run.success)
 
-    run = _Run(models, run_id, listener, "rolled-back", "catch-up")
+    run = _Run(models, run_id, listener, settings.rebuild_runs_kept, "rolled-back", "catch-up")
     return await run.under_lock(write_engine, read_engine, version_of, swap_back)
 
 
@@ -231,12 +231,14 @@ class _Run:
     """One recorded run of a rebuild or a rollback: what ``rebuild`` and ``rollback`` share.
 
     ``success`` is the phase its swap's commit records (``_swapped``), ``first_phase`` the one
-    it starts in; ``writer`` exists once its sessions are open.
+    it starts in; ``writer`` exists once its sessions are open. Its start prunes the finished
+    runs but the newest ``kept_runs`` (REBUILD_RUNS_KEPT).
     """
 
     models: tuple[type[Projection], ...]
     run_id: str | None
     listener: Callable[[RunProgress], None] | None
+    kept_runs: int
     success: str
     first_phase: str
     writer: ProgressWriter = field(init=False)
@@ -295,6 +297,7 @@ class _Run:
             # it).
             await restore_stranded_previous(rconn)
             await writer.start(self.first_phase)
+            await writer.prune(self.kept_runs)
             try:
                 return await work(wconn, rconn, self)
             except (asyncio.CancelledError, KeyboardInterrupt):
