@@ -7,7 +7,8 @@ rebuild of one model or several:
 1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the commands of one write-DB
    snapshot, range of ids by range, by binary COPY piped with a bounded number of bytes in
    memory, into a staging table there, then each model's own ``effect`` (the statement the
-   projectors run) over the range, and a ledger row for each;
+   projectors run) once over the whole staged snapshot, and a ledger row for each (the
+   ledgers' indexes built after their rows);
 2. **catches up**: applies to the shadow, through the same set-based projection as the
    projectors (``apply_batch``, the shadow first on the ``search_path``), every command
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
@@ -91,13 +92,19 @@ _PAGE_COMMANDS = 10_000
 # applied inside the swap, while the projectors wait.
 _SWAP_REMAINDER = 2_000
 _CATCH_UP_ROUNDS = 20
-# Ids per range of the load: each range is piped, projected and its staging emptied in turn.
-# Large enough that splitting costs little (a key met again in the next range is an upsert),
-# small enough that the staging table stays small and progress moves.
+# Ids per range of the load's COPY: progress moves range by range (and within one, through
+# pg_stat_progress_copy). Every range goes into the one staging table: the models' effects run
+# once over the whole snapshot, so each model row is written once, not once per range (a key
+# met in every range was upserted as often: 10 M commands over 1 M keys took 174 s so, 18 s
+# in one statement).
 _LOAD_RANGE = 1_000_000
-# A range's copy counts for this fraction (1/n) of its commands in the run's progress, its
-# projection for the rest: measured, the projection takes about 4 times the copy's time.
-_COPY_SHARE = 5
+# The copy counts for this fraction (1/n) of the commands in the run's progress, the models'
+# effects over the staged snapshot for the rest: measured about even at 10 M commands.
+_COPY_SHARE = 2
+# The load's read-DB session: sorts and hashes of the effects in memory up to this much each
+# (not spilled at 4 MB, the server's default), and the deferred ledger indexes sorted in this.
+_LOAD_WORK_MEM = "64MB"
+_LOAD_MAINTENANCE_WORK_MEM = "256MB"
 # Bulk steps scale with the write DB, so they get their own bound instead of the per-statement
 # command timeout of request handling.
 _BULK_TIMEOUT = 6 * 3600.0
@@ -755,10 +762,12 @@ async def _load(
 ) -> _Loaded:
     """COPY one write-DB snapshot's commands into the shadow, and project them there.
 
-    Range by range of ids (``_LOAD_RANGE``): each is piped into the staging table, projected
-    by every model, and the staging table emptied, so the run's progress moves with the load
-    and the staging table stays small. Every range is read in the one snapshot (which the
-    write DB keeps for the whole load).
+    Range by range of ids (``_LOAD_RANGE``), each range is piped into the staging table, all
+    in the one snapshot (which the write DB keeps for the copy only). Then each model's ledger
+    rows and its own effect, each one statement over the whole staged snapshot, into a
+    ledger without its indexes (a bulk build after the rows is cheaper than keeping a btree
+    up to date row by row); the indexes are built, the shadow analysed, the staging dropped.
+    The staging table takes about the commands' size on the read DB's disk meanwhile.
     """
     live = await _live_schema(rconn)
     await rconn.execute(
@@ -771,10 +780,10 @@ async def _load(
             " pg_current_snapshot()::text FROM commands"
         )
         await writer.enter("load", 0, total)
-        done = 0
+        copied = 0
         for start in range(low, high + 1, _LOAD_RANGE):
-            async with _copy_progress(rconn, writer, done):
-                copied = await _pipe(
+            async with _copy_progress(rconn, writer, copied):
+                copied += await _pipe(
                     wconn,
                     "SELECT id, key, value, event_type, created_at FROM commands"
                     f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
@@ -783,10 +792,8 @@ async def _load(
                     _STAGE_COLUMNS,
                     settings,
                 )
-            await writer.advance(done + copied // _COPY_SHARE)
-            await _project_staged(rconn, live, models)
-            done += copied
-            await writer.advance(done)
+            await writer.advance(copied // _COPY_SHARE)
+    await _project_staged(rconn, live, models, writer, int(total))
     if PROGRESS_TABLE in models[0].tables:
         await rconn.execute(
             f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
@@ -797,7 +804,10 @@ async def _load(
             high,
             last_at,
         )
-    await rconn.execute(f"DROP TABLE {_STAGED}")
+    # Planner statistics of the new version, for the catch-up's and the readers' plans after
+    # the swap (a table swapped in is otherwise unanalysed until autovacuum comes by).
+    for table in _tables(models):
+        await rconn.execute(f"ANALYZE {SHADOW_SCHEMA}.{table}", timeout=_BULK_TIMEOUT)
     await writer.advance(int(total))
     return _Loaded(int(total), str(snapshot), models)
 
@@ -807,7 +817,7 @@ async def _copy_progress(
     rconn: asyncpg.Connection, writer: ProgressWriter, done: int
 ) -> AsyncIterator[None]:
     """While a range is piped: count its rows copied so far (``pg_stat_progress_copy`` of
-    ``rconn``'s backend) as 1/_COPY_SHARE of them done, the rest being its projection."""
+    ``rconn``'s backend) as 1/_COPY_SHARE of them done, the rest being their projection."""
     pid = rconn.get_server_pid()
     stop = asyncio.Event()
 
@@ -821,7 +831,7 @@ async def _copy_progress(
                 "SELECT tuples_processed FROM pg_stat_progress_copy WHERE pid = $1", pid
             )
             if copied is not None:
-                await writer.advance(done + int(copied) // _COPY_SHARE)
+                await writer.advance((done + int(copied)) // _COPY_SHARE)
 
     ticking = asyncio.create_task(tick())
     try:
@@ -833,15 +843,24 @@ async def _copy_progress(
 
 
 async def _project_staged(
-    rconn: asyncpg.Connection, live: str, models: tuple[type[Projection], ...]
+    rconn: asyncpg.Connection,
+    live: str,
+    models: tuple[type[Projection], ...],
+    writer: ProgressWriter,
+    total: int,
 ) -> None:
-    """Apply the staged commands to each shadow model (its own statement), then empty it."""
+    """Apply the staged snapshot to each shadow model (its ledger rows, then its own effect),
+    drop the staging table and build the ledgers' indexes, in one transaction."""
     span = await rconn.fetchrow(f"SELECT min(position), max(position) FROM {_STAGED}")
+    share = total - total // _COPY_SHARE
     with _refusals_named(span[0] or 0, span[1] or 0):
         async with rconn.transaction():
             # The models' own statements, pointed at the shadow for this transaction only.
             await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-            for model in models:
+            await rconn.execute(f"SET LOCAL work_mem = '{_LOAD_WORK_MEM}'")
+            await rconn.execute(f"SET LOCAL maintenance_work_mem = '{_LOAD_MAINTENANCE_WORK_MEM}'")
+            deferred = await _drop_indexes(rconn, [model.ledger for model in models])
+            for done, model in enumerate(models, 1):
                 await rconn.execute(
                     f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
                     timeout=_BULK_TIMEOUT,
@@ -849,7 +868,40 @@ async def _project_staged(
                 await rconn.execute(
                     model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
                 )
-            await rconn.execute(f"TRUNCATE {_STAGED}")
+                await writer.advance(total // _COPY_SHARE + share * done // len(models))
+            await rconn.execute(f"DROP TABLE {_STAGED}")
+            for statement in deferred:
+                await rconn.execute(statement, timeout=_BULK_TIMEOUT)
+
+
+async def _drop_indexes(rconn: asyncpg.Connection, tables: Sequence[str]) -> list[str]:
+    """Drop the indexes (and the constraints they back) of the shadow's ``tables``; return the
+    statements that build them again as they were, in the caller's transaction."""
+    rows = await rconn.fetch(
+        "SELECT t.relname, i.relname AS index, c.conname, pg_get_constraintdef(c.oid),"
+        " pg_get_indexdef(x.indexrelid)"
+        " FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid"
+        " JOIN pg_class i ON i.oid = x.indexrelid"
+        " JOIN pg_namespace n ON n.oid = t.relnamespace"
+        " LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = t.oid"
+        " WHERE n.nspname = $1 AND t.relname = ANY($2::text[])",
+        SHADOW_SCHEMA,
+        list(tables),
+    )
+    build: list[str] = []
+    for table, index, constraint, constraint_def, index_def in rows:
+        if constraint is not None:
+            await rconn.execute(
+                f"ALTER TABLE {SHADOW_SCHEMA}.{_ident(table)} DROP CONSTRAINT {_ident(constraint)}"
+            )
+            build.append(
+                f"ALTER TABLE {SHADOW_SCHEMA}.{_ident(table)}"
+                f" ADD CONSTRAINT {_ident(constraint)} {constraint_def}"
+            )
+        else:
+            await rconn.execute(f"DROP INDEX {SHADOW_SCHEMA}.{_ident(index)}")
+            build.append(index_def)
+    return build
 
 
 async def _pipe(
