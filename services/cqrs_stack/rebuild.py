@@ -1097,7 +1097,8 @@ async def _verify(
         if await model.actual_for(rconn, []) is None:  # not per key: verified whole
             async with rconn.transaction(readonly=True):
                 await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-                _fail_on(await whole_differences(wconn, rconn, model))
+                half = settings.rebuild_batch_max_bytes // 2
+                _fail_on(await whole_differences(wconn, rconn, model, half))
     log.info("rebuild verified keys=%d sample=%s", checked, sample or "all")
 
 
