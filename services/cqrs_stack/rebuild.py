@@ -211,7 +211,7 @@ async def rollback(
 
     async def version_of(rconn: asyncpg.Connection) -> int:
         # The record only: its tables are checked under the lock, once a previous version a
-        # killed rollback left in the shadow is given back (_Run.under_lock).
+        # killed rollback left in the shadow is given back (_Run._locked).
         return max((await _kept_previous(rconn, models, tables=False)).values())
 
     async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, run: _Run) -> int:
