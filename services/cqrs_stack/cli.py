@@ -20,11 +20,14 @@ from urllib.parse import urlsplit
 
 
 class _RebuildStop:
-    """SIGTERM of a ``rebuild`` process from its first moment (a Job deleted, a pod evicted):
-    before the run's task exists, exit 130 at once (nothing started); while it runs, the task
-    is cancelled (a cancel until its swap commits); once it is over, ignored (its outcome
-    stands). A Python-level handler, installed before the slow imports, so no moment of the
-    process is left to the default action (exit 143)."""
+    """SIGTERM (a Job deleted, a pod evicted) or SIGINT (Ctrl-C) of a ``rebuild`` process
+    from its first moment: before the run's task exists, exit 130 at once (nothing started);
+    while it runs, the task is cancelled once (a cancel until its swap commits; a repeated
+    signal changes nothing, so a second Ctrl-C cannot cut the record of a committed swap
+    short); once it is over, ignored (its outcome stands). A Python-level handler, installed
+    before the slow imports, so no moment of the process is left to the default action (exit
+    143) or to asyncio's own SIGINT handler (whose second Ctrl-C raises KeyboardInterrupt
+    wherever the run is)."""
 
     task: asyncio.Task[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -38,7 +41,7 @@ class _RebuildStop:
         if cls.task is None or cls.loop is None:
             os.write(2, b"rebuild cancelled before it started: nothing changed\n")
             os._exit(130)
-        if cls.task.done():
+        if cls.task.done() or cls.stopped:
             return
         cls.stopped = True
         with contextlib.suppress(RuntimeError):  # its loop closed: the run is over
@@ -46,11 +49,12 @@ class _RebuildStop:
 
 
 def _cancel_early(argv: list[str]) -> None:
-    """Install ``_RebuildStop`` when this process is a ``rebuild``."""
+    """Install ``_RebuildStop`` for SIGTERM and SIGINT when this process is a ``rebuild``."""
     words = [arg for arg in argv if not arg.startswith("-")]
     if words[:1] == ["rebuild"]:
         with contextlib.suppress(ValueError):  # only the main thread takes signals
-            signal.signal(signal.SIGTERM, _RebuildStop.handle)
+            for stop in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(stop, _RebuildStop.handle)
 
 
 _cancel_early(sys.argv[1:])
@@ -347,9 +351,9 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     bar = ProgressBar(sys.stderr)
 
     async def work(write_engine: Any, read_engine: Any) -> int:
-        # SIGTERM (a Job deleted, a pod evicted) stops it as Ctrl-C does: recorded as
-        # cancelled, the live version untouched. (Only the main thread can take signals.)
-        # SIGTERM cancels this task from here on (_RebuildStop, installed at the start).
+        # SIGTERM (a Job deleted, a pod evicted) and SIGINT (Ctrl-C) cancel this task from
+        # here on (_RebuildStop, installed at the start): recorded as cancelled, the live
+        # version untouched, unless the swap committed. (Only the main thread takes signals.)
         _RebuildStop.task = asyncio.current_task()
         _RebuildStop.loop = asyncio.get_running_loop()
         try:

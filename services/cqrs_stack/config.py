@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     # Rebuild: how long the version a swap replaced is kept for `cqrs-stack rebuild --rollback`
     # (0: dropped at once); the next rebuild or the projectors' housekeeping drops it then.
     rebuild_keep_previous_seconds: float = Field(default=3600.0, ge=0, le=30 * 24 * 3600)
+    # Rebuild: finished runs kept in rebuild_runs (the newest ones); each run's start deletes
+    # the older ones, so the table stays this small however many rebuilds ran.
+    rebuild_runs_kept: int = Field(default=100, ge=1, le=100_000)
     # Values a projector holds and sends in one statement at most (stream batches and sweep
     # pages alike); well below PostgreSQL's 1 GiB limit on one statement's parameter.
     projector_batch_max_bytes: int = Field(

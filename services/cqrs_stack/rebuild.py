@@ -7,7 +7,8 @@ rebuild of one model or several:
 1. **loads** a new version into the schema ``SHADOW_SCHEMA``: the commands of one write-DB
    snapshot, range of ids by range, by binary COPY piped with a bounded number of bytes in
    memory, into a staging table there, then each model's own ``effect`` (the statement the
-   projectors run) over the range, and a ledger row for each;
+   projectors run) once over the whole staged snapshot, and a ledger row for each (the
+   ledgers' indexes built after their rows);
 2. **catches up**: applies to the shadow, through the same set-based projection as the
    projectors (``apply_batch``, the shadow first on the ``search_path``), every command
    whose ledger row the live version has and the shadow lacks, in pages bounded by count and
@@ -91,13 +92,19 @@ _PAGE_COMMANDS = 10_000
 # applied inside the swap, while the projectors wait.
 _SWAP_REMAINDER = 2_000
 _CATCH_UP_ROUNDS = 20
-# Ids per range of the load: each range is piped, projected and its staging emptied in turn.
-# Large enough that splitting costs little (a key met again in the next range is an upsert),
-# small enough that the staging table stays small and progress moves.
+# Ids per range of the load's COPY: progress moves range by range (and within one, through
+# pg_stat_progress_copy). Every range goes into the one staging table: the models' effects run
+# once over the whole snapshot, so each model row is written once, not once per range (a key
+# met in every range was upserted as often: 10 M commands over 1 M keys took 174 s so, 18 s
+# in one statement).
 _LOAD_RANGE = 1_000_000
-# A range's copy counts for this fraction (1/n) of its commands in the run's progress, its
-# projection for the rest: measured, the projection takes about 4 times the copy's time.
-_COPY_SHARE = 5
+# The copy counts for this fraction (1/n) of the commands in the run's progress, the models'
+# effects over the staged snapshot for the rest: measured about even at 10 M commands.
+_COPY_SHARE = 2
+# The load's read-DB session: sorts and hashes of the effects in memory up to this much each
+# (not spilled at 4 MB, the server's default), and the deferred ledger indexes sorted in this.
+_LOAD_WORK_MEM = "64MB"
+_LOAD_MAINTENANCE_WORK_MEM = "256MB"
 # Bulk steps scale with the write DB, so they get their own bound instead of the per-statement
 # command timeout of request handling.
 _BULK_TIMEOUT = 6 * 3600.0
@@ -105,8 +112,9 @@ _BULK_TIMEOUT = 6 * 3600.0
 # A database refusing or gone, or a statement over its timeout.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
-# The commands of the load's snapshot, staged in the shadow (unlogged: it lives one rebuild)
-# for the models' effects to read as the projectors' batches read theirs.
+# The commands of the load's snapshot, staged in the shadow (unlogged, never vacuumed: it lives
+# one rebuild, and is only written, then read whole) for the models' effects to read as the
+# projectors' batches read theirs. Seen: autovacuum vacuuming 10 M staged rows during the load.
 _STAGED = f"{SHADOW_SCHEMA}.staged_commands"
 _STAGE_COLUMNS = ["position", "key", "value", "event_type", "created_at"]
 _STAGED_APPLIED = f"(SELECT position, key, event_type, created_at FROM {_STAGED})"
@@ -169,18 +177,17 @@ async def rebuild(
     """
     models = tuple(models)
 
-    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
-        done = await _build_and_swap(wconn, rconn, settings, writer, models, success)
-        return done
+    async def version_of(rconn: asyncpg.Connection) -> int:
+        if version is not None:
+            return version
+        live = await live_versions(rconn)
+        return max(live.get(model.name, INITIAL_VERSION) for model in models) + 1
 
-    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
-        if version is None:
-            live = await live_versions(rconn)
-            version = max(live.get(model.name, INITIAL_VERSION) for model in models) + 1
-        writer = ProgressWriter(
-            pconn, run_id or new_run_id(), [m.name for m in models], version, listener
-        )
-        return await _locked_run(wconn, rconn, writer, build, "done", "load")
+    async def build(wconn: asyncpg.Connection, rconn: asyncpg.Connection, run: _Run) -> int:
+        return await _build_and_swap(wconn, rconn, settings, run.writer, models, run.success)
+
+    run = _Run(models, run_id, listener, settings.rebuild_runs_kept, "done", "load")
+    return await run.under_lock(write_engine, read_engine, version_of, build)
 
 
 async def rollback(
@@ -202,21 +209,16 @@ async def rollback(
     """
     models = tuple(models)
 
-    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, success: str) -> int:
-        return await _roll_back(wconn, rconn, settings, writer, models, success)
-
-    async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
+    async def version_of(rconn: asyncpg.Connection) -> int:
         # The record only: its tables are checked under the lock, once a previous version a
-        # killed rollback left in the shadow is given back (_locked_run).
-        previous = await _kept_previous(rconn, models, tables=False)
-        writer = ProgressWriter(
-            pconn,
-            run_id or new_run_id(),
-            [m.name for m in models],
-            max(previous.values()),
-            listener,
-        )
-        return await _locked_run(wconn, rconn, writer, swap_back, "rolled-back", "catch-up")
+        # killed rollback left in the shadow is given back (_Run._locked).
+        return max((await _kept_previous(rconn, models, tables=False)).values())
+
+    async def swap_back(wconn: asyncpg.Connection, rconn: asyncpg.Connection, run: _Run) -> int:
+        return await _roll_back(wconn, rconn, settings, run.writer, models, run.success)
+
+    run = _Run(models, run_id, listener, settings.rebuild_runs_kept, "rolled-back", "catch-up")
+    return await run.under_lock(write_engine, read_engine, version_of, swap_back)
 
 
 @contextlib.asynccontextmanager
@@ -232,41 +234,93 @@ async def _sessions(
         yield await _driver(wsession), await _driver(rsession), await _driver(psession)
 
 
-async def _locked_run(
-    wconn: asyncpg.Connection,
-    rconn: asyncpg.Connection,
-    writer: ProgressWriter,
-    work: Callable[[asyncpg.Connection, asyncpg.Connection, str], Awaitable[int]],
-    success: str,
-    first_phase: str,
-) -> int:
-    """Run ``work`` holding the read DB's rebuild lock, recording how it ends in its progress
-    record: failed or cancelled, unless ``work`` recorded ``success`` (at its swap's commit:
-    what follows is clean-up, whose failure is only logged)."""
-    if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
-        await writer.refused("another rebuild of this read DB is running")
-        raise RebuildError("another rebuild of this read DB is running")
-    try:
-        # A rollback killed before its swap left the previous version in the shadow: kept again
-        # before anything else (a rebuild would drop the shadow, a rollback look for it).
-        await restore_stranded_previous(rconn)
-        await writer.start(first_phase)
+@dataclass
+class _Run:
+    """One recorded run of a rebuild or a rollback: what ``rebuild`` and ``rollback`` share.
+
+    ``success`` is the phase its swap's commit records (``_swapped``), ``first_phase`` the one
+    it starts in; ``writer`` exists once its sessions are open. Its start prunes the finished
+    runs but the newest ``kept_runs`` (REBUILD_RUNS_KEPT).
+    """
+
+    models: tuple[type[Projection], ...]
+    run_id: str | None
+    listener: Callable[[RunProgress], None] | None
+    kept_runs: int
+    success: str
+    first_phase: str
+    writer: ProgressWriter = field(init=False)
+
+    @property
+    def swapped(self) -> bool:
+        """Has the run's swap committed (and its record been started)?"""
+        return hasattr(self, "writer") and self.writer.phase == self.success
+
+    async def under_lock(
+        self,
+        write_engine: AsyncEngine,
+        read_engine: AsyncEngine,
+        version_of: Callable[[asyncpg.Connection], Awaitable[int]],
+        work: Callable[[asyncpg.Connection, asyncpg.Connection, _Run], Awaitable[int]],
+    ) -> int:
+        """Open the sessions, record the run as building ``version_of`` (the read DB's answer)
+        and run ``work`` holding the read DB's rebuild lock; return what it returns.
+
+        A cancel once the swap committed (SIGTERM, Ctrl-C while the lock is given back or the
+        sessions close) is no cancel: the run returns its count as swapped.
+        """
         try:
-            done = await work(wconn, rconn, success)
-        except (asyncio.CancelledError, KeyboardInterrupt):
-            if not writer.finished:  # else it ended at its swap, and stays so recorded
-                await writer.finish(
-                    "cancelled", "stopped before the swap; the live version is unchanged"
+            async with _sessions(write_engine, read_engine) as (wconn, rconn, pconn):
+                self.writer = ProgressWriter(
+                    pconn,
+                    self.run_id or new_run_id(),
+                    [m.name for m in self.models],
+                    await version_of(rconn),
+                    self.listener,
                 )
-            raise
-        except BaseException as exc:
-            if not writer.finished:
-                await writer.finish("failed", _reason(exc))
-            raise
-        return done
-    finally:
-        with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
-            await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
+                return await self._locked(wconn, rconn, work)
+        except asyncio.CancelledError:
+            if not self.swapped:
+                raise
+            _uncancel()
+            log.warning("swapped; a stop after the swap only cut its clean-up short")
+            return self.writer.done
+
+    async def _locked(
+        self,
+        wconn: asyncpg.Connection,
+        rconn: asyncpg.Connection,
+        work: Callable[[asyncpg.Connection, asyncpg.Connection, _Run], Awaitable[int]],
+    ) -> int:
+        """Run ``work`` holding the read DB's rebuild lock, recording how it ends: failed or
+        cancelled, unless ``work`` recorded ``success`` (at its swap's commit: what follows
+        is clean-up, whose failure is only logged)."""
+        writer = self.writer
+        if not await rconn.fetchval("SELECT pg_try_advisory_lock($1)", _REBUILD_LOCK_KEY):
+            await writer.refused("another rebuild of this read DB is running")
+            raise RebuildError("another rebuild of this read DB is running")
+        try:
+            # A rollback killed before its swap left the previous version in the shadow: kept
+            # again before anything else (a rebuild would drop the shadow, a rollback look for
+            # it).
+            await restore_stranded_previous(rconn)
+            await writer.start(self.first_phase)
+            await writer.prune(self.kept_runs)
+            try:
+                return await work(wconn, rconn, self)
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                if not writer.finished:  # else it ended at its swap, and stays so recorded
+                    await writer.finish(
+                        "cancelled", "stopped before the swap; the live version is unchanged"
+                    )
+                raise
+            except BaseException as exc:
+                if not writer.finished:
+                    await writer.finish("failed", _reason(exc))
+                raise
+        finally:
+            with contextlib.suppress(*_DB_ERRORS):  # a lost session has lost its lock too
+                await rconn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_KEY)
 
 
 def _reason(exc: BaseException) -> str:
@@ -709,15 +763,17 @@ async def _load(
 ) -> _Loaded:
     """COPY one write-DB snapshot's commands into the shadow, and project them there.
 
-    Range by range of ids (``_LOAD_RANGE``): each is piped into the staging table, projected
-    by every model, and the staging table emptied, so the run's progress moves with the load
-    and the staging table stays small. Every range is read in the one snapshot (which the
-    write DB keeps for the whole load).
+    Range by range of ids (``_LOAD_RANGE``), each range is piped into the staging table, all
+    in the one snapshot (which the write DB keeps for the copy only). Then each model's ledger
+    rows and its own effect, each one statement over the whole staged snapshot, into a
+    ledger without its indexes (a bulk build after the rows is cheaper than keeping a btree
+    up to date row by row); the indexes are built, the shadow analysed, the staging dropped.
+    The staging table takes about the commands' size on the read DB's disk meanwhile.
     """
     live = await _live_schema(rconn)
     await rconn.execute(
         f"CREATE UNLOGGED TABLE {_STAGED} (position bigint, key text, value text,"
-        " event_type text, created_at timestamptz)"
+        " event_type text, created_at timestamptz) WITH (autovacuum_enabled = false)"
     )
     async with wconn.transaction(isolation="repeatable_read", readonly=True):
         total, low, high, last_at, snapshot = await wconn.fetchrow(
@@ -725,10 +781,10 @@ async def _load(
             " pg_current_snapshot()::text FROM commands"
         )
         await writer.enter("load", 0, total)
-        done = 0
+        copied = 0
         for start in range(low, high + 1, _LOAD_RANGE):
-            async with _copy_progress(rconn, writer, done):
-                copied = await _pipe(
+            async with _copy_progress(rconn, writer, copied):
+                copied += await _pipe(
                     wconn,
                     "SELECT id, key, value, event_type, created_at FROM commands"
                     f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
@@ -737,10 +793,8 @@ async def _load(
                     _STAGE_COLUMNS,
                     settings,
                 )
-            await writer.advance(done + copied // _COPY_SHARE)
-            await _project_staged(rconn, live, models)
-            done += copied
-            await writer.advance(done)
+            await writer.advance(copied // _COPY_SHARE)
+    await _project_staged(rconn, live, models, writer, int(total))
     if PROGRESS_TABLE in models[0].tables:
         await rconn.execute(
             f"INSERT INTO {SHADOW_SCHEMA}.{PROGRESS_TABLE}"
@@ -751,7 +805,10 @@ async def _load(
             high,
             last_at,
         )
-    await rconn.execute(f"DROP TABLE {_STAGED}")
+    # Planner statistics of the new version, for the catch-up's and the readers' plans after
+    # the swap (a table swapped in is otherwise unanalysed until autovacuum comes by).
+    for table in _tables(models):
+        await rconn.execute(f"ANALYZE {SHADOW_SCHEMA}.{table}", timeout=_BULK_TIMEOUT)
     await writer.advance(int(total))
     return _Loaded(int(total), str(snapshot), models)
 
@@ -761,7 +818,7 @@ async def _copy_progress(
     rconn: asyncpg.Connection, writer: ProgressWriter, done: int
 ) -> AsyncIterator[None]:
     """While a range is piped: count its rows copied so far (``pg_stat_progress_copy`` of
-    ``rconn``'s backend) as 1/_COPY_SHARE of them done, the rest being its projection."""
+    ``rconn``'s backend) as 1/_COPY_SHARE of them done, the rest being their projection."""
     pid = rconn.get_server_pid()
     stop = asyncio.Event()
 
@@ -775,7 +832,7 @@ async def _copy_progress(
                 "SELECT tuples_processed FROM pg_stat_progress_copy WHERE pid = $1", pid
             )
             if copied is not None:
-                await writer.advance(done + int(copied) // _COPY_SHARE)
+                await writer.advance((done + int(copied)) // _COPY_SHARE)
 
     ticking = asyncio.create_task(tick())
     try:
@@ -787,15 +844,24 @@ async def _copy_progress(
 
 
 async def _project_staged(
-    rconn: asyncpg.Connection, live: str, models: tuple[type[Projection], ...]
+    rconn: asyncpg.Connection,
+    live: str,
+    models: tuple[type[Projection], ...],
+    writer: ProgressWriter,
+    total: int,
 ) -> None:
-    """Apply the staged commands to each shadow model (its own statement), then empty it."""
+    """Apply the staged snapshot to each shadow model (its ledger rows, then its own effect),
+    drop the staging table and build the ledgers' indexes, in one transaction."""
     span = await rconn.fetchrow(f"SELECT min(position), max(position) FROM {_STAGED}")
+    share = total - total // _COPY_SHARE
     with _refusals_named(span[0] or 0, span[1] or 0):
         async with rconn.transaction():
             # The models' own statements, pointed at the shadow for this transaction only.
             await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-            for model in models:
+            await rconn.execute(f"SET LOCAL work_mem = '{_LOAD_WORK_MEM}'")
+            await rconn.execute(f"SET LOCAL maintenance_work_mem = '{_LOAD_MAINTENANCE_WORK_MEM}'")
+            deferred = await _drop_indexes(rconn, [model.ledger for model in models])
+            for done, model in enumerate(models, 1):
                 await rconn.execute(
                     f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
                     timeout=_BULK_TIMEOUT,
@@ -803,7 +869,40 @@ async def _project_staged(
                 await rconn.execute(
                     model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
                 )
-            await rconn.execute(f"TRUNCATE {_STAGED}")
+                await writer.advance(total // _COPY_SHARE + share * done // len(models))
+            await rconn.execute(f"DROP TABLE {_STAGED}")
+            for statement in deferred:
+                await rconn.execute(statement, timeout=_BULK_TIMEOUT)
+
+
+async def _drop_indexes(rconn: asyncpg.Connection, tables: Sequence[str]) -> list[str]:
+    """Drop the indexes (and the constraints they back) of the shadow's ``tables``; return the
+    statements that build them again as they were, in the caller's transaction."""
+    rows = await rconn.fetch(
+        "SELECT t.relname, i.relname AS index, c.conname, pg_get_constraintdef(c.oid),"
+        " pg_get_indexdef(x.indexrelid)"
+        " FROM pg_index x JOIN pg_class t ON t.oid = x.indrelid"
+        " JOIN pg_class i ON i.oid = x.indexrelid"
+        " JOIN pg_namespace n ON n.oid = t.relnamespace"
+        " LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = t.oid"
+        " WHERE n.nspname = $1 AND t.relname = ANY($2::text[])",
+        SHADOW_SCHEMA,
+        list(tables),
+    )
+    build: list[str] = []
+    for table, index, constraint, constraint_def, index_def in rows:
+        if constraint is not None:
+            await rconn.execute(
+                f"ALTER TABLE {SHADOW_SCHEMA}.{_ident(table)} DROP CONSTRAINT {_ident(constraint)}"
+            )
+            build.append(
+                f"ALTER TABLE {SHADOW_SCHEMA}.{_ident(table)}"
+                f" ADD CONSTRAINT {_ident(constraint)} {constraint_def}"
+            )
+        else:
+            await rconn.execute(f"DROP INDEX {SHADOW_SCHEMA}.{_ident(index)}")
+            build.append(index_def)
+    return build
 
 
 async def _pipe(
@@ -999,7 +1098,8 @@ async def _verify(
         if await model.actual_for(rconn, []) is None:  # not per key: verified whole
             async with rconn.transaction(readonly=True):
                 await rconn.execute(f"SET LOCAL search_path = {SHADOW_SCHEMA}, {live}")
-                _fail_on(await whole_differences(wconn, rconn, model))
+                half = settings.rebuild_batch_max_bytes // 2
+                _fail_on(await whole_differences(wconn, rconn, model, half))
     log.info("rebuild verified keys=%d sample=%s", checked, sample or "all")
 
 

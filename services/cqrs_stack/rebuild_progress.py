@@ -195,6 +195,23 @@ class ProgressWriter:
         self._recorded_at = time.monotonic()
         return self._told(_run_of(row))
 
+    async def prune(self, kept: int) -> int:
+        """Delete the finished runs but the newest ``kept`` (REBUILD_RUNS_KEPT); return how
+        many. Called with the rebuild's lock held, after ``start``: this run is among them."""
+        try:
+            status = await self.conn.execute(
+                "DELETE FROM rebuild_runs WHERE run_id IN (SELECT run_id FROM rebuild_runs"
+                " WHERE phase = ANY($1::text[]) AND run_id <> $2"
+                " ORDER BY started_at DESC, run_id DESC OFFSET $3)",
+                list(FINISHED),
+                self.run_id,
+                kept,
+            )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log.warning("old rebuild runs not pruned run_id=%s error=%s", self.run_id, exc)
+            return 0
+        return int(status.rpartition(" ")[2])
+
     async def refused(self, error: str) -> None:
         """Record a run that could not start (another rebuild holds the lock), unless its id
         is already recorded (it may be that other run's)."""

@@ -61,6 +61,8 @@ async def differences(
 
 # Keys compared per round trip when verifying a sample: bounds the commands held at once.
 _SAMPLE_PAGE = 500
+# Command sizes listed per round trip when a model is verified whole (its pages follow).
+_SIZES_PAGE = 10_000
 # Choosing the sample reads every key of the write DB once: a bulk step's bound.
 _SAMPLE_TIMEOUT = 3600.0
 
@@ -172,13 +174,44 @@ def _pages(sizes: Sequence[tuple[int, int]], max_bytes: int | None) -> list[list
 
 
 async def whole_differences(
-    wconn: asyncpg.Connection, rconn: asyncpg.Connection, model: type[Projection]
+    wconn: asyncpg.Connection,
+    rconn: asyncpg.Connection,
+    model: type[Projection],
+    max_bytes: int,
 ) -> list[str]:
     """How ``model`` as ``rconn`` reads it differs from its pure function of every command it
-    applied: for a model whose entries combine several keys (``actual_for`` is None)."""
-    rows = await wconn.fetch("SELECT id, key, value, event_type, created_at FROM commands")
-    held = await _held(rconn, model, [Command(*row) for row in rows])
-    return compare(model.name, model.expected(held), await model.actual(rconn))
+    applied: for a model whose entries combine several keys (``actual_for`` is None).
+
+    The write DB's commands are read in order of position, in pages of at most ``max_bytes``
+    (keys and values; one command larger makes a page alone; at most _SIZES_PAGE sizes listed
+    at once), and each page's applied ones folded into the model's state (``Projection.fold``):
+    what is held is one page and that state, whatever the size of the write DB (the default
+    ``fold`` keeps every command; a model that folds into a summary holds the summary).
+    """
+    state: Any = None
+    after = 0
+    while True:
+        sizes = await wconn.fetch(
+            "SELECT id, octet_length(key) + octet_length(value) FROM commands"
+            " WHERE id > $1 ORDER BY id LIMIT $2",
+            after,
+            _SIZES_PAGE,
+        )
+        if not sizes:
+            break
+        after = sizes[-1][0]
+        for page in _pages([(row[0], row[1]) for row in sizes], max_bytes):
+            rows = await wconn.fetch(
+                "SELECT id, key, value, event_type, created_at FROM commands"
+                " WHERE id = ANY($1::bigint[]) ORDER BY id",
+                page,
+            )
+            commands = [Command(*row) for row in rows]
+            del rows
+            state = model.fold(state, await _held(rconn, model, commands))
+            del commands
+        del sizes
+    return compare(model.name, model.folded(state), await model.actual(rconn))
 
 
 async def _held(

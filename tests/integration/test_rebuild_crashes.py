@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -17,6 +18,7 @@ from cqrs_stack.db import driver_of
 from cqrs_stack.projections.records import Records
 from cqrs_stack.rebuild import RebuildError, rebuild
 from cqrs_stack.rebuild_progress import live_versions, read_run
+from cqrs_stack.verify import whole_differences
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
 from tests.integration.test_rebuild_versions import _planting
@@ -162,9 +164,53 @@ async def test_verify_holds_one_page_of_a_key_whose_history_is_past_the_bound(
     assert row is not None and row[0] == 100 and row[1].endswith("100")
 
 
-async def test_sigterm_after_the_swap_committed_reports_the_swap(stack: Stack) -> None:
-    """SIGTERM while the post-swap DROP of the shadow waits on a lock: exit 0, the swap
-    reported and recorded done, the clean-up left to the next run (which does it)."""
+class _WholeRecords(Records):
+    """``records`` as a model across keys would be verified: whole, not per key (no name of
+    its own, so not registered)."""
+
+    @classmethod
+    async def actual_for(cls, conn: asyncpg.Connection, keys: Sequence[str]) -> None:
+        return None
+
+
+async def test_a_model_verified_whole_holds_one_page_of_the_write_db(stack: Stack) -> None:
+    """120 values of 1 MiB over 3 keys (120 MiB, 30 times the bound of 4 MiB) verified whole:
+    the Python heap's peak is one page of commands, the fold's state (the first and newest
+    command of each key: 6 MiB) and the model's rows (3 MiB), far below the write DB; and a
+    difference is still found."""
+    await seed(stack, 20, 10)
+    async with stack.write_engine.begin() as session:
+        conn = await driver_of(session)
+        await conn.execute(
+            "INSERT INTO commands (key, value, event_type, published)"
+            " SELECT 'heavy' || (i % 3), repeat(md5(i::text), 32768) || i, 'RecordUpdated', true"
+            " FROM generate_series(1, 120) AS i"
+        )
+    await rebuild(stack.write_engine, stack.read_engine, stack.settings)
+    bound = 4 * _MIB
+    async with stack.write_engine.connect() as session, read_conn(stack) as rconn:
+        wconn = await driver_of(session)
+        tracemalloc.start()
+        try:
+            found = await whole_differences(wconn, rconn, _WholeRecords, bound)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert found == []
+        # Measured: 10.5 MiB (124.6 MiB when every command was held at once).
+        assert peak <= 4 * bound, f"peak {peak / _MIB:.1f} MiB"
+        await rconn.execute("UPDATE records SET write_count = 41 WHERE key = 'heavy1'")
+        found = await whole_differences(wconn, rconn, _WholeRecords, bound)
+    assert len(found) == 1 and "'heavy1'" in found[0], found
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_after_the_swap_committed_reports_the_swap(
+    stack: Stack, stop: signal.Signals
+) -> None:
+    """SIGTERM or SIGINT (Ctrl-C) while the post-swap DROP of the shadow waits on a lock:
+    exit 0, the swap reported and recorded done, the clean-up left to the next run (which
+    does it)."""
     await seed(stack, 500, 50)
     args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
     async with (
@@ -200,7 +246,7 @@ async def test_sigterm_after_the_swap_committed_reports_the_swap(stack: Stack) -
 
             await wait_until(dropping, 60, "the post-swap DROP to wait on its lock")
             assert await phase_is("done")
-            process.terminate()
+            process.send_signal(stop)
             _, err = await asyncio.wait_for(process.communicate(), 60)
         finally:
             await blocking.rollback()
@@ -212,6 +258,55 @@ async def test_sigterm_after_the_swap_committed_reports_the_swap(stack: Stack) -
     async with read_conn(stack) as conn:
         assert await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
         assert (await live_versions(conn))["records"] == 3
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_two_stops_while_a_committed_swap_is_recorded_still_report_it(
+    stack: Stack, stop: signal.Signals
+) -> None:
+    """The swap committed and its record waits on a lock: a stop, and a second one a moment
+    later (an impatient Ctrl-C), neither cancel nor cut the record short: exit 0, done."""
+    await seed(stack, 500, 50)
+    args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+    async with read_conn(stack) as writers, read_conn(stack) as holder, read_conn(stack) as conn:
+
+        async def phase_is(phase: str) -> bool:
+            run = await read_run(conn, "twice")
+            return run is not None and run.phase == phase
+
+        holding = holder.transaction()
+        await holding.start()
+        try:
+            async with writers.transaction():
+                # The swap waits behind the writers' lock until the run's record is held.
+                await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+                process = await asyncio.create_subprocess_exec(
+                    *args, "--run-id", "twice", env=env, stderr=asyncio.subprocess.PIPE
+                )
+                await wait_until(lambda: phase_is("swap"), 60, "the rebuild to reach its swap")
+                await holder.execute("SELECT 1 FROM rebuild_runs WHERE run_id = 'twice' FOR UPDATE")
+
+            async def recording() -> bool:
+                return (await live_versions(conn))["records"] == 2 and bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'UPDATE rebuild_runs%'"
+                    )
+                )
+
+            await wait_until(recording, 60, "the swap to commit and its record to wait")
+            process.send_signal(stop)
+            await asyncio.sleep(0.5)  # the second stop a moment later, not a wait for a state
+            process.send_signal(stop)
+            await asyncio.sleep(0.5)
+        finally:
+            await holding.rollback()
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, err.decode()
+        assert "cancelled" not in err.decode()
+        assert await phase_is("done")
+        assert (await live_versions(conn))["records"] == 2
+    await stack.assert_converges()
 
 
 async def test_a_command_the_read_db_refuses_fails_the_rebuild_without_its_value(

@@ -67,6 +67,42 @@ async def test_a_run_records_its_progress_through_the_phases(stack: Stack) -> No
     assert versions["records"] == versions["history"] == 2
 
 
+async def test_a_run_prunes_the_finished_runs_but_the_newest_kept(stack: Stack) -> None:
+    """REBUILD_RUNS_KEPT=2 and three finished runs before (one past the bound) plus one a dead
+    process left working: the run keeps the two newest finished ones besides itself (the dead
+    one is recorded failed first), and the next run again."""
+    await seed(stack, 100, 10)
+    async with read_conn(stack) as conn:
+        for age, run_id, phase in (
+            (40, "old-1", "done"),
+            (30, "old-2", "failed"),
+            (20, "old-3", "done"),
+            (10, "dead", "load"),
+        ):
+            await conn.execute(
+                "INSERT INTO rebuild_runs (run_id, models, version, phase, started_at)"
+                " VALUES ($1, '{records}', 2, $2, now() - make_interval(mins => $3))",
+                run_id,
+                phase,
+                age,
+            )
+    settings = stack.settings.model_copy(update={"rebuild_runs_kept": 2})
+    await rebuild(stack.write_engine, stack.read_engine, settings, run_id="new")
+    async with read_conn(stack) as conn:
+        rows = await conn.fetch("SELECT run_id, phase FROM rebuild_runs ORDER BY started_at")
+        assert [(r[0], r[1]) for r in rows] == [
+            ("old-3", "done"),
+            ("dead", "failed"),
+            ("new", "done"),
+        ]
+    await rebuild(stack.write_engine, stack.read_engine, settings, run_id="newer")
+    async with read_conn(stack) as conn:
+        kept = [
+            r[0] for r in await conn.fetch("SELECT run_id FROM rebuild_runs ORDER BY started_at")
+        ]
+    assert kept == ["dead", "new", "newer"]
+
+
 async def test_the_cli_records_its_run_id_and_version_and_one_model_moves_alone(
     stack: Stack,
 ) -> None:
