@@ -47,6 +47,9 @@ DELETE_TIMEOUT = float(os.environ.get("CQRS_OPERATOR_DELETE_TIMEOUT", "300"))
 MAX_RETRY_DELAY = 120.0
 PAUSE_ANNOTATION, PAUSED = "cqrs.dev/reconcile", "paused"
 IGNORED_PAUSE_REASON = "PauseValueIgnored"  # a cqrs.dev/reconcile value other than "paused"
+# Set on a stack being deleted once its teardown ended (delete_stack):
+# "<outcome> at <time> of deletion <deletionTimestamp>".
+TEARDOWN_ANNOTATION = "cqrs.dev/teardown"
 _LOCKS: dict[str, asyncio.Lock] = {}
 
 
@@ -267,16 +270,37 @@ async def watch_stack(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(*RESOURCE)
-async def delete_stack(meta: kopf.Meta, **kwargs: Any) -> None:
+async def delete_stack(meta: kopf.Meta, patch: kopf.Patch, **kwargs: Any) -> None:
     """deletionPolicy Delete drops the databases, role and stream this stack created (never
     adopted ones, never another stack's); Retain keeps them. A teardown that keeps failing
     is retried with back-off for CQRS_OPERATOR_DELETE_TIMEOUT seconds, then the finalizer is
-    released with a Warning Event naming what was left behind. A paused stack keeps all."""
+    released with a Warning Event naming what was left behind. A paused stack keeps all.
+
+    The teardown runs once per deletion: its end is recorded in annotation
+    ``cqrs.dev/teardown``. kopf forgets that its delete handler succeeded as soon as it does
+    (it purges its progress annotations) but keeps the finalizer while a timer's reconcile is
+    still exiting, and then calls the handler again; the record makes that call a no-op. A
+    teardown interrupted (the operator killed) has no record: the next call finishes it, each
+    step being idempotent (what is already gone is skipped)."""
     _fence(kwargs["memo"])
-    # The lock is taken, not only dropped: a timer's reconcile still running would otherwise
-    # overlap the teardown (and recreate what it drops). Dropped once the stack is gone.
-    async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
-        await _delete(meta=meta, **kwargs)
+    where = f"{meta['namespace']}/{meta['name']}"
+    # The record names the deletion it belongs to: one set beforehand (by hand) counts not.
+    deletion = meta.get("deletionTimestamp") or ""
+    done = (meta.get("annotations") or {}).get(TEARDOWN_ANNOTATION, "")
+    if deletion and done.endswith(f" of deletion {deletion}"):
+        log.info("stack %s: teardown already finished (%s): not run again", where, done)
+    else:
+        lock = _LOCKS.setdefault(meta["uid"], asyncio.Lock())
+        if lock.locked():
+            log.info("stack %s: teardown waits for the reconcile under way", where)
+        # The lock is taken, not only dropped: a timer's reconcile still running would
+        # otherwise overlap the teardown (and recreate what it drops).
+        async with lock:
+            outcome = await _delete(meta=meta, **kwargs)
+        # In the same request as kopf's purge of its own record: never one without the other.
+        patch.metadata.annotations[TEARDOWN_ANNOTATION] = (
+            f"{outcome} at {stack_status.now()} of deletion {deletion}"
+        )
     _LOCKS.pop(meta["uid"], None)
     # A DELETED watch event can be missed (a watch restarted): the stack is gone all the same.
     operator_metrics.STACKS.forget(meta["namespace"], meta["name"])
@@ -292,22 +316,24 @@ async def _delete(
     memo: kopf.Memo,
     logger: kopf.Logger,
     **_: Any,
-) -> None:
+) -> str:
+    """Tear the stack down as its deletionPolicy says; return the outcome's Event reason."""
     try:
         stack = _parse(spec, meta, status, memo)
     except SpecError as exc:
         kopf.warn(body, reason="CleanupSkipped", message=f"spec unreadable, nothing removed: {exc}")
-        return
+        return "CleanupSkipped"
     kept = (
         f"databases {stack.write_db.name}, {stack.read_db.name}, role {stack.role} "
         f"and stream {stack.stream_name}"
     )
     if paused(meta):
         kopf.info(body, reason="Retained", message=f"{PAUSE_ANNOTATION}: {PAUSED}: kept {kept}")
-        return
+        return "Retained"
     if stack.deletion_policy != "Delete":
         kopf.info(body, reason="Retained", message=f"deletionPolicy=Retain: kept {kept}")
-        return
+        return "Retained"
+    log.info("stack %s/%s: teardown started", stack.namespace, stack.name)
     try:
         dropped, left = await reconcile.teardown(memo.api, stack)
     except Exception as exc:  # any failure, not only ours: the finalizer is held only so long
@@ -321,7 +347,7 @@ async def _delete(
             # Logged too: a namespace being deleted accepts no new Events.
             logger.warning("CleanupAbandoned: %s", message)
             kopf.warn(body, reason="CleanupAbandoned", message=message)
-            return
+            return "CleanupAbandoned"
         raise kopf.TemporaryError(why, delay=backoff(retry)) from exc
     if dropped:
         kopf.info(
@@ -329,3 +355,4 @@ async def _delete(
         )
     if left:
         kopf.warn(body, reason="LeftBehind", message=f"not dropped: {', '.join(left)}")
+    return "LeftBehind" if left else "Dropped"
