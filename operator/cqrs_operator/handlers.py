@@ -26,10 +26,12 @@ import asyncio
 import datetime
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import kube, leadership, rebuild_job, reconcile, rotation
 from . import metrics as operator_metrics
@@ -194,20 +196,70 @@ async def _reconcile(
         updates = [invalid, *_resumed(body, meta, status)]
         patch.status.update(stack_status.summary(status, updates, generation))
         return None
+    # One lock per stack held across read, compute and write of the status: the creation
+    # handler (retrying) and the timer both reconcile, and a status left to kopf's patch
+    # would be written after the lock is released, so that an older reading (a lag, a
+    # condition) could land after a newer one. Under the lock each reconcile starts from
+    # the status the previous one wrote, and writes its own before the next one starts.
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
+        current = await _read_status(memo.api, meta)
+        if current is None:
+            return reconcile.Outcome()  # the stack is gone: nothing to do
+        if (current.get("observedGeneration") or 0) > (generation or 0):
+            # A newer spec was reconciled meanwhile: this call's spec is older, applying it
+            # would roll the stack back.
+            return reconcile.Outcome()
         outcome = await reconcile.reconcile(
             memo.api,
             stack,
-            status,
+            current,
             adopt=lambda manifest: kopf.adopt(manifest, owner=body),
             rotate=(meta.get("annotations") or {}).get(rotation.ROTATE_ANNOTATION, ""),
             rebuild=(meta.get("annotations") or {}).get(rebuild_job.REBUILD_ANNOTATION, ""),
         )
-    _report(body, status, outcome)
-    updates = [*outcome.conditions, *_resumed(body, meta, status)]
-    patch.status.update(stack_status.summary(status, updates, generation))
-    patch.status.update(outcome.extra)
+        _report(body, current, outcome)
+        updates = [*outcome.conditions, *_resumed(body, meta, current)]
+        written = stack_status.summary(current, updates, generation)
+        written.update(outcome.extra)
+        await _write_status(memo.api, meta, written)
     return outcome
+
+
+async def _read_status(api: Any, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The stack's status as the API server has it now (None: the stack is gone)."""
+    try:
+        obj = await client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"]
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    if (obj.get("metadata") or {}).get("uid") != meta["uid"]:
+        return None  # another stack of the same name: not this one's to write
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+async def _write_status(api: Any, meta: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    """Merge-patch ``fields`` into the stack's status (a stack deleted meanwhile is skipped)."""
+    # Typed loosely: the generated signature does not declare _content_type.
+    patch: Callable[..., Awaitable[Any]] = client.CustomObjectsApi(
+        api
+    ).patch_namespaced_custom_object_status
+    try:
+        await patch(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            PLURAL,
+            meta["name"],
+            {"status": fields},
+            _content_type="application/merge-patch+json",
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 @kopf.on.create(*RESOURCE)
