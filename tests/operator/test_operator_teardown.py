@@ -71,6 +71,16 @@ async def test_a_deletion_while_a_timer_reconciles_tears_down_once(env: Env) -> 
     await env.stacks.create(_isolated(env, "once", env.fresh))
     await env.stacks.wait_ready("once", env.operator)
 
+    # Ready may come from a timer while the creation handler still waits for a retry: let it
+    # finish first, so that the reconcile blocked below is the timer's (a blocked creation
+    # handler would hold kopf's processing of the deletion until the query times out).
+    async def created() -> bool:
+        return "Creation is processed" in env.operator.log_text()
+
+    await wait_until(
+        created, timeout=30, what="the creation handled", alive=env.operator.exit_reason
+    )
+
     # Block the timer's next reconcile where it reads the schema version of the write DB.
     blocker = await asyncpg.connect(env.write_pg.url(f"w_{env.fresh}"))
     try:
