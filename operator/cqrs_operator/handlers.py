@@ -26,10 +26,12 @@ import asyncio
 import datetime
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from . import kube, leadership, rebuild_job, reconcile, rotation
 from . import metrics as operator_metrics
@@ -47,6 +49,9 @@ DELETE_TIMEOUT = float(os.environ.get("CQRS_OPERATOR_DELETE_TIMEOUT", "300"))
 MAX_RETRY_DELAY = 120.0
 PAUSE_ANNOTATION, PAUSED = "cqrs.dev/reconcile", "paused"
 IGNORED_PAUSE_REASON = "PauseValueIgnored"  # a cqrs.dev/reconcile value other than "paused"
+# Set on a stack being deleted once its teardown ended (delete_stack):
+# "<outcome> at <time> of deletion <deletionTimestamp>".
+TEARDOWN_ANNOTATION = "cqrs.dev/teardown"
 _LOCKS: dict[str, asyncio.Lock] = {}
 
 
@@ -191,20 +196,70 @@ async def _reconcile(
         updates = [invalid, *_resumed(body, meta, status)]
         patch.status.update(stack_status.summary(status, updates, generation))
         return None
+    # One lock per stack held across read, compute and write of the status: the creation
+    # handler (retrying) and the timer both reconcile, and a status left to kopf's patch
+    # would be written after the lock is released, so that an older reading (a lag, a
+    # condition) could land after a newer one. Under the lock each reconcile starts from
+    # the status the previous one wrote, and writes its own before the next one starts.
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
+        current = await _read_status(memo.api, meta)
+        if current is None:
+            return reconcile.Outcome()  # the stack is gone: nothing to do
+        if (current.get("observedGeneration") or 0) > (generation or 0):
+            # A newer spec was reconciled meanwhile: this call's spec is older, applying it
+            # would roll the stack back.
+            return reconcile.Outcome()
         outcome = await reconcile.reconcile(
             memo.api,
             stack,
-            status,
+            current,
             adopt=lambda manifest: kopf.adopt(manifest, owner=body),
             rotate=(meta.get("annotations") or {}).get(rotation.ROTATE_ANNOTATION, ""),
             rebuild=(meta.get("annotations") or {}).get(rebuild_job.REBUILD_ANNOTATION, ""),
         )
-    _report(body, status, outcome)
-    updates = [*outcome.conditions, *_resumed(body, meta, status)]
-    patch.status.update(stack_status.summary(status, updates, generation))
-    patch.status.update(outcome.extra)
+        _report(body, current, outcome)
+        updates = [*outcome.conditions, *_resumed(body, meta, current)]
+        written = stack_status.summary(current, updates, generation)
+        written.update(outcome.extra)
+        await _write_status(memo.api, meta, written)
     return outcome
+
+
+async def _read_status(api: Any, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The stack's status as the API server has it now (None: the stack is gone)."""
+    try:
+        obj = await client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], PLURAL, meta["name"]
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    if (obj.get("metadata") or {}).get("uid") != meta["uid"]:
+        return None  # another stack of the same name: not this one's to write
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+async def _write_status(api: Any, meta: Mapping[str, Any], fields: dict[str, Any]) -> None:
+    """Merge-patch ``fields`` into the stack's status (a stack deleted meanwhile is skipped)."""
+    # Typed loosely: the generated signature does not declare _content_type.
+    patch: Callable[..., Awaitable[Any]] = client.CustomObjectsApi(
+        api
+    ).patch_namespaced_custom_object_status
+    try:
+        await patch(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            PLURAL,
+            meta["name"],
+            {"status": fields},
+            _content_type="application/merge-patch+json",
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 @kopf.on.create(*RESOURCE)
@@ -267,16 +322,37 @@ async def watch_stack(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(*RESOURCE)
-async def delete_stack(meta: kopf.Meta, **kwargs: Any) -> None:
+async def delete_stack(meta: kopf.Meta, patch: kopf.Patch, **kwargs: Any) -> None:
     """deletionPolicy Delete drops the databases, role and stream this stack created (never
     adopted ones, never another stack's); Retain keeps them. A teardown that keeps failing
     is retried with back-off for CQRS_OPERATOR_DELETE_TIMEOUT seconds, then the finalizer is
-    released with a Warning Event naming what was left behind. A paused stack keeps all."""
+    released with a Warning Event naming what was left behind. A paused stack keeps all.
+
+    The teardown runs once per deletion: its end is recorded in annotation
+    ``cqrs.dev/teardown``. kopf forgets that its delete handler succeeded as soon as it does
+    (it purges its progress annotations) but keeps the finalizer while a timer's reconcile is
+    still exiting, and then calls the handler again; the record makes that call a no-op. A
+    teardown interrupted (the operator killed) has no record: the next call finishes it, each
+    step being idempotent (what is already gone is skipped)."""
     _fence(kwargs["memo"])
-    # The lock is taken, not only dropped: a timer's reconcile still running would otherwise
-    # overlap the teardown (and recreate what it drops). Dropped once the stack is gone.
-    async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
-        await _delete(meta=meta, **kwargs)
+    where = f"{meta['namespace']}/{meta['name']}"
+    # The record names the deletion it belongs to: one set beforehand (by hand) counts not.
+    deletion = meta.get("deletionTimestamp") or ""
+    done = (meta.get("annotations") or {}).get(TEARDOWN_ANNOTATION, "")
+    if deletion and done.endswith(f" of deletion {deletion}"):
+        log.info("stack %s: teardown already finished (%s): not run again", where, done)
+    else:
+        lock = _LOCKS.setdefault(meta["uid"], asyncio.Lock())
+        if lock.locked():
+            log.info("stack %s: teardown waits for the reconcile under way", where)
+        # The lock is taken, not only dropped: a timer's reconcile still running would
+        # otherwise overlap the teardown (and recreate what it drops).
+        async with lock:
+            outcome = await _delete(meta=meta, **kwargs)
+        # In the same request as kopf's purge of its own record: never one without the other.
+        patch.metadata.annotations[TEARDOWN_ANNOTATION] = (
+            f"{outcome} at {stack_status.now()} of deletion {deletion}"
+        )
     _LOCKS.pop(meta["uid"], None)
     # A DELETED watch event can be missed (a watch restarted): the stack is gone all the same.
     operator_metrics.STACKS.forget(meta["namespace"], meta["name"])
@@ -292,22 +368,24 @@ async def _delete(
     memo: kopf.Memo,
     logger: kopf.Logger,
     **_: Any,
-) -> None:
+) -> str:
+    """Tear the stack down as its deletionPolicy says; return the outcome's Event reason."""
     try:
         stack = _parse(spec, meta, status, memo)
     except SpecError as exc:
         kopf.warn(body, reason="CleanupSkipped", message=f"spec unreadable, nothing removed: {exc}")
-        return
+        return "CleanupSkipped"
     kept = (
         f"databases {stack.write_db.name}, {stack.read_db.name}, role {stack.role} "
         f"and stream {stack.stream_name}"
     )
     if paused(meta):
         kopf.info(body, reason="Retained", message=f"{PAUSE_ANNOTATION}: {PAUSED}: kept {kept}")
-        return
+        return "Retained"
     if stack.deletion_policy != "Delete":
         kopf.info(body, reason="Retained", message=f"deletionPolicy=Retain: kept {kept}")
-        return
+        return "Retained"
+    log.info("stack %s/%s: teardown started", stack.namespace, stack.name)
     try:
         dropped, left = await reconcile.teardown(memo.api, stack)
     except Exception as exc:  # any failure, not only ours: the finalizer is held only so long
@@ -321,7 +399,7 @@ async def _delete(
             # Logged too: a namespace being deleted accepts no new Events.
             logger.warning("CleanupAbandoned: %s", message)
             kopf.warn(body, reason="CleanupAbandoned", message=message)
-            return
+            return "CleanupAbandoned"
         raise kopf.TemporaryError(why, delay=backoff(retry)) from exc
     if dropped:
         kopf.info(
@@ -329,3 +407,4 @@ async def _delete(
         )
     if left:
         kopf.warn(body, reason="LeftBehind", message=f"not dropped: {', '.join(left)}")
+    return "LeftBehind" if left else "Dropped"

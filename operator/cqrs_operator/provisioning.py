@@ -738,12 +738,18 @@ async def stream_health(
     return found
 
 
-async def delete_owned_stream(url: str, stream: str, uid: str, ca_pem: str | None = None) -> bool:
+async def delete_owned_stream(
+    url: str, stream: str, uid: str, ca_pem: str | None = None
+) -> bool | None:
     """Delete the stream, its dead letters (stream and marks) and owner key if this stack
-    created them; True when deleted, False when left (adopted, another stack's, unmarked)."""
+    created them; True when deleted, False when left (adopted, another stack's, unmarked),
+    None when there is neither stream nor owner key (an earlier teardown deleted them)."""
     redis = _redis(url, ca_pem)
     try:
-        if not may_drop(parse_marker(await redis.get(owner_key(stream))), uid):
+        marker = parse_marker(await redis.get(owner_key(stream)))
+        if marker is None and not await redis.exists(stream):
+            return None
+        if not may_drop(marker, uid):
             return False
         await redis.delete(
             stream, dead_letter_stream_of(stream), dead_letter_marks_of(stream), owner_key(stream)

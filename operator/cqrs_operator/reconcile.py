@@ -1583,11 +1583,12 @@ async def teardown(api: client.ApiClient, spec: StackSpec) -> tuple[list[str], l
     tls = await database_tls(api, spec)
     dropped, left = await provisioning.drop_owned(logins, spec.role, spec.uid, tls)
     redis = await redis_access(api, spec)
-    if await provisioning.delete_owned_stream(
+    deleted = await provisioning.delete_owned_stream(
         redis.operator_url, spec.stream_name, spec.uid, redis.ca_pem
-    ):
+    )
+    if deleted:
         dropped.append(f"stream {spec.stream_name}")
-    else:
+    elif deleted is False:  # None: already gone (a teardown interrupted after this step)
         left.append(f"stream {spec.stream_name} (not created by this stack)")
     if redis.admin is not None and await provisioning.delete_acl_user(
         redis.base_url, redis.admin, spec.redis_user, redis.ca_pem
