@@ -575,6 +575,19 @@ class Bench:
             ),
             file=sys.stderr,
         )
+        # Peak RSS of the API and the projector in each phase at both sizes: flat with the data?
+        rss = self.monitor.phase_rss_mb
+        self.results["large"]["peak_rss_mb"] = {
+            phase: {name: rss[phase].get(name) for name in ("api", "projector")}
+            for phase in _RSS_PHASES
+            if phase in rss
+        }
+        for phase, figures in self.results["large"]["peak_rss_mb"].items():
+            print(
+                f"bench: peak RSS {phase}: api {figures['api']} MB,"
+                f" projector {figures['projector']} MB",
+                file=sys.stderr,
+            )
         for size in ("small", "large"):
             sweep_figures = self.results["large"][size]["sweep"]
             print(
@@ -584,6 +597,9 @@ class Bench:
                 file=sys.stderr,
             )
 
+
+# The phases whose peak RSS the large-data phase prints: small, seeding, large.
+_RSS_PHASES = ("writes-64", "reads-spread", "large-seed", "writes-large-64", "reads-large-spread")
 
 # Seeding, in SQL: ten commands per key, keys in index order (zero-padded), so that the key
 # index is built at its right edge; one transaction, like a bulk load.
