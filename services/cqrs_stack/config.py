@@ -177,6 +177,9 @@ class Settings(BaseSettings):
     projector_stopped_after: float = Field(default=30.0, ge=1, le=3600)
     projector_health_interval: float = Field(default=10.0, ge=0.1, le=3600)
     read_count_flush_interval: float = Field(default=0.2, gt=0)
+    # SELECTs of records a read API process runs at a time; reads that arrive meanwhile wait
+    # for one to end and share the next (fewer, larger queries as the load grows).
+    read_select_concurrency: int = Field(default=2, ge=1, le=1000)
     # Distinct keys whose reads may wait in memory for a flush (a read DB that refuses flushes
     # for long); reads of further keys are answered but not counted.
     read_count_max_keys: int = Field(default=100_000, ge=1, le=10_000_000)

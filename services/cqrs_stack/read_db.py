@@ -52,7 +52,11 @@ class RecordReader:
     The reads that arrive during one turn of the event loop become one ``key = ANY($1)``
     query on one pooled connection, so under load the per-read cost of acquiring a connection
     and of a round trip is paid once per batch; a lone read still runs at once (next turn).
-    A plain autocommit read: no transaction, no locks.
+    At most ``concurrency`` SELECTs run at a time: reads that arrive while they do wait for
+    the first to end and go together in the next, so the batches grow with the load instead
+    of the number of queries (each one costs the API and the read DB the same whatever its
+    keys: a statement's round trip, its bind and its plan). A plain autocommit read: no
+    transaction, no locks.
 
     An answer's ``read_count`` is the row's plus the reads ``counter`` holds in memory
     (pending or in a flush not committed yet). Only a flush of one of the SELECT's keys that
@@ -60,11 +64,13 @@ class RecordReader:
     such a SELECT runs again at once. A flush held by a row lock delays no read.
     """
 
-    def __init__(self, pool: asyncpg.Pool, counter: ReadCounter) -> None:
+    def __init__(self, pool: asyncpg.Pool, counter: ReadCounter, concurrency: int = 2) -> None:
         self._pool = pool
         self._counter = counter
+        self._concurrency = concurrency
         self._waiting: dict[str, list[_Answer]] = {}
         self._fetching: set[asyncio.Task[None]] = set()
+        self._scheduled = False  # a _start_batch is due in the loop's next turn
 
     async def get(self, key: str, within: float | None = None) -> dict[str, Any] | None:
         """Return the record of ``key`` as a new dict, or None; count the read if found.
@@ -74,7 +80,8 @@ class RecordReader:
         (answered 503) and is not counted; the shared SELECT goes on for the others.
         """
         loop = asyncio.get_running_loop()
-        if not self._waiting:
+        if not self._scheduled and len(self._fetching) < self._concurrency:
+            self._scheduled = True
             loop.call_soon(self._start_batch)
         answer: _Answer = loop.create_future()
         self._waiting.setdefault(key, []).append(answer)
@@ -87,10 +94,19 @@ class RecordReader:
             raise OperationalError("read", None, exc) from exc
 
     def _start_batch(self) -> None:
+        self._scheduled = False
+        if not self._waiting or len(self._fetching) >= self._concurrency:
+            return  # nothing to read, or the end of a running SELECT starts the next
         batch, self._waiting = self._waiting, {}
         task = asyncio.create_task(self._fetch(batch))
         self._fetching.add(task)
-        task.add_done_callback(self._fetching.discard)
+        task.add_done_callback(self._fetched)
+
+    def _fetched(self, task: asyncio.Task[None]) -> None:
+        """A SELECT ended: the reads that waited for a free one go in the next."""
+        self._fetching.discard(task)
+        if self._waiting:
+            self._start_batch()
 
     async def _fetch(self, batch: dict[str, list[_Answer]]) -> None:
         try:

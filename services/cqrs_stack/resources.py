@@ -200,7 +200,9 @@ async def open_resources(
             first_after=counter.interval,
             essential=False,  # reads are answered without it (counts wait in memory)
         )
-        resources.records = RecordReader(resources.read_pool, counter)
+        resources.records = RecordReader(
+            resources.read_pool, counter, settings.read_select_concurrency
+        )
     if role == "projector":
         resources.projector = Projector(
             settings,
