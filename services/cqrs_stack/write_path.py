@@ -213,7 +213,8 @@ class CommandWriter:
         if self._queue.empty():
             try:
                 # Bounded, so that the loop sees ``_closed`` while no request comes.
-                first = await asyncio.wait_for(self._queue.get(), _IDLE_WAKE)
+                async with asyncio.timeout(_IDLE_WAKE):  # no task per idle wait
+                    first = await self._queue.get()
             except TimeoutError:
                 return
         else:
@@ -409,18 +410,17 @@ class CommandWriter:
             spans = self._tracing.publishing([p.trace for p, _ in fresh], name)
             traceparents = spans.traceparents()
         try:
-            event_ids: list[str | None] = list(
-                await asyncio.wait_for(
-                    stream.publish(
+            # A timeout in this task, not wait_for's task per batch.
+            async with asyncio.timeout(self._settings.redis_timeout):
+                event_ids: list[str | None] = list(
+                    await stream.publish(
                         self._redis,
                         self._settings.event_stream_name,
                         commands,
                         self._settings.stream_max_length,
                         traceparents,
-                    ),
-                    self._settings.redis_timeout,
+                    )
                 )
-            )
         except (RedisError, OSError) as exc:  # TimeoutError is an OSError
             if spans is not None:
                 spans.end(exc)
