@@ -144,7 +144,7 @@ class HotPaths:
         except Exception as exc:
             return await _dependency_down(exc, scope, send)
         extra = [(name.encode(), value.encode()) for name, value in answer.headers.items()]
-        await _send_json(send, answer.body.model_dump_json().encode(), extra)
+        await _send_json(send, answer.json(), extra)
         return 200
 
     def _length_in_bounds(self, headers: dict[bytes, bytes]) -> bool:
