@@ -68,7 +68,8 @@ exit 0
 # The test interpreter of kind.sh's suite run: records the environment the suite would get.
 PYTHON = r"""#!/usr/bin/env bash
 echo "suite E2E_KUBECONFIG=${E2E_KUBECONFIG:-} E2E_HELM_ARGS=${E2E_HELM_ARGS:-}" >>"$STUB/calls"
-echo "previous E2E_PREVIOUS_CHART=${E2E_PREVIOUS_CHART:-} E2E_PREVIOUS_TAG=${E2E_PREVIOUS_TAG:-}" >>"$STUB/calls"
+previous="E2E_PREVIOUS_CHART=${E2E_PREVIOUS_CHART:-} E2E_PREVIOUS_TAG=${E2E_PREVIOUS_TAG:-}"
+echo "previous $previous" >>"$STUB/calls"
 """
 
 # The previous release, "built": its tag, as tests/cluster/previous-release.sh prints it.
