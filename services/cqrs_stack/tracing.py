@@ -32,9 +32,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -50,7 +51,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, events
-from .config import Settings
+from .config import HEADER_VARIABLES, Settings
 from .errors import TracingUnavailable
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,29 @@ def start_tracing(settings: Settings, role: str) -> Tracing:
     return Tracing(provider)
 
 
+# OTEL_EXPORTER_OTLP_*HEADERS as the OTLP exporter parses them (liberally): comma-separated
+# name=value, the name an HTTP token, the value visible ASCII or spaces without , ; " or \.
+_HEADER_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER_VALUE = r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
+_HEADER_ENTRY = re.compile(rf"[ \t]*{_HEADER_NAME}[ \t]*=[ \t]*{_HEADER_VALUE}[ \t]*")
+_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
+
+
+def check_headers(environ: Mapping[str, str]) -> None:
+    """Refuse headers for the collector that the exporter would drop with a warning echoing
+    the entry (an API key in clear): a ``TracingUnavailable`` naming the variable only."""
+    for variable in HEADER_VARIABLES:
+        value = environ.get(variable)
+        if value is None:
+            continue
+        for entry in _HEADER_DELIMITER.split(value):
+            if entry and not _HEADER_ENTRY.fullmatch(entry.strip()):
+                raise TracingUnavailable(
+                    f"{variable}: not a comma-separated list of name=value headers (a value "
+                    'URL-encoded, without , ; " or \\); its value is not shown'
+                )
+
+
 def _exporters(names: str) -> list[SpanExporter]:
     """The exporters OTEL_TRACES_EXPORTER names: otlp (over HTTP, the OTEL_EXPORTER_OTLP_*
     variables), console, none."""
@@ -331,4 +355,5 @@ def _otlp_exporter() -> SpanExporter:
             "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp-proto-http"
             " (pip install 'cqrs-stack[tracing]')"
         ) from exc
+    check_headers(os.environ)
     return OTLPSpanExporter()
