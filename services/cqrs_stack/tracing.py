@@ -293,10 +293,30 @@ def start_tracing(settings: Settings, role: str) -> Tracing:
     # (OTEL_BSP_*) are read from the environment by the SDK itself.
     provider = TracerProvider(resource=Resource.create(attributes))
     for exporter in _exporters(os.environ.get("OTEL_TRACES_EXPORTER", "otlp")):
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(_batching(exporter))
     trace.set_tracer_provider(provider)
     log.info("tracing on service=%s", provider.resource.attributes.get("service.name"))
     return Tracing(provider)
+
+
+# The BatchSpanProcessor's arguments, as its ValueError names them, and their variables.
+_BSP_VARIABLES = {
+    "max_export_batch_size": "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "schedule_delay_millis": "OTEL_BSP_SCHEDULE_DELAY",
+    "max_queue_size": "OTEL_BSP_MAX_QUEUE_SIZE",
+}
+
+
+def _batching(exporter: SpanExporter) -> BatchSpanProcessor:
+    """A BatchSpanProcessor as the OTEL_BSP_* variables say; values it refuses are a
+    ``TracingUnavailable`` naming the variables (the SDK's ValueError names its arguments)."""
+    try:
+        return BatchSpanProcessor(exporter)
+    except ValueError as exc:
+        message = str(exc).rstrip(".")
+        for argument, variable in _BSP_VARIABLES.items():
+            message = message.replace(argument, variable)
+        raise TracingUnavailable(message) from None
 
 
 # OTEL_EXPORTER_OTLP_*HEADERS as the OTLP exporter parses them (liberally): comma-separated

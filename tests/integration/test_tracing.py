@@ -449,3 +449,23 @@ def test_header_values_are_hidden_in_every_log_line(monkeypatch: pytest.MonkeyPa
         sdk_log.removeHandler(handler)
     assert len(lines) == 2 and "Header format invalid" in lines[0], lines
     assert not [line for line in lines if SECRET in line], lines
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5000"),  # past the queue's 2048
+        ("OTEL_BSP_SCHEDULE_DELAY", "-1"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+    ],
+)
+async def test_batching_the_sdk_refuses_is_a_configuration_error(
+    stack: Stack, variable: str, value: str
+) -> None:
+    """An OTEL_BSP_* value the SDK's BatchSpanProcessor refuses: exit 2 naming the variable,
+    as other configuration errors, not exit 70 (a bug) with the SDK's ValueError."""
+    code, err = await config_error(stack, OTEL_TRACES_EXPORTER="console", **{variable: value})
+    assert code == 2, err
+    assert f"TRACING: {variable} must be" in err, err
+    assert "ValueError" not in err
