@@ -30,6 +30,7 @@ Keys and values are never span attributes.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import re
@@ -150,9 +151,13 @@ class Tracing:
                 with suppress(RuntimeError):  # the loop is closed already: nobody waits
                     loop.call_soon_threadsafe(finished)
 
+        # The SDK's own exit hook would shut the provider down again at exit, in the main
+        # thread: were this thread not yet past its start then, that call would wait for the
+        # hung export, unbounded by SHUTDOWN_TIMEOUT.
+        atexit.unregister(self._provider.shutdown)
         threading.Thread(target=export, name="tracing-shutdown", daemon=True).start()
         try:
-            async with asyncio.timeout(max(within, 0.1)):
+            async with asyncio.timeout(max(within, 0.0)):
                 await done
         except TimeoutError:
             log.warning("tracing: spans still queued at exit were not exported")

@@ -469,3 +469,44 @@ async def test_batching_the_sdk_refuses_is_a_configuration_error(
     assert code == 2, err
     assert f"TRACING: {variable} must be" in err, err
     assert "ValueError" not in err
+
+
+# What a process takes past its stop: uvicorn notices the signal and ends its serve loop on a
+# 0.1 s tick, then the interpreter exits; 0.22-0.27 s in all with TRACING off and
+# SHUTDOWN_TIMEOUT=0 on a loaded 2-core machine (load average 6.6).
+EXIT_SLACK = 0.5
+
+
+@pytest.mark.parametrize("shutdown_timeout", [0, 1])
+async def test_a_hung_collector_holds_the_stop_no_longer_than_shutdown_timeout(
+    stack: Stack, shutdown_timeout: int
+) -> None:
+    """A collector that accepts the connection and never answers, an export waiting on it and
+    spans queued behind it: from SIGTERM to the process gone takes SHUTDOWN_TIMEOUT and no
+    more than the exit's slack (EXIT_SLACK), also when SHUTDOWN_TIMEOUT=0."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        hung.settimeout(20)
+        api = await stack.launch(
+            "write-api",
+            TRACING="true",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{hung.getsockname()[1]}",
+            OTEL_BSP_SCHEDULE_DELAY="50",
+            SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+        )
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+            answer = await client.post("/write", json={"key": "k", "value": "v"})
+            assert answer.status_code == 200, answer.text
+            accepted = (await asyncio.to_thread(hung.accept))[0]  # the export waits on it
+            more = await client.post("/write", json={"key": "k2", "value": "v"})
+            assert more.status_code == 200, more.text
+        try:
+            started = time.monotonic()
+            api.process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(api.process.wait, 30)
+            took = time.monotonic() - started
+        finally:
+            accepted.close()
+    assert code in (0, -signal.SIGTERM), api.log()[-3000:]
+    assert took < shutdown_timeout + EXIT_SLACK, f"the stop took {took:.2f}s:\n{api.log()[-2000:]}"
