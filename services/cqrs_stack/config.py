@@ -49,6 +49,8 @@ _TEXT_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*:)[^\s@
 _QUERY_PASSWORD = re.compile(r"((?:^|[?&\s;])password=)[^&\s'\"]*", re.IGNORECASE)
 # The variables whose values are or carry secrets.
 SECRET_VARIABLES = ("WRITE_DB_URL", "READ_DB_URL", "REDIS_URL", "WRITE_API_TOKEN")
+# The OTLP exporter's headers for the collector (TRACING): their values are credentials.
+HEADER_VARIABLES = ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")
 
 
 def url_password(url: str) -> str | None:
@@ -75,8 +77,23 @@ def known_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
         secret = value if name == "WRITE_API_TOKEN" else url_password(value)
         if secret:
             found |= {secret, unquote(secret)}
+    for name in HEADER_VARIABLES:
+        found |= header_values(environ.get(name, ""))
     # Too short a "secret" would blank out ordinary words; such a password is not a secret.
     return {s for s in found if len(s) >= 3}
+
+
+def header_values(headers: str) -> set[str]:
+    """The values of comma-separated ``name=value`` headers (as written and decoded, each
+    stripped); an entry without ``=`` (``Authorization: Bearer ...``) counts whole, so that
+    even a malformed entry echoed by a library is hidden."""
+    found: set[str] = set()
+    for entry in headers.split(","):
+        value = entry.partition("=")[2] if "=" in entry else entry
+        value = value.strip()
+        if value:
+            found |= {value, unquote(value).strip()}
+    return found
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:

@@ -248,5 +248,6 @@ async def close_resources(resources: Resources) -> None:
         resources.write_pool.terminate()
         resources.read_pool.terminate()
     if resources.tracing is not None:
-        await resources.tracing.shutdown(max(deadline - loop.time(), _DISCONNECT_FLOOR))
+        # What is left of SHUTDOWN_TIMEOUT only, no floor: an export is worth no overrun.
+        await resources.tracing.shutdown(max(0.0, deadline - loop.time()))
     log.info("stopped role=%s", resources.role)

@@ -771,7 +771,17 @@ class Redis(Model):
 # ------------------------------------------------------------------ tracing
 
 # An OTLP/HTTP collector's base URL: http(s), a host, no login (headers carry credentials).
-OTLP_ENDPOINT_PATTERN = r"^https?://[^/?#@\s]+(/[^?#\s]*)?$"
+# Explicit ASCII classes of RFC 3986's characters only, so that the API server (RE2) and the
+# operator (Python) read it alike (``\s`` differs between them); no ``$`` anywhere (the kubelet
+# would expand ``$(WRITE_DB_URL)`` in the pod's env), no ``@`` before the path (a login), no
+# ``?`` or ``#`` (a query, a fragment); ``%`` only as a percent-escape. Checked with
+# ``fullmatch`` in Python, whose ``$`` also matches before a trailing newline.
+_URL_UNRESERVED = r"A-Za-z0-9._~!&'()*+,;="  # unreserved and sub-delims but ``$`` (and -)
+_URL_ESCAPE = "%[0-9A-Fa-f]{2}"
+OTLP_ENDPOINT_PATTERN = (
+    rf"^https?://(\[[0-9A-Fa-f:.]+\]|([{_URL_UNRESERVED}-]|{_URL_ESCAPE})+)(:[0-9]{{1,5}})?"
+    rf"(/([{_URL_UNRESERVED}:@-]|{_URL_ESCAPE})*)*$"
+)
 SampleRatio = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -818,7 +828,7 @@ class Tracing(Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(OTLP_ENDPOINT_PATTERN, value):
+        if value is not None and not re.fullmatch(OTLP_ENDPOINT_PATTERN, value):
             raise ValueError(
                 "must be an http:// or https:// URL of the collector, with a host and without "
                 "a login (user:password@), a query or a fragment"

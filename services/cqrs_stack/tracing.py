@@ -30,11 +30,13 @@ Keys and values are never span attributes.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
+import re
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -50,7 +52,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, events
-from .config import Settings
+from .config import HEADER_VARIABLES, Settings
 from .errors import TracingUnavailable
 
 log = logging.getLogger(__name__)
@@ -149,9 +151,13 @@ class Tracing:
                 with suppress(RuntimeError):  # the loop is closed already: nobody waits
                     loop.call_soon_threadsafe(finished)
 
+        # The SDK's own exit hook would shut the provider down again at exit, in the main
+        # thread: were this thread not yet past its start then, that call would wait for the
+        # hung export, unbounded by SHUTDOWN_TIMEOUT.
+        atexit.unregister(self._provider.shutdown)
         threading.Thread(target=export, name="tracing-shutdown", daemon=True).start()
         try:
-            async with asyncio.timeout(max(within, 0.1)):
+            async with asyncio.timeout(max(within, 0.0)):
                 await done
         except TimeoutError:
             log.warning("tracing: spans still queued at exit were not exported")
@@ -292,10 +298,53 @@ def start_tracing(settings: Settings, role: str) -> Tracing:
     # (OTEL_BSP_*) are read from the environment by the SDK itself.
     provider = TracerProvider(resource=Resource.create(attributes))
     for exporter in _exporters(os.environ.get("OTEL_TRACES_EXPORTER", "otlp")):
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(_batching(exporter))
     trace.set_tracer_provider(provider)
     log.info("tracing on service=%s", provider.resource.attributes.get("service.name"))
     return Tracing(provider)
+
+
+# The BatchSpanProcessor's arguments, as its ValueError names them, and their variables.
+_BSP_VARIABLES = {
+    "max_export_batch_size": "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "schedule_delay_millis": "OTEL_BSP_SCHEDULE_DELAY",
+    "max_queue_size": "OTEL_BSP_MAX_QUEUE_SIZE",
+}
+
+
+def _batching(exporter: SpanExporter) -> BatchSpanProcessor:
+    """A BatchSpanProcessor as the OTEL_BSP_* variables say; values it refuses are a
+    ``TracingUnavailable`` naming the variables (the SDK's ValueError names its arguments)."""
+    try:
+        return BatchSpanProcessor(exporter)
+    except ValueError as exc:
+        message = str(exc).rstrip(".")
+        for argument, variable in _BSP_VARIABLES.items():
+            message = message.replace(argument, variable)
+        raise TracingUnavailable(message) from None
+
+
+# OTEL_EXPORTER_OTLP_*HEADERS as the OTLP exporter parses them (liberally): comma-separated
+# name=value, the name an HTTP token, the value visible ASCII or spaces without , ; " or \.
+_HEADER_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER_VALUE = r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
+_HEADER_ENTRY = re.compile(rf"[ \t]*{_HEADER_NAME}[ \t]*=[ \t]*{_HEADER_VALUE}[ \t]*")
+_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
+
+
+def check_headers(environ: Mapping[str, str]) -> None:
+    """Refuse headers for the collector that the exporter would drop with a warning echoing
+    the entry (an API key in clear): a ``TracingUnavailable`` naming the variable only."""
+    for variable in HEADER_VARIABLES:
+        value = environ.get(variable)
+        if value is None:
+            continue
+        for entry in _HEADER_DELIMITER.split(value):
+            if entry and not _HEADER_ENTRY.fullmatch(entry.strip()):
+                raise TracingUnavailable(
+                    f"{variable}: not a comma-separated list of name=value headers (a value "
+                    'URL-encoded, without , ; " or \\); its value is not shown'
+                )
 
 
 def _exporters(names: str) -> list[SpanExporter]:
@@ -331,4 +380,5 @@ def _otlp_exporter() -> SpanExporter:
             "OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp-proto-http"
             " (pip install 'cqrs-stack[tracing]')"
         ) from exc
+    check_headers(os.environ)
     return OTLPSpanExporter()

@@ -55,6 +55,8 @@ def test_schema_is_draft_07_and_closed() -> None:
         ("stack.stream.maxLength=1000000000001", ["/stack/stream/maxLength", "maximum"]),
         ("stack.readApi.tolerations[0].effect=Sometimes", ["/stack/readApi/tolerations/0"]),
         ("stack.tracing.endpoint=otel:4318", ["/stack/tracing/endpoint"]),
+        # The kubelet would expand it to the write DB's URL, password and all.
+        ("stack.tracing.endpoint=http://c:4318/$(WRITE_DB_URL)", ["/stack/tracing/endpoint"]),
         ("stack.tracing.enabled=yes", ["/stack/tracing/enabled"]),
     ],
 )
@@ -106,3 +108,16 @@ def test_helm_lint_refuses_bad_values_too() -> None:
 )
 def test_inconsistent_values_fail_with_a_clear_message(sets: list[str], expected: str) -> None:
     assert expected in render_error(*sets)
+
+
+def test_a_sample_ratio_between_0_and_1_needs_set_json_as_documented() -> None:
+    """Helm's --set keeps 0.5 a string, which the schema refuses (it is not loosened): the
+    chart's README and values.yaml say to use --set-json or a values file, which work."""
+    on = ["--set", "stack.tracing.enabled=true", "--set", "stack.tracing.endpoint=http://c:4318"]
+    base = ["template", "r", str(CHART), *on]
+    as_string = helm(*base, "--set", "stack.tracing.sampleRatio=0.5", check=False)
+    assert as_string.returncode != 0
+    assert "/stack/tracing/sampleRatio" in as_string.stderr
+    assert "sampleRatio: 0.5" in helm(*base, "--set-json", "stack.tracing.sampleRatio=0.5").stdout
+    for doc in (CHART / "README.md", CHART / "values.yaml"):
+        assert "--set-json stack.tracing.sampleRatio=0.5" in doc.read_text(), doc

@@ -375,3 +375,138 @@ async def test_a_collector_that_is_down_fails_no_write_and_holds_no_exit(stack: 
     took = time.monotonic() - started
     assert took < 6, f"the exit took {took:.1f}s:\n{api.log()[-3000:]}"
     assert code in (0, -signal.SIGINT), api.log()[-3000:]
+
+
+async def config_error(stack: Stack, **overrides: str) -> tuple[int | None, str]:
+    """`cqrs-stack write-api` with TRACING=true and ``overrides``: its exit code and stderr."""
+    env = {**os.environ, **stack.env, "TRACING": "true", **overrides}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cqrs_stack.cli",
+        "write-api",
+        "--port",
+        "0",
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode, err.decode()
+
+
+SECRET = "s3cr3tT0kenXYZ"
+
+
+@pytest.mark.parametrize(
+    ("variable", "headers"),
+    [
+        ("OTEL_EXPORTER_OTLP_HEADERS", f"Authorization: Bearer {SECRET}"),  # HTTP's spelling
+        ("OTEL_EXPORTER_OTLP_HEADERS", f"x-api-key={SECRET};v=1"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", f'x-api-key="{SECRET}"'),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", f"a=b, authorization Bearer {SECRET}"),
+    ],
+    ids=["colon", "semicolon", "quote", "traces-variable"],
+)
+async def test_headers_the_exporter_cannot_parse_are_a_configuration_error_never_shown(
+    stack: Stack, variable: str, headers: str
+) -> None:
+    """Headers for the collector that the OTLP exporter would drop with a warning echoing the
+    entry: exit 2 naming the variable, and the credential nowhere in what the process wrote."""
+    code, err = await config_error(
+        stack, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9", **{variable: headers}
+    )
+    assert code == 2, err
+    assert f"TRACING: {variable}: not a comma-separated list of name=value" in err
+    assert SECRET not in err, err
+
+
+def test_header_values_are_hidden_in_every_log_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Header values are registered with the log redaction: the SDK's own warning about a
+    malformed entry (logger opentelemetry.util.re), which echoes it, shows no credential."""
+    import logging
+
+    from opentelemetry.util.re import parse_env_headers
+
+    from cqrs_stack.cli import RedactingFilter
+    from cqrs_stack.config import known_secrets
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"Authorization: Bearer {SECRET}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", f"x-api-key=Bearer%20{SECRET}2")
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.addFilter(RedactingFilter(known_secrets()))
+    sdk_log = logging.getLogger("opentelemetry.util.re")
+    sdk_log.addHandler(handler)
+    try:
+        parse_env_headers(os.environ["OTEL_EXPORTER_OTLP_HEADERS"], liberal=True)
+        sdk_log.warning("sent %s", f"Bearer {SECRET}2")  # a decoded value, as sent
+    finally:
+        sdk_log.removeHandler(handler)
+    assert len(lines) == 2 and "Header format invalid" in lines[0], lines
+    assert not [line for line in lines if SECRET in line], lines
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5000"),  # past the queue's 2048
+        ("OTEL_BSP_SCHEDULE_DELAY", "-1"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+    ],
+)
+async def test_batching_the_sdk_refuses_is_a_configuration_error(
+    stack: Stack, variable: str, value: str
+) -> None:
+    """An OTEL_BSP_* value the SDK's BatchSpanProcessor refuses: exit 2 naming the variable,
+    as other configuration errors, not exit 70 (a bug) with the SDK's ValueError."""
+    code, err = await config_error(stack, OTEL_TRACES_EXPORTER="console", **{variable: value})
+    assert code == 2, err
+    assert f"TRACING: {variable} must be" in err, err
+    assert "ValueError" not in err
+
+
+# What a process takes past its stop: uvicorn notices the signal and ends its serve loop on a
+# 0.1 s tick, then the interpreter exits; 0.22-0.27 s in all with TRACING off and
+# SHUTDOWN_TIMEOUT=0 on a loaded 2-core machine (load average 6.6).
+EXIT_SLACK = 0.5
+
+
+@pytest.mark.parametrize("shutdown_timeout", [0, 1])
+async def test_a_hung_collector_holds_the_stop_no_longer_than_shutdown_timeout(
+    stack: Stack, shutdown_timeout: int
+) -> None:
+    """A collector that accepts the connection and never answers, an export waiting on it and
+    spans queued behind it: from SIGTERM to the process gone takes SHUTDOWN_TIMEOUT and no
+    more than the exit's slack (EXIT_SLACK), also when SHUTDOWN_TIMEOUT=0."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        hung.settimeout(20)
+        api = await stack.launch(
+            "write-api",
+            TRACING="true",
+            OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{hung.getsockname()[1]}",
+            OTEL_BSP_SCHEDULE_DELAY="50",
+            SHUTDOWN_TIMEOUT=str(shutdown_timeout),
+        )
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+            answer = await client.post("/write", json={"key": "k", "value": "v"})
+            assert answer.status_code == 200, answer.text
+            accepted = (await asyncio.to_thread(hung.accept))[0]  # the export waits on it
+            more = await client.post("/write", json={"key": "k2", "value": "v"})
+            assert more.status_code == 200, more.text
+        try:
+            started = time.monotonic()
+            api.process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(api.process.wait, 30)
+            took = time.monotonic() - started
+        finally:
+            accepted.close()
+    assert code in (0, -signal.SIGTERM), api.log()[-3000:]
+    assert took < shutdown_timeout + EXIT_SLACK, f"the stop took {took:.2f}s:\n{api.log()[-2000:]}"

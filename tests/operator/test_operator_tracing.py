@@ -11,7 +11,18 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from cqrs_operator.manifests import TRACING_POD_NAME
-from tests.operator.fixtures_operator import COMPONENTS, Env, Stacks, stack_manifest, wait_until
+from cqrs_operator.spec import SpecError, parse_spec
+from tests.operator.fixtures_operator import (
+    COMPONENTS,
+    GROUP,
+    PLURAL,
+    VERSION,
+    Env,
+    Stacks,
+    stack_manifest,
+    wait_until,
+)
+from tests.unit.test_spec import ACCEPTED_ENDPOINTS, REFUSED_ENDPOINTS
 
 COLLECTOR = "http://otel-collector.observability:4318"
 
@@ -72,8 +83,20 @@ async def test_tracing_reaches_every_deployment_and_turning_it_off_takes_it_out(
         ({"enabled": True, "endpoint": "otel-collector:4318"}, "spec.tracing.endpoint"),
         ({"enabled": True, "endpoint": "http://user:secret@otel:4318"}, "spec.tracing.endpoint"),
         ({"enabled": True, "endpoint": "http://c/" + "p" * 2040}, "spec.tracing.endpoint"),
+        # The kubelet would expand it to the write DB's URL, password and all.
+        ({"enabled": True, "endpoint": "http://c:4318/$(WRITE_DB_URL)"}, "spec.tracing.endpoint"),
+        ({"enabled": True, "endpoint": "http://coll\u00a0ector:4318"}, "spec.tracing.endpoint"),
     ],
-    ids=["no-endpoint", "ratio-over-1", "ratio-below-0", "no-scheme", "login", "too-long"],
+    ids=[
+        "no-endpoint",
+        "ratio-over-1",
+        "ratio-below-0",
+        "no-scheme",
+        "login",
+        "too-long",
+        "kubelet-reference",
+        "no-break-space",
+    ],
 )
 async def test_invalid_tracing_is_refused_by_the_api_server(
     stacks: Stacks,
@@ -89,3 +112,33 @@ async def test_invalid_tracing_is_refused_by_the_api_server(
         await stacks.create(manifest)
     assert refused.value.status == 422
     assert message in refused.value.body
+
+
+async def test_the_api_server_and_the_operator_agree_on_every_endpoint(
+    stacks: Stacks, write_pg: Any, read_pg: Any, fresh_names: str
+) -> None:
+    """The CRD's pattern, read by the API server (RE2), and the operator's check (Python) give
+    one verdict on each endpoint of the spec tests (Unicode and ASCII-only spaces, $(VAR), a
+    login, a query, IPv6, percent-escapes): an endpoint the API server takes never makes a
+    stack Failed in the operator, one it refuses the operator refuses too."""
+    manifest = stack_manifest("agree", fresh_names, write_pg, read_pg, "redis://127.0.0.1:1/0")
+    custom = client.CustomObjectsApi(stacks.api)
+    differ: list[str] = []
+    for endpoint in ACCEPTED_ENDPOINTS + REFUSED_ENDPOINTS:
+        manifest["spec"]["tracing"] = {"enabled": True, "endpoint": endpoint}
+        try:
+            parse_spec(manifest["spec"], namespace=stacks.namespace, name="agree")
+            operator_takes = True
+        except SpecError:
+            operator_takes = False
+        try:
+            await custom.create_namespaced_custom_object(
+                GROUP, VERSION, stacks.namespace, PLURAL, manifest, dry_run="All"
+            )
+            api_server_takes = True
+        except ApiException as exc:
+            assert exc.status == 422, exc.body
+            api_server_takes = False
+        if operator_takes != api_server_takes or operator_takes != (endpoint in ACCEPTED_ENDPOINTS):
+            differ.append(f"{endpoint!r}: api-server={api_server_takes} operator={operator_takes}")
+    assert not differ, differ

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 
+import pytest
+
 from cqrs_operator import manifests
-from cqrs_operator.spec import identity_hash, parse_spec
+from cqrs_operator.spec import SpecError, identity_hash, parse_spec
 
 
 def stack(**overrides):
@@ -542,6 +544,18 @@ def test_tracing_reaches_every_workload_as_the_sdks_variables() -> None:
         assert names.index(manifests.TRACING_POD_NAME) < names.index("OTEL_RESOURCE_ATTRIBUTES")
         pod_name = env[manifests.TRACING_POD_NAME]["valueFrom"]["fieldRef"]
         assert pod_name["fieldPath"] == "metadata.name"
+
+
+def test_no_endpoint_renders_a_reference_the_kubelet_would_expand() -> None:
+    """A pod's env value expands $(NAME) of the variables before it (WRITE_DB_URL and the other
+    Secret-backed URLs come first): an endpoint with one is refused by the spec, so the only
+    reference rendered is the pod's own name, in OTEL_RESOURCE_ATTRIBUTES."""
+    for endpoint in ("http://c:4318/$(WRITE_DB_URL)", "http://$(REDIS_URL)", "http://c/$$(X)"):
+        with pytest.raises(SpecError, match=r"spec\.tracing\.endpoint"):
+            stack(tracing={**TRACED, "endpoint": endpoint})
+    env = manifests.tracing_env(stack(tracing=TRACED), "write-api")
+    references = [e["name"] for e in env if "$" in e.get("value", "")]
+    assert references == ["OTEL_RESOURCE_ATTRIBUTES"]
 
 
 def test_tracing_off_or_unset_puts_no_tracing_variable_in_the_pods() -> None:

@@ -18,7 +18,7 @@ from cqrs_operator.spec import (
     parse_spec,
     unique_identifier,
 )
-from cqrs_stack.stack_spec import MAX_POD_LABELS
+from cqrs_stack.stack_spec import MAX_POD_LABELS, OTLP_ENDPOINT_PATTERN
 
 
 def minimal() -> dict:
@@ -437,7 +437,18 @@ def test_tracing_enabled_needs_an_endpoint() -> None:
         parse_spec(traced(enabled=True), namespace="ns", name="n")
 
 
-ACCEPTED_ENDPOINTS = [COLLECTOR, "https://otlp.example.com", "http://[::1]:4318/otlp", "http://c"]
+ACCEPTED_ENDPOINTS = [
+    COLLECTOR,
+    "https://otlp.example.com",
+    "http://[::1]:4318/otlp",
+    "http://c",
+    "http://c:4318/",
+    "http://c:4318/otlp%20x/v1",  # a percent-escape
+    "http://c:4318/a@b",  # an @ in the path is no login
+    "http://10.0.0.1:4318/a_b~c.d-e",
+]
+# Each unlike the engines' \s (Python: any Unicode space; the API server's RE2: ASCII only),
+# or what the kubelet expands in a pod's env ($(VAR)), or a login, query or fragment.
 REFUSED_ENDPOINTS = [
     "otel-collector:4318",  # no scheme
     "grpc://otel-collector:4317",
@@ -446,6 +457,19 @@ REFUSED_ENDPOINTS = [
     "http://otel-collector:4318#frag",
     "http://",
     "http://otel collector:4318",
+    "http://c:4318/$(WRITE_DB_URL)",  # the kubelet would put the DB URL there
+    "http://c:4318/$$(WRITE_DB_URL)",
+    "http://$(HOST):4318",
+    "http://c:4318\n",  # Python's $ matches before a trailing newline, RE2's does not
+    "http://coll\x0bector:4318",  # \v: \s in Python, not in RE2
+    "http://coll\u00a0ector:4318",
+    "http://coll\u2028ector:4318",
+    "http://coll\x85ector:4318",
+    "http://c:4318/p\u00e9",  # non-ASCII
+    "http://c:4318/%zz",  # % that is no percent-escape
+    'http://c:4318/"x"',
+    "http://[::1]x:4318",
+    "http://c:port",
 ]
 
 
@@ -468,8 +492,15 @@ def test_an_endpoint_at_the_length_limit_is_accepted_and_one_past_refused() -> N
 
 
 def test_the_crd_endpoint_pattern_agrees_with_the_operator() -> None:
-    pattern = re.compile(schema_at("tracing.endpoint")["pattern"])
-    assert all(pattern.match(e) for e in ACCEPTED_ENDPOINTS)
-    assert not any(pattern.match(e) for e in REFUSED_ENDPOINTS)
+    """The generated CRD carries the model's one pattern, and it reads the same in an engine
+    without Python's Unicode classes: only explicit ASCII classes, no \\s, \\w, \\d or dot
+    (tests/operator/test_operator_tracing.py asks the API server's RE2 itself)."""
+    written = schema_at("tracing.endpoint")["pattern"]
+    assert written == OTLP_ENDPOINT_PATTERN
+    assert not re.search(r"\\[sSwWdDbB]|(?<!\\)\.(?![^\[]*\])", written), written
+    assert written.isascii()
+    pattern = re.compile(written)
+    assert all(pattern.fullmatch(e) for e in ACCEPTED_ENDPOINTS)
+    assert not any(pattern.fullmatch(e) for e in REFUSED_ENDPOINTS)
     for endpoint in ACCEPTED_ENDPOINTS:
         parse_spec(traced(enabled=True, endpoint=endpoint), namespace="ns", name="n")
