@@ -142,13 +142,7 @@ async def keys_differences(
     states: dict[str, Any] = {}
     per_key = [m for m in models if await m.actual_for(rconn, []) is not None]
     for page in _pages([(row[0], row[1]) for row in sizes], max_bytes):
-        rows = await wconn.fetch(
-            "SELECT id, key, value, event_type, created_at FROM commands"
-            " WHERE id = ANY($1::bigint[]) ORDER BY id",
-            page,
-        )
-        commands = [Command(*row) for row in rows]
-        del rows
+        commands = await _commands(wconn, page)
         for model in per_key:
             held = await _held(rconn, model, commands)
             states[model.name] = model.fold(states.get(model.name), held)
@@ -158,6 +152,16 @@ async def keys_differences(
         assert actual is not None
         found += compare(model.name, model.folded(states.get(model.name)), actual)
     return found
+
+
+async def _commands(wconn: asyncpg.Connection, ids: Sequence[int]) -> list[Command]:
+    """The commands of ``ids``, in order of position (one page: its size is the caller's)."""
+    rows = await wconn.fetch(
+        "SELECT id, key, value, event_type, created_at FROM commands"
+        " WHERE id = ANY($1::bigint[]) ORDER BY id",
+        list(ids),
+    )
+    return [Command(*row) for row in rows]
 
 
 def _pages(sizes: Sequence[tuple[int, int]], max_bytes: int | None) -> list[list[int]]:
@@ -201,13 +205,7 @@ async def whole_differences(
             break
         after = sizes[-1][0]
         for page in _pages([(row[0], row[1]) for row in sizes], max_bytes):
-            rows = await wconn.fetch(
-                "SELECT id, key, value, event_type, created_at FROM commands"
-                " WHERE id = ANY($1::bigint[]) ORDER BY id",
-                page,
-            )
-            commands = [Command(*row) for row in rows]
-            del rows
+            commands = await _commands(wconn, page)
             state = model.fold(state, await _held(rconn, model, commands))
             del commands
         del sizes
