@@ -276,20 +276,9 @@ async def test_a_traced_process_exports_as_otel_variables_say(stack: Stack) -> N
 
 
 async def test_an_exporter_it_cannot_use_is_a_configuration_error(stack: Stack) -> None:
-    env = {**os.environ, **stack.env, "TRACING": "true", "OTEL_TRACES_EXPORTER": "zipkin"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cqrs_stack.cli",
-        "write-api",
-        "--port",
-        "0",
-        env=env,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2, err.decode()
-    assert "OTEL_TRACES_EXPORTER='zipkin'" in err.decode()
+    returncode, err = await config_error(stack, OTEL_TRACES_EXPORTER="zipkin")
+    assert returncode == 2, err
+    assert "OTEL_TRACES_EXPORTER='zipkin'" in err
 
 
 @pytest.mark.parametrize(
