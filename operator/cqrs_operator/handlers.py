@@ -68,6 +68,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         prefix="cqrs.dev", key="last-handled-configuration"
     )
     settings.scanning.disabled = True  # no CRD/namespace watching: no RBAC for them needed
+    # kopf removes the finalizer of a deleted stack only once its status timer has exited,
+    # and looks again only every cancellation_polling seconds (60 by default): a stack
+    # deleted while its timer was reconciling stayed a minute longer than its teardown.
+    settings.background.cancellation_polling = 1.0
     memo.api = await kube.connect()
     if getattr(memo, "leadership", None) is not None:
         memo.api = await leadership.fence(memo.api, memo.leadership)
@@ -204,7 +208,9 @@ async def _reconcile(
     async with _LOCKS.setdefault(meta["uid"], asyncio.Lock()):
         current = await _read_status(memo.api, meta)
         if current is None:
-            return reconcile.Outcome()  # the stack is gone: nothing to do
+            # Gone, or deleted while this call waited for the lock (a timer's, queued behind
+            # the teardown): a reconcile now would provision again what the teardown dropped.
+            return reconcile.Outcome()
         if (current.get("observedGeneration") or 0) > (generation or 0):
             # A newer spec was reconciled meanwhile: this call's spec is older, applying it
             # would roll the stack back.
@@ -226,7 +232,8 @@ async def _reconcile(
 
 
 async def _read_status(api: Any, meta: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The stack's status as the API server has it now (None: the stack is gone)."""
+    """The stack's status as the API server has it now (None: the stack is gone or being
+    deleted)."""
     try:
         obj = await client.CustomObjectsApi(api).get_namespaced_custom_object(
             GROUP, VERSION, meta["namespace"], PLURAL, meta["name"]
@@ -237,6 +244,8 @@ async def _read_status(api: Any, meta: Mapping[str, Any]) -> dict[str, Any] | No
         raise
     if (obj.get("metadata") or {}).get("uid") != meta["uid"]:
         return None  # another stack of the same name: not this one's to write
+    if (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return None
     status: dict[str, Any] = obj.get("status") or {}
     return status
 

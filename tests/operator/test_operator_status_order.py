@@ -85,3 +85,27 @@ async def test_an_older_reconciles_status_never_lands_after_a_newer_ones(
 @pytest.fixture(autouse=True)
 def _no_stale_locks() -> None:
     handlers._LOCKS.clear()  # in-process reconciles: one test's locks never reach another
+
+
+async def test_a_reconcile_that_waited_for_the_lock_does_nothing_to_a_stack_being_deleted(
+    env: Env, kube_api: client.ApiClient
+) -> None:
+    """A timer's reconcile queued behind the teardown (its body from before the deletion)
+    finds the stack being deleted: it provisions nothing again and writes no status."""
+    await env.stacks.create(env.manifest("leaving", deletionPolicy="Delete"))
+    await env.stacks.wait_ready("leaving", env.operator)
+    env.operator.stop()  # nobody runs the teardown: the finalizer keeps the stack
+    posting.event_queue_var.set(asyncio.Queue())
+    memo = kopf.Memo(api=kube_api)
+    before = await env.stacks.get("leaving")
+    assert before is not None and not before["metadata"].get("deletionTimestamp")
+    await env.stacks.delete("leaving")
+    deleting = await env.stacks.get("leaving")
+    assert deleting is not None and deleting["metadata"].get("deletionTimestamp")
+
+    body = kopf.Body(before)  # what a call begun before the deletion carries
+    outcome = await handlers._reconcile(body, body.spec, body.meta, body.status, kopf.Patch(), memo)
+    assert outcome is not None and not outcome.conditions and not outcome.extra
+    after = await env.stacks.get("leaving")
+    assert after is not None
+    assert after.get("status") == deleting.get("status")
