@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -86,6 +87,8 @@ async def test_the_hook_writes_and_reads_back_through_a_real_stack(stack: Stack)
     assert time.monotonic() - started < 5 + 10 + 5  # the timeout, one read's wait, margin
 
     await stack.launch("projector")
+    # The time the projector takes to catch up on a loaded machine is not what is tested here.
+    urls["TEST_TIMEOUT"] = "30"
     done = await asyncio.to_thread(run_hook, pod, {**urls, "WRITE_API_TOKEN": TOKEN}, 60)
     assert done.returncode == 0, done.stderr
     assert "helm test passed" in done.stdout
@@ -115,7 +118,8 @@ def test_the_timeout_is_a_value(value: str) -> None:
 
 class FakeApis:
     """A write and read API on loopback that answer as told: ``mode`` "hang" (the write is
-    received, never answered), "html" (a 200 with no JSON), "drop-first" (the first write
+    received, never answered), "html" (a 200 with no JSON), "slow-read" (reads answer 0.8 s
+    after their wait, never reaching the position), "drop-first" (the first write
     is received and its connection closed unanswered; later ones answered). Reads answer
     the last written value. Every write's Idempotency-Key is recorded."""
 
@@ -155,6 +159,12 @@ class FakeApis:
                 self._send(json.dumps({"success": True, "position": "7"}))
 
             def do_GET(self) -> None:
+                if fake.mode == "slow-read":
+                    # A loaded read API: its wait for the position, then 0.8 s more.
+                    query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                    time.sleep(float(query["timeout"][0]) + 0.8)
+                    self._send(json.dumps({"success": True, "position_reached": False}))
+                    return
                 answer = {"success": True, "position_reached": True, "value": fake.value}
                 self._send(json.dumps(answer))
 
@@ -183,6 +193,17 @@ def test_a_silent_write_api_fails_the_test_within_its_timeout_without_a_second_w
     assert "helm test FAILED:" in result.stderr and "Traceback" not in result.stderr
     assert took < timeout + 2, f"ran {took:.1f} s for a {timeout} s timeout"
     assert len(fake.keys) == 1, fake.keys  # the write received is not sent again
+
+
+def test_a_slow_read_api_at_the_deadline_is_reported_as_a_position_not_reached() -> None:
+    """The last try is not cut short by the deadline: a read API that answers slowly but
+    answers is never reported as unreachable."""
+    with FakeApis("slow-read") as fake:
+        env = {"WRITE_URL": fake.url, "READ_URL": fake.url, "TEST_TIMEOUT": "4"}
+        result = run_hook(hook_pod(), env, 60)
+    assert result.returncode == 1
+    assert "did not reach position 7" in result.stderr, result.stderr
+    assert "unreachable" not in result.stderr, result.stderr
 
 
 def test_a_write_retried_after_a_lost_answer_carries_the_same_idempotency_key() -> None:

@@ -32,9 +32,15 @@ case "$1 $2" in
   "get clusters") cat "$STUB/clusters" 2>/dev/null ;;
   "get kubeconfig") echo "apiVersion: v1" ;;
   "create cluster")
+    # As kind does, a Ctrl-C ends the creation at once: the trap is set before the cluster
+    # shows, and runs between short sleeps (one long sleep forked just after the signal
+    # landed would outlive it: seen at load 12).
+    trap 'exit 130' INT
     echo "$name" >>"$STUB/clusters"
     echo " Starting control-plane"
-    [[ -f $STUB/create-sleep ]] && sleep "$(cat "$STUB/create-sleep")"
+    if [[ -f $STUB/create-sleep ]]; then
+      for ((n = 0; n < $(cat "$STUB/create-sleep") * 10; n++)); do sleep 0.1; done
+    fi
     exit 0 ;;
   "delete cluster")
     grep -vx "$name" "$STUB/clusters" >"$STUB/clusters.new" 2>/dev/null
