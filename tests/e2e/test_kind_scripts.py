@@ -247,6 +247,11 @@ def test_interrupt_during_create_deletes_the_cluster_and_a_rerun_works(sandbox: 
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # A terminal's Ctrl-C reaches a shell that may trap it. A process started in the
+        # background of a non-interactive shell (a CI runner's `cmd &`) inherits SIGINT
+        # ignored, and bash cannot trap a signal ignored at its start: reset it, as a
+        # terminal's shell would have it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     name = sandbox.e2e_name()
     deadline = time.monotonic() + 20
