@@ -162,6 +162,9 @@ def test_dev_rebuilds_an_edit_and_new_pods_serve_it(cluster: Cluster, workspace:
     proc = subprocess.Popen(
         ["bash", "tests/e2e/dev.sh", "dev", PROFILE], cwd=workspace.root, env=workspace.env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # Ctrl-C as a terminal delivers it: a run in a shell's background inherits SIGINT
+        # ignored, and dev.sh could not trap it then.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     lines: list[str] = []
 
