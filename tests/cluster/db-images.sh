@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DOCKER=${DOCKER:-docker}
+source tests/images/docker-engine.sh
+images_lock  # one image build at a time per engine
 base=${BASE_IMAGE:-cqrs-stack-base:bookworm}
 "$DOCKER" image inspect "$base" >/dev/null 2>&1 || BASE_IMAGE=$base bash tests/images/make-base.sh >&2
 mkdir -p .cache

@@ -86,16 +86,22 @@ docker_engine_down() {
     echo "docker: stopped dockerd (pid $pid)"
 }
 
-# One image build at a time per clone: CI builds images ahead in the background while the
-# image tests build the same ones, and two builds of one tag (or of the base) must not race.
+# One image build at a time per engine: CI builds images ahead in the background while the
+# image tests build the same ones, two builds of one tag (or of the base) must not race, and
+# prune_images must not remove a build's newest step. The private engine is one per machine,
+# so its lock is too (beside its pid file); another engine's is the clone's.
 # The first caller in a process tree takes the lock on fd 9 and holds it until it exits; its
 # children inherit fd 9 and the marker, so a nested build script does not wait for its parent.
 images_lock() {
     [[ -n "${CQRS_IMAGES_LOCKED:-}" ]] && return 0
-    local repo
-    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-    mkdir -p "$repo/.cache"
-    exec 9>"$repo/.cache/images.lock"
+    local dir
+    if [[ ${DOCKER_HOST:-} == "unix://$CQRS_DOCKER_SOCK" ]]; then
+        dir=$CQRS_DOCKER_RUN
+    else
+        dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.cache"
+    fi
+    mkdir -p "$dir"
+    exec 9>"$dir/images.lock"
     if ! flock -n 9; then
         echo "images: another build of the images runs in this clone; waiting for it" >&2
         flock 9

@@ -24,6 +24,10 @@ case ${repository##*/} in
 esac
 [[ -S $SOCK ]] || { echo "skaffold-build: no containerd at $SOCK (make cluster-up)" >&2; exit 1; }
 
+# One image build at a time per engine (docker-engine.sh): never beside a prune or a build
+# of the same base.
+source tests/images/docker-engine.sh
+images_lock
 # The base and the wheelhouse: cached, so a rebuild after an edit only runs the image build.
 if [[ $base == cqrs-stack-base:* ]]; then BASE_IMAGE=$base bash tests/images/make-base.sh; fi
 bash tests/images/make-wheelhouse.sh
