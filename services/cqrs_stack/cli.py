@@ -419,7 +419,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             await redis.aclose()
         models = enabled(settings.read_model_names)
-        figures["read_models"] = await diagnosis.within(model_figures(read_engine, models))
+        figures["read_models"] = await diagnosis.within(
+            model_figures(read_engine, models, settings.stats_exact_count_max)
+        )
         # Swept by a replica whose READ_MODELS has them, absent from this READ_MODELS.
         figures["read_models_not_enabled_here"] = await diagnosis.within(
             models_kept_elsewhere(read_engine, models)

@@ -139,14 +139,15 @@ _CONNECTION_ERRORS = (
 )
 
 
-def row_count_sql(table: str) -> str:
+def row_count_sql(table: str, bound: str = ":exact_max") -> str:
     """A scalar subquery for the rows of ``table``: exact up to ``:exact_max`` rows, else the
     planner's estimate, and whether it is one (two columns, ``n`` and ``estimated``).
 
     An exact ``count(*)`` reads every row: 10 million take seconds. The estimate is the
     planner's own: rows per page at the last ANALYZE (or vacuum) times the table's pages now,
     so it follows the table's growth between analyses. A table never analyzed (no pages
-    recorded) is counted exactly. ``table`` is one of our own names, never user input.
+    recorded) is counted exactly. ``table`` is one of our own names, never user input;
+    ``bound`` is the placeholder of the bound (SQLAlchemy's ``:exact_max``, asyncpg's ``$1``).
     """
     estimate = (
         "SELECT CASE WHEN c.relpages > 0 AND c.reltuples >= 0 THEN (c.reltuples / c.relpages"
@@ -154,9 +155,9 @@ def row_count_sql(table: str) -> str:
         f" ELSE -1 END AS n FROM pg_class c WHERE c.oid = '{table}'::regclass"
     )
     return (
-        f"SELECT CASE WHEN e.n >= 0 AND e.n > :exact_max THEN e.n"
+        f"SELECT CASE WHEN e.n >= 0 AND e.n > {bound} THEN e.n"
         f" ELSE (SELECT count(*) FROM {table}) END AS n,"
-        f" e.n >= 0 AND e.n > :exact_max AS estimated FROM ({estimate}) AS e"
+        f" e.n >= 0 AND e.n > {bound} AS estimated FROM ({estimate}) AS e"
     )
 
 

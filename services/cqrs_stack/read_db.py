@@ -324,9 +324,9 @@ class ReadCounter:
 async def projector_figures(engine: AsyncEngine, exact_max: int) -> dict[str, Any]:
     """Return the read model's size and the projector's progress across all consumers.
 
-    The records are counted exactly up to ``exact_max`` rows and estimated above
-    (``db.row_count_sql``): an exact count of millions of rows is not free. The ledger is
-    counted exactly: below its watermark it is pruned to one row.
+    The records, and the ledger's rows above its watermark, are counted exactly up to
+    ``exact_max`` rows and estimated above (``db.row_count_sql``): an exact count of millions
+    of rows is not free, and a ledger holds that many right after a rebuild.
     """
     async with engine.connect() as conn:
         row = (
@@ -340,36 +340,34 @@ async def projector_figures(engine: AsyncEngine, exact_max: int) -> dict[str, An
                 {"exact_max": exact_max},
             )
         ).one()
-        driver = await driver_of(conn)
-        last = await projection.last_applied(driver, Records)
-        applied = await projection.applied_count(driver, Records)
+        ledger = await projection.progress(await driver_of(conn), Records, exact_max)
     return {
         "records": int(row[0]),
         "records_estimated": bool(row[1]),
-        "last_projected_position": last,
-        # Exact: the ledger holds only the rows above the pruned watermark.
-        "applied_commands": applied,
-        "applied_commands_estimated": False,
+        "last_projected_position": ledger.last_position,
+        "applied_commands": ledger.applied,
+        "applied_commands_estimated": ledger.estimated,
         "events_projected": int(row[2]),
         "last_projected_event_at": row[3],
     }
 
 
-async def model_figures(engine: AsyncEngine, models: Sequence[type[Projection]]) -> dict[str, Any]:
-    """Per read model: commands applied, the highest applied, the watermark, ledger rows."""
+async def model_figures(
+    engine: AsyncEngine, models: Sequence[type[Projection]], exact_max: int
+) -> dict[str, Any]:
+    """Per read model: commands applied, the highest applied, the watermark, ledger rows
+    (estimated past ``exact_max`` rows, as ``projection.progress`` says)."""
     found: dict[str, Any] = {}
     async with engine.connect() as conn:
         driver = await driver_of(conn)
         for model in models:
-            watermark, rows = await driver.fetchrow(
-                f"SELECT (SELECT position FROM {model.watermark()}),"
-                f" (SELECT count(*) FROM {model.ledger})"
-            )
+            figures = await projection.progress(driver, model, exact_max)
             found[model.name] = {
-                "applied": await projection.applied_count(driver, model),
-                "last_position": await projection.last_applied(driver, model),
-                "watermark": int(watermark or 0),
-                "ledger_rows": int(rows),
+                "applied": figures.applied,
+                "last_position": figures.last_position,
+                "watermark": figures.watermark,
+                "ledger_rows": figures.ledger_rows,
+                "estimated": figures.estimated,
             }
     return found
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import asyncpg
 
+from ..db import row_count_sql
 from ..events import Command
 
 # Per-consumer progress figures (/stats): counted from the first model of a batch (records).
@@ -237,18 +238,41 @@ async def not_applied(
 
 
 async def applied_count(conn: asyncpg.Connection, projection: type[Projection]) -> int:
-    """How many commands ``projection`` has applied: pruned ledger rows and those left."""
-    count = await conn.fetchval(
-        f"SELECT coalesce((SELECT pruned FROM {projection.watermark()}), 0)"
-        f" + (SELECT count(*) FROM {projection.ledger})"
-    )
-    return int(count)
+    """How many commands ``projection`` has applied, counted exactly whatever the ledger's
+    size (``progress`` estimates a large ledger)."""
+    return (await progress(conn, projection, exact_max=2**62)).applied
 
 
-async def last_applied(conn: asyncpg.Connection, projection: type[Projection]) -> int:
-    """The highest position ``projection`` has applied (0 when none)."""
-    found = await conn.fetchval(
-        f"SELECT greatest(coalesce((SELECT position FROM {projection.watermark()}), 0),"
-        f" coalesce((SELECT max(command_id) FROM {projection.ledger}), 0))"
+@dataclass(frozen=True)
+class Progress:
+    """How far a projection has got, as its ledger and watermark say."""
+
+    applied: int  # commands applied: the pruned ledger rows and those left
+    estimated: bool  # the ledger's rows were the planner's estimate (more than exact_max)
+    last_position: int  # the highest position applied (0 when none)
+    watermark: int  # every command at or below it applied
+    ledger_rows: int  # rows left above the watermark (estimated when ``estimated``)
+
+
+async def progress(
+    conn: asyncpg.Connection, projection: type[Projection], exact_max: int
+) -> Progress:
+    """``projection``'s progress in one statement. The ledger is pruned below its watermark,
+    but right after a bulk load or a rebuild's swap it holds a row per command until the
+    pruning catches up: its rows are counted exactly up to ``exact_max`` and estimated above
+    (``db.row_count_sql``), so that reading the figures never costs a scan of millions."""
+    row = await conn.fetchrow(
+        f"SELECT coalesce(w.position, 0), coalesce(w.pruned, 0), l.n, l.estimated,"
+        f" coalesce((SELECT max(command_id) FROM {projection.ledger}), 0)"
+        f" FROM ({row_count_sql(projection.ledger, '$1')}) AS l"
+        f" LEFT JOIN {projection.watermark()} AS w ON true",
+        exact_max,
     )
-    return int(found)
+    watermark, pruned, rows, estimated, highest = row
+    return Progress(
+        applied=int(pruned) + int(rows),
+        estimated=bool(estimated),
+        last_position=max(int(watermark), int(highest)),
+        watermark=int(watermark),
+        ledger_rows=int(rows),
+    )
