@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,23 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         spread["p99_ms"],
         f"{spread.get('api_cpu_us_per_request')} µs API CPU per read",
     )
+    cores = results.get("cores") or os.cpu_count() or 1
+    shares = (results.get("processes") or {}).get("cpu", {})
+    for label, phase, figure in (
+        ("writes c=64", "writes-64", w64),
+        ("reads spread", "reads-spread", spread),
+    ):
+        bound = _cpu_bound(shares.get(phase, {}), figure, cores)
+        if bound is not None:
+            add(
+                f"{label}: CPU bound / ceiling",
+                bound["rate"] / ceiling_rate,
+                f"/health c=64 ({ceiling_rate:.0f}/s)",
+                None,
+                extra=f"{bound['machine_us']} µs of our processes' CPU per request: at most"
+                f" {bound['machine_rate']:.0f}/s on {cores} cores; the API's"
+                f" {bound['api_us']} µs: at most {bound['api_rate']:.0f}/s on its one core",
+            )
     hung = results.get("hung_redis")
     if hung:
         add(
@@ -249,6 +267,27 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{health['samples']} probes from a separate process",
     )
     return table
+
+
+def _cpu_bound(
+    shares: dict[str, float], figure: dict[str, Any], cores: int
+) -> dict[str, Any] | None:
+    """The most requests/s a phase could reach here, from what one request costs: our
+    processes' CPU together (API, projector, both PostgreSQL, Redis) on all the cores, and the
+    API's own on the one core its single worker runs on. The load generator is not counted
+    (wrk is not sampled), so the bound is generous. None without CPU samples."""
+    rate, api_us = figure.get("rate"), figure.get("api_cpu_us_per_request")
+    if not shares or not rate or not api_us:
+        return None
+    machine_us = sum(v for k, v in shares.items() if k != "load-generator") / rate * 1e6
+    machine_rate, api_rate = cores / machine_us * 1e6, 1e6 / api_us
+    return {
+        "machine_us": round(machine_us, 1),
+        "machine_rate": machine_rate,
+        "api_us": api_us,
+        "api_rate": api_rate,
+        "rate": min(machine_rate, api_rate),
+    }
 
 
 def _blank(value: Any) -> Any:
