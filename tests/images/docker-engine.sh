@@ -103,8 +103,12 @@ images_lock() {
     mkdir -p "$dir"
     exec 9>"$dir/images.lock"
     if ! flock -n 9; then
-        echo "images: another build of the images runs in this clone; waiting for it" >&2
+        echo "images: another build of the images runs on this engine; waiting for it" >&2
         flock 9
+        # The build waited for may have stopped the engine it had started, at its exit.
+        if ! docker_engine_reachable; then
+            docker_engine_up || return 1
+        fi
     fi
     export CQRS_IMAGES_LOCKED=1
 }
@@ -114,29 +118,27 @@ images_lock() {
 #   prune_images           dangling images: all of them in the private engine (it holds
 #                          only what we built), only ours (by their title label) elsewhere
 #   prune_images --dev     also the dev loop's tags of cqrs-stack and cqrs-stack-operator:
-#                          every tag but <version> and the previous release's <version>-<commit>
+#                          skaffold's <commit>[-dirty], <tag>-<n>-g<commit>[-dirty] (git
+#                          describe) and <image ID> (hex) and `latest`; a
+#                          release's <version>, <version>-<commit> and any tag of yours are kept
 # An image a container still uses is kept (`docker rmi` without -f refuses it). Takes the
 # image lock: a build's newest step is dangling until the next step, so no build may run.
 # CQRS_IMAGE_REPOS: the repositories that are ours (default: cqrs-stack cqrs-stack-operator).
 prune_images() {
-    local version repo tag repos
+    local repo tag repos
     read -r -a repos <<<"${CQRS_IMAGE_REPOS:-cqrs-stack cqrs-stack-operator}"
     images_lock
     # A cleanup: nothing here may fail its caller (a dev loop's exit, a finished build).
     if [[ ${1:-} == --dev ]]; then
-        version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])' 2>/dev/null)" \
-            || version=
-        if [[ -z $version ]]; then
-            echo "images: no pyproject.toml here, so no release version: the dev tags are kept" >&2
-        else
-            for repo in "${repos[@]}"; do
-                for tag in $("$DOCKER" image ls --format '{{.Tag}}' "$repo" 2>/dev/null || true); do
-                    [[ $tag == "<none>" || $tag == "$version" || $tag =~ ^$version-[0-9a-f]{7,40}$ ]] \
-                        && continue
-                    "$DOCKER" rmi "$repo:$tag" >/dev/null 2>&1 || true
-                done
+        # Only the tags the dev loop makes: removing by "not a release tag" took a previous
+        # release of another version and a user's own tags with them.
+        for repo in "${repos[@]}"; do
+            for tag in $("$DOCKER" image ls --format '{{.Tag}}' "$repo" 2>/dev/null || true); do
+                [[ $tag =~ ^[0-9a-f]{7,64}(-dirty)?$ || $tag =~ ^.+-[0-9]+-g[0-9a-f]{7,40}(-dirty)?$ \
+                    || $tag == latest ]] || continue
+                "$DOCKER" rmi "$repo:$tag" >/dev/null 2>&1 || true
             done
-        fi
+        done
     fi
     if [[ ${DOCKER_HOST:-} == "unix://$CQRS_DOCKER_SOCK" ]]; then
         "$DOCKER" image prune -f >/dev/null 2>&1 || true

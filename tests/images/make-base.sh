@@ -39,6 +39,12 @@ started=$SECONDS
 rootfs="$(mktemp -d /var/tmp/cqrs-base.XXXXXX)"
 chmod 755 "$rootfs"  # it becomes the image's /: every user must traverse it
 cleanup() {
+    # Interrupted (a Ctrl-C, a stopped CI run): what still runs inside the root filesystem
+    # (apt, dpkg, a maintainer script) would hold its /proc mount and outlive this script.
+    local p
+    for p in /proc/[0-9]*; do
+        [[ "$(readlink "$p/root" 2>/dev/null)" == "$rootfs" ]] && kill -KILL "${p#/proc/}" 2>/dev/null
+    done
     for m in proc dev/pts dev sys; do umount "$rootfs/$m" 2>/dev/null || true; done
     rm -rf --one-file-system "$rootfs" "$rootfs.log"
 }

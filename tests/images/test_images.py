@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,16 @@ import pytest
 
 from cqrs_stack.localservers import PostgresServer, free_port
 from tests.fixtures.stack import Stack
-from tests.images.conftest import IMAGE_SIZES, RUN_AS, VERSION, Containers, Docker
+from tests.images.conftest import (
+    BUILD_TIMEOUT,
+    HERE,
+    IMAGE_SIZES,
+    ROOT,
+    RUN_AS,
+    VERSION,
+    Containers,
+    Docker,
+)
 from tests.operator.fixtures_operator import Stacks, stack_manifest
 
 # Generous: it holds for both images on the Debian base; a jump says something got bundled.
@@ -33,6 +43,26 @@ def inspect(docker: Docker, image: str) -> dict[str, Any]:
     result = docker.run("image", "inspect", image)
     found: dict[str, Any] = json.loads(result.stdout)[0]
     return found
+
+
+def test_an_unchanged_tree_is_built_again_from_cache(
+    docker: Docker, images: dict[str, str]
+) -> None:
+    """A second `make images` of the same tree reuses every layer: the build stages are
+    tagged, so the pruning after each build (prune_images) does not take the cache with
+    them (it did: every build installed all dependencies again and changed both IDs)."""
+    before = {kind: inspect(docker, image)["Id"] for kind, image in images.items()}
+    again = subprocess.run(
+        ["bash", str(HERE / "build-images.sh")],
+        cwd=ROOT,
+        env={**docker.env, "KEEP_DOCKERD": "1"},
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {kind: inspect(docker, image)["Id"] for kind, image in images.items()} == before
 
 
 @pytest.mark.parametrize("kind", ["services", "operator"])

@@ -68,7 +68,14 @@ def test_prune_keeps_the_release_tags_and_removes_the_dev_loops_images(docker: D
     repo = f"cqrs-prune-test-{uuid.uuid4().hex[:8]}"
     release = f"{repo}:{VERSION}"
     previous = f"{repo}:{VERSION}-60f5b61"
-    skaffold_tags = [f"{repo}:{'ab' * 32}", f"{repo}:7f69011-dirty", f"{repo}:latest"]
+    skaffold_tags = [
+        f"{repo}:{'ab' * 32}",
+        f"{repo}:7f69011-dirty",
+        f"{repo}:v0.1.0-3-g7f69011-dirty",
+        f"{repo}:latest",
+    ]
+    # Not the dev loop's: a previous release of another version, another version, a user's.
+    others = [f"{repo}:0.0.9-60f5b61", f"{repo}:9.9.9", f"{repo}:my-experiment"]
     in_use = f"{repo}:cd9d0c3"
     container = f"prune-test-{uuid.uuid4().hex[:8]}"
     # The release tag rebuilt: its first image is left dangling.
@@ -77,6 +84,8 @@ def test_prune_keeps_the_release_tags_and_removes_the_dev_loops_images(docker: D
     _import(docker, previous, repo, "previous release")
     for n, tag in enumerate(skaffold_tags):
         _import(docker, tag, repo, f"dev iteration {n}")
+    for n, tag in enumerate(others):
+        _import(docker, tag, repo, f"kept {n}")
     _import(docker, in_use, repo, "a container runs this one")
     docker.run("create", "--name", container, in_use)
     try:
@@ -84,17 +93,17 @@ def test_prune_keeps_the_release_tags_and_removes_the_dev_loops_images(docker: D
         _prune(docker, repo)
         # After a build: the dangling one goes, every tag stays.
         assert not _exists(docker, replaced)
-        for reference in (release, previous, in_use, *skaffold_tags):
+        for reference in (release, previous, in_use, *skaffold_tags, *others):
             assert _exists(docker, reference), reference
 
         _prune(docker, repo, "--dev")
-        assert _exists(docker, release)
-        assert _exists(docker, previous)
+        for reference in (release, previous, *others):
+            assert _exists(docker, reference), reference
         # A container still uses it: kept.
         assert _exists(docker, in_use)
         for reference in skaffold_tags:
             assert not _exists(docker, reference), reference
     finally:
         docker.run("rm", "-f", container, check=False)
-        for reference in (release, previous, in_use, *skaffold_tags):
+        for reference in (release, previous, in_use, *skaffold_tags, *others):
             docker.run("rmi", "-f", reference, check=False)

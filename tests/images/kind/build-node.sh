@@ -52,7 +52,19 @@ quiet_build() {
 started=$SECONDS
 
 docker_engine_up || { say "no Docker engine"; exit 1; }
-trap docker_engine_down EXIT
+# `kind build node-image` builds in a container of its own (kind-build-<time>-<n>) and leaves
+# it behind when interrupted: removed here, with the engine stopped if this script started it.
+# One node build at a time per engine (images_lock below): once it holds the lock, a new
+# kind-build container is ours.
+kind_builds_before=
+cleanup() {
+  local id
+  [[ -n $kind_builds_before ]] && for id in $(comm -13 <(echo "${kind_builds_before#ids: }") <(docker ps -aq --filter name=kind-build- 2>/dev/null | sort)); do
+    docker rm -f "$id" >/dev/null 2>&1 || true
+  done
+  docker_engine_down
+}
+trap cleanup EXIT
 
 # ---- binaries (all cached by their stamps) ----------------------------------------------
 nice -n 10 bash tests/tools/build-k8s-tools.sh >&2
@@ -61,6 +73,7 @@ nice -n 10 bash "$HERE/build-node-bins.sh" >&2
 
 # Shares the offline base with the services' images: one image build at a time.
 images_lock
+kind_builds_before="ids: $(docker ps -aq --filter name=kind-build- 2>/dev/null | sort)"
 inputs=$( (cat "$HERE"/*.sh "$HERE"/*.Dockerfile tests/images/make-base.sh "$BIN"/.*.stamp) | sha256sum | cut -c1-16)
 have=$(docker image inspect --format "{{ index .Config.Labels \"$HASH_LABEL\" }}" "$NODE_IMAGE" 2>/dev/null || true)
 # The image this build replaces (1.3 GB): removed once the new one has its name.
