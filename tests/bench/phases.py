@@ -17,7 +17,10 @@ import asyncpg
 import httpx
 
 from cqrs_stack import sweep
-from cqrs_stack.config import plain_database_url
+from cqrs_stack.config import Settings, plain_database_url
+from cqrs_stack.db import create_engine, create_pool
+from cqrs_stack.projections.ledger import LedgerPruner
+from cqrs_stack.projections.records import Records
 from cqrs_stack.projector import CATCHUP_GRACE_SECONDS
 
 from . import wrk
@@ -66,6 +69,9 @@ QUICK = Plan(
 VALUE = "v" * 64
 # Seconds after the large phase's load before the sweep's plan is read (its interval is 2 s).
 CATCHUP_SETTLE_SECONDS = 3.0
+# Seconds the large phase waits at most for its ledger to be pruned to the seed's end (10M
+# rows: about a minute on two busy cores).
+LARGE_SETTLE_TIMEOUT = 600.0
 # New commands behind the cursor whose sweep page is timed, at both sizes.
 SWEEP_NEW_COMMANDS = 5_000
 
@@ -79,6 +85,13 @@ def cpu_per_request(used: dict[str, float], result: LoadResult) -> float:
     """Microseconds of the API process's CPU per request answered in a phase."""
     answered = max(1, result.requests - result.errors)
     return round(used.get("api", 0.0) / answered * 1e6, 1)
+
+
+def cpu_per_request_by_process(used: dict[str, float], result: LoadResult) -> dict[str, float]:
+    """Microseconds of each process's CPU (API, projector, each PostgreSQL, Redis) per request
+    answered: the figure that the machine's other load moves least."""
+    answered = max(1, result.requests - result.errors)
+    return {name: round(seconds / answered * 1e6, 1) for name, seconds in used.items()}
 
 
 def summary(result: LoadResult) -> dict[str, Any]:
@@ -227,6 +240,8 @@ class Bench:
             batches_after = await self.batch_counts()
             figures[clients] = summary(result)
             figures[clients]["api_cpu_us_per_request"] = cpu_per_request(used, result)
+            figures[clients]["cpu_us_per_request"] = cpu_per_request_by_process(used, result)
+            figures[clients]["loadavg"] = os.getloadavg()[0]
             batches = batches_after[0] - batches_before[0]
             figures[clients]["mean_batch"] = round(
                 (batches_after[1] - batches_before[1]) / max(batches, 1), 1
@@ -287,6 +302,8 @@ class Bench:
             used = self.monitor.mark(f"reads{label}-{name}")
             rate = summary(loaded)
             rate["api_cpu_us_per_request"] = cpu_per_request(used, loaded)
+            rate["cpu_us_per_request"] = cpu_per_request_by_process(used, loaded)
+            rate["loadavg"] = os.getloadavg()[0]
             await asyncio.sleep(0.5)  # let the API flush earlier read counts
             before_total = await self.read_conn.fetchval(
                 "SELECT sum(read_count) FROM records WHERE key = ANY($1)", keys
@@ -504,10 +521,68 @@ class Bench:
             "read_db_records": body.get("read_db_records"),
         }
 
+    def db_activity(self) -> DbActivity:
+        """A sampler of both servers' active backends."""
+        return DbActivity(
+            {
+                "write-db": plain_database_url(self.stack.env["WRITE_DB_URL"]),
+                "read-db": plain_database_url(self.stack.env["READ_DB_URL"]),
+            }
+        )
+
+    async def settle_large(
+        self, last: int, timeout: float = LARGE_SETTLE_TIMEOUT
+    ) -> dict[str, Any]:
+        """The steady state of a stack at the large size: the records ledger pruned below a
+        watermark at ``last`` (the seed's last command) or above, by the product's pruner (the
+        projector's runs too: the two share each step's lock, so either may take it), then
+        ``VACUUM (ANALYZE)`` of both databases, as autovacuum leaves tables in production."""
+        assert self.write_conn is not None and self.read_conn is not None
+        settings = Settings(
+            write_db_url=self.stack.env["WRITE_DB_URL"], read_db_url=self.stack.env["READ_DB_URL"]
+        )
+        engine = create_engine(settings.write_db_url, settings, application_name="bench-large")
+        pool = await create_pool(settings.read_db_url, settings, application_name="bench-large")
+        watermark = f"SELECT position FROM {Records.watermark()}"
+        started = time.perf_counter()
+        try:
+            pruner = LedgerPruner(engine, pool, [Records], settings.ledger_prune_step)
+            while int(await self.read_conn.fetchval(watermark)) < last:
+                if time.perf_counter() - started > timeout:
+                    raise TimeoutError(f"the ledger's watermark did not reach {last}")
+                if not await pruner.prune_round() and not pruner.behind:
+                    await asyncio.sleep(0.05)  # the fence's writers are still open
+        finally:
+            await pool.close()
+            await engine.dispose()
+        pruned = time.perf_counter() - started
+        started = time.perf_counter()
+        await self.write_conn.execute("VACUUM (ANALYZE)")
+        vacuum_write = time.perf_counter() - started
+        started = time.perf_counter()
+        await self.read_conn.execute("VACUUM (ANALYZE)")
+        vacuum_read = time.perf_counter() - started
+        self.monitor.mark("large-settle")
+        ledger_rows = int(await self.read_conn.fetchval(f"SELECT count(*) FROM {Records.ledger}"))
+        return {
+            "ledger_pruned_seconds": round(pruned, 1),
+            "ledger_rows_left": ledger_rows,
+            "vacuum_write_db_seconds": round(vacuum_write, 1),
+            "vacuum_read_db_seconds": round(vacuum_read, 1),
+        }
+
     async def large_data(self) -> None:
         """Seed the write DB with ``large_commands`` commands and the read model with a tenth
         as many keys (SQL, not the API), then run the write and read phases again: the same
-        figures as with the small data set, /stats in bounds, the sweep's cost unchanged."""
+        figures as with the small data set, /stats in bounds, the sweep's cost unchanged.
+
+        Right after the bulk load, writes c=64 are measured once as the transient (autovacuum
+        of the new rows, the projector pruning the load's ledger rows: ``writes-large-
+        transient``); then the stack is brought to the state a production stack of that size
+        is in (the ledger pruned below its watermark by the product's pruner, every table
+        vacuumed and analyzed) and the steady-state phases run. The servers' activity is
+        sampled in both.
+        """
         assert self.write_conn is not None and self.read_conn is not None
         small = {
             "sweep": await self.sweep_plan(),
@@ -516,6 +591,8 @@ class Bench:
         n = self.plan.large_commands
         keys = max(1, n // 10)
         seeded = keys * 10
+        # Every command so far projected: the ledger's watermark can then rise past the seed.
+        await self.wait_projected(await self.commands(), 120)
         # The seeded commands' events count as published and projected: the read model holds
         # their keys and ledger rows before the commands exist, so that a sweep that meets them
         # finds nothing missing; then the sweep's cursor is moved past them, as after a sweep
@@ -554,11 +631,30 @@ class Bench:
             f" rows in {seeded_read:.1f} s (ANALYZE {analyzed:.1f} s)",
             file=sys.stderr,
         )
+        # The transient after a bulk load (or a rebuild): what the servers do meanwhile.
+        activity = self.db_activity()
+        await activity.start()
+        await self.writes((64,), label="-large-transient")
+        transient_activity = await activity.stop()
+        print(f"bench: activity writes-large-transient: {transient_activity}", file=sys.stderr)
+        steady = await self.settle_large(last)
+        print(f"bench: large steady state: {steady}", file=sys.stderr)
+        activity = self.db_activity()
+        await activity.start()
         await self.writes((64,), label="-large")
+        writes_activity = await activity.stop()
+        activity = self.db_activity()
+        await activity.start()
         await self.reads(label="-large", hot=False)
+        reads_activity = await activity.stop()
+        print(
+            f"bench: activity writes-large: {writes_activity}; reads-large: {reads_activity}",
+            file=sys.stderr,
+        )
         await asyncio.sleep(CATCHUP_SETTLE_SECONDS)  # a sweep tick or two at the new size
         large = {"sweep": await self.sweep_plan(), "stats": await self.stats_timing()}
         small_w, large_w = self.results["writes"][64], self.results["writes-large"][64]
+        transient_w = self.results["writes-large-transient"][64]
         small_r, large_r = self.results["reads"]["spread"], self.results["reads-large"]["spread"]
         self.results["large"] = {
             "commands": n,
@@ -566,17 +662,31 @@ class Bench:
             "seed_write_db_seconds": round(seeded_write, 1),
             "seed_read_db_seconds": round(seeded_read, 1),
             "analyze_seconds": round(analyzed, 1),
+            "steady_state": steady,
+            "activity": {
+                "writes-large-transient": transient_activity,
+                "writes-large": writes_activity,
+                "reads-large": reads_activity,
+            },
             "small": small,
             "large": large,
             "write_rate_ratio": round(large_w["rate"] / small_w["rate"], 3),
             "write_p99_ratio": round(large_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3),
             "read_rate_ratio": round(large_r["rate"] / small_r["rate"], 3),
             "read_p99_ratio": round(large_r["p99_ms"] / max(small_r["p99_ms"], 1e-3), 3),
+            "transient_write_rate_ratio": round(transient_w["rate"] / small_w["rate"], 3),
+            "transient_write_p99_ratio": round(
+                transient_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3
+            ),
         }
         print(
             "bench: large data: "
             + json.dumps(
-                {k: v for k, v in self.results["large"].items() if k not in ("small", "large")}
+                {
+                    k: v
+                    for k, v in self.results["large"].items()
+                    if k not in ("small", "large", "activity")
+                }
             ),
             file=sys.stderr,
         )
@@ -603,8 +713,76 @@ class Bench:
             )
 
 
+class DbActivity:
+    """What the two PostgreSQL servers run during a phase: every ``interval`` seconds, the
+    active backends other than this one (autovacuum workers, the projector's ledger pruning,
+    the write path's statements), counted by backend type and the start of their query.
+
+    Bounded: one sample per interval until ``stop``; its own connections, closed at stop.
+    """
+
+    _ACTIVE = (
+        "SELECT backend_type, left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 60)"
+        " FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+        " AND datname = current_database()"
+    )
+
+    def __init__(self, urls: dict[str, str], interval: float = 0.25) -> None:
+        self.urls = urls
+        self.interval = interval
+        self.counts: dict[str, dict[str, int]] = {name: {} for name in urls}
+        self.samples = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect and sample in a task until ``stop``."""
+        conns = {name: await asyncpg.connect(url) for name, url in self.urls.items()}
+        self._task = asyncio.create_task(self._sample(conns))
+
+    async def _sample(self, conns: dict[str, asyncpg.Connection]) -> None:
+        try:
+            while not self._stop.is_set():
+                for name, conn in conns.items():
+                    for backend, query in await conn.fetch(self._ACTIVE):
+                        what = f"{backend}: {query}"
+                        self.counts[name][what] = self.counts[name].get(what, 0) + 1
+                self.samples += 1
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self.interval)
+                except TimeoutError:
+                    pass
+        finally:
+            for conn in conns.values():
+                await conn.close()
+
+    async def stop(self, top: int = 6) -> dict[str, Any]:
+        """Stop sampling; the ``top`` most frequent activities of each server, as a share of
+        the samples (1.0: one backend busy with it in every sample)."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        return {
+            "samples": self.samples,
+            **{
+                name: {
+                    what: round(n / max(self.samples, 1), 2)
+                    for what, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+                }
+                for name, counts in self.counts.items()
+            },
+        }
+
+
 # The phases whose peak RSS the large-data phase prints: small, seeding, large.
-_RSS_PHASES = ("writes-64", "reads-spread", "large-seed", "writes-large-64", "reads-large-spread")
+_RSS_PHASES = (
+    "writes-64",
+    "reads-spread",
+    "large-seed",
+    "writes-large-transient-64",
+    "writes-large-64",
+    "reads-large-spread",
+)
 
 # Seeding, in SQL: ten commands per key, keys in index order (zero-padded), so that the key
 # index is built at its right edge; one transaction, like a bulk load.
