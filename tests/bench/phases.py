@@ -530,14 +530,10 @@ class Bench:
             }
         )
 
-    async def settle_large(
-        self, last: int, timeout: float = LARGE_SETTLE_TIMEOUT
-    ) -> dict[str, Any]:
-        """The steady state of a stack at the large size: the records ledger pruned below a
-        watermark at ``last`` (the seed's last command) or above, by the product's pruner (the
-        projector's runs too: the two share each step's lock, so either may take it), then
-        ``VACUUM (ANALYZE)`` of both databases, as autovacuum leaves tables in production."""
-        assert self.write_conn is not None and self.read_conn is not None
+    async def prune_ledger(self, last: int, timeout: float = LARGE_SETTLE_TIMEOUT) -> float:
+        """Prune the records ledger with the product's pruner until its watermark is at
+        ``last`` (the seed's last command) or above; the seconds it took. The projector's
+        pruner runs too: the two take each step's lock in turn, either may do a step."""
         settings = Settings(
             write_db_url=self.stack.env["WRITE_DB_URL"], read_db_url=self.stack.env["READ_DB_URL"]
         )
@@ -547,7 +543,7 @@ class Bench:
         started = time.perf_counter()
         try:
             pruner = LedgerPruner(engine, pool, [Records], settings.ledger_prune_step)
-            while int(await self.read_conn.fetchval(watermark)) < last:
+            while int(await pool.fetchval(watermark)) < last:
                 if time.perf_counter() - started > timeout:
                     raise TimeoutError(f"the ledger's watermark did not reach {last}")
                 if not await pruner.prune_round() and not pruner.behind:
@@ -555,7 +551,13 @@ class Bench:
         finally:
             await pool.close()
             await engine.dispose()
-        pruned = time.perf_counter() - started
+        return time.perf_counter() - started
+
+    async def settle_large(self, pruned_seconds: float) -> dict[str, Any]:
+        """The steady state of a stack at the large size, once its ledger is pruned below the
+        seed's end: ``VACUUM (ANALYZE)`` of both databases, as autovacuum keeps a production
+        stack's tables (the load's rows all-visible, the pruned ledger's space reclaimed)."""
+        assert self.write_conn is not None and self.read_conn is not None
         started = time.perf_counter()
         await self.write_conn.execute("VACUUM (ANALYZE)")
         vacuum_write = time.perf_counter() - started
@@ -565,7 +567,7 @@ class Bench:
         self.monitor.mark("large-settle")
         ledger_rows = int(await self.read_conn.fetchval(f"SELECT count(*) FROM {Records.ledger}"))
         return {
-            "ledger_pruned_seconds": round(pruned, 1),
+            "ledger_pruned_seconds": round(pruned_seconds, 1),
             "ledger_rows_left": ledger_rows,
             "vacuum_write_db_seconds": round(vacuum_write, 1),
             "vacuum_read_db_seconds": round(vacuum_read, 1),
@@ -594,23 +596,29 @@ class Bench:
         # Every command so far projected: the ledger's watermark can then rise past the seed.
         await self.wait_projected(await self.commands(), 120)
         # The seeded commands' events count as published and projected: the read model holds
-        # their keys and ledger rows before the commands exist, so that a sweep that meets them
-        # finds nothing missing; then the sweep's cursor is moved past them, as after a sweep
-        # (its state row is locked by a running sweep: the UPDATE waits for it, then wins).
-        first = int(
-            await self.write_conn.fetchval(
-                "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
-                " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
-                seeded - 1,
-            )
-        )
-        last = first + seeded - 1
-        started = time.perf_counter()
-        await self.read_conn.execute(_SEED_RECORDS, first, keys)
-        await self.read_conn.execute(_SEED_LEDGER, first, last)
-        seeded_read = time.perf_counter() - started
-        started = time.perf_counter()
+        # their keys and ledger rows before the commands are committed, so that a sweep that
+        # meets them finds nothing missing; then the sweep's cursor is moved past them, as
+        # after a sweep (its state row is locked by a running sweep: the UPDATE waits for it,
+        # then wins). The seed is one writer as the ledger's pruning expects one: it holds its
+        # lock on ``commands`` from before it draws its ids until it commits, so a pruning
+        # fence taken meanwhile stays open, and the watermark cannot rise over ids whose
+        # commands are not committed yet (it would leave the seed's ledger rows below it, for
+        # one later step to delete all at once).
         async with self.write_conn.transaction():  # one transaction, one txid, like a bulk load
+            await self.write_conn.execute("LOCK TABLE commands IN ROW EXCLUSIVE MODE")
+            first = int(
+                await self.write_conn.fetchval(
+                    "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
+                    " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
+                    seeded - 1,
+                )
+            )
+            last = first + seeded - 1
+            started = time.perf_counter()
+            await self.read_conn.execute(_SEED_RECORDS, first, keys)
+            await self.read_conn.execute(_SEED_LEDGER, first, last)
+            seeded_read = time.perf_counter() - started
+            started = time.perf_counter()
             await self.write_conn.execute(_SEED_COMMANDS, first, keys)
             seed_txid = await self.write_conn.fetchval("SELECT pg_current_xact_id()::text")
         seeded_write = time.perf_counter() - started
@@ -631,13 +639,21 @@ class Bench:
             f" rows in {seeded_read:.1f} s (ANALYZE {analyzed:.1f} s)",
             file=sys.stderr,
         )
-        # The transient after a bulk load (or a rebuild): what the servers do meanwhile.
+        # The transient after a bulk load (or a rebuild): writes while the product's pruner
+        # works off the load's ledger rows (started now rather than at the projector's next
+        # interval, so that it runs in this window), and what the servers do meanwhile.
         activity = self.db_activity()
         await activity.start()
-        await self.writes((64,), label="-large-transient")
-        transient_activity = await activity.stop()
+        pruning = asyncio.create_task(self.prune_ledger(last))
+        try:
+            await self.writes((64,), label="-large-transient")
+        except BaseException:
+            pruning.cancel()
+            raise
+        finally:
+            transient_activity = await activity.stop()
         print(f"bench: activity writes-large-transient: {transient_activity}", file=sys.stderr)
-        steady = await self.settle_large(last)
+        steady = await self.settle_large(await pruning)
         print(f"bench: large steady state: {steady}", file=sys.stderr)
         activity = self.db_activity()
         await activity.start()
