@@ -132,6 +132,8 @@ class Bench:
         self.read_conn: asyncpg.Connection | None = None
         self.client = client
         self.seeded = 0  # commands put in both databases by SQL, not through the API
+        # The keys that writes pick from at random: printf-style format, how many.
+        self.write_keys = ("user:%d", plan.key_space)
 
     async def connect(self) -> None:
         """Direct connections to both databases, for counts and polling."""
@@ -147,7 +149,8 @@ class Bench:
     # -- helpers -------------------------------------------------------------------------
 
     def write_request(self, client: int, i: int) -> tuple[str, str, bytes]:
-        key = f"user:{self.rng.randrange(self.plan.key_space)}"
+        key_format, space = self.write_keys
+        key = key_format % self.rng.randrange(space)
         return "POST", "/write", json.dumps({"key": key, "value": VALUE}).encode()
 
     async def commands(self) -> int:
@@ -187,8 +190,9 @@ class Bench:
             if kind == "health":
                 return await asyncio.to_thread(wrk.get, port, clients, seconds, "/health")
             if kind == "writes":
+                key_format, space = self.write_keys
                 return await asyncio.to_thread(
-                    wrk.writes, port, clients, seconds, self.plan.key_space
+                    wrk.writes, port, clients, seconds, space, key_format
                 )
             assert paths is not None
             keys = [p[len("/read/") :] for p in paths]
@@ -620,6 +624,7 @@ class Bench:
             seeded_read = time.perf_counter() - started
             started = time.perf_counter()
             await self.write_conn.execute(_SEED_COMMANDS, first, keys)
+            await self.write_conn.execute(_SEED_KEY_VERSIONS, keys)
             seed_txid = await self.write_conn.fetchval("SELECT pg_current_xact_id()::text")
         seeded_write = time.perf_counter() - started
         await self.read_conn.execute(
@@ -659,18 +664,30 @@ class Bench:
         await activity.start()
         await self.writes((64,), label="-large")
         writes_activity = await activity.stop()
+        # The same writes spread over the seeded keys: random inserts into the key index of
+        # 10M entries and updates of 1M key versions, not only into the small set's key range.
+        activity = self.db_activity()
+        await activity.start()
+        self.write_keys = (_SEED_KEY_FORMAT, keys)
+        try:
+            await self.writes((64,), label="-large-seeded-keys")
+        finally:
+            self.write_keys = ("user:%d", self.plan.key_space)
+            seeded_keys_activity = await activity.stop()
         activity = self.db_activity()
         await activity.start()
         await self.reads(label="-large", hot=False)
         reads_activity = await activity.stop()
         print(
-            f"bench: activity writes-large: {writes_activity}; reads-large: {reads_activity}",
+            f"bench: activity writes-large: {writes_activity}; writes-large-seeded-keys:"
+            f" {seeded_keys_activity}; reads-large: {reads_activity}",
             file=sys.stderr,
         )
         await asyncio.sleep(CATCHUP_SETTLE_SECONDS)  # a sweep tick or two at the new size
         large = {"sweep": await self.sweep_plan(), "stats": await self.stats_timing()}
         small_w, large_w = self.results["writes"][64], self.results["writes-large"][64]
         transient_w = self.results["writes-large-transient"][64]
+        seeded_w = self.results["writes-large-seeded-keys"][64]
         small_r, large_r = self.results["reads"]["spread"], self.results["reads-large"]["spread"]
         self.results["large"] = {
             "commands": n,
@@ -682,6 +699,7 @@ class Bench:
             "activity": {
                 "writes-large-transient": transient_activity,
                 "writes-large": writes_activity,
+                "writes-large-seeded-keys": seeded_keys_activity,
                 "reads-large": reads_activity,
             },
             "small": small,
@@ -690,6 +708,10 @@ class Bench:
             "write_p99_ratio": round(large_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3),
             "read_rate_ratio": round(large_r["rate"] / small_r["rate"], 3),
             "read_p99_ratio": round(large_r["p99_ms"] / max(small_r["p99_ms"], 1e-3), 3),
+            "seeded_keys_write_rate_ratio": round(seeded_w["rate"] / small_w["rate"], 3),
+            "seeded_keys_write_p99_ratio": round(
+                seeded_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3
+            ),
             "transient_write_rate_ratio": round(transient_w["rate"] / small_w["rate"], 3),
             "transient_write_p99_ratio": round(
                 transient_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3
@@ -797,6 +819,7 @@ _RSS_PHASES = (
     "large-seed",
     "writes-large-transient-64",
     "writes-large-64",
+    "writes-large-seeded-keys-64",
     "reads-large-spread",
 )
 
@@ -807,6 +830,12 @@ _SEED_COMMANDS = """
     SELECT $1 + g, 'seed:' || lpad((g / 10)::text, 8, '0'), repeat('v', 64),
            CASE WHEN g % 10 = 0 THEN 'RecordCreated' ELSE 'RecordUpdated' END, true
     FROM generate_series(0, $2::bigint * 10 - 1) AS g
+"""
+# The seeded keys' names (printf-style, as _SEED_COMMANDS writes them) and their versions.
+_SEED_KEY_FORMAT = "seed:%08d"
+_SEED_KEY_VERSIONS = """
+    INSERT INTO key_versions (key, version)
+    SELECT 'seed:' || lpad(k::text, 8, '0'), 10 FROM generate_series(0, $1 - 1) AS k
 """
 _SEED_RECORDS = """
     INSERT INTO records (key, value, created_at, updated_at, read_count, write_count,
