@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -599,34 +600,9 @@ class Bench:
         seeded = keys * 10
         # Every command so far projected: the ledger's watermark can then rise past the seed.
         await self.wait_projected(await self.commands(), 120)
-        # The seeded commands' events count as published and projected: the read model holds
-        # their keys and ledger rows before the commands are committed, so that a sweep that
-        # meets them finds nothing missing; then the sweep's cursor is moved past them, as
-        # after a sweep (its state row is locked by a running sweep: the UPDATE waits for it,
-        # then wins). The seed is one writer as the ledger's pruning expects one: it holds its
-        # lock on ``commands`` from before it draws its ids until it commits, so a pruning
-        # fence taken meanwhile stays open, and the watermark cannot rise over ids whose
-        # commands are not committed yet (it would leave the seed's ledger rows below it, for
-        # one later step to delete all at once).
-        async with self.write_conn.transaction():  # one transaction, one txid, like a bulk load
-            await self.write_conn.execute("LOCK TABLE commands IN ROW EXCLUSIVE MODE")
-            first = int(
-                await self.write_conn.fetchval(
-                    "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
-                    " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
-                    seeded - 1,
-                )
-            )
-            last = first + seeded - 1
-            started = time.perf_counter()
-            await self.read_conn.execute(_SEED_RECORDS, first, keys)
-            await self.read_conn.execute(_SEED_LEDGER, first, last)
-            seeded_read = time.perf_counter() - started
-            started = time.perf_counter()
-            await self.write_conn.execute(_SEED_COMMANDS, first, keys)
-            await self.write_conn.execute(_SEED_KEY_VERSIONS, keys)
-            seed_txid = await self.write_conn.fetchval("SELECT pg_current_xact_id()::text")
-        seeded_write = time.perf_counter() - started
+        seed = await seed_large(self.write_conn, self.read_conn, keys)
+        last, seed_txid = seed.last, seed.txid
+        seeded_read, seeded_write = seed.read_seconds, seed.write_seconds
         await self.read_conn.execute(
             "UPDATE projector_catchup SET cursor_txid = $1::text::xid8, cursor_id = $2"
             " WHERE (cursor_txid, cursor_id) < ($1::text::xid8, $2)",
@@ -749,6 +725,64 @@ class Bench:
                 f" candidates; /stats {self.results['large'][size]['stats']}",
                 file=sys.stderr,
             )
+
+
+@dataclass(frozen=True)
+class Seed:
+    """What ``seed_large`` put in: the ids ``first``..``last``, the write DB's transaction,
+    and the seconds each database's part took."""
+
+    first: int
+    last: int
+    txid: str
+    read_seconds: float
+    write_seconds: float
+
+
+async def seed_large(
+    write_conn: asyncpg.Connection,
+    read_conn: asyncpg.Connection,
+    keys: int,
+    in_window: Callable[[], Awaitable[object]] | None = None,
+) -> Seed:
+    """Seed ``keys`` keys of ten commands each: the commands and key versions in the write
+    DB (one transaction), the records and ledger rows in the read model.
+
+    The seeded commands' events count as published and projected: the read model holds
+    their keys and ledger rows before the commands are committed, so that a sweep that
+    meets them finds nothing missing (the caller then moves the sweep's cursor past them,
+    as after a sweep). The seed is one writer as the ledger's pruning expects one: it holds its
+    lock on ``commands`` from before it draws its ids until it commits, so a pruning
+    fence taken meanwhile stays open, and the watermark cannot rise over ids whose
+    commands are not committed yet (it would leave the seed's ledger rows below it, for
+    one later step to delete all at once).
+
+    ``in_window`` (tests) runs once the read model's rows are written, before they commit
+    and before the commands are written.
+    """
+    seeded = keys * 10
+    async with write_conn.transaction():  # one transaction, one txid, like a bulk load
+        await write_conn.execute("LOCK TABLE commands IN ROW EXCLUSIVE MODE")
+        first = int(
+            await write_conn.fetchval(
+                "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
+                " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
+                seeded - 1,
+            )
+        )
+        last = first + seeded - 1
+        started = time.perf_counter()
+        async with read_conn.transaction():
+            await read_conn.execute(_SEED_RECORDS, first, keys)
+            await read_conn.execute(_SEED_LEDGER, first, last)
+            if in_window is not None:
+                await in_window()
+        read_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        await write_conn.execute(_SEED_COMMANDS, first, keys)
+        await write_conn.execute(_SEED_KEY_VERSIONS, keys)
+        txid = str(await write_conn.fetchval("SELECT pg_current_xact_id()::text"))
+    return Seed(first, last, txid, read_seconds, time.perf_counter() - started)
 
 
 class DbActivity:
