@@ -584,11 +584,11 @@ class Bench:
         figures as with the small data set, /stats in bounds, the sweep's cost unchanged.
 
         Right after the bulk load, writes c=64 are measured once as the transient (autovacuum
-        of the new rows, the projector pruning the load's ledger rows: ``writes-large-
-        transient``); then the stack is brought to the state a production stack of that size
-        is in (the ledger pruned below its watermark by the product's pruner, every table
-        vacuumed and analyzed) and the steady-state phases run. The servers' activity is
-        sampled in both.
+        of the new rows, the product's pruner working off the load's ledger rows:
+        ``writes-large-transient``); then the stack is brought to the state a production stack
+        of that size is in (the ledger pruned below its watermark, every table vacuumed and
+        analyzed) and the steady-state phases run: writes to the small run's keys, writes
+        spread over the seeded keys, spread reads. The servers' activity is sampled in each.
         """
         assert self.write_conn is not None and self.read_conn is not None
         small = {
