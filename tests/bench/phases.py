@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,10 @@ import asyncpg
 import httpx
 
 from cqrs_stack import sweep
-from cqrs_stack.config import plain_database_url
+from cqrs_stack.config import Settings, plain_database_url
+from cqrs_stack.db import create_engine, create_pool
+from cqrs_stack.projections.ledger import LedgerPruner
+from cqrs_stack.projections.records import Records
 from cqrs_stack.projector import CATCHUP_GRACE_SECONDS
 
 from . import wrk
@@ -66,6 +70,9 @@ QUICK = Plan(
 VALUE = "v" * 64
 # Seconds after the large phase's load before the sweep's plan is read (its interval is 2 s).
 CATCHUP_SETTLE_SECONDS = 3.0
+# Seconds the large phase waits at most for its ledger to be pruned to the seed's end (10M
+# rows: about a minute on two busy cores).
+LARGE_SETTLE_TIMEOUT = 600.0
 # New commands behind the cursor whose sweep page is timed, at both sizes.
 SWEEP_NEW_COMMANDS = 5_000
 
@@ -79,6 +86,13 @@ def cpu_per_request(used: dict[str, float], result: LoadResult) -> float:
     """Microseconds of the API process's CPU per request answered in a phase."""
     answered = max(1, result.requests - result.errors)
     return round(used.get("api", 0.0) / answered * 1e6, 1)
+
+
+def cpu_per_request_by_process(used: dict[str, float], result: LoadResult) -> dict[str, float]:
+    """Microseconds of each process's CPU (API, projector, each PostgreSQL, Redis) per request
+    answered: the figure that the machine's other load moves least."""
+    answered = max(1, result.requests - result.errors)
+    return {name: round(seconds / answered * 1e6, 1) for name, seconds in used.items()}
 
 
 def summary(result: LoadResult) -> dict[str, Any]:
@@ -119,6 +133,8 @@ class Bench:
         self.read_conn: asyncpg.Connection | None = None
         self.client = client
         self.seeded = 0  # commands put in both databases by SQL, not through the API
+        # The keys that writes pick from at random: printf-style format, how many.
+        self.write_keys = ("user:%d", plan.key_space)
 
     async def connect(self) -> None:
         """Direct connections to both databases, for counts and polling."""
@@ -134,7 +150,8 @@ class Bench:
     # -- helpers -------------------------------------------------------------------------
 
     def write_request(self, client: int, i: int) -> tuple[str, str, bytes]:
-        key = f"user:{self.rng.randrange(self.plan.key_space)}"
+        key_format, space = self.write_keys
+        key = key_format % self.rng.randrange(space)
         return "POST", "/write", json.dumps({"key": key, "value": VALUE}).encode()
 
     async def commands(self) -> int:
@@ -174,8 +191,9 @@ class Bench:
             if kind == "health":
                 return await asyncio.to_thread(wrk.get, port, clients, seconds, "/health")
             if kind == "writes":
+                key_format, space = self.write_keys
                 return await asyncio.to_thread(
-                    wrk.writes, port, clients, seconds, self.plan.key_space
+                    wrk.writes, port, clients, seconds, space, key_format
                 )
             assert paths is not None
             keys = [p[len("/read/") :] for p in paths]
@@ -227,6 +245,8 @@ class Bench:
             batches_after = await self.batch_counts()
             figures[clients] = summary(result)
             figures[clients]["api_cpu_us_per_request"] = cpu_per_request(used, result)
+            figures[clients]["cpu_us_per_request"] = cpu_per_request_by_process(used, result)
+            figures[clients]["loadavg"] = os.getloadavg()[0]
             batches = batches_after[0] - batches_before[0]
             figures[clients]["mean_batch"] = round(
                 (batches_after[1] - batches_before[1]) / max(batches, 1), 1
@@ -287,6 +307,8 @@ class Bench:
             used = self.monitor.mark(f"reads{label}-{name}")
             rate = summary(loaded)
             rate["api_cpu_us_per_request"] = cpu_per_request(used, loaded)
+            rate["cpu_us_per_request"] = cpu_per_request_by_process(used, loaded)
+            rate["loadavg"] = os.getloadavg()[0]
             await asyncio.sleep(0.5)  # let the API flush earlier read counts
             before_total = await self.read_conn.fetchval(
                 "SELECT sum(read_count) FROM records WHERE key = ANY($1)", keys
@@ -504,10 +526,70 @@ class Bench:
             "read_db_records": body.get("read_db_records"),
         }
 
+    def db_activity(self) -> DbActivity:
+        """A sampler of both servers' active backends."""
+        return DbActivity(
+            {
+                "write-db": plain_database_url(self.stack.env["WRITE_DB_URL"]),
+                "read-db": plain_database_url(self.stack.env["READ_DB_URL"]),
+            }
+        )
+
+    async def prune_ledger(self, last: int, timeout: float = LARGE_SETTLE_TIMEOUT) -> float:
+        """Prune the records ledger with the product's pruner until its watermark is at
+        ``last`` (the seed's last command) or above; the seconds it took. The projector's
+        pruner runs too: the two take each step's lock in turn, either may do a step."""
+        settings = Settings(
+            write_db_url=self.stack.env["WRITE_DB_URL"], read_db_url=self.stack.env["READ_DB_URL"]
+        )
+        engine = create_engine(settings.write_db_url, settings, application_name="bench-large")
+        pool = await create_pool(settings.read_db_url, settings, application_name="bench-large")
+        watermark = f"SELECT position FROM {Records.watermark()}"
+        started = time.perf_counter()
+        try:
+            pruner = LedgerPruner(engine, pool, [Records], settings.ledger_prune_step)
+            while int(await pool.fetchval(watermark)) < last:
+                if time.perf_counter() - started > timeout:
+                    raise TimeoutError(f"the ledger's watermark did not reach {last}")
+                if not await pruner.prune_round() and not pruner.behind:
+                    await asyncio.sleep(0.05)  # the fence's writers are still open
+        finally:
+            await pool.close()
+            await engine.dispose()
+        return time.perf_counter() - started
+
+    async def settle_large(self, pruned_seconds: float) -> dict[str, Any]:
+        """The steady state of a stack at the large size, once its ledger is pruned below the
+        seed's end: ``VACUUM (ANALYZE)`` of both databases, as autovacuum keeps a production
+        stack's tables (the load's rows all-visible, the pruned ledger's space reclaimed)."""
+        assert self.write_conn is not None and self.read_conn is not None
+        started = time.perf_counter()
+        await self.write_conn.execute("VACUUM (ANALYZE)")
+        vacuum_write = time.perf_counter() - started
+        started = time.perf_counter()
+        await self.read_conn.execute("VACUUM (ANALYZE)")
+        vacuum_read = time.perf_counter() - started
+        self.monitor.mark("large-settle")
+        ledger_rows = int(await self.read_conn.fetchval(f"SELECT count(*) FROM {Records.ledger}"))
+        return {
+            "ledger_pruned_seconds": round(pruned_seconds, 1),
+            "ledger_rows_left": ledger_rows,
+            "vacuum_write_db_seconds": round(vacuum_write, 1),
+            "vacuum_read_db_seconds": round(vacuum_read, 1),
+        }
+
     async def large_data(self) -> None:
         """Seed the write DB with ``large_commands`` commands and the read model with a tenth
         as many keys (SQL, not the API), then run the write and read phases again: the same
-        figures as with the small data set, /stats in bounds, the sweep's cost unchanged."""
+        figures as with the small data set, /stats in bounds, the sweep's cost unchanged.
+
+        Right after the bulk load, writes c=64 are measured once as the transient (autovacuum
+        of the new rows, the product's pruner working off the load's ledger rows:
+        ``writes-large-transient``); then the stack is brought to the state a production stack
+        of that size is in (the ledger pruned below its watermark, every table vacuumed and
+        analyzed) and the steady-state phases run: writes to the small run's keys, writes
+        spread over the seeded keys, spread reads. The servers' activity is sampled in each.
+        """
         assert self.write_conn is not None and self.read_conn is not None
         small = {
             "sweep": await self.sweep_plan(),
@@ -516,27 +598,11 @@ class Bench:
         n = self.plan.large_commands
         keys = max(1, n // 10)
         seeded = keys * 10
-        # The seeded commands' events count as published and projected: the read model holds
-        # their keys and ledger rows before the commands exist, so that a sweep that meets them
-        # finds nothing missing; then the sweep's cursor is moved past them, as after a sweep
-        # (its state row is locked by a running sweep: the UPDATE waits for it, then wins).
-        first = int(
-            await self.write_conn.fetchval(
-                "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
-                " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
-                seeded - 1,
-            )
-        )
-        last = first + seeded - 1
-        started = time.perf_counter()
-        await self.read_conn.execute(_SEED_RECORDS, first, keys)
-        await self.read_conn.execute(_SEED_LEDGER, first, last)
-        seeded_read = time.perf_counter() - started
-        started = time.perf_counter()
-        async with self.write_conn.transaction():  # one transaction, one txid, like a bulk load
-            await self.write_conn.execute(_SEED_COMMANDS, first, keys)
-            seed_txid = await self.write_conn.fetchval("SELECT pg_current_xact_id()::text")
-        seeded_write = time.perf_counter() - started
+        # Every command so far projected: the ledger's watermark can then rise past the seed.
+        await self.wait_projected(await self.commands(), 120)
+        seed = await seed_large(self.write_conn, self.read_conn, keys)
+        last, seed_txid = seed.last, seed.txid
+        seeded_read, seeded_write = seed.read_seconds, seed.write_seconds
         await self.read_conn.execute(
             "UPDATE projector_catchup SET cursor_txid = $1::text::xid8, cursor_id = $2"
             " WHERE (cursor_txid, cursor_id) < ($1::text::xid8, $2)",
@@ -554,11 +620,50 @@ class Bench:
             f" rows in {seeded_read:.1f} s (ANALYZE {analyzed:.1f} s)",
             file=sys.stderr,
         )
+        # The transient after a bulk load (or a rebuild): writes while the product's pruner
+        # works off the load's ledger rows (started now rather than at the projector's next
+        # interval, so that it runs in this window), and what the servers do meanwhile.
+        activity = self.db_activity()
+        await activity.start()
+        pruning = asyncio.create_task(self.prune_ledger(last))
+        try:
+            await self.writes((64,), label="-large-transient")
+        except BaseException:
+            pruning.cancel()
+            raise
+        finally:
+            transient_activity = await activity.stop()
+        print(f"bench: activity writes-large-transient: {transient_activity}", file=sys.stderr)
+        steady = await self.settle_large(await pruning)
+        print(f"bench: large steady state: {steady}", file=sys.stderr)
+        activity = self.db_activity()
+        await activity.start()
         await self.writes((64,), label="-large")
+        writes_activity = await activity.stop()
+        # The same writes spread over the seeded keys: random inserts into the key index of
+        # 10M entries and updates of 1M key versions, not only into the small set's key range.
+        activity = self.db_activity()
+        await activity.start()
+        self.write_keys = (_SEED_KEY_FORMAT, keys)
+        try:
+            await self.writes((64,), label="-large-seeded-keys")
+        finally:
+            self.write_keys = ("user:%d", self.plan.key_space)
+            seeded_keys_activity = await activity.stop()
+        activity = self.db_activity()
+        await activity.start()
         await self.reads(label="-large", hot=False)
+        reads_activity = await activity.stop()
+        print(
+            f"bench: activity writes-large: {writes_activity}; writes-large-seeded-keys:"
+            f" {seeded_keys_activity}; reads-large: {reads_activity}",
+            file=sys.stderr,
+        )
         await asyncio.sleep(CATCHUP_SETTLE_SECONDS)  # a sweep tick or two at the new size
         large = {"sweep": await self.sweep_plan(), "stats": await self.stats_timing()}
         small_w, large_w = self.results["writes"][64], self.results["writes-large"][64]
+        transient_w = self.results["writes-large-transient"][64]
+        seeded_w = self.results["writes-large-seeded-keys"][64]
         small_r, large_r = self.results["reads"]["spread"], self.results["reads-large"]["spread"]
         self.results["large"] = {
             "commands": n,
@@ -566,17 +671,36 @@ class Bench:
             "seed_write_db_seconds": round(seeded_write, 1),
             "seed_read_db_seconds": round(seeded_read, 1),
             "analyze_seconds": round(analyzed, 1),
+            "steady_state": steady,
+            "activity": {
+                "writes-large-transient": transient_activity,
+                "writes-large": writes_activity,
+                "writes-large-seeded-keys": seeded_keys_activity,
+                "reads-large": reads_activity,
+            },
             "small": small,
             "large": large,
             "write_rate_ratio": round(large_w["rate"] / small_w["rate"], 3),
             "write_p99_ratio": round(large_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3),
             "read_rate_ratio": round(large_r["rate"] / small_r["rate"], 3),
             "read_p99_ratio": round(large_r["p99_ms"] / max(small_r["p99_ms"], 1e-3), 3),
+            "seeded_keys_write_rate_ratio": round(seeded_w["rate"] / small_w["rate"], 3),
+            "seeded_keys_write_p99_ratio": round(
+                seeded_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3
+            ),
+            "transient_write_rate_ratio": round(transient_w["rate"] / small_w["rate"], 3),
+            "transient_write_p99_ratio": round(
+                transient_w["p99_ms"] / max(small_w["p99_ms"], 1e-3), 3
+            ),
         }
         print(
             "bench: large data: "
             + json.dumps(
-                {k: v for k, v in self.results["large"].items() if k not in ("small", "large")}
+                {
+                    k: v
+                    for k, v in self.results["large"].items()
+                    if k not in ("small", "large", "activity")
+                }
             ),
             file=sys.stderr,
         )
@@ -603,8 +727,135 @@ class Bench:
             )
 
 
+@dataclass(frozen=True)
+class Seed:
+    """What ``seed_large`` put in: the ids ``first``..``last``, the write DB's transaction,
+    and the seconds each database's part took."""
+
+    first: int
+    last: int
+    txid: str
+    read_seconds: float
+    write_seconds: float
+
+
+async def seed_large(
+    write_conn: asyncpg.Connection,
+    read_conn: asyncpg.Connection,
+    keys: int,
+    in_window: Callable[[], Awaitable[object]] | None = None,
+) -> Seed:
+    """Seed ``keys`` keys of ten commands each: the commands and key versions in the write
+    DB (one transaction), the records and ledger rows in the read model.
+
+    The seeded commands' events count as published and projected: the read model holds
+    their keys and ledger rows before the commands are committed, so that a sweep that
+    meets them finds nothing missing (the caller then moves the sweep's cursor past them,
+    as after a sweep). The seed is one writer as the ledger's pruning expects one: it holds its
+    lock on ``commands`` from before it draws its ids until it commits, so a pruning
+    fence taken meanwhile stays open, and the watermark cannot rise over ids whose
+    commands are not committed yet (it would leave the seed's ledger rows below it, for
+    one later step to delete all at once).
+
+    ``in_window`` (tests) runs once the read model's rows are written, before they commit
+    and before the commands are written.
+    """
+    seeded = keys * 10
+    async with write_conn.transaction():  # one transaction, one txid, like a bulk load
+        await write_conn.execute("LOCK TABLE commands IN ROW EXCLUSIVE MODE")
+        first = int(
+            await write_conn.fetchval(
+                "SELECT setval(pg_get_serial_sequence('commands', 'id'),"
+                " nextval(pg_get_serial_sequence('commands', 'id')) + $1) - $1",
+                seeded - 1,
+            )
+        )
+        last = first + seeded - 1
+        started = time.perf_counter()
+        async with read_conn.transaction():
+            await read_conn.execute(_SEED_RECORDS, first, keys)
+            await read_conn.execute(_SEED_LEDGER, first, last)
+            if in_window is not None:
+                await in_window()
+        read_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        await write_conn.execute(_SEED_COMMANDS, first, keys)
+        await write_conn.execute(_SEED_KEY_VERSIONS, keys)
+        txid = str(await write_conn.fetchval("SELECT pg_current_xact_id()::text"))
+    return Seed(first, last, txid, read_seconds, time.perf_counter() - started)
+
+
+class DbActivity:
+    """What the two PostgreSQL servers run during a phase: every ``interval`` seconds, the
+    active backends other than this one (autovacuum workers, the projector's ledger pruning,
+    the write path's statements), counted by backend type and the start of their query.
+
+    Bounded: one sample per interval until ``stop``; its own connections, closed at stop.
+    """
+
+    _ACTIVE = (
+        "SELECT backend_type, left(regexp_replace(coalesce(query, ''), '\\s+', ' ', 'g'), 60)"
+        " FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()"
+        " AND datname = current_database()"
+    )
+
+    def __init__(self, urls: dict[str, str], interval: float = 0.25) -> None:
+        self.urls = urls
+        self.interval = interval
+        self.counts: dict[str, dict[str, int]] = {name: {} for name in urls}
+        self.samples = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect and sample in a task until ``stop``."""
+        conns = {name: await asyncpg.connect(url) for name, url in self.urls.items()}
+        self._task = asyncio.create_task(self._sample(conns))
+
+    async def _sample(self, conns: dict[str, asyncpg.Connection]) -> None:
+        try:
+            while not self._stop.is_set():
+                for name, conn in conns.items():
+                    for backend, query in await conn.fetch(self._ACTIVE):
+                        what = f"{backend}: {query}"
+                        self.counts[name][what] = self.counts[name].get(what, 0) + 1
+                self.samples += 1
+                try:
+                    await asyncio.wait_for(self._stop.wait(), self.interval)
+                except TimeoutError:
+                    pass
+        finally:
+            for conn in conns.values():
+                await conn.close()
+
+    async def stop(self, top: int = 6) -> dict[str, Any]:
+        """Stop sampling; the ``top`` most frequent activities of each server, as a share of
+        the samples (1.0: one backend busy with it in every sample)."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+        return {
+            "samples": self.samples,
+            **{
+                name: {
+                    what: round(n / max(self.samples, 1), 2)
+                    for what, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+                }
+                for name, counts in self.counts.items()
+            },
+        }
+
+
 # The phases whose peak RSS the large-data phase prints: small, seeding, large.
-_RSS_PHASES = ("writes-64", "reads-spread", "large-seed", "writes-large-64", "reads-large-spread")
+_RSS_PHASES = (
+    "writes-64",
+    "reads-spread",
+    "large-seed",
+    "writes-large-transient-64",
+    "writes-large-64",
+    "writes-large-seeded-keys-64",
+    "reads-large-spread",
+)
 
 # Seeding, in SQL: ten commands per key, keys in index order (zero-padded), so that the key
 # index is built at its right edge; one transaction, like a bulk load.
@@ -613,6 +864,12 @@ _SEED_COMMANDS = """
     SELECT $1 + g, 'seed:' || lpad((g / 10)::text, 8, '0'), repeat('v', 64),
            CASE WHEN g % 10 = 0 THEN 'RecordCreated' ELSE 'RecordUpdated' END, true
     FROM generate_series(0, $2::bigint * 10 - 1) AS g
+"""
+# The seeded keys' names (printf-style, as _SEED_COMMANDS writes them) and their versions.
+_SEED_KEY_FORMAT = "seed:%08d"
+_SEED_KEY_VERSIONS = """
+    INSERT INTO key_versions (key, version)
+    SELECT 'seed:' || lpad(k::text, 8, '0'), 10 FROM generate_series(0, $1 - 1) AS k
 """
 _SEED_RECORDS = """
     INSERT INTO records (key, value, created_at, updated_at, read_count, write_count,

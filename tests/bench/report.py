@@ -228,6 +228,28 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             lw["p99_ms"],
             f"{large['commands']:,} commands; p99 x{large['write_p99_ratio']}",
         )
+        transient = results.get("writes-large-transient", {}).get(64)
+        if transient and "transient_write_rate_ratio" in large:
+            add(
+                "large: writes while the load's ledger prunes",
+                large["transient_write_rate_ratio"],
+                f"writes c=64 ({w64['rate']}/s)",
+                None,
+                transient["p50_ms"],
+                transient["p99_ms"],
+                f"transient after the bulk load; p99 x{large['transient_write_p99_ratio']}",
+            )
+        seeded_keys = results.get("writes-large-seeded-keys", {}).get(64)
+        if seeded_keys and "seeded_keys_write_rate_ratio" in large:
+            add(
+                "large: writes to the seeded keys / small",
+                large["seeded_keys_write_rate_ratio"],
+                f"writes c=64 ({w64['rate']}/s)",
+                None,
+                seeded_keys["p50_ms"],
+                seeded_keys["p99_ms"],
+                f"{large['keys']:,} keys at random; p99 x{large['seeded_keys_write_p99_ratio']}",
+            )
         add(
             "large: reads spread / small",
             large["read_rate_ratio"],

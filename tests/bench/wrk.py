@@ -38,7 +38,8 @@ local space = %(space)d
 local value = string.rep("v", 64)
 local headers = {["Content-Type"] = "application/json"}
 request = function()
-  local body = '{"key":"user:' .. math.random(0, space - 1) .. '","value":"' .. value .. '"}'
+  local key = string.format("%(key_format)s", math.random(0, space - 1))
+  local body = '{"key":"' .. key .. '","value":"' .. value .. '"}'
   return wrk.format("POST", "/write", headers, body)
 end
 """
@@ -124,9 +125,12 @@ def get(port: int, clients: int, seconds: float, path: str) -> WrkResult:
     return run(port, clients, seconds, _GET % {"path": path})
 
 
-def writes(port: int, clients: int, seconds: float, key_space: int) -> WrkResult:
-    """POST /write of a random key of ``key_space`` with a 64-byte value."""
-    return run(port, clients, seconds, _WRITE % {"space": key_space})
+def writes(
+    port: int, clients: int, seconds: float, key_space: int, key_format: str = "user:%d"
+) -> WrkResult:
+    """POST /write of a random key of ``key_space`` (``key_format`` % its number; printf-style,
+    as Lua's string.format takes it) with a 64-byte value."""
+    return run(port, clients, seconds, _WRITE % {"space": key_space, "key_format": key_format})
 
 
 def reads(port: int, clients: int, seconds: float, keys: list[str]) -> WrkResult:
