@@ -7,6 +7,8 @@
 # Prints the tag. Cached: the engine reuses every layer of an unchanged tree.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source tests/images/docker-engine.sh
+images_lock  # one image build at a time per engine (held already when images.sh calls it)
 ref=${CQRS_PREVIOUS_REF:?set CQRS_PREVIOUS_REF to the previous release (a tag or commit)}
 tree=.cache/previous-release
 base=${BASE_IMAGE:-cqrs-stack-base:bookworm}
@@ -22,9 +24,8 @@ version="$(python3 -c 'import tomllib,sys; print(tomllib.load(open(sys.argv[1], 
 tag="$version-$commit"
 for image in services:cqrs-stack operator:cqrs-stack-operator; do
     t0=$SECONDS log=.cache/build-previous-${image#*:}.log
-    DOCKER_BUILDKIT=0 "$DOCKER" build -f "$tree/${image%%:*}/Dockerfile" -t "${image#*:}:$tag" \
-        --build-arg BASE_IMAGE="$base" --build-arg VERSION="$version" \
-        --build-arg REVISION="$commit" "$tree" >"$log" 2>&1 \
+    build_staged "$tree/${image%%:*}/Dockerfile" "${image#*:}:$tag" "$tree" \
+        BASE_IMAGE="$base" VERSION="$version" REVISION="$commit" >"$log" 2>&1 \
         || { tail -40 "$log" >&2; echo "previous-release: building ${image#*:}:$tag failed" >&2; exit 1; }
     echo "previous-release: ${image#*:}:$tag built in $((SECONDS - t0)) s" >&2
 done

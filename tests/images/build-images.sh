@@ -27,14 +27,8 @@ bash tests/images/make-wheelhouse.sh
 build() {  # build <dockerfile> <tag>
     local t0=$SECONDS
     echo "images: building $2"
-    # The classic builder: it needs no buildx plugin and never resolves the base in a registry.
-    local log=".cache/build-${2%%:*}.log" args
-    args=(--build-arg BASE_IMAGE="$base" --build-arg VERSION="$version" --build-arg REVISION="$revision")
-    # The build stage tagged first (<repository>-build:<version>): untagged it would be
-    # dangling, prune_images would remove it, and the next build of an unchanged tree would
-    # install every dependency again instead of using the cache.
-    { DOCKER_BUILDKIT=0 "$DOCKER" build -f "$1" --target builder -t "${2%%:*}-build:$version" "${args[@]}" . \
-        && DOCKER_BUILDKIT=0 "$DOCKER" build -f "$1" -t "$2" "${args[@]}" .; } >"$log" 2>&1 \
+    local log=".cache/build-${2%%:*}.log"
+    build_staged "$1" "$2" . BASE_IMAGE="$base" VERSION="$version" REVISION="$revision" >"$log" 2>&1 \
         || { tail -40 "$log" >&2; echo "images: building $2 failed (log $log)" >&2; exit 1; }
     echo "images: $2 built in $((SECONDS - t0)) s," \
         "$("$DOCKER" image inspect --format '{{.Size}}' "$2" | awk '{printf "%.0f MB", $1/1e6}')"

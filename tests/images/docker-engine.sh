@@ -107,10 +107,24 @@ images_lock() {
         flock 9
         # The build waited for may have stopped the engine it had started, at its exit.
         if ! docker_engine_reachable; then
-            docker_engine_up || return 1
+            docker_engine_up >&2 || return 1  # stdout may be the caller's answer
         fi
     fi
     export CQRS_IMAGES_LOCKED=1
+}
+
+# build_staged DOCKERFILE REFERENCE CONTEXT [NAME=VALUE...]: the classic builder (it needs no
+# buildx plugin and never resolves the base in a registry) builds a Dockerfile whose build
+# stage is `builder`, that stage tagged <repository>-build:<tag> first: untagged it would be
+# dangling, prune_images would remove it, and the next build of an unchanged tree would
+# install every dependency again instead of using the cache. NAME=VALUE are build arguments.
+build_staged() {
+    local file=$1 reference=$2 context=$3 arg args=()
+    shift 3
+    for arg in "$@"; do args+=(--build-arg "$arg"); done
+    DOCKER_BUILDKIT=0 "$DOCKER" build -f "$file" --target builder \
+        -t "${reference%%:*}-build:${reference##*:}" "${args[@]}" "$context" \
+        && DOCKER_BUILDKIT=0 "$DOCKER" build -f "$file" -t "$reference" "${args[@]}" "$context"
 }
 
 # Rebuilding a tag leaves the image it replaces dangling, and each `skaffold dev` iteration
@@ -122,7 +136,8 @@ images_lock() {
 #                          describe) and <image ID> (hex) and `latest`; a
 #                          release's <version>, <version>-<commit> and any tag of yours are kept
 # An image a container still uses is kept (`docker rmi` without -f refuses it). Takes the
-# image lock: a build's newest step is dangling until the next step, so no build may run.
+# image lock: a build's newest step is dangling until the next step, so no build of ours may
+# run; builds that take no lock are covered by the age filter below.
 # CQRS_IMAGE_REPOS: the repositories that are ours (default: cqrs-stack cqrs-stack-operator).
 prune_images() {
     local repo tag repos
@@ -140,12 +155,16 @@ prune_images() {
             done
         done
     fi
+    # Only dangling images older than CQRS_PRUNE_AFTER (30m): a build outside the lock (skaffold's
+    # own build in `make dev`, a user's docker build) commits each step as a dangling image
+    # until the next, and lost one mid-build ("unknown parent image ID").
+    local after=(--filter "until=${CQRS_PRUNE_AFTER:-30m}")
     if [[ ${DOCKER_HOST:-} == "unix://$CQRS_DOCKER_SOCK" ]]; then
-        "$DOCKER" image prune -f >/dev/null 2>&1 || true
+        "$DOCKER" image prune -f "${after[@]}" >/dev/null 2>&1 || true
     else
         for repo in "${repos[@]}"; do
-            "$DOCKER" image prune -f --filter "label=org.opencontainers.image.title=$repo" \
-                >/dev/null 2>&1 || true
+            "$DOCKER" image prune -f "${after[@]}" \
+                --filter "label=org.opencontainers.image.title=$repo" >/dev/null 2>&1 || true
         done
     fi
 }
