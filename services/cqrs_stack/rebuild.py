@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -416,16 +417,21 @@ async def _load_and_swap(
     models: tuple[type[Projection], ...],
 ) -> int:
     loaded = await _load(wconn, rconn, settings, writer, models)
-    loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
+    with writer.timed("read-counts"):
+        loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
     await writer.enter("catch-up")
-    await _catch_up(wconn, rconn, live, loaded, settings, writer)
+    with writer.timed("catch-up"):
+        await _catch_up(wconn, rconn, live, loaded, settings, writer)
     caught_up = len(loaded.caught_up)
     await writer.enter("verify")
-    await _verify(wconn, rconn, live, loaded, settings)
+    with writer.timed("verify"):
+        await _verify(wconn, rconn, live, loaded, settings)
     await writer.enter("swap")
-    swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
+    with writer.timed("swap"):
+        swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
     # Committed: nothing that can be cancelled until _swapped records it.
     done = loaded.commands + caught_up + swapped
+    _log_steps(writer, loaded)
     log.info(
         "rebuild swapped in run_id=%s version=%d commands=%d loaded=%d caught_up=%d at_swap=%d",
         writer.run_id,
@@ -436,6 +442,17 @@ async def _load_and_swap(
         swapped,
     )
     return done
+
+
+def _log_steps(writer: ProgressWriter, loaded: _Loaded) -> None:
+    """Log where the run's time went: wall seconds per step, and the catch-up's and the
+    swap's counts (one JSON object, for a person or a benchmark to read)."""
+    steps = {step: round(seconds, 3) for step, seconds in writer.steps.items()}
+    log.info(
+        "rebuild steps run_id=%s steps=%s",
+        writer.run_id,
+        json.dumps({**steps, **loaded.stats}, separators=(",", ":")),
+    )
 
 
 async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
@@ -752,6 +769,8 @@ class _Loaded:
     caught_up: set[int] = field(default_factory=set)
     # The read-DB xmin as of which the live read counts were copied.
     read_counts_at: str | None = None
+    # Counts and waits of the catch-up and the swap, logged at the end (``_log_steps``).
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 async def _load(
@@ -784,15 +803,16 @@ async def _load(
         copied = 0
         for start in range(low, high + 1, _LOAD_RANGE):
             async with _copy_progress(rconn, writer, copied):
-                copied += await _pipe(
-                    wconn,
-                    "SELECT id, key, value, event_type, created_at FROM commands"
-                    f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
-                    rconn,
-                    "staged_commands",
-                    _STAGE_COLUMNS,
-                    settings,
-                )
+                with writer.timed("copy"):
+                    copied += await _pipe(
+                        wconn,
+                        "SELECT id, key, value, event_type, created_at FROM commands"
+                        f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
+                        rconn,
+                        "staged_commands",
+                        _STAGE_COLUMNS,
+                        settings,
+                    )
             await writer.advance(copied // _COPY_SHARE)
     await _project_staged(rconn, live, models, writer, int(total))
     if PROGRESS_TABLE in models[0].tables:
@@ -807,8 +827,9 @@ async def _load(
         )
     # Planner statistics of the new version, for the catch-up's and the readers' plans after
     # the swap (a table swapped in is otherwise unanalysed until autovacuum comes by).
-    for table in _tables(models):
-        await rconn.execute(f"ANALYZE {SHADOW_SCHEMA}.{table}", timeout=_BULK_TIMEOUT)
+    with writer.timed("analyze"):
+        for table in _tables(models):
+            await rconn.execute(f"ANALYZE {SHADOW_SCHEMA}.{table}", timeout=_BULK_TIMEOUT)
     await writer.advance(int(total))
     return _Loaded(int(total), str(snapshot), models)
 
@@ -862,17 +883,20 @@ async def _project_staged(
             await rconn.execute(f"SET LOCAL maintenance_work_mem = '{_LOAD_MAINTENANCE_WORK_MEM}'")
             deferred = await _drop_indexes(rconn, [model.ledger for model in models])
             for done, model in enumerate(models, 1):
-                await rconn.execute(
-                    f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
-                    timeout=_BULK_TIMEOUT,
-                )
-                await rconn.execute(
-                    model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
-                )
+                with writer.timed("ledger"):
+                    await rconn.execute(
+                        f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
+                        timeout=_BULK_TIMEOUT,
+                    )
+                with writer.timed("project"):
+                    await rconn.execute(
+                        model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
+                    )
                 await writer.advance(total // _COPY_SHARE + share * done // len(models))
             await rconn.execute(f"DROP TABLE {_STAGED}")
-            for statement in deferred:
-                await rconn.execute(statement, timeout=_BULK_TIMEOUT)
+            with writer.timed("indexes"):
+                for statement in deferred:
+                    await rconn.execute(statement, timeout=_BULK_TIMEOUT)
 
 
 async def _drop_indexes(rconn: asyncpg.Connection, tables: Sequence[str]) -> list[str]:
@@ -1054,8 +1078,13 @@ async def _catch_up(
     writer: ProgressWriter | None = None,
 ) -> None:
     """Apply what the live projectors applied during the load, outside any lock."""
-    for _ in range(_CATCH_UP_ROUNDS):
+    for rounds in range(1, _CATCH_UP_ROUNDS + 1):
+        loaded.stats["catch_up_rounds"] = rounds
+        found = time.monotonic()
         missing = await _missing_in_shadow(wconn, rconn, live, loaded)
+        loaded.stats["catch_up_find_s"] = round(
+            loaded.stats.get("catch_up_find_s", 0.0) + time.monotonic() - found, 3
+        )
         held = loaded.commands + len(loaded.caught_up)
         if writer is not None:
             await writer.advance(held, held + len(missing))
@@ -1065,6 +1094,7 @@ async def _catch_up(
             loaded.caught_up.update(page)
             if writer is not None:
                 await writer.advance(loaded.commands + len(loaded.caught_up))
+        loaded.stats["catch_up_commands"] = len(loaded.caught_up)
         if len(missing) <= _SWAP_REMAINDER:
             return
 
@@ -1222,6 +1252,7 @@ async def _swap(
     applied inside the swap."""
     wait = settings.rebuild_lock_timeout
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
+        loaded.stats["swap_attempts"] = attempt
         try:
             async with rconn.transaction():
                 return await _swap_once(wconn, rconn, live, loaded, settings, version)
@@ -1257,7 +1288,9 @@ async def _swap_once(
     missing = await _missing_in_shadow(wconn, rconn, live, loaded)
     for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
         applied += await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
+    counted = time.monotonic()
     await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
+    loaded.stats["swap_read_counts_s"] = round(time.monotonic() - counted, 3)
     # One previous version is kept: the one this swap replaces supersedes an older one.
     await _drop_previous_tables(rconn, loaded.models)
     # The only moment readers wait: the moves themselves, at most lock_timeout to get in.
@@ -1268,6 +1301,11 @@ async def _swap_once(
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
     moved = time.monotonic()
     await _record_versions(rconn, live, loaded.models, version, settings)
+    loaded.stats.update(
+        swap_commands=applied,
+        swap_writers_held_s=round(moved - writers_held, 3),
+        swap_readers_held_s=round(moved - readers_held, 3),
+    )
     log.info(
         "rebuild swap: writers waited %.3fs, readers %.3fs; commands applied in the swap %d",
         moved - writers_held,
