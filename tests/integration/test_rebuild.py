@@ -7,6 +7,7 @@ The write DBs are seeded with SQL so that the rebuild has real work to do (sever
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,21 @@ SEEDED_COMMANDS = 250_000
 SEEDED_KEYS = 50_000
 # A read slower than this during the rebuild fails the test.
 READ_BOUND_SECONDS = 1.0
+# The steps a rebuild's end logs the wall seconds of (rebuild._log_steps).
+STEPS = (
+    "copy",
+    "ledger",
+    "project",
+    "indexes",
+    "analyze",
+    "read-counts",
+    "catch-up",
+    "verify",
+    "swap",
+    "swap_read_counts_s",
+    "swap_writers_held_s",
+    "swap_readers_held_s",
+)
 
 
 async def seed(stack: Stack, commands: int, keys: int, value_sql: str = "'v' || i") -> None:
@@ -121,7 +137,7 @@ async def test_rebuild_restores_the_read_model_and_keeps_read_counts(stack: Stac
     assert not await stack.converged()
     done = subprocess.run(
         [sys.executable, "-m", "cqrs_stack.cli", "rebuild"],
-        env={**stack.env, "PATH": "/usr/bin:/bin"},
+        env={**stack.env, "PATH": "/usr/bin:/bin", "LOG_LEVEL": "info"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -129,6 +145,13 @@ async def test_rebuild_restores_the_read_model_and_keeps_read_counts(stack: Stac
     assert done.returncode == 0, done.stderr
     assert "rebuilt from 500 commands" in done.stdout
     assert "100%" in done.stderr  # the progress bar
+    # Where the time went: every step's wall seconds, and the catch-up's and swap's counts.
+    logged = [line for line in done.stderr.splitlines() if "rebuild steps " in line]
+    assert len(logged) == 1, done.stderr
+    steps = json.loads(logged[0].rpartition("steps=")[2])
+    for step in STEPS:
+        assert isinstance(steps[step], float | int) and steps[step] >= 0, (step, steps)
+    assert steps["swap_attempts"] == 1 and steps["catch_up_rounds"] >= 1
     await stack.assert_converges(timeout=1)
     assert (
         await stack.scalar(stack.read_engine, "SELECT read_count FROM records WHERE key = 'k1'")
