@@ -91,6 +91,7 @@ class RebuildScale:
         }
         self.services: list[Service] = []
         self.seeded = 0
+        self.runs = 0
 
     def run(self, *args: str, timeout: float = REBUILD_TIMEOUT) -> dict[str, Any]:
         """``cqrs-stack ARGS`` to its end: its wall seconds, peak RSS (MB) and CPU seconds,
@@ -102,9 +103,17 @@ class RebuildScale:
             capture_output=True,
             text=True,
             timeout=timeout,
-            check=True,
         )
         wall = time.perf_counter() - started
+        # Kept beside results.json (the run's folder is removed at its end).
+        self.runs += 1
+        log_path = self.bench.stack.root.parent / f"rebuild-scale-{self.runs}-{args[0]}.log"
+        log_path.write_text(done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"cqrs-stack {' '.join(args)} failed ({done.returncode}), log {log_path}:"
+                f" {done.stderr[-1500:]}"
+            )
         rss_kib, cpu = done.stdout.split()[-2:]
         steps: dict[str, float] = {}
         for line in done.stderr.splitlines():
