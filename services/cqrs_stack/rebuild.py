@@ -1266,6 +1266,38 @@ async def _swap(
     )
 
 
+async def _outwait_autovacuum(
+    rconn: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]],
+    settings: Settings,
+) -> None:
+    """Take SHARE UPDATE EXCLUSIVE on every table the swap moves or drops, in its transaction,
+    waiting past the server's ``deadlock_timeout``; then put REBUILD_LOCK_TIMEOUT back.
+
+    An autovacuum of one of them (a table just loaded with millions of rows, or made live by
+    the last swap) holds that lock for as long as it runs, throttled: minutes at 10 M rows.
+    PostgreSQL cancels an autovacuum that blocks a lock request only once the request has
+    waited ``deadlock_timeout`` (1 s by default), which the swap's own locks, waiting at most
+    REBUILD_LOCK_TIMEOUT, never do: every attempt failed until the autovacuum ended. Readers
+    and writers never wait on this lock (it conflicts only with VACUUM, ANALYZE, index builds
+    and DDL), and once held no autovacuum starts on those tables until the swap ends.
+    """
+    deadlock_ms = float(
+        await rconn.fetchval("SELECT setting FROM pg_settings WHERE name = 'deadlock_timeout'")
+    )
+    names = [f"{schema}.{table}" for schema in (live, SHADOW_SCHEMA) for table in _tables(models)]
+    names += [
+        f"{PREVIOUS_SCHEMA}.{table}"
+        for table in _tables(models)
+        if await rconn.fetchval("SELECT to_regclass($1)", f"{PREVIOUS_SCHEMA}.{table}")
+    ]
+    wait_ms = int(2 * deadlock_ms + settings.rebuild_lock_timeout * 1000)
+    await rconn.execute(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
+    await rconn.execute(f"LOCK TABLE {', '.join(names)} IN SHARE UPDATE EXCLUSIVE MODE")
+    await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
+
+
 async def _swap_once(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
@@ -1281,6 +1313,7 @@ async def _swap_once(
     # whichever version is live, where the ledger decides (the shadow holds every command of
     # the live ledger at the swap, so what the sweep found applied stays applied).
     tables = ", ".join(f"{live}.{table}" for table in _tables(loaded.models))
+    await _outwait_autovacuum(rconn, live, loaded.models, settings)
     # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
     await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
     writers_held = time.monotonic()

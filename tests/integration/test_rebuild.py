@@ -14,10 +14,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import asyncpg
 import httpx
 from sqlalchemy import text
 
 from cqrs_stack import rebuild
+from cqrs_stack.config import plain_database_url
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_guarantees import write_many
 
@@ -486,3 +488,45 @@ async def test_a_key_first_written_during_the_load_keeps_its_read_count(stack: S
         == 6
     )
     await stack.assert_converges()
+
+
+async def test_the_swap_gets_an_autovacuum_of_the_live_model_out_of_its_way(
+    stack: Stack,
+) -> None:
+    """An autovacuum of a live table holds SHARE UPDATE EXCLUSIVE for as long as it runs,
+    throttled (minutes at 10 M rows, seen making every swap attempt of a rebuild under load
+    fail): PostgreSQL cancels it only for a lock request that has waited deadlock_timeout, far
+    more than REBUILD_LOCK_TIMEOUT. The swap waits that long for that lock alone (no reader or
+    writer waits on it), so the autovacuum gives way at the first attempt of the few allowed."""
+    await seed(stack, 20_000, 20_000)
+    run_rebuild(stack)  # the live model: 20,000 rows
+    admin = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
+    try:
+        # An autovacuum of records that crawls (about 0.1 s per page) and starts within 1 s.
+        await admin.execute(
+            "ALTER TABLE records SET (autovacuum_vacuum_cost_delay = 100,"
+            " autovacuum_vacuum_cost_limit = 1, autovacuum_vacuum_threshold = 0,"
+            " autovacuum_vacuum_scale_factor = 0, autovacuum_analyze_threshold = 1000000000)"
+        )
+        await admin.execute("UPDATE records SET read_count = read_count + 1")
+        await admin.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
+        await admin.execute("SELECT pg_reload_conf()")
+
+        async def vacuuming() -> bool:
+            return bool(
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND backend_type = 'autovacuum worker' AND query LIKE '%records%'"
+                )
+            )
+
+        await wait_until(vacuuming, timeout=30, what="an autovacuum of records")
+        started = time.monotonic()
+        done = run_rebuild(stack, REBUILD_SWAP_ATTEMPTS="3", LOG_LEVEL="info")
+        assert "rebuilt from 20000 commands" in done.stdout
+        assert '"swap_attempts":1' in done.stderr, done.stderr
+        assert time.monotonic() - started < 60
+    finally:
+        await admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.close()
