@@ -19,10 +19,13 @@ rebuild of one model or several:
    shadow row when every read count was copied);
    then **verifies** the shadow against each model's pure function for
    ``REBUILD_VERIFY_SAMPLE`` keys (``verify``), outside any lock: a difference fails the run;
-3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
+3. **swaps** in one transaction: SHARE UPDATE EXCLUSIVE on every table it moves or drops
+   (waited for past ``deadlock_timeout``, so that an autovacuum of one gives way; readers and
+   writers never wait on it), EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
-   of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
-   schemas. Every lock waits at most
+   of the rows written since the last copy, made just before the transaction, outside the
+   locks), then ACCESS EXCLUSIVE just for the moves between schemas. Every other lock waits at
+   most
    ``REBUILD_LOCK_TIMEOUT`` (readers queue behind the swap no longer than that); a lock not
    granted in time rolls the attempt back, lets readers and writers through, and tries again.
    A statement queued behind the swap, or a prepared statement planned before it, resolves the
@@ -1012,7 +1015,7 @@ def _carried(models: Sequence[type[Projection]]) -> list[Carried]:
 
 async def _copy_read_counts(
     rconn: asyncpg.Connection, live: str, since: str | None, models: Sequence[type[Projection]]
-) -> None:
+) -> int:
     """Give the shadow's rows the live carried columns (read counts), in the caller's
     transaction.
 
@@ -1022,23 +1025,30 @@ async def _copy_read_counts(
     merely compared again).
     """
     newer = "" if since is None else " AND age(l.xmin) <= age($1::text::xid8::xid)"
+    copied = 0
     for c in _carried(models):
-        await rconn.execute(
+        status = await rconn.execute(
             f"UPDATE {SHADOW_SCHEMA}.{c.table} s SET {c.column} = l.{c.column}"
             f" FROM {live}.{c.table} l"
             f" WHERE s.{c.key} = l.{c.key} AND s.{c.column} IS DISTINCT FROM l.{c.column}{newer}",
             *([] if since is None else [since]),
             timeout=_BULK_TIMEOUT,
         )
+        copied += int(status.rpartition(" ")[2])
+    return copied
 
 
 async def _copy_all_read_counts(
-    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]] = (Records,)
+    rconn: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]] = (Records,),
+    since: str | None = None,
 ) -> str:
-    """Copy every live carried column; return the xmin of the snapshot it copied from."""
+    """Copy every live carried column (with ``since``: of the rows written since, see
+    ``_copy_read_counts``); return the xmin of the snapshot it copied from."""
     async with rconn.transaction(isolation="repeatable_read"):
         xmin = await rconn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        await _copy_read_counts(rconn, live, None, models)
+        await _copy_read_counts(rconn, live, since, models)
     return str(xmin)
 
 
@@ -1253,6 +1263,12 @@ async def _swap(
     wait = settings.rebuild_lock_timeout
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
         loaded.stats["swap_attempts"] = attempt
+        # The read counts flushed since the last copy (during the catch-up and the verify:
+        # at 1 M keys under reads, tens of thousands of rows), copied here, outside the locks:
+        # the copy under the writers' lock then has only those of the last moments to write.
+        loaded.read_counts_at = await _copy_all_read_counts(
+            rconn, live, loaded.models, loaded.read_counts_at
+        )
         try:
             async with rconn.transaction():
                 return await _swap_once(wconn, rconn, live, loaded, settings, version)
@@ -1322,8 +1338,10 @@ async def _swap_once(
     for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
         applied += await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
     counted = time.monotonic()
-    await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
-    loaded.stats["swap_read_counts_s"] = round(time.monotonic() - counted, 3)
+    rows = await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
+    loaded.stats.update(
+        swap_read_counts_s=round(time.monotonic() - counted, 3), swap_read_counts_rows=rows
+    )
     # One previous version is kept: the one this swap replaces supersedes an older one.
     await _drop_previous_tables(rconn, loaded.models)
     # The only moment readers wait: the moves themselves, at most lock_timeout to get in.

@@ -530,3 +530,57 @@ async def test_the_swap_gets_an_autovacuum_of_the_live_model_out_of_its_way(
         await admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
         await admin.execute("SELECT pg_reload_conf()")
         await admin.close()
+
+
+async def test_read_counts_flushed_before_the_swap_are_copied_outside_its_locks(
+    stack: Stack,
+) -> None:
+    """Read counts that change during the catch-up and the verify (tens of thousands of rows
+    at 1 M keys under reads) are copied before the swap's transaction, not under the lock that
+    holds the projectors and the flushes: the swap's own copy has only the last moments'. The
+    swap is held (SHARE UPDATE EXCLUSIVE on the live records) while every row's count changes,
+    until its next attempt has begun; each key's count must still be the live one after it."""
+    keys = 20_000
+    await seed(stack, keys, keys)
+    run_rebuild(stack)  # the live model: 20,000 rows, read_count 0
+    admin = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
+    blocker = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
+    args, env = rebuild_command(stack, LOG_LEVEL="info", REBUILD_SWAP_ATTEMPTS="20")
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("LOCK TABLE records IN SHARE UPDATE EXCLUSIVE MODE")
+        process = await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        communicating = asyncio.create_task(process.communicate())
+        waiting = (
+            "SELECT max(query_start) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE 'LOCK TABLE%SHARE UPDATE EXCLUSIVE%'"
+        )
+
+        async def swap_waits() -> bool:
+            return await admin.fetchval(waiting) is not None
+
+        await wait_until(swap_waits, 60, "the swap to wait for its first lock")
+        await admin.execute("UPDATE records SET read_count = read_count + 7")
+        changed_at = await admin.fetchval("SELECT clock_timestamp()")
+
+        async def next_attempt_waits() -> bool:
+            started = await admin.fetchval(waiting)
+            return started is not None and started > changed_at
+
+        await wait_until(next_attempt_waits, 30, "the swap's next attempt")
+        await holding.rollback()
+        _, err = await asyncio.wait_for(communicating, 120)
+    finally:
+        await blocker.close()
+    try:
+        assert process.returncode == 0, err.decode()
+        steps = json.loads(err.decode().rpartition("steps=")[2].splitlines()[0])
+        assert steps["swap_attempts"] >= 2, steps
+        assert steps["swap_read_counts_rows"] == 0, steps  # all copied before the swap
+        counts = await admin.fetch("SELECT read_count, count(*) FROM records GROUP BY 1")
+        assert [tuple(row) for row in counts] == [(7, keys)]
+    finally:
+        await admin.close()
