@@ -492,8 +492,12 @@ async def _create_shadow(
         f"CREATE SCHEMA {SHADOW_SCHEMA}",
         f"CREATE SCHEMA IF NOT EXISTS {PREVIOUS_SCHEMA}",
     ]
+    # No autovacuum of the shadow while it is built: a VACUUM of millions of rows just loaded
+    # would compete with the rebuild and the readers for the cores, and the swap cancels it
+    # (``_outwait_autovacuum``), wasting what it did. The swap turns it back on.
     statements += [
         f"CREATE TABLE {SHADOW_SCHEMA}.{table} (LIKE {live}.{table} INCLUDING ALL)"
+        " WITH (autovacuum_enabled = false)"
         for table in _tables(models)
     ]
     statements += [
@@ -1311,6 +1315,9 @@ async def _outwait_autovacuum(
     wait_ms = int(2 * deadlock_ms + settings.rebuild_lock_timeout * 1000)
     await rconn.execute(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
     await rconn.execute(f"LOCK TABLE {', '.join(names)} IN SHARE UPDATE EXCLUSIVE MODE")
+    # The shadow goes live with this transaction: autovacuum on again (off while it was built).
+    for table in _tables(models):
+        await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} RESET (autovacuum_enabled)")
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import text
 
 from cqrs_stack import rebuild
 from cqrs_stack.config import plain_database_url
+from cqrs_stack.projections.records import Records
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_guarantees import write_many
 
@@ -57,6 +58,22 @@ async def seed(stack: Stack, commands: int, keys: int, value_sql: str = "'v' || 
             ),
             {"keys": keys, "n": commands},
         )
+
+
+# The version tables of the default model, which a rebuild builds and swaps.
+TABLES = tuple(Records.version_tables())
+
+
+async def autovacuum_off(conn: asyncpg.Connection, schema: str) -> set[str]:
+    """The version tables in ``schema`` with autovacuum turned off."""
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = $1 AND c.relname = ANY($2::text[])"
+        " AND 'autovacuum_enabled=false' = ANY(c.reloptions)",
+        schema,
+        list(TABLES),
+    )
+    return {row[0] for row in rows}
 
 
 def rebuild_command(stack: Stack, **overrides: str) -> tuple[list[str], dict[str, str]]:
@@ -563,6 +580,8 @@ async def test_read_counts_flushed_before_the_swap_are_copied_outside_its_locks(
             return await admin.fetchval(waiting) is not None
 
         await wait_until(swap_waits, 60, "the swap to wait for its first lock")
+        # Built without autovacuum (a VACUUM of it the swap would cancel, its work lost).
+        assert await autovacuum_off(admin, rebuild.SHADOW_SCHEMA) == set(TABLES)
         await admin.execute("UPDATE records SET read_count = read_count + 7")
         changed_at = await admin.fetchval("SELECT clock_timestamp()")
 
@@ -582,5 +601,6 @@ async def test_read_counts_flushed_before_the_swap_are_copied_outside_its_locks(
         assert steps["swap_read_counts_rows"] == 0, steps  # all copied before the swap
         counts = await admin.fetch("SELECT read_count, count(*) FROM records GROUP BY 1")
         assert [tuple(row) for row in counts] == [(7, keys)]
+        assert await autovacuum_off(admin, "public") == set()  # on again, live
     finally:
         await admin.close()
