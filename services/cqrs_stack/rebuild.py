@@ -19,10 +19,13 @@ rebuild of one model or several:
    shadow row when every read count was copied);
    then **verifies** the shadow against each model's pure function for
    ``REBUILD_VERIFY_SAMPLE`` keys (``verify``), outside any lock: a difference fails the run;
-3. **swaps** in one transaction: EXCLUSIVE locks on the live tables (projectors and read-count
+3. **swaps** in one transaction: SHARE UPDATE EXCLUSIVE on every table it moves or drops
+   (waited for past ``deadlock_timeout``, so that an autovacuum of one gives way; readers and
+   writers never wait on it), EXCLUSIVE locks on the live tables (projectors and read-count
    flushes wait, readers do not), the last remainder applied and the read counts copied (those
-   of the rows written since the first copy), then ACCESS EXCLUSIVE just for the moves between
-   schemas. Every lock waits at most
+   of the rows written since the last copy, made just before the transaction, outside the
+   locks), then ACCESS EXCLUSIVE just for the moves between schemas. Every other lock waits at
+   most
    ``REBUILD_LOCK_TIMEOUT`` (readers queue behind the swap no longer than that); a lock not
    granted in time rolls the attempt back, lets readers and writers through, and tries again.
    A statement queued behind the swap, or a prepared statement planned before it, resolves the
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -416,16 +420,21 @@ async def _load_and_swap(
     models: tuple[type[Projection], ...],
 ) -> int:
     loaded = await _load(wconn, rconn, settings, writer, models)
-    loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models)
+    with writer.timed("read-counts"):
+        loaded.read_counts_at = await _copy_all_read_counts(rconn, live, models, fresh=True)
     await writer.enter("catch-up")
-    await _catch_up(wconn, rconn, live, loaded, settings, writer)
+    with writer.timed("catch-up"):
+        await _catch_up(wconn, rconn, live, loaded, settings, writer)
     caught_up = len(loaded.caught_up)
     await writer.enter("verify")
-    await _verify(wconn, rconn, live, loaded, settings)
+    with writer.timed("verify"):
+        await _verify(wconn, rconn, live, loaded, settings)
     await writer.enter("swap")
-    swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
+    with writer.timed("swap"):
+        swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
     # Committed: nothing that can be cancelled until _swapped records it.
     done = loaded.commands + caught_up + swapped
+    _log_steps(writer, loaded)
     log.info(
         "rebuild swapped in run_id=%s version=%d commands=%d loaded=%d caught_up=%d at_swap=%d",
         writer.run_id,
@@ -436,6 +445,17 @@ async def _load_and_swap(
         swapped,
     )
     return done
+
+
+def _log_steps(writer: ProgressWriter, loaded: _Loaded) -> None:
+    """Log where the run's time went: wall seconds per step, and the catch-up's and the
+    swap's counts (one JSON object, for a person or a benchmark to read)."""
+    steps = {step: round(seconds, 3) for step, seconds in writer.steps.items()}
+    log.info(
+        "rebuild steps run_id=%s steps=%s",
+        writer.run_id,
+        json.dumps({**steps, **loaded.stats}, separators=(",", ":")),
+    )
 
 
 async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
@@ -472,8 +492,12 @@ async def _create_shadow(
         f"CREATE SCHEMA {SHADOW_SCHEMA}",
         f"CREATE SCHEMA IF NOT EXISTS {PREVIOUS_SCHEMA}",
     ]
+    # No autovacuum of the shadow while it is built: a VACUUM of millions of rows just loaded
+    # would compete with the rebuild and the readers for the cores, and the swap cancels it
+    # (``_outwait_autovacuum``), wasting what it did. The swap turns it back on.
     statements += [
         f"CREATE TABLE {SHADOW_SCHEMA}.{table} (LIKE {live}.{table} INCLUDING ALL)"
+        " WITH (autovacuum_enabled = false)"
         for table in _tables(models)
     ]
     statements += [
@@ -752,6 +776,8 @@ class _Loaded:
     caught_up: set[int] = field(default_factory=set)
     # The read-DB xmin as of which the live read counts were copied.
     read_counts_at: str | None = None
+    # Counts and waits of the catch-up and the swap, logged at the end (``_log_steps``).
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 async def _load(
@@ -784,15 +810,16 @@ async def _load(
         copied = 0
         for start in range(low, high + 1, _LOAD_RANGE):
             async with _copy_progress(rconn, writer, copied):
-                copied += await _pipe(
-                    wconn,
-                    "SELECT id, key, value, event_type, created_at FROM commands"
-                    f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
-                    rconn,
-                    "staged_commands",
-                    _STAGE_COLUMNS,
-                    settings,
-                )
+                with writer.timed("copy"):
+                    copied += await _pipe(
+                        wconn,
+                        "SELECT id, key, value, event_type, created_at FROM commands"
+                        f" WHERE id >= {start} AND id < {start + _LOAD_RANGE}",
+                        rconn,
+                        "staged_commands",
+                        _STAGE_COLUMNS,
+                        settings,
+                    )
             await writer.advance(copied // _COPY_SHARE)
     await _project_staged(rconn, live, models, writer, int(total))
     if PROGRESS_TABLE in models[0].tables:
@@ -807,8 +834,9 @@ async def _load(
         )
     # Planner statistics of the new version, for the catch-up's and the readers' plans after
     # the swap (a table swapped in is otherwise unanalysed until autovacuum comes by).
-    for table in _tables(models):
-        await rconn.execute(f"ANALYZE {SHADOW_SCHEMA}.{table}", timeout=_BULK_TIMEOUT)
+    with writer.timed("analyze"):
+        for table in _tables(models):
+            await rconn.execute(f"ANALYZE {SHADOW_SCHEMA}.{table}", timeout=_BULK_TIMEOUT)
     await writer.advance(int(total))
     return _Loaded(int(total), str(snapshot), models)
 
@@ -862,17 +890,20 @@ async def _project_staged(
             await rconn.execute(f"SET LOCAL maintenance_work_mem = '{_LOAD_MAINTENANCE_WORK_MEM}'")
             deferred = await _drop_indexes(rconn, [model.ledger for model in models])
             for done, model in enumerate(models, 1):
-                await rconn.execute(
-                    f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
-                    timeout=_BULK_TIMEOUT,
-                )
-                await rconn.execute(
-                    model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
-                )
+                with writer.timed("ledger"):
+                    await rconn.execute(
+                        f"INSERT INTO {model.ledger} (command_id) SELECT position FROM {_STAGED}",
+                        timeout=_BULK_TIMEOUT,
+                    )
+                with writer.timed("project"):
+                    await rconn.execute(
+                        model.effect_over(_STAGED_APPLIED, _STAGED), timeout=_BULK_TIMEOUT
+                    )
                 await writer.advance(total // _COPY_SHARE + share * done // len(models))
             await rconn.execute(f"DROP TABLE {_STAGED}")
-            for statement in deferred:
-                await rconn.execute(statement, timeout=_BULK_TIMEOUT)
+            with writer.timed("indexes"):
+                for statement in deferred:
+                    await rconn.execute(statement, timeout=_BULK_TIMEOUT)
 
 
 async def _drop_indexes(rconn: asyncpg.Connection, tables: Sequence[str]) -> list[str]:
@@ -987,34 +1018,64 @@ def _carried(models: Sequence[type[Projection]]) -> list[Carried]:
 
 
 async def _copy_read_counts(
-    rconn: asyncpg.Connection, live: str, since: str | None, models: Sequence[type[Projection]]
-) -> None:
+    rconn: asyncpg.Connection,
+    live: str,
+    since: str | None,
+    models: Sequence[type[Projection]],
+    fresh: bool = False,
+) -> int:
     """Give the shadow's rows the live carried columns (read counts), in the caller's
-    transaction.
+    transaction; return how many rows it wrote.
 
     With ``since`` (a read-DB snapshot's xmin), only the live rows written since are looked at:
     a row version that snapshot did not see was written by a transaction at least as new as
     its xmin (``age`` compares transaction ids across wraparound; a row it flags wrongly is
-    merely compared again).
+    merely compared again). ``fresh``: the shadow was just loaded, so each of its carried
+    columns holds the column's (constant) default: only the live rows that hold another value
+    are joined. At 1 M keys of which some ten thousand were read, joining every live row took
+    25 s under load (a hash of 1 M rows, spilled), for the same rows written.
     """
     newer = "" if since is None else " AND age(l.xmin) <= age($1::text::xid8::xid)"
+    copied = 0
     for c in _carried(models):
-        await rconn.execute(
+        other = ""
+        if fresh:
+            default = await rconn.fetchval(
+                "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a"
+                " LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum"
+                " WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
+                f"{SHADOW_SCHEMA}.{c.table}",
+                c.column,
+            )
+            other = (
+                f" AND l.{c.column} IS NOT NULL"
+                if default is None
+                else f" AND l.{c.column} IS DISTINCT FROM ({default})"
+            )
+        status = await rconn.execute(
             f"UPDATE {SHADOW_SCHEMA}.{c.table} s SET {c.column} = l.{c.column}"
             f" FROM {live}.{c.table} l"
-            f" WHERE s.{c.key} = l.{c.key} AND s.{c.column} IS DISTINCT FROM l.{c.column}{newer}",
+            f" WHERE s.{c.key} = l.{c.key} AND s.{c.column} IS DISTINCT FROM l.{c.column}"
+            f"{newer}{other}",
             *([] if since is None else [since]),
             timeout=_BULK_TIMEOUT,
         )
+        copied += int(status.rpartition(" ")[2])
+    return copied
 
 
 async def _copy_all_read_counts(
-    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]] = (Records,)
+    rconn: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]] = (Records,),
+    since: str | None = None,
+    fresh: bool = False,
 ) -> str:
-    """Copy every live carried column; return the xmin of the snapshot it copied from."""
+    """Copy every live carried column (with ``since``: of the rows written since; ``fresh``:
+    see ``_copy_read_counts``); return the xmin of the snapshot it copied from."""
     async with rconn.transaction(isolation="repeatable_read"):
         xmin = await rconn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
-        await _copy_read_counts(rconn, live, None, models)
+        await _copy_read_counts(rconn, live, since, models, fresh)
     return str(xmin)
 
 
@@ -1054,8 +1115,13 @@ async def _catch_up(
     writer: ProgressWriter | None = None,
 ) -> None:
     """Apply what the live projectors applied during the load, outside any lock."""
-    for _ in range(_CATCH_UP_ROUNDS):
+    for rounds in range(1, _CATCH_UP_ROUNDS + 1):
+        loaded.stats["catch_up_rounds"] = rounds
+        found = time.monotonic()
         missing = await _missing_in_shadow(wconn, rconn, live, loaded)
+        loaded.stats["catch_up_find_s"] = round(
+            loaded.stats.get("catch_up_find_s", 0.0) + time.monotonic() - found, 3
+        )
         held = loaded.commands + len(loaded.caught_up)
         if writer is not None:
             await writer.advance(held, held + len(missing))
@@ -1065,6 +1131,7 @@ async def _catch_up(
             loaded.caught_up.update(page)
             if writer is not None:
                 await writer.advance(loaded.commands + len(loaded.caught_up))
+        loaded.stats["catch_up_commands"] = len(loaded.caught_up)
         if len(missing) <= _SWAP_REMAINDER:
             return
 
@@ -1222,6 +1289,15 @@ async def _swap(
     applied inside the swap."""
     wait = settings.rebuild_lock_timeout
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
+        loaded.stats["swap_attempts"] = attempt
+        # The read counts flushed since the last copy (during the catch-up and the verify:
+        # at 1 M keys under reads, tens of thousands of rows), copied here, outside the locks:
+        # the copy under the writers' lock then has only those of the last moments to write.
+        # Once: each copy scans every live row (seconds at 1 M keys under load), and repeating
+        # it until few rows are left never converged under reads (56 s measured).
+        loaded.read_counts_at = await _copy_all_read_counts(
+            rconn, live, loaded.models, loaded.read_counts_at
+        )
         try:
             async with rconn.transaction():
                 return await _swap_once(wconn, rconn, live, loaded, settings, version)
@@ -1233,6 +1309,41 @@ async def _swap(
         f"the swap did not get its locks in {settings.rebuild_swap_attempts} attempts of"
         f" REBUILD_LOCK_TIMEOUT={wait}s; the live read model is unchanged"
     )
+
+
+async def _outwait_autovacuum(
+    rconn: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]],
+    settings: Settings,
+) -> None:
+    """Take SHARE UPDATE EXCLUSIVE on every table the swap moves or drops, in its transaction,
+    waiting past the server's ``deadlock_timeout``; then put REBUILD_LOCK_TIMEOUT back.
+
+    An autovacuum of one of them (a table just loaded with millions of rows, or made live by
+    the last swap) holds that lock for as long as it runs, throttled: minutes at 10 M rows.
+    PostgreSQL cancels an autovacuum that blocks a lock request only once the request has
+    waited ``deadlock_timeout`` (1 s by default), which the swap's own locks, waiting at most
+    REBUILD_LOCK_TIMEOUT, never do: every attempt failed until the autovacuum ended. Readers
+    and writers never wait on this lock (it conflicts only with VACUUM, ANALYZE, index builds
+    and DDL), and once held no autovacuum starts on those tables until the swap ends.
+    """
+    deadlock_ms = float(
+        await rconn.fetchval("SELECT setting FROM pg_settings WHERE name = 'deadlock_timeout'")
+    )
+    names = [f"{schema}.{table}" for schema in (live, SHADOW_SCHEMA) for table in _tables(models)]
+    names += [
+        f"{PREVIOUS_SCHEMA}.{table}"
+        for table in _tables(models)
+        if await rconn.fetchval("SELECT to_regclass($1)", f"{PREVIOUS_SCHEMA}.{table}")
+    ]
+    wait_ms = int(2 * deadlock_ms + settings.rebuild_lock_timeout * 1000)
+    await rconn.execute(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
+    await rconn.execute(f"LOCK TABLE {', '.join(names)} IN SHARE UPDATE EXCLUSIVE MODE")
+    # The shadow goes live with this transaction: autovacuum on again (off while it was built).
+    for table in _tables(models):
+        await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} RESET (autovacuum_enabled)")
+    await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
 
 
 async def _swap_once(
@@ -1250,6 +1361,7 @@ async def _swap_once(
     # whichever version is live, where the ledger decides (the shadow holds every command of
     # the live ledger at the swap, so what the sweep found applied stays applied).
     tables = ", ".join(f"{live}.{table}" for table in _tables(loaded.models))
+    await _outwait_autovacuum(rconn, live, loaded.models, settings)
     # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
     await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
     writers_held = time.monotonic()
@@ -1257,7 +1369,11 @@ async def _swap_once(
     missing = await _missing_in_shadow(wconn, rconn, live, loaded)
     for page in await _pages(wconn, missing, settings.rebuild_batch_max_bytes):
         applied += await _apply_to_shadow(wconn, rconn, live, page, loaded.models)
-    await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
+    counted = time.monotonic()
+    rows = await _copy_read_counts(rconn, live, loaded.read_counts_at, loaded.models)
+    loaded.stats.update(
+        swap_read_counts_s=round(time.monotonic() - counted, 3), swap_read_counts_rows=rows
+    )
     # One previous version is kept: the one this swap replaces supersedes an older one.
     await _drop_previous_tables(rconn, loaded.models)
     # The only moment readers wait: the moves themselves, at most lock_timeout to get in.
@@ -1268,6 +1384,11 @@ async def _swap_once(
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
     moved = time.monotonic()
     await _record_versions(rconn, live, loaded.models, version, settings)
+    loaded.stats.update(
+        swap_commands=applied,
+        swap_writers_held_s=round(moved - writers_held, 3),
+        swap_readers_held_s=round(moved - readers_held, 3),
+    )
     log.info(
         "rebuild swap: writers waited %.3fs, readers %.3fs; commands applied in the swap %d",
         moved - writers_held,

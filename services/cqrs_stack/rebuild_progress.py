@@ -14,10 +14,11 @@ the swap's transaction, so it holds none of the swap's locks), at most every
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -159,11 +160,23 @@ class ProgressWriter:
         self.total = 0
         self.last: RunProgress | None = None
         self._recorded_at = -float("inf")
+        # Wall seconds of each step of the run (``timed``), in the order first timed: what a
+        # run's end logs, so one run shows where its time went.
+        self.steps: dict[str, float] = {}
 
     @property
     def finished(self) -> bool:
         """Has the run been recorded as ended?"""
         return self.phase in FINISHED
+
+    @contextlib.contextmanager
+    def timed(self, step: str) -> Iterator[None]:
+        """Add the wall seconds of the block to ``steps[step]`` (however it ends)."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.steps[step] = self.steps.get(step, 0.0) + time.monotonic() - started
 
     async def start(self, phase: str = "load") -> RunProgress:
         """Record the run at ``phase``, after marking runs that died midway as failed.

@@ -5,21 +5,29 @@ of their own, for each size: the write DB is seeded with SQL (ten commands per k
 read model built by a first ``cqrs-stack rebuild`` (timed: the rebuild alone), then reads
 (spread over the seeded keys) and writes run for a while without a rebuild (the baseline),
 then the same load runs while a second rebuild goes on, in one-second windows until it ends.
-Figures: each rebuild's time, commands/s and peak RSS (its own process, measured from a small
-parent), read p50/p99 and write rate with and without the rebuild, and errors.
+Figures: each rebuild's time, commands/s, peak RSS and CPU seconds (its own process, measured
+from a small parent), the wall seconds of its steps (what the rebuild logs at its end: copy,
+ledger, project, indexes, analyze, read counts, catch-up, verify, swap), the CPU seconds of
+each server and process meanwhile and the load average, read p50/p99 and write rate with and
+without the rebuild, errors, and what the read DB's sessions waited on during each rebuild
+(``pg_stat_activity`` sampled every ``WAIT_SAMPLE_SECONDS``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import psutil
 
 from cqrs_stack.config import plain_database_url
 from cqrs_stack.localservers import free_port
@@ -39,11 +47,26 @@ BASELINE_SECONDS = {"full": 10.0, "quick": 2.0}
 WINDOW_SECONDS = 1.0
 # A rebuild never runs longer than this here (10M commands at 20,000/s on a loaded machine).
 REBUILD_TIMEOUT = 1800.0
-# Runs a command and prints its peak RSS in KiB: the child's own VmHWM, not this process's.
+# Runs a command and prints its peak RSS in KiB (the child's own VmHWM, not this process's)
+# and its CPU seconds (user + system), on stdout's last line.
 PEAK_RSS = (
     "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]);"
-    " print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+    " u = resource.getrusage(resource.RUSAGE_CHILDREN);"
+    " print(u.ru_maxrss, u.ru_utime + u.ru_stime); sys.exit(code)"
 )
+# What the rebuild logs at its end (rebuild._log_steps): its steps' wall seconds, as JSON.
+STEPS_MARK = "rebuild steps "
+# pg_stat_activity of the read DB, sampled this often while a rebuild runs.
+WAIT_SAMPLE_SECONDS = 0.05
+# A read DB query running at least this long in a sample is kept (what it waited on).
+SLOW_QUERY_MS = 50.0
+_ACTIVITY = """
+    SELECT pid, application_name, state,
+           coalesce(wait_event_type || ':' || wait_event, 'CPU'),
+           extract(epoch FROM clock_timestamp() - query_start) * 1000, left(query, 60)
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+"""
 _SEED = """
     INSERT INTO commands (key, value, event_type, published)
     SELECT 'big:' || lpad((g % $2)::text, 8, '0'), repeat('v', 64),
@@ -68,19 +91,35 @@ class RebuildScale:
         }
         self.services: list[Service] = []
         self.seeded = 0
+        self.runs = 0
 
-    def run(self, *args: str, timeout: float = REBUILD_TIMEOUT) -> tuple[float, float]:
-        """``cqrs-stack ARGS`` to its end: (wall seconds, peak RSS in MB of that process)."""
+    def run(self, *args: str, timeout: float = REBUILD_TIMEOUT) -> dict[str, Any]:
+        """``cqrs-stack ARGS`` to its end: its wall seconds, peak RSS (MB) and CPU seconds,
+        and the steps it logged (``STEPS_MARK``; empty for a command that logs none)."""
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "cqrs_stack.cli", *args],
-            env={**os.environ, **self.env},
+            env={**os.environ, **self.env, "LOG_LEVEL": "info"},
             capture_output=True,
             text=True,
             timeout=timeout,
-            check=True,
         )
-        return time.perf_counter() - started, int(done.stdout.split()[-1]) / 1024
+        wall = time.perf_counter() - started
+        # Kept beside results.json (the run's folder is removed at its end).
+        self.runs += 1
+        log_path = self.bench.stack.root.parent / f"rebuild-scale-{self.runs}-{args[0]}.log"
+        log_path.write_text(done.stderr)
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"cqrs-stack {' '.join(args)} failed ({done.returncode}), log {log_path}:"
+                f" {done.stderr[-1500:]}"
+            )
+        rss_kib, cpu = done.stdout.split()[-2:]
+        steps: dict[str, float] = {}
+        for line in done.stderr.splitlines():
+            if STEPS_MARK in line and "steps=" in line:
+                steps = json.loads(line.rpartition("steps=")[2])
+        return {"seconds": wall, "rss_mb": int(rss_kib) / 1024, "cpu_s": float(cpu), "steps": steps}
 
     def launch(self, role: str) -> Service:
         """``cqrs-stack ROLE`` on the phase's databases."""
@@ -167,37 +206,116 @@ class RebuildScale:
         """One size: seed, a rebuild alone, the load alone, the load during a rebuild."""
         seed_seconds = await self.seed(commands)
         before = await self._commands()
-        alone, alone_rss = await asyncio.to_thread(self.run, "rebuild")
+        cpu = CpuMeter(self._pids())
+        async with self._observed(cpu) as alone_seen:
+            alone = await asyncio.to_thread(self.run, "rebuild")
         keys = max(1, commands // 10)
+        cpu.mark()
         baseline = await self.load(api, keys, None)
+        baseline["cpu_s"] = cpu.mark()
         done = asyncio.Event()
 
-        async def rebuild_during() -> tuple[float, float]:
+        async def rebuild_during() -> dict[str, Any]:
             try:
                 return await asyncio.to_thread(self.run, "rebuild")
             finally:
                 done.set()
 
-        rebuilding = asyncio.create_task(rebuild_during())
-        during = await self.load(api, keys, done)
-        under_load, under_load_rss = await rebuilding
+        async with self._observed(cpu) as during_seen:
+            rebuilding = asyncio.create_task(rebuild_during())
+            during = await self.load(api, keys, done)
+            under_load = await rebuilding
         total = await self._commands()
         figures = {
             "commands": total,
             "seed_seconds": round(seed_seconds, 1),
-            "rebuild_alone_seconds": round(alone, 2),
-            "rebuild_alone_rate": round(before / alone, 1),
-            "rebuild_alone_peak_rss_mb": round(alone_rss, 1),
-            "rebuild_under_load_seconds": round(under_load, 2),
-            "rebuild_under_load_rate": round(total / under_load, 1),
-            "rebuild_under_load_peak_rss_mb": round(under_load_rss, 1),
+            "rebuild_alone_seconds": round(alone["seconds"], 2),
+            "rebuild_alone_rate": round(before / alone["seconds"], 1),
+            "rebuild_alone_peak_rss_mb": round(alone["rss_mb"], 1),
+            "rebuild_alone_steps": alone["steps"],
+            "rebuild_alone_seen": {
+                **alone_seen,
+                "cpu_s": {**alone_seen["cpu_s"], "rebuild": round(alone["cpu_s"], 2)},
+            },
+            "rebuild_under_load_seconds": round(under_load["seconds"], 2),
+            "rebuild_under_load_rate": round(total / under_load["seconds"], 1),
+            "rebuild_under_load_peak_rss_mb": round(under_load["rss_mb"], 1),
+            "rebuild_under_load_steps": under_load["steps"],
+            "rebuild_under_load_seen": {
+                **during_seen,
+                "cpu_s": {**during_seen["cpu_s"], "rebuild": round(under_load["cpu_s"], 2)},
+            },
             "without_rebuild": baseline,
             "during_rebuild": during,
             "read_p99_ratio": round(during["read_p99_ms"] / max(baseline["read_p99_ms"], 1e-3), 2),
             "write_rate_ratio": round(during["write_rate"] / max(baseline["write_rate"], 1e-3), 2),
         }
+        for name in ("alone", "under_load"):
+            print(
+                f"bench: rebuild at {commands} {name}: {figures[f'rebuild_{name}_seconds']} s,"
+                f" steps {json.dumps(figures[f'rebuild_{name}_steps'])},"
+                f" seen {json.dumps(figures[f'rebuild_{name}_seen'])}",
+                file=sys.stderr,
+            )
         print(f"bench: rebuild at {commands}: {json.dumps(figures)}", file=sys.stderr)
         return figures
+
+    def _pids(self) -> dict[str, int]:
+        stack = self.bench.stack
+        pids = {s.role: s.process.pid for s in self.services}
+        for name, server in (("write-pg", stack.write_pg), ("read-pg", stack.read_pg)):
+            if server.process is not None:
+                pids[name] = server.process.pid
+        pids["load-generator"] = os.getpid()
+        return pids
+
+    @contextlib.asynccontextmanager
+    async def _observed(self, cpu: CpuMeter) -> AsyncIterator[dict[str, Any]]:
+        """While the block runs: the CPU seconds of each process, the load average at both
+        ends, and what the read DB's active sessions waited on (samples per application and
+        wait event; the slowest queries seen, with their wait)."""
+        seen: dict[str, Any] = {"load_avg_start": [round(x, 2) for x in os.getloadavg()]}
+        waits: Counter[str] = Counter()
+        slow: list[tuple[float, str]] = []
+        backend_cpu: dict[int, tuple[str, float]] = {}  # pid: (application, CPU s as last seen)
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            conn = await asyncpg.connect(plain_database_url(self.env["READ_DB_URL"]))
+            try:
+                while not stop.is_set():
+                    for pid, app, state, wait, ms, query in await conn.fetch(_ACTIVITY):
+                        with contextlib.suppress(psutil.Error):
+                            t = psutil.Process(pid).cpu_times()
+                            backend_cpu[pid] = (app or "-", t.user + t.system)
+                        if state != "active":
+                            continue
+                        waits[f"{app or '-'} {wait}"] += 1
+                        if ms is not None and float(ms) >= SLOW_QUERY_MS and app == "cqrs-api":
+                            slow.append((round(float(ms), 1), f"{wait} {query}"))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), WAIT_SAMPLE_SECONDS)
+            finally:
+                await conn.close()
+
+        cpu.mark()
+        sampler = asyncio.create_task(sample())
+        try:
+            yield seen
+        finally:
+            stop.set()
+            with contextlib.suppress(asyncpg.PostgresError, OSError):
+                await sampler
+            seen["cpu_s"] = cpu.mark()
+            seen["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+            seen["read_db_waits"] = dict(waits.most_common(12))
+            # CPU seconds of the read DB's sessions by application (those of sessions opened
+            # before the block included: the API's pool, the projector's).
+            per_app: dict[str, float] = {}
+            for app, used in backend_cpu.values():
+                per_app[app] = per_app.get(app, 0.0) + used
+            seen["read_db_session_cpu_s"] = {app: round(v, 2) for app, v in per_app.items()}
+            seen["slow_api_queries"] = sorted(slow, reverse=True)[:8]
 
     async def _commands(self) -> int:
         conn = await asyncpg.connect(plain_database_url(self.env["WRITE_DB_URL"]))
@@ -210,6 +328,39 @@ class RebuildScale:
         """Stop the phase's processes."""
         for service in self.services:
             service.stop()
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of named processes between marks; a PostgreSQL server's
+    include its backends, the exited ones too (its postmaster's reaped children)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self._last = self._now()
+
+    def _now(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for name, proc in self._procs.items():
+            try:
+                t = proc.cpu_times()
+                total = t.user + t.system
+                if name.endswith("-pg"):
+                    total += t.children_user + t.children_system
+                    for child in proc.children():
+                        with contextlib.suppress(psutil.Error):
+                            c = child.cpu_times()
+                            total += c.user + c.system
+            except psutil.Error:
+                total = self._last.get(name, 0.0) if hasattr(self, "_last") else 0.0
+            totals[name] = total
+        return totals
+
+    def mark(self) -> dict[str, float]:
+        """The CPU seconds each used since the last mark."""
+        now = self._now()
+        used = {name: round(now[name] - self._last.get(name, 0.0), 2) for name in now}
+        self._last = now
+        return used
 
 
 async def rebuild_scale_phase(bench: Bench, sizes: tuple[int, ...] | None = None) -> None:

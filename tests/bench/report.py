@@ -21,8 +21,9 @@ TARGETS = {
     "/health p99 ms (writes c=64)": (5, False),
 }
 # The blue/green rebuild at scale (rebuild_scale.py), at each size it runs.
+# The commands/s goal is the rebuild's own (alone); under load it is shown with no target.
 for _size in (100_000, 1_000_000, 10_000_000):
-    TARGETS[f"rebuild {_size:,}: commands/s"] = (100_000, True)
+    TARGETS[f"rebuild {_size:,} alone: commands/s"] = (100_000, True)
     TARGETS[f"rebuild {_size:,}: read p99 during / without"] = (2.0, False)
 
 
@@ -197,15 +198,28 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     for size, scale in (results.get("rebuild_scale") or {}).items():
         during, without = scale["during_rebuild"], scale["without_rebuild"]
-        add(
-            f"rebuild {int(size):,}: commands/s",
-            scale["rebuild_under_load_rate"],
-            "the same rebuild alone",
-            scale["rebuild_alone_rate"],
-            extra=f"{scale['rebuild_under_load_seconds']} s under load, peak RSS"
-            f" {scale['rebuild_under_load_peak_rss_mb']} MB"
-            f" ({scale['rebuild_alone_peak_rss_mb']} MB alone)",
-        )
+        for which, ref_name, ref in (
+            ("alone", "-", None),
+            ("under_load", "the same rebuild alone", scale["rebuild_alone_rate"]),
+        ):
+            seen = scale.get(f"rebuild_{which}_seen") or {}
+            load = f"{seen.get('load_avg_start', ['?'])[0]}-{seen.get('load_avg_end', ['?'])[0]}"
+            add(
+                f"rebuild {int(size):,} {which.replace('_', ' ')}: commands/s",
+                scale[f"rebuild_{which}_rate"],
+                ref_name,
+                ref,
+                extra=f"{scale[f'rebuild_{which}_seconds']} s, peak RSS"
+                f" {scale[f'rebuild_{which}_peak_rss_mb']} MB; steps (s) "
+                + " ".join(
+                    f"{step} {value:g}"
+                    for step, value in (scale.get(f"rebuild_{which}_steps") or {}).items()
+                    if not step.startswith(("catch_up_", "swap_"))
+                )
+                + "; CPU s "
+                + " ".join(f"{name} {value:g}" for name, value in seen.get("cpu_s", {}).items())
+                + f"; load average {load}",
+            )
         add(
             f"rebuild {int(size):,}: read p99 during / without",
             scale["read_p99_ratio"],

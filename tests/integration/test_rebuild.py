@@ -7,16 +7,20 @@ The write DBs are seeded with SQL so that the rebuild has real work to do (sever
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
+import asyncpg
 import httpx
 from sqlalchemy import text
 
 from cqrs_stack import rebuild
+from cqrs_stack.config import plain_database_url
+from cqrs_stack.projections.records import Records
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_guarantees import write_many
 
@@ -25,6 +29,21 @@ SEEDED_COMMANDS = 250_000
 SEEDED_KEYS = 50_000
 # A read slower than this during the rebuild fails the test.
 READ_BOUND_SECONDS = 1.0
+# The steps a rebuild's end logs the wall seconds of (rebuild._log_steps).
+STEPS = (
+    "copy",
+    "ledger",
+    "project",
+    "indexes",
+    "analyze",
+    "read-counts",
+    "catch-up",
+    "verify",
+    "swap",
+    "swap_read_counts_s",
+    "swap_writers_held_s",
+    "swap_readers_held_s",
+)
 
 
 async def seed(stack: Stack, commands: int, keys: int, value_sql: str = "'v' || i") -> None:
@@ -39,6 +58,22 @@ async def seed(stack: Stack, commands: int, keys: int, value_sql: str = "'v' || 
             ),
             {"keys": keys, "n": commands},
         )
+
+
+# The version tables of the default model, which a rebuild builds and swaps.
+TABLES = tuple(Records.version_tables())
+
+
+async def autovacuum_off(conn: asyncpg.Connection, schema: str) -> set[str]:
+    """The version tables in ``schema`` with autovacuum turned off."""
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = $1 AND c.relname = ANY($2::text[])"
+        " AND 'autovacuum_enabled=false' = ANY(c.reloptions)",
+        schema,
+        list(TABLES),
+    )
+    return {row[0] for row in rows}
 
 
 def rebuild_command(stack: Stack, **overrides: str) -> tuple[list[str], dict[str, str]]:
@@ -121,7 +156,7 @@ async def test_rebuild_restores_the_read_model_and_keeps_read_counts(stack: Stac
     assert not await stack.converged()
     done = subprocess.run(
         [sys.executable, "-m", "cqrs_stack.cli", "rebuild"],
-        env={**stack.env, "PATH": "/usr/bin:/bin"},
+        env={**stack.env, "PATH": "/usr/bin:/bin", "LOG_LEVEL": "info"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -129,6 +164,13 @@ async def test_rebuild_restores_the_read_model_and_keeps_read_counts(stack: Stac
     assert done.returncode == 0, done.stderr
     assert "rebuilt from 500 commands" in done.stdout
     assert "100%" in done.stderr  # the progress bar
+    # Where the time went: every step's wall seconds, and the catch-up's and swap's counts.
+    logged = [line for line in done.stderr.splitlines() if "rebuild steps " in line]
+    assert len(logged) == 1, done.stderr
+    steps = json.loads(logged[0].rpartition("steps=")[2])
+    for step in STEPS:
+        assert isinstance(steps[step], float | int) and steps[step] >= 0, (step, steps)
+    assert steps["swap_attempts"] == 1 and steps["catch_up_rounds"] >= 1
     await stack.assert_converges(timeout=1)
     assert (
         await stack.scalar(stack.read_engine, "SELECT read_count FROM records WHERE key = 'k1'")
@@ -463,3 +505,102 @@ async def test_a_key_first_written_during_the_load_keeps_its_read_count(stack: S
         == 6
     )
     await stack.assert_converges()
+
+
+async def test_the_swap_gets_an_autovacuum_of_the_live_model_out_of_its_way(
+    stack: Stack,
+) -> None:
+    """An autovacuum of a live table holds SHARE UPDATE EXCLUSIVE for as long as it runs,
+    throttled (minutes at 10 M rows, seen making every swap attempt of a rebuild under load
+    fail): PostgreSQL cancels it only for a lock request that has waited deadlock_timeout, far
+    more than REBUILD_LOCK_TIMEOUT. The swap waits that long for that lock alone (no reader or
+    writer waits on it), so the autovacuum gives way at the first attempt of the few allowed."""
+    await seed(stack, 20_000, 20_000)
+    run_rebuild(stack)  # the live model: 20,000 rows
+    admin = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
+    try:
+        # An autovacuum of records that crawls (about 0.1 s per page) and starts within 1 s.
+        await admin.execute(
+            "ALTER TABLE records SET (autovacuum_vacuum_cost_delay = 100,"
+            " autovacuum_vacuum_cost_limit = 1, autovacuum_vacuum_threshold = 0,"
+            " autovacuum_vacuum_scale_factor = 0, autovacuum_analyze_threshold = 1000000000)"
+        )
+        await admin.execute("UPDATE records SET read_count = read_count + 1")
+        await admin.execute("ALTER SYSTEM SET autovacuum_naptime = '1s'")
+        await admin.execute("SELECT pg_reload_conf()")
+
+        async def vacuuming() -> bool:
+            return bool(
+                await admin.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND backend_type = 'autovacuum worker' AND query LIKE '%records%'"
+                )
+            )
+
+        await wait_until(vacuuming, timeout=30, what="an autovacuum of records")
+        started = time.monotonic()
+        done = run_rebuild(stack, REBUILD_SWAP_ATTEMPTS="3", LOG_LEVEL="info")
+        assert "rebuilt from 20000 commands" in done.stdout
+        assert '"swap_attempts":1' in done.stderr, done.stderr
+        assert time.monotonic() - started < 60
+    finally:
+        await admin.execute("ALTER SYSTEM RESET autovacuum_naptime")
+        await admin.execute("SELECT pg_reload_conf()")
+        await admin.close()
+
+
+async def test_read_counts_flushed_before_the_swap_are_copied_outside_its_locks(
+    stack: Stack,
+) -> None:
+    """Read counts that change during the catch-up and the verify (tens of thousands of rows
+    at 1 M keys under reads) are copied before the swap's transaction, not under the lock that
+    holds the projectors and the flushes: the swap's own copy has only the last moments'. The
+    swap is held (SHARE UPDATE EXCLUSIVE on the live records) while every row's count changes,
+    until its next attempt has begun; each key's count must still be the live one after it."""
+    keys = 20_000
+    await seed(stack, keys, keys)
+    run_rebuild(stack)  # the live model: 20,000 rows, read_count 0
+    admin = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
+    blocker = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
+    args, env = rebuild_command(stack, LOG_LEVEL="info", REBUILD_SWAP_ATTEMPTS="20")
+    try:
+        holding = blocker.transaction()
+        await holding.start()
+        await blocker.execute("LOCK TABLE records IN SHARE UPDATE EXCLUSIVE MODE")
+        process = await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        communicating = asyncio.create_task(process.communicate())
+        waiting = (
+            "SELECT max(query_start) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE 'LOCK TABLE%SHARE UPDATE EXCLUSIVE%'"
+        )
+
+        async def swap_waits() -> bool:
+            return await admin.fetchval(waiting) is not None
+
+        await wait_until(swap_waits, 60, "the swap to wait for its first lock")
+        # Built without autovacuum (a VACUUM of it the swap would cancel, its work lost).
+        assert await autovacuum_off(admin, rebuild.SHADOW_SCHEMA) == set(TABLES)
+        await admin.execute("UPDATE records SET read_count = read_count + 7")
+        changed_at = await admin.fetchval("SELECT clock_timestamp()")
+
+        async def next_attempt_waits() -> bool:
+            started = await admin.fetchval(waiting)
+            return started is not None and started > changed_at
+
+        await wait_until(next_attempt_waits, 30, "the swap's next attempt")
+        await holding.rollback()
+        _, err = await asyncio.wait_for(communicating, 120)
+    finally:
+        await blocker.close()
+    try:
+        assert process.returncode == 0, err.decode()
+        steps = json.loads(err.decode().rpartition("steps=")[2].splitlines()[0])
+        assert steps["swap_attempts"] >= 2, steps
+        assert steps["swap_read_counts_rows"] == 0, steps  # all copied before the swap
+        counts = await admin.fetch("SELECT read_count, count(*) FROM records GROUP BY 1")
+        assert [tuple(row) for row in counts] == [(7, keys)]
+        assert await autovacuum_off(admin, "public") == set()  # on again, live
+    finally:
+        await admin.close()
