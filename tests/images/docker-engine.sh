@@ -131,7 +131,8 @@ build_staged() {
 # tags new images: after a day of dev loops the engine held 117 images (10.9 GB), all ours.
 #   prune_images           dangling images: all of them in the private engine (it holds
 #                          only what we built), only ours (by their title label) elsewhere
-#   prune_images --dev     also the dev loop's tags of cqrs-stack and cqrs-stack-operator:
+#   prune_images --dev     also the build steps' containers skaffold dev leaves, and
+#                          the dev loop's tags of cqrs-stack and cqrs-stack-operator:
 #                          skaffold's <commit>[-dirty], <tag>-<n>-g<commit>[-dirty] (git
 #                          describe) and <image ID> (hex) and `latest`; a
 #                          release's <version>, <version>-<commit> and any tag of yours are kept
@@ -145,6 +146,15 @@ prune_images() {
     images_lock
     # A cleanup: nothing here may fail its caller (a dev loop's exit, a finished build).
     if [[ ${1:-} == --dev ]]; then
+        # `skaffold dev`'s builds leave each step's container behind (`skaffold build`'s do
+        # not), and each pins its image: the classic builder's step containers (created or
+        # exited, descending from the offline base, running a step's `/bin/sh -c`) go first.
+        local id
+        for id in $("$DOCKER" ps -aq --filter status=created --filter status=exited \
+            --filter "ancestor=${BASE_IMAGE:-cqrs-stack-base:bookworm}" 2>/dev/null || true); do
+            [[ "$("$DOCKER" inspect --format '{{join .Config.Cmd " "}}' "$id" 2>/dev/null)" == "/bin/sh -c "* ]] \
+                && "$DOCKER" rm "$id" >/dev/null 2>&1
+        done
         # Only the tags the dev loop makes: removing by "not a release tag" took a previous
         # release of another version and a user's own tags with them.
         for repo in "${repos[@]}"; do

@@ -51,9 +51,18 @@ def _exists(docker: Docker, reference: str) -> bool:
     return docker.run("image", "inspect", reference, check=False).returncode == 0
 
 
-def _prune(docker: Docker, repo: str, *args: str, after: str | None = "0s") -> None:
-    """prune_images ARGS in ``repo``; ``after``: CQRS_PRUNE_AFTER (None: its default)."""
+def _container(docker: Docker, name: str) -> bool:
+    return docker.run("container", "inspect", name, check=False).returncode == 0
+
+
+def _prune(
+    docker: Docker, repo: str, *args: str, after: str | None = "0s", base: str | None = None
+) -> None:
+    """prune_images ARGS in ``repo``; ``after``: CQRS_PRUNE_AFTER (None: its default);
+    ``base``: the image build steps descend from (BASE_IMAGE)."""
     env = {**docker.env, "CQRS_IMAGE_REPOS": repo}
+    if base is not None:
+        env["BASE_IMAGE"] = base
     if after is not None:
         env["CQRS_PRUNE_AFTER"] = after
     done = subprocess.run(
@@ -92,6 +101,9 @@ def test_prune_keeps_the_release_tags_and_removes_the_dev_loops_images(docker: D
         _import(docker, tag, repo, f"kept {n}")
     _import(docker, in_use, repo, "a container runs this one")
     docker.run("create", "--name", container, in_use)
+    # A build step's container as `skaffold dev` leaves it (BASE_IMAGE: the step's ancestor).
+    step = f"prune-test-step-{uuid.uuid4().hex[:8]}"
+    docker.run("create", "--name", step, in_use, "/bin/sh", "-c", "pip install -r x.txt")
     try:
         assert _exists(docker, replaced)
         # Dangling for seconds only: it may be the newest step of a build that takes no
@@ -104,7 +116,10 @@ def test_prune_keeps_the_release_tags_and_removes_the_dev_loops_images(docker: D
         for reference in (release, previous, in_use, *skaffold_tags, *others):
             assert _exists(docker, reference), reference
 
-        _prune(docker, repo, "--dev")
+        assert _container(docker, step)
+        _prune(docker, repo, "--dev", base=in_use)
+        assert not _container(docker, step)
+        assert _container(docker, container)  # its command is the image's own: not a step
         for reference in (release, previous, *others):
             assert _exists(docker, reference), reference
         # A container still uses it: kept.
@@ -112,6 +127,6 @@ def test_prune_keeps_the_release_tags_and_removes_the_dev_loops_images(docker: D
         for reference in skaffold_tags:
             assert not _exists(docker, reference), reference
     finally:
-        docker.run("rm", "-f", container, check=False)
+        docker.run("rm", "-f", container, step, check=False)
         for reference in (release, previous, in_use, *skaffold_tags, *others):
             docker.run("rmi", "-f", reference, check=False)
