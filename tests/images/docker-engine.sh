@@ -167,8 +167,10 @@ prune_images() {
     fi
     # Only dangling images older than CQRS_PRUNE_AFTER (30m): a build outside the lock (skaffold's
     # own build in `make dev`, a user's docker build) commits each step as a dangling image
-    # until the next, and lost one mid-build ("unknown parent image ID").
-    local after=(--filter "until=${CQRS_PRUNE_AFTER:-30m}")
+    # until the next, and lost one mid-build ("unknown parent image ID"). 0: no age filter
+    # (Docker's `until=0s` is cut to whole seconds and misses an image made this second).
+    local after=()
+    [[ ${CQRS_PRUNE_AFTER:-30m} =~ ^0[smh]?$ ]] || after=(--filter "until=${CQRS_PRUNE_AFTER:-30m}")
     if [[ ${DOCKER_HOST:-} == "unix://$CQRS_DOCKER_SOCK" ]]; then
         "$DOCKER" image prune -f "${after[@]}" >/dev/null 2>&1 || true
     else
