@@ -500,12 +500,30 @@ async def _create_shadow(
         " WITH (autovacuum_enabled = false)"
         for table in _tables(models)
     ]
+    # The live tables' own storage parameters (an operator's fillfactor or autovacuum tuning)
+    # carry over: LIKE ... INCLUDING ALL copies none. autovacuum_enabled is the swap's to set.
+    for table in _tables(models):
+        kept = [
+            option
+            for option in await _reloptions(rconn, f"{live}.{table}")
+            if not option.startswith("autovacuum_enabled=")
+        ]
+        if kept:
+            statements.append(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET ({', '.join(kept)})")
     statements += [
         f"INSERT INTO {SHADOW_SCHEMA}.{model.watermark()} DEFAULT VALUES" for model in models
     ]
     async with rconn.transaction():
         for statement in statements:
             await rconn.execute(statement)
+
+
+async def _reloptions(rconn: asyncpg.Connection, table: str) -> list[str]:
+    """``table``'s storage parameters as PostgreSQL keeps them (``name=value``), none if absent."""
+    found = await rconn.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = to_regclass($1)", table
+    )
+    return list(found or [])
 
 
 async def _drop_shadow(rconn: asyncpg.Connection) -> None:
@@ -1340,9 +1358,19 @@ async def _outwait_autovacuum(
     wait_ms = int(2 * deadlock_ms + settings.rebuild_lock_timeout * 1000)
     await rconn.execute(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
     await rconn.execute(f"LOCK TABLE {', '.join(names)} IN SHARE UPDATE EXCLUSIVE MODE")
-    # The shadow goes live with this transaction: autovacuum on again (off while it was built).
+    # The shadow goes live with this transaction: autovacuum as the live table has it (off
+    # while the shadow was built; an operator may have turned it off on the live one).
     for table in _tables(models):
-        await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} RESET (autovacuum_enabled)")
+        chosen = [
+            option
+            for option in await _reloptions(rconn, f"{live}.{table}")
+            if option.startswith("autovacuum_enabled=")
+        ]
+        await rconn.execute(
+            f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET ({chosen[0]})"
+            if chosen
+            else f"ALTER TABLE {SHADOW_SCHEMA}.{table} RESET (autovacuum_enabled)"
+        )
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
 
 

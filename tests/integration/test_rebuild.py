@@ -604,3 +604,46 @@ async def test_read_counts_flushed_before_the_swap_are_copied_outside_its_locks(
         assert await autovacuum_off(admin, "public") == set()  # on again, live
     finally:
         await admin.close()
+
+
+async def test_the_live_tables_storage_parameters_survive_a_rebuild_and_a_rollback(
+    stack: Stack,
+) -> None:
+    """An operator's tuning of the live tables (a fillfactor, autovacuum settings, autovacuum
+    turned off) is the new version's too: the shadow is made LIKE the live tables, which
+    copies no storage parameter, and the swap turned autovacuum on where it was off."""
+    api = await stack.launch("api")
+    await stack.launch("projector")
+    await write_many(api.url, 200, keys=20)
+    await stack.assert_converges()
+    tuned = {
+        "records": ["fillfactor=70", "autovacuum_vacuum_scale_factor=0.01"],
+        "applied_commands": ["autovacuum_enabled=false"],
+    }
+    async with stack.read_engine.begin() as conn:
+        for table, options in tuned.items():
+            await conn.execute(text(f"ALTER TABLE {table} SET ({', '.join(options)})"))
+
+    async def live_options() -> dict[str, list[str]]:
+        async with stack.read_engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT c.relname, c.reloptions FROM pg_class c"
+                    " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+                    " AND c.relname IN ('records', 'applied_commands')"
+                )
+            )
+            return {row[0]: sorted(row[1] or []) for row in rows}
+
+    for args in (["rebuild"], ["rebuild", "--rollback"]):
+        command, env = rebuild_command(stack)
+        done = subprocess.run(
+            [*command[: command.index("rebuild")], *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert await live_options() == {t: sorted(o) for t, o in tuned.items()}, args
+    await stack.assert_converges(timeout=5)
