@@ -425,10 +425,15 @@ async def _load_and_swap(
     await writer.enter("catch-up")
     with writer.timed("catch-up"):
         await _catch_up(wconn, rconn, live, loaded, settings, writer)
-    caught_up = len(loaded.caught_up)
     await writer.enter("verify")
     with writer.timed("verify"):
         await _verify(wconn, rconn, live, loaded, settings)
+    # What was written during the verification (all of it when every key is verified:
+    # seconds on a busy stack) is applied here, outside the locks, not under the swap's lock
+    # on projectors and read-count flushes (27,000 commands held them 2.2 s at 3,000 writes/s).
+    with writer.timed("catch-up"):
+        await _catch_up(wconn, rconn, live, loaded, settings)
+    caught_up = len(loaded.caught_up)
     await writer.enter("swap")
     with writer.timed("swap"):
         swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
