@@ -25,7 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 MAKE = r"""#!/usr/bin/env bash
 target=$1
 echo "make $target started" >>"$STUB/calls"
-[[ -f $STUB/fail-$target ]] && { echo "make $target failed" >>"$STUB/calls"; exit 3; }
+if [[ -f $STUB/fail-$target ]]; then
+  # Fails once the prebuild runs (its traps set), so that there is a prebuild to stop.
+  for ((n = 0; n < 300; n++)); do grep -q "prebuild started" "$STUB/calls" && break; sleep 0.1; done
+  echo "make $target failed" >>"$STUB/calls"
+  exit 3
+fi
 if [[ -f $STUB/hang-$target ]]; then
   sleep 300 &
   echo $! >"$STUB/grandchild"
@@ -37,9 +42,9 @@ exit 0
 
 # The background prebuild: runs until stopped, or $STUB/prebuild-seconds.
 PREBUILD = r"""#!/usr/bin/env bash
-echo "prebuild started" >>"$STUB/calls"
 trap 'echo "prebuild stopped by SIGINT" >>"$STUB/calls"; exit 130' INT
 trap 'echo "prebuild stopped by SIGTERM" >>"$STUB/calls"; exit 143' TERM
+echo "prebuild started" >>"$STUB/calls"
 for ((n = 0; n < ${PREBUILD_TENTHS:-3000}; n++)); do sleep 0.1; done
 echo "prebuild done" >>"$STUB/calls"
 """
@@ -120,7 +125,8 @@ def _wait_for(box: Path, line: str, timeout: float = 60) -> None:
     raise AssertionError(f"{line!r} not seen in {timeout} s: {_calls(box)}")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Does process ``pid`` exist?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -176,6 +182,7 @@ def test_a_signal_stops_the_stage_its_children_and_the_prebuild(
     (sandbox / "stub" / "hang-test").touch()
     run = _start(sandbox, ignore_sigint=ignore_sigint)
     try:
+        _wait_for(sandbox, "prebuild started")
         _wait_for(sandbox, "make test started")
         grandchild_file = sandbox / "stub" / "grandchild"
         deadline = time.monotonic() + 30
@@ -195,7 +202,7 @@ def test_a_signal_stops_the_stage_its_children_and_the_prebuild(
     calls = _calls(sandbox)
     # The stage's pytest would tear its servers down on SIGINT: it got one, not SIGKILL.
     assert "make test got SIGINT" in calls, calls
-    assert not _alive(grandchild), "a child of the stage outlived the run"
+    assert not alive(grandchild), "a child of the stage outlived the run"
     assert "prebuild stopped by SIGINT" in calls, calls
     assert calls[-1] == "engine down"
     assert "make e2e-local started" not in calls

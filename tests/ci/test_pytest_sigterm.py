@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.ci.test_ci_run import alive as _alive
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
@@ -22,14 +24,6 @@ def test_holds_a_server(redis_server):
     for _ in range(600):
         time.sleep(0.1)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_sigterm_to_pytest_stops_the_servers_of_its_fixtures(tmp_path: Path) -> None:

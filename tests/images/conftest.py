@@ -110,11 +110,9 @@ def docker() -> Iterator[Docker]:
             _engine_shell("docker_engine_down", {**env, "CQRS_DOCKERD_STARTED": "1"})
 
 
-@pytest.fixture(scope="session")
-def images(docker: Docker) -> dict[str, str]:
-    """Both images, built (or found up to date) by the script ``make images`` runs."""
-    started = time.monotonic()
-    result = subprocess.run(
+def build_images(docker: Docker) -> subprocess.CompletedProcess[str]:
+    """Run the script ``make images`` runs, on ``docker``'s engine (left running)."""
+    return subprocess.run(
         ["bash", str(HERE / "build-images.sh")],
         cwd=ROOT,
         env={**docker.env, "KEEP_DOCKERD": "1"},
@@ -123,6 +121,13 @@ def images(docker: Docker) -> dict[str, str]:
         timeout=BUILD_TIMEOUT,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def images(docker: Docker) -> dict[str, str]:
+    """Both images, built (or found up to date) by the script ``make images`` runs."""
+    started = time.monotonic()
+    result = build_images(docker)
     if result.returncode != 0:
         pytest.fail(
             f"building the images failed ({time.monotonic() - started:.0f} s):\n"

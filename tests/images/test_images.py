@@ -12,7 +12,6 @@ import base64
 import json
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,12 @@ import pytest
 from cqrs_stack.localservers import PostgresServer, free_port
 from tests.fixtures.stack import Stack
 from tests.images.conftest import (
-    BUILD_TIMEOUT,
-    HERE,
     IMAGE_SIZES,
-    ROOT,
     RUN_AS,
     VERSION,
     Containers,
     Docker,
+    build_images,
 )
 from tests.operator.fixtures_operator import Stacks, stack_manifest
 
@@ -52,15 +49,7 @@ def test_an_unchanged_tree_is_built_again_from_cache(
     tagged, so the pruning after each build (prune_images) does not take the cache with
     them (it did: every build installed all dependencies again and changed both IDs)."""
     before = {kind: inspect(docker, image)["Id"] for kind, image in images.items()}
-    again = subprocess.run(
-        ["bash", str(HERE / "build-images.sh")],
-        cwd=ROOT,
-        env={**docker.env, "KEEP_DOCKERD": "1"},
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT,
-        check=False,
-    )
+    again = build_images(docker)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {kind: inspect(docker, image)["Id"] for kind, image in images.items()} == before
 
