@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -199,11 +200,20 @@ async def run_elected(
     try:
         async with leadership.follower_liveness(liveness, elected):
             await elected.acquire()
+        # Until kopf installs its own handlers (as it starts), a SIGTERM or Ctrl-C just after
+        # the Lease was acquired took the signal's default action: the process died holding
+        # the Lease, and the follower waited out its duration. A stop flag kopf honours instead.
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(stop_signal, stopping.set)
         operator["memo"].leadership = elected  # the handlers and their API client check it
         keeper = asyncio.create_task(elected.keep(), name="lease renewal")
         keeper.add_done_callback(_renewal_ended)
         try:
-            await kopf.operator(standalone=True, liveness_endpoint=liveness, **operator)
+            await kopf.operator(
+                standalone=True, liveness_endpoint=liveness, stop_flag=stopping, **operator
+            )
         finally:
             keeper.remove_done_callback(_renewal_ended)
             keeper.cancel()
