@@ -115,6 +115,8 @@ _BULK_TIMEOUT = 6 * 3600.0
 
 # A database refusing or gone, or a statement over its timeout.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# How long a swap stopped during its COMMIT waits for the read DB to say whether it committed.
+_COMMIT_CHECK_TIMEOUT = 30.0
 
 # The commands of the load's snapshot, staged in the shadow (unlogged, never vacuumed: it lives
 # one rebuild, and is only written, then read whole) for the models' effects to read as the
@@ -1311,6 +1313,9 @@ async def _swap(
     """Swap the shadow in as ``version`` (None: a rollback); return how many commands were
     applied inside the swap."""
     wait = settings.rebuild_lock_timeout
+    # The first table of the shadow: live after the commit, whatever its answer says.
+    moved = f"{SHADOW_SCHEMA}.{_tables(loaded.models)[0]}"
+    shadow_oid = await rconn.fetchval("SELECT to_regclass($1)::oid", moved)
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
         loaded.stats["swap_attempts"] = attempt
         # The read counts flushed since the last copy (during the catch-up and the verify:
@@ -1321,17 +1326,66 @@ async def _swap(
         loaded.read_counts_at = await _copy_all_read_counts(
             rconn, live, loaded.models, loaded.read_counts_at
         )
+        applied: int | None = None
         try:
             async with rconn.transaction():
-                return await _swap_once(wconn, rconn, live, loaded, settings, version)
+                applied = await _swap_once(wconn, rconn, live, loaded, settings, version)
+            return applied
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             log.info("rebuild swap: a lock was not granted in time, retrying attempt=%d", attempt)
+        except asyncio.CancelledError:
+            # Stopped inside the transaction (rolled back), or at its COMMIT, which may have
+            # committed all the same (the server had, or does on the cancel: a synchronous
+            # standby's wait, a slow fsync).
+            if applied is None or not await _committed(rconn, live, loaded.models, shadow_oid):
+                raise
+            # Live: the run goes on as swapped, the stop asked again so that, as after any
+            # commit, it only skips the clean-up.
+            log.warning(
+                "stopped during the swap's commit, which committed: the new version is live"
+            )
+            _uncancel()
+            task = asyncio.current_task()
+            if task is not None:
+                task.cancel()
+            return applied
         # Let the readers and writers that queued meanwhile through before the next attempt.
         await asyncio.sleep(random.uniform(wait, 3 * wait))
     raise RebuildError(
         f"the swap did not get its locks in {settings.rebuild_swap_attempts} attempts of"
         f" REBUILD_LOCK_TIMEOUT={wait}s; the live read model is unchanged"
     )
+
+
+async def _committed(
+    rconn: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]],
+    shadow_oid: int,
+) -> bool:
+    """Did the swap whose COMMIT was interrupted commit? The read DB's answer (the shadow's
+    first table is live); a RebuildError if it gives none in time, never a guess."""
+    table = f"{live}.{_tables(models)[0]}"
+
+    async def live_oid() -> object:
+        # The session answers once the interrupted COMMIT has (the driver waits for it). The
+        # cancel request may reach the server after that, and cancel this query instead.
+        for _ in range(3):
+            with contextlib.suppress(asyncpg.QueryCanceledError):
+                return await rconn.fetchval("SELECT to_regclass($1)::oid", table)
+        return await rconn.fetchval("SELECT to_regclass($1)::oid", table)
+
+    try:
+        oid = await asyncio.wait_for(live_oid(), _COMMIT_CHECK_TIMEOUT)
+    except _DB_ERRORS as exc:
+        raise RebuildError(
+            "stopped during the swap's commit, and the read DB did not say whether it"
+            f" committed ({type(exc).__name__}); `cqrs-stack status` shows the live version"
+        ) from exc
+    if rconn.is_in_transaction():  # the stop came before the COMMIT was sent
+        await rconn.execute("ROLLBACK")
+        return False
+    return bool(oid == shadow_oid)
 
 
 async def _outwait_autovacuum(
@@ -1379,6 +1433,27 @@ async def _outwait_autovacuum(
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
 
 
+async def _carry_grants(
+    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]]
+) -> None:
+    """Give each shadow table the privileges its live table has (a reporting role's SELECT):
+    the swap moves whole tables, and CREATE TABLE ... LIKE copies none. Taken in the swap's
+    transaction, so a GRANT made during the rebuild is carried too."""
+    for table in _tables(models):
+        rows = await rconn.fetch(
+            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,"
+            " a.privilege_type, a.is_grantable"
+            " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+            " LEFT JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = to_regclass($1)",
+            f"{live}.{table}",
+        )
+        for grantee, privilege, grantable in rows:
+            option = " WITH GRANT OPTION" if grantable else ""
+            await rconn.execute(
+                f"GRANT {privilege} ON {SHADOW_SCHEMA}.{table} TO {grantee}{option}"
+            )
+
+
 async def _swap_once(
     wconn: asyncpg.Connection,
     rconn: asyncpg.Connection,
@@ -1395,6 +1470,7 @@ async def _swap_once(
     # the live ledger at the swap, so what the sweep found applied stays applied).
     tables = ", ".join(f"{live}.{table}" for table in _tables(loaded.models))
     await _outwait_autovacuum(rconn, live, loaded.models, settings)
+    await _carry_grants(rconn, live, loaded.models)
     # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
     await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
     writers_held = time.monotonic()

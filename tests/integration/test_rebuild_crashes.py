@@ -10,16 +10,18 @@ import subprocess
 import tracemalloc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from cqrs_stack.db import driver_of
+from cqrs_stack.localservers import PostgresServer, RedisServer, free_port
 from cqrs_stack.projections.records import Records
 from cqrs_stack.rebuild import RebuildError, rebuild
 from cqrs_stack.rebuild_progress import live_versions, read_run
 from cqrs_stack.verify import whole_differences
-from tests.fixtures.stack import Stack, wait_until
+from tests.fixtures.stack import Stack, open_stack, wait_until
 from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
 from tests.integration.test_rebuild_versions import _planting
 
@@ -307,6 +309,104 @@ async def test_two_stops_while_a_committed_swap_is_recorded_still_report_it(
         assert await phase_is("done")
         assert (await live_versions(conn))["records"] == 2
     await stack.assert_converges()
+
+
+async def test_a_stop_while_the_swap_commits_reports_the_swap_it_committed(
+    write_pg: PostgresServer,
+    redis_server: RedisServer,
+    server_root: Path,
+    fresh_names: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while the swap's COMMIT is under way: the server commits it regardless (here it
+    has, and waits for a synchronous standby that never answers, which the cancel ends), so
+    the run reports and records the swap (exit 0, done), never "cancelled: unchanged".
+
+    The read DB is a server of this test's own: the standby setting holds every commit on it.
+    """
+    read_pg = PostgresServer(server_root / f"pg-commit-{fresh_names}", free_port(), durable=False)
+    await asyncio.to_thread(read_pg.start)
+    try:
+        async with open_stack(write_pg, read_pg, redis_server, fresh_names, tmp_path) as stack:
+            await seed(stack, 500, 50)
+            args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT="10")
+            url = stack.env["READ_DB_URL"]
+            local = {"synchronous_commit": "local"}  # this test's sessions never wait
+            conn = await asyncpg.connect(url, server_settings=local)
+            holder = await asyncpg.connect(url, server_settings=local)
+            probe = await asyncpg.connect(url)
+            try:
+                before = await _records_oid(conn)
+                await conn.execute("CREATE TABLE sync_probe (i int)")  # a commit that logs
+                holding = holder.transaction()
+                await holding.start()
+                await holder.execute("SELECT 1 FROM records LIMIT 1")  # the moves wait on it
+                process = await asyncio.create_subprocess_exec(
+                    *args, "--run-id", "commit", env=env, stderr=asyncio.subprocess.PIPE
+                )
+
+                async def swap_pid() -> int | None:
+                    pid = await conn.fetchval(
+                        "SELECT pid FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
+                        " AND NOT granted AND relation = 'public.records'::regclass"
+                    )
+                    return None if pid is None else int(pid)
+
+                async def swap_waits() -> bool:
+                    assert process.returncode is None, "the rebuild ended before its swap"
+                    return await swap_pid() is not None
+
+                await wait_until(swap_waits, 120, "the swap to wait for its moves' lock")
+                pid = await swap_pid()
+                await conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+                await conn.execute("SELECT pg_reload_conf()")
+
+                def insert() -> asyncio.Future[str]:
+                    return asyncio.ensure_future(probe.execute("INSERT INTO sync_probe VALUES (1)"))
+
+                probing = insert()
+
+                async def waits_for_standby(backend: int | None) -> bool:
+                    event = await conn.fetchval(
+                        "SELECT wait_event FROM pg_stat_activity WHERE pid = $1", backend
+                    )
+                    return bool(event == "SyncRep")
+
+                async def probe_waits() -> bool:
+                    nonlocal probing
+                    if probing.done():  # committed before the server took the setting
+                        probing.result()
+                        probing = insert()
+                        return False
+                    return await waits_for_standby(probe.get_server_pid())
+
+                # A commit of the probe waits for the standby: so will the swap's.
+                await wait_until(probe_waits, 30, "commits to wait")
+                await holding.rollback()
+                await wait_until(lambda: waits_for_standby(pid), 30, "the swap's commit")
+                process.send_signal(signal.SIGTERM)
+
+                async def commit_returned() -> bool:
+                    return not await waits_for_standby(pid)
+
+                await wait_until(commit_returned, 30, "the cancel to end the swap's wait")
+                await conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
+                await conn.execute("SELECT pg_reload_conf()")
+                await asyncio.wait_for(probing, 30)
+                _, err = await asyncio.wait_for(process.communicate(), 60)
+                run = await read_run(conn, "commit")
+                assert process.returncode == 0, err.decode()
+                assert "which committed: the new version is live" in err.decode()
+                assert "cancelled" not in err.decode()
+                assert run is not None and run.phase == "done", run
+                assert (await live_versions(conn))["records"] == 2
+                assert await _records_oid(conn) != before
+            finally:
+                for session in (conn, holder, probe):
+                    session.terminate()
+            await stack.assert_converges()
+    finally:
+        await asyncio.to_thread(read_pg.stop)
 
 
 async def test_a_command_the_read_db_refuses_fails_the_rebuild_without_its_value(
