@@ -232,38 +232,39 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         )
     large = results.get("large")
     if large:
-        lw, lr = results["writes-large"][64], results["reads-large"]["spread"]
-        add(
-            "large: writes c=64 / small",
-            large["write_rate_ratio"],
-            f"writes c=64 ({w64['rate']}/s)",
-            None,
-            lw["p50_ms"],
-            lw["p99_ms"],
-            f"{large['commands']:,} commands; p99 x{large['write_p99_ratio']}",
-        )
-        transient = results.get("writes-large-transient", {}).get(64)
-        if transient and "transient_write_rate_ratio" in large:
-            add(
+        lr = results["reads-large"]["spread"]
+        # The steady state, the transient right after the bulk load, writes to the seeded keys.
+        for label, phase, figure, what in (
+            (
+                "large: writes c=64 / small",
+                "writes-large",
+                "write",
+                f"{large['commands']:,} commands",
+            ),
+            (
                 "large: writes while the load's ledger prunes",
-                large["transient_write_rate_ratio"],
-                f"writes c=64 ({w64['rate']}/s)",
-                None,
-                transient["p50_ms"],
-                transient["p99_ms"],
-                f"transient after the bulk load; p99 x{large['transient_write_p99_ratio']}",
-            )
-        seeded_keys = results.get("writes-large-seeded-keys", {}).get(64)
-        if seeded_keys and "seeded_keys_write_rate_ratio" in large:
-            add(
+                "writes-large-transient",
+                "transient_write",
+                "transient after the bulk load",
+            ),
+            (
                 "large: writes to the seeded keys / small",
-                large["seeded_keys_write_rate_ratio"],
-                f"writes c=64 ({w64['rate']}/s)",
-                None,
-                seeded_keys["p50_ms"],
-                seeded_keys["p99_ms"],
-                f"{large['keys']:,} keys at random; p99 x{large['seeded_keys_write_p99_ratio']}",
-            )
+                "writes-large-seeded-keys",
+                "seeded_keys_write",
+                f"{large['keys']:,} keys at random",
+            ),
+        ):
+            measured = results.get(phase, {}).get(64)
+            if measured and f"{figure}_rate_ratio" in large:
+                add(
+                    label,
+                    large[f"{figure}_rate_ratio"],
+                    f"writes c=64 ({w64['rate']}/s)",
+                    None,
+                    measured["p50_ms"],
+                    measured["p99_ms"],
+                    f"{what}; p99 x{large[f'{figure}_p99_ratio']}",
+                )
         add(
             "large: reads spread / small",
             large["read_rate_ratio"],
