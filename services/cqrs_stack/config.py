@@ -228,8 +228,9 @@ class Settings(BaseSettings):
     redis_probe_interval: float = Field(default=1.0, gt=0, le=60)
     # Bytes of keys and values per page of queued events (a page holds at least one event).
     publisher_batch_max_bytes: int = Field(default=16_777_216, ge=1, le=1_073_741_824)
-    # /stats counts a table's rows exactly up to this many, and estimates them above (an exact
-    # count reads every row: seconds at 10 million).
+    # /stats counts a table's rows exactly up to this many (and db.EXACT_COUNT_BYTES_PER_ROW
+    # bytes of heap per row of it), and estimates them above (an exact count reads every page:
+    # seconds at 10 million rows).
     stats_exact_count_max: int = Field(default=100_000, ge=0, le=100_000_000)
     # A write's Idempotency-Key (and its original answer) is kept at least this long (the
     # retention of the process that stored it, set in the key's row), then removed by a

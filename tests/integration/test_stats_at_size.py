@@ -8,6 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cqrs_stack import read_db
+from cqrs_stack.db import EXACT_COUNT_BYTES_PER_ROW
 from cqrs_stack.projections.records import Records
 from tests.fixtures.stack import Stack
 
@@ -110,3 +111,27 @@ async def test_a_ledger_past_the_bound_is_estimated_not_counted(stack: Stack) ->
     # At the bound the same tables are counted: exact, and 0.
     exact = await read_db.projector_figures(stack.read_engine, 100 * BOUND)
     assert (exact["applied_commands"], exact["applied_commands_estimated"]) == (0, False)
+
+
+async def test_a_few_rows_in_a_large_table_are_estimated_not_counted(stack: Stack) -> None:
+    """A ledger pruned from the front after a bulk load (or a rebuild) keeps its pages: VACUUM
+    cannot shorten a table whose live rows sit at its end, so counting its few rows reads every
+    page (200 ms at 10 million rows' worth). Past EXACT_COUNT_BYTES_PER_ROW bytes of heap per
+    row of the bound it is estimated, and after VACUUM the estimate is the rows left."""
+    loaded, left = 20 * BOUND, BOUND // 2  # 20,000 ledger rows: about 720 kB of heap
+    await run(stack.read_engine, (_LEDGER, {"first": 1, "last": loaded}))
+    async with stack.read_engine.begin() as conn:
+        await conn.execute(
+            text(f"DELETE FROM applied_commands WHERE command_id <= {loaded - left}")
+        )
+    async with stack.read_engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text("VACUUM applied_commands"))
+        size = await conn.scalar(text("SELECT pg_relation_size('applied_commands')"))
+    assert size > BOUND * EXACT_COUNT_BYTES_PER_ROW, size  # fewer rows than the bound, not bytes
+    figures = await read_db.projector_figures(stack.read_engine, BOUND)
+    assert (figures["applied_commands"], figures["applied_commands_estimated"]) == (left, True)
+    # A bound whose bytes the table is within: counted, exact.
+    exact_max = size // EXACT_COUNT_BYTES_PER_ROW
+    exact = await read_db.projector_figures(stack.read_engine, exact_max)
+    assert (exact["applied_commands"], exact["applied_commands_estimated"]) == (left, False)
