@@ -197,6 +197,8 @@ class Settings(BaseSettings):
     # SELECTs of records a read API process runs at a time; reads that arrive meanwhile wait
     # for one to end and share the next (fewer, larger queries as the load grows).
     read_select_concurrency: int = Field(default=2, ge=1, le=1000)
+    # Keys one such SELECT carries at most (`key = ANY($1)`); reads of more wait for the next.
+    read_batch_max_keys: int = Field(default=1000, ge=1, le=100_000)
     # Distinct keys whose reads may wait in memory for a flush (a read DB that refuses flushes
     # for long); reads of further keys are answered but not counted.
     read_count_max_keys: int = Field(default=100_000, ge=1, le=10_000_000)

@@ -6,7 +6,8 @@ import asyncio
 import logging
 from collections import Counter, deque
 from collections.abc import Sequence
-from typing import Any
+from itertools import islice
+from typing import Any, NamedTuple
 
 import asyncpg
 from sqlalchemy import BigInteger, String, bindparam, text
@@ -24,10 +25,45 @@ from .supervision import Backoff
 
 log = logging.getLogger(__name__)
 
+
+def _json_time(column: str) -> str:
+    """SQL for ``column``'s time as pydantic writes it in JSON: ``isoformat()`` in UTC, with
+    its fraction only when it is not zero, and ``Z`` (written after it by the caller)."""
+    # Clamped as asyncpg decodes times, to Python's range (infinity is datetime.max).
+    utc = (
+        f"least(greatest({column} AT TIME ZONE 'UTC', '0001-01-01'::timestamp),"
+        " '9999-12-31 23:59:59.999999'::timestamp)"
+    )
+    return (
+        f"to_char({utc}, CASE WHEN date_trunc('second', {utc}) = {utc}"
+        """ THEN 'YYYY-MM-DD"T"HH24:MI:SS' ELSE 'YYYY-MM-DD"T"HH24:MI:SS.US' END)"""
+    )
+
+
+# The answer's JSON up to its read count is written by the read DB (``head``): the fields
+# but the count are the row's, and formatting them here cost the API more than the rest of a
+# read (escaping two strings, two times, one format; ``read_api.found_json`` adds the rest).
+# ``to_json`` escapes text as pydantic does (the same characters, the same \u00xx); the bytes
+# come as UTF-8 (bytea), so asyncpg decodes no text and nothing is encoded again per read.
+# tests/integration/test_read_answers.py holds every answer to RecordResponse's JSON.
 _GET_RECORDS = (
-    "SELECT key, value, created_at, updated_at, read_count, write_count"
+    "SELECT key, read_count, write_count, convert_to(concat("
+    """'{"success":true,"key":', to_json(key), ',"value":', to_json(value), ',"created_at":"', """
+    f"{_json_time('created_at')}, "
+    """'Z","updated_at":"', """
+    f"{_json_time('updated_at')}, "
+    """'Z","read_count":'), 'UTF8') AS head"""
     " FROM records WHERE key = ANY($1::text[])"
 )
+
+
+class Found(NamedTuple):
+    """A record as a read answers it: its JSON up to the read count, the count, the version."""
+
+    head: bytes  # '{"success":true,"key":...,"updated_at":"...","read_count":'
+    read_count: int  # the row's, plus the reads counted in memory (this one too)
+    write_count: int  # the key's version: its number of commands applied (the ETag)
+
 
 _ADD_READ_COUNTS = text(
     """
@@ -38,7 +74,7 @@ _ADD_READ_COUNTS = text(
 ).bindparams(bindparam("keys", type_=ARRAY(String)), bindparam("reads", type_=ARRAY(BigInteger)))
 
 
-_Answer = asyncio.Future[dict[str, Any] | None]
+_Answer = asyncio.Future[Found | None]
 # A SELECT during which a flush of one of its keys committed runs again at once, at most this
 # many times in all (flushes are at least an interval apart, a SELECT takes milliseconds).
 _FLUSH_OVERLAP_TRIES = 3
@@ -55,8 +91,9 @@ class RecordReader:
     At most ``concurrency`` SELECTs run at a time: reads that arrive while they do wait for
     the first to end and go together in the next, so the batches grow with the load instead
     of the number of queries (each one costs the API and the read DB the same whatever its
-    keys: a statement's round trip, its bind and its plan). A plain autocommit read: no
-    transaction, no locks.
+    keys: a statement's round trip, its bind and its plan). One SELECT carries at most
+    ``max_keys`` keys (the first to come); the rest go in the next. A plain autocommit read:
+    no transaction, no locks.
 
     An answer's ``read_count`` is the row's plus the reads ``counter`` holds in memory
     (pending or in a flush not committed yet). Only a flush of one of the SELECT's keys that
@@ -64,16 +101,23 @@ class RecordReader:
     such a SELECT runs again at once. A flush held by a row lock delays no read.
     """
 
-    def __init__(self, pool: asyncpg.Pool, counter: ReadCounter, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        counter: ReadCounter,
+        concurrency: int = 2,
+        max_keys: int = 1000,
+    ) -> None:
         self._pool = pool
         self._counter = counter
         self._concurrency = concurrency
+        self._max_keys = max_keys  # keys in one SELECT at most; the others wait for the next
         self._waiting: dict[str, list[_Answer]] = {}
         self._fetching: set[asyncio.Task[None]] = set()
         self._scheduled = False  # a _start_batch is due in the loop's next turn
 
-    async def get(self, key: str, within: float | None = None) -> dict[str, Any] | None:
-        """Return the record of ``key`` as a new dict, or None; count the read if found.
+    async def get(self, key: str, within: float | None = None) -> Found | None:
+        """Return the record of ``key``, or None; count the read if found.
 
         Only a read answered with its record counts (an error or a miss does not). With
         ``within``, a read the database does not answer in time raises ``OperationalError``
@@ -95,12 +139,16 @@ class RecordReader:
 
     def _start_batch(self) -> None:
         self._scheduled = False
-        if not self._waiting or len(self._fetching) >= self._concurrency:
-            return  # nothing to read, or the end of a running SELECT starts the next
-        batch, self._waiting = self._waiting, {}
-        task = asyncio.create_task(self._fetch(batch))
-        self._fetching.add(task)
-        task.add_done_callback(self._fetched)
+        # Nothing to read, or every SELECT is running: the end of one starts the next.
+        while self._waiting and len(self._fetching) < self._concurrency:
+            if len(self._waiting) <= self._max_keys:
+                batch, self._waiting = self._waiting, {}
+            else:  # the first to come go first; a later read of a waiting key joins it
+                first = list(islice(self._waiting, self._max_keys))
+                batch = {key: self._waiting.pop(key) for key in first}
+            task = asyncio.create_task(self._fetch(batch))
+            self._fetching.add(task)
+            task.add_done_callback(self._fetched)
 
     def _fetched(self, task: asyncio.Task[None]) -> None:
         """A SELECT ended: the reads that waited for a free one go in the next."""
@@ -120,21 +168,24 @@ class RecordReader:
                 if not answer.done():
                     answer.set_exception(exc)
             return
-        found = {row["key"]: row for row in rows}
+        found = {row[0]: row for row in rows}
+        counted = self._counter.counted
         # Counted here, in the same turn as the flush check in _select: the row holds every
         # committed read and memory the rest, so each answer counts each read exactly once.
         for key, answers in batch.items():
             row = found.get(key)
+            if row is None:
+                for answer in answers:
+                    if not answer.done():
+                        answer.set_result(None)
+                continue
+            _, stored, writes, head = row
+            if unseen:
+                stored += unseen[key]
             for answer in answers:
                 if answer.done():
                     continue  # its caller gave up (timeout, client gone): not a read
-                if row is None:
-                    answer.set_result(None)
-                    continue
-                self._counter.count(key)
-                record = dict(row)
-                record["read_count"] += self._counter.unflushed(key) + unseen[key]
-                answer.set_result(record)
+                answer.set_result(Found(head, stored + counted(key), writes))
 
     async def _select(self, keys: list[str]) -> tuple[list[asyncpg.Record], Counter[str]]:
         """The rows of ``keys``, and the reads of flushes that committed while the last
@@ -226,6 +277,11 @@ class ReadCounter:
             return False
         self._pending[key] += 1
         return True
+
+    def counted(self, key: str) -> int:
+        """Count one read of ``key`` (``count``); the reads of it now held in memory."""
+        self.count(key)
+        return self._pending.get(key, 0) + self._in_flight.get(key, 0)
 
     def unflushed(self, key: str) -> int:
         """Reads of ``key`` counted here but not yet committed to the read DB."""

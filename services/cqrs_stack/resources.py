@@ -201,7 +201,10 @@ async def open_resources(
             essential=False,  # reads are answered without it (counts wait in memory)
         )
         resources.records = RecordReader(
-            resources.read_pool, counter, settings.read_select_concurrency
+            resources.read_pool,
+            counter,
+            settings.read_select_concurrency,
+            settings.read_batch_max_keys,
         )
     if role == "projector":
         resources.projector = Projector(

@@ -98,12 +98,12 @@ async def test_a_read_during_a_held_flush_answers_at_once(
         # The row has none of the 3 yet and memory has all: no need to wait for the flush.
         record = await asyncio.wait_for(reader.get("k"), 0.1 + 0.05)
         assert record is not None
-        assert record["read_count"] == 4
+        assert record.read_count == 4
         assert not flush.done()
     assert flush.result() == 3
     record = await reader.get("k")
     assert record is not None
-    assert record["read_count"] == 5  # the row has the 3, memory the 2 since: counted once
+    assert record.read_count == 5  # the row has the 3, memory the 2 since: counted once
     assert counter.unflushed("k") == 2
 
 
@@ -159,7 +159,7 @@ async def test_a_flush_committing_during_a_select_never_lowers_a_count(
                 break
             record = await asyncio.wait_for(reader.get("k"), 10)
             assert record is not None
-            answers.append(record["read_count"])
+            answers.append(record.read_count)
     finally:
         holding = False
         await asyncio.wait_for(locker, 20)
