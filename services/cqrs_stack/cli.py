@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,9 @@ class _RebuildStop:
     short); once it is over, ignored (its outcome stands). A Python-level handler, installed
     before the slow imports, so no moment of the process is left to the default action (exit
     143) or to asyncio's own SIGINT handler (whose second Ctrl-C raises KeyboardInterrupt
-    wherever the run is)."""
+    wherever the run is). A stopped run that has not ended ``_STOP_WITHIN`` seconds later
+    (a read DB that stopped answering) exits 1 saying so: a Job's pod is killed 30 s after its
+    SIGTERM, and a hung process must not outlive its grace period silently."""
 
     task: asyncio.Task[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
@@ -46,6 +49,26 @@ class _RebuildStop:
         cls.stopped = True
         with contextlib.suppress(RuntimeError):  # its loop closed: the run is over
             cls.loop.call_soon_threadsafe(cls.task.cancel)
+        # A thread, not the loop: it fires even while the loop waits on a hung server.
+        deadline = threading.Timer(_STOP_WITHIN, cls._give_up)
+        deadline.daemon = True
+        deadline.start()
+
+    @classmethod
+    def _give_up(cls) -> None:
+        if cls.over:
+            return
+        os.write(
+            2,
+            b"rebuild stopped, but the read DB did not answer within"
+            b" %d s: whether its swap committed is not known (`cqrs-stack status` shows the"
+            b" live version)\n" % _STOP_WITHIN,
+        )
+        os._exit(1)
+
+
+# Seconds a stopped rebuild has to end (the cancel, or the swap's record and its answer).
+_STOP_WITHIN = 20
 
 
 def _cancel_early(argv: list[str]) -> None:

@@ -115,8 +115,11 @@ _BULK_TIMEOUT = 6 * 3600.0
 
 # A database refusing or gone, or a statement over its timeout.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-# How long a swap stopped during its COMMIT waits for the read DB to say whether it committed.
-_COMMIT_CHECK_TIMEOUT = 30.0
+# How long a swap interrupted during its COMMIT waits for the read DB to say whether it
+# committed: well within the 20 s a stopped run has to end in (cli._STOP_WITHIN), itself within
+# Kubernetes' default 30 s grace period.
+_COMMIT_CHECK_TIMEOUT = 10.0
+_POLL = 0.1
 
 # The commands of the load's snapshot, staged in the shadow (unlogged, never vacuumed: it lives
 # one rebuild, and is only written, then read whole) for the models' effects to read as the
@@ -438,7 +441,7 @@ async def _load_and_swap(
     caught_up = len(loaded.caught_up)
     await writer.enter("swap")
     with writer.timed("swap"):
-        swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version)
+        swapped = await _swap(wconn, rconn, live, loaded, settings, writer.version, writer.conn)
     # Committed: nothing that can be cancelled until _swapped records it.
     done = loaded.commands + caught_up + swapped
     _log_steps(writer, loaded)
@@ -704,7 +707,7 @@ async def _roll_back(
         await writer.enter("catch-up")
         await _catch_up(wconn, rconn, live, loaded, settings, writer)
         await writer.enter("swap")
-        swapped = await _swap(wconn, rconn, live, loaded, settings, None)
+        swapped = await _swap(wconn, rconn, live, loaded, settings, None, writer.conn)
     except BaseException:
         with contextlib.suppress(*_DB_ERRORS):  # never hide why it failed
             await _move_tables(rconn, models, SHADOW_SCHEMA, PREVIOUS_SCHEMA)
@@ -1309,13 +1312,16 @@ async def _swap(
     loaded: _Loaded,
     settings: Settings,
     version: int | None,
+    witness: asyncpg.Connection,
 ) -> int:
     """Swap the shadow in as ``version`` (None: a rollback); return how many commands were
-    applied inside the swap."""
+    applied inside the swap. ``witness``: another session of the read DB (the progress
+    writer's), which says whether a COMMIT whose session was lost committed."""
     wait = settings.rebuild_lock_timeout
     # The first table of the shadow: live after the commit, whatever its answer says.
     moved = f"{SHADOW_SCHEMA}.{_tables(loaded.models)[0]}"
     shadow_oid = await rconn.fetchval("SELECT to_regclass($1)::oid", moved)
+    swap_pid = rconn.get_server_pid()
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
         loaded.stats["swap_attempts"] = attempt
         # The read counts flushed since the last copy (during the catch-up and the verify:
@@ -1348,6 +1354,19 @@ async def _swap(
             task = asyncio.current_task()
             if task is not None:
                 task.cancel()
+            return applied
+        except _DB_ERRORS as exc:
+            # The session lost during the COMMIT (terminated by an administrator, a failover,
+            # a proxy's cut): the server may have committed all the same.
+            if applied is None:
+                raise
+            if not await _committed_elsewhere(witness, live, loaded.models, shadow_oid, swap_pid):
+                raise
+            log.warning(
+                "the swap's session was lost during its commit (%s), which committed: the new"
+                " version is live",
+                type(exc).__name__,
+            )
             return applied
         # Let the readers and writers that queued meanwhile through before the next attempt.
         await asyncio.sleep(random.uniform(wait, 3 * wait))
@@ -1386,6 +1405,39 @@ async def _committed(
         await rconn.execute("ROLLBACK")
         return False
     return bool(oid == shadow_oid)
+
+
+async def _committed_elsewhere(
+    witness: asyncpg.Connection,
+    live: str,
+    models: Sequence[type[Projection]],
+    shadow_oid: int,
+    swap_pid: int,
+) -> bool:
+    """Did the swap whose session was lost during its COMMIT commit? Asked on ``witness``
+    once the swap's backend is gone (until then its commit may still become visible: a
+    synchronous standby's wait); a RebuildError if no answer comes in time, never a guess."""
+    table = f"{live}.{_tables(models)[0]}"
+
+    async def answer() -> bool:
+        for _ in range(int(_COMMIT_CHECK_TIMEOUT / _POLL)):
+            if not await witness.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", swap_pid
+            ):
+                return bool(
+                    await witness.fetchval("SELECT to_regclass($1)::oid", table) == shadow_oid
+                )
+            await asyncio.sleep(_POLL)
+        raise TimeoutError
+
+    try:
+        return await asyncio.wait_for(answer(), _COMMIT_CHECK_TIMEOUT)
+    except _DB_ERRORS as exc:
+        raise RebuildError(
+            "the swap's session was lost during its commit, and the read DB did not say"
+            f" whether it committed ({type(exc).__name__}); `cqrs-stack status` shows the"
+            " live version"
+        ) from exc
 
 
 async def _outwait_autovacuum(

@@ -5,8 +5,10 @@ before anything started, and verify's memory with one key heavier than its bound
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -15,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from cqrs_stack.cli import _STOP_WITHIN
 from cqrs_stack.db import driver_of
 from cqrs_stack.localservers import PostgresServer, RedisServer, free_port
 from cqrs_stack.projections.records import Records
@@ -311,16 +314,20 @@ async def test_two_stops_while_a_committed_swap_is_recorded_still_report_it(
     await stack.assert_converges()
 
 
-async def test_a_stop_while_the_swap_commits_reports_the_swap_it_committed(
+@pytest.mark.parametrize("interruption", ["SIGTERM", "session terminated"])
+async def test_a_swap_interrupted_while_it_commits_reports_the_swap_it_committed(
     write_pg: PostgresServer,
     redis_server: RedisServer,
     server_root: Path,
     fresh_names: str,
     tmp_path: Path,
+    interruption: str,
 ) -> None:
-    """SIGTERM while the swap's COMMIT is under way: the server commits it regardless (here it
-    has, and waits for a synchronous standby that never answers, which the cancel ends), so
-    the run reports and records the swap (exit 0, done), never "cancelled: unchanged".
+    """SIGTERM to the run, or its read-DB session terminated (an administrator, a failover),
+    while the swap's COMMIT is under way: the server commits it regardless (here it has, and
+    waits for a synchronous standby that never answers, which the cancel or the termination
+    ends), so the run reports and records the swap (exit 0, done), never "cancelled:
+    unchanged" or "failed".
 
     The read DB is a server of this test's own: the standby setting holds every commit on it.
     """
@@ -384,12 +391,15 @@ async def test_a_stop_while_the_swap_commits_reports_the_swap_it_committed(
                 await wait_until(probe_waits, 30, "commits to wait")
                 await holding.rollback()
                 await wait_until(lambda: waits_for_standby(pid), 30, "the swap's commit")
-                process.send_signal(signal.SIGTERM)
+                if interruption == "SIGTERM":
+                    process.send_signal(signal.SIGTERM)
+                else:
+                    await conn.execute("SELECT pg_terminate_backend($1)", pid)
 
                 async def commit_returned() -> bool:
                     return not await waits_for_standby(pid)
 
-                await wait_until(commit_returned, 30, "the cancel to end the swap's wait")
+                await wait_until(commit_returned, 30, "the swap's wait to end")
                 await conn.execute("ALTER SYSTEM RESET synchronous_standby_names")
                 await conn.execute("SELECT pg_reload_conf()")
                 await asyncio.wait_for(probing, 30)
@@ -474,3 +484,58 @@ async def test_sigterm_during_the_start_is_a_cancel(stack: Stack) -> None:
                 runs = await conn.fetchval("SELECT count(*) FROM rebuild_runs")
     async with read_conn(stack) as conn:
         assert (await live_versions(conn))["records"] == 1
+
+
+async def test_a_stopped_rebuild_whose_read_db_hangs_exits_within_its_bound(
+    write_pg: PostgresServer,
+    redis_server: RedisServer,
+    server_root: Path,
+    fresh_names: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while the read DB does not answer at all (its server SIGSTOPped during the
+    swap's lock wait): the cancel cannot reach it, so the run exits 1 after _STOP_WITHIN
+    seconds saying that the outcome is not known, within a Job's 30 s grace period, instead
+    of hanging until the pod is killed."""
+    read_pg = PostgresServer(server_root / f"pg-hung-{fresh_names}", free_port(), durable=False)
+    await asyncio.to_thread(read_pg.start)
+    assert read_pg.process is not None
+    group = os.getpgid(read_pg.process.pid)
+    try:
+        async with open_stack(write_pg, read_pg, redis_server, fresh_names, tmp_path) as stack:
+            await seed(stack, 500, 50)
+            args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT="10")
+            conn = await asyncpg.connect(stack.env["READ_DB_URL"])
+            holding = conn.transaction()
+            await holding.start()
+            await conn.execute("SELECT 1 FROM records LIMIT 1")  # the moves wait on it
+            process = await asyncio.create_subprocess_exec(
+                *args, "--run-id", "hung", env=env, stderr=asyncio.subprocess.PIPE
+            )
+            try:
+
+                async def swap_waits() -> bool:
+                    assert process.returncode is None, "the rebuild ended before its swap"
+                    return bool(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
+                            " AND NOT granted AND relation = 'public.records'::regclass"
+                        )
+                    )
+
+                await wait_until(swap_waits, 120, "the swap to wait for its moves' lock")
+                os.killpg(group, signal.SIGSTOP)
+                stopped = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                _, err = await asyncio.wait_for(process.communicate(), _STOP_WITHIN + 10)
+                took = time.monotonic() - stopped
+            finally:
+                os.killpg(group, signal.SIGCONT)
+                conn.terminate()
+            assert process.returncode == 1, err.decode()
+            assert f"did not answer within {_STOP_WITHIN} s" in err.decode()
+            assert _STOP_WITHIN <= took <= _STOP_WITHIN + 5, took
+            # Nothing committed: the next rebuild runs as usual.
+            run_rebuild(stack)
+    finally:
+        await asyncio.to_thread(read_pg.stop)
