@@ -171,6 +171,11 @@ def row_count_sql(table: str, bound: str = ":exact_max") -> str:
     )
 
 
+def quote_ident(name: str) -> str:
+    """``name`` quoted as an SQL identifier (a role, column or schema name of any spelling)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 async def driver_of(conn: AsyncConnection) -> asyncpg.Connection:
     """The asyncpg connection under a SQLAlchemy one (the same session and transaction)."""
     raw = await conn.get_raw_connection()

@@ -64,7 +64,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .config import Settings, known_secrets, redact_text
-from .db import driver_of
+from .db import driver_of, quote_ident
 from .events import Command
 from .projections import Projection, apply_batch
 from .projections.base import PROGRESS_TABLE, Carried
@@ -76,6 +76,7 @@ from .rebuild_progress import (
     live_versions,
     new_run_id,
 )
+from .table_attributes import make_like
 from .verify import keys_differences, pages_by_bytes, sampled_keys, whole_differences
 
 log = logging.getLogger(__name__)
@@ -472,11 +473,6 @@ async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
     return await driver_of(conn)
 
 
-def _ident(name: str) -> str:
-    """``name`` quoted as an SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 async def _live_schema(rconn: asyncpg.Connection) -> str:
     """The schema of the live versions: where ``records`` resolves on the search_path."""
     schema = await rconn.fetchval(
@@ -485,7 +481,7 @@ async def _live_schema(rconn: asyncpg.Connection) -> str:
     )
     if schema is None:
         raise RebuildError("the read DB has no records table: run `cqrs-stack migrate` first")
-    return _ident(str(schema))
+    return quote_ident(str(schema))
 
 
 def _tables(models: Sequence[type[Projection]]) -> list[str]:
@@ -504,7 +500,7 @@ async def _create_shadow(
     ]
     # No autovacuum of the shadow while it is built: a VACUUM of millions of rows just loaded
     # would compete with the rebuild and the readers for the cores, and the swap cancels it
-    # (``_outwait_autovacuum``), wasting what it did. The swap turns it back on.
+    # (``_outwait_autovacuum``), wasting what it did. The swap gives it the live table's setting.
     statements += [
         f"CREATE TABLE {SHADOW_SCHEMA}.{table} (LIKE {live}.{table} INCLUDING ALL)"
         " WITH (autovacuum_enabled = false)"
@@ -952,14 +948,15 @@ async def _drop_indexes(rconn: asyncpg.Connection, tables: Sequence[str]) -> lis
     for table, index, constraint, constraint_def, index_def in rows:
         if constraint is not None:
             await rconn.execute(
-                f"ALTER TABLE {SHADOW_SCHEMA}.{_ident(table)} DROP CONSTRAINT {_ident(constraint)}"
+                f"ALTER TABLE {SHADOW_SCHEMA}.{quote_ident(table)}"
+                f" DROP CONSTRAINT {quote_ident(constraint)}"
             )
             build.append(
-                f"ALTER TABLE {SHADOW_SCHEMA}.{_ident(table)}"
-                f" ADD CONSTRAINT {_ident(constraint)} {constraint_def}"
+                f"ALTER TABLE {SHADOW_SCHEMA}.{quote_ident(table)}"
+                f" ADD CONSTRAINT {quote_ident(constraint)} {constraint_def}"
             )
         else:
-            await rconn.execute(f"DROP INDEX {SHADOW_SCHEMA}.{_ident(index)}")
+            await rconn.execute(f"DROP INDEX {SHADOW_SCHEMA}.{quote_ident(index)}")
             build.append(index_def)
     return build
 
@@ -1469,41 +1466,7 @@ async def _outwait_autovacuum(
     wait_ms = int(2 * deadlock_ms + settings.rebuild_lock_timeout * 1000)
     await rconn.execute(f"SET LOCAL lock_timeout = '{wait_ms}ms'")
     await rconn.execute(f"LOCK TABLE {', '.join(names)} IN SHARE UPDATE EXCLUSIVE MODE")
-    # The shadow goes live with this transaction: autovacuum as the live table has it (off
-    # while the shadow was built; an operator may have turned it off on the live one).
-    for table in _tables(models):
-        chosen = [
-            option
-            for option in await _reloptions(rconn, f"{live}.{table}")
-            if option.startswith("autovacuum_enabled=")
-        ]
-        await rconn.execute(
-            f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET ({chosen[0]})"
-            if chosen
-            else f"ALTER TABLE {SHADOW_SCHEMA}.{table} RESET (autovacuum_enabled)"
-        )
     await rconn.execute(f"SET LOCAL lock_timeout = '{int(settings.rebuild_lock_timeout * 1000)}ms'")
-
-
-async def _carry_grants(
-    rconn: asyncpg.Connection, live: str, models: Sequence[type[Projection]]
-) -> None:
-    """Give each shadow table the privileges its live table has (a reporting role's SELECT):
-    the swap moves whole tables, and CREATE TABLE ... LIKE copies none. Taken in the swap's
-    transaction, so a GRANT made during the rebuild is carried too."""
-    for table in _tables(models):
-        rows = await rconn.fetch(
-            "SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END,"
-            " a.privilege_type, a.is_grantable"
-            " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
-            " LEFT JOIN pg_roles r ON r.oid = a.grantee WHERE c.oid = to_regclass($1)",
-            f"{live}.{table}",
-        )
-        for grantee, privilege, grantable in rows:
-            option = " WITH GRANT OPTION" if grantable else ""
-            await rconn.execute(
-                f"GRANT {privilege} ON {SHADOW_SCHEMA}.{table} TO {grantee}{option}"
-            )
 
 
 async def _swap_once(
@@ -1522,7 +1485,6 @@ async def _swap_once(
     # the live ledger at the swap, so what the sweep found applied stays applied).
     tables = ", ".join(f"{live}.{table}" for table in _tables(loaded.models))
     await _outwait_autovacuum(rconn, live, loaded.models, settings)
-    await _carry_grants(rconn, live, loaded.models)
     # EXCLUSIVE: writers (projectors, read-count flushes) wait, plain SELECTs go on.
     await rconn.execute(f"LOCK TABLE {tables} IN EXCLUSIVE MODE")
     writers_held = time.monotonic()
@@ -1543,6 +1505,10 @@ async def _swap_once(
     for table in _tables(loaded.models):
         await rconn.execute(f"ALTER TABLE {live}.{table} SET SCHEMA {PREVIOUS_SCHEMA}")
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
+        # Owner, privileges and storage parameters as the replaced table has them now (a
+        # GRANT queues behind no lock before this one), given in the live schema: a grant
+        # made through a grant option is given again by its grantor, who may use that schema.
+        await make_like(rconn, f"{PREVIOUS_SCHEMA}.{table}", f"{live}.{table}")
     moved = time.monotonic()
     await _record_versions(rconn, live, loaded.models, version, settings)
     loaded.stats.update(

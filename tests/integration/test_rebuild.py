@@ -642,51 +642,80 @@ async def test_the_live_tables_storage_parameters_survive_a_rebuild_and_a_rollba
     await stack.assert_converges(timeout=5)
 
 
-async def test_the_live_tables_grants_survive_a_rebuild_and_a_rollback(
+_ATTRIBUTES = """
+    SELECT c.relname, pg_get_userbyid(c.relowner), c.reloptions, t.reloptions,
+           (SELECT array_agg(x ORDER BY x)
+            FROM unnest(coalesce(c.relacl, acldefault('r', c.relowner))::text[]) x),
+           (SELECT array_agg(a.attname || '=' || a.attacl::text ORDER BY a.attname)
+            FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attacl IS NOT NULL)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_class t ON t.oid = c.reltoastrelid
+    WHERE n.nspname = 'public' AND c.relname = ANY(:tables)
+"""
+
+
+async def test_the_live_tables_owner_privileges_and_storage_are_the_new_versions(
     stack: Stack, fresh_names: str
 ) -> None:
-    """A role granted on the live tables (a reporting role's SELECT, one that may pass its
-    UPDATE on) keeps its privileges on the new version, and on the previous one rolled back
-    (including a grant made after the rebuild): a swap moves whole tables."""
+    """What the live tables carry beyond their shape is the version swapped in, exactly, after
+    a rebuild and after a rollback: the owner (a rebuild run as a superuser does not take the
+    model from the stack's role), the privileges with their grantors (a reporting role's
+    SELECT, a grant made through a grant option, a column's), none that default privileges
+    would add, none revoked since that the kept version still had, and the storage parameters
+    of the table and of its TOAST table, also those changed since the last rebuild."""
     await seed(stack, 200, 20)
-    reporter, editor = f"reporter_{fresh_names}", f"editor_{fresh_names}"
-    privileges = {
-        (reporter, "records", "SELECT", False),
-        (editor, "records", "UPDATE", True),
-        (reporter, "applied_commands", "SELECT", False),
-    }
+    owner, reporter, editor, viewer, column_reader, defaulted = (
+        f"{role}_{fresh_names}"
+        for role in ("owner", "reporter", "editor", "viewer", "colreader", "defaulted")
+    )
+    roles = (owner, reporter, editor, viewer, column_reader, defaulted)
 
-    async def granted() -> set[tuple[str, str, str, bool]]:
+    async def attributes() -> dict[str, tuple[object, ...]]:
         async with stack.read_engine.connect() as conn:
-            rows = await conn.execute(
-                text(
-                    "SELECT r.rolname, c.relname, a.privilege_type, a.is_grantable"
-                    " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-                    " CROSS JOIN LATERAL aclexplode(c.relacl) a"
-                    " JOIN pg_roles r ON r.oid = a.grantee"
-                    " WHERE n.nspname = 'public' AND r.rolname IN (:reporter, :editor)"
-                ),
-                {"reporter": reporter, "editor": editor},
-            )
-            return {(row[0], row[1], row[2], row[3]) for row in rows}
+            rows = await conn.execute(text(_ATTRIBUTES), {"tables": list(TABLES)})
+            return {row[0]: tuple(row[1:]) for row in rows}
 
-    async with stack.read_engine.begin() as conn:
-        for role in (reporter, editor):
-            await conn.execute(text(f"CREATE ROLE {role}"))
-        await conn.execute(text(f"GRANT SELECT ON records, applied_commands TO {reporter}"))
-        await conn.execute(text(f"GRANT UPDATE ON records TO {editor} WITH GRANT OPTION"))
+    async def sql(*statements: str) -> None:
+        async with stack.read_engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+
+    await sql(*(f"CREATE ROLE {role}" for role in roles))
     try:
+        await sql(
+            *(f"ALTER TABLE {table} OWNER TO {owner}" for table in TABLES),
+            f"GRANT SELECT ON records, applied_commands TO {reporter}",
+            f"GRANT SELECT, UPDATE ON records TO {editor} WITH GRANT OPTION",
+            f"SET ROLE {editor}",
+            f"GRANT SELECT ON records TO {viewer}",
+            "RESET ROLE",
+            f"GRANT SELECT (key, value) ON records TO {column_reader}",
+            # Tables this session creates (the shadow) would get this; the live ones lack it.
+            f"ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {defaulted}",
+            "ALTER TABLE records SET (fillfactor = 70, toast.autovacuum_enabled = false)",
+        )
+        before = await attributes()
         run_rebuild(stack)
-        assert await granted() == privileges
-        async with stack.read_engine.begin() as conn:
-            await conn.execute(text(f"GRANT DELETE ON records TO {reporter}"))
+        assert await attributes() == before
+        # Changed after the rebuild: the kept version still has the old ones.
+        await sql(
+            f"REVOKE SELECT ON records FROM {reporter}",
+            f"GRANT DELETE ON records TO {reporter}",
+            "ALTER TABLE records SET (fillfactor = 50)",
+            "ALTER TABLE records RESET (toast.autovacuum_enabled)",
+        )
+        changed = await attributes()
+        assert changed != before
         run_rebuild(stack, "--rollback")
-        assert await granted() == privileges | {(reporter, "records", "DELETE", False)}
+        assert await attributes() == changed
     finally:
-        async with stack.read_engine.begin() as conn:
-            for role in (reporter, editor):
-                await conn.execute(text(f"DROP OWNED BY {role}"))
-                await conn.execute(text(f"DROP ROLE {role}"))
+        await sql(
+            f"ALTER DEFAULT PRIVILEGES REVOKE SELECT ON TABLES FROM {defaulted}",
+            f"REASSIGN OWNED BY {owner} TO CURRENT_USER",
+            *(f"DROP OWNED BY {role}" for role in roles),
+            *(f"DROP ROLE {role}" for role in roles),
+        )
+    await stack.assert_converges(timeout=5)
 
 
 async def test_what_is_written_during_a_full_verification_is_applied_outside_the_swap(

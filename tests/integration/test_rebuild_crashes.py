@@ -539,3 +539,44 @@ async def test_a_stopped_rebuild_whose_read_db_hangs_exits_within_its_bound(
             run_rebuild(stack)
     finally:
         await asyncio.to_thread(read_pg.stop)
+
+
+async def test_a_grant_made_while_the_swap_waits_for_its_locks_is_the_new_versions(
+    stack: Stack, fresh_names: str
+) -> None:
+    """A GRANT on a live table needs no lock the swap's EXCLUSIVE one holds off: made while the
+    swap waits for the writers (a projector's batch in flight), it lands on the table being
+    replaced, and the swap, which reads the privileges under its ACCESS EXCLUSIVE lock, gives
+    it to the new version."""
+    await seed(stack, 500, 50)
+    role = f"late_{fresh_names}"
+    # One attempt waits long enough for the GRANT to come while it waits.
+    args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT="10")
+    async with read_conn(stack) as writers, read_conn(stack) as conn:
+        await conn.execute(f"CREATE ROLE {role}")
+        try:
+            async with writers.transaction():
+                await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+                process = await asyncio.create_subprocess_exec(
+                    *args, "--run-id", "grant", env=env, stderr=asyncio.subprocess.PIPE
+                )
+
+                async def swap_waits() -> bool:
+                    return bool(
+                        await conn.fetchval(
+                            "SELECT count(*) FROM pg_locks WHERE mode = 'ExclusiveLock'"
+                            " AND NOT granted AND relation = 'public.records'::regclass"
+                        )
+                    )
+
+                await wait_until(swap_waits, 60, "the swap to wait for the writers")
+                await conn.execute(f"GRANT SELECT ON records TO {role}")
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+            assert process.returncode == 0, err.decode()
+            assert (await live_versions(conn))["records"] == 2
+            assert await conn.fetchval(
+                "SELECT has_table_privilege($1, 'public.records', 'SELECT')", role
+            )
+        finally:
+            await conn.execute(f"DROP OWNED BY {role}")
+            await conn.execute(f"DROP ROLE {role}")
