@@ -36,6 +36,7 @@ class _RebuildStop:
     loop: asyncio.AbstractEventLoop | None = None
     over = False
     stopped = False
+    phase = ""  # the run's phase as last recorded
 
     @classmethod
     def handle(cls, signum: int, frame: object) -> None:
@@ -58,6 +59,13 @@ class _RebuildStop:
     def _give_up(cls) -> None:
         if cls.over:
             return
+        if cls.phase in ("done", "rolled-back"):  # recorded as swapped: only clean-up was left
+            os.write(
+                2,
+                b"swapped; the read DB stopped answering during the clean-up, left to the next"
+                b" run\n",
+            )
+            os._exit(0)
         os.write(
             2,
             b"rebuild stopped, but the read DB did not answer within"
@@ -373,6 +381,10 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
     models = enabled(names)
     bar = ProgressBar(sys.stderr)
 
+    def shown(progress: Any) -> None:
+        _RebuildStop.phase = progress.phase
+        bar.show(progress)
+
     async def work(write_engine: Any, read_engine: Any) -> int:
         # SIGTERM (a Job deleted, a pod evicted) and SIGINT (Ctrl-C) cancel this task from
         # here on (_RebuildStop, installed at the start): recorded as cancelled, the live
@@ -382,14 +394,14 @@ def _rebuild(args: argparse.Namespace, settings: Settings) -> int:
         try:
             if args.rollback:
                 count = await rollback(
-                    write_engine, read_engine, settings, bar.show, models, run_id=args.run_id
+                    write_engine, read_engine, settings, shown, models, run_id=args.run_id
                 )
             else:
                 count = await rebuild(
                     write_engine,
                     read_engine,
                     settings,
-                    bar.show,
+                    shown,
                     models,
                     run_id=args.run_id,
                     version=args.version,

@@ -1319,6 +1319,14 @@ async def _swap(
     moved = f"{SHADOW_SCHEMA}.{_tables(loaded.models)[0]}"
     shadow_oid = await rconn.fetchval("SELECT to_regclass($1)::oid", moved)
     swap_pid = rconn.get_server_pid()
+    # The live tables' owner and privileges, given to the shadow here, outside the locks:
+    # thousands of grants take seconds. The swap checks again under its lock and gives what
+    # changed since, and the storage parameters (autovacuum stays off on the shadow until its
+    # transaction: see _outwait_autovacuum).
+    async with rconn.transaction():
+        for table in _tables(loaded.models):
+            shadow = f"{SHADOW_SCHEMA}.{table}"
+            await make_like(rconn, f"{live}.{table}", shadow, lend_schema=True, options=False)
     for attempt in range(1, settings.rebuild_swap_attempts + 1):
         loaded.stats["swap_attempts"] = attempt
         # The read counts flushed since the last copy (during the catch-up and the verify:
@@ -1353,10 +1361,15 @@ async def _swap(
                 task.cancel()
             return applied
         except _DB_ERRORS as exc:
-            # The session lost during the COMMIT (terminated by an administrator, a failover,
-            # a proxy's cut): the server may have committed all the same.
-            if applied is None:
+            if not _session_lost(exc):  # the server answered: a refused COMMIT rolled back
                 raise
+            if applied is None:  # lost before the COMMIT was sent: rolled back
+                raise RebuildError(
+                    f"the read DB's session was lost during the swap ({type(exc).__name__});"
+                    " the live read model is unchanged"
+                ) from exc
+            # Lost during the COMMIT (terminated by an administrator, a failover, a proxy's
+            # cut): the server may have committed all the same.
             if not await _committed_elsewhere(witness, live, loaded.models, shadow_oid, swap_pid):
                 raise
             log.warning(
@@ -1402,6 +1415,15 @@ async def _committed(
         await rconn.execute("ROLLBACK")
         return False
     return bool(oid == shadow_oid)
+
+
+def _session_lost(exc: BaseException) -> bool:
+    """Is ``exc`` the session's end (its connection gone, terminated, the server shutting
+    down), rather than the server's answer to a statement?"""
+    if isinstance(exc, asyncpg.PostgresError):
+        # 08: connection exceptions; 57: operator intervention (pg_terminate_backend, shutdown).
+        return str(exc.sqlstate or "")[:2] in ("08", "57")
+    return True
 
 
 async def _committed_elsewhere(
@@ -1505,9 +1527,8 @@ async def _swap_once(
     for table in _tables(loaded.models):
         await rconn.execute(f"ALTER TABLE {live}.{table} SET SCHEMA {PREVIOUS_SCHEMA}")
         await rconn.execute(f"ALTER TABLE {SHADOW_SCHEMA}.{table} SET SCHEMA {live}")
-        # Owner, privileges and storage parameters as the replaced table has them now (a
-        # GRANT queues behind no lock before this one), given in the live schema: a grant
-        # made through a grant option is given again by its grantor, who may use that schema.
+        # As the replaced table has them now (a GRANT queues behind no lock before this
+        # one): what changed since the copy before the swap, usually nothing.
         await make_like(rconn, f"{PREVIOUS_SCHEMA}.{table}", f"{live}.{table}")
     moved = time.monotonic()
     await _record_versions(rconn, live, loaded.models, version, settings)

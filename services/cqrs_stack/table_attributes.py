@@ -66,16 +66,24 @@ _ALIKE = (
 _Entry = tuple[str | None, int, int, str, bool]
 
 
-async def make_like(conn: asyncpg.Connection, source: str, target: str) -> None:
-    """Give table ``target`` the owner, privileges and storage parameters of ``source``
-    (both schema-qualified), in the caller's transaction. Run it holding locks that keep
-    ``source`` from changing (the swap's ACCESS EXCLUSIVE: readers wait, so the usual case,
-    nothing to change, is one round trip)."""
+async def make_like(
+    conn: asyncpg.Connection,
+    source: str,
+    target: str,
+    lend_schema: bool = False,
+    options: bool = True,
+) -> None:
+    """Give table ``target`` the owner, privileges and (with ``options``) storage parameters
+    of ``source`` (both schema-qualified), in the caller's transaction. Nothing to change (the
+    usual case) is one round trip: the swap does the work beforehand and checks again under
+    its lock, where readers wait. ``lend_schema``: ``target``'s schema is the caller's own,
+    whose USAGE a grantor is lent for its grant (and no more)."""
     if await conn.fetchval(_ALIKE, source, target):
         return
     owner = await _same_owner(conn, source, target)
-    await _same_privileges(conn, source, target, owner)
-    await _same_options(conn, source, target)
+    await _same_privileges(conn, source, target, owner, lend_schema)
+    if options:
+        await _same_options(conn, source, target)
 
 
 async def _same_owner(conn: asyncpg.Connection, source: str, target: str) -> str:
@@ -103,55 +111,70 @@ async def _privileges(conn: asyncpg.Connection, table: str) -> set[_Entry]:
     }
 
 
-async def _same_privileges(conn: asyncpg.Connection, source: str, target: str, owner: str) -> None:
+async def _same_privileges(
+    conn: asyncpg.Connection, source: str, target: str, owner: str, lend_schema: bool
+) -> None:
     wanted = await _privileges(conn, source)
-    if await _privileges(conn, target) == wanted:
+    have = await _privileges(conn, target)
+    if have == wanted:
         return
     names = {int(r[0]): str(r[1]) for r in await conn.fetch("SELECT oid, rolname FROM pg_roles")}
     owner_oid = next(oid for oid, name in names.items() if name == owner)
     # From nothing: every privilege comes from the owner, so revoking what the owner gave,
     # with CASCADE, takes away what others gave through a grant option too.
-    others = sorted({e[2] for e in await _privileges(conn, target)} - {owner_oid})
-    columns = sorted({e[0] for e in await _privileges(conn, target) if e[0] is not None})
+    others = sorted({e[2] for e in have} - {owner_oid})
+    columns = sorted({e[0] for e in have if e[0] is not None})
     if others:
         grantees = ", ".join(_grantee(names, oid) for oid in others)
         await conn.execute(f"REVOKE ALL ON {target} FROM {grantees} CASCADE")
         if columns:
             listed = ", ".join(quote_ident(c) for c in columns)
             await conn.execute(f"REVOKE ALL ({listed}) ON {target} FROM {grantees} CASCADE")
-    # The owner's own privileges: all by default; fewer if revoked on the live table.
+    # The owner's own privileges: all by default; fewer if revoked on the live table (and a
+    # default-privileges rule may have taken some from the new one).
     kept = {e[3] for e in wanted if e[0] is None and e[2] == owner_oid}
-    for privilege in {e[3] for e in await _privileges(conn, target) if e[2] == owner_oid} - kept:
+    held = {e[3] for e in have if e[0] is None and e[2] == owner_oid}
+    for privilege in sorted(held - kept):
         await conn.execute(f"REVOKE {privilege} ON {target} FROM {quote_ident(owner)}")
+    for privilege in sorted(kept - held):
+        await conn.execute(f"GRANT {privilege} ON {target} TO {quote_ident(owner)}")
     # Then what others hold, each granted by its own grantor: the owner's first, then those
     # made through a grant option once that option is there (a chain is as long as its roles).
     pending = sorted(
         (e for e in wanted if e[2] != owner_oid), key=lambda e: (e[1] != owner_oid, str(e))
     )
+    options: set[tuple[int, str, str | None]] = set()  # (grantee, privilege, column) grantable
     for _ in range(len(pending) + 1):
-        if not pending:
-            return
-        held = await _privileges(conn, target)
-        ready = [e for e in pending if e[1] == owner_oid or _may_grant(held, e)]
+        ready = [e for e in pending if e[1] == owner_oid or _may_grant(options, e)]
         if not ready:
             break
         for entry in ready:
-            await _grant(conn, target, names, owner_oid, entry)
-            pending.remove(entry)
-    for entry in pending:  # a grant option gone meanwhile: granted as the owner's
-        await _grant(conn, target, names, owner_oid, (*entry[:1], owner_oid, *entry[2:]))
+            await _grant(conn, target, names, owner_oid, entry, lend_schema)
+            if entry[4]:
+                options.add((entry[2], entry[3], entry[0]))
+        pending = [e for e in pending if e not in ready]
+    for entry in pending:  # a chain broken on the live table itself: granted as the owner's
+        fallback = (entry[0], owner_oid, *entry[2:])
+        await _grant(conn, target, names, owner_oid, fallback, lend_schema)
 
 
-def _may_grant(held: set[_Entry], entry: _Entry) -> bool:
+def _may_grant(options: set[tuple[int, str, str | None]], entry: _Entry) -> bool:
     column, grantor, _, privilege, _ = entry
-    return any(
-        e[2] == grantor and e[3] == privilege and e[4] and e[0] in (None, column) for e in held
-    )
+    return (grantor, privilege, None) in options or (grantor, privilege, column) in options
 
 
 async def _grant(
-    conn: asyncpg.Connection, target: str, names: dict[int, str], owner_oid: int, entry: _Entry
+    conn: asyncpg.Connection,
+    target: str,
+    names: dict[int, str],
+    owner_oid: int,
+    entry: _Entry,
+    lend_schema: bool,
 ) -> None:
+    """Grant ``entry`` on ``target`` as its grantor; as the owner when the session cannot act
+    as that role, or the role cannot (no USAGE on the schema, membership WITH SET FALSE):
+    logged, the privilege held all the same. ``lend_schema``: the target's schema is the
+    caller's own, which the grantor may use for its grant."""
     column, grantor, grantee, privilege, grantable = entry
     on = f"{privilege} ({quote_ident(column)})" if column is not None else privilege
     option = " WITH GRANT OPTION" if grantable else ""
@@ -159,21 +182,29 @@ async def _grant(
     if grantor == owner_oid:
         await conn.execute(statement)  # a superuser's GRANT is recorded as the owner's
         return
-    allowed = await conn.fetchval("SELECT pg_has_role(current_user, $1::oid, 'USAGE')", grantor)
-    if not allowed:
-        log.warning(
-            "rebuild: %s on %s was granted by %s, a role this session cannot act as: granted"
-            " as the owner's",
-            on,
-            target,
-            names.get(grantor, grantor),
-        )
-        await conn.execute(statement)
+    role = quote_ident(names[grantor])
+    schema = target.partition(".")[0]
+    try:
+        async with conn.transaction():  # a savepoint: a refusal leaves the swap's work
+            if lend_schema:
+                await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+            await conn.execute(f"SET LOCAL ROLE {role}")
+            await conn.execute(statement)
+            await conn.execute("RESET ROLE")
+            if lend_schema:
+                await conn.execute(f"REVOKE USAGE ON SCHEMA {schema} FROM {role}")
         return
-    # A failed GRANT fails the transaction, so no RESET after one (it would hide why).
-    await conn.execute(f"SET LOCAL ROLE {quote_ident(names[grantor])}")
+    except asyncpg.InsufficientPrivilegeError as exc:
+        reason = str(exc)
+    log.warning(
+        "rebuild: %s on %s was granted by %s, which this session cannot grant as (%s):"
+        " granted as the owner's",
+        on,
+        target,
+        names.get(grantor, grantor),
+        reason,
+    )
     await conn.execute(statement)
-    await conn.execute("RESET ROLE")
 
 
 async def _same_options(conn: asyncpg.Connection, source: str, target: str) -> None:

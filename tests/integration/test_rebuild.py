@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -661,7 +662,8 @@ async def test_the_live_tables_owner_privileges_and_storage_are_the_new_versions
     a rebuild and after a rollback: the owner (a rebuild run as a superuser does not take the
     model from the stack's role), the privileges with their grantors (a reporting role's
     SELECT, a grant made through a grant option, a column's), none that default privileges
-    would add, none revoked since that the kept version still had, and the storage parameters
+    would add or take from the owner, none revoked since that the kept version still had, a
+    grant by a role that may no longer use the schema kept as its), and the storage parameters
     of the table and of its TOAST table, also those changed since the last rebuild."""
     await seed(stack, 200, 20)
     owner, reporter, editor, viewer, column_reader, defaulted = (
@@ -692,6 +694,10 @@ async def test_the_live_tables_owner_privileges_and_storage_are_the_new_versions
             f"GRANT SELECT (key, value) ON records TO {column_reader}",
             # Tables this session creates (the shadow) would get this; the live ones lack it.
             f"ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO {defaulted}",
+            # ... and would lack the owner's TRUNCATE and TRIGGER, which the live ones have.
+            "ALTER DEFAULT PRIVILEGES REVOKE TRUNCATE, TRIGGER ON TABLES FROM CURRENT_USER",
+            # A grantor that may no longer use the schema (a common hardening).
+            "REVOKE USAGE ON SCHEMA public FROM PUBLIC",
             "ALTER TABLE records SET (fillfactor = 70, toast.autovacuum_enabled = false)",
         )
         before = await attributes()
@@ -710,12 +716,50 @@ async def test_the_live_tables_owner_privileges_and_storage_are_the_new_versions
         assert await attributes() == changed
     finally:
         await sql(
+            "GRANT USAGE ON SCHEMA public TO PUBLIC",
+            "ALTER DEFAULT PRIVILEGES GRANT TRUNCATE, TRIGGER ON TABLES TO CURRENT_USER",
             f"ALTER DEFAULT PRIVILEGES REVOKE SELECT ON TABLES FROM {defaulted}",
             f"REASSIGN OWNED BY {owner} TO CURRENT_USER",
             *(f"DROP OWNED BY {role}" for role in roles),
             *(f"DROP ROLE {role}" for role in roles),
         )
     await stack.assert_converges(timeout=5)
+
+
+async def test_thousands_of_grants_are_carried_outside_the_readers_lock(
+    stack: Stack, fresh_names: str
+) -> None:
+    """600 roles granted on the live records: the new version gets them all, given before the
+    swap's locks and only checked under them, so readers wait no longer than without (given
+    under ACCESS EXCLUSIVE they held readers 0.22 s at 635 grants, 6.5 s at 3,000)."""
+    await seed(stack, 200, 20)
+    roles = [f"r{i}_{fresh_names}" for i in range(600)]
+
+    async def each_role(statement: str) -> None:
+        async with stack.read_engine.begin() as conn:
+            for role in roles:
+                await conn.execute(text(statement.format(role=role)))
+
+    await each_role("CREATE ROLE {role}")
+    async with stack.read_engine.begin() as conn:
+        await conn.execute(text(f"GRANT SELECT ON records TO {', '.join(roles)}"))
+    try:
+        done = run_rebuild(stack, LOG_LEVEL="info")
+        waited = re.search(r"readers (\d+\.\d+)s", done.stderr)
+        assert waited is not None, done.stderr
+        assert float(waited.group(1)) < 0.1, waited.group(0)
+        async with stack.read_engine.connect() as conn:
+            granted = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+                    " WHERE c.oid = 'public.records'::regclass AND a.privilege_type = 'SELECT'"
+                    " AND a.grantee <> c.relowner"
+                )
+            )
+        assert granted == len(roles)
+    finally:
+        await each_role("DROP OWNED BY {role}")
+        await each_role("DROP ROLE {role}")
 
 
 async def test_what_is_written_during_a_full_verification_is_applied_outside_the_swap(

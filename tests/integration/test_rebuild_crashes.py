@@ -580,3 +580,65 @@ async def test_a_grant_made_while_the_swap_waits_for_its_locks_is_the_new_versio
         finally:
             await conn.execute(f"DROP OWNED BY {role}")
             await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_a_swap_whose_session_is_lost_before_its_commit_fails_clearly(
+    stack: Stack,
+) -> None:
+    """The swap's read-DB session terminated while it waits for its moves' lock (before any
+    COMMIT): nothing committed, the run fails (exit 1) naming the lost session and saying the
+    live model is unchanged, and the next rebuild runs."""
+    await seed(stack, 500, 50)
+    args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT="10")
+    async with read_conn(stack) as holder, read_conn(stack) as conn:
+        before = await _records_oid(conn)
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM records LIMIT 1")  # the moves wait on it
+            process = await asyncio.create_subprocess_exec(
+                *args, env=env, stderr=asyncio.subprocess.PIPE
+            )
+
+            async def swap_pid() -> int | None:
+                assert process.returncode is None, "the rebuild ended before its swap"
+                pid = await conn.fetchval(
+                    "SELECT pid FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
+                    " AND NOT granted AND relation = 'public.records'::regclass"
+                )
+                return None if pid is None else int(pid)
+
+            async def swap_waits() -> bool:
+                return await swap_pid() is not None
+
+            await wait_until(swap_waits, 60, "the swap to wait for its moves' lock")
+            await conn.execute("SELECT pg_terminate_backend($1)", await swap_pid())
+            _, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 1, err.decode()
+        assert "session was lost during the swap" in err.decode()
+        assert "the live read model is unchanged" in err.decode()
+        assert await _records_oid(conn) == before
+        assert (await live_versions(conn))["records"] == 1
+    run_rebuild(stack)
+
+
+async def test_a_commit_the_read_db_refuses_fails_the_rebuild_at_once(stack: Stack) -> None:
+    """A COMMIT the server answers with an error (a deferred constraint of an operator's own,
+    here on read_model_versions) rolled back: the run fails with that error, at once, not
+    after waiting to learn whether a lost session committed."""
+    await seed(stack, 500, 50)
+    async with read_conn(stack) as conn:
+        await conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'versions are frozen'; END $$;"
+            " CREATE CONSTRAINT TRIGGER frozen AFTER INSERT OR UPDATE ON read_model_versions"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+        before = await _records_oid(conn)
+        args, env = rebuild_command(stack)
+        done = await asyncio.to_thread(
+            subprocess.run, args, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode != 0, done.stderr
+        assert "versions are frozen" in done.stderr
+        assert "whether it committed" not in done.stderr
+        assert await _records_oid(conn) == before
+        await conn.execute("DROP TRIGGER frozen ON read_model_versions; DROP FUNCTION refuse()")
