@@ -164,7 +164,11 @@ def row_count_sql(table: str, bound: str = ":exact_max") -> str:
         " ELSE -1 END AS n, pg_relation_size(c.oid) AS bytes"
         f" FROM pg_class c WHERE c.oid = '{table}'::regclass"
     )
-    large = f"e.n >= 0 AND (e.n > {bound} OR e.bytes > {bound} * {EXACT_COUNT_BYTES_PER_ROW})"
+    # numeric: a caller's bound may be near bigint's largest (count exactly, whatever the size).
+    large = (
+        f"e.n >= 0 AND (e.n > {bound}"
+        f" OR e.bytes > CAST({bound} AS numeric) * {EXACT_COUNT_BYTES_PER_ROW})"
+    )
     return (
         f"SELECT CASE WHEN {large} THEN e.n ELSE (SELECT count(*) FROM {table}) END AS n,"
         f" {large} AS estimated FROM ({estimate}) AS e"
