@@ -29,7 +29,9 @@ rebuild of one model or several:
    ``REBUILD_LOCK_TIMEOUT`` (readers queue behind the swap no longer than that); a lock not
    granted in time rolls the attempt back, lets readers and writers through, and tries again.
    A statement queued behind the swap, or a prepared statement planned before it, resolves the
-   table names again once the swap commits, so it reads and writes the new version;
+   table names again once the swap commits, so it reads and writes the new version. What the
+   live tables carry beyond their shape (owner, privileges, storage parameters) is given to
+   the shadow before the locks and checked again after the moves (``table_attributes``);
 4. **keeps** the previous version (moved to ``PREVIOUS_SCHEMA`` by the swap, superseding the
    one kept there) for REBUILD_KEEP_PREVIOUS_SECONDS, recorded in ``read_model_versions``;
    ``drop_expired_previous`` drops it then (each rebuild, and the projectors' housekeeping).

@@ -41,6 +41,27 @@ async def _records_oid(conn: asyncpg.Connection, schema: str = "public") -> int 
     return None if oid is None else int(oid)
 
 
+async def _moves_waiting(
+    conn: asyncpg.Connection, process: asyncio.subprocess.Process, timeout: float = 120
+) -> int:
+    """Wait until the rebuild ``process``'s swap waits for its moves' lock (ACCESS EXCLUSIVE
+    on the live records, held off by a reader of the test's); the pid of that session."""
+    found: list[int] = []
+
+    async def waits() -> bool:
+        assert process.returncode is None, "the rebuild ended before its swap"
+        pid = await conn.fetchval(
+            "SELECT pid FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
+            " AND NOT granted AND relation = 'public.records'::regclass"
+        )
+        if pid is not None:
+            found.append(int(pid))
+        return pid is not None
+
+    await wait_until(waits, timeout, "the swap to wait for its moves' lock")
+    return found[-1]
+
+
 async def _unlocked(conn: asyncpg.Connection) -> bool:
     """No session holds the rebuild's lock (a killed client's ends once its wait does)."""
     return not await conn.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
@@ -352,19 +373,7 @@ async def test_a_swap_interrupted_while_it_commits_reports_the_swap_it_committed
                     *args, "--run-id", "commit", env=env, stderr=asyncio.subprocess.PIPE
                 )
 
-                async def swap_pid() -> int | None:
-                    pid = await conn.fetchval(
-                        "SELECT pid FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
-                        " AND NOT granted AND relation = 'public.records'::regclass"
-                    )
-                    return None if pid is None else int(pid)
-
-                async def swap_waits() -> bool:
-                    assert process.returncode is None, "the rebuild ended before its swap"
-                    return await swap_pid() is not None
-
-                await wait_until(swap_waits, 120, "the swap to wait for its moves' lock")
-                pid = await swap_pid()
+                pid = await _moves_waiting(conn, process)
                 await conn.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
                 await conn.execute("SELECT pg_reload_conf()")
 
@@ -513,17 +522,7 @@ async def test_a_stopped_rebuild_whose_read_db_hangs_exits_within_its_bound(
                 *args, "--run-id", "hung", env=env, stderr=asyncio.subprocess.PIPE
             )
             try:
-
-                async def swap_waits() -> bool:
-                    assert process.returncode is None, "the rebuild ended before its swap"
-                    return bool(
-                        await conn.fetchval(
-                            "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
-                            " AND NOT granted AND relation = 'public.records'::regclass"
-                        )
-                    )
-
-                await wait_until(swap_waits, 120, "the swap to wait for its moves' lock")
+                await _moves_waiting(conn, process)
                 os.killpg(group, signal.SIGSTOP)
                 stopped = time.monotonic()
                 process.send_signal(signal.SIGTERM)
@@ -598,19 +597,8 @@ async def test_a_swap_whose_session_is_lost_before_its_commit_fails_clearly(
                 *args, env=env, stderr=asyncio.subprocess.PIPE
             )
 
-            async def swap_pid() -> int | None:
-                assert process.returncode is None, "the rebuild ended before its swap"
-                pid = await conn.fetchval(
-                    "SELECT pid FROM pg_locks WHERE mode = 'AccessExclusiveLock'"
-                    " AND NOT granted AND relation = 'public.records'::regclass"
-                )
-                return None if pid is None else int(pid)
-
-            async def swap_waits() -> bool:
-                return await swap_pid() is not None
-
-            await wait_until(swap_waits, 60, "the swap to wait for its moves' lock")
-            await conn.execute("SELECT pg_terminate_backend($1)", await swap_pid())
+            pid = await _moves_waiting(conn, process, 60)
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
             _, err = await asyncio.wait_for(process.communicate(), 60)
         assert process.returncode == 1, err.decode()
         assert "session was lost during the swap" in err.decode()
