@@ -179,7 +179,12 @@ class RebuildScale:
             return "PUT", "/write", json.dumps(body).encode()
 
         seconds = BASELINE_SECONDS[self.bench.plan.name] if until is None else WINDOW_SECONDS
+        # Each window's read p99, with its start since the load's: which step of the rebuild
+        # (its log's times) moves the tail.
+        windows: list[tuple[float, float]] = []
+        began = time.time()
         for _ in range(int(REBUILD_TIMEOUT / WINDOW_SECONDS)):
+            opened = time.time()
             r, w = await asyncio.gather(
                 closed_loop(api.port, READ_CLIENTS, seconds, read),
                 closed_loop(api.port, WRITE_CLIENTS, seconds, write),
@@ -189,6 +194,9 @@ class RebuildScale:
                 total.errors += part.errors
                 total.seconds += part.seconds
                 total.latencies += part.latencies
+            windows.append(
+                (round(opened - began, 1), round(percentile(r.latencies, 99) * 1000, 1))
+            )
             if until is None or until.is_set():
                 break
         return {
@@ -200,6 +208,8 @@ class RebuildScale:
             "write_p99_ms": round(percentile(writes.latencies, 99) * 1000, 2),
             "errors": reads.errors + writes.errors,
             "seconds": round(reads.seconds, 1),
+            "began_at": round(began, 3),
+            "window_read_p99_ms": windows if until is not None else [],
         }
 
     async def measure(self, commands: int, api: Service) -> dict[str, Any]:

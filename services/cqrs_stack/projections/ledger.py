@@ -32,14 +32,17 @@ from .base import Projection
 log = logging.getLogger(__name__)
 
 # Read before the writers (see the module's docstring): ids drawn later are above it.
-_LAST_ID = text(
+LAST_ID_SQL = (
     "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM commands_id_seq"
 )
-_WRITERS = text(
+# The transactions writing ``commands`` now (virtual ids: a fence is closed once none is left).
+WRITERS_SQL = (
     "SELECT coalesce(array_agg(virtualtransaction), '{}') FROM pg_locks"
     " WHERE relation = 'commands'::regclass AND mode = 'RowExclusiveLock'"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
+_LAST_ID = text(LAST_ID_SQL)
+_WRITERS = text(WRITERS_SQL)
 _WRITERS_LEFT = text(
     "SELECT count(*) FROM pg_locks WHERE relation = 'commands'::regclass"
     " AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY(CAST(:writers AS text[]))"

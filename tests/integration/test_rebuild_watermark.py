@@ -1,0 +1,117 @@
+"""The load's watermark: the commands of its snapshot need no ledger rows up to the first one a
+write-DB transaction open at the snapshot may still add (rebuild._loaded_watermark).
+
+A watermark one too high would hide that transaction's command from the shadow for good: the
+catch-up and the projectors take every command at or below it as applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import asyncpg
+
+from cqrs_stack.config import plain_database_url
+from tests.fixtures.stack import Stack, wait_until
+from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
+
+_MARK = re.compile(r"rebuild load: commands=(\d+) watermark=(\d+)")
+
+
+def _watermark(log: str) -> tuple[int, int]:
+    found = _MARK.search(log)
+    assert found, log[-2000:]
+    return int(found[1]), int(found[2])
+
+
+async def _held_write(stack: Stack, key: str) -> tuple[asyncpg.Connection, int]:
+    """A write-DB transaction that has written one command (unpublished, as a write whose
+    process died before publishing) and stays open: its id is drawn, its row not visible."""
+    conn = await asyncpg.connect(plain_database_url(stack.env["WRITE_DB_URL"]))
+    await conn.execute("BEGIN")
+    position = await conn.fetchval(
+        "INSERT INTO commands (key, value, event_type) VALUES ($1, 'held', 'RecordCreated')"
+        " RETURNING id",
+        key,
+    )
+    return conn, int(position)
+
+
+async def _value_of(stack: Stack, key: str) -> object:
+    return await stack.scalar(stack.read_engine, "SELECT value FROM records WHERE key = :k", k=key)
+
+
+async def test_a_rebuild_with_no_writer_open_needs_no_ledger_rows(stack: Stack) -> None:
+    """Nothing being written: the watermark is the last id, the ledger is left empty."""
+    await seed(stack, 5_000, 500)
+    done = run_rebuild(stack)
+    commands, mark = _watermark(done.stderr)
+    last = await stack.scalar(stack.write_engine, "SELECT max(id) FROM commands")
+    assert (commands, mark) == (5_000, last)
+    assert await stack.scalar(stack.read_engine, "SELECT count(*) FROM applied_commands") == 0
+    # The applied count (status, /stats) stays exact: the watermark's ``pruned`` counts them.
+    mark = "SELECT (position, pruned)::text FROM applied_commands_watermark"
+    assert await stack.scalar(stack.read_engine, mark) == f"({last},5000)"
+    await stack.launch("projector")
+    await stack.assert_converges()
+
+
+async def test_a_write_open_across_the_loads_snapshot_is_applied_after_the_swap(
+    stack: Stack,
+) -> None:
+    """A transaction holds a low id while later commands commit; the rebuild's snapshot has
+    those and not it; it commits while the rebuild loads. The watermark stops just below its
+    id, and its command is in the read model once, after the swap."""
+    await stack.launch("projector")
+    held, position = await _held_write(stack, "held")
+    try:
+        await seed(stack, 20_000, 2_000)  # ids above the held one, committed
+        args, env = rebuild_command(stack)
+        process = await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        communicating = asyncio.create_task(process.communicate())
+
+        async def loading() -> bool:
+            assert process.returncode is None, "the rebuild ended before its load was seen"
+            phase = await stack.scalar(
+                stack.read_engine, "SELECT phase FROM rebuild_runs ORDER BY started_at DESC"
+            )
+            return phase == "load"
+
+        await wait_until(loading, 30, "the rebuild to take its snapshot")
+        await held.execute("COMMIT")
+    finally:
+        await held.close()
+    _, err = await asyncio.wait_for(communicating, 120)
+    assert process.returncode == 0, err.decode()
+    assert _watermark(err.decode())[1] == position - 1
+    await wait_until(lambda: _is_held(stack), 30, "the held command in the read model")
+    await stack.assert_converges()
+
+
+async def _is_held(stack: Stack) -> bool:
+    return await _value_of(stack, "held") == "held"
+
+
+async def test_a_write_open_through_the_load_gives_every_command_its_ledger_row(
+    stack: Stack,
+) -> None:
+    """A transaction still open when the load has waited its bound for it: watermark 0, every
+    staged command gets its ledger row, and the command is applied once it commits."""
+    await seed(stack, 3_000, 300)
+    await stack.launch("projector")
+    held, _ = await _held_write(stack, "held")
+    try:
+        done = await asyncio.to_thread(run_rebuild, stack)
+        assert _watermark(done.stderr) == (3_000, 0)
+        assert await stack.scalar(stack.read_engine, "SELECT count(*) FROM applied_commands") >= (
+            3_000
+        )
+        assert await _value_of(stack, "held") is None
+        await held.execute("COMMIT")
+    finally:
+        await held.close()
+    await wait_until(lambda: _is_held(stack), 30, "the held command in the read model")
+    await stack.assert_converges()
