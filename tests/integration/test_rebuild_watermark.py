@@ -57,6 +57,21 @@ async def test_a_rebuild_with_no_writer_open_needs_no_ledger_rows(stack: Stack) 
     await stack.assert_converges()
 
 
+# A trigger that holds the run where it records its load's total (``enter("load", 0, total)``,
+# just after its write-DB snapshot is taken) until the test lets go of an advisory lock.
+_HOLD_AFTER_SNAPSHOT = """
+CREATE FUNCTION test_hold_after_snapshot() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.phase = 'load' AND NEW.total > 0 AND OLD.total = 0 THEN
+        PERFORM pg_advisory_xact_lock_shared(4242);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER test_hold_after_snapshot BEFORE UPDATE ON rebuild_runs
+    FOR EACH ROW EXECUTE FUNCTION test_hold_after_snapshot();
+"""
+
+
 async def test_a_write_open_across_the_loads_snapshot_is_applied_after_the_swap(
     stack: Stack,
 ) -> None:
@@ -64,26 +79,33 @@ async def test_a_write_open_across_the_loads_snapshot_is_applied_after_the_swap(
     those and not it; it commits while the rebuild loads. The watermark stops just below its
     id, and its command is in the read model once, after the swap."""
     await stack.launch("projector")
+    read = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
     held, position = await _held_write(stack, "held")
     try:
         await seed(stack, 20_000, 2_000)  # ids above the held one, committed
+        await read.execute(_HOLD_AFTER_SNAPSHOT)
+        await read.execute("SELECT pg_advisory_lock(4242)")
         args, env = rebuild_command(stack)
         process = await asyncio.create_subprocess_exec(
             *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         communicating = asyncio.create_task(process.communicate())
 
-        async def loading() -> bool:
-            assert process.returncode is None, "the rebuild ended before its load was seen"
-            phase = await stack.scalar(
-                stack.read_engine, "SELECT phase FROM rebuild_runs ORDER BY started_at DESC"
+        async def snapshot_taken() -> bool:
+            assert process.returncode is None, "the rebuild ended before it was held"
+            return bool(
+                await read.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND objid = 4242 AND NOT granted"
+                )
             )
-            return phase == "load"
 
-        await wait_until(loading, 30, "the rebuild to take its snapshot")
+        await wait_until(snapshot_taken, 30, "the rebuild to take its snapshot")
         await held.execute("COMMIT")
+        await read.execute("SELECT pg_advisory_unlock(4242)")
     finally:
         await held.close()
+        await read.close()
     _, err = await asyncio.wait_for(communicating, 120)
     assert process.returncode == 0, err.decode()
     assert _watermark(err.decode())[1] == position - 1
