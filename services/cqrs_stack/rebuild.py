@@ -71,7 +71,7 @@ from .db import driver_of, quote_ident
 from .events import Command
 from .projections import Projection, apply_batch
 from .projections.base import PROGRESS_TABLE, Carried
-from .projections.ledger import LAST_ID_SQL, WRITERS_SQL, Fence
+from .projections.ledger import LAST_ID_SQL, WRITERS_SQL, Fence, writers_left_sql
 from .projections.records import Records
 from .rebuild_progress import (
     INITIAL_VERSION,
@@ -128,6 +128,7 @@ _POLL = 0.1
 # How long the load waits for the write transactions open as it began to end, to know which
 # commands its snapshot holds all of (``_loaded_watermark``); a write commits in milliseconds.
 _FENCE_WAIT = 5.0
+_WRITERS_LEFT = writers_left_sql("$1::text[]")
 
 # The commands of the load's snapshot, staged in the shadow (unlogged, never vacuumed: it lives
 # one rebuild, and is only written, then read whole) for the models' effects to read as the
@@ -881,7 +882,7 @@ async def _write_fence(wconn: asyncpg.Connection) -> Fence:
     """The write DB's last command id drawn, then the transactions writing ``commands`` (the
     ledger pruner's fence: every id at or below it was drawn by one of them or by a
     transaction already ended)."""
-    last = int(await wconn.fetchval(LAST_ID_SQL) or 0)
+    last = int(await wconn.fetchval(LAST_ID_SQL) or 0)  # 0: no fence (LAST_ID_SQL)
     writers = await wconn.fetchval(WRITERS_SQL)
     return Fence(last, tuple(writers or ()))
 
@@ -896,16 +897,20 @@ async def _loaded_watermark(wconn: asyncpg.Connection, fence: Fence, snapshot: s
     in it), so its transaction id is at least the snapshot's xmin and the txid index finds it.
     W stops just below the first of those: the catch-up applies them (with ledger rows) and
     nothing at or below W is missing from the load. A writer left open for long (an idle
-    transaction) gives 0: every staged command then gets its ledger row, as the watermark's
-    absence requires.
+    transaction, a prepared one) gives 0, and so does a sequence that hands out ids in blocks:
+    every staged command then gets its ledger row, as the watermark's absence requires.
     """
+    if not fence.position:
+        return 0  # no command, or ids handed out in blocks (LAST_ID_SQL): no fence
     for _ in range(int(_FENCE_WAIT / _POLL)):
-        writing = set(await wconn.fetchval(WRITERS_SQL) or ())
-        if not writing.intersection(fence.writers):
+        if not await wconn.fetchval(_WRITERS_LEFT, list(fence.writers)):
             break
         await asyncio.sleep(_POLL)
     else:
-        log.info("rebuild: a write-DB transaction is open since the load began; full ledger")
+        log.info(
+            "rebuild: a write-DB transaction open since the load began (or a prepared one)"
+            " is still open; every loaded command gets its ledger row"
+        )
         return 0
     first_unseen = await wconn.fetchval(
         "SELECT min(id) FROM commands WHERE txid >= pg_snapshot_xmin($1::text::pg_snapshot)"

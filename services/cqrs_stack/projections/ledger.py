@@ -31,9 +31,13 @@ from .base import Projection
 
 log = logging.getLogger(__name__)
 
-# Read before the writers (see the module's docstring): ids drawn later are above it.
+# Read before the writers (see the module's docstring): ids drawn later are above it. NULL when
+# the sequence hands out ids in blocks (CACHE > 1): a session then writes, later, ids at or
+# below the last value without holding a lock now, so no fence can be taken.
 LAST_ID_SQL = (
-    "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM commands_id_seq"
+    "SELECT CASE WHEN (SELECT seqcache FROM pg_sequence"
+    " WHERE seqrelid = 'commands_id_seq'::regclass) > 1 THEN NULL"
+    " WHEN is_called THEN last_value ELSE last_value - 1 END FROM commands_id_seq"
 )
 # The transactions writing ``commands`` now (virtual ids: a fence is closed once none is left).
 WRITERS_SQL = (
@@ -41,13 +45,23 @@ WRITERS_SQL = (
     " WHERE relation = 'commands'::regclass AND mode = 'RowExclusiveLock'"
     " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
+
+
+def writers_left_sql(writers: str) -> str:
+    """SQL counting the writers of a fence still writing (``writers``: the SQL of its text[]
+    of virtual transaction ids), and every prepared transaction writing ``commands``: one of
+    the fence's that runs PREPARE TRANSACTION passes its locks to the prepared transaction
+    (another virtual id, no pid) and can still commit ids at or below the fence."""
+    return (
+        "SELECT count(*) FROM pg_locks WHERE relation = 'commands'::regclass"
+        f" AND mode = 'RowExclusiveLock' AND (virtualtransaction = ANY({writers}) OR pid IS NULL)"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+
+
 _LAST_ID = text(LAST_ID_SQL)
 _WRITERS = text(WRITERS_SQL)
-_WRITERS_LEFT = text(
-    "SELECT count(*) FROM pg_locks WHERE relation = 'commands'::regclass"
-    " AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY(CAST(:writers AS text[]))"
-    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-)
+_WRITERS_LEFT = text(writers_left_sql("CAST(:writers AS text[])"))
 # Steps of one model in one round at most: a round stays short (a stop waits for it), and a
 # backlog is worked off round after round from the same fence.
 _STEPS_PER_ROUND = 20
@@ -87,6 +101,7 @@ class LedgerPruner:
         self._fence: Fence | None = None
         # True after a round that left work for the next one (the fence not reached yet).
         self.behind = False
+        self._cached_warned = False
 
     async def prune_round(self) -> int:
         """One round: take a fence, or, once it is closed, raise every watermark towards it
@@ -112,10 +127,17 @@ class LedgerPruner:
 
     async def _take_fence(self) -> Fence:
         async with self.write_engine.connect() as conn:
-            last = int(await conn.scalar(_LAST_ID) or 0)
+            last = await conn.scalar(_LAST_ID)
             await conn.commit()  # the writers are looked at after the last id, not with it
             writers = await conn.scalar(_WRITERS)
-        return Fence(last, tuple(writers or ()))
+        if last is None and not self._cached_warned:
+            self._cached_warned = True
+            log.warning(
+                "ledger pruning is off: commands_id_seq hands out ids in blocks (CACHE > 1),"
+                " so no command id is known to be complete; ALTER SEQUENCE commands_id_seq"
+                " CACHE 1 turns it on"
+            )
+        return Fence(int(last or 0), tuple(writers or ()))
 
     async def _closed(self, fence: Fence) -> bool:
         if not fence.writers:
