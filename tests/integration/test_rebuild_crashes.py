@@ -1,6 +1,7 @@
 """Rebuilds and rollbacks stopped at their worst moments, on real servers: a rollback killed
-before its swap, a stop after the swap committed (also while its clean-up waits on a read DB that hangs), a command the read DB refuses, a stop
-before anything started, and verify's memory with one key heavier than its bound."""
+before its swap, a stop after the swap committed (also while its clean-up waits on a read DB
+that hangs), a command the read DB refuses, a stop before anything started, and verify's
+memory with one key heavier than its bound."""
 
 from __future__ import annotations
 
