@@ -6,6 +6,7 @@ memory with one key heavier than its bound."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from cqrs_stack.rebuild import RebuildError, rebuild
 from cqrs_stack.rebuild_progress import live_versions, read_run
 from cqrs_stack.verify import whole_differences
 from tests.fixtures.stack import Stack, open_stack, wait_until
+from tests.integration.test_cli import cqrs_stack
 from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
 from tests.integration.test_rebuild_versions import _planting
 
@@ -714,3 +716,42 @@ async def test_a_stop_while_the_recorded_swaps_clean_up_waits_exits_0(
                 assert run is not None and run.phase == "done", run
     finally:
         await asyncio.to_thread(read_pg.stop)
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])
+async def test_a_run_lost_in_its_swaps_commit_is_settled_from_the_live_version(
+    stack: Stack, committed: bool
+) -> None:
+    """A run whose every session was cut during its swap's COMMIT (a failover: it exits 1,
+    it cannot tell) leaves its record at phase swap, its process gone (written here as it
+    leaves it). ``cqrs-stack status`` shows it with whether its version is live; the next
+    rebuild records it done when it is (its swap committed), failed with the live model
+    unchanged when not, and says so."""
+    await seed(stack, 200, 20)
+    run_rebuild(stack)  # version 2 live, 1 kept
+    lost_version = 2 if committed else 3
+    async with read_conn(stack) as conn:
+        await conn.execute(
+            "INSERT INTO rebuild_runs (run_id, models, version, phase, done, total)"
+            " VALUES ('lost', '{records}', $1, 'swap', 200, 200)",
+            lost_version,
+        )
+    shown = cqrs_stack(stack, "status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    rebuilds = json.loads(shown.stdout)["rebuild"]
+    assert rebuilds["live_versions"]["records"] == 2
+    last = rebuilds["last_run"]
+    assert (last["run_id"], last["phase"], last["version"]) == ("lost", "swap", lost_version)
+    assert last["swap_committed"] is committed
+    done = run_rebuild(stack, "--run-id", "next")
+    settled = "done" if committed else "failed"
+    assert f"run_id=lost was lost at phase swap: recorded {settled}" in done.stderr, done.stderr
+    async with read_conn(stack) as conn:
+        lost = await read_run(conn, "lost")
+        assert lost is not None and lost.phase == settled and lost.finished_at is not None
+        assert lost.error is not None
+        assert ("committed: version 2 is live" if committed else "did not commit") in lost.error
+        assert (await live_versions(conn))["records"] == 3
+    again = json.loads(cqrs_stack(stack, "status", "--json").stdout)["rebuild"]
+    assert again["last_run"]["run_id"] == "next" and again["last_run"]["phase"] == "done"
+    assert "swap_committed" not in again["last_run"]
