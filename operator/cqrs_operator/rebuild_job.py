@@ -227,7 +227,8 @@ def outcome(
     run: Run,
 ) -> tuple[str, str]:
     """(outcome, message) of a rebuild Job: RUNNING until the Job ended, then what its row
-    in rebuild_runs says (a Job that succeeded without recording a swap did not swap)."""
+    in rebuild_runs says (a Job that succeeded without recording a swap did not swap; one
+    whose record stayed at its swap swapped if its version is live)."""
     phase = progress.phase if progress is not None else None
     error = f"; the rebuild reported: {progress.error}" if progress and progress.error else ""
     if job_state.phase == migration_job.RUNNING:
@@ -236,8 +237,11 @@ def outcome(
         return CANCELLED, f"{job_state.message}: cancelled{error}"
     if phase == "rolled-back":
         return ROLLED_BACK, f"{job_state.message}: the rebuild rolled back{error}"
+    # A Job that ended with its record at the swap (lost in its COMMIT, exit 1: it could not
+    # tell) swapped exactly when its version is live.
     if phase == "done" or (
-        job_state.phase == migration_job.SUCCEEDED and live_version == run.version
+        live_version == run.version
+        and (job_state.phase == migration_job.SUCCEEDED or phase == "swap")
     ):
         return SWAPPED, f"{job_state.message}: version {run.version} of {run.model} is live"
     if job_state.phase == migration_job.FAILED:

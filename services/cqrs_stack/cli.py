@@ -461,6 +461,7 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         figures["read_models_not_enabled_here"] = await diagnosis.within(
             models_kept_elsewhere(read_engine, models)
         )
+        figures["rebuild"] = await diagnosis.within(_rebuild_figures(read_engine))
         if args.json:
             print(json.dumps({**figures, "health": health.as_dict()}, default=str, indent=2))
         else:
@@ -477,6 +478,14 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
         return 0
 
     return asyncio.run(_with_engines(settings, work, bounded=True))
+
+
+async def _rebuild_figures(read_engine: Any) -> dict[str, object]:
+    from .db import driver_of
+    from .rebuild_progress import rebuild_figures
+
+    async with read_engine.connect() as session:
+        return await rebuild_figures(await driver_of(session))
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:

@@ -126,6 +126,111 @@ async def live_versions(conn: asyncpg.Connection) -> dict[str, int]:
     return found
 
 
+async def kept_versions(conn: asyncpg.Connection) -> dict[str, int]:
+    """The version each model's last swap replaced, kept for rollback (recorded ones only)."""
+    rows = await conn.fetch(
+        "SELECT model, previous_version FROM read_model_versions WHERE previous_version IS NOT NULL"
+    )
+    return {row[0]: int(row[1]) for row in rows}
+
+
+def swap_outcome(run: RunProgress, live: dict[str, int], kept: dict[str, int]) -> str | None:
+    """What the live versions say of ``run``'s swap: ``done`` (or ``rolled-back``: the version
+    it replaced, now kept, is the newer) once its version is live for every model of it, else
+    None (not committed, or not yet). A rebuild's version is above the live one until its swap
+    and a rollback's is the kept one, so its version live means its swap committed."""
+    if not run.models or any(live.get(model) != run.version for model in run.models):
+        return None
+    if any(kept.get(model, -1) > run.version for model in run.models):
+        return "rolled-back"
+    return "done"
+
+
+async def rebuild_figures(conn: asyncpg.Connection) -> dict[str, object]:
+    """What ``cqrs-stack status`` shows of rebuilds: each model's live version, and the last
+    run as recorded; one recorded at its swap also says whether the live versions show that
+    swap committed (``swap_committed``: a run lost in its COMMIT is settled so by the next)."""
+    live = await live_versions(conn)
+    run = await latest_run(conn)
+    last: dict[str, object] | None = None
+    if run is not None:
+        last = {
+            "run_id": run.run_id,
+            "models": list(run.models),
+            "version": run.version,
+            "phase": run.phase,
+            "percent": round(run.percent, 1),
+            "started_at": run.started_at.isoformat(),
+            "finished_at": None if run.finished_at is None else run.finished_at.isoformat(),
+            "error": run.error,
+        }
+        if run.phase == "swap":
+            last["swap_committed"] = swap_outcome(run, live, await kept_versions(conn)) is not None
+    return {"live_versions": live, "last_run": last}
+
+
+async def settle_lost_runs(conn: asyncpg.Connection, run_id: str) -> list[RunProgress]:
+    """Record as ended the runs but ``run_id`` recorded as working: their process was stopped
+    or lost (the caller holds the rebuild's lock, so none works). One lost in its swap's COMMIT
+    (a failover cut every session: it could not tell) is settled from the live versions: done
+    (or rolled-back) when its version is live, else failed with the live model unchanged.
+    Returns the runs as now recorded, each logged."""
+    lost = [
+        _run_of(row)
+        for row in await conn.fetch(
+            f"SELECT {_COLUMNS} FROM rebuild_runs WHERE phase = ANY($1::text[]) AND run_id <> $2",
+            list(WORKING),
+            run_id,
+        )
+    ]
+    if not lost:
+        return []
+    live, kept = await live_versions(conn), await kept_versions(conn)
+    settled: list[RunProgress] = []
+    for run in lost:
+        outcome = swap_outcome(run, live, kept) if run.phase == "swap" else None
+        if outcome is not None:
+            phase, error = (
+                outcome,
+                (
+                    f"the rebuild's process was lost after its swap committed: version"
+                    f" {run.version} is live (settled by run {run_id})"
+                ),
+            )
+        elif run.phase == "swap":
+            phase, error = (
+                "failed",
+                (
+                    "the rebuild's process was lost during its swap, which did not commit: the"
+                    f" live model is unchanged (settled by run {run_id})"
+                ),
+            )
+        else:
+            phase = "failed"
+            error = "the rebuild ended without finishing (its process was stopped or lost)"
+        row = await conn.fetchrow(
+            "UPDATE rebuild_runs SET phase = $2, error = $3, finished_at = now(),"
+            " updated_at = now(), done = CASE WHEN $2 = 'failed' THEN done"
+            " ELSE greatest(done, total) END, total = greatest(done, total)"
+            f" WHERE run_id = $1 AND phase = ANY($4::text[]) RETURNING {_COLUMNS}",
+            run.run_id,
+            phase,
+            error,
+            list(WORKING),
+        )
+        if row is None:
+            continue
+        log.warning(
+            "rebuild run_id=%s was lost at phase %s: recorded %s (%s)",
+            run.run_id,
+            run.phase,
+            phase,
+            error,
+        )
+        settled.append(_run_of(row))
+    return settled
+
+
 def new_run_id() -> str:
     """A fresh run id: the UTC time it started and a random suffix (sortable, unique)."""
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
@@ -179,19 +284,14 @@ class ProgressWriter:
             self.steps[step] = self.steps.get(step, 0.0) + time.monotonic() - started
 
     async def start(self, phase: str = "load") -> RunProgress:
-        """Record the run at ``phase``, after marking runs that died midway as failed.
+        """Record the run at ``phase``, after settling the runs that died midway
+        (``settle_lost_runs``).
 
         Called with the rebuild's lock held: no other run is working, so a run recorded as
         working has ended without saying so. Starting again a run id that exists (a retried
         Job) starts it over.
         """
-        await self.conn.execute(
-            "UPDATE rebuild_runs SET phase = 'failed', finished_at = now(), updated_at = now(),"
-            " error = 'the rebuild ended without finishing (its process was stopped or lost)'"
-            " WHERE phase = ANY($1::text[]) AND run_id <> $2",
-            list(WORKING),
-            self.run_id,
-        )
+        await settle_lost_runs(self.conn, self.run_id)
         row = await self.conn.fetchrow(
             "INSERT INTO rebuild_runs (run_id, models, version, phase) VALUES ($1, $2, $3, $4)"
             " ON CONFLICT (run_id) DO UPDATE SET models = excluded.models,"

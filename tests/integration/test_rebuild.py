@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import httpx
+import pytest
 from sqlalchemy import text
 
 from cqrs_stack import rebuild
 from cqrs_stack.config import plain_database_url
+from cqrs_stack.localservers import PostgresServer
 from cqrs_stack.projections.records import Records
 from tests.fixtures.stack import Stack, wait_until
 from tests.integration.test_guarantees import write_many
@@ -724,6 +726,95 @@ async def test_the_live_tables_owner_privileges_and_storage_are_the_new_versions
             *(f"DROP ROLE {role}" for role in roles),
         )
     await stack.assert_converges(timeout=5)
+
+
+_OWN_THE_MODEL = """
+DO $$ DECLARE r record; BEGIN
+  FOR r IN SELECT c.relname, c.relkind FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      WHERE n.nspname = 'public' AND (c.relkind IN ('r', 'p', 'v', 'm') OR (c.relkind = 'S'
+        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid
+                        AND d.deptype IN ('a', 'i'))))
+  LOOP
+    EXECUTE format('ALTER %s public.%I OWNER TO %I', CASE r.relkind WHEN 'S' THEN 'SEQUENCE'
+      WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END,
+      r.relname, '{role}');
+  END LOOP;
+END $$
+"""
+
+
+async def test_a_grantor_a_non_superuser_rebuild_is_a_member_of_without_set_is_the_owners(
+    stack: Stack, read_pg: PostgresServer, fresh_names: str
+) -> None:
+    """A rebuild run as the model's owner (no superuser) that is a member of a grantor WITH
+    SET FALSE (PostgreSQL 16+: it inherits the role's privileges but cannot act as it) swaps
+    in all the same: the grant made by that role is given as the owner's, logged; the rest is
+    as it was."""
+    async with stack.read_engine.connect() as conn:
+        if int(await conn.scalar(text("SHOW server_version_num"))) < 160000:
+            pytest.skip("GRANT ... WITH SET FALSE needs PostgreSQL 16 or later")
+    await seed(stack, 200, 20)
+    owner, editor, viewer = (f"{r}_{fresh_names}" for r in ("rbowner", "editor", "viewer"))
+    password = f"pw-{fresh_names}"
+
+    async def sql(*statements: str) -> None:
+        async with stack.read_engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+
+    async def grantors() -> dict[str, tuple[str, bool]]:
+        async with stack.read_engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT a.grantee::regrole::text, a.grantor::regrole::text, a.is_grantable"
+                    " FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a"
+                    " WHERE c.oid = 'public.records'::regclass AND a.privilege_type = 'SELECT'"
+                )
+            )
+            return {row[0]: (row[1], row[2]) for row in rows}
+
+    await sql(
+        f"CREATE ROLE {owner} LOGIN PASSWORD '{password}'",
+        f"CREATE ROLE {editor}",
+        f"CREATE ROLE {viewer}",
+    )
+    try:
+        await sql(
+            f"GRANT CREATE ON DATABASE r_{fresh_names} TO {owner}",
+            f"GRANT USAGE, CREATE ON SCHEMA public TO {owner}",
+            _OWN_THE_MODEL.format(role=owner),
+            f"GRANT SELECT ON records TO {editor} WITH GRANT OPTION",
+            f"SET ROLE {editor}",
+            f"GRANT SELECT ON records TO {viewer}",
+            "RESET ROLE",
+            f"GRANT {editor} TO {owner} WITH INHERIT TRUE, SET FALSE",
+        )
+        before = await grantors()
+        assert before[viewer] == (editor, False) and before[editor] == (owner, True), before
+        done = run_rebuild(stack, READ_DB_URL=read_pg.url(f"r_{fresh_names}", owner, password))
+        assert f"was granted by {editor}, which this session cannot grant as" in done.stderr
+        assert "permission denied to set role" in done.stderr, done.stderr
+        assert password not in done.stderr
+        after = await grantors()
+        assert after == {**before, viewer: (owner, False)}, after
+        async with stack.read_engine.connect() as conn:
+            assert await conn.scalar(text("SELECT version FROM read_model_versions")) == 2
+            assert (
+                await conn.scalar(
+                    text(
+                        "SELECT relowner::regrole::text FROM pg_class"
+                        " WHERE oid = 'public.records'::regclass"
+                    )
+                )
+                == owner
+            )
+    finally:
+        await sql(
+            f"REASSIGN OWNED BY {owner}, {editor}, {viewer} TO CURRENT_USER",
+            *(f"DROP OWNED BY {role}" for role in (owner, editor, viewer)),
+            *(f"DROP ROLE {role}" for role in (owner, editor, viewer)),
+        )
 
 
 async def test_thousands_of_grants_are_carried_outside_the_readers_lock(

@@ -1,10 +1,12 @@
 """Rebuilds and rollbacks stopped at their worst moments, on real servers: a rollback killed
-before its swap, a stop after the swap committed, a command the read DB refuses, a stop
-before anything started, and verify's memory with one key heavier than its bound."""
+before its swap, a stop after the swap committed (also while its clean-up waits on a read DB
+that hangs), a command the read DB refuses, a stop before anything started, and verify's
+memory with one key heavier than its bound."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +27,7 @@ from cqrs_stack.rebuild import RebuildError, rebuild
 from cqrs_stack.rebuild_progress import live_versions, read_run
 from cqrs_stack.verify import whole_differences
 from tests.fixtures.stack import Stack, open_stack, wait_until
+from tests.integration.test_cli import cqrs_stack
 from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
 from tests.integration.test_rebuild_versions import _planting
 
@@ -630,3 +633,125 @@ async def test_a_commit_the_read_db_refuses_fails_the_rebuild_at_once(stack: Sta
         assert "whether it committed" not in done.stderr
         assert await _records_oid(conn) == before
         await conn.execute("DROP TRIGGER frozen ON read_model_versions; DROP FUNCTION refuse()")
+
+
+@pytest.mark.parametrize("read_db", ["answering", "hung"])
+async def test_a_stop_while_the_recorded_swaps_clean_up_waits_exits_0(
+    write_pg: PostgresServer,
+    redis_server: RedisServer,
+    server_root: Path,
+    fresh_names: str,
+    tmp_path: Path,
+    read_db: str,
+) -> None:
+    """The run recorded done and its DROP SCHEMA of the shadow waits on a lock (a table a
+    session of the test's created in the shadow while the run loaded): SIGTERM exits 0
+    saying the clean-up is left to the next run, at once while the read DB answers, within
+    _STOP_WITHIN seconds (a Job's grace period) when its server is SIGSTOPped during that
+    wait; the next rebuild drops what was left."""
+    read_pg = PostgresServer(server_root / f"pg-cleanup-{fresh_names}", free_port(), durable=False)
+    await asyncio.to_thread(read_pg.start)
+    assert read_pg.process is not None
+    group = os.getpgid(read_pg.process.pid)
+    try:
+        async with open_stack(write_pg, read_pg, redis_server, fresh_names, tmp_path) as stack:
+            await seed(stack, 500, 50)
+            args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+            url = stack.env["READ_DB_URL"]
+            conn, writers, blocker = [await asyncpg.connect(url) for _ in range(3)]
+            blocking = blocker.transaction()
+            await blocking.start()
+
+            async def recorded(phases: Sequence[str]) -> bool:
+                run = await read_run(conn, "cleanup")
+                return run is not None and run.phase in phases
+
+            async def shadow_exists() -> bool:
+                return await recorded(("load", "catch-up", "verify", "swap")) and bool(
+                    await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild') IS NOT NULL")
+                )
+
+            async def dropping() -> bool:
+                return await recorded(("done",)) and bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                        " AND query LIKE 'DROP SCHEMA%'"
+                    )
+                )
+
+            hung = False
+            try:
+                async with writers.transaction():
+                    # Holds the swap off (it retries) until the shadow's blocker is there.
+                    await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+                    process = await asyncio.create_subprocess_exec(
+                        *args, "--run-id", "cleanup", env=env, stderr=asyncio.subprocess.PIPE
+                    )
+                    await wait_until(shadow_exists, 60, "the run to create its shadow")
+                    # Held until this transaction ends: the clean-up's DROP SCHEMA waits on it.
+                    await blocker.execute("CREATE TABLE cqrs_rebuild.blocker ()")
+                await wait_until(dropping, 60, "the run's record to say done and its DROP to wait")
+                if read_db == "hung":
+                    os.killpg(group, signal.SIGSTOP)
+                    hung = True
+                stopped = time.monotonic()
+                process.send_signal(signal.SIGTERM)
+                _, err = await asyncio.wait_for(process.communicate(), _STOP_WITHIN + 10)
+                took = time.monotonic() - stopped
+            finally:
+                if hung:
+                    os.killpg(group, signal.SIGCONT)
+                await blocking.rollback()
+                for each in (conn, writers, blocker):
+                    await each.close(timeout=10)
+            assert process.returncode == 0, err.decode()
+            assert "left to the next run" in err.decode(), err.decode()
+            assert "cancelled" not in err.decode() and "not known" not in err.decode()
+            assert took <= (_STOP_WITHIN + 5 if hung else 5), took
+            run_rebuild(stack)  # drops what was left
+            async with read_conn(stack) as check:
+                assert await check.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+                assert (await live_versions(check))["records"] == 3
+                run = await read_run(check, "cleanup")
+                assert run is not None and run.phase == "done", run
+    finally:
+        await asyncio.to_thread(read_pg.stop)
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])
+async def test_a_run_lost_in_its_swaps_commit_is_settled_from_the_live_version(
+    stack: Stack, committed: bool
+) -> None:
+    """A run whose every session was cut during its swap's COMMIT (a failover: it exits 1,
+    it cannot tell) leaves its record at phase swap, its process gone (written here as it
+    leaves it). ``cqrs-stack status`` shows it with whether its version is live; the next
+    rebuild records it done when it is (its swap committed), failed with the live model
+    unchanged when not, and says so."""
+    await seed(stack, 200, 20)
+    run_rebuild(stack)  # version 2 live, 1 kept
+    lost_version = 2 if committed else 3
+    async with read_conn(stack) as conn:
+        await conn.execute(
+            "INSERT INTO rebuild_runs (run_id, models, version, phase, done, total)"
+            " VALUES ('lost', '{records}', $1, 'swap', 200, 200)",
+            lost_version,
+        )
+    shown = cqrs_stack(stack, "status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    rebuilds = json.loads(shown.stdout)["rebuild"]
+    assert rebuilds["live_versions"]["records"] == 2
+    last = rebuilds["last_run"]
+    assert (last["run_id"], last["phase"], last["version"]) == ("lost", "swap", lost_version)
+    assert last["swap_committed"] is committed
+    done = run_rebuild(stack, "--run-id", "next")
+    settled = "done" if committed else "failed"
+    assert f"run_id=lost was lost at phase swap: recorded {settled}" in done.stderr, done.stderr
+    async with read_conn(stack) as conn:
+        lost = await read_run(conn, "lost")
+        assert lost is not None and lost.phase == settled and lost.finished_at is not None
+        assert lost.error is not None
+        assert ("committed: version 2 is live" if committed else "did not commit") in lost.error
+        assert (await live_versions(conn))["records"] == 3
+    again = json.loads(cqrs_stack(stack, "status", "--json").stdout)["rebuild"]
+    assert again["last_run"]["run_id"] == "next" and again["last_run"]["phase"] == "done"
+    assert "swap_committed" not in again["last_run"]

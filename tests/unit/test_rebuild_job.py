@@ -167,6 +167,9 @@ JOB_FAILED = migration_job.JobOutcome(migration_job.FAILED, "Job j failed: exit 
         (JOB_FAILED, "failed", 1, FAILED),
         (JOB_FAILED, "cancelled", 1, CANCELLED),  # SIGTERM: exit 130, recorded as cancelled
         (JOB_DONE, "rolled-back", 1, rebuild_job.ROLLED_BACK),
+        # Lost in its swap's COMMIT (exit 1, record left at swap): the live version decides.
+        (JOB_FAILED, "swap", 2, SWAPPED),
+        (JOB_FAILED, "swap", 1, FAILED),
     ],
 )
 def test_a_jobs_outcome_comes_from_the_job_and_its_runs_record(
