@@ -194,9 +194,7 @@ class RebuildScale:
                 total.errors += part.errors
                 total.seconds += part.seconds
                 total.latencies += part.latencies
-            windows.append(
-                (round(opened - began, 1), round(percentile(r.latencies, 99) * 1000, 1))
-            )
+            windows.append((round(opened - began, 1), round(percentile(r.latencies, 99) * 1000, 1)))
             if until is None or until.is_set():
                 break
         return {
