@@ -809,9 +809,12 @@ def _describe_failure(exc: Exception) -> tuple[int, str]:
     from redis.exceptions import RedisError
     from sqlalchemy.exc import DBAPIError
 
+    from .db import session_ended
+
     if isinstance(exc, CommandError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, DBAPIError | RedisError | OSError):
+    # A session cut on a driver connection (a rebuild's, a verify's) is the same loss.
+    if isinstance(exc, DBAPIError | RedisError | OSError) or session_ended(exc):
         return EXIT_DEPENDENCY_LOST, f"a database or Redis failed: {reason_of(exc)}"
     detail = redact_text(f"{type(exc).__name__}: {exc}", known_secrets())
     return EXIT_INTERNAL, f"unexpected error: {detail}"

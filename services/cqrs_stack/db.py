@@ -175,6 +175,15 @@ def row_count_sql(table: str, bound: str = ":exact_max") -> str:
     )
 
 
+def session_ended(exc: BaseException) -> bool:
+    """Did ``exc`` end a database session (its connection closed or cut, its backend
+    terminated, the server shutting down), rather than answer one statement?"""
+    if isinstance(exc, asyncpg.PostgresError):
+        # 08: connection exceptions; 57: operator intervention (pg_terminate_backend, shutdown).
+        return str(exc.sqlstate or "")[:2] in ("08", "57")
+    return isinstance(exc, ConnectionError)
+
+
 def quote_ident(name: str) -> str:
     """``name`` quoted as an SQL identifier (a role, column or schema name of any spelling)."""
     return '"' + name.replace('"', '""') + '"'

@@ -67,7 +67,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .config import Settings, known_secrets, redact_text
-from .db import driver_of, quote_ident
+from .db import driver_of, quote_ident, session_ended
 from .events import Command
 from .projections import Projection, apply_batch
 from .projections.base import PROGRESS_TABLE, Carried
@@ -119,7 +119,14 @@ _LOAD_MAINTENANCE_WORK_MEM = "256MB"
 _BULK_TIMEOUT = 6 * 3600.0
 
 # A database refusing or gone, or a statement over its timeout.
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: a session left mid-protocol (a COPY cut halfway) refuses every use.
+_DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 # How long a swap interrupted during its COMMIT waits for the read DB to say whether it
 # committed: well within the 20 s a stopped run has to end in (cli._STOP_WITHIN), itself within
 # Kubernetes' default 30 s grace period.
@@ -836,7 +843,7 @@ async def _load(
         " event_type text, created_at timestamptz) WITH (autovacuum_enabled = false)"
     )
     fence = await _write_fence(wconn)  # before the snapshot: see _loaded_watermark
-    async with wconn.transaction(isolation="repeatable_read", readonly=True):
+    async with _snapshot(wconn):
         total, low, high, last_at, snapshot = await wconn.fetchrow(
             "SELECT count(*), coalesce(min(id), 1), coalesce(max(id), 0), max(created_at),"
             " pg_current_snapshot()::text FROM commands"
@@ -876,6 +883,22 @@ async def _load(
             await rconn.execute(f"ANALYZE {SHADOW_SCHEMA}.{table}", timeout=_BULK_TIMEOUT)
     await writer.advance(int(total))
     return _Loaded(int(total), str(snapshot), models)
+
+
+@contextlib.asynccontextmanager
+async def _snapshot(wconn: asyncpg.Connection) -> AsyncIterator[None]:
+    """A read-only REPEATABLE READ transaction on ``wconn``, whose rollback never hides the
+    failure that ends it: a COPY cut halfway (the other side of the pipe lost) leaves the
+    session unusable, so its rollback fails too, and asyncpg's own transaction block raised
+    that instead (an "internal client error" where the read DB's session had been lost)."""
+    await wconn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(*_DB_ERRORS):
+            await wconn.execute("ROLLBACK")
+        raise
+    await wconn.execute("COMMIT")
 
 
 async def _write_fence(wconn: asyncpg.Connection) -> Fence:
@@ -1049,29 +1072,46 @@ async def _pipe(
         await chunks.put(bytes(chunk))
 
     async def produce() -> None:
-        try:
-            await source.copy_from_query(
-                query, output=collect, format="binary", timeout=_BULK_TIMEOUT
-            )
-        finally:
-            await chunks.put(None)
+        # The end is put only after a whole COPY: a failed side cancels the other (the task
+        # group), and an end put from a cancelled producer would wait for a drain that the
+        # failed consumer never does.
+        await source.copy_from_query(query, output=collect, format="binary", timeout=_BULK_TIMEOUT)
+        await chunks.put(None)
 
     async def feed() -> AsyncIterator[bytes]:
         while (chunk := await chunks.get()) is not None:
             yield chunk
 
-    async with asyncio.TaskGroup() as group:
-        group.create_task(produce())
-        copied = group.create_task(
-            target.copy_to_table(
-                table,
-                source=feed(),
-                columns=columns,
-                schema_name=SHADOW_SCHEMA,
-                format="binary",
-                timeout=_BULK_TIMEOUT,
+    async def watch() -> None:
+        # The driver's COPY IN waits for its socket to take more without noticing that the
+        # connection is gone (a backend terminated while the pipe was full hung the rebuild
+        # until _BULK_TIMEOUT): a session found closed fails the copy.
+        while True:
+            await asyncio.sleep(_POLL)
+            for conn, side in ((source, "write"), (target, "read")):
+                if conn.is_closed():
+                    raise asyncpg.ConnectionDoesNotExistError(
+                        f"the {side} DB's session was lost during the load's COPY"
+                    )
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            watching = group.create_task(watch())
+            group.create_task(produce())
+            copied = group.create_task(
+                target.copy_to_table(
+                    table,
+                    source=feed(),
+                    columns=columns,
+                    schema_name=SHADOW_SCHEMA,
+                    format="binary",
+                    timeout=_BULK_TIMEOUT,
+                )
             )
-        )
+            copied.add_done_callback(lambda _: watching.cancel())
+    except BaseExceptionGroup as failed:
+        # The side that failed first, as the callers' translations of errors expect.
+        raise failed.exceptions[0] from None
     return int(copied.result().rpartition(" ")[2])  # its status: "COPY <rows>"
 
 
@@ -1501,12 +1541,9 @@ async def _committed(
 
 
 def _session_lost(exc: BaseException) -> bool:
-    """Is ``exc`` the session's end (its connection gone, terminated, the server shutting
-    down), rather than the server's answer to a statement?"""
-    if isinstance(exc, asyncpg.PostgresError):
-        # 08: connection exceptions; 57: operator intervention (pg_terminate_backend, shutdown).
-        return str(exc.sqlstate or "")[:2] in ("08", "57")
-    return True
+    """Is ``exc`` (one of _DB_ERRORS) the session's end rather than the server's answer to a
+    statement? Only a PostgreSQL error is an answer, unless it is a session's end."""
+    return session_ended(exc) or not isinstance(exc, asyncpg.PostgresError)
 
 
 async def _committed_elsewhere(

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from cqrs_stack.cli import _STOP_WITHIN
+from cqrs_stack.config import plain_database_url
 from cqrs_stack.db import driver_of
 from cqrs_stack.localservers import PostgresServer, RedisServer, free_port
 from cqrs_stack.projections.records import Records
@@ -755,3 +756,45 @@ async def test_a_run_lost_in_its_swaps_commit_is_settled_from_the_live_version(
     again = json.loads(cqrs_stack(stack, "status", "--json").stdout)["rebuild"]
     assert again["last_run"]["run_id"] == "next" and again["last_run"]["phase"] == "done"
     assert "swap_committed" not in again["last_run"]
+
+
+@pytest.mark.parametrize("side", ["read", "write"])
+async def test_a_session_cut_during_the_loads_copy_fails_the_rebuild_clearly(
+    stack: Stack, side: str
+) -> None:
+    """One end of the load's COPY pipe loses its backend (terminated, as a failover or an OOM
+    kill would) while the pipe is full: the rebuild fails at once with the dependency's exit
+    code and one line (it hung, waiting for a drain that never came; or told an "internal
+    client error" of the other end's session, cut mid-COPY), and the live model is as it
+    was."""
+    await seed(stack, 200_000, 2_000, value_sql="repeat('v', 200)")
+    run_rebuild(stack)  # the live model of the seed
+    before = await stack.scalar(stack.read_engine, "SELECT sum(write_count) FROM records")
+    args, env = rebuild_command(stack, REBUILD_BATCH_MAX_BYTES="1024")
+    process = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    communicating = asyncio.create_task(process.communicate())
+    url = stack.env["READ_DB_URL" if side == "read" else "WRITE_DB_URL"]
+    conn = await asyncpg.connect(plain_database_url(url))
+    try:
+        # Polled faster than wait_until does: the copy lasts under a second here.
+        for _ in range(6000):
+            assert process.returncode is None, "the rebuild ended before its copy was seen"
+            copier = await conn.fetchval(
+                "SELECT pid FROM pg_stat_progress_copy WHERE command = $1"
+                " AND tuples_processed > 1000",
+                "COPY FROM" if side == "read" else "COPY TO",
+            )
+            if copier:
+                break
+            await asyncio.sleep(0.005)
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", copier)
+    finally:
+        await conn.close()
+    _, err = await asyncio.wait_for(communicating, 30)
+    assert process.returncode == 10, err.decode()[-2000:]  # EXIT_DEPENDENCY_LOST
+    assert "a database or Redis failed: " in err.decode()
+    assert "unexpected error" not in err.decode()
+    after = await stack.scalar(stack.read_engine, "SELECT sum(write_count) FROM records")
+    assert after == before == 200_000
