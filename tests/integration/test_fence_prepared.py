@@ -23,11 +23,11 @@ from cqrs_stack.localservers import PostgresServer, free_port
 from cqrs_stack.projections.ledger import LedgerPruner
 from cqrs_stack.projections.records import Records
 from tests.fixtures.stack import Stack, wait_until
-from tests.integration.test_rebuild import rebuild_command, seed
+from tests.integration.test_rebuild import seed
 from tests.integration.test_rebuild_watermark import (
-    HOLD_AFTER_SNAPSHOT,
     held_write,
     is_held,
+    rebuild_held_after_snapshot,
     watermark_logged,
 )
 
@@ -55,31 +55,12 @@ async def test_a_writer_prepared_during_the_load_is_not_below_its_watermark(
     bound for it and gives every command its ledger row; COMMIT PREPARED after the rebuild
     and the command is applied."""
     await stack.launch("projector")
-    read = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
     write = await asyncpg.connect(plain_database_url(stack.env["WRITE_DB_URL"]))
     held, _ = await held_write(stack, "held")
     try:
         await seed(stack, 5_000, 500)
-        await read.execute(HOLD_AFTER_SNAPSHOT)
-        await read.execute("SELECT pg_advisory_lock(4242)")
-        args, env = rebuild_command(stack)
-        process = await asyncio.create_subprocess_exec(
-            *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-        )
-        communicating = asyncio.create_task(process.communicate())
-
-        async def snapshot_taken() -> bool:
-            assert process.returncode is None, "the rebuild ended before it was held"
-            return bool(
-                await read.fetchval(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
-                    " AND objid = 4242 AND NOT granted"
-                )
-            )
-
-        await wait_until(snapshot_taken, 30, "the rebuild to take its snapshot")
-        await held.execute("PREPARE TRANSACTION 'held'")
-        await read.execute("SELECT pg_advisory_unlock(4242)")
+        async with rebuild_held_after_snapshot(stack) as (process, communicating):
+            await held.execute("PREPARE TRANSACTION 'held'")
         _, err = await asyncio.wait_for(communicating, 120)
         assert process.returncode == 0, err.decode()
         assert watermark_logged(err.decode()) == (5_000, 0)
@@ -88,7 +69,6 @@ async def test_a_writer_prepared_during_the_load_is_not_below_its_watermark(
         for gid in await write.fetch("SELECT gid FROM pg_prepared_xacts"):
             await write.execute(f"ROLLBACK PREPARED '{gid[0]}'")
         await held.close()
-        await read.close()
         await write.close()
     await wait_until(lambda: is_held(stack), 30, "the held command in the read model")
     await stack.assert_converges()

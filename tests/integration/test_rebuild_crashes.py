@@ -499,6 +499,28 @@ async def test_sigterm_during_the_start_is_a_cancel(stack: Stack) -> None:
         assert (await live_versions(conn))["records"] == 1
 
 
+@asynccontextmanager
+async def _stack_on_own_read_server(
+    kind: str,
+    names: str,
+    write_pg: PostgresServer,
+    redis_server: RedisServer,
+    server_root: Path,
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Stack, int]]:
+    """A stack whose read DB is on a server of the test's own (the test may SIGSTOP it), with
+    500 commands; yields it and the server's process group."""
+    read_pg = PostgresServer(server_root / f"pg-{kind}-{names}", free_port(), durable=False)
+    await asyncio.to_thread(read_pg.start)
+    assert read_pg.process is not None
+    try:
+        async with open_stack(write_pg, read_pg, redis_server, names, tmp_path) as stack:
+            await seed(stack, 500, 50)
+            yield stack, os.getpgid(read_pg.process.pid)
+    finally:
+        await asyncio.to_thread(read_pg.stop)
+
+
 async def test_a_stopped_rebuild_whose_read_db_hangs_exits_within_its_bound(
     write_pg: PostgresServer,
     redis_server: RedisServer,
@@ -510,38 +532,32 @@ async def test_a_stopped_rebuild_whose_read_db_hangs_exits_within_its_bound(
     swap's lock wait): the cancel cannot reach it, so the run exits 1 after _STOP_WITHIN
     seconds saying that the outcome is not known, within a Job's 30 s grace period, instead
     of hanging until the pod is killed."""
-    read_pg = PostgresServer(server_root / f"pg-hung-{fresh_names}", free_port(), durable=False)
-    await asyncio.to_thread(read_pg.start)
-    assert read_pg.process is not None
-    group = os.getpgid(read_pg.process.pid)
-    try:
-        async with open_stack(write_pg, read_pg, redis_server, fresh_names, tmp_path) as stack:
-            await seed(stack, 500, 50)
-            args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT="10")
-            conn = await asyncpg.connect(stack.env["READ_DB_URL"])
-            holding = conn.transaction()
-            await holding.start()
-            await conn.execute("SELECT 1 FROM records LIMIT 1")  # the moves wait on it
-            process = await asyncio.create_subprocess_exec(
-                *args, "--run-id", "hung", env=env, stderr=asyncio.subprocess.PIPE
-            )
-            try:
-                await _moves_waiting(conn, process)
-                os.killpg(group, signal.SIGSTOP)
-                stopped = time.monotonic()
-                process.send_signal(signal.SIGTERM)
-                _, err = await asyncio.wait_for(process.communicate(), _STOP_WITHIN + 10)
-                took = time.monotonic() - stopped
-            finally:
-                os.killpg(group, signal.SIGCONT)
-                conn.terminate()
-            assert process.returncode == 1, err.decode()
-            assert f"did not answer within {_STOP_WITHIN} s" in err.decode()
-            assert _STOP_WITHIN <= took <= _STOP_WITHIN + 5, took
-            # Nothing committed: the next rebuild runs as usual.
-            run_rebuild(stack)
-    finally:
-        await asyncio.to_thread(read_pg.stop)
+    async with _stack_on_own_read_server(
+        "hung", fresh_names, write_pg, redis_server, server_root, tmp_path
+    ) as (stack, group):
+        args, env = rebuild_command(stack, REBUILD_LOCK_TIMEOUT="10")
+        conn = await asyncpg.connect(stack.env["READ_DB_URL"])
+        holding = conn.transaction()
+        await holding.start()
+        await conn.execute("SELECT 1 FROM records LIMIT 1")  # the moves wait on it
+        process = await asyncio.create_subprocess_exec(
+            *args, "--run-id", "hung", env=env, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            await _moves_waiting(conn, process)
+            os.killpg(group, signal.SIGSTOP)
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(process.communicate(), _STOP_WITHIN + 10)
+            took = time.monotonic() - stopped
+        finally:
+            os.killpg(group, signal.SIGCONT)
+            conn.terminate()
+        assert process.returncode == 1, err.decode()
+        assert f"did not answer within {_STOP_WITHIN} s" in err.decode()
+        assert _STOP_WITHIN <= took <= _STOP_WITHIN + 5, took
+        # Nothing committed: the next rebuild runs as usual.
+        run_rebuild(stack)
 
 
 async def test_a_grant_made_while_the_swap_waits_for_its_locks_is_the_new_versions(
@@ -650,73 +666,67 @@ async def test_a_stop_while_the_recorded_swaps_clean_up_waits_exits_0(
     saying the clean-up is left to the next run, at once while the read DB answers, within
     _STOP_WITHIN seconds (a Job's grace period) when its server is SIGSTOPped during that
     wait; the next rebuild drops what was left."""
-    read_pg = PostgresServer(server_root / f"pg-cleanup-{fresh_names}", free_port(), durable=False)
-    await asyncio.to_thread(read_pg.start)
-    assert read_pg.process is not None
-    group = os.getpgid(read_pg.process.pid)
-    try:
-        async with open_stack(write_pg, read_pg, redis_server, fresh_names, tmp_path) as stack:
-            await seed(stack, 500, 50)
-            args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
-            url = stack.env["READ_DB_URL"]
-            conn, writers, blocker = [await asyncpg.connect(url) for _ in range(3)]
-            blocking = blocker.transaction()
-            await blocking.start()
+    async with _stack_on_own_read_server(
+        "cleanup", fresh_names, write_pg, redis_server, server_root, tmp_path
+    ) as (stack, group):
+        args, env = rebuild_command(stack, REBUILD_SWAP_ATTEMPTS="10000")
+        url = stack.env["READ_DB_URL"]
+        conn, writers, blocker = [await asyncpg.connect(url) for _ in range(3)]
+        blocking = blocker.transaction()
+        await blocking.start()
 
-            async def recorded(phases: Sequence[str]) -> bool:
-                run = await read_run(conn, "cleanup")
-                return run is not None and run.phase in phases
+        async def recorded(phases: Sequence[str]) -> bool:
+            run = await read_run(conn, "cleanup")
+            return run is not None and run.phase in phases
 
-            async def shadow_exists() -> bool:
-                return await recorded(("load", "catch-up", "verify", "swap")) and bool(
-                    await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild') IS NOT NULL")
+        async def shadow_exists() -> bool:
+            return await recorded(("load", "catch-up", "verify", "swap")) and bool(
+                await conn.fetchval("SELECT to_regnamespace('cqrs_rebuild') IS NOT NULL")
+            )
+
+        async def dropping() -> bool:
+            return await recorded(("done",)) and bool(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'DROP SCHEMA%'"
                 )
+            )
 
-            async def dropping() -> bool:
-                return await recorded(("done",)) and bool(
-                    await conn.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                        " AND query LIKE 'DROP SCHEMA%'"
-                    )
+        hung = False
+        try:
+            async with writers.transaction():
+                # Holds the swap off (it retries) until the shadow's blocker is there.
+                await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
+                process = await asyncio.create_subprocess_exec(
+                    *args, "--run-id", "cleanup", env=env, stderr=asyncio.subprocess.PIPE
                 )
-
-            hung = False
-            try:
-                async with writers.transaction():
-                    # Holds the swap off (it retries) until the shadow's blocker is there.
-                    await writers.execute("LOCK TABLE records IN ROW EXCLUSIVE MODE")
-                    process = await asyncio.create_subprocess_exec(
-                        *args, "--run-id", "cleanup", env=env, stderr=asyncio.subprocess.PIPE
-                    )
-                    await wait_until(shadow_exists, 60, "the run to create its shadow")
-                    # Held until this transaction ends: the clean-up's DROP SCHEMA waits on it.
-                    await blocker.execute("CREATE TABLE cqrs_rebuild.blocker ()")
-                await wait_until(dropping, 60, "the run's record to say done and its DROP to wait")
-                if read_db == "hung":
-                    os.killpg(group, signal.SIGSTOP)
-                    hung = True
-                stopped = time.monotonic()
-                process.send_signal(signal.SIGTERM)
-                _, err = await asyncio.wait_for(process.communicate(), _STOP_WITHIN + 10)
-                took = time.monotonic() - stopped
-            finally:
-                if hung:
-                    os.killpg(group, signal.SIGCONT)
-                await blocking.rollback()
-                for each in (conn, writers, blocker):
-                    await each.close(timeout=10)
-            assert process.returncode == 0, err.decode()
-            assert "left to the next run" in err.decode(), err.decode()
-            assert "cancelled" not in err.decode() and "not known" not in err.decode()
-            assert took <= (_STOP_WITHIN + 5 if hung else 5), took
-            run_rebuild(stack)  # drops what was left
-            async with read_conn(stack) as check:
-                assert await check.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
-                assert (await live_versions(check))["records"] == 3
-                run = await read_run(check, "cleanup")
-                assert run is not None and run.phase == "done", run
-    finally:
-        await asyncio.to_thread(read_pg.stop)
+                await wait_until(shadow_exists, 60, "the run to create its shadow")
+                # Held until this transaction ends: the clean-up's DROP SCHEMA waits on it.
+                await blocker.execute("CREATE TABLE cqrs_rebuild.blocker ()")
+            await wait_until(dropping, 60, "the run's record to say done and its DROP to wait")
+            if read_db == "hung":
+                os.killpg(group, signal.SIGSTOP)
+                hung = True
+            stopped = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(process.communicate(), _STOP_WITHIN + 10)
+            took = time.monotonic() - stopped
+        finally:
+            if hung:
+                os.killpg(group, signal.SIGCONT)
+            await blocking.rollback()
+            for each in (conn, writers, blocker):
+                await each.close(timeout=10)
+        assert process.returncode == 0, err.decode()
+        assert "left to the next run" in err.decode(), err.decode()
+        assert "cancelled" not in err.decode() and "not known" not in err.decode()
+        assert took <= (_STOP_WITHIN + 5 if hung else 5), took
+        run_rebuild(stack)  # drops what was left
+        async with read_conn(stack) as check:
+            assert await check.fetchval("SELECT to_regnamespace('cqrs_rebuild')") is None
+            assert (await live_versions(check))["records"] == 3
+            run = await read_run(check, "cleanup")
+            assert run is not None and run.phase == "done", run
 
 
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "not committed"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 
@@ -60,7 +62,7 @@ async def test_a_rebuild_with_no_writer_open_needs_no_ledger_rows(stack: Stack) 
 
 # A trigger that holds the run where it records its load's total (``enter("load", 0, total)``,
 # just after its write-DB snapshot is taken) until the test lets go of an advisory lock.
-HOLD_AFTER_SNAPSHOT = """
+_HOLD_AFTER_SNAPSHOT = """
 CREATE FUNCTION test_hold_after_snapshot() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.phase = 'load' AND NEW.total > 0 AND OLD.total = 0 THEN
@@ -73,18 +75,15 @@ CREATE TRIGGER test_hold_after_snapshot BEFORE UPDATE ON rebuild_runs
 """
 
 
-async def test_a_write_open_across_the_loads_snapshot_is_applied_after_the_swap(
+@asynccontextmanager
+async def rebuild_held_after_snapshot(
     stack: Stack,
-) -> None:
-    """A transaction holds a low id while later commands commit; the rebuild's snapshot has
-    those and not it; it commits while the rebuild loads. The watermark stops just below its
-    id, and its command is in the read model once, after the swap."""
-    await stack.launch("projector")
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, asyncio.Task[tuple[bytes, bytes]]]]:
+    """Start ``cqrs-stack rebuild`` and hold it just after its load's write-DB snapshot is
+    taken while the block runs; yields its process and the task that ends with its output."""
     read = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
-    held, position = await held_write(stack, "held")
     try:
-        await seed(stack, 20_000, 2_000)  # ids above the held one, committed
-        await read.execute(HOLD_AFTER_SNAPSHOT)
+        await read.execute(_HOLD_AFTER_SNAPSHOT)
         await read.execute("SELECT pg_advisory_lock(4242)")
         args, env = rebuild_command(stack)
         process = await asyncio.create_subprocess_exec(
@@ -102,11 +101,26 @@ async def test_a_write_open_across_the_loads_snapshot_is_applied_after_the_swap(
             )
 
         await wait_until(snapshot_taken, 30, "the rebuild to take its snapshot")
-        await held.execute("COMMIT")
+        yield process, communicating
         await read.execute("SELECT pg_advisory_unlock(4242)")
     finally:
-        await held.close()
         await read.close()
+
+
+async def test_a_write_open_across_the_loads_snapshot_is_applied_after_the_swap(
+    stack: Stack,
+) -> None:
+    """A transaction holds a low id while later commands commit; the rebuild's snapshot has
+    those and not it; it commits while the rebuild loads. The watermark stops just below its
+    id, and its command is in the read model once, after the swap."""
+    await stack.launch("projector")
+    held, position = await held_write(stack, "held")
+    try:
+        await seed(stack, 20_000, 2_000)  # ids above the held one, committed
+        async with rebuild_held_after_snapshot(stack) as (process, communicating):
+            await held.execute("COMMIT")
+    finally:
+        await held.close()
     _, err = await asyncio.wait_for(communicating, 120)
     assert process.returncode == 0, err.decode()
     assert watermark_logged(err.decode())[1] == position - 1
