@@ -66,6 +66,13 @@ class _RebuildStop:
                 b" run\n",
             )
             os._exit(0)
+        if cls.phase in ("load", "catch-up", "verify"):  # no swap begun: nothing of it is live
+            os.write(
+                2,
+                b"rebuild cancelled, but a database did not answer within %d s (its sessions"
+                b" end with this process); the live read model is unchanged\n" % _STOP_WITHIN,
+            )
+            os._exit(130)
         os.write(
             2,
             b"rebuild stopped, but the read DB did not answer within"

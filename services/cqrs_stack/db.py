@@ -181,7 +181,10 @@ def session_ended(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         # 08: connection exceptions; 57: operator intervention (pg_terminate_backend, shutdown).
         return str(exc.sqlstate or "")[:2] in ("08", "57")
-    return isinstance(exc, ConnectionError)
+    # asyncpg's own error for a connection it already knows to be closed has no class of its
+    # own: only its message tells it from a misuse of the driver.
+    closed = isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc)
+    return closed or isinstance(exc, ConnectionError)
 
 
 def quote_ident(name: str) -> str:

@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Final
 
@@ -388,6 +388,10 @@ class ProgressWriter:
             row = await self.conn.fetchrow(statement, *args)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             log.warning("rebuild progress not recorded run_id=%s error=%s", self.run_id, exc)
+            # The listener still learns the phase the run is in (a stop's verdict rests on it:
+            # a swap begun must never be told as not begun because its record failed).
+            if self.last is not None:
+                self._told(replace(self.last, phase=self.phase, done=self.done, total=self.total))
             return
         if row is not None:
             self._told(_run_of(row))

@@ -31,6 +31,7 @@ from tests.fixtures.stack import Stack, open_stack, wait_until
 from tests.integration.test_cli import cqrs_stack
 from tests.integration.test_rebuild import rebuild_command, run_rebuild, seed
 from tests.integration.test_rebuild_versions import _planting
+from tests.integration.test_rebuild_watermark import held_write
 
 
 @asynccontextmanager
@@ -808,3 +809,91 @@ async def test_a_session_cut_during_the_loads_copy_fails_the_rebuild_clearly(
     assert "unexpected error" not in err.decode()
     after = await stack.scalar(stack.read_engine, "SELECT sum(write_count) FROM records")
     assert after == before == 200_000
+
+
+@pytest.mark.parametrize("cut", ["write", "read"])
+async def test_a_session_cut_while_the_load_waits_for_a_writer_fails_clearly(
+    stack: Stack, cut: str
+) -> None:
+    """A writer open across the load's fence keeps the load waiting for it (up to 5 s); the
+    rebuild's write-DB session, or its read-DB one, is terminated meanwhile: exit 10 with one
+    line (the driver's "connection is closed" was an unexpected error, exit 70), and the next
+    rebuild succeeds."""
+    await seed(stack, 2_000, 200)
+    held, _ = await held_write(stack, "held")
+    url = stack.env["WRITE_DB_URL" if cut == "write" else "READ_DB_URL"]
+    conn = await asyncpg.connect(plain_database_url(url))
+    try:
+        args, env = rebuild_command(stack)
+        process = await asyncio.create_subprocess_exec(
+            *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        communicating = asyncio.create_task(process.communicate())
+        session: list[int] = []
+
+        async def waiting() -> bool:
+            assert process.returncode is None, "the rebuild ended before its wait was seen"
+            write_session = await stack.scalar(
+                stack.write_engine,
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pid IS NULL%'"
+                " AND application_name LIKE 'cqrs-%' AND pid <> pg_backend_pid()",
+            )
+            if write_session is None:
+                return False
+            if cut == "read":  # its work session: the one holding the rebuild's lock
+                write_session = await conn.fetchval(
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                    " AND pid <> pg_backend_pid() LIMIT 1"
+                )
+            session[:] = [write_session]
+            return True
+
+        await wait_until(waiting, 30, "the load to wait for the open writer")
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", session[0])
+        _, err = await asyncio.wait_for(communicating, 30)
+    finally:
+        await held.execute("ROLLBACK")
+        await held.close()
+        await conn.close()
+    assert process.returncode == 10, err.decode()[-2000:]
+    assert "a database or Redis failed: " in err.decode()
+    run_rebuild(stack)
+
+
+async def test_a_stop_while_a_frozen_backend_holds_the_load_is_a_cancel(stack: Stack) -> None:
+    """SIGTERM while the read DB's backend of the load's COPY is SIGSTOPped: the cancel
+    cannot reach it, so at the 20 s bound the run exits 130 saying the live model is unchanged
+    (no swap had begun), not 1 "whether its swap committed is not known"."""
+    await seed(stack, 100_000, 1_000, value_sql="repeat('v', 200)")
+    args, env = rebuild_command(stack, REBUILD_BATCH_MAX_BYTES="1024")
+    process = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    communicating = asyncio.create_task(process.communicate())
+    conn = await asyncpg.connect(plain_database_url(stack.env["READ_DB_URL"]))
+    frozen = None
+    try:
+        # Polled faster than wait_until does: the copy lasts under a second here.
+        for _ in range(6000):
+            assert process.returncode is None, "the rebuild ended before its copy was seen"
+            frozen = await conn.fetchval(
+                "SELECT pid FROM pg_stat_progress_copy WHERE command = 'COPY FROM'"
+                " AND tuples_processed > 1000"
+            )
+            if frozen:
+                break
+            await asyncio.sleep(0.005)
+        assert frozen
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(communicating, _STOP_WITHIN + 10)
+        took = time.monotonic() - stopped
+    finally:
+        if frozen:
+            os.kill(frozen, signal.SIGCONT)
+        await conn.close()
+    assert process.returncode == 130, err.decode()[-2000:]
+    assert "the live read model is unchanged" in err.decode()
+    assert _STOP_WITHIN <= took <= _STOP_WITHIN + 5, took
+    run_rebuild(stack)
