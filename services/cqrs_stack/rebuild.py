@@ -250,13 +250,32 @@ async def rollback(
 async def _sessions(
     write_engine: AsyncEngine, read_engine: AsyncEngine
 ) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection, asyncpg.Connection]]:
-    """The write-DB connection, the read-DB one of the work, and the progress writer's own."""
+    """The write-DB connection, the read-DB one of the work, and the progress writer's own.
+
+    The work's sessions start no parallel workers: a rebuild is background work, one backend
+    per database. Its bulk statements (the snapshot's count of every command, the verify's
+    distinct keys) ran with two workers each, three processes on a two-core machine, and the
+    readers of the live model queued for a core meanwhile.
+    """
     async with (
         read_engine.connect() as rsession,
         read_engine.connect() as psession,
         write_engine.connect() as wsession,
     ):
-        yield await _driver(wsession), await _driver(rsession), await _driver(psession)
+        wconn, rconn = await _driver(wsession), await _driver(rsession)
+        for conn in (wconn, rconn):
+            await conn.execute(_SERIAL)
+        try:
+            yield wconn, rconn, await _driver(psession)
+        finally:
+            for conn in (wconn, rconn):  # pooled: the next user gets the server's settings
+                with contextlib.suppress(*_DB_ERRORS):
+                    await conn.execute(_UNSERIAL, timeout=_COMMIT_CHECK_TIMEOUT)
+
+
+_PARALLEL = ("max_parallel_workers_per_gather", "max_parallel_maintenance_workers")
+_SERIAL = "; ".join(f"SET {name} = 0" for name in _PARALLEL)
+_UNSERIAL = "; ".join(f"RESET {name}" for name in _PARALLEL)
 
 
 @dataclass
