@@ -66,7 +66,9 @@ class _RebuildStop:
                 b" run\n",
             )
             os._exit(0)
-        if cls.phase in ("load", "catch-up", "verify"):  # no swap begun: nothing of it is live
+        from .rebuild_progress import BEFORE_SWAP  # imported by the run already
+
+        if cls.phase in BEFORE_SWAP:  # no swap begun: nothing of it is live
             os.write(
                 2,
                 b"rebuild cancelled, but a database did not answer within %d s (its sessions"

@@ -30,6 +30,8 @@ from .stack_spec import INITIAL_READ_MODEL_VERSION
 log = logging.getLogger(__name__)
 
 WORKING: Final = ("load", "catch-up", "verify", "swap")
+# The working phases before the swap: nothing of a run in one of them is live.
+BEFORE_SWAP: Final = WORKING[: WORKING.index("swap")]
 FINISHED: Final = ("done", "failed", "cancelled", "rolled-back")
 PHASES: Final = (*WORKING, *FINISHED)
 # The version a model's migrations create: a model without a row in read_model_versions.
